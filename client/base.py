@@ -1,0 +1,176 @@
+"""What the sync and async teacher clients share: config, splitting, encoding, retry policy.
+
+The two client classes in opd.client.teacher only do I/O; everything that decides *what* to
+send and *how to read* the answer lives here, once.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import httpx
+
+from opd.client.errors import RETRYABLE_STATUS, IncompatibleTeacherError, parse_error
+from opd.shared.codec import (
+    decode_result_msgpack,
+    encode_request_msgpack,
+    result_from_json_dict,
+)
+from opd.shared.limits import Limits
+from opd.shared.packed import PackedRequest, PackedResult
+from opd.shared.schemas import ModelInfo, ScoreRequest
+from opd.shared.validation import validate_request
+from opd.shared.version import JSON_MEDIA_TYPE, MSGPACK_MEDIA_TYPE, PROTOCOL_MAJOR
+
+Encoding = Literal["msgpack", "json"]
+
+__all__ = ["RETRYABLE_STATUS", "ClientConfig", "Encoding"]
+
+# Envelope overhead of one msgpack request (keys, scalars), generously rounded up.
+_MSGPACK_OVERHEAD = 512
+# Worst case of one integer in JSON ("2147483647,") for the body-size estimate.
+_JSON_BYTES_PER_INT = 12
+
+
+@dataclass
+class ClientConfig:
+    base_url: str
+    api_key: str | None = None
+    encoding: Encoding = "msgpack"
+    timeout_s: float = 600.0
+    connect_timeout_s: float = 10.0
+    max_retries: int = 6
+    backoff_base_s: float = 0.5
+    backoff_max_s: float = 30.0
+    concurrency: int = 4
+    tokenizer_fingerprint: str | None = None
+    allow_tokenizer_mismatch: bool = False
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def httpx_kwargs(self) -> dict[str, Any]:
+        headers = {"User-Agent": "opd-client", **self.headers}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        return {
+            "base_url": self.base_url.rstrip("/"),
+            "headers": headers,
+            "timeout": httpx.Timeout(self.timeout_s, connect=self.connect_timeout_s),
+            "limits": httpx.Limits(
+                max_connections=max(self.concurrency, 1) * 2,
+                max_keepalive_connections=max(self.concurrency, 1) * 2,
+            ),
+        }
+
+
+def to_packed(request: ScoreRequest | PackedRequest) -> PackedRequest:
+    return request if isinstance(request, PackedRequest) else PackedRequest.from_request(request)
+
+
+def check_model_info(info: ModelInfo, config: ClientConfig) -> None:
+    """Refuse a teacher whose protocol major or tokenizer differs (unless overridden)."""
+    major = info.protocol_version.split(".")[0]
+    if major != PROTOCOL_MAJOR:
+        raise IncompatibleTeacherError(
+            f"teacher speaks protocol {info.protocol_version}; this client speaks {PROTOCOL_MAJOR}.x"
+        )
+    expected = config.tokenizer_fingerprint
+    if expected and expected != info.tokenizer_fingerprint and not config.allow_tokenizer_mismatch:
+        raise IncompatibleTeacherError(
+            f"tokenizer fingerprint mismatch: teacher {info.name} has "
+            f"{info.tokenizer_fingerprint[:16]}..., the student's is {expected[:16]}...; token ids "
+            "would mean different text. Use the teacher's tokenizer, or pass "
+            "allow_tokenizer_mismatch=True if you know the vocabularies agree."
+        )
+
+
+def estimate_body_bytes(req: PackedRequest, idx: Sequence[int], encoding: Encoding) -> int:
+    lens = req.seq_lens_n[list(idx)]
+    n_scored = lens - req.score_from_n[list(idx)]
+    ints = int(lens.sum()) + int(n_scored.sum()) * req.n_candidates
+    if encoding == "msgpack":
+        return _MSGPACK_OVERHEAD + 4 * ints + 12 * len(idx) + 8
+    return 256 + _JSON_BYTES_PER_INT * ints + 64 * len(idx) + 4 * int(n_scored.sum())
+
+
+def split_indices(req: PackedRequest, limits: Limits, encoding: Encoding) -> list[list[int]]:
+    """Cut a batch into consecutive chunks that respect every request-level limit, greedily."""
+    lens = req.seq_lens_n
+    chunks: list[list[int]] = []
+    current: list[int] = []
+    tokens = 0
+    for i in range(req.n_sequences):
+        n = int(lens[i])
+        trial = [*current, i]
+        too_big = (
+            len(trial) > limits.max_sequences
+            or tokens + n > limits.max_total_tokens
+            or estimate_body_bytes(req, trial, encoding) > limits.max_body_bytes
+        )
+        if current and too_big:
+            chunks.append(current)
+            current, tokens = [], 0
+        current.append(i)
+        tokens += n
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+def validate_for(req: PackedRequest, info: ModelInfo) -> None:
+    """Per-sequence validation on the whole batch before splitting (field names stay global)."""
+    unbounded = info.limits.model_copy(update={"max_sequences": 2**62, "max_total_tokens": 2**62})
+    validate_request(req, unbounded, info.vocab_size)
+
+
+def encode(req: PackedRequest, encoding: Encoding) -> tuple[bytes, dict[str, str]]:
+    if encoding == "msgpack":
+        return encode_request_msgpack(req), {
+            "Content-Type": MSGPACK_MEDIA_TYPE,
+            "Accept": MSGPACK_MEDIA_TYPE,
+        }
+    return _json_body(req), {"Content-Type": JSON_MEDIA_TYPE, "Accept": JSON_MEDIA_TYPE}
+
+
+def _json_body(req: PackedRequest) -> bytes:
+    import json
+
+    sequences = []
+    for i in range(req.n_sequences):
+        seq: dict[str, Any] = {
+            "token_ids": req.tokens(i).tolist(),
+            "score_from": int(req.score_from_n[i]),
+        }
+        cands = req.candidates(i)
+        if cands is not None:
+            seq["candidate_ids"] = cands.tolist()
+        sequences.append(seq)
+    return json.dumps(
+        {**req.options.model_dump(), "sequences": sequences}, separators=(",", ":")
+    ).encode()
+
+
+def decode(response: httpx.Response) -> PackedResult:
+    if response.status_code >= 300:
+        raise parse_error(
+            response.status_code, response.content, response.headers.get("retry-after")
+        )
+    media = response.headers.get("content-type", "")
+    if MSGPACK_MEDIA_TYPE in media:
+        return decode_result_msgpack(response.content)
+    return result_from_json_dict(response.json())
+
+
+def backoff_delay(config: ClientConfig, attempt: int, retry_after: float | None) -> float:
+    """Exponential backoff with full jitter; never sooner than the server's Retry-After."""
+    ceiling = min(config.backoff_max_s, config.backoff_base_s * (2**attempt))
+    delay = random.uniform(ceiling / 2, ceiling)
+    if retry_after is not None:
+        delay = max(delay, retry_after + random.uniform(0, config.backoff_base_s))
+    return delay
+
+
+def merge(parts: list[PackedResult]) -> PackedResult:
+    return parts[0] if len(parts) == 1 else PackedResult.concat(parts)

@@ -1,0 +1,96 @@
+"""Start a teacher service as a separate uvicorn process on a free loopback port.
+
+Used by `opd quickstart` and by the tests: the teacher always runs in its own process, as in
+production, and is talked to over real HTTP.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class LocalTeacher:
+    """`with LocalTeacher(model=...) as url:` runs `opd serve` until the block ends."""
+
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        env: Mapping[str, str] | None = None,
+        port: int | None = None,
+        log_path: Path | None = None,
+        ready_timeout_s: float = 300.0,
+        extra_args: list[str] | None = None,
+    ) -> None:
+        self.model = model
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = dict(env or {})
+        self.log_path = log_path
+        self.ready_timeout_s = ready_timeout_s
+        self.extra_args = extra_args or []
+        self.process: subprocess.Popen[bytes] | None = None
+        self._log = None
+
+    def start(self) -> str:
+        cmd = [sys.executable, "-m", "opd.client.cli", "serve", "--port", str(self.port)]
+        if self.model:
+            cmd += ["--model", self.model]
+        cmd += self.extra_args
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", **self.env}
+        self._log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+        self.process = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        self.wait_ready()
+        return self.url
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + self.ready_timeout_s
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(
+                    f"teacher exited with {self.process.returncode} before it was ready"
+                    + (f"; see {self.log_path}" if self.log_path else "")
+                )
+            try:
+                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise TimeoutError(f"teacher not ready after {self.ready_timeout_s}s")
+
+    def stop(self, timeout_s: float = 30.0) -> int | None:
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self._log not in (None, subprocess.DEVNULL):
+            self._log.close()  # type: ignore[union-attr]
+        return self.process.returncode
+
+    def __enter__(self) -> str:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,224 @@
+"""TeacherClient (sync) and AsyncTeacherClient: score sequences on a teacher service.
+
+    from opd.client import TeacherClient
+    from opd.shared import ScoreRequest, SequenceIn
+
+    with TeacherClient("http://127.0.0.1:8000") as teacher:
+        result = teacher.score(ScoreRequest(top_k=16, entropy=True, sequences=[
+            SequenceIn(token_ids=[1, 2, 3, 4], score_from=2)]))
+        result.sequence(0).token_logprobs        # numpy [n_scored]
+
+Both classes pool connections (httpx), fetch GET /v1/model once on connect (protocol and
+tokenizer-fingerprint check), cut a large batch into requests under the server's limits, send
+them concurrently, retry 429/503/connection errors with exponential backoff and jitter (honoring
+Retry-After), and return one PackedResult in the caller's sequence order. Scoring is a pure
+function of the request, so a retried request can never be counted twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+
+from opd.client import base
+from opd.client.base import ClientConfig, Encoding
+from opd.client.errors import (
+    OPDClientError,
+    TeacherConnectionError,
+    TeacherHTTPError,
+    parse_error,
+)
+from opd.shared.packed import PackedRequest, PackedResult
+from opd.shared.schemas import ModelInfo, ScoreRequest
+
+logger = logging.getLogger(__name__)
+
+_RETRYABLE_TRANSPORT = (httpx.TransportError,)
+
+
+def _config(base_url: str, **kwargs: Any) -> ClientConfig:
+    return ClientConfig(base_url=base_url, **kwargs)
+
+
+def _should_retry(exc: Exception) -> bool:
+    if isinstance(exc, TeacherHTTPError):
+        return exc.status in base.RETRYABLE_STATUS
+    return isinstance(exc, _RETRYABLE_TRANSPORT)
+
+
+def _give_up(exc: Exception, attempts: int) -> Exception:
+    if isinstance(exc, httpx.TransportError):
+        return TeacherConnectionError(f"teacher unreachable after {attempts} attempts: {exc!r}")
+    return exc
+
+
+class TeacherClient:
+    """Blocking client; chunks of one batch go out concurrently on a small thread pool."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        api_key: str | None = None,
+        encoding: Encoding = "msgpack",
+        tokenizer_fingerprint: str | None = None,
+        allow_tokenizer_mismatch: bool = False,
+        **options: Any,
+    ) -> None:
+        self.config = _config(
+            base_url,
+            api_key=api_key,
+            encoding=encoding,
+            tokenizer_fingerprint=tokenizer_fingerprint,
+            allow_tokenizer_mismatch=allow_tokenizer_mismatch,
+            **options,
+        )
+        self._http = httpx.Client(**self.config.httpx_kwargs())
+        self._pool = ThreadPoolExecutor(max_workers=max(1, self.config.concurrency))
+        self._info: ModelInfo | None = None
+
+    def __enter__(self) -> TeacherClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        self._http.close()
+
+    def connect(self) -> ModelInfo:
+        """GET /v1/model and check protocol + tokenizer; cached for the client's lifetime."""
+        if self._info is None:
+            response = self._with_retries(lambda: self._http.get("/v1/model"))
+            if response.status_code >= 300:
+                raise parse_error(response.status_code, response.content)
+            info = ModelInfo.model_validate_json(response.content)
+            base.check_model_info(info, self.config)
+            self._info = info
+        return self._info
+
+    def score(self, request: ScoreRequest | PackedRequest) -> PackedResult:
+        info = self.connect()
+        packed = base.to_packed(request)
+        base.validate_for(packed, info)
+        chunks = base.split_indices(packed, info.limits, self.config.encoding)
+        subs = [packed if len(chunks) == 1 else packed.subset(c) for c in chunks]
+        if len(subs) == 1:
+            return self._score_one(subs[0])
+        return base.merge(list(self._pool.map(self._score_one, subs)))
+
+    def _score_one(self, req: PackedRequest) -> PackedResult:
+        body, headers = base.encode(req, self.config.encoding)
+
+        def send() -> httpx.Response:
+            response = self._http.post("/v1/score", content=body, headers=headers)
+            if response.status_code in base.RETRYABLE_STATUS:
+                raise parse_error(
+                    response.status_code, response.content, response.headers.get("retry-after")
+                )
+            return response
+
+        return base.decode(self._with_retries(send))
+
+    def _with_retries(self, send: Any) -> httpx.Response:
+        attempt = 0
+        while True:
+            try:
+                return send()
+            except (TeacherHTTPError, httpx.TransportError) as exc:
+                if not _should_retry(exc) or attempt >= self.config.max_retries:
+                    raise _give_up(exc, attempt + 1) from exc
+                delay = base.backoff_delay(self.config, attempt, getattr(exc, "retry_after", None))
+                logger.warning("teacher: %s; retry %d in %.2fs", exc, attempt + 1, delay)
+                time.sleep(delay)
+                attempt += 1
+
+
+class AsyncTeacherClient:
+    """asyncio client; chunks of one batch go out concurrently, bounded by `concurrency`."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        api_key: str | None = None,
+        encoding: Encoding = "msgpack",
+        tokenizer_fingerprint: str | None = None,
+        allow_tokenizer_mismatch: bool = False,
+        **options: Any,
+    ) -> None:
+        self.config = _config(
+            base_url,
+            api_key=api_key,
+            encoding=encoding,
+            tokenizer_fingerprint=tokenizer_fingerprint,
+            allow_tokenizer_mismatch=allow_tokenizer_mismatch,
+            **options,
+        )
+        self._http = httpx.AsyncClient(**self.config.httpx_kwargs())
+        self._limit = asyncio.Semaphore(max(1, self.config.concurrency))
+        self._info: ModelInfo | None = None
+
+    async def __aenter__(self) -> AsyncTeacherClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def connect(self) -> ModelInfo:
+        if self._info is None:
+            response = await self._with_retries(lambda: self._http.get("/v1/model"))
+            if response.status_code >= 300:
+                raise parse_error(response.status_code, response.content)
+            info = ModelInfo.model_validate_json(response.content)
+            base.check_model_info(info, self.config)
+            self._info = info
+        return self._info
+
+    async def score(self, request: ScoreRequest | PackedRequest) -> PackedResult:
+        info = await self.connect()
+        packed = base.to_packed(request)
+        base.validate_for(packed, info)
+        chunks = base.split_indices(packed, info.limits, self.config.encoding)
+        subs = [packed if len(chunks) == 1 else packed.subset(c) for c in chunks]
+        parts = await asyncio.gather(*(self._score_one(s) for s in subs))
+        return base.merge(list(parts))
+
+    async def _score_one(self, req: PackedRequest) -> PackedResult:
+        body, headers = base.encode(req, self.config.encoding)
+
+        async def send() -> httpx.Response:
+            async with self._limit:
+                response = await self._http.post("/v1/score", content=body, headers=headers)
+            if response.status_code in base.RETRYABLE_STATUS:
+                raise parse_error(
+                    response.status_code, response.content, response.headers.get("retry-after")
+                )
+            return response
+
+        return base.decode(await self._with_retries(send))
+
+    async def _with_retries(self, send: Any) -> httpx.Response:
+        attempt = 0
+        while True:
+            try:
+                return await send()
+            except (TeacherHTTPError, httpx.TransportError) as exc:
+                if not _should_retry(exc) or attempt >= self.config.max_retries:
+                    raise _give_up(exc, attempt + 1) from exc
+                delay = base.backoff_delay(self.config, attempt, getattr(exc, "retry_after", None))
+                logger.warning("teacher: %s; retry %d in %.2fs", exc, attempt + 1, delay)
+                await asyncio.sleep(delay)
+                attempt += 1
+
+
+__all__ = ["AsyncTeacherClient", "OPDClientError", "TeacherClient"]

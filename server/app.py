@@ -1,0 +1,330 @@
+"""FastAPI app factory for the teacher service.
+
+    uvicorn opd.server.app:create_app --factory      # settings from OPD_* variables
+    opd serve --model PATH                            # same app, with graceful draining
+
+Nothing happens at import time: `create_app(settings)` builds the app, its lifespan loads the
+model (off the event loop), warms it up and releases it. Routes are thin glue over
+opd.server.service.ScoringService; errors of every kind leave through the handlers registered
+in `_install_error_handlers` as one JSON shape (opd.shared.errors.ErrorBody).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import os
+import signal
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+import orjson
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from opd.server.backends import create_backend
+from opd.server.backends.base import Backend
+from opd.server.batcher import BatcherClosed, QueueFull
+from opd.server.metrics import Metrics
+from opd.server.service import ScoringService
+from opd.server.settings import Settings
+from opd.shared.errors import ContractError, ErrorBody, ErrorDetail
+from opd.shared.schemas import ModelInfo, ScoreRequest, ScoreResponseJSON
+from opd.shared.version import JSON_MEDIA_TYPE, MSGPACK_MEDIA_TYPE, PROTOCOL_VERSION
+
+logger = logging.getLogger("opd.server")
+
+
+class Draining(Exception):
+    """The server is shutting down: new work is refused with 503 while in-flight work ends."""
+
+
+class Unauthorized(Exception):
+    pass
+
+
+def _error(status: int, detail: ErrorDetail, headers: dict[str, str] | None = None) -> Response:
+    return JSONResponse(
+        ErrorBody(error=detail).model_dump(exclude_none=True), status_code=status, headers=headers
+    )
+
+
+def _request_id(request: Request) -> str:
+    return getattr(request.state, "request_id", None) or "-"
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ContractError)
+    async def contract_error(request: Request, exc: ContractError) -> Response:
+        return _error(exc.status, exc.detail(_request_id(request)))
+
+    @app.exception_handler(QueueFull)
+    async def queue_full(request: Request, exc: QueueFull) -> Response:
+        detail = ErrorDetail(
+            type="queue_full",
+            message=str(exc),
+            field="max_queue_tokens",
+            limit=exc.limit,
+            request_id=_request_id(request),
+        )
+        return _error(429, detail, {"Retry-After": str(exc.retry_after)})
+
+    @app.exception_handler(Draining)
+    @app.exception_handler(BatcherClosed)
+    async def draining(request: Request, exc: Exception) -> Response:
+        draining_now = request.app.state.draining
+        detail = ErrorDetail(
+            type="unavailable",
+            message="the server is draining" if draining_now else "the model is loading",
+            request_id=_request_id(request),
+        )
+        headers = {"Retry-After": "1"}
+        if draining_now:
+            headers["Connection"] = "close"
+        return _error(503, detail, headers)
+
+    @app.exception_handler(Unauthorized)
+    async def unauthorized(request: Request, exc: Unauthorized) -> Response:
+        detail = ErrorDetail(
+            type="unauthorized",
+            message="missing or wrong API key: send Authorization: Bearer <OPD_API_KEY>",
+            field="Authorization",
+            request_id=_request_id(request),
+        )
+        return _error(401, detail, {"WWW-Authenticate": "Bearer"})
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        detail = ErrorDetail(
+            type="http_error", message=str(exc.detail), request_id=_request_id(request)
+        )
+        return _error(exc.status_code, detail, getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
+        err = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        field = ".".join(str(p) for p in err.get("loc", ()))
+        detail = ErrorDetail(
+            type="validation_error",
+            message=f"{field}: {err.get('msg')}",
+            field=field or None,
+            request_id=_request_id(request),
+        )
+        return _error(422, detail)
+
+    app.add_exception_handler(Exception, internal_error_response)
+
+
+async def internal_error_response(request: Request, exc: Exception) -> Response:
+    """500 with the request id in the body and, with the traceback, in the log."""
+    rid = _request_id(request)
+    logger.error("request %s failed: %r", rid, exc, exc_info=exc)
+    detail = ErrorDetail(
+        type="internal_error",
+        message=f"internal error ({type(exc).__name__}); see the server log for request_id {rid}",
+        request_id=rid,
+    )
+    return _error(500, detail)
+
+
+def _route_label(request: Request) -> str:
+    route = request.scope.get("route")
+    return getattr(route, "path", "unmatched")
+
+
+def create_app(
+    settings: Settings | None = None,
+    backend_factory: Callable[[Settings], Backend] | None = None,
+) -> FastAPI:
+    """Build the app; with no arguments, settings come from OPD_* environment variables."""
+    settings = settings or Settings()
+    metrics = Metrics()
+    service = ScoringService(settings, backend_factory or create_backend, metrics)
+    api_key = settings.api_key.get_secret_value().encode() if settings.api_key else None
+
+    async def load() -> None:
+        try:
+            await service.start()
+        except Exception as exc:
+            # A teacher that cannot load must not sit there unready forever: log and stop.
+            logger.error("model failed to load: %r", exc, exc_info=exc)
+            app.state.load_error = repr(exc)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        logger.info("ready: %s", service.model_info().model_dump_json())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Load in the background so /healthz answers (and /readyz says 503) during the load.
+        loading = asyncio.get_running_loop().create_task(load(), name="opd-load")
+        try:
+            yield
+        finally:
+            app.state.draining = True
+            if not loading.done():
+                loading.cancel()
+                with contextlib.suppress(BaseException):
+                    await loading
+            await service.stop()
+
+    app = FastAPI(
+        title="opd teacher scoring service",
+        version=PROTOCOL_VERSION,
+        description="Scores token sequences with a teacher LLM for on-policy distillation. "
+        "See docs/protocol.md.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.service = service
+    app.state.metrics = metrics
+    app.state.draining = False
+    app.state.in_flight = 0
+    app.state.load_error = None
+    _install_error_handlers(app)
+
+    @app.middleware("http")
+    async def request_context(request: Request, call_next):  # type: ignore[no-untyped-def]
+        request.state.request_id = request.headers.get("x-request-id") or uuid.uuid4().hex[:16]
+        started = time.perf_counter()
+        app.state.in_flight += 1
+        metrics.in_flight.inc()
+        try:
+            if app.state.draining and request.url.path.startswith("/v1/"):
+                response = await draining_response(request)
+            else:
+                response = await call_next(request)
+        except Exception as exc:  # anything the specific handlers did not turn into a response
+            response = await internal_error_response(request, exc)
+        finally:
+            app.state.in_flight -= 1
+            metrics.in_flight.dec()
+        route = _route_label(request)
+        metrics.requests.labels(route, str(response.status_code)).inc()
+        metrics.latency.labels(route).observe(time.perf_counter() - started)
+        response.headers["X-Request-ID"] = request.state.request_id
+        return response
+
+    async def draining_response(request: Request) -> Response:
+        detail = ErrorDetail(
+            type="unavailable", message="the server is draining", request_id=_request_id(request)
+        )
+        return _error(503, detail, {"Retry-After": "1", "Connection": "close"})
+
+    async def require_api_key(request: Request) -> None:
+        if api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key):
+            raise Unauthorized()
+
+    @app.get("/healthz", tags=["health"])
+    async def healthz() -> dict[str, str]:
+        """The process is alive (liveness)."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"])
+    async def readyz() -> Response:
+        """The model is loaded and warmed up and the server is not draining (readiness)."""
+        if service.ready and not app.state.draining:
+            return JSONResponse({"status": "ready"})
+        status = "draining" if app.state.draining else "loading"
+        if app.state.load_error:
+            status = "failed"
+        return JSONResponse({"status": status, "error": app.state.load_error}, status_code=503)
+
+    @app.get("/metrics", tags=["health"])
+    async def prometheus_metrics() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], tags=["v1"])
+
+    @v1.get("/model", response_model=ModelInfo)
+    async def model() -> ModelInfo:
+        """What the teacher is: name, revision, vocabulary, limits, tokenizer fingerprint."""
+        if not service.ready:
+            raise Draining()
+        return service.model_info()
+
+    @v1.post(
+        "/score",
+        response_model=ScoreResponseJSON,
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    JSON_MEDIA_TYPE: {"schema": ScoreRequest.model_json_schema()},
+                    MSGPACK_MEDIA_TYPE: {
+                        "schema": {"type": "string", "format": "binary"},
+                    },
+                },
+            }
+        },
+        responses={
+            200: {"content": {MSGPACK_MEDIA_TYPE: {}}},
+            400: {"model": ErrorBody},
+            401: {"model": ErrorBody},
+            413: {"model": ErrorBody},
+            415: {"model": ErrorBody},
+            422: {"model": ErrorBody},
+            429: {"model": ErrorBody},
+            500: {"model": ErrorBody},
+            503: {"model": ErrorBody},
+        },
+    )
+    async def score(request: Request) -> Response:
+        """Teacher log-probs of the actual tokens, at candidate ids, top-k and entropy.
+
+        JSON or msgpack by Content-Type; the answer's encoding follows Accept (default: the
+        request's). See docs/protocol.md for the binary layout.
+        """
+        if not service.ready:
+            raise Draining()
+        body = await _read_body(request, service.limits.max_body_bytes)
+        metrics.bytes_in.labels("/v1/score").inc(len(body))
+        encoded = await service.score(
+            body, request.headers.get("content-type"), request.headers.get("accept")
+        )
+        if isinstance(encoded.body, dict):
+            payload = orjson.dumps(encoded.body, option=orjson.OPT_SERIALIZE_NUMPY)
+        else:
+            payload = encoded.body
+        metrics.bytes_out.labels("/v1/score").inc(len(payload))
+        return Response(payload, media_type=encoded.media_type)
+
+    app.include_router(v1)
+    return app
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing (413) as soon as it would exceed `limit` bytes."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise ContractError(
+            f"body of {declared} bytes exceeds max_body_bytes={limit}",
+            field="body",
+            limit=limit,
+            status=413,
+            kind="payload_too_large",
+        )
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ContractError(
+                f"body exceeds max_body_bytes={limit}",
+                field="body",
+                limit=limit,
+                status=413,
+                kind="payload_too_large",
+            )
+        chunks.append(chunk)
+    return b"".join(chunks)

@@ -1,0 +1,59 @@
+"""The backend interface: what the batcher needs from whatever computes teacher numbers.
+
+A backend receives a *pack*: sequences from possibly many requests, chosen by the batcher to
+share one forward pass. Each item carries its own options (top_k, candidates, temperature,
+entropy), so a backend must never let one request's options leak into another's numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from opd.server.scoring import ScoredRows
+from opd.shared.schemas import ScoreOptions
+
+
+@dataclass
+class ScoreItem:
+    """One sequence to score: tokens x_0..x_{L-1}, rows for x_s..x_{L-1}."""
+
+    token_ids: np.ndarray
+    score_from: int
+    candidate_ids: np.ndarray | None
+    options: ScoreOptions
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def n_scored(self) -> int:
+        return len(self.token_ids) - self.score_from
+
+
+@dataclass
+class BackendInfo:
+    name: str
+    revision: str
+    backend: str
+    vocab_size: int
+    max_model_len: int
+    dtype: str
+    tokenizer_fingerprint: str
+
+
+class Backend(Protocol):
+    def load(self) -> BackendInfo:
+        """Load weights and tokenizer (blocking; called off the event loop)."""
+        ...
+
+    def score_pack(self, items: list[ScoreItem]) -> list[ScoredRows]:
+        """Score every item of one pack; result i belongs to items[i] (blocking)."""
+        ...
+
+    def close(self) -> None:
+        """Release the model and any engine processes."""
+        ...

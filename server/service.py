@@ -1,0 +1,162 @@
+"""The scoring service: decode, validate, batch, encode. Testable without HTTP.
+
+Routes in opd.server.app are glue around this class: they read the body, call `score` and send
+the bytes back. The service owns the backend and the batcher for the app's lifetime.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from opd.server.backends.base import Backend, BackendInfo, ScoreItem
+from opd.server.batcher import Batcher
+from opd.server.metrics import Metrics
+from opd.server.settings import Settings
+from opd.shared.codec import (
+    decode_request_json,
+    decode_request_msgpack,
+    encode_result_msgpack,
+    result_to_json_dict,
+)
+from opd.shared.errors import ContractError
+from opd.shared.limits import Limits
+from opd.shared.packed import PackedRequest, PackedResult
+from opd.shared.schemas import ModelInfo, ScoreOptions
+from opd.shared.validation import validate_request
+from opd.shared.version import JSON_MEDIA_TYPE, MSGPACK_MEDIA_TYPE
+
+logger = logging.getLogger(__name__)
+
+
+def wants_msgpack(media: str | None) -> bool:
+    return bool(media) and MSGPACK_MEDIA_TYPE in media.lower()  # type: ignore[union-attr]
+
+
+def request_encoding(content_type: str | None) -> str:
+    """'msgpack' or 'json' from Content-Type; anything else is a 415."""
+    ct = (content_type or "").split(";")[0].strip().lower()
+    if ct == MSGPACK_MEDIA_TYPE:
+        return "msgpack"
+    if ct in ("", JSON_MEDIA_TYPE):
+        return "json"
+    raise ContractError(
+        f"Content-Type {ct!r} is not supported; use {JSON_MEDIA_TYPE} or {MSGPACK_MEDIA_TYPE}",
+        field="Content-Type",
+        status=415,
+        kind="unsupported_media_type",
+    )
+
+
+def response_encoding(accept: str | None, request_enc: str) -> str:
+    """msgpack if Accept names it, json if Accept names JSON, else mirror the request."""
+    if wants_msgpack(accept):
+        return "msgpack"
+    if accept and JSON_MEDIA_TYPE in accept.lower():
+        return "json"
+    return request_enc
+
+
+@dataclass
+class Encoded:
+    body: bytes | dict
+    media_type: str
+    scored_tokens: int
+    input_tokens: int
+
+
+class ScoringService:
+    def __init__(
+        self,
+        settings: Settings,
+        backend_factory: Callable[[Settings], Backend],
+        metrics: Metrics,
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self._backend_factory = backend_factory
+        self.backend: Backend | None = None
+        self.info: BackendInfo | None = None
+        self.limits: Limits = settings.limits()
+        self.batcher: Batcher | None = None
+        self.ready = False
+
+    async def start(self) -> None:
+        """Load the model off the event loop, start the batcher, warm up, then mark ready."""
+        self.backend = self._backend_factory(self.settings)
+        self.info = await asyncio.to_thread(self.backend.load)
+        self.limits = self.settings.limits(self.info.max_model_len)
+        self.batcher = Batcher(
+            self.backend,
+            self.metrics,
+            model_name=self.info.name,
+            max_batch_tokens=self.settings.max_batch_tokens,
+            max_queue_tokens=self.settings.max_queue_tokens,
+            max_wait_ms=self.settings.max_wait_ms,
+        )
+        self.batcher.start()
+        if self.settings.warmup:
+            started = time.perf_counter()
+            item = ScoreItem(
+                token_ids=np.arange(min(16, self.info.vocab_size), dtype=np.int32),
+                score_from=1,
+                candidate_ids=None,
+                options=ScoreOptions(top_k=min(4, self.limits.max_top_k), entropy=True),
+            )
+            await self.batcher.run_in_worker(self.backend.score_pack, [item])
+            logger.info("warm-up took %.2fs", time.perf_counter() - started)
+        self.ready = True
+        self.metrics.ready.set(1)
+
+    async def stop(self) -> None:
+        self.ready = False
+        self.metrics.ready.set(0)
+        if self.batcher is not None:
+            await self.batcher.stop()
+        if self.backend is not None:
+            self.backend.close()
+
+    def model_info(self) -> ModelInfo:
+        if self.info is None:
+            raise RuntimeError("model not loaded")
+        i = self.info
+        return ModelInfo(
+            name=i.name,
+            revision=i.revision,
+            backend=i.backend,
+            vocab_size=i.vocab_size,
+            max_model_len=i.max_model_len,
+            dtype=i.dtype,
+            tokenizer_fingerprint=i.tokenizer_fingerprint,
+            limits=self.limits,
+        )
+
+    def decode(self, body: bytes, content_type: str | None) -> tuple[PackedRequest, str]:
+        enc = request_encoding(content_type)
+        req = decode_request_msgpack(body) if enc == "msgpack" else decode_request_json(body)
+        assert self.info is not None
+        validate_request(req, self.limits, self.info.vocab_size)
+        return req, enc
+
+    async def score_packed(self, req: PackedRequest) -> PackedResult:
+        assert self.batcher is not None
+        result = await self.batcher.submit(req)
+        return result.cast(req.options.logprob_dtype)
+
+    async def score(self, body: bytes, content_type: str | None, accept: str | None) -> Encoded:
+        req, enc = self.decode(body, content_type)
+        result = await self.score_packed(req)
+        out = response_encoding(accept, enc)
+        scored = int(result.scored_offsets_n1[-1])
+        self.metrics.scored_tokens.inc(scored)
+        self.metrics.input_tokens.inc(result.input_tokens)
+        if out == "msgpack":
+            return Encoded(
+                encode_result_msgpack(result), MSGPACK_MEDIA_TYPE, scored, result.input_tokens
+            )
+        return Encoded(result_to_json_dict(result), JSON_MEDIA_TYPE, scored, result.input_tokens)

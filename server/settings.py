@@ -1,0 +1,71 @@
+"""Server settings, read from OPD_* environment variables (or passed in by `opd serve` / tests).
+
+Injected into create_app rather than read globally, so a test can start an app with its own
+settings. Every field maps to one variable: OPD_MODEL, OPD_PORT, OPD_API_KEY, OPD_MAX_SEQUENCES...
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from opd.shared.limits import Limits
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="OPD_", extra="ignore")
+
+    # --- model and backend
+    model: str | None = Field(
+        default=None, description="local folder or hub id; unset = embedded SmolLM2-135M-Instruct"
+    )
+    backend: Literal["hf"] = "hf"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto", description="auto = float32 on CPU, bfloat16 on CUDA"
+    )
+    device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N")
+    trust_remote_code: bool = False
+    max_model_len: int | None = Field(default=None, ge=2, description="cap on the model context")
+    cache_dir: str | None = Field(default=None, description="where the embedded model is cached")
+    torch_threads: int | None = Field(default=None, ge=1, description="torch intra-op threads")
+
+    # --- HTTP
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    api_key: SecretStr | None = Field(default=None, description="require Authorization: Bearer")
+    log_level: str = "info"
+
+    # --- limits of one request (shared with clients through GET /v1/model)
+    max_sequences: int = Field(default=256, ge=1)
+    max_tokens_per_sequence: int = Field(default=8192, ge=2)
+    max_total_tokens: int = Field(default=65536, ge=2)
+    max_top_k: int = Field(default=64, ge=0)
+    max_candidates: int = Field(default=64, ge=0)
+    max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+
+    # --- batching and backpressure
+    max_batch_tokens: int = Field(
+        default=8192, ge=16, description="padded tokens per forward pass (batch x longest)"
+    )
+    max_wait_ms: float = Field(
+        default=2.0, ge=0, description="how long the batcher waits to coalesce more requests"
+    )
+    max_queue_tokens: int = Field(
+        default=262144, ge=1, description="queued tokens beyond which new requests get 429"
+    )
+    logits_chunk_tokens: int = Field(default=256, ge=1, description="LM-head rows per chunk")
+    warmup: bool = True
+    drain_timeout_s: float = Field(default=30.0, ge=0, description="graceful shutdown budget")
+
+    def limits(self, max_model_len: int | None = None) -> Limits:
+        limits = Limits(
+            max_sequences=self.max_sequences,
+            max_tokens_per_sequence=self.max_tokens_per_sequence,
+            max_total_tokens=self.max_total_tokens,
+            max_top_k=self.max_top_k,
+            max_candidates=self.max_candidates,
+            max_body_bytes=self.max_body_bytes,
+        )
+        return limits.clamp_to_context(max_model_len) if max_model_len else limits

@@ -1,0 +1,339 @@
+"""The two encodings of /v1/score: JSON (for curl and humans) and msgpack with raw arrays.
+
+Binary form (Content-Type / Accept: application/vnd.opd+msgpack): one msgpack map whose array
+fields are msgpack `bin` values holding raw little-endian C-order arrays; their dtypes are fixed
+by the protocol (below) or named by a sibling key. A ragged batch is a flat array plus offsets.
+
+Request map::
+
+    protocol_version str, top_k int, entropy bool, temperature float, logprob_dtype str,
+    token_ids bin <i4 [T], seq_offsets bin <i8 [n+1], score_from bin <i4 [n],
+    n_candidates int, candidate_ids bin <i4 [N*K] or nil
+
+Response map::
+
+    protocol_version, model, temperature, logprob_dtype ("float32" | "float16"), top_k,
+    n_candidates, ids_dtype ("uint16" | "int32"), usage {sequences, input_tokens, scored_tokens},
+    scored_offsets bin <i8 [n+1], token_logprobs bin [N], candidate_logprobs bin [N*K] or nil,
+    top_k_ids bin ids_dtype [N*k] or nil, top_k_logprobs bin [N*k] or nil, entropy bin [N] or nil
+
+msgpack is used only as an envelope of typed scalars and byte strings: no extension types, no
+pickle, nothing executable. Decoding checks every length before reshaping; a body that does not
+decode is a ContractError with status 400.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import msgpack
+import numpy as np
+from pydantic import ValidationError
+
+from opd.shared.errors import ContractError
+from opd.shared.packed import PackedRequest, PackedResult
+from opd.shared.schemas import ScoreOptions, ScoreRequest
+from opd.shared.version import PROTOCOL_MAJOR, PROTOCOL_VERSION
+
+_LE = {"int32": "<i4", "int64": "<i8", "uint16": "<u2", "float32": "<f4", "float16": "<f2"}
+
+
+def _malformed(message: str, field: str | None = None) -> ContractError:
+    return ContractError(message, field=field, status=400, kind="malformed_body")
+
+
+def _to_bin(x: np.ndarray, dtype: str) -> bytes:
+    return np.ascontiguousarray(x, dtype=_LE[dtype]).tobytes()
+
+
+def _from_bin(obj: dict[str, Any], key: str, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
+    raw = obj.get(key)
+    if not isinstance(raw, bytes | bytearray):
+        raise _malformed(f"{key} must be a msgpack bin of {dtype}", field=key)
+    itemsize = np.dtype(_LE[dtype]).itemsize
+    expected = int(np.prod(shape)) * itemsize if shape else None
+    if len(raw) % itemsize or (expected is not None and len(raw) != expected):
+        raise _malformed(
+            f"{key} holds {len(raw)} bytes; expected {expected} ({dtype} {list(shape)})",
+            field=key,
+        )
+    arr = np.frombuffer(raw, dtype=_LE[dtype])
+    # Native-endian copy: the rest of the code (and torch) wants ordinary arrays.
+    return arr.astype(arr.dtype.newbyteorder("="), copy=False).reshape(shape or (-1,))
+
+
+def _unpack(body: bytes) -> dict[str, Any]:
+    try:
+        obj = msgpack.unpackb(body, raw=False, strict_map_key=True, use_list=True)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise _malformed(f"body is not valid msgpack: {exc}") from None
+    if not isinstance(obj, dict):
+        raise _malformed("msgpack body must be a map")
+    major = str(obj.get("protocol_version", PROTOCOL_VERSION)).split(".")[0]
+    if major != PROTOCOL_MAJOR:
+        raise ContractError(
+            f"protocol_version {obj.get('protocol_version')} is not supported; this side speaks "
+            f"{PROTOCOL_VERSION}",
+            field="protocol_version",
+            limit=PROTOCOL_VERSION,
+        )
+    return obj
+
+
+# ---- requests --------------------------------------------------------------------------------
+
+
+def encode_request_msgpack(req: PackedRequest) -> bytes:
+    o = req.options
+    return msgpack.packb(
+        {
+            "protocol_version": PROTOCOL_VERSION,
+            "top_k": o.top_k,
+            "entropy": o.entropy,
+            "temperature": o.temperature,
+            "logprob_dtype": o.logprob_dtype,
+            "token_ids": _to_bin(req.token_ids_T, "int32"),
+            "seq_offsets": _to_bin(req.seq_offsets_n1, "int64"),
+            "score_from": _to_bin(req.score_from_n, "int32"),
+            "n_candidates": req.n_candidates,
+            "candidate_ids": None
+            if req.candidate_ids_NK is None
+            else _to_bin(req.candidate_ids_NK, "int32"),
+        },
+        use_bin_type=True,
+    )
+
+
+_REQUEST_KEYS = {
+    "protocol_version",
+    "top_k",
+    "entropy",
+    "temperature",
+    "logprob_dtype",
+    "token_ids",
+    "seq_offsets",
+    "score_from",
+    "n_candidates",
+    "candidate_ids",
+}
+
+
+def decode_request_msgpack(body: bytes) -> PackedRequest:
+    obj = _unpack(body)
+    unknown = set(obj) - _REQUEST_KEYS
+    if unknown:
+        raise ContractError(f"unknown fields {sorted(unknown)}", field=sorted(unknown)[0])
+    for key in ("token_ids", "seq_offsets", "score_from"):
+        if key not in obj:
+            raise ContractError(f"{key} is required", field=key)
+    try:
+        options = ScoreOptions.model_validate(
+            {k: obj[k] for k in ("top_k", "entropy", "temperature", "logprob_dtype") if k in obj}
+        )
+    except ValidationError as exc:
+        raise contract_error_from_pydantic(exc) from None
+    tokens = _from_bin(obj, "token_ids", "int32", ())
+    offsets = _from_bin(obj, "seq_offsets", "int64", ())
+    score_from = _from_bin(obj, "score_from", "int32", ()).astype(np.int64)
+    n_cands = obj.get("n_candidates", 0)
+    if not isinstance(n_cands, int) or n_cands < 0:
+        raise ContractError("n_candidates must be a non-negative integer", field="n_candidates")
+    candidates = None
+    if obj.get("candidate_ids") is not None:
+        if n_cands < 1:
+            raise ContractError("candidate_ids given with n_candidates=0", field="n_candidates")
+        flat = _from_bin(obj, "candidate_ids", "int32", ())
+        if flat.size % n_cands:
+            raise ContractError(
+                f"candidate_ids holds {flat.size} ids, not a multiple of n_candidates={n_cands}",
+                field="candidate_ids",
+                limit=n_cands,
+            )
+        candidates = flat.reshape(-1, n_cands)
+    if len(offsets) < 1:
+        raise ContractError("seq_offsets needs n+1 entries", field="seq_offsets")
+    return PackedRequest(
+        token_ids_T=tokens,
+        seq_offsets_n1=offsets,
+        score_from_n=score_from,
+        candidate_ids_NK=candidates,
+        options=options,
+    )
+
+
+def decode_request_json(body: bytes) -> PackedRequest:
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise _malformed(f"body is not valid JSON: {exc}") from None
+    try:
+        request = ScoreRequest.model_validate(data)
+    except ValidationError as exc:
+        raise contract_error_from_pydantic(exc) from None
+    return PackedRequest.from_request(request)
+
+
+def contract_error_from_pydantic(exc: ValidationError) -> ContractError:
+    """The first pydantic error as a ContractError whose field is a readable path."""
+    err = exc.errors()[0]
+    parts: list[str] = []
+    for loc in err["loc"]:
+        if isinstance(loc, int):
+            parts[-1:] = [f"{parts[-1]}[{loc}]"] if parts else [f"[{loc}]"]
+        else:
+            parts.append(str(loc))
+    path = ".".join(parts) or None
+    limit = None
+    ctx = err.get("ctx") or {}
+    for key in ("le", "ge", "lt", "gt", "min_length", "max_length", "expected"):
+        if key in ctx:
+            limit = ctx[key]
+            break
+    if limit is not None and not isinstance(limit, int | float | str):
+        limit = str(limit)
+    return ContractError(f"{path}: {err['msg']}", field=path, limit=limit)
+
+
+# ---- responses -------------------------------------------------------------------------------
+
+
+def _usage(res: PackedResult) -> dict[str, int]:
+    return {
+        "sequences": res.n_sequences,
+        "input_tokens": int(res.input_tokens),
+        "scored_tokens": int(res.scored_offsets_n1[-1]),
+    }
+
+
+def encode_result_msgpack(res: PackedResult) -> bytes:
+    fdt = res.logprob_dtype
+    ids = res.top_k_ids_Nk
+    ids_dtype = "uint16" if ids is None or ids.size == 0 or int(ids.max()) < 65536 else "int32"
+    top_k = 0 if ids is None else int(ids.shape[1])
+    n_cands = 0 if res.candidate_logprobs_NK is None else int(res.candidate_logprobs_NK.shape[1])
+
+    def opt(x: np.ndarray | None, dtype: str) -> bytes | None:
+        return None if x is None else _to_bin(x, dtype)
+
+    return msgpack.packb(
+        {
+            "protocol_version": res.protocol_version,
+            "model": res.model,
+            "temperature": res.temperature,
+            "logprob_dtype": fdt,
+            "top_k": top_k,
+            "n_candidates": n_cands,
+            "ids_dtype": ids_dtype,
+            "usage": _usage(res),
+            "scored_offsets": _to_bin(res.scored_offsets_n1, "int64"),
+            "token_logprobs": _to_bin(res.token_logprobs_N, fdt),
+            "candidate_logprobs": opt(res.candidate_logprobs_NK, fdt),
+            "top_k_ids": opt(ids, ids_dtype),
+            "top_k_logprobs": opt(res.top_k_logprobs_Nk, fdt),
+            "entropy": opt(res.entropy_N, fdt),
+        },
+        use_bin_type=True,
+    )
+
+
+def decode_result_msgpack(body: bytes) -> PackedResult:
+    obj = _unpack(body)
+    fdt = obj.get("logprob_dtype")
+    ids_dtype = obj.get("ids_dtype", "int32")
+    if fdt not in ("float32", "float16") or ids_dtype not in ("uint16", "int32"):
+        raise _malformed("logprob_dtype / ids_dtype not understood")
+    offsets = _from_bin(obj, "scored_offsets", "int64", ())
+    n_scored = int(offsets[-1]) if len(offsets) else 0
+    top_k, n_cands = int(obj.get("top_k", 0)), int(obj.get("n_candidates", 0))
+
+    def opt(key: str, dtype: str, shape: tuple[int, ...]) -> np.ndarray | None:
+        return None if obj.get(key) is None else _from_bin(obj, key, dtype, shape)
+
+    ids = opt("top_k_ids", ids_dtype, (n_scored, top_k))
+    return PackedResult(
+        scored_offsets_n1=offsets,
+        token_logprobs_N=_from_bin(obj, "token_logprobs", fdt, (n_scored,)),
+        candidate_logprobs_NK=opt("candidate_logprobs", fdt, (n_scored, n_cands)),
+        top_k_ids_Nk=None if ids is None else ids.astype(np.int32),
+        top_k_logprobs_Nk=opt("top_k_logprobs", fdt, (n_scored, top_k)),
+        entropy_N=opt("entropy", fdt, (n_scored,)),
+        model=str(obj.get("model", "")),
+        temperature=float(obj.get("temperature", 1.0)),
+        logprob_dtype=fdt,
+        protocol_version=str(obj.get("protocol_version", PROTOCOL_VERSION)),
+        input_tokens=int((obj.get("usage") or {}).get("input_tokens", 0)),
+    )
+
+
+def result_to_json_dict(res: PackedResult, keep_arrays: bool = False) -> dict[str, Any]:
+    """The JSON response (schema: ScoreResponseJSON), built from arrays without pydantic.
+
+    keep_arrays=True leaves numpy slices in place for a serializer that writes them directly
+    (orjson on the server: float32 in shortest form, far faster than lists of Python floats).
+    """
+
+    def rows(x: np.ndarray | None, a: int, b: int) -> Any:
+        if x is None:
+            return None
+        return x[a:b] if keep_arrays else x[a:b].tolist()
+
+    # float16 values are widened for JSON; their digits still carry float16 precision.
+    widened = res.cast("float32") if res.logprob_dtype == "float16" else res
+    offs = res.scored_offsets_n1
+    results = []
+    for i in range(res.n_sequences):
+        a, b = int(offs[i]), int(offs[i + 1])
+        results.append(
+            {
+                "token_logprobs": rows(widened.token_logprobs_N, a, b),
+                "candidate_logprobs": rows(widened.candidate_logprobs_NK, a, b),
+                "top_k_ids": rows(res.top_k_ids_Nk, a, b),
+                "top_k_logprobs": rows(widened.top_k_logprobs_Nk, a, b),
+                "entropy": rows(widened.entropy_N, a, b),
+            }
+        )
+    return {
+        "protocol_version": res.protocol_version,
+        "model": res.model,
+        "temperature": res.temperature,
+        "logprob_dtype": res.logprob_dtype,
+        "top_k": 0 if res.top_k_ids_Nk is None else int(res.top_k_ids_Nk.shape[1]),
+        "n_candidates": 0
+        if res.candidate_logprobs_NK is None
+        else int(res.candidate_logprobs_NK.shape[1]),
+        "results": results,
+        "usage": _usage(res),
+    }
+
+
+def result_from_json_dict(data: dict[str, Any]) -> PackedResult:
+    """Inverse of result_to_json_dict (the client's JSON mode)."""
+    results = data["results"]
+    fdt = np.float32 if data.get("logprob_dtype", "float32") == "float32" else np.float16
+    lengths = np.array([len(r["token_logprobs"]) for r in results], dtype=np.int64)
+    offsets = np.zeros(len(results) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    k, nc = int(data.get("top_k", 0)), int(data.get("n_candidates", 0))
+
+    def cat(key: str, width: int | None, dtype: Any) -> np.ndarray | None:
+        if not results or results[0].get(key) is None:
+            return None
+        parts = [np.asarray(r[key], dtype=dtype) for r in results]
+        if width is not None:
+            parts = [p.reshape(-1, width) for p in parts]
+        return np.concatenate(parts)
+
+    return PackedResult(
+        scored_offsets_n1=offsets,
+        token_logprobs_N=cat("token_logprobs", None, fdt),
+        candidate_logprobs_NK=cat("candidate_logprobs", nc, fdt),
+        top_k_ids_Nk=cat("top_k_ids", k, np.int32),
+        top_k_logprobs_Nk=cat("top_k_logprobs", k, fdt),
+        entropy_N=cat("entropy", None, fdt),
+        model=str(data.get("model", "")),
+        temperature=float(data.get("temperature", 1.0)),
+        logprob_dtype=str(data.get("logprob_dtype", "float32")),
+        protocol_version=str(data.get("protocol_version", PROTOCOL_VERSION)),
+        input_tokens=int(data.get("usage", {}).get("input_tokens", 0)),
+    )

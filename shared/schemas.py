@@ -1,0 +1,100 @@
+"""Wire models of the JSON encoding, and the request model clients hand to TeacherClient.
+
+Positions: a sequence holds prompt + completion token ids `x_0 .. x_{L-1}`. With
+`score_from = s` (1 <= s <= L-1), the service scores tokens `x_s .. x_{L-1}`, each given the
+tokens before it: row `i` of every per-position array is about token `x_{s+i}` and the teacher
+distribution q(. | x_{<s+i}). `n_scored = L - s`. Tokens before `s` are context only.
+
+All models share one base with extra="forbid" so a misspelt option is an error, never ignored.
+Bounds that depend on the server's configuration (lengths, top_k, ...) are checked by
+opd.shared.validation against `Limits`; the static ones sit in `Field` so OpenAPI shows them.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from opd.shared.limits import Limits
+from opd.shared.version import PROTOCOL_VERSION
+
+LogprobDType = Literal["float32", "float16"]
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SequenceIn(_Wire):
+    token_ids: list[int] = Field(description="prompt + completion token ids")
+    score_from: int = Field(
+        description="index of the first scored token; earlier tokens are context only", ge=1
+    )
+    candidate_ids: list[list[int]] | None = Field(
+        default=None,
+        description="[n_scored, k] ids per scored position (e.g. the student's top-k); the "
+        "service returns the teacher log-prob at exactly these ids. Same k for every sequence.",
+    )
+
+
+class ScoreOptions(_Wire):
+    top_k: int = Field(default=0, ge=0, description="teacher top-k ids + log-probs; 0 = none")
+    entropy: bool = Field(default=False, description="exact full-vocabulary teacher entropy")
+    temperature: float = Field(
+        default=1.0, gt=0, description="log-probs of softmax(logits / temperature)"
+    )
+    logprob_dtype: LogprobDType = Field(
+        default="float32", description="float type of returned log-probs and entropies"
+    )
+
+
+class ScoreRequest(ScoreOptions):
+    """POST /v1/score body (JSON), and what TeacherClient.score takes."""
+
+    sequences: list[SequenceIn] = Field(min_length=1, description="the sequences to score")
+
+
+class SequenceScoresJSON(_Wire):
+    token_logprobs: list[float] = Field(description="[n_scored] log q(actual token)")
+    candidate_logprobs: list[list[float]] | None = Field(
+        default=None, description="[n_scored, k] log q at the submitted candidate ids"
+    )
+    top_k_ids: list[list[int]] | None = Field(default=None, description="[n_scored, top_k]")
+    top_k_logprobs: list[list[float]] | None = Field(default=None, description="[n_scored, top_k]")
+    entropy: list[float] | None = Field(default=None, description="[n_scored] nats")
+
+
+class Usage(_Wire):
+    sequences: int
+    input_tokens: int = Field(description="tokens submitted, context included")
+    scored_tokens: int = Field(description="positions scored")
+
+
+class ScoreResponseJSON(_Wire):
+    """POST /v1/score answer in the JSON encoding."""
+
+    protocol_version: str = PROTOCOL_VERSION
+    model: str
+    temperature: float
+    logprob_dtype: LogprobDType
+    top_k: int
+    n_candidates: int
+    results: list[SequenceScoresJSON]
+    usage: Usage
+
+
+class ModelInfo(_Wire):
+    """GET /v1/model: what the teacher is, so a client can check it before any training."""
+
+    name: str
+    revision: str = Field(description="model revision or content hash of its weights")
+    backend: str
+    vocab_size: int = Field(description="rows of the LM head: valid token ids are [0, vocab_size)")
+    max_model_len: int
+    dtype: str
+    protocol_version: str = PROTOCOL_VERSION
+    tokenizer_fingerprint: str = Field(
+        description="sha256 of vocab, special tokens and chat template (opd.shared.fingerprint)"
+    )
+    limits: Limits

@@ -1,0 +1,13 @@
+"""Protocol version and media types: the one place both sides read them from.
+
+The major number changes when an old client could misread a new server's answer; the client
+refuses a server whose major differs (see opd.client), the server reports its version in
+GET /v1/model and in every score response.
+"""
+
+PROTOCOL_VERSION = "1.0"
+PROTOCOL_MAJOR = PROTOCOL_VERSION.split(".")[0]
+
+# Content-Type / Accept values. JSON is for humans and curl; msgpack carries raw arrays.
+JSON_MEDIA_TYPE = "application/json"
+MSGPACK_MEDIA_TYPE = "application/vnd.opd+msgpack"
