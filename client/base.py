@@ -74,7 +74,8 @@ def check_model_info(info: ModelInfo, config: ClientConfig) -> None:
     major = info.protocol_version.split(".")[0]
     if major != PROTOCOL_MAJOR:
         raise IncompatibleTeacherError(
-            f"teacher speaks protocol {info.protocol_version}; this client speaks {PROTOCOL_MAJOR}.x"
+            f"teacher speaks protocol {info.protocol_version}; "
+            f"this client speaks {PROTOCOL_MAJOR}.x"
         )
     expected = config.tokenizer_fingerprint
     if expected and expected != info.tokenizer_fingerprint and not config.allow_tokenizer_mismatch:
@@ -164,12 +165,15 @@ def decode(response: httpx.Response) -> PackedResult:
 
 
 def backoff_delay(config: ClientConfig, attempt: int, retry_after: float | None) -> float:
-    """Exponential backoff with full jitter; never sooner than the server's Retry-After."""
+    """Exponential backoff with jitter; never sooner than the server's Retry-After.
+
+    With Retry-After the wait is Retry-After plus a jitter that grows with the attempt, so
+    clients refused together do not all come back in the same instant.
+    """
     ceiling = min(config.backoff_max_s, config.backoff_base_s * (2**attempt))
-    delay = random.uniform(ceiling / 2, ceiling)
     if retry_after is not None:
-        delay = max(delay, retry_after + random.uniform(0, config.backoff_base_s))
-    return delay
+        return retry_after + random.uniform(0, ceiling)
+    return random.uniform(ceiling / 2, ceiling)
 
 
 def merge(parts: list[PackedResult]) -> PackedResult:

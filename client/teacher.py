@@ -51,6 +51,15 @@ def _should_retry(exc: Exception) -> bool:
     return isinstance(exc, _RETRYABLE_TRANSPORT)
 
 
+def _raise_retryable(response: httpx.Response) -> httpx.Response:
+    """Turn 429/503/... into an exception so that the retry loop sees it."""
+    if response.status_code in base.RETRYABLE_STATUS:
+        raise parse_error(
+            response.status_code, response.content, response.headers.get("retry-after")
+        )
+    return response
+
+
 def _give_up(exc: Exception, attempts: int) -> Exception:
     if isinstance(exc, httpx.TransportError):
         return TeacherConnectionError(f"teacher unreachable after {attempts} attempts: {exc!r}")
@@ -95,7 +104,7 @@ class TeacherClient:
     def connect(self) -> ModelInfo:
         """GET /v1/model and check protocol + tokenizer; cached for the client's lifetime."""
         if self._info is None:
-            response = self._with_retries(lambda: self._http.get("/v1/model"))
+            response = self._with_retries(lambda: _raise_retryable(self._http.get("/v1/model")))
             if response.status_code >= 300:
                 raise parse_error(response.status_code, response.content)
             info = ModelInfo.model_validate_json(response.content)
@@ -117,12 +126,7 @@ class TeacherClient:
         body, headers = base.encode(req, self.config.encoding)
 
         def send() -> httpx.Response:
-            response = self._http.post("/v1/score", content=body, headers=headers)
-            if response.status_code in base.RETRYABLE_STATUS:
-                raise parse_error(
-                    response.status_code, response.content, response.headers.get("retry-after")
-                )
-            return response
+            return _raise_retryable(self._http.post("/v1/score", content=body, headers=headers))
 
         return base.decode(self._with_retries(send))
 
@@ -176,7 +180,11 @@ class AsyncTeacherClient:
 
     async def connect(self) -> ModelInfo:
         if self._info is None:
-            response = await self._with_retries(lambda: self._http.get("/v1/model"))
+
+            async def get() -> httpx.Response:
+                return _raise_retryable(await self._http.get("/v1/model"))
+
+            response = await self._with_retries(get)
             if response.status_code >= 300:
                 raise parse_error(response.status_code, response.content)
             info = ModelInfo.model_validate_json(response.content)
@@ -199,11 +207,7 @@ class AsyncTeacherClient:
         async def send() -> httpx.Response:
             async with self._limit:
                 response = await self._http.post("/v1/score", content=body, headers=headers)
-            if response.status_code in base.RETRYABLE_STATUS:
-                raise parse_error(
-                    response.status_code, response.content, response.headers.get("retry-after")
-                )
-            return response
+            return _raise_retryable(response)
 
         return base.decode(await self._with_retries(send))
 

@@ -34,7 +34,10 @@ class EmbeddedModelMissing(RuntimeError):
 
 
 def cache_root() -> Path:
-    """Cache folder for converted models: OPD_CACHE_DIR, else $XDG_CACHE_HOME/opd, else ~/.cache/opd."""
+    """Cache folder for converted models.
+
+    OPD_CACHE_DIR if set, else $XDG_CACHE_HOME/opd, else ~/.cache/opd.
+    """
     explicit = os.environ.get("OPD_CACHE_DIR")
     if explicit:
         return Path(explicit).expanduser()

@@ -46,8 +46,12 @@ class DrainingServer(uvicorn.Server):
         deadline = (self._draining_since or time.monotonic()) + self.drain_timeout_s
         while state.in_flight > 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
+        clean = state.in_flight == 0
         logger.info("drained (%d requests still in flight); stopping", state.in_flight)
         super().handle_exit(sig, frame)
+        if clean:
+            # uvicorn re-raises captured signals at exit; a clean drain exits 0 instead.
+            self._captured_signals.clear()
 
 
 def run_server(settings: Settings) -> None:

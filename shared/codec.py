@@ -59,8 +59,8 @@ def _from_bin(obj: dict[str, Any], key: str, dtype: str, shape: tuple[int, ...])
             field=key,
         )
     arr = np.frombuffer(raw, dtype=_LE[dtype])
-    # Native-endian copy: the rest of the code (and torch) wants ordinary arrays.
-    return arr.astype(arr.dtype.newbyteorder("="), copy=False).reshape(shape or (-1,))
+    # A writable native-endian copy: the rest of the code (and torch) wants ordinary arrays.
+    return arr.astype(arr.dtype.newbyteorder("="), copy=True).reshape(shape or (-1,))
 
 
 def _unpack(body: bytes) -> dict[str, Any]:
@@ -239,11 +239,26 @@ def encode_result_msgpack(res: PackedResult) -> bytes:
 
 def decode_result_msgpack(body: bytes) -> PackedResult:
     obj = _unpack(body)
+    try:
+        return _result_from_map(obj)
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError) as exc:
+        if isinstance(exc, ContractError):
+            raise
+        raise _malformed(f"response map is malformed: {exc!r}") from None
+
+
+def _result_from_map(obj: dict[str, Any]) -> PackedResult:
     fdt = obj.get("logprob_dtype")
     ids_dtype = obj.get("ids_dtype", "int32")
-    if fdt not in ("float32", "float16") or ids_dtype not in ("uint16", "int32"):
-        raise _malformed("logprob_dtype / ids_dtype not understood")
+    if fdt not in ("float32", "float16"):
+        raise _malformed(f"logprob_dtype {fdt!r} not understood", field="logprob_dtype")
+    if ids_dtype not in ("uint16", "int32"):
+        raise _malformed(f"ids_dtype {ids_dtype!r} not understood", field="ids_dtype")
     offsets = _from_bin(obj, "scored_offsets", "int64", ())
+    if len(offsets) < 1 or offsets[0] != 0 or np.any(np.diff(offsets) < 0):
+        raise _malformed(
+            "scored_offsets must start at 0 and never decrease", field="scored_offsets"
+        )
     n_scored = int(offsets[-1]) if len(offsets) else 0
     top_k, n_cands = int(obj.get("top_k", 0)), int(obj.get("n_candidates", 0))
 

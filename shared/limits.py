@@ -1,4 +1,4 @@
-"""Limits of one score request: the single definition the server refuses by and the client splits by.
+"""Limits of one score request: the one definition the server refuses by and the client splits by.
 
 The server reports its effective limits in GET /v1/model; the client reads them there and cuts a
 large batch into requests that respect every one, so a well-behaved client is never refused.

@@ -70,6 +70,18 @@ class PackedRequest:
     @classmethod
     def from_request(cls, request: ScoreRequest) -> PackedRequest:
         """Pack a pydantic ScoreRequest; checks the candidate matrix shape (ragged lists)."""
+        try:
+            return cls._from_request(request)
+        except OverflowError:
+            # pydantic accepts any Python int; ids beyond int64 must still be a clean 422.
+            raise ContractError(
+                "token ids, score_from and candidate ids must fit in int32",
+                field="sequences",
+                limit=2**31 - 1,
+            ) from None
+
+    @classmethod
+    def _from_request(cls, request: ScoreRequest) -> PackedRequest:
         seqs = request.sequences
         lengths = np.fromiter((len(s.token_ids) for s in seqs), dtype=np.int64, count=len(seqs))
         token_ids = np.fromiter(
@@ -77,6 +89,7 @@ class PackedRequest:
         )
         _check_int32("sequences[].token_ids", token_ids)
         score_from = np.fromiter((s.score_from for s in seqs), dtype=np.int64, count=len(seqs))
+        _check_int32("sequences[].score_from", score_from)
         with_cands = [s.candidate_ids is not None for s in seqs]
         candidates: np.ndarray | None = None
         if any(with_cands):

