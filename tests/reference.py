@@ -61,4 +61,4 @@ def assert_matches(result, ref: Reference, token_ids, score_from, candidates, to
         )
         assert all(len(set(row)) == top_k for row in result.top_k_ids.tolist())
     if result.entropy is not None:
-        np.testing.assert_allclose(result.entropy, ref.entropy(), atol=atol * 10, rtol=0)
+        np.testing.assert_allclose(result.entropy, ref.entropy(), atol=atol, rtol=0)

@@ -19,10 +19,14 @@ from opd.client import (
     TeacherConnectionError,
 )
 from opd.client.launch import LocalTeacher, free_port
+from opd.server.app import create_app
+from opd.server.settings import Settings
 from opd.shared.errors import ContractError
 from opd.shared.packed import PackedRequest
 from opd.shared.schemas import ScoreOptions, ScoreRequest, SequenceIn
 from tests.conftest import TEST_API_KEY
+from tests.inproc import serve_in_thread
+from tests.server.test_service_behaviour import SlowLoadingBackend
 
 
 def _requests_with_status(url: str, status: str) -> float:
@@ -95,17 +99,17 @@ def test_large_batch_is_split_under_the_servers_limits(strict_server, tiny_serve
 def test_client_refuses_locally_what_the_server_would_refuse(strict_server):
     request = PackedRequest.from_arrays([[1, 2, 3], [1] * 200], [1, 1])
     before = _requests_with_status(strict_server, "422")
-    with TeacherClient(strict_server, api_key=TEST_API_KEY) as client:
-        with pytest.raises(ContractError) as info:
-            client.score(request)
+    client = TeacherClient(strict_server, api_key=TEST_API_KEY)
+    with client, pytest.raises(ContractError) as info:
+        client.score(request)
     assert info.value.field == "sequences[1].token_ids" and info.value.limit == 128
     assert _requests_with_status(strict_server, "422") == before
 
 
 def test_wrong_api_key_is_authentication_error(strict_server):
-    with TeacherClient(strict_server, api_key="nope", max_retries=0) as client:
-        with pytest.raises(AuthenticationError) as info:
-            client.connect()
+    client = TeacherClient(strict_server, api_key="nope", max_retries=0)
+    with client, pytest.raises(AuthenticationError) as info:
+        client.connect()
     assert info.value.status == 401
 
 
@@ -113,9 +117,9 @@ def test_tokenizer_fingerprint_mismatch_is_refused_unless_overridden(tiny_server
     info = httpx.get(tiny_server + "/v1/model").json()
     with TeacherClient(tiny_server, tokenizer_fingerprint=info["tokenizer_fingerprint"]) as c:
         assert c.connect().name == info["name"]
-    with TeacherClient(tiny_server, tokenizer_fingerprint="0" * 64) as client:
-        with pytest.raises(IncompatibleTeacherError, match="tokenizer fingerprint mismatch"):
-            client.score(_batch(0, 1, 5, 10))
+    client = TeacherClient(tiny_server, tokenizer_fingerprint="0" * 64)
+    with client, pytest.raises(IncompatibleTeacherError, match="tokenizer fingerprint mismatch"):
+        client.score(_batch(0, 1, 5, 10))
     with TeacherClient(
         tiny_server, tokenizer_fingerprint="0" * 64, allow_tokenizer_mismatch=True
     ) as client:
@@ -156,6 +160,25 @@ def test_connection_errors_are_retried_until_the_teacher_is_up(tiny_model_dir, t
 
 def test_unreachable_teacher_is_a_connection_error_after_retries():
     url = f"http://127.0.0.1:{free_port()}"
-    with TeacherClient(url, max_retries=2, backoff_base_s=0.01) as client:
-        with pytest.raises(TeacherConnectionError, match="after 3 attempts"):
-            client.connect()
+    client = TeacherClient(url, max_retries=2, backoff_base_s=0.01)
+    with client, pytest.raises(TeacherConnectionError, match="after 3 attempts"):
+        client.connect()
+
+
+def test_503_while_loading_is_retried(tiny_model_dir):
+    """A teacher that is still loading answers 503 + Retry-After; the client waits it out."""
+    SlowLoadingBackend.release.clear()
+    app = create_app(Settings(model=str(tiny_model_dir)), backend_factory=SlowLoadingBackend)
+    with serve_in_thread(app, wait_ready=False) as url:
+        threading.Timer(1.5, SlowLoadingBackend.release.set).start()
+        with TeacherClient(url, max_retries=20) as client:
+            result = client.score(_batch(2, 3, 5, 30))
+        assert result.n_sequences == 3
+        text = httpx.get(url + "/metrics").text
+        refused = sum(
+            s.value
+            for fam in text_string_to_metric_families(text)
+            for s in fam.samples
+            if s.name == "opd_requests_total" and s.labels.get("status") == "503"
+        )
+        assert refused >= 1
