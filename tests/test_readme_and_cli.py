@@ -1,0 +1,118 @@
+"""Everything the README shows runs: its curl and Python examples, `opd serve` (both ways of
+starting it) and the main job, `opd quickstart`."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+
+from opd.client.launch import LocalTeacher, free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def _blocks(lang: str) -> list[str]:
+    return re.findall(rf"```{lang}\n(.*?)```", README, flags=re.S)
+
+
+def _at(url: str, text: str) -> str:
+    return text.replace("http://127.0.0.1:8000", url)
+
+
+def test_readme_curl_example(smol_server):
+    (curl,) = [b for b in _blocks("bash") if b.lstrip().startswith("curl")]
+    out = subprocess.run(
+        ["bash", "-c", _at(smol_server, curl)], capture_output=True, text=True, check=True
+    )
+    body = json.loads(out.stdout)
+    result = body["results"][0]
+    assert len(result["token_logprobs"]) == 3
+    assert len(result["candidate_logprobs"]) == 3 and len(result["candidate_logprobs"][0]) == 2
+    assert len(result["top_k_ids"][0]) == 3 and len(result["entropy"]) == 3
+    # the real SmolLM2 is confident that Paris is the capital of France
+    assert result["token_logprobs"][1] > -1.0
+    assert result["top_k_ids"][1][0] == 7042
+    # candidate column 0 at row 1 is " Paris" (7042): same number as the actual token
+    assert abs(result["candidate_logprobs"][1][0] - result["token_logprobs"][1]) < 1e-6
+
+
+def test_readme_python_example(smol_server):
+    (code,) = _blocks("python")
+    out = subprocess.run(
+        [sys.executable, "-c", _at(smol_server, code)], capture_output=True, text=True, check=True
+    )
+    assert out.stdout.startswith("SmolLM2-135M-Instruct ")
+    assert "(3, 2)" in out.stdout
+
+
+def test_cli_help_lists_the_commands():
+    out = subprocess.run(
+        [sys.executable, "-m", "opd.client.cli", "--help"], capture_output=True, text=True
+    )
+    assert out.returncode == 0
+    assert "serve" in out.stdout and "quickstart" in out.stdout
+
+
+def test_opd_serve_flags(tiny_model_dir, tmp_path):
+    teacher = LocalTeacher(
+        str(tiny_model_dir),
+        log_path=tmp_path / "serve.log",
+        extra_args=["--dtype", "float32", "--device", "cpu", "--host", "127.0.0.1"],
+    )
+    with teacher as url:
+        info = httpx.get(url + "/v1/model").json()
+    assert info["dtype"] == "float32"
+    assert teacher.process is not None and teacher.process.returncode == 0
+
+
+def test_uvicorn_factory_with_environment_settings(tiny_model_dir, tmp_path):
+    port = free_port()
+    env = {
+        **os.environ,
+        "OPD_MODEL": str(tiny_model_dir),
+        "OPD_MAX_TOP_K": "7",
+        "OPD_API_KEY": "factory-key",
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "opd.server.app:create_app",
+        "--factory",
+        "--port",
+        str(port),
+    ]
+    with open(tmp_path / "uvicorn.log", "wb") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            teacher = LocalTeacher(port=port)
+            teacher.process = proc
+            teacher.wait_ready()
+            headers = {"Authorization": "Bearer factory-key"}
+            info = httpx.get(f"http://127.0.0.1:{port}/v1/model", headers=headers).json()
+            assert info["limits"]["max_top_k"] == 7
+        finally:
+            proc.terminate()
+            proc.wait(30)
+
+
+def test_quickstart_main_job_end_to_end():
+    out = subprocess.run(
+        [sys.executable, "-m", "opd.client.cli", "quickstart"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "COLUMNS": "160"},
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "teacher service ready" in out.stdout
+    assert "(matches)" in out.stdout
+    sums = [float(x) for x in re.findall(r"sum log q = (-?[\d.]+)", out.stdout)]
+    assert len(sums) == 2 and sums[0] > sums[1] + 3, sums  # Paris beats Berlin clearly
