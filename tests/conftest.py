@@ -96,8 +96,11 @@ def strict_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 
 @pytest.fixture(scope="session")
 def smol_server(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """The real SmolLM2-135M-Instruct teacher."""
-    teacher = _teacher(smollm2_dir, tmp_path_factory, "smol")
+    """The real SmolLM2-135M-Instruct teacher, started as `opd serve` with no --model: the
+    embedded default (already converted into OPD_CACHE_DIR by the smollm2_dir fixture)."""
+    log = tmp_path_factory.mktemp("logs") / "smol.log"
+    teacher = LocalTeacher(None, env={"OPD_LOG_LEVEL": "warning"}, log_path=log)
+    teacher.start()
     yield teacher.url
     teacher.stop()
 

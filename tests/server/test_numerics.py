@@ -135,3 +135,26 @@ def test_batch_invariance_alone_vs_packed_with_others(coalescing_server):
     for name in ("token_logprobs", "candidate_logprobs", "top_k_logprobs", "entropy"):
         np.testing.assert_allclose(getattr(alone, name), getattr(packed, name), atol=1e-4, rtol=0)
     np.testing.assert_array_equal(alone.top_k_ids[:, :5], packed.top_k_ids[:, :5])
+
+
+def test_bfloat16_teacher_is_close_to_the_float32_reference(tiny_model_dir, tmp_path):
+    """--dtype bfloat16 really runs in bfloat16 (reported, and not bit-identical to float32),
+    while staying close to the float32 reference."""
+    from opd.client.launch import LocalTeacher
+
+    rng = np.random.default_rng(5)
+    ref_model = ReferenceModel(tiny_model_dir)
+    seqs, sf, cands = _random_batch(rng, 3, ref_model.model.config.vocab_size, 48, 4)
+    options = ScoreOptions(top_k=4, entropy=True)
+    teacher = LocalTeacher(
+        str(tiny_model_dir), log_path=tmp_path / "bf16.log", extra_args=["--dtype", "bfloat16"]
+    )
+    with teacher as url, TeacherClient(url) as client:
+        assert client.connect().dtype == "bfloat16"
+        result = client.score(PackedRequest.from_arrays(seqs, sf, cands, options))
+    max_err = 0.0
+    for i, scores in enumerate(result.sequences()):
+        ref = ref_model.reference(seqs[i], sf[i])
+        err = np.abs(scores.candidate_logprobs - ref.at(cands[i])).max()
+        max_err = max(max_err, float(err))
+    assert 0 < max_err < 0.5, max_err

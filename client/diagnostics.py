@@ -1,0 +1,472 @@
+"""OPD diagnostics: the paper's "phenomenology", computed every step from the numbers the student
+already has and the teacher service returns, so a failing student/teacher pair shows up early
+(flat overlap, overlap-token advantage stuck negative, entropy gap not closing).
+
+Notation (shape suffixes as elsewhere in opd):
+    N     completion positions of a batch, flattened over its n sequences; sequence i owns rows
+          seq_offsets[i]:seq_offsets[i+1] (seq_offsets is int64 [n+1], seq_offsets[0] = 0).
+    K, k  the student's and the teacher's top-k widths (columns of *_NK and *_Nk).
+    p_t, q_t        student and teacher next-token distributions at position t (full vocabulary).
+    S_t(p), S_t(q)  their top-k id sets; I_t = S_t(p) intersect S_t(q).
+    y_t             the sampled (student's own) token at t.
+    depth(t)        t - seq_offsets[seq(t)]: 0 for the first completion token of each sequence.
+
+Metrics, keys as returned by `compute_diagnostics` (means over positions t unless said):
+    overlap/ratio             mean_t |I_t| / min(K, k)
+    overlap/empty_frac        mean_t [I_t is empty]
+    overlap/token_advantage   mean over the t with non-empty I_t of
+                                A_t = (1/|I_t|) sum_{v in I_t} pb_t(v) (log qb_t(v) - log pb_t(v)),
+                                pb_t = p_t / sum_{I_t} p_t,  qb_t = q_t / sum_{I_t} q_t;
+                              nan when every I_t is empty (0 would falsely read as "aligned")
+    overlap/mass_student      mean_t sum_{v in I_t} p_t(v)   (NOT renormalised)
+    overlap/mass_teacher      mean_t sum_{v in I_t} q_t(v)   (NOT renormalised)
+    entropy/student           mean_t H(p_t)
+    entropy/teacher           mean_t H(q_t)
+    entropy/gap               mean_t |H(q_t) - H(p_t)|
+    entropy/signed_gap        mean_t (H(q_t) - H(p_t))   (> 0: the student is sharper)
+    kl/sampled                mean_t (log p_t(y_t) - log q_t(y_t)); unbiased for KL(p_t || q_t)
+    kl/student_topk           mean_t sum_{v in S_t(p)} p_t(v) (log p_t(v) - log q_t(v))
+    kl/student_topk_renorm    mean_t KL(pb_t || qb_t), both renormalised on S_t(p)
+    reward/seq_mean           mean over sequences of
+                                r(y) = (1/T) sum_t (log q_t(y_t) - log p_t(y_t))
+    reward/seq_std            their standard deviation (ddof 0)
+    tokens/count              N
+    tokens/mean_completion_len  N / n
+    <key>@depth{a}-{b}        every key but tokens/* on the positions with a <= depth <= b; the
+                              reward uses, per sequence, the mean over its positions in the bucket
+
+Choices where the definition leaves room:
+    * K != k: both top sets are cut to k' = min(K, k) (highest log-probs first) before
+      intersecting, so the overlap compares equal-size sets as the paper's single-k definition
+      does, and the ratio divides by k'. kl/student_topk* always use all K student candidates.
+    * q_t(v) on I_t is read from teacher_cand_logp_NK (the teacher's log-probs at the student's
+      ids), which equals teacher_topk_logp_Nk there and is already aligned with the student's
+      columns.
+    * Log-probs are floored at log(float64 tiny) ~ -708 so a zero probability (-inf) gives large
+      but finite KL / reward terms and 0 * log 0 terms vanish instead of turning into nan.
+    * Sequences with no completion positions get a nan reward and are left out of reward/*.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "PositionStats",
+    "auroc",
+    "compute_diagnostics",
+    "gap_recovery_rate",
+    "overlap_mask",
+    "overlap_token_advantage",
+    "per_position_metrics",
+    "sequence_rewards",
+    "student_topk_kl",
+]
+
+# log of the smallest normal float64: -inf log-probs are raised to it (see module docstring).
+_LOG_FLOOR = float(np.log(np.finfo(np.float64).tiny))
+# Rows per block in the [rows, K, k] membership broadcast: caps its memory at ~16 MiB for k = 16.
+_CHUNK_ROWS = 1 << 16
+
+
+# --------------------------------------------------------------------------------------------
+# Math on arrays (pure; every formula is in the module docstring too)
+# --------------------------------------------------------------------------------------------
+
+
+def _floor_log(logp: Any) -> np.ndarray:
+    """float64 copy of log-probs with -inf raised to _LOG_FLOOR (nan stays nan, on purpose)."""
+    return np.maximum(np.asarray(logp, dtype=np.float64), _LOG_FLOOR)
+
+
+def _mean(x: np.ndarray) -> float:
+    """Mean that is nan (not a RuntimeWarning) on an empty array: an empty bucket is 'unknown'."""
+    return float(np.mean(x)) if x.size else float("nan")
+
+
+def _masked_logsumexp(logp_NK: np.ndarray, mask_NK: np.ndarray) -> np.ndarray:
+    """log sum_{j: mask[t, j]} exp(logp[t, j]) per row, stably; -inf for rows with an empty mask.
+
+    This is log of the mass a set holds, i.e. the normaliser of a renormalised distribution.
+    """
+    # m_t = max_{j in mask} logp[t, j]; lse_t = m_t + log sum_{j in mask} exp(logp[t, j] - m_t)
+    m_N = np.max(np.where(mask_NK, logp_NK, -np.inf), axis=1, initial=-np.inf)
+    m_safe_N = np.where(np.isfinite(m_N), m_N, 0.0)
+    shifted_NK = np.where(mask_NK, logp_NK - m_safe_N[:, None], -np.inf)
+    s_N = np.exp(shifted_NK).sum(axis=1)
+    with np.errstate(divide="ignore"):
+        return m_safe_N + np.log(s_N)
+
+
+def overlap_mask(student_ids_NK: Any, teacher_ids_Nk: Any) -> np.ndarray:
+    """in_I_NK[t, j] = student_ids_NK[t, j] in S_t(q): which student candidates lie in I_t.
+
+    Kept on the student's columns so that p and q (via the teacher's log-probs at the student's
+    ids) at I_t are plain masked reads. Broadcast in row blocks to bound memory at N * K * k.
+    """
+    ids_NK = np.asarray(student_ids_NK)
+    ids_Nk = np.asarray(teacher_ids_Nk)
+    out_NK = np.empty(ids_NK.shape, dtype=bool)
+    for a in range(0, ids_NK.shape[0], _CHUNK_ROWS):
+        b = a + _CHUNK_ROWS
+        # member[t, j, i] = (student id j == teacher id i) at row t; any over i
+        out_NK[a:b] = (ids_NK[a:b, :, None] == ids_Nk[a:b, None, :]).any(axis=2)
+    return out_NK
+
+
+def overlap_token_advantage(
+    student_logp_NK: Any, teacher_logp_NK: Any, in_I_NK: np.ndarray
+) -> np.ndarray:
+    """A_t per position: how much the teacher disagrees with the student *inside* the shared set.
+
+    A_t = (1/|I_t|) sum_{v in I_t} pb(v) (log qb(v) - log pb(v)), with p and q renormalised on
+    I_t (log pb = log p - log sum_{I_t} p). It is -KL(pb || qb) / |I_t| <= 0: near 0 means
+    aligned, strongly negative means the student is over-confident on tokens the teacher also
+    ranks highly. nan at positions with an empty I_t (no shared set to compare on).
+    Inputs are full-vocab log-probs on the same columns (the student's), masked by in_I_NK.
+    """
+    lp_NK = _floor_log(student_logp_NK)
+    lq_NK = _floor_log(teacher_logp_NK)
+    mask_NK = np.asarray(in_I_NK, dtype=bool)
+    count_N = mask_NK.sum(axis=1)
+    nonempty_N = count_N > 0
+    lse_p_N = np.where(nonempty_N, _masked_logsumexp(lp_NK, mask_NK), 0.0)
+    lse_q_N = np.where(nonempty_N, _masked_logsumexp(lq_NK, mask_NK), 0.0)
+    log_pb_NK = np.where(mask_NK, lp_NK - lse_p_N[:, None], 0.0)
+    log_qb_NK = np.where(mask_NK, lq_NK - lse_q_N[:, None], 0.0)
+    # term[t, j] = pb(v_j) (log qb(v_j) - log pb(v_j)) for v_j in I_t, else 0
+    term_NK = np.where(mask_NK, np.exp(log_pb_NK) * (log_qb_NK - log_pb_NK), 0.0)
+    return np.where(nonempty_N, term_NK.sum(axis=1) / np.maximum(count_N, 1), np.nan)
+
+
+def student_topk_kl(student_logp_NK: Any, teacher_cand_logp_NK: Any, renorm: bool) -> np.ndarray:
+    """Per-position reverse KL restricted to the student's top-K, the paper's default objective.
+
+    renorm=False: sum_{v in S(p)} p(v) (log p(v) - log q(v)) with full-vocab p, q (the top-K
+    share of KL(p || q), what the released code's per-candidate reward sums to, up to p vs pb).
+    renorm=True:  KL(pb || qb), p and q renormalised on S(p) (the paper's equation).
+    """
+    lp_NK = _floor_log(student_logp_NK)
+    lq_NK = _floor_log(teacher_cand_logp_NK)
+    if renorm:
+        all_NK = np.ones(lp_NK.shape, dtype=bool)
+        # log pb = log p - log sum_{S(p)} p, same for q
+        lp_NK = lp_NK - _masked_logsumexp(lp_NK, all_NK)[:, None]
+        lq_NK = lq_NK - _masked_logsumexp(lq_NK, all_NK)[:, None]
+    return (np.exp(lp_NK) * (lp_NK - lq_NK)).sum(axis=1)
+
+
+def _topk_by_logp(k: int, logp_NK: np.ndarray, *cols_NK: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The k columns with the highest logp per row (and the same columns of cols_NK).
+
+    Only used when the student's and teacher's widths differ, to intersect equal-size sets.
+    """
+    if logp_NK.shape[1] <= k:
+        return (logp_NK, *cols_NK)
+    idx_Nk = np.argsort(-logp_NK, axis=1, kind="stable")[:, :k]
+    return tuple(np.take_along_axis(a, idx_Nk, axis=1) for a in (logp_NK, *cols_NK))
+
+
+def auroc(scores: Any, labels: Any) -> float:
+    """Area under the ROC curve of `scores` for binary `labels`, by the rank-sum (Mann-Whitney U).
+
+    AUROC = (sum of positives' ranks - n1 (n1 + 1) / 2) / (n1 n0), ranks 1-based with ties given
+    their average rank, i.e. P(score_pos > score_neg) + P(tie) / 2. The paper uses it to ask
+    whether the sequence reward r(y) predicts answer correctness (0.73 / 0.75 for two teachers).
+    Returns nan when one class is absent (a batch that is all correct is not an error).
+    """
+    scores_n = np.asarray(scores, dtype=np.float64)
+    labels_n = np.asarray(labels)
+    if scores_n.ndim != 1 or labels_n.shape != scores_n.shape:
+        raise ValueError(
+            f"scores and labels must be 1-D of equal length, got {scores_n.shape} and "
+            f"{labels_n.shape}"
+        )
+    if np.isnan(scores_n).any():
+        raise ValueError("scores contain nan; drop those items first (e.g. empty completions)")
+    if not np.isin(labels_n, (0, 1)).all():
+        raise ValueError("labels must be 0/1 or bool")
+    pos_n = labels_n.astype(bool)
+    n1 = int(pos_n.sum())
+    n0 = pos_n.size - n1
+    if n1 == 0 or n0 == 0:
+        return float("nan")
+    # average ranks: sort, find runs of equal scores, give each run the mean of its 1-based ranks
+    order_n = np.argsort(scores_n, kind="stable")
+    sorted_n = scores_n[order_n]
+    starts_g = np.flatnonzero(np.r_[True, sorted_n[1:] != sorted_n[:-1]])
+    sizes_g = np.diff(np.r_[starts_g, sorted_n.size])
+    avg_rank_g = starts_g + 1 + (sizes_g - 1) / 2.0
+    ranks_n = np.empty(scores_n.size, dtype=np.float64)
+    ranks_n[order_n] = np.repeat(avg_rank_g, sizes_g)
+    u = ranks_n[pos_n].sum() - n1 * (n1 + 1) / 2.0
+    return float(u / (n1 * n0))
+
+
+def gap_recovery_rate(acc_before: float, acc_after: float, acc_teacher: float) -> float:
+    """Share of the student-teacher accuracy gap that distillation closed.
+
+    GRR = (acc_after - acc_before) / (acc_teacher - acc_before); > 0.8 for a good pair, < 0
+    when OPD hurt, > 1 when the student passed the teacher. Undefined with no gap to recover.
+    """
+    gap = acc_teacher - acc_before
+    if gap == 0:
+        raise ValueError(
+            f"gap recovery rate is undefined when acc_teacher == acc_before ({acc_before})"
+        )
+    return (acc_after - acc_before) / gap
+
+
+# --------------------------------------------------------------------------------------------
+# The per-position bundle
+# --------------------------------------------------------------------------------------------
+
+_NK_FIELDS = ("student_topk_ids_NK", "student_topk_logp_NK", "teacher_cand_logp_NK")
+_NKT_FIELDS = ("teacher_topk_ids_Nk", "teacher_topk_logp_Nk")
+_N_FIELDS = (
+    "student_token_logp_N",
+    "teacher_token_logp_N",
+    "student_entropy_N",
+    "teacher_entropy_N",
+)
+_ID_FIELDS = ("student_topk_ids_NK", "teacher_topk_ids_Nk", "seq_offsets")
+
+
+@dataclass
+class PositionStats:
+    """Everything the diagnostics need about the N completion positions of a batch.
+
+    Student numbers come from the trainer's own forward pass; teacher numbers from the scoring
+    service (candidate log-probs at the student's ids, its own top-k, sampled-token log-prob,
+    entropy). Log-probs are full-vocabulary (not renormalised on any top-k); entropies in nats.
+    Fields accept anything np.asarray converts (lists, CPU tensors); call validate() before use.
+    """
+
+    student_topk_ids_NK: np.ndarray
+    student_topk_logp_NK: np.ndarray
+    teacher_topk_ids_Nk: np.ndarray
+    teacher_topk_logp_Nk: np.ndarray
+    teacher_cand_logp_NK: np.ndarray
+    student_token_logp_N: np.ndarray
+    teacher_token_logp_N: np.ndarray
+    student_entropy_N: np.ndarray
+    teacher_entropy_N: np.ndarray
+    seq_offsets: np.ndarray
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            setattr(self, f.name, np.asarray(getattr(self, f.name)))
+
+    @property
+    def n_positions(self) -> int:
+        return int(self.student_topk_ids_NK.shape[0])
+
+    @property
+    def n_sequences(self) -> int:
+        return int(self.seq_offsets.shape[0]) - 1
+
+    def validate(self) -> PositionStats:
+        """Check shapes, dtypes and offsets agree; raise ValueError naming the first bad field.
+
+        Ragged data fails silently when misaligned (a mean over the wrong rows is still a
+        number), so it is checked loudly once, here. Returns self for chaining.
+        """
+        for name in _ID_FIELDS:
+            dtype = getattr(self, name).dtype
+            if not np.issubdtype(dtype, np.integer):
+                raise ValueError(f"{name} must hold integers, got dtype {dtype}")
+        ref_NK = self.student_topk_ids_NK
+        if ref_NK.ndim != 2 or ref_NK.shape[1] == 0:
+            raise ValueError(f"student_topk_ids_NK must be [N, K] with K >= 1, got {ref_NK.shape}")
+        n_pos = ref_NK.shape[0]
+        for name in _NK_FIELDS:
+            if getattr(self, name).shape != ref_NK.shape:
+                raise ValueError(
+                    f"{name} has shape {getattr(self, name).shape}, expected {ref_NK.shape} "
+                    "(same as student_topk_ids_NK)"
+                )
+        ref_Nk = self.teacher_topk_ids_Nk
+        if ref_Nk.ndim != 2 or ref_Nk.shape[0] != n_pos or ref_Nk.shape[1] == 0:
+            raise ValueError(
+                f"teacher_topk_ids_Nk must be [N={n_pos}, k] with k >= 1, got {ref_Nk.shape}"
+            )
+        for name in _NKT_FIELDS:
+            if getattr(self, name).shape != ref_Nk.shape:
+                raise ValueError(
+                    f"{name} has shape {getattr(self, name).shape}, expected {ref_Nk.shape} "
+                    "(same as teacher_topk_ids_Nk)"
+                )
+        for name in _N_FIELDS:
+            if getattr(self, name).shape != (n_pos,):
+                raise ValueError(
+                    f"{name} has shape {getattr(self, name).shape}, expected ({n_pos},)"
+                )
+        offs = self.seq_offsets
+        if offs.ndim != 1 or offs.shape[0] < 1:
+            raise ValueError(f"seq_offsets must be 1-D [n+1], got shape {offs.shape}")
+        if offs[0] != 0 or offs[-1] != n_pos or (np.diff(offs) < 0).any():
+            raise ValueError(
+                f"seq_offsets must rise from 0 to N={n_pos} without decreasing, got "
+                f"{offs[0]}..{offs[-1]}"
+            )
+        return self
+
+    @staticmethod
+    def concat(parts: Sequence[PositionStats]) -> PositionStats:
+        """One bundle from several (e.g. micro-batches), offsets shifted by the rows before."""
+        if not parts:
+            raise ValueError("concat needs at least one PositionStats")
+        kw: dict[str, np.ndarray] = {}
+        for f in fields(PositionStats):
+            if f.name == "seq_offsets":
+                continue
+            kw[f.name] = np.concatenate([getattr(p, f.name) for p in parts], axis=0)
+        shifted = [np.zeros(1, dtype=np.int64)]
+        base = 0
+        for p in parts:
+            offs = np.asarray(p.seq_offsets, dtype=np.int64)
+            shifted.append(offs[1:] - offs[0] + base)
+            base += int(offs[-1] - offs[0])
+        kw["seq_offsets"] = np.concatenate(shifted)
+        return PositionStats(**kw)
+
+
+# --------------------------------------------------------------------------------------------
+# Per-position metrics, sequence rewards, aggregation
+# --------------------------------------------------------------------------------------------
+
+
+def _seq_ids(seq_offsets: np.ndarray) -> np.ndarray:
+    """seq_N[t] = i for the rows of sequence i."""
+    lens_n = np.diff(seq_offsets)
+    return np.repeat(np.arange(lens_n.size), lens_n)
+
+
+def _depths(seq_offsets: np.ndarray) -> np.ndarray:
+    """depth_N[t] = t - seq_offsets[seq(t)] (0 at each sequence's first completion token)."""
+    lens_n = np.diff(seq_offsets)
+    return np.arange(int(seq_offsets[-1]) - int(seq_offsets[0])) - np.repeat(
+        seq_offsets[:-1] - seq_offsets[0], lens_n
+    )
+
+
+def _token_rewards(stats: PositionStats) -> np.ndarray:
+    """Dense OPD reward per position: log q_t(y_t) - log p_t(y_t) (= -per-token reverse KL)."""
+    return _floor_log(stats.teacher_token_logp_N) - _floor_log(stats.student_token_logp_N)
+
+
+def _mean_per_sequence(x_N: np.ndarray, seq_N: np.ndarray, n: int) -> np.ndarray:
+    """Mean of x over each sequence's rows; nan for sequences without rows."""
+    sums_n = np.bincount(seq_N, weights=x_N, minlength=n)
+    counts_n = np.bincount(seq_N, minlength=n)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(counts_n > 0, sums_n / np.maximum(counts_n, 1), np.nan)
+
+
+def sequence_rewards(stats: PositionStats) -> np.ndarray:
+    """r(y) = (1/T) sum_t [log q_t(y_t) - log p_t(y_t)] per sequence ([n]; nan if T = 0).
+
+    A length-normalised teacher-vs-student log-likelihood ratio of the whole completion; the
+    paper finds it predicts correctness (report `auroc(sequence_rewards(s), correct)`).
+    """
+    stats.validate()
+    offs = stats.seq_offsets
+    return _mean_per_sequence(_token_rewards(stats), _seq_ids(offs), stats.n_sequences)
+
+
+def per_position_metrics(stats: PositionStats) -> dict[str, np.ndarray]:
+    """Each position-mean metric as its [N] per-position value, keyed like compute_diagnostics.
+
+    Public so a caller can plot a metric against depth; overlap/token_advantage is nan where
+    I_t is empty. Assumes stats.validate() passed.
+    """
+    lp_NK = _floor_log(stats.student_topk_logp_NK)
+    lq_cand_NK = _floor_log(stats.teacher_cand_logp_NK)
+    ids_NK = stats.student_topk_ids_NK
+    ids_Nk = stats.teacher_topk_ids_Nk
+    k_eff = min(ids_NK.shape[1], ids_Nk.shape[1])
+    # Equal-size top sets before intersecting (no-op when K == k).
+    o_lp_NK, o_ids_NK, o_lq_NK = _topk_by_logp(k_eff, lp_NK, ids_NK, lq_cand_NK)
+    _, o_ids_Nk = _topk_by_logp(k_eff, _floor_log(stats.teacher_topk_logp_Nk), ids_Nk)
+    in_I_NK = overlap_mask(o_ids_NK, o_ids_Nk)
+    count_N = in_I_NK.sum(axis=1)
+    h_p_N = np.asarray(stats.student_entropy_N, dtype=np.float64)
+    h_q_N = np.asarray(stats.teacher_entropy_N, dtype=np.float64)
+    return {
+        # |I_t| / min(K, k)
+        "overlap/ratio": count_N / k_eff,
+        "overlap/empty_frac": (count_N == 0).astype(np.float64),
+        "overlap/token_advantage": overlap_token_advantage(o_lp_NK, o_lq_NK, in_I_NK),
+        # sum_{v in I_t} p_t(v), sum_{v in I_t} q_t(v), not renormalised
+        "overlap/mass_student": np.where(in_I_NK, np.exp(o_lp_NK), 0.0).sum(axis=1),
+        "overlap/mass_teacher": np.where(in_I_NK, np.exp(o_lq_NK), 0.0).sum(axis=1),
+        "entropy/student": h_p_N,
+        "entropy/teacher": h_q_N,
+        "entropy/gap": np.abs(h_q_N - h_p_N),
+        "entropy/signed_gap": h_q_N - h_p_N,
+        # log p(y_t) - log q(y_t)
+        "kl/sampled": -_token_rewards(stats),
+        "kl/student_topk": student_topk_kl(lp_NK, lq_cand_NK, renorm=False),
+        "kl/student_topk_renorm": student_topk_kl(lp_NK, lq_cand_NK, renorm=True),
+    }
+
+
+# Metrics averaged only over positions where they are defined (nan = undefined, not an error).
+_MEAN_OVER_DEFINED = frozenset({"overlap/token_advantage"})
+
+
+def _aggregate(
+    per_pos: dict[str, np.ndarray],
+    tok_reward_N: np.ndarray,
+    seq_N: np.ndarray,
+    n: int,
+    rows: np.ndarray | slice,
+) -> dict[str, float]:
+    """Position means over `rows`, plus reward/* over the sequences that have rows there."""
+    out: dict[str, float] = {}
+    for key, x_N in per_pos.items():
+        x = x_N[rows]
+        out[key] = _mean(x[~np.isnan(x)]) if key in _MEAN_OVER_DEFINED else _mean(x)
+    r_n = _mean_per_sequence(tok_reward_N[rows], seq_N[rows], n)
+    r_n = r_n[~np.isnan(r_n)]
+    out["reward/seq_mean"] = _mean(r_n)
+    out["reward/seq_std"] = float(np.std(r_n)) if r_n.size else float("nan")
+    return out
+
+
+def compute_diagnostics(stats: PositionStats, depth_bucket: int | None = 1024) -> dict[str, float]:
+    """All diagnostics of one batch as a flat {namespaced key: float} dict, ready to log.
+
+    Keys and formulas are listed in the module docstring. With depth_bucket = B, every key but
+    tokens/* is repeated as `<key>@depth{a}-{a+B-1}` for each bucket holding any position
+    (the paper sees instability start at the end of long responses); None turns that off.
+    """
+    stats.validate()
+    if depth_bucket is not None and depth_bucket < 1:
+        raise ValueError(f"depth_bucket must be a positive int or None, got {depth_bucket}")
+    n = stats.n_sequences
+    offs = stats.seq_offsets.astype(np.int64)
+    seq_N = _seq_ids(offs)
+    per_pos = per_position_metrics(stats)
+    tok_reward_N = _token_rewards(stats)
+
+    out = _aggregate(per_pos, tok_reward_N, seq_N, n, slice(None))
+    out["tokens/count"] = float(stats.n_positions)
+    out["tokens/mean_completion_len"] = stats.n_positions / n if n else float("nan")
+
+    if depth_bucket is not None and stats.n_positions:
+        bucket_N = _depths(offs) // depth_bucket
+        # Rows grouped by bucket once, so each bucket costs its own size (not N).
+        order_N = np.argsort(bucket_N, kind="stable")
+        buckets_b, starts_b = np.unique(bucket_N[order_N], return_index=True)
+        ends_b = np.r_[starts_b[1:], order_N.size]
+        for b, lo, hi in zip(buckets_b, starts_b, ends_b, strict=True):
+            start = int(b) * depth_bucket
+            label = f"depth{start}-{start + depth_bucket - 1}"
+            sub = _aggregate(per_pos, tok_reward_N, seq_N, n, order_N[lo:hi])
+            out.update({f"{key}@{label}": v for key, v in sub.items()})
+    return out
