@@ -194,7 +194,7 @@ def sampled_token_loss(
     """
     if advantages_N is None:
         advantages_N = teacher_logp_N - old_logp_N
-    return _policy_gradient(logp_N - old_logp_N.detach(), advantages_N, clip_eps)
+    return _policy_gradient(logp_N - old_logp_N.detach(), advantages_N.detach(), clip_eps)
 
 
 def student_topk_loss(

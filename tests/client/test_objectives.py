@@ -157,6 +157,24 @@ def test_sampled_token_on_policy_gradient_is_minus_advantage_times_grad_logp() -
         torch.testing.assert_close(grad, expected)
 
 
+def test_sampled_token_advantages_are_constants_even_when_they_carry_grad() -> None:
+    """An advantage built from the current log p (a careless caller) must not add gradient."""
+    c = Case(15)
+    teacher_N = c.teacher_logp_NV[torch.arange(N), c.sampled_N]
+    x = c.logits_NV.clone().requires_grad_(True)
+    logp_N = torch.log_softmax(x, -1)[torch.arange(N), c.sampled_N]
+    adv_N = teacher_N - logp_N  # depends on x
+    loss_N = sampled_token_loss(logp_N, logp_N.detach(), teacher_N, advantages_N=adv_N)
+    (grad,) = torch.autograd.grad(loss_N.sum(), x)
+    expected = torch.zeros(N, V, dtype=DT)
+    for t in range(N):
+        onehot = torch.zeros(V, dtype=DT)
+        onehot[c.sampled_N[t]] = 1.0
+        a = float(teacher_N[t] - logp_N[t].detach())
+        expected[t] = -a * (onehot - torch.softmax(c.logits_NV[t], -1))
+    torch.testing.assert_close(grad, expected)
+
+
 def test_sampled_token_ppo_clip_zeroes_only_the_clipped_tokens() -> None:
     eps = 0.2
     old_N = torch.zeros(4, dtype=DT)

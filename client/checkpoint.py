@@ -1,0 +1,109 @@
+"""Checkpoints without pickle: safetensors for tensors, JSON for everything else.
+
+A checkpoint folder `step_<N>/` holds the student (save_pretrained, safetensors), the tokenizer,
+optimizer.safetensors + optimizer.json (AdamW moments and param groups), rng.safetensors (torch
+RNG state) and state.json (step, data position, scheduler, Python and NumPy RNG states, config).
+Nothing is unpickled on load, so a checkpoint someone hands you cannot run code.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+
+def _optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    state = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for pid, pstate in state["state"].items():
+        for name, value in pstate.items():
+            if torch.is_tensor(value):
+                tensors[f"{pid}.{name}"] = value.detach().contiguous().cpu()
+            else:
+                scalars.setdefault(str(pid), {})[name] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _optimizer_from_files(optimizer: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = value
+    for pid, values in meta["scalars"].items():
+        state.setdefault(int(pid), {}).update(values)
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def save_checkpoint(
+    folder: Path,
+    *,
+    model,
+    tokenizer,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    trainer_state: dict[str, Any],
+) -> Path:
+    """Write atomically: into a temporary sibling, then rename."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp / "model", safe_serialization=True)
+    tokenizer.save_pretrained(tmp / "model")
+    tensors, meta = _optimizer_to_files(optimizer)
+    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    (tmp / "optimizer.json").write_text(json.dumps(meta))
+    save_file({"torch_cpu": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
+    py_state = random.getstate()
+    state = {
+        **trainer_state,
+        "scheduler": scheduler.state_dict(),
+        "python_rng": [py_state[0], list(py_state[1]), py_state[2]],
+        "numpy_rng": np.random.get_state(legacy=False),
+    }
+    (tmp / "state.json").write_text(json.dumps(state, default=_json_default))
+    if folder.exists():
+        shutil.rmtree(folder)
+    tmp.rename(folder)
+    return folder
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.integer | np.floating):
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def load_checkpoint(folder: Path, *, optimizer, scheduler) -> dict[str, Any]:
+    """Restore optimizer, scheduler and RNGs in place; return the trainer state.
+    (The model weights are loaded by the caller from folder / "model".)"""
+    _optimizer_from_files(
+        optimizer,
+        load_file(str(folder / "optimizer.safetensors")),
+        json.loads((folder / "optimizer.json").read_text()),
+    )
+    state = json.loads((folder / "state.json").read_text())
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(load_file(str(folder / "rng.safetensors"))["torch_cpu"])
+    version, internal, gauss = state["python_rng"]
+    random.setstate((version, tuple(internal), gauss))
+    np_state = state["numpy_rng"]
+    np.random.set_state(np_state)
+    return state
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    folders = [
+        p for p in (run_dir / "checkpoints").glob("step_*") if p.is_dir() and "tmp" not in p.name
+    ]
+    return max(folders, key=lambda p: int(p.name.split("_")[1]), default=None)

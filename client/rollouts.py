@@ -1,0 +1,151 @@
+"""On-policy rollouts: the student samples, then records what it thought at every position.
+
+Notation: per rollout, T = completion length; K = student top-k (candidate ids for the teacher);
+k = teacher top-k. Arrays are per rollout (ragged across rollouts).
+
+Sampling uses an explicit GenerationConfig (temperature, top-p, no top-k cut, max new tokens) so
+that a model's own generation defaults never change the policy. A completion ends at the first
+EOS, which is kept and scored: whether to stop is a decision the teacher should judge too.
+After sampling, one teacher-forced forward pass of the same weights records the student's
+log-probs of its sampled tokens, its top-K ids with their full-vocabulary log-probs, and its
+entropy: these are the rollout-time ("old") values the objectives and diagnostics use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class Rollout:
+    prompt_index: int
+    token_ids: np.ndarray  # prompt + completion, int64 [P + T]
+    prompt_len: int
+    truncated: bool  # hit max_new_tokens without EOS
+    student_token_logp: np.ndarray  # [T]
+    student_topk_ids: np.ndarray  # [T, K]
+    student_topk_logp: np.ndarray  # [T, K]
+    student_entropy: np.ndarray  # [T]
+    teacher_token_logp: np.ndarray | None = None  # [T]
+    teacher_cand_logp: np.ndarray | None = None  # [T, K]
+    teacher_topk_ids: np.ndarray | None = None  # [T, k]
+    teacher_topk_logp: np.ndarray | None = None  # [T, k]
+    teacher_entropy: np.ndarray | None = None  # [T]
+
+    @property
+    def completion_len(self) -> int:
+        return len(self.token_ids) - self.prompt_len
+
+    @property
+    def completion(self) -> np.ndarray:
+        return self.token_ids[self.prompt_len :]
+
+
+@torch.no_grad()
+def sample_completions(
+    model,
+    prompt_ids: list[int],
+    *,
+    n: int,
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    eos_token_id: int,
+    pad_token_id: int,
+) -> list[tuple[np.ndarray, bool]]:
+    """n sampled completions of one prompt: (completion ids up to and including EOS, truncated)."""
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(
+        do_sample=True,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=0,
+        max_new_tokens=max_new_tokens,
+        num_return_sequences=n,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+    )
+    device = next(model.parameters()).device
+    inputs = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+    out = model.generate(inputs, attention_mask=torch.ones_like(inputs), generation_config=config)
+    completions = []
+    for row in out[:, len(prompt_ids) :].cpu().numpy():
+        stops = np.flatnonzero(row == eos_token_id)
+        if stops.size:
+            completions.append((row[: stops[0] + 1].astype(np.int64), False))
+        else:
+            completions.append((row.astype(np.int64), True))
+    return completions
+
+
+@torch.no_grad()
+def student_position_stats(
+    model, sequences: list[np.ndarray], prompt_lens: list[int], top_k: int
+) -> list[dict[str, np.ndarray]]:
+    """One teacher-forced pass over right-padded sequences: per completion position, the
+    student's log p(sampled token), top-K ids and log-probs, and full-vocabulary entropy."""
+    device = next(model.parameters()).device
+    longest = max(len(s) for s in sequences)
+    ids = torch.zeros((len(sequences), longest), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, seq in enumerate(sequences):
+        ids[b, : len(seq)] = torch.from_numpy(seq)
+        mask[b, : len(seq)] = 1
+    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+    stats = []
+    for b, (seq, p) in enumerate(zip(sequences, prompt_lens, strict=True)):
+        logp = torch.log_softmax(logits[b, p - 1 : len(seq) - 1].float(), dim=-1)  # [T, V]
+        target = torch.from_numpy(seq[p:]).to(device)
+        top_lp, top_ids = torch.topk(logp, top_k, dim=-1)
+        entropy = -(logp.exp() * logp).nan_to_num().sum(-1)
+        stats.append(
+            {
+                "student_token_logp": logp.gather(1, target[:, None])[:, 0].cpu().numpy(),
+                "student_topk_ids": top_ids.cpu().numpy().astype(np.int64),
+                "student_topk_logp": top_lp.cpu().numpy(),
+                "student_entropy": entropy.cpu().numpy(),
+            }
+        )
+    return stats
+
+
+def make_rollouts(
+    model,
+    prompt_index: int,
+    prompt_ids: list[int],
+    *,
+    n: int,
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    eos_token_id: int,
+    pad_token_id: int,
+    top_k: int,
+) -> list[Rollout]:
+    """Sample n completions of one prompt and record the student's rollout-time statistics."""
+    was_training = model.training
+    model.eval()
+    try:
+        completions = sample_completions(
+            model,
+            prompt_ids,
+            n=n,
+            temperature=temperature,
+            top_p=top_p,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+        )
+        # An empty completion (EOS-less zero tokens cannot happen; EOS alone is 1 token) is fine.
+        seqs = [np.concatenate([np.asarray(prompt_ids, np.int64), c]) for c, _ in completions]
+        stats = student_position_stats(model, seqs, [len(prompt_ids)] * len(seqs), top_k)
+    finally:
+        model.train(was_training)
+    return [
+        Rollout(prompt_index, seq, len(prompt_ids), truncated, **st)
+        for seq, (_, truncated), st in zip(seqs, completions, stats, strict=True)
+    ]

@@ -1,0 +1,87 @@
+"""Score rollouts on the teacher in the background while the student keeps generating.
+
+The trainer's loop is synchronous (torch); the teacher client is asyncio. `TeacherBridge` runs
+an AsyncTeacherClient on its own event-loop thread: `submit(rollouts)` returns at once with a
+concurrent Future, so scoring of finished rollouts overlaps with sampling the next ones, and
+teacher time hides behind student time. Each request's wall time is recorded so the trainer
+can report teacher time and the part of it the student had to wait for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from concurrent.futures import Future
+from typing import Any
+
+import numpy as np
+
+from opd.client.rollouts import Rollout
+from opd.client.teacher import AsyncTeacherClient
+from opd.shared.packed import PackedRequest, PackedResult
+from opd.shared.schemas import ModelInfo, ScoreOptions
+
+
+def rollouts_request(rollouts: list[Rollout], top_k: int, with_candidates: bool) -> PackedRequest:
+    """The score request for rollouts: prompt as context, the student's top-K as candidates."""
+    return PackedRequest.from_arrays(
+        [r.token_ids for r in rollouts],
+        [r.prompt_len for r in rollouts],
+        [r.student_topk_ids for r in rollouts] if with_candidates else None,
+        ScoreOptions(top_k=top_k, entropy=True),
+    )
+
+
+def attach_scores(rollouts: list[Rollout], result: PackedResult) -> None:
+    for rollout, scores in zip(rollouts, result.sequences(), strict=True):
+        rollout.teacher_token_logp = np.asarray(scores.token_logprobs, np.float32)
+        rollout.teacher_cand_logp = (
+            None
+            if scores.candidate_logprobs is None
+            else np.asarray(scores.candidate_logprobs, np.float32)
+        )
+        rollout.teacher_topk_ids = scores.top_k_ids
+        rollout.teacher_topk_logp = (
+            None if scores.top_k_logprobs is None else np.asarray(scores.top_k_logprobs, np.float32)
+        )
+        rollout.teacher_entropy = (
+            None if scores.entropy is None else np.asarray(scores.entropy, np.float32)
+        )
+
+
+class TeacherBridge:
+    def __init__(self, urls: list[str] | str, **client_kwargs: Any) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        url = urls if isinstance(urls, str) else urls[0]
+        self._client: AsyncTeacherClient = self._call(self._make_client(url, client_kwargs))
+        self.busy_s = 0.0  # summed wall time of teacher requests
+
+    async def _make_client(self, url: str, kwargs: dict[str, Any]) -> AsyncTeacherClient:
+        return AsyncTeacherClient(url, **kwargs)
+
+    def _call(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def connect(self) -> ModelInfo:
+        return self._call(self._client.connect())
+
+    def submit(self, rollouts: list[Rollout], top_k: int, with_candidates: bool = True) -> Future:
+        """Start scoring; the future resolves (to the rollouts, now scored) when done."""
+        request = rollouts_request(rollouts, top_k, with_candidates)
+
+        async def run() -> list[Rollout]:
+            started = time.perf_counter()
+            result = await self._client.score(request)
+            self.busy_s += time.perf_counter() - started
+            attach_scores(rollouts, result)
+            return rollouts
+
+        return asyncio.run_coroutine_threadsafe(run(), self._loop)
+
+    def close(self) -> None:
+        self._call(self._client.aclose())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
