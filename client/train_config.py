@@ -27,6 +27,9 @@ class TrainConfig(BaseModel):
     prompts: str = Field(default="shipped", description="JSONL, Parquet, HF folder or 'shipped'")
     prompt_field: str = "prompt"
     shuffle: bool = True
+    holdout: int = Field(
+        default=0, ge=0, description="last N prompts kept out of training (for evaluation)"
+    )
     seed: int = 0
     epochs: int | None = Field(default=None, ge=1, description="stop after this many epochs")
     max_steps: int = Field(default=100, ge=1)

@@ -117,3 +117,22 @@ def coalescing_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFac
     )
     yield teacher.url
     teacher.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_student_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    """The tiny teacher with Gaussian noise on every weight: same tokenizer and shapes, a
+    different policy; OPD must pull it back toward the teacher."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("tiny-student")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in model.parameters():
+            noise = torch.randn(param.shape, generator=generator) * param.std() * 0.6
+            param.add_(noise)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
+    return out

@@ -1,0 +1,448 @@
+"""`opd train`: on-policy distillation of a student against a teacher scoring service.
+
+    opd train --student runs/student --teacher-url http://127.0.0.1:8000 --prompts prompts.jsonl
+    opd train ... --resume latest        # continue the run in --run-dir exactly
+
+One step:
+  1. take `prompts_per_step` prompts (seeded per-epoch order, position saved in checkpoints);
+  2. for each prompt, the student samples `n_rollouts` completions and records its rollout-time
+     statistics (opd.client.rollouts); the finished rollouts go to the teacher at once
+     (TeacherBridge), so teacher scoring overlaps with sampling the next prompt;
+  3. wait for the remaining scores (`time/score_wait_s` is what the student really waited);
+  4. `ppo_epochs` optimizer steps over the batch, each accumulating gradients over micro-batches
+     of `micro_batch_size` sequences; token-mean loss over all completion tokens of the step;
+  5. diagnostics (opd.client.diagnostics) from the same arrays; one log call; checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from opd.client import objectives as obj
+from opd.client.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from opd.client.diagnostics import PositionStats, compute_diagnostics
+from opd.client.metric_log import JsonlLogger, MetricLogger, MultiLogger, TensorBoardLogger
+from opd.client.prompts import PromptOrder, load_prompts
+from opd.client.rollouts import Rollout, make_rollouts
+from opd.client.student import chat_prompt_ids, load_student
+from opd.client.teacher_bridge import TeacherBridge
+from opd.client.train_config import TrainConfig
+from opd.shared.fingerprint import fingerprint_hf_tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+# ---- the math of one micro-batch --------------------------------------------------------------
+
+
+@dataclass
+class TokenBatch:
+    """A micro-batch's rollouts flattened over completion positions (N rows), as tensors."""
+
+    ids_BL: torch.Tensor
+    mask_BL: torch.Tensor
+    prompt_lens: list[int]
+    lengths: list[int]
+    seq_offsets: torch.Tensor  # [n+1] over N
+    target_N: torch.Tensor
+    old_logp_N: torch.Tensor
+    teacher_logp_N: torch.Tensor
+    cand_ids_NK: torch.Tensor
+    old_cand_logp_NK: torch.Tensor
+    teacher_cand_logp_NK: torch.Tensor | None
+    teacher_ids_Nk: torch.Tensor | None
+    teacher_topk_logp_Nk: torch.Tensor | None
+
+    @staticmethod
+    def from_rollouts(rollouts: list[Rollout], device: torch.device) -> TokenBatch:
+        longest = max(len(r.token_ids) for r in rollouts)
+        ids = torch.zeros((len(rollouts), longest), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for b, r in enumerate(rollouts):
+            ids[b, : len(r.token_ids)] = torch.from_numpy(r.token_ids)
+            mask[b, : len(r.token_ids)] = 1
+        lens = np.array([r.completion_len for r in rollouts], dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(lens)])
+
+        def cat(name: str, dtype: torch.dtype) -> torch.Tensor | None:
+            parts = [getattr(r, name) for r in rollouts]
+            if any(p is None for p in parts):
+                return None
+            return torch.from_numpy(np.concatenate(parts)).to(device=device, dtype=dtype)
+
+        return TokenBatch(
+            ids_BL=ids.to(device),
+            mask_BL=mask.to(device),
+            prompt_lens=[r.prompt_len for r in rollouts],
+            lengths=[len(r.token_ids) for r in rollouts],
+            seq_offsets=torch.from_numpy(offsets).to(device),
+            target_N=torch.from_numpy(np.concatenate([r.completion for r in rollouts])).to(device),
+            old_logp_N=cat("student_token_logp", torch.float32),
+            teacher_logp_N=cat("teacher_token_logp", torch.float32),
+            cand_ids_NK=cat("student_topk_ids", torch.long),
+            old_cand_logp_NK=cat("student_topk_logp", torch.float32),
+            teacher_cand_logp_NK=cat("teacher_cand_logp", torch.float32),
+            teacher_ids_Nk=cat("teacher_topk_ids", torch.long),
+            teacher_topk_logp_Nk=cat("teacher_topk_logp", torch.float32),
+        )
+
+
+def student_logp(model, batch: TokenBatch) -> torch.Tensor:
+    """Current student log-probs over the vocabulary at every completion position [N, V]."""
+    logits = model(input_ids=batch.ids_BL, attention_mask=batch.mask_BL).logits
+    rows = [
+        logits[b, p - 1 : n - 1]
+        for b, (p, n) in enumerate(zip(batch.prompt_lens, batch.lengths, strict=True))
+    ]
+    return torch.log_softmax(torch.cat(rows).float(), dim=-1)
+
+
+def per_token_loss(config: obj.ObjectiveConfig, logp_NV: torch.Tensor, b: TokenBatch):
+    """The configured objective's per-token loss [N] (see opd.client.objectives)."""
+    name = config.name
+    if name == "sampled":
+        logp_N = logp_NV.gather(1, b.target_N[:, None])[:, 0]
+        advantages = None
+        if config.discount:
+            rewards = b.teacher_logp_N - b.old_logp_N
+            advantages = obj.discounted_advantages(rewards, b.seq_offsets, config.discount)
+        return obj.sampled_token_loss(
+            logp_N,
+            b.old_logp_N,
+            b.teacher_logp_N,
+            advantages_N=advantages,
+            clip_eps=config.clip_eps,
+        )
+    if name == "student-topk":
+        return obj.student_topk_loss(
+            logp_NV,
+            b.cand_ids_NK,
+            b.old_cand_logp_NK,
+            b.teacher_cand_logp_NK,
+            variant=config.topk_variant,
+            clip_eps=config.clip_eps,
+        )
+    if name == "teacher-topk":
+        return obj.teacher_topk_forward_kl(
+            logp_NV, b.teacher_ids_Nk, b.teacher_topk_logp_Nk, tail=config.tail
+        )
+    if name == "jsd":
+        return obj.teacher_topk_jsd(
+            logp_NV,
+            b.teacher_ids_Nk,
+            b.teacher_topk_logp_Nk,
+            beta=config.jsd_beta,
+            tail=config.tail,
+        )
+    if name == "overlap-topk":
+        return obj.overlap_topk_loss(
+            logp_NV,
+            b.cand_ids_NK,
+            b.old_cand_logp_NK,
+            b.teacher_cand_logp_NK,
+            b.teacher_ids_Nk,
+            clip_eps=config.clip_eps,
+        )
+    raise ValueError(f"unknown objective {name!r}")
+
+
+def position_stats(rollouts: list[Rollout]) -> PositionStats:
+    lens = np.array([r.completion_len for r in rollouts], dtype=np.int64)
+
+    def cat(name: str) -> np.ndarray:
+        return np.concatenate([getattr(r, name) for r in rollouts])
+
+    return PositionStats(
+        student_topk_ids_NK=cat("student_topk_ids"),
+        student_topk_logp_NK=cat("student_topk_logp"),
+        teacher_topk_ids_Nk=cat("teacher_topk_ids"),
+        teacher_topk_logp_Nk=cat("teacher_topk_logp"),
+        teacher_cand_logp_NK=cat("teacher_cand_logp"),
+        student_token_logp_N=cat("student_token_logp"),
+        teacher_token_logp_N=cat("teacher_token_logp"),
+        student_entropy_N=cat("student_entropy"),
+        teacher_entropy_N=cat("teacher_entropy"),
+        seq_offsets=np.concatenate([[0], np.cumsum(lens)]),
+    )
+
+
+# ---- the loop ---------------------------------------------------------------------------------
+
+
+def lr_lambda(config: TrainConfig):
+    def schedule(step: int) -> float:
+        if config.warmup_steps and step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        total = max(1, config.max_steps * config.ppo_epochs - config.warmup_steps)
+        progress = min(1.0, (step - config.warmup_steps) / total)
+        if config.lr_schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * progress))
+        if config.lr_schedule == "linear":
+            return 1.0 - progress
+        return 1.0
+
+    return schedule
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, logger_: MetricLogger | None = None) -> None:
+        self.config = config
+        self.run_dir = Path(config.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(config.seed)
+        np.random.seed(config.seed)
+        self.objective = config.objective_config()
+        self.resume_from = self._resume_folder()
+        student_path = str(self.resume_from / "model") if self.resume_from else config.student
+        self.model, self.tokenizer = load_student(
+            student_path, config.dtype, config.device, config.gradient_checkpointing
+        )
+        self.model.train()
+        self.prompts = load_prompts(config.prompts, config.prompt_field)
+        if config.holdout >= len(self.prompts):
+            raise ValueError(
+                f"holdout={config.holdout} leaves no training prompts (have {len(self.prompts)})"
+            )
+        self.train_size = len(self.prompts) - config.holdout
+        self.order = PromptOrder(self.train_size, config.seed, config.shuffle)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(),
+            lr=config.lr,
+            betas=config.adam_betas,
+            weight_decay=config.weight_decay,
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(config))
+        self.step = 0
+        if self.resume_from:
+            state = load_checkpoint(
+                self.resume_from, optimizer=self.optimizer, scheduler=self.scheduler
+            )
+            self.step = int(state["step"])
+            self.order.load_state(state["order"])
+        self.metrics = logger_ or self._default_logger()
+        self.bridge = TeacherBridge(
+            config.teacher_url,
+            api_key=config.api_key,
+            tokenizer_fingerprint=fingerprint_hf_tokenizer(self.tokenizer),
+            allow_tokenizer_mismatch=config.allow_tokenizer_mismatch,
+        )
+        self.teacher_info = self.bridge.connect()
+        eos = self.tokenizer.eos_token_id
+        self.eos_token_id = int(eos)
+        pad = self.tokenizer.pad_token_id
+        self.pad_token_id = int(pad if pad is not None else eos)
+        self._prompt_ids: dict[int, list[int]] = {}
+
+    def _resume_folder(self) -> Path | None:
+        resume = self.config.resume
+        if not resume:
+            return None
+        folder = latest_checkpoint(self.run_dir) if resume == "latest" else Path(resume)
+        if folder is None or not (folder / "state.json").is_file():
+            raise FileNotFoundError(f"no checkpoint to resume from ({resume!r} in {self.run_dir})")
+        return folder
+
+    def _default_logger(self) -> MetricLogger:
+        truncate = self.step if self.resume_from else 0
+        loggers: list[MetricLogger] = [
+            JsonlLogger(self.run_dir / "metrics.jsonl", truncate_after_step=truncate)
+        ]
+        if self.config.tensorboard:
+            loggers.append(TensorBoardLogger(self.run_dir / "tensorboard"))
+        return MultiLogger(*loggers)
+
+    def prompt_ids(self, index: int) -> list[int]:
+        if index not in self._prompt_ids:
+            self._prompt_ids[index] = chat_prompt_ids(self.tokenizer, self.prompts[index])
+        return self._prompt_ids[index]
+
+    # -- one step
+
+    def collect(self) -> tuple[list[Rollout], dict[str, float]]:
+        """Sample and score one step's rollouts, scoring overlapping with sampling."""
+        c = self.config
+        busy_before = self.bridge.busy_s
+        started = time.perf_counter()
+        generate_s = 0.0
+        futures = []
+        for index in self.order.take(c.prompts_per_step):
+            t0 = time.perf_counter()
+            rollouts = make_rollouts(
+                self.model,
+                index,
+                self.prompt_ids(index),
+                n=c.n_rollouts,
+                temperature=c.temperature,
+                top_p=c.top_p,
+                max_new_tokens=c.max_new_tokens,
+                eos_token_id=self.eos_token_id,
+                pad_token_id=self.pad_token_id,
+                top_k=c.student_top_k,
+            )
+            generate_s += time.perf_counter() - t0
+            futures.append(self.bridge.submit(rollouts, c.teacher_top_k, with_candidates=True))
+        t0 = time.perf_counter()
+        scored = [r for f in futures for r in f.result()]
+        wait_s = time.perf_counter() - t0
+        return scored, {
+            "time/generate_s": generate_s,
+            "time/score_s": self.bridge.busy_s - busy_before,
+            "time/score_wait_s": wait_s,
+            "time/collect_s": time.perf_counter() - started,
+        }
+
+    def update(self, rollouts: list[Rollout]) -> dict[str, float]:
+        """`ppo_epochs` optimizer steps; each a token-mean over all completion tokens."""
+        c = self.config
+        device = next(self.model.parameters()).device
+        total_tokens = sum(r.completion_len for r in rollouts)
+        micro = [
+            TokenBatch.from_rollouts(rollouts[i : i + c.micro_batch_size], device)
+            for i in range(0, len(rollouts), c.micro_batch_size)
+        ]
+        losses, norms = [], []
+        for _ in range(c.ppo_epochs):
+            self.optimizer.zero_grad(set_to_none=True)
+            loss_sum = 0.0
+            for batch in micro:
+                loss = per_token_loss(self.objective, student_logp(self.model, batch), batch)
+                scaled = loss.sum() / total_tokens
+                scaled.backward()
+                loss_sum += float(scaled.detach())
+            params = [p for p in self.model.parameters() if p.grad is not None]
+            max_norm = c.max_grad_norm if c.max_grad_norm else float("inf")
+            norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+            self.optimizer.step()
+            self.scheduler.step()
+            losses.append(loss_sum)
+            norms.append(float(norm))
+        return {
+            "train/loss": losses[0],
+            "train/loss_last_epoch": losses[-1],
+            "train/grad_norm": norms[0],
+            "train/lr": self.scheduler.get_last_lr()[0],
+        }
+
+    def train_step(self) -> dict[str, float]:
+        step_started = time.perf_counter()
+        rollouts, metrics = self.collect()
+        t0 = time.perf_counter()
+        metrics.update(self.update(rollouts))
+        metrics["time/train_s"] = time.perf_counter() - t0
+        metrics.update(
+            compute_diagnostics(position_stats(rollouts), depth_bucket=self.config.depth_bucket)
+        )
+        tokens = sum(r.completion_len for r in rollouts)
+        step_s = time.perf_counter() - step_started
+        metrics.update(
+            {
+                "time/step_s": step_s,
+                "throughput/tokens_per_s": tokens / step_s,
+                "rollout/sequences": len(rollouts),
+                "rollout/completion_tokens": tokens,
+                "rollout/truncated_frac": float(np.mean([r.truncated for r in rollouts])),
+                "data/epoch": self.order.epoch,
+            }
+        )
+        return metrics
+
+    def evaluate(self, prompt_indices: list[int], n: int, seed: int) -> dict[str, float]:
+        """Diagnostics of fresh rollouts on fixed prompts, without updating the student.
+
+        Sampling is seeded and the global RNG state is restored afterwards, so evaluating
+        never changes what training samples (a resumed run stays identical)."""
+        c = self.config
+        rng_state = torch.get_rng_state()
+        torch.manual_seed(seed)
+        try:
+            futures = []
+            for index in prompt_indices:
+                rollouts = make_rollouts(
+                    self.model,
+                    index,
+                    self.prompt_ids(index),
+                    n=n,
+                    temperature=c.temperature,
+                    top_p=c.top_p,
+                    max_new_tokens=c.max_new_tokens,
+                    eos_token_id=self.eos_token_id,
+                    pad_token_id=self.pad_token_id,
+                    top_k=c.student_top_k,
+                )
+                futures.append(self.bridge.submit(rollouts, c.teacher_top_k))
+            scored = [r for f in futures for r in f.result()]
+        finally:
+            torch.set_rng_state(rng_state)
+        return compute_diagnostics(position_stats(scored), depth_bucket=c.depth_bucket)
+
+    def checkpoint(self) -> Path:
+        folder = self.run_dir / "checkpoints" / f"step_{self.step}"
+        save_checkpoint(
+            folder,
+            model=self.model,
+            tokenizer=self.tokenizer,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            trainer_state={
+                "step": self.step,
+                "order": self.order.state(),
+                "config": self.config.model_dump(mode="json"),
+            },
+        )
+        old = sorted(
+            (p for p in (self.run_dir / "checkpoints").glob("step_*") if p.is_dir()),
+            key=lambda p: int(p.name.split("_")[1].split(".")[0]),
+        )
+        for stale in old[: -self.config.keep_checkpoints]:
+            shutil.rmtree(stale, ignore_errors=True)
+        return folder
+
+    def done(self) -> bool:
+        if self.step >= self.config.max_steps:
+            return True
+        return self.config.epochs is not None and self.order.epoch >= self.config.epochs
+
+    def run(self, on_step: Any = None) -> list[dict[str, float]]:
+        """Train until max_steps (or epochs); returns the metrics of the steps run here."""
+        (self.run_dir / "config.json").write_text(self.config.model_dump_json(indent=2))
+        how = f"resumed from {self.resume_from}" if self.resume_from else "started fresh"
+        logger.info("%s at step %d; config %s", how, self.step, self.config.model_dump_json())
+        history = []
+        while not self.done():
+            metrics = self.train_step()
+            self.step += 1
+            self.metrics.log(self.step, metrics)
+            history.append(metrics)
+            if on_step is not None:
+                on_step(self.step, metrics)
+            if self.step % self.config.checkpoint_every == 0 or self.done():
+                self.checkpoint()
+        return history
+
+    def __enter__(self) -> Trainer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if getattr(self, "_closed", False):
+            return
+        self._closed = True
+        self.metrics.close()
+        self.bridge.close()
+
+
+def summary(metrics: dict[str, float]) -> str:
+    keys = ("train/loss", "kl/sampled", "overlap/ratio", "entropy/gap")
+    return json.dumps({k: round(metrics[k], 4) for k in keys if k in metrics})

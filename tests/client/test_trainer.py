@@ -1,0 +1,190 @@
+"""The trainer against real teacher processes: objectives end to end, resume, learning."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from opd.client.metric_log import read_metrics
+from opd.client.train_config import TrainConfig
+from opd.client.trainer import Trainer
+
+# Keys that depend on wall time, not on what was computed.
+_TIMING = ("time/", "throughput/")
+
+
+def _config(student: Path, url: str, run_dir: Path, **overrides) -> TrainConfig:
+    values = dict(
+        student=str(student),
+        teacher_url=[url],
+        prompts="shipped",
+        run_dir=str(run_dir),
+        seed=3,
+        max_steps=4,
+        prompts_per_step=2,
+        n_rollouts=2,
+        max_new_tokens=8,
+        lr=1e-3,
+        checkpoint_every=2,
+        depth_bucket=4,
+        tensorboard=False,
+    )
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+@pytest.mark.parametrize(
+    "objective,extra",
+    [
+        ("sampled", {}),
+        ("sampled", {"discount": 0.9}),
+        ("student-topk", {}),
+        ("student-topk", {"topk_variant": "renormalized"}),
+        ("student-topk", {"clip_eps": 0.2, "ppo_epochs": 2}),
+        ("teacher-topk", {}),
+        ("jsd", {"jsd_beta": 0.3}),
+        ("overlap-topk", {}),
+    ],
+)
+def test_every_objective_trains_against_a_real_teacher(
+    tiny_server, tiny_student_dir, tmp_path, objective, extra
+):
+    config = _config(
+        tiny_student_dir, tiny_server, tmp_path, objective=objective, max_steps=2, **extra
+    )
+    with Trainer(config) as trainer:
+        history = trainer.run()
+    assert len(history) == 2
+    for metrics in history:
+        assert math.isfinite(metrics["train/loss"]) and metrics["train/grad_norm"] > 0
+        assert 0 <= metrics["overlap/ratio"] <= 1
+        for key in ("kl/sampled", "entropy/gap", "overlap/token_advantage", "reward/seq_mean"):
+            assert key in metrics
+        assert any(k.startswith("overlap/ratio@depth0-3") for k in metrics)
+        for key in ("time/generate_s", "time/score_s", "time/score_wait_s", "time/train_s"):
+            assert metrics[key] >= 0
+    if extra.get("ppo_epochs") == 2:
+        assert history[0]["train/loss_last_epoch"] != history[0]["train/loss"]
+    lines = read_metrics(tmp_path / "metrics.jsonl")
+    assert [line["step"] for line in lines] == [1, 2]
+
+
+def test_resume_matches_the_uninterrupted_run(tiny_server, tiny_student_dir, tmp_path):
+    with Trainer(_config(tiny_student_dir, tiny_server, tmp_path / "full")) as trainer:
+        trainer.run()
+    full = read_metrics(tmp_path / "full" / "metrics.jsonl")
+
+    interrupted = tmp_path / "interrupted"
+    with Trainer(_config(tiny_student_dir, tiny_server, interrupted, max_steps=2)) as trainer:
+        trainer.run()
+    # the checkpoint holds no pickle: safetensors and JSON (plus the tokenizer's own files)
+    ckpt = interrupted / "checkpoints" / "step_2"
+    suffixes = {p.suffix for p in ckpt.rglob("*") if p.is_file()}
+    assert suffixes <= {".json", ".safetensors", ".jinja", ".txt"}, suffixes
+    resumed_config = _config(tiny_student_dir, tiny_server, interrupted, resume="latest")
+    with Trainer(resumed_config) as trainer:
+        assert trainer.step == 2 and trainer.resume_from == ckpt
+        trainer.run()
+    resumed = read_metrics(interrupted / "metrics.jsonl")
+
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4]
+    for a, b in zip(full, resumed, strict=True):
+        for key, value in a.items():
+            if key.startswith(_TIMING) or value is None:
+                continue
+            assert b[key] == pytest.approx(value, rel=1e-4, abs=1e-6), (a["step"], key)
+
+
+def test_opd_pulls_the_student_toward_the_teacher(tiny_server, tiny_student_dir, tmp_path):
+    config = _config(
+        tiny_student_dir,
+        tiny_server,
+        tmp_path,
+        max_steps=12,
+        n_rollouts=4,
+        max_new_tokens=16,
+        lr=2e-3,
+        holdout=8,
+    )
+    with Trainer(config) as trainer:
+        held_out = list(range(trainer.train_size, len(trainer.prompts)))
+        before = trainer.evaluate(held_out, n=4, seed=7)
+        trainer.run()
+        after = trainer.evaluate(held_out, n=4, seed=7)
+    assert after["kl/sampled"] < 0.8 * before["kl/sampled"], (before, after)
+    assert after["kl/student_topk"] < before["kl/student_topk"]
+    assert after["overlap/ratio"] > before["overlap/ratio"]
+
+
+def test_opd_train_cli(tiny_server, tiny_student_dir, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"q": f"Count to {i}."}) + "\n" for i in range(5)))
+    run_dir = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "opd.client.cli",
+        "train",
+        "--student",
+        str(tiny_student_dir),
+        "--teacher-url",
+        tiny_server,
+        "--prompts",
+        str(prompts),
+        "--prompt-field",
+        "q",
+        "--run-dir",
+        str(run_dir),
+        "--max-steps",
+        "2",
+        "--prompts-per-step",
+        "1",
+        "--n-rollouts",
+        "2",
+        "--max-new-tokens",
+        "6",
+        "--objective",
+        "sampled",
+        "--checkpoint-every",
+        "1",
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert len(read_metrics(run_dir / "metrics.jsonl")) == 2
+    assert (run_dir / "checkpoints" / "step_2" / "model" / "model.safetensors").is_file()
+    assert (run_dir / "tensorboard").is_dir()
+    assert json.loads((run_dir / "config.json").read_text())["objective"] == "sampled"
+
+
+def test_bad_config_is_refused_naming_the_field(tiny_student_dir):
+    with pytest.raises(ValueError, match="objective"):
+        TrainConfig(student=str(tiny_student_dir), teacher_url=["http://x"], objective="nope")
+    with pytest.raises(ValueError, match="clip_eps"):
+        TrainConfig(
+            student=str(tiny_student_dir), teacher_url=["http://x"], objective="jsd", clip_eps=0.2
+        )
+
+
+def test_layer_subset_student(tiny_model_dir, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from opd.client.student import build_layer_subset_student, evenly_spaced_layers
+
+    assert evenly_spaced_layers(30, 10) == [0, 3, 6, 10, 13, 16, 19, 23, 26, 29]
+    assert evenly_spaced_layers(30, 24)[0] == 0 and evenly_spaced_layers(30, 24)[-1] == 29
+    out = build_layer_subset_student(tiny_model_dir, tmp_path / "s", keep=1)
+    student = AutoModelForCausalLM.from_pretrained(out)
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert student.config.num_hidden_layers == 1
+    torch.testing.assert_close(
+        student.model.layers[0].mlp.up_proj.weight, teacher.model.layers[0].mlp.up_proj.weight
+    )
+    ids = torch.tensor([[1, 2, 3]])
+    assert np.isfinite(student.generate(ids, max_new_tokens=3, do_sample=False).numpy()).all()
