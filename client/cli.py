@@ -111,6 +111,7 @@ def train(
 
     from rich.console import Console
 
+    from opd.client.quickstart import progress_bar
     from opd.client.train_config import TrainConfig
     from opd.client.trainer import Trainer, summary
 
@@ -123,11 +124,11 @@ def train(
             f"{'resumed from ' + str(trainer.resume_from) if trainer.resume_from else 'fresh run'}"
             f" at step {trainer.step}; teacher {trainer.teacher_info.name}; run dir {run_dir}"
         )
-        with console.status("training") as status:
+        with progress_bar(console) as progress:
+            task = progress.add_task("opd", total=config.max_steps, completed=trainer.step, info="")
 
             def on_step(step: int, metrics: dict[str, float]) -> None:
-                status.update(f"step {step}/{config.max_steps} {summary(metrics)}")
-                console.log(f"step {step} {summary(metrics)}")
+                progress.update(task, completed=step, info=summary(metrics))
 
             trainer.run(on_step=on_step)
     console.print(f"done: metrics in {run_dir}/metrics.jsonl, checkpoints in {run_dir}/checkpoints")

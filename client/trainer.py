@@ -16,7 +16,6 @@ One step:
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import shutil
@@ -444,5 +443,9 @@ class Trainer:
 
 
 def summary(metrics: dict[str, float]) -> str:
-    keys = ("train/loss", "kl/sampled", "overlap/ratio", "entropy/gap")
-    return json.dumps({k: round(metrics[k], 4) for k in keys if k in metrics})
+    """One line of live metrics for progress bars."""
+    return (
+        f"loss {metrics['train/loss']:+.4f}  kl {metrics['kl/sampled']:.3f}  "
+        f"overlap {metrics['overlap/ratio']:.3f}  entropy gap {metrics['entropy/gap']:.2f}  "
+        f"gen {metrics['time/generate_s']:.1f}s  teacher wait {metrics['time/score_wait_s']:.1f}s"
+    )

@@ -57,7 +57,8 @@ def test_cli_help_lists_the_commands():
         [sys.executable, "-m", "opd.client.cli", "--help"], capture_output=True, text=True
     )
     assert out.returncode == 0
-    assert "serve" in out.stdout and "quickstart" in out.stdout
+    for command in ("serve", "train", "quickstart", "score-demo"):
+        assert command in out.stdout
 
 
 def test_opd_serve_flags(tiny_model_dir, tmp_path):
@@ -103,9 +104,9 @@ def test_uvicorn_factory_with_environment_settings(tiny_model_dir, tmp_path):
             proc.wait(30)
 
 
-def test_quickstart_main_job_end_to_end():
+def test_score_demo():
     out = subprocess.run(
-        [sys.executable, "-m", "opd.client.cli", "quickstart"],
+        [sys.executable, "-m", "opd.client.cli", "score-demo"],
         capture_output=True,
         text=True,
         timeout=600,
@@ -116,3 +117,24 @@ def test_quickstart_main_job_end_to_end():
     assert "(matches)" in out.stdout
     sums = [float(x) for x in re.findall(r"sum log q = (-?[\d.]+)", out.stdout)]
     assert len(sums) == 2 and sums[0] > sums[1] + 3, sums  # Paris beats Berlin clearly
+
+
+def test_quickstart_main_job_moves_the_student_toward_the_teacher(tmp_path):
+    """`opd quickstart` exactly as the README runs it (no flags), on the real SmolLM2."""
+    out = subprocess.run(
+        [sys.executable, "-m", "opd.client.cli", "quickstart"],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        cwd=tmp_path,
+        env={**os.environ, "COLUMNS": "160"},
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "student before vs after OPD" in out.stdout
+    (result_file,) = tmp_path.glob("runs/quickstart-*/quickstart.json")
+    result = json.loads(result_file.read_text())
+    before, after = result["before"], result["after"]
+    assert after["kl/sampled"] < before["kl/sampled"] - 0.2, (before, after)
+    assert after["overlap/ratio"] > before["overlap/ratio"], (before, after)
+    metrics = (result_file.parent / "metrics.jsonl").read_text().splitlines()
+    assert len(metrics) == 16
