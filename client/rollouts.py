@@ -13,7 +13,7 @@ entropy: these are the rollout-time ("old") values the objectives and diagnostic
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -44,30 +44,38 @@ class Rollout:
         return self.token_ids[self.prompt_len :]
 
 
+@dataclass(frozen=True)
+class SamplingParams:
+    """How the student samples: n completions per prompt at temperature / top-p."""
+
+    n: int
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+    eos_token_id: int
+    pad_token_id: int
+
+    def with_n(self, n: int) -> SamplingParams:
+        return replace(self, n=n)
+
+
 @torch.no_grad()
 def sample_completions(
-    model,
-    prompt_ids: list[int],
-    *,
-    n: int,
-    temperature: float,
-    top_p: float,
-    max_new_tokens: int,
-    eos_token_id: int,
-    pad_token_id: int,
+    model, prompt_ids: list[int], params: SamplingParams
 ) -> list[tuple[np.ndarray, bool]]:
     """n sampled completions of one prompt: (completion ids up to and including EOS, truncated)."""
     from transformers import GenerationConfig
 
+    eos_token_id = params.eos_token_id
     config = GenerationConfig(
         do_sample=True,
-        temperature=temperature,
-        top_p=top_p,
+        temperature=params.temperature,
+        top_p=params.top_p,
         top_k=0,
-        max_new_tokens=max_new_tokens,
-        num_return_sequences=n,
+        max_new_tokens=params.max_new_tokens,
+        num_return_sequences=params.n,
         eos_token_id=eos_token_id,
-        pad_token_id=pad_token_id,
+        pad_token_id=params.pad_token_id,
     )
     device = next(model.parameters()).device
     inputs = torch.tensor([prompt_ids], dtype=torch.long, device=device)
@@ -114,32 +122,13 @@ def student_position_stats(
 
 
 def make_rollouts(
-    model,
-    prompt_index: int,
-    prompt_ids: list[int],
-    *,
-    n: int,
-    temperature: float,
-    top_p: float,
-    max_new_tokens: int,
-    eos_token_id: int,
-    pad_token_id: int,
-    top_k: int,
+    model, prompt_index: int, prompt_ids: list[int], params: SamplingParams, top_k: int
 ) -> list[Rollout]:
     """Sample n completions of one prompt and record the student's rollout-time statistics."""
     was_training = model.training
     model.eval()
     try:
-        completions = sample_completions(
-            model,
-            prompt_ids,
-            n=n,
-            temperature=temperature,
-            top_p=top_p,
-            max_new_tokens=max_new_tokens,
-            eos_token_id=eos_token_id,
-            pad_token_id=pad_token_id,
-        )
+        completions = sample_completions(model, prompt_ids, params)
         # An empty completion (EOS-less zero tokens cannot happen; EOS alone is 1 token) is fine.
         seqs = [np.concatenate([np.asarray(prompt_ids, np.int64), c]) for c, _ in completions]
         stats = student_position_stats(model, seqs, [len(prompt_ids)] * len(seqs), top_k)

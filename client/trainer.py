@@ -32,7 +32,7 @@ from opd.client.checkpoint import latest_checkpoint, load_checkpoint, save_check
 from opd.client.diagnostics import PositionStats, compute_diagnostics
 from opd.client.metric_log import JsonlLogger, MetricLogger, MultiLogger, TensorBoardLogger
 from opd.client.prompts import PromptOrder, load_prompts
-from opd.client.rollouts import Rollout, make_rollouts
+from opd.client.rollouts import Rollout, SamplingParams, make_rollouts
 from opd.client.student import chat_prompt_ids, load_student
 from opd.client.teacher_bridge import TeacherBridge
 from opd.client.train_config import TrainConfig
@@ -236,10 +236,16 @@ class Trainer:
             allow_tokenizer_mismatch=config.allow_tokenizer_mismatch,
         )
         self.teacher_info = self.bridge.connect()
-        eos = self.tokenizer.eos_token_id
-        self.eos_token_id = int(eos)
+        eos = int(self.tokenizer.eos_token_id)
         pad = self.tokenizer.pad_token_id
-        self.pad_token_id = int(pad if pad is not None else eos)
+        self.sampling = SamplingParams(
+            n=config.n_rollouts,
+            temperature=config.temperature,
+            top_p=config.top_p,
+            max_new_tokens=config.max_new_tokens,
+            eos_token_id=eos,
+            pad_token_id=int(pad if pad is not None else eos),
+        )
         self._prompt_ids: dict[int, list[int]] = {}
 
     def _resume_folder(self) -> Path | None:
@@ -267,6 +273,12 @@ class Trainer:
 
     # -- one step
 
+    def sample(self, index: int, n: int | None = None) -> list[Rollout]:
+        """Rollouts of prompt `index` with the student's rollout-time statistics."""
+        params = self.sampling if n is None else self.sampling.with_n(n)
+        ids = self.prompt_ids(index)
+        return make_rollouts(self.model, index, ids, params, self.config.student_top_k)
+
     def collect(self) -> tuple[list[Rollout], dict[str, float]]:
         """Sample and score one step's rollouts, scoring overlapping with sampling."""
         c = self.config
@@ -276,18 +288,7 @@ class Trainer:
         futures = []
         for index in self.order.take(c.prompts_per_step):
             t0 = time.perf_counter()
-            rollouts = make_rollouts(
-                self.model,
-                index,
-                self.prompt_ids(index),
-                n=c.n_rollouts,
-                temperature=c.temperature,
-                top_p=c.top_p,
-                max_new_tokens=c.max_new_tokens,
-                eos_token_id=self.eos_token_id,
-                pad_token_id=self.pad_token_id,
-                top_k=c.student_top_k,
-            )
+            rollouts = self.sample(index)
             generate_s += time.perf_counter() - t0
             futures.append(self.bridge.submit(rollouts, c.teacher_top_k, with_candidates=True))
         t0 = time.perf_counter()
@@ -366,18 +367,7 @@ class Trainer:
         try:
             futures = []
             for index in prompt_indices:
-                rollouts = make_rollouts(
-                    self.model,
-                    index,
-                    self.prompt_ids(index),
-                    n=n,
-                    temperature=c.temperature,
-                    top_p=c.top_p,
-                    max_new_tokens=c.max_new_tokens,
-                    eos_token_id=self.eos_token_id,
-                    pad_token_id=self.pad_token_id,
-                    top_k=c.student_top_k,
-                )
+                rollouts = self.sample(index, n)
                 futures.append(self.bridge.submit(rollouts, c.teacher_top_k))
             scored = [r for f in futures for r in f.result()]
         finally:
