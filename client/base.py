@@ -37,7 +37,7 @@ _JSON_BYTES_PER_INT = 12
 
 @dataclass
 class ClientConfig:
-    base_url: str
+    urls: list[str]
     api_key: str | None = None
     encoding: Encoding = "msgpack"
     timeout_s: float = 600.0
@@ -46,6 +46,7 @@ class ClientConfig:
     backoff_base_s: float = 0.5
     backoff_max_s: float = 30.0
     concurrency: int = 4
+    replica_cooldown_s: float = 5.0
     tokenizer_fingerprint: str | None = None
     allow_tokenizer_mismatch: bool = False
     headers: dict[str, str] = field(default_factory=dict)
@@ -55,7 +56,6 @@ class ClientConfig:
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
         return {
-            "base_url": self.base_url.rstrip("/"),
             "headers": headers,
             "timeout": httpx.Timeout(self.timeout_s, connect=self.connect_timeout_s),
             "limits": httpx.Limits(
@@ -67,6 +67,30 @@ class ClientConfig:
 
 def to_packed(request: ScoreRequest | PackedRequest) -> PackedRequest:
     return request if isinstance(request, PackedRequest) else PackedRequest.from_request(request)
+
+
+def merge_model_infos(infos: dict[str, ModelInfo]) -> ModelInfo:
+    """One view of several replicas: they must serve the same model with the same tokenizer;
+    the limits are the tightest of each (so no replica ever refuses a split request)."""
+    urls = list(infos)
+    first = infos[urls[0]]
+    for url in urls[1:]:
+        other = infos[url]
+        for key in ("tokenizer_fingerprint", "vocab_size", "revision", "protocol_version"):
+            if getattr(other, key) != getattr(first, key):
+                raise IncompatibleTeacherError(
+                    f"replicas disagree on {key}: {urls[0]} has {getattr(first, key)!r}, "
+                    f"{url} has {getattr(other, key)!r}"
+                )
+    limits = first.limits.model_copy(
+        update={
+            name: min(getattr(i.limits, name) for i in infos.values())
+            for name in type(first.limits).model_fields
+            if name != "min_temperature"
+        }
+        | {"min_temperature": max(i.limits.min_temperature for i in infos.values())}
+    )
+    return first.model_copy(update={"limits": limits})
 
 
 def check_model_info(info: ModelInfo, config: ClientConfig) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -33,6 +34,7 @@ from opd.client.errors import (
     TeacherHTTPError,
     parse_error,
 )
+from opd.client.replicas import ReplicaSet, normalise_urls
 from opd.shared.packed import PackedRequest, PackedResult
 from opd.shared.schemas import ModelInfo, ScoreRequest
 
@@ -41,13 +43,21 @@ logger = logging.getLogger(__name__)
 _RETRYABLE_TRANSPORT = (httpx.TransportError,)
 
 
-def _config(base_url: str, **kwargs: Any) -> ClientConfig:
-    return ClientConfig(base_url=base_url, **kwargs)
+def _config(base_url: str | Sequence[str], **kwargs: Any) -> ClientConfig:
+    return ClientConfig(urls=normalise_urls(base_url), **kwargs)
 
 
 def _should_retry(exc: Exception) -> bool:
     if isinstance(exc, TeacherHTTPError):
         return exc.status in base.RETRYABLE_STATUS
+    return isinstance(exc, _RETRYABLE_TRANSPORT)
+
+
+def _replica_down(exc: Exception) -> bool:
+    """Transport failures and 503 (draining/loading) take a replica out for a while; a 429
+    only means that replica is busy right now."""
+    if isinstance(exc, TeacherHTTPError):
+        return exc.status in (502, 503, 504)
     return isinstance(exc, _RETRYABLE_TRANSPORT)
 
 
@@ -71,7 +81,7 @@ class TeacherClient:
 
     def __init__(
         self,
-        base_url: str,
+        base_url: str | Sequence[str],
         *,
         api_key: str | None = None,
         encoding: Encoding = "msgpack",
@@ -87,6 +97,7 @@ class TeacherClient:
             allow_tokenizer_mismatch=allow_tokenizer_mismatch,
             **options,
         )
+        self.replicas = ReplicaSet(self.config.urls, self.config.replica_cooldown_s)
         self._http = httpx.Client(**self.config.httpx_kwargs())
         self._pool = ThreadPoolExecutor(max_workers=max(1, self.config.concurrency))
         self._info: ModelInfo | None = None
@@ -102,14 +113,19 @@ class TeacherClient:
         self._http.close()
 
     def connect(self) -> ModelInfo:
-        """GET /v1/model and check protocol + tokenizer; cached for the client's lifetime."""
+        """GET /v1/model of every replica; check protocol, tokenizer and agreement; cached."""
         if self._info is None:
-            response = self._with_retries(lambda: _raise_retryable(self._http.get("/v1/model")))
-            if response.status_code >= 300:
-                raise parse_error(response.status_code, response.content)
-            info = ModelInfo.model_validate_json(response.content)
-            base.check_model_info(info, self.config)
-            self._info = info
+            infos: dict[str, ModelInfo] = {}
+            errors: list[Exception] = []
+            for url in self.config.urls:
+                try:
+                    response = self._with_retries(
+                        lambda u: _raise_retryable(self._http.get(u + "/v1/model")), pin=url
+                    )
+                    infos[url] = _model_info(response)
+                except (TeacherConnectionError, TeacherHTTPError) as exc:
+                    errors.append(exc)
+            self._info = _connected(infos, errors, self.config)
         return self._info
 
     def score(self, request: ScoreRequest | PackedRequest) -> PackedResult:
@@ -125,21 +141,25 @@ class TeacherClient:
     def _score_one(self, req: PackedRequest) -> PackedResult:
         body, headers = base.encode(req, self.config.encoding)
 
-        def send() -> httpx.Response:
-            return _raise_retryable(self._http.post("/v1/score", content=body, headers=headers))
+        def send(url: str) -> httpx.Response:
+            return _raise_retryable(
+                self._http.post(url + "/v1/score", content=body, headers=headers)
+            )
 
         return base.decode(self._with_retries(send))
 
-    def _with_retries(self, send: Any) -> httpx.Response:
+    def _with_retries(
+        self, send: Callable[[str], httpx.Response], pin: str | None = None
+    ) -> httpx.Response:
         attempt = 0
         while True:
+            url = pin or self.replicas.pick()
             try:
-                return send()
+                return send(url)
             except (TeacherHTTPError, httpx.TransportError) as exc:
-                if not _should_retry(exc) or attempt >= self.config.max_retries:
-                    raise _give_up(exc, attempt + 1) from exc
-                delay = base.backoff_delay(self.config, attempt, getattr(exc, "retry_after", None))
-                logger.warning("teacher: %s; retry %d in %.2fs", exc, attempt + 1, delay)
+                delay = _retry_delay(
+                    self.config, self.replicas, exc, url, attempt, pinned=pin is not None
+                )
                 time.sleep(delay)
                 attempt += 1
 
@@ -149,7 +169,7 @@ class AsyncTeacherClient:
 
     def __init__(
         self,
-        base_url: str,
+        base_url: str | Sequence[str],
         *,
         api_key: str | None = None,
         encoding: Encoding = "msgpack",
@@ -165,6 +185,7 @@ class AsyncTeacherClient:
             allow_tokenizer_mismatch=allow_tokenizer_mismatch,
             **options,
         )
+        self.replicas = ReplicaSet(self.config.urls, self.config.replica_cooldown_s)
         self._http = httpx.AsyncClient(**self.config.httpx_kwargs())
         self._limit = asyncio.Semaphore(max(1, self.config.concurrency))
         self._info: ModelInfo | None = None
@@ -179,17 +200,26 @@ class AsyncTeacherClient:
         await self._http.aclose()
 
     async def connect(self) -> ModelInfo:
+        """GET /v1/model of every replica; check protocol, tokenizer and agreement; cached."""
         if self._info is None:
 
-            async def get() -> httpx.Response:
-                return _raise_retryable(await self._http.get("/v1/model"))
+            async def one(url: str) -> ModelInfo | Exception:
+                async def get(u: str) -> httpx.Response:
+                    return _raise_retryable(await self._http.get(u + "/v1/model"))
 
-            response = await self._with_retries(get)
-            if response.status_code >= 300:
-                raise parse_error(response.status_code, response.content)
-            info = ModelInfo.model_validate_json(response.content)
-            base.check_model_info(info, self.config)
-            self._info = info
+                try:
+                    return _model_info(await self._with_retries(get, pin=url))
+                except (TeacherConnectionError, TeacherHTTPError) as exc:
+                    return exc
+
+            answers = await asyncio.gather(*(one(u) for u in self.config.urls))
+            infos = {
+                u: a
+                for u, a in zip(self.config.urls, answers, strict=True)
+                if isinstance(a, ModelInfo)
+            }
+            errors = [a for a in answers if isinstance(a, Exception)]
+            self._info = _connected(infos, errors, self.config)
         return self._info
 
     async def score(self, request: ScoreRequest | PackedRequest) -> PackedResult:
@@ -204,25 +234,71 @@ class AsyncTeacherClient:
     async def _score_one(self, req: PackedRequest) -> PackedResult:
         body, headers = base.encode(req, self.config.encoding)
 
-        async def send() -> httpx.Response:
+        async def send(url: str) -> httpx.Response:
             async with self._limit:
-                response = await self._http.post("/v1/score", content=body, headers=headers)
+                response = await self._http.post(url + "/v1/score", content=body, headers=headers)
             return _raise_retryable(response)
 
         return base.decode(await self._with_retries(send))
 
-    async def _with_retries(self, send: Any) -> httpx.Response:
+    async def _with_retries(
+        self, send: Callable[[str], Any], pin: str | None = None
+    ) -> httpx.Response:
         attempt = 0
         while True:
+            url = pin or self.replicas.pick()
             try:
-                return await send()
+                return await send(url)
             except (TeacherHTTPError, httpx.TransportError) as exc:
-                if not _should_retry(exc) or attempt >= self.config.max_retries:
-                    raise _give_up(exc, attempt + 1) from exc
-                delay = base.backoff_delay(self.config, attempt, getattr(exc, "retry_after", None))
-                logger.warning("teacher: %s; retry %d in %.2fs", exc, attempt + 1, delay)
+                delay = _retry_delay(
+                    self.config, self.replicas, exc, url, attempt, pinned=pin is not None
+                )
                 await asyncio.sleep(delay)
                 attempt += 1
+
+
+def _retry_delay(
+    config: ClientConfig,
+    replicas: ReplicaSet,
+    exc: Exception,
+    url: str,
+    attempt: int,
+    pinned: bool,
+) -> float:
+    """Seconds to wait before the next attempt, or raise when the error is final.
+
+    A replica that is down is ejected; while another replica is healthy the request moves
+    there at once. Otherwise exponential backoff with jitter, honoring Retry-After."""
+    if not _should_retry(exc) or attempt >= config.max_retries + len(replicas.urls) - 1:
+        raise _give_up(exc, attempt + 1) from exc
+    if _replica_down(exc) and not pinned:
+        replicas.eject(url)
+        if replicas.healthy() > 0:
+            logger.warning("teacher %s: %s; moving to another replica", url, exc)
+            return 0.0
+    delay = base.backoff_delay(config, attempt, getattr(exc, "retry_after", None))
+    logger.warning("teacher %s: %s; retry %d in %.2fs", url, exc, attempt + 1, delay)
+    return delay
+
+
+def _model_info(response: httpx.Response) -> ModelInfo:
+    if response.status_code >= 300:
+        raise parse_error(response.status_code, response.content)
+    return ModelInfo.model_validate_json(response.content)
+
+
+def _connected(
+    infos: dict[str, ModelInfo], errors: list[Exception], config: ClientConfig
+) -> ModelInfo:
+    """Merge the replicas that answered; fail if none did (or if any refused us)."""
+    fatal = [e for e in errors if isinstance(e, TeacherHTTPError) and not _should_retry(e)]
+    if fatal:
+        raise fatal[0]
+    if not infos:
+        raise errors[0] if errors else TeacherConnectionError("no teacher replica answered")
+    info = base.merge_model_infos(infos)
+    base.check_model_info(info, config)
+    return info
 
 
 __all__ = ["AsyncTeacherClient", "OPDClientError", "TeacherClient"]

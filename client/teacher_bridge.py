@@ -55,12 +55,13 @@ class TeacherBridge:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._thread.start()
-        url = urls if isinstance(urls, str) else urls[0]
-        self._client: AsyncTeacherClient = self._call(self._make_client(url, client_kwargs))
+        self._client: AsyncTeacherClient = self._call(self._make_client(urls, client_kwargs))
         self.busy_s = 0.0  # summed wall time of teacher requests
 
-    async def _make_client(self, url: str, kwargs: dict[str, Any]) -> AsyncTeacherClient:
-        return AsyncTeacherClient(url, **kwargs)
+    async def _make_client(
+        self, urls: list[str] | str, kwargs: dict[str, Any]
+    ) -> AsyncTeacherClient:
+        return AsyncTeacherClient(urls, **kwargs)
 
     def _call(self, coro: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
