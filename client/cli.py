@@ -100,7 +100,9 @@ def train(
     gradient_checkpointing: Annotated[bool, typer.Option(help="trade compute for memory")] = False,
     checkpoint_every: Annotated[int, typer.Option(help="steps between checkpoints")] = 50,
     keep_checkpoints: Annotated[int, typer.Option(help="checkpoints kept")] = 2,
-    resume: Annotated[str | None, typer.Option(help="'latest' or a checkpoint folder")] = None,
+    resume: Annotated[
+        str | None, typer.Option(help="'latest', a checkpoint folder, or 'auto'")
+    ] = None,
     depth_bucket: Annotated[int, typer.Option(help="completion tokens per depth bucket")] = 1024,
     tensorboard: Annotated[bool, typer.Option(help="also log to TensorBoard")] = True,
     allow_tokenizer_mismatch: Annotated[bool, typer.Option(help="skip the check")] = False,

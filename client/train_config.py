@@ -68,7 +68,10 @@ class TrainConfig(BaseModel):
     run_dir: str = "runs/opd"
     checkpoint_every: int = Field(default=50, ge=1)
     keep_checkpoints: int = Field(default=2, ge=1)
-    resume: str | None = Field(default=None, description="'latest' or a checkpoint folder")
+    resume: str | None = Field(
+        default=None,
+        description="'latest', a checkpoint folder, or 'auto' (latest if any, else fresh)",
+    )
     depth_bucket: int | None = Field(default=1024, ge=1, description="completion tokens/bucket")
     tensorboard: bool = True
     progress: bool = True

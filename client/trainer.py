@@ -252,6 +252,8 @@ class Trainer:
         resume = self.config.resume
         if not resume:
             return None
+        if resume == "auto":  # a restarted Job: continue if a checkpoint exists, else start
+            return latest_checkpoint(self.run_dir)
         folder = latest_checkpoint(self.run_dir) if resume == "latest" else Path(resume)
         if folder is None or not (folder / "state.json").is_file():
             raise FileNotFoundError(f"no checkpoint to resume from ({resume!r} in {self.run_dir})")

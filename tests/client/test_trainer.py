@@ -87,7 +87,10 @@ def test_resume_matches_the_uninterrupted_run(tiny_server, tiny_student_dir, tmp
     ckpt = interrupted / "checkpoints" / "step_2"
     suffixes = {p.suffix for p in ckpt.rglob("*") if p.is_file()}
     assert suffixes <= {".json", ".safetensors", ".jinja", ".txt"}, suffixes
-    resumed_config = _config(tiny_student_dir, tiny_server, interrupted, resume="latest")
+    fresh = _config(tiny_student_dir, tiny_server, tmp_path / "none-yet", resume="auto")
+    with Trainer(fresh) as trainer:  # 'auto' with no checkpoint starts fresh
+        assert trainer.step == 0 and trainer.resume_from is None
+    resumed_config = _config(tiny_student_dir, tiny_server, interrupted, resume="auto")
     with Trainer(resumed_config) as trainer:
         assert trainer.step == 2 and trainer.resume_from == ckpt
         trainer.run()
