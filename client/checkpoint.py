@@ -1,8 +1,9 @@
 """Checkpoints without pickle: safetensors for tensors, JSON for everything else.
 
 A checkpoint folder `step_<N>/` holds the student (save_pretrained, safetensors), the tokenizer,
-optimizer.safetensors + optimizer.json (AdamW moments and param groups), rng.safetensors (torch
-RNG state) and state.json (step, data position, scheduler, Python and NumPy RNG states, config).
+optimizer.safetensors + optimizer.json (AdamW moments and param groups), rng.safetensors (the
+torch RNG state of every rank) and state.json (step, data position, scheduler, Python and NumPy
+RNG states, config).
 Nothing is unpickled on load, so a checkpoint someone hands you cannot run code.
 """
 
@@ -50,6 +51,7 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     trainer_state: dict[str, Any],
+    rng_states: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write atomically: into a temporary sibling, then rename."""
     tmp = folder.with_name(folder.name + ".tmp")
@@ -61,7 +63,8 @@ def save_checkpoint(
     tensors, meta = _optimizer_to_files(optimizer)
     save_file(tensors, str(tmp / "optimizer.safetensors"))
     (tmp / "optimizer.json").write_text(json.dumps(meta))
-    save_file({"torch_cpu": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
+    rng = rng_states or {"torch_cpu_rank0": torch.get_rng_state()}
+    save_file({k: v.contiguous() for k, v in rng.items()}, str(tmp / "rng.safetensors"))
     py_state = random.getstate()
     state = {
         **trainer_state,
@@ -84,7 +87,7 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
-def load_checkpoint(folder: Path, *, optimizer, scheduler) -> dict[str, Any]:
+def load_checkpoint(folder: Path, *, optimizer, scheduler, rank: int = 0) -> dict[str, Any]:
     """Restore optimizer, scheduler and RNGs in place; return the trainer state.
     (The model weights are loaded by the caller from folder / "model".)"""
     _optimizer_from_files(
@@ -94,7 +97,14 @@ def load_checkpoint(folder: Path, *, optimizer, scheduler) -> dict[str, Any]:
     )
     state = json.loads((folder / "state.json").read_text())
     scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(load_file(str(folder / "rng.safetensors"))["torch_cpu"])
+    rng = load_file(str(folder / "rng.safetensors"))
+    key = f"torch_cpu_rank{rank}"
+    if key not in rng:
+        raise ValueError(
+            f"{folder} holds RNG states for {len(rng)} rank(s); rank {rank} cannot resume "
+            "exactly from it (resume with the same number of processes)"
+        )
+    torch.set_rng_state(rng[key])
     version, internal, gauss = state["python_rng"]
     random.setstate((version, tuple(internal), gauss))
     np_state = state["numpy_rng"]

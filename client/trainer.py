@@ -16,6 +16,7 @@ One step:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import shutil
@@ -30,7 +31,22 @@ import torch
 from opd.client import objectives as obj
 from opd.client.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from opd.client.diagnostics import PositionStats, compute_diagnostics
-from opd.client.metric_log import JsonlLogger, MetricLogger, MultiLogger, TensorBoardLogger
+from opd.client.distributed import (
+    all_sum,
+    barrier,
+    device_for,
+    gather_rng_states,
+    init_from_env,
+    mean_metrics,
+    shutdown,
+)
+from opd.client.metric_log import (
+    JsonlLogger,
+    MetricLogger,
+    MultiLogger,
+    NullLogger,
+    TensorBoardLogger,
+)
 from opd.client.prompts import PromptOrder, load_prompts
 from opd.client.rollouts import Rollout, SamplingParams, make_rollouts
 from opd.client.student import chat_prompt_ids, load_student
@@ -198,15 +214,27 @@ class Trainer:
         self.config = config
         self.run_dir = Path(config.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        torch.manual_seed(config.seed)
-        np.random.seed(config.seed)
+        self.dist = init_from_env(config.device)
+        # Each rank samples its own stream; rank 0 of a single-process run is the plain seed.
+        torch.manual_seed(config.seed + self.dist.rank)
+        np.random.seed(config.seed + self.dist.rank)
         self.objective = config.objective_config()
         self.resume_from = self._resume_folder()
         student_path = str(self.resume_from / "model") if self.resume_from else config.student
         self.model, self.tokenizer = load_student(
-            student_path, config.dtype, config.device, config.gradient_checkpointing
+            student_path,
+            config.dtype,
+            device_for(config.device, self.dist),
+            config.gradient_checkpointing,
         )
         self.model.train()
+        # The module that takes gradients: DDP-wrapped under torchrun, the model itself otherwise.
+        self.train_model = self.model
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.dist.local_rank] if config.device.startswith("cuda") else None
+            self.train_model = DistributedDataParallel(self.model, device_ids=ids)
         self.prompts = load_prompts(config.prompts, config.prompt_field)
         if config.holdout >= len(self.prompts):
             raise ValueError(
@@ -224,11 +252,19 @@ class Trainer:
         self.step = 0
         if self.resume_from:
             state = load_checkpoint(
-                self.resume_from, optimizer=self.optimizer, scheduler=self.scheduler
+                self.resume_from,
+                optimizer=self.optimizer,
+                scheduler=self.scheduler,
+                rank=self.dist.rank,
             )
             self.step = int(state["step"])
             self.order.load_state(state["order"])
-        self.metrics = logger_ or self._default_logger()
+        if logger_ is not None:
+            self.metrics: MetricLogger = logger_
+        elif self.dist.is_main:
+            self.metrics = self._default_logger()
+        else:
+            self.metrics = NullLogger()
         self.bridge = TeacherBridge(
             config.teacher_url,
             api_key=config.api_key,
@@ -288,7 +324,8 @@ class Trainer:
         started = time.perf_counter()
         generate_s = 0.0
         futures = []
-        for index in self.order.take(c.prompts_per_step):
+        world, rank = self.dist.world_size, self.dist.rank
+        for index in self.order.take(c.prompts_per_step * world)[rank::world]:
             t0 = time.perf_counter()
             rollouts = self.sample(index)
             generate_s += time.perf_counter() - t0
@@ -307,7 +344,9 @@ class Trainer:
         """`ppo_epochs` optimizer steps; each a token-mean over all completion tokens."""
         c = self.config
         device = next(self.model.parameters()).device
-        total_tokens = sum(r.completion_len for r in rollouts)
+        # Token mean over every rank's tokens; DDP averages gradients, hence the world factor.
+        total_tokens = all_sum(float(sum(r.completion_len for r in rollouts)), self.dist)
+        scale = self.dist.world_size / total_tokens
         micro = [
             TokenBatch.from_rollouts(rollouts[i : i + c.micro_batch_size], device)
             for i in range(0, len(rollouts), c.micro_batch_size)
@@ -316,17 +355,20 @@ class Trainer:
         for _ in range(c.ppo_epochs):
             self.optimizer.zero_grad(set_to_none=True)
             loss_sum = 0.0
-            for batch in micro:
-                loss = per_token_loss(self.objective, student_logp(self.model, batch), batch)
-                scaled = loss.sum() / total_tokens
-                scaled.backward()
-                loss_sum += float(scaled.detach())
+            for i, batch in enumerate(micro):
+                last = i == len(micro) - 1
+                sync = contextlib.nullcontext() if last or not self.dist.enabled else None
+                with sync or self.train_model.no_sync():
+                    logp = student_logp(self.train_model, batch)
+                    loss = per_token_loss(self.objective, logp, batch)
+                    (loss.sum() * scale).backward()
+                loss_sum += float(loss.detach().sum()) / total_tokens
             params = [p for p in self.model.parameters() if p.grad is not None]
             max_norm = c.max_grad_norm if c.max_grad_norm else float("inf")
             norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
             self.optimizer.step()
             self.scheduler.step()
-            losses.append(loss_sum)
+            losses.append(all_sum(loss_sum, self.dist))
             norms.append(float(norm))
         return {
             "train/loss": losses[0],
@@ -346,6 +388,7 @@ class Trainer:
         )
         tokens = sum(r.completion_len for r in rollouts)
         step_s = time.perf_counter() - step_started
+        metrics["dist/world_size"] = self.dist.world_size
         metrics.update(
             {
                 "time/step_s": step_s,
@@ -356,7 +399,7 @@ class Trainer:
                 "data/epoch": self.order.epoch,
             }
         )
-        return metrics
+        return mean_metrics(metrics, self.dist)
 
     def evaluate(self, prompt_indices: list[int], n: int, seed: int) -> dict[str, float]:
         """Diagnostics of fresh rollouts on fixed prompts, without updating the student.
@@ -377,7 +420,12 @@ class Trainer:
         return compute_diagnostics(position_stats(scored), depth_bucket=c.depth_bucket)
 
     def checkpoint(self) -> Path:
+        """All ranks call it (their RNG states are gathered); rank 0 writes."""
         folder = self.run_dir / "checkpoints" / f"step_{self.step}"
+        rng_states = gather_rng_states(self.dist)
+        if not self.dist.is_main:
+            barrier(self.dist)
+            return folder
         save_checkpoint(
             folder,
             model=self.model,
@@ -387,8 +435,10 @@ class Trainer:
             trainer_state={
                 "step": self.step,
                 "order": self.order.state(),
+                "world_size": self.dist.world_size,
                 "config": self.config.model_dump(mode="json"),
             },
+            rng_states=rng_states,
         )
         old = sorted(
             (p for p in (self.run_dir / "checkpoints").glob("step_*") if p.is_dir()),
@@ -396,6 +446,7 @@ class Trainer:
         )
         for stale in old[: -self.config.keep_checkpoints]:
             shutil.rmtree(stale, ignore_errors=True)
+        barrier(self.dist)
         return folder
 
     def done(self) -> bool:
@@ -432,6 +483,7 @@ class Trainer:
         self._closed = True
         self.metrics.close()
         self.bridge.close()
+        shutdown(self.dist)
 
 
 def summary(metrics: dict[str, float]) -> str:

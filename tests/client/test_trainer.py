@@ -191,3 +191,67 @@ def test_layer_subset_student(tiny_model_dir, tmp_path):
     )
     ids = torch.tensor([[1, 2, 3]])
     assert np.isfinite(student.generate(ids, max_new_tokens=3, do_sample=False).numpy()).all()
+
+
+def test_torchrun_two_processes_each_score_their_own_shard(tiny_server, tiny_student_dir, tmp_path):
+    """`opd train` under torchrun with 2 CPU processes (gloo): DDP keeps one model, each rank
+    sends its own prompts to the teacher, rank 0 logs and checkpoints."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def score_requests() -> float:
+        text = httpx.get(tiny_server + "/metrics").text
+        return sum(
+            s.value
+            for fam in text_string_to_metric_families(text)
+            for s in fam.samples
+            if s.name == "opd_requests_total" and s.labels.get("route") == "/v1/score"
+        )
+
+    before = score_requests()
+    run_dir = tmp_path / "ddp"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [
+        str(torchrun),
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "opd.client.cli",
+        "train",
+        "--student",
+        str(tiny_student_dir),
+        "--teacher-url",
+        tiny_server,
+        "--prompts",
+        "shipped",
+        "--run-dir",
+        str(run_dir),
+        "--max-steps",
+        "2",
+        "--prompts-per-step",
+        "1",
+        "--n-rollouts",
+        "2",
+        "--max-new-tokens",
+        "6",
+        "--checkpoint-every",
+        "2",
+        "--no-tensorboard",
+    ]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    metrics = read_metrics(run_dir / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [1, 2]  # rank 0 only writes
+    assert all(m["dist/world_size"] == 2 for m in metrics)
+    # 2 steps x 2 ranks x 1 prompt each: every rank scored its own shard
+    assert score_requests() - before == 4
+    ckpt = run_dir / "checkpoints" / "step_2"
+    from safetensors.torch import load_file
+
+    assert set(load_file(str(ckpt / "rng.safetensors"))) == {
+        "torch_cpu_rank0",
+        "torch_cpu_rank1",
+    }
+    assert json.loads((ckpt / "state.json").read_text())["world_size"] == 2
