@@ -48,6 +48,7 @@ def rendered(request) -> tuple[str, list[dict]]:
 def test_every_manifest_is_valid_kubernetes(rendered, version):
     overlay, docs = rendered
     kinds = {d["kind"] for d in docs}
+    assert overlay in OVERLAYS
     assert {
         "Deployment",
         "Service",
@@ -103,14 +104,16 @@ def test_configmap_and_secret_keys_are_settings_the_server_reads(rendered):
         (secret,) = secrets
         assert key_ref["name"] == secret["metadata"]["name"]
         assert key_ref["key"] in secret["data"]
-    job = one(docs, "Job")
-    (trainer,) = job["spec"]["template"]["spec"]["containers"]
-    trainer_env = {e["name"]: e for e in trainer["env"]}
-    assert trainer_env["OPD_API_KEY"]["valueFrom"]["secretKeyRef"] == key_ref
     service = one(docs, "Service")
-    url = trainer_env["OPD_TEACHER_URL"]["value"]
-    assert url == f"http://{service['metadata']['name']}:{service['spec']['ports'][0]['port']}"
-    assert any("$(OPD_TEACHER_URL)" in a for a in trainer["args"])
+    for job in by_kind(docs, "Job"):
+        (trainer,) = job["spec"]["template"]["spec"]["containers"]
+        trainer_env = {e["name"]: e for e in trainer["env"]}
+        assert trainer_env["OPD_API_KEY"]["valueFrom"]["secretKeyRef"] == key_ref
+        url = trainer_env["OPD_TEACHER_URL"]["value"]
+        port = service["spec"]["ports"][0]["port"]
+        assert url == f"http://{service['metadata']['name']}:{port}"
+        assert any("$(OPD_TEACHER_URL)" in a for a in trainer["args"])
+        assert "--resume=auto" in trainer["args"]
 
 
 def _matches(selector: dict, labels: dict) -> bool:
@@ -128,15 +131,16 @@ def test_selectors_match_labels(rendered):
     assert hpa["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
     policy = one(docs, "NetworkPolicy")
     assert _matches(policy["spec"]["podSelector"]["matchLabels"], pod_labels)
-    trainer_labels = one(docs, "Job")["spec"]["template"]["metadata"]["labels"]
     (rule,) = policy["spec"]["ingress"]
-    assert _matches(rule["from"][0]["podSelector"]["matchLabels"], trainer_labels)
+    for job in by_kind(docs, "Job"):
+        trainer_labels = job["spec"]["template"]["metadata"]["labels"]
+        assert _matches(rule["from"][0]["podSelector"]["matchLabels"], trainer_labels)
     assert not _matches(rule["from"][0]["podSelector"]["matchLabels"], pod_labels)
 
 
 def test_pods_run_locked_down(rendered):
     _, docs = rendered
-    for doc in (one(docs, "Deployment"), one(docs, "Job")):
+    for doc in (one(docs, "Deployment"), *by_kind(docs, "Job")):
         spec = doc["spec"]["template"]["spec"]
         assert spec["securityContext"]["runAsNonRoot"] is True
         for container in spec["containers"]:
@@ -148,9 +152,13 @@ def test_pods_run_locked_down(rendered):
 
 def test_gpu_overlay_requests_gpus():
     docs = render("gpu")
-    for doc in (one(docs, "Deployment"), one(docs, "Job")):
+    jobs = {j["metadata"]["name"]: j for j in by_kind(docs, "Job")}
+    gpus = {"opd-teacher": "1", "opd-trainer": "1", "opd-trainer-multigpu": "8"}
+    for doc in (one(docs, "Deployment"), *jobs.values()):
         (container,) = doc["spec"]["template"]["spec"]["containers"]
-        assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == gpus[doc["metadata"]["name"]]
+    (multi,) = jobs["opd-trainer-multigpu"]["spec"]["template"]["spec"]["containers"]
+    assert multi["command"][0] == "torchrun" and "--nproc_per_node=8" in multi["command"]
     assert one(docs, "ConfigMap")["data"]["OPD_DEVICE"] == "cuda"
 
 
