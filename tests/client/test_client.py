@@ -9,7 +9,6 @@ import time
 import httpx
 import numpy as np
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from opd.client import (
     AsyncTeacherClient,
@@ -26,19 +25,8 @@ from opd.shared.packed import PackedRequest
 from opd.shared.schemas import ScoreOptions, ScoreRequest, SequenceIn
 from tests.conftest import TEST_API_KEY
 from tests.inproc import serve_in_thread
+from tests.prom import metric, score_requests
 from tests.server.test_service_behaviour import SlowLoadingBackend
-
-
-def _requests_with_status(url: str, status: str) -> float:
-    text = httpx.get(url + "/metrics").text
-    return sum(
-        s.value
-        for fam in text_string_to_metric_families(text)
-        for s in fam.samples
-        if s.name == "opd_requests_total"
-        and s.labels.get("route") == "/v1/score"
-        and s.labels.get("status") == status
-    )
 
 
 def _batch(seed: int, n: int, lo: int, hi: int, k: int = 4, top_k: int = 4):
@@ -86,10 +74,10 @@ def test_large_batch_is_split_under_the_servers_limits(strict_server, tiny_serve
     """strict_server allows 4 sequences / 256 tokens / 4 KiB per request; 11 sequences of up to
     120 tokens must go out as several requests and come back whole, in order."""
     request = _batch(seed=3, n=11, lo=40, hi=120)
-    before = _requests_with_status(strict_server, "200")
+    before = score_requests(strict_server, status="200")
     with TeacherClient(strict_server, api_key=TEST_API_KEY, encoding=encoding) as client:
         split = client.score(request)
-    sent = _requests_with_status(strict_server, "200") - before
+    sent = score_requests(strict_server, status="200") - before
     assert sent >= 4, f"expected several requests, saw {sent}"
     with TeacherClient(tiny_server) as client:  # same model, no limits to speak of
         whole = client.score(request)
@@ -98,12 +86,12 @@ def test_large_batch_is_split_under_the_servers_limits(strict_server, tiny_serve
 
 def test_client_refuses_locally_what_the_server_would_refuse(strict_server):
     request = PackedRequest.from_arrays([[1, 2, 3], [1] * 200], [1, 1])
-    before = _requests_with_status(strict_server, "422")
+    before = score_requests(strict_server, status="422")
     client = TeacherClient(strict_server, api_key=TEST_API_KEY)
     with client, pytest.raises(ContractError) as info:
         client.score(request)
     assert info.value.field == "sequences[1].token_ids" and info.value.limit == 128
-    assert _requests_with_status(strict_server, "422") == before
+    assert score_requests(strict_server, status="422") == before
 
 
 def test_wrong_api_key_is_authentication_error(strict_server):
@@ -130,7 +118,7 @@ def test_429s_are_retried_with_backoff_until_served(coalescing_server):
     """The coalescing server holds only 64 queued tokens; 8 concurrent 40-token requests
     overflow it, get 429 + Retry-After, and the client retries each until it is served."""
     requests = [_batch(seed=i, n=1, lo=40, hi=41) for i in range(8)]
-    before = _requests_with_status(coalescing_server, "429")
+    before = score_requests(coalescing_server, status="429")
 
     async def run():
         async with AsyncTeacherClient(coalescing_server, max_retries=30) as client:
@@ -138,7 +126,7 @@ def test_429s_are_retried_with_backoff_until_served(coalescing_server):
 
     results = asyncio.run(run())
     assert all(r.n_sequences == 1 and len(r.token_logprobs_N) >= 1 for r in results)
-    assert _requests_with_status(coalescing_server, "429") > before
+    assert score_requests(coalescing_server, status="429") > before
 
 
 def test_connection_errors_are_retried_until_the_teacher_is_up(tiny_model_dir, tmp_path):
@@ -175,10 +163,4 @@ def test_503_while_loading_is_retried(tiny_model_dir):
             result = client.score(_batch(2, 3, 5, 30))
         assert result.n_sequences == 3
         text = httpx.get(url + "/metrics").text
-        refused = sum(
-            s.value
-            for fam in text_string_to_metric_families(text)
-            for s in fam.samples
-            if s.name == "opd_requests_total" and s.labels.get("status") == "503"
-        )
-        assert refused >= 1
+        assert metric(text, "opd_requests_total", status="503") >= 1

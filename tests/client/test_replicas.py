@@ -14,6 +14,7 @@ from opd.client.replicas import ReplicaSet, normalise_urls
 from opd.client.train_config import TrainConfig
 from opd.client.trainer import Trainer
 from opd.shared.packed import PackedRequest
+from tests.prom import score_requests
 
 _TIMING = ("time/", "throughput/")
 
@@ -89,23 +90,9 @@ def test_training_survives_a_replica_dying_mid_run(tiny_model_dir, tiny_student_
             assert y[key] == pytest.approx(value, rel=1e-4, abs=1e-6), (x["step"], key)
 
 
-def _score_requests(trainer: Trainer) -> dict[str, int]:
+def _score_requests(trainer: Trainer) -> dict[str, float]:
     """How many score requests each replica answered (from its /metrics)."""
-    import httpx
-    from prometheus_client.parser import text_string_to_metric_families
-
-    counts = {}
-    for url in trainer.config.teacher_url:
-        text = httpx.get(url + "/metrics").text
-        counts[url] = int(
-            sum(
-                s.value
-                for fam in text_string_to_metric_families(text)
-                for s in fam.samples
-                if s.name == "opd_requests_total" and s.labels.get("route") == "/v1/score"
-            )
-        )
-    return counts
+    return {url: score_requests(url) for url in trainer.config.teacher_url}
 
 
 def test_replicas_must_serve_the_same_model(tiny_server, smol_server):

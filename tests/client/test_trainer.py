@@ -14,6 +14,7 @@ import pytest
 from opd.client.metric_log import read_metrics
 from opd.client.train_config import TrainConfig
 from opd.client.trainer import Trainer
+from tests.prom import score_requests
 
 # Keys that depend on wall time, not on what was computed.
 _TIMING = ("time/", "throughput/")
@@ -196,19 +197,7 @@ def test_layer_subset_student(tiny_model_dir, tmp_path):
 def test_torchrun_two_processes_each_score_their_own_shard(tiny_server, tiny_student_dir, tmp_path):
     """`opd train` under torchrun with 2 CPU processes (gloo): DDP keeps one model, each rank
     sends its own prompts to the teacher, rank 0 logs and checkpoints."""
-    import httpx
-    from prometheus_client.parser import text_string_to_metric_families
-
-    def score_requests() -> float:
-        text = httpx.get(tiny_server + "/metrics").text
-        return sum(
-            s.value
-            for fam in text_string_to_metric_families(text)
-            for s in fam.samples
-            if s.name == "opd_requests_total" and s.labels.get("route") == "/v1/score"
-        )
-
-    before = score_requests()
+    before = score_requests(tiny_server)
     run_dir = tmp_path / "ddp"
     torchrun = Path(sys.executable).with_name("torchrun")
     cmd = [
@@ -246,7 +235,7 @@ def test_torchrun_two_processes_each_score_their_own_shard(tiny_server, tiny_stu
     assert [m["step"] for m in metrics] == [1, 2]  # rank 0 only writes
     assert all(m["dist/world_size"] == 2 for m in metrics)
     # 2 steps x 2 ranks x 1 prompt each: every rank scored its own shard
-    assert score_requests() - before == 4
+    assert score_requests(tiny_server) - before == 4
     ckpt = run_dir / "checkpoints" / "step_2"
     from safetensors.torch import load_file
 

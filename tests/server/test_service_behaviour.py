@@ -10,13 +10,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
-from prometheus_client.parser import text_string_to_metric_families
 
 from opd.client.launch import LocalTeacher
 from opd.server.app import create_app
 from opd.server.backends.hf import HFBackend
 from opd.server.settings import Settings
 from tests.inproc import serve_in_thread
+from tests.prom import metric
 
 
 def _body(n_tokens: int, seed: int = 0, top_k: int = 4) -> dict:
@@ -26,16 +26,6 @@ def _body(n_tokens: int, seed: int = 0, top_k: int = 4) -> dict:
         "top_k": top_k,
         "entropy": True,
     }
-
-
-def _metric(text: str, name: str, **labels: str) -> float:
-    """Sum of the samples called `name` whose labels include `labels` (Prometheus text)."""
-    total = 0.0
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                total += sample.value
-    return total
 
 
 def test_concurrent_clients_share_forward_passes(tiny_server):
@@ -51,10 +41,10 @@ def test_concurrent_clients_share_forward_passes(tiny_server):
             responses = list(pool.map(one, range(12)))
         assert all(r.status_code == 200 for r in responses)
         after = http.get("/metrics").text
-    passes = _metric(after, "opd_batch_sequences_count") - _metric(
+    passes = metric(after, "opd_batch_sequences_count") - metric(
         before, "opd_batch_sequences_count"
     )
-    seqs = _metric(after, "opd_batch_sequences_sum") - _metric(before, "opd_batch_sequences_sum")
+    seqs = metric(after, "opd_batch_sequences_sum") - metric(before, "opd_batch_sequences_sum")
     assert seqs == 12
     assert passes < 12, "12 concurrent requests should not need 12 forward passes"
 
@@ -150,8 +140,8 @@ def test_model_info_metrics_and_openapi(tiny_server):
         "opd_ready",
     ):
         assert name in text, name
-    assert _metric(text, "opd_requests_total", route="/v1/score", status="200") >= 1
-    assert _metric(text, "opd_scored_tokens_total") >= 11
+    assert metric(text, "opd_requests_total", route="/v1/score", status="200") >= 1
+    assert metric(text, "opd_scored_tokens_total") >= 11
     spec = httpx.get(tiny_server + "/openapi.json").json()
     content = spec["paths"]["/v1/score"]["post"]["requestBody"]["content"]
     assert "application/json" in content and "application/vnd.opd+msgpack" in content
