@@ -7,7 +7,6 @@ send and *how to read* the answer lives here, once.
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -111,34 +110,33 @@ def check_model_info(info: ModelInfo, config: ClientConfig) -> None:
         )
 
 
-def estimate_body_bytes(req: PackedRequest, idx: Sequence[int], encoding: Encoding) -> int:
-    lens = req.seq_lens_n[list(idx)]
-    n_scored = lens - req.score_from_n[list(idx)]
-    ints = int(lens.sum()) + int(n_scored.sum()) * req.n_candidates
+def _body_bytes(encoding: Encoding, n_seqs: int, ints: int, n_scored: int) -> int:
+    """Upper estimate of an encoded request's size from its counts."""
     if encoding == "msgpack":
-        return _MSGPACK_OVERHEAD + 4 * ints + 12 * len(idx) + 8
-    return 256 + _JSON_BYTES_PER_INT * ints + 64 * len(idx) + 4 * int(n_scored.sum())
+        return _MSGPACK_OVERHEAD + 4 * ints + 12 * n_seqs + 8
+    return 256 + _JSON_BYTES_PER_INT * ints + 64 * n_seqs + 4 * n_scored
 
 
 def split_indices(req: PackedRequest, limits: Limits, encoding: Encoding) -> list[list[int]]:
     """Cut a batch into consecutive chunks that respect every request-level limit, greedily."""
-    lens = req.seq_lens_n
+    lens, n_scored = req.seq_lens_n, req.n_scored_n
+    k = req.n_candidates
     chunks: list[list[int]] = []
     current: list[int] = []
-    tokens = 0
+    tokens = ints = scored = 0
     for i in range(req.n_sequences):
-        n = int(lens[i])
-        trial = [*current, i]
+        n, m = int(lens[i]), int(n_scored[i])
         too_big = (
-            len(trial) > limits.max_sequences
+            len(current) + 1 > limits.max_sequences
             or tokens + n > limits.max_total_tokens
-            or estimate_body_bytes(req, trial, encoding) > limits.max_body_bytes
+            or _body_bytes(encoding, len(current) + 1, ints + n + m * k, scored + m)
+            > limits.max_body_bytes
         )
         if current and too_big:
             chunks.append(current)
-            current, tokens = [], 0
+            current, tokens, ints, scored = [], 0, 0, 0
         current.append(i)
-        tokens += n
+        tokens, ints, scored = tokens + n, ints + n + m * k, scored + m
     if current:
         chunks.append(current)
     return chunks

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
@@ -42,15 +43,17 @@ class PackedRequest:
     def n_sequences(self) -> int:
         return len(self.seq_offsets_n1) - 1
 
-    @property
+    # Derived once per request (the arrays are never reassigned after packing): the batcher
+    # and the validator index them per sequence, which must not re-run a cumsum each time.
+    @cached_property
     def seq_lens_n(self) -> np.ndarray:
         return np.diff(self.seq_offsets_n1)
 
-    @property
+    @cached_property
     def n_scored_n(self) -> np.ndarray:
         return self.seq_lens_n - self.score_from_n
 
-    @property
+    @cached_property
     def scored_offsets_n1(self) -> np.ndarray:
         return offsets_from_lengths(self.n_scored_n)
 

@@ -136,7 +136,7 @@ def test_connection_errors_are_retried_until_the_teacher_is_up(tiny_model_dir, t
     starter = threading.Timer(1.0, teacher.start)
     starter.start()
     try:
-        with TeacherClient(url, max_retries=10, backoff_base_s=0.2, backoff_max_s=2) as client:
+        with TeacherClient(url, max_retries=40, backoff_base_s=0.2, backoff_max_s=2) as client:
             started = time.monotonic()
             result = client.score(_batch(1, 2, 5, 20))
             assert time.monotonic() - started >= 0.5  # it really had to wait

@@ -14,6 +14,7 @@ from opd.client.replicas import ReplicaSet, normalise_urls
 from opd.client.train_config import TrainConfig
 from opd.client.trainer import Trainer
 from opd.shared.packed import PackedRequest
+from tests.client.test_trainer import _config as train_config
 from tests.prom import score_requests
 
 _TIMING = ("time/", "throughput/")
@@ -38,23 +39,8 @@ def test_replica_set_round_robin_and_ejection():
     assert replicas.pick() == "b"  # all down: the one that comes back first
 
 
-def _config(student, urls, run_dir, **overrides) -> TrainConfig:
-    values = dict(
-        student=str(student),
-        teacher_url=urls,
-        prompts="shipped",
-        run_dir=str(run_dir),
-        seed=11,
-        max_steps=4,
-        prompts_per_step=2,
-        n_rollouts=2,
-        max_new_tokens=8,
-        lr=1e-3,
-        checkpoint_every=100,
-        tensorboard=False,
-    )
-    values.update(overrides)
-    return TrainConfig(**values)
+def _config(student, urls, run_dir) -> TrainConfig:
+    return train_config(student, urls, run_dir, seed=11, checkpoint_every=100)
 
 
 def test_training_survives_a_replica_dying_mid_run(tiny_model_dir, tiny_student_dir, tmp_path):

@@ -20,10 +20,10 @@ from tests.prom import score_requests
 _TIMING = ("time/", "throughput/")
 
 
-def _config(student: Path, url: str, run_dir: Path, **overrides) -> TrainConfig:
+def _config(student: Path, url: str | list[str], run_dir: Path, **overrides) -> TrainConfig:
     values = dict(
         student=str(student),
-        teacher_url=[url],
+        teacher_url=[url] if isinstance(url, str) else url,
         prompts="shipped",
         run_dir=str(run_dir),
         seed=3,
