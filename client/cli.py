@@ -4,6 +4,7 @@
     opd train --student PATH --teacher-url http://HOST:8000 --prompts FILE [options]
     opd quickstart          # OPD end to end on the embedded SmolLM2, no flags
     opd score-demo          # the teacher service scoring an example
+    opd bench               # scoring throughput/latency/memory/payload vs naive HF and vLLM
 
 Server-side imports (torch, FastAPI) happen inside the commands that need them, so the client
 install stays light.
@@ -172,6 +173,95 @@ def score_demo(
     from opd.client.score_demo import run_score_demo
 
     run_score_demo(prompt)
+
+
+@app.command()
+def bench(
+    model: Annotated[
+        str | None, typer.Option(help="model folder; default: embedded SmolLM2")
+    ] = None,
+    sequences: Annotated[int, typer.Option(help="sequences per round")] = 32,
+    prompt_len: Annotated[int, typer.Option(help="prompt tokens (not scored)")] = 64,
+    completion_len: Annotated[int, typer.Option(help="completion tokens (scored)")] = 192,
+    top_k: Annotated[int, typer.Option(help="teacher top-k")] = 16,
+    candidates: Annotated[int, typer.Option(help="caller-chosen candidate ids per position")] = 16,
+    seqs_per_request: Annotated[int, typer.Option(help="sequences per HTTP request")] = 4,
+    concurrency: Annotated[list[int], typer.Option(help="concurrent clients (repeatable)")] = [  # noqa: B006
+        1,
+        8,
+    ],
+    rounds: Annotated[int, typer.Option(help="measured rounds per contender")] = 3,
+    contender: Annotated[
+        list[str] | None,
+        typer.Option(help="inprocess|http-binary|http-json|naive|vllm|matmul|longseq; default all"),
+    ] = None,
+    opd_vllm: Annotated[
+        bool, typer.Option(help="also the opd service on its vLLM backend")
+    ] = False,
+    threads: Annotated[int | None, typer.Option(help="torch threads (default: all cores)")] = None,
+    long_seq_len: Annotated[int, typer.Option(help="tokens of the long-sequence test")] = 4096,
+    out_dir: Annotated[
+        str, typer.Option(help="where JSON + markdown results go")
+    ] = "bench-results",
+) -> None:
+    """Benchmark scoring: in-process, HTTP binary/JSON, naive HF, vLLM prompt_logprobs, limit."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from opd.bench.runner import ALL_CONTENDERS, BenchConfig, run_bench
+    from opd.bench.workload import WorkloadConfig
+
+    cfg = BenchConfig(
+        model=model,
+        workload=WorkloadConfig(
+            sequences=sequences,
+            prompt_len=prompt_len,
+            completion_len=completion_len,
+            top_k=top_k,
+            candidates=candidates,
+            seqs_per_request=seqs_per_request,
+        ),
+        rounds=rounds,
+        concurrency=tuple(concurrency),
+        contenders=tuple(contender) if contender else ALL_CONTENDERS,
+        opd_vllm=opd_vllm,
+        threads=threads,
+        long_seq_len=long_seq_len,
+        out_dir=out_dir,
+    )
+    unknown = set(cfg.contenders) - set(ALL_CONTENDERS)
+    if unknown:
+        raise typer.BadParameter(f"unknown contender(s) {sorted(unknown)}; one of {ALL_CONTENDERS}")
+    console = Console()
+    report = run_bench(cfg, log=lambda msg: console.print(f"[dim]{msg}[/dim]"))
+    inproc = report["contenders"].get("in-process", {}).get("tokens_per_s")
+    table = Table(title=f"opd bench: {report['model']}")
+    for col in ("contender", "tokens/s", "x in-proc", "p50 ms", "p99 ms", "B/token", "peak GB"):
+        table.add_column(col, justify="left" if col == "contender" else "right")
+    for name, v in report["contenders"].items():
+        table.add_row(
+            name,
+            f"{v['tokens_per_s']:.0f}",
+            f"{v['tokens_per_s'] / inproc:.2f}" if inproc else "-",
+            f"{v['p50_ms']:.0f}",
+            f"{v['p99_ms']:.0f}",
+            f"{v['bytes_per_token']:.0f}" if v["bytes_per_token"] else "-",
+            f"{v['peak_rss_bytes'] / 1e9:.2f}" if v["peak_rss_bytes"] else "-",
+        )
+    if report["limit"]:
+        lim = report["limit"]
+        table.add_row("matmul-bound limit", f"{lim['tokens_per_s']:.0f}", "", "", "", "", "")
+    console.print(table)
+    for t in report["targets"]:
+        mark = "[green]met[/green]" if t["met"] else "[red]NOT met[/red]"
+        console.print(f"{t['target']}: {t['value']:.3f} (bound {t['bound']}) {mark}")
+    if report["long_sequence"]:
+        ls = report["long_sequence"]
+        console.print(
+            f"long sequence {ls['tokens']} tokens: chunked {ls['chunked_peak_bytes'] / 1e6:.0f} MB"
+            f" vs full logits {ls['full_peak_bytes'] / 1e6:.0f} MB"
+        )
+    console.print(f"results: {report['path']}")
 
 
 def main() -> None:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from opd.server.backends.base import Backend, ScoreItem
+from opd.server.backends.base import Backend, ScoreItem, items_from_request
 from opd.server.metrics import Metrics
 from opd.server.scoring import ScoredRows
 from opd.shared.packed import PackedRequest, PackedResult
@@ -129,14 +129,7 @@ class Batcher:
         loop = asyncio.get_running_loop()
         n = request.n_sequences
         job = _Job(request, loop.create_future(), [None] * n, n)
-        offs = request.seq_offsets_n1
-        for i in range(n):
-            item = ScoreItem(
-                token_ids=request.token_ids_T[offs[i] : offs[i + 1]],
-                score_from=int(request.score_from_n[i]),
-                candidate_ids=request.candidates(i),
-                options=request.options,
-            )
+        for i, item in enumerate(items_from_request(request)):
             self._pending.append(_Entry(job, i, item))
         self._queued_tokens += tokens
         self.metrics.queue_tokens.set(self._queued_tokens)

