@@ -99,8 +99,10 @@ def _payload_bytes_out(url: str) -> float:
 class OPDServer:
     """One `opd serve` process shared by the HTTP contenders of one backend."""
 
-    def __init__(self, model: str, backend: str, log: Path, threads: int | None) -> None:
-        env = {"OPD_LOG_LEVEL": "warning", "OPD_DTYPE": "float32", "OPD_DEVICE": "cpu"}
+    def __init__(
+        self, model: str, backend: str, log: Path, threads: int | None, device: str = "cpu"
+    ) -> None:
+        env = {"OPD_LOG_LEVEL": "warning", "OPD_DTYPE": "float32", "OPD_DEVICE": device}
         if threads:
             env["OPD_TORCH_THREADS"] = str(threads)
         extra = ["--backend", backend]
@@ -154,7 +156,13 @@ class VLLMServerContender:
     most users run today. Its engine is bound to all of this machine's cores."""
 
     def __init__(
-        self, name: str, model: str, wl: WorkloadConfig, concurrency: int, log: Path
+        self,
+        name: str,
+        model: str,
+        wl: WorkloadConfig,
+        concurrency: int,
+        log: Path,
+        device: str = "cpu",
     ) -> None:
         self.name, self.model, self.wl, self.concurrency = name, model, wl, concurrency
         self.port = free_port()
@@ -185,6 +193,11 @@ class VLLMServerContender:
             "--host",
             "127.0.0.1",
         ]
+        if device.startswith("cuda"):  # the GPU is shared with the other contenders
+            cmd += [
+                "--gpu-memory-utilization",
+                os.environ.get("OPD_GPU_MEMORY_UTILIZATION", "0.25"),
+            ]
         self._log = open(log, "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 600

@@ -39,6 +39,7 @@ class BenchConfig:
     contenders: tuple[str, ...] = ALL_CONTENDERS
     opd_vllm: bool = False  # also the opd service on its vLLM backend
     threads: int | None = None
+    device: str = "cpu"
     long_seq_len: int = 4096
     chunk_tokens: int = 256
     matmul_n: int = 2048
@@ -112,6 +113,7 @@ def run_bench(cfg: BenchConfig, log=print) -> dict[str, Any]:
         "model": model,
         "workload": wl.to_dict(),
         "threads": cfg.threads,
+        "device": cfg.device,
         "long_seq_len": cfg.long_seq_len,
         "chunk_tokens": cfg.chunk_tokens,
         "matmul_n": cfg.matmul_n,
@@ -128,7 +130,9 @@ def run_bench(cfg: BenchConfig, log=print) -> dict[str, Any]:
         backends = ["hf"] + (["vllm"] if cfg.opd_vllm else [])
         if {"http-binary", "http-json"} & set(cfg.contenders) or cfg.opd_vllm:
             for backend in backends:
-                server = OPDServer(model, backend, logs / f"opd-{backend}.log", cfg.threads)
+                server = OPDServer(
+                    model, backend, logs / f"opd-{backend}.log", cfg.threads, cfg.device
+                )
                 servers.append(server)
                 if backend == "vllm":  # the cost of the vLLM backend, at full concurrency
                     c = max(cfg.concurrency)
@@ -148,7 +152,12 @@ def run_bench(cfg: BenchConfig, log=print) -> dict[str, Any]:
             c = max(cfg.concurrency)
             contenders.append(
                 VLLMServerContender(
-                    f"vLLM prompt_logprobs c{c}", model, wl, c, logs / "vllm-openai.log"
+                    f"vLLM prompt_logprobs c{c}",
+                    model,
+                    wl,
+                    c,
+                    logs / "vllm-openai.log",
+                    cfg.device,
                 )
             )
         matmul = None

@@ -50,7 +50,9 @@ class InProcess:
         from opd.server.backends.hf import HFBackend
         from opd.server.settings import Settings
 
-        settings = Settings(model=cfg["model"], dtype="float32", device="cpu", warmup=False)
+        settings = Settings(
+            model=cfg["model"], dtype="float32", device=cfg.get("device", "cpu"), warmup=False
+        )
         self.backend = HFBackend(settings)
         info = self.backend.load()
         self.requests = make_requests(WorkloadConfig(**cfg["workload"]), info.vocab_size)
@@ -73,8 +75,9 @@ class Naive:
     def __init__(self, cfg: dict[str, Any]) -> None:
         from transformers import AutoModelForCausalLM
 
+        self.device = torch.device(cfg.get("device", "cpu"))
         self.model = AutoModelForCausalLM.from_pretrained(cfg["model"], dtype=torch.float32)
-        self.model.eval()
+        self.model.to(self.device).eval()
         self.wl = WorkloadConfig(**cfg["workload"])
         self.requests = make_requests(self.wl, int(self.model.config.vocab_size))
 
@@ -87,14 +90,16 @@ class Naive:
             for i in range(req.n_sequences):
                 ids[i, : lens[i]] = torch.from_numpy(req.tokens(i).astype(np.int64))
                 mask[i, : lens[i]] = 1
-            logits = self.model(input_ids=ids, attention_mask=mask).logits.float()
+            logits = self.model(
+                input_ids=ids.to(self.device), attention_mask=mask.to(self.device)
+            ).logits.float()
             logp = torch.log_softmax(logits, dim=-1)
             out = []
             for i in range(req.n_sequences):
                 sf, n = int(req.score_from_n[i]), int(lens[i])
                 rows = logp[i, sf - 1 : n - 1]
                 vals, top = rows.topk(self.wl.top_k, dim=-1)
-                actual = torch.from_numpy(req.tokens(i)[sf:n].astype(np.int64))
+                actual = torch.from_numpy(req.tokens(i)[sf:n].astype(np.int64)).to(self.device)
                 actual_lp = rows.gather(1, actual[:, None])[:, 0]
                 positions = []
                 for t in range(rows.shape[0]):
@@ -107,15 +112,23 @@ class Naive:
         return _timed_round(self.requests, score)
 
 
-def matmul_rate(n: int = 2048, reps: int = 8) -> float:
-    """Median float32 FLOP/s of an n x n x n torch matmul on this machine's threads."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_rate(n: int = 2048, reps: int = 8, device: str = "cpu") -> float:
+    """Median float32 FLOP/s of an n x n x n torch matmul on this machine's threads (or GPU)."""
+    dev = torch.device(device)
+    a, b = torch.randn(n, n, device=dev), torch.randn(n, n, device=dev)
     for _ in range(2):
         a @ b
+    _sync(dev)
     rates = []
     for _ in range(reps):
         t0 = time.perf_counter()
         a @ b
+        _sync(dev)
         rates.append(2 * n**3 / (time.perf_counter() - t0))
     return statistics.median(rates)
 
@@ -123,9 +136,10 @@ def matmul_rate(n: int = 2048, reps: int = 8) -> float:
 class Matmul:
     def __init__(self, cfg: dict[str, Any]) -> None:
         self.n = int(cfg.get("matmul_n", 2048))
+        self.device = cfg.get("device", "cpu")
 
     def round(self) -> dict[str, Any]:
-        return {"flops_per_s": matmul_rate(self.n)}
+        return {"flops_per_s": matmul_rate(self.n, device=self.device)}
 
 
 def full_logits_math(head_w: torch.Tensor, h: torch.Tensor, targets, cands, top_k: int) -> None:
@@ -146,16 +160,25 @@ class LongSeq:
         from opd.server.backends.head_weights import load_head
 
         config = AutoConfig.from_pretrained(cfg["model"])
-        self.head = load_head(cfg["model"], config, torch.float32, torch.device("cpu"))
+        self.device = torch.device(cfg.get("device", "cpu"))
+        self.head = load_head(cfg["model"], config, torch.float32, self.device)
         self.tokens = int(cfg.get("long_seq_len", 4096))
         self.chunk = int(cfg.get("chunk_tokens", 256))
         g = torch.Generator().manual_seed(0)
         vocab, hidden = self.head.weight_VH.shape
-        self.h = torch.randn(self.tokens, hidden, generator=g)
-        self.targets = torch.randint(0, vocab, (self.tokens,), generator=g)
-        self.cands = torch.randint(0, vocab, (self.tokens, 16), generator=g)
+        self.h = torch.randn(self.tokens, hidden, generator=g).to(self.device)
+        self.targets = torch.randint(0, vocab, (self.tokens,), generator=g).to(self.device)
+        self.cands = torch.randint(0, vocab, (self.tokens, 16), generator=g).to(self.device)
 
     def _peak_of(self, fn: Callable[[], None]) -> int:
+        """Peak extra memory of fn: host RSS on CPU, the CUDA allocator's peak on a GPU."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            base = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            fn()
+            torch.cuda.synchronize(self.device)
+            return torch.cuda.max_memory_allocated(self.device) - base
         reset_peak()
         base = rss_bytes()
         fn()

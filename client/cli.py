@@ -199,6 +199,7 @@ def bench(
         bool, typer.Option(help="also the opd service on its vLLM backend")
     ] = False,
     threads: Annotated[int | None, typer.Option(help="torch threads (default: all cores)")] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda (servers, workers and limit)")] = "cpu",
     long_seq_len: Annotated[int, typer.Option(help="tokens of the long-sequence test")] = 4096,
     out_dir: Annotated[
         str, typer.Option(help="where JSON + markdown results go")
@@ -226,6 +227,7 @@ def bench(
         contenders=tuple(contender) if contender else ALL_CONTENDERS,
         opd_vllm=opd_vllm,
         threads=threads,
+        device=device,
         long_seq_len=long_seq_len,
         out_dir=out_dir,
     )

@@ -8,7 +8,7 @@ token is scored, the LM head weight W_VH and the options, it returns per positio
     token  = z[target] - lse                   log q of the actual next token
     cands  = z[cand_ids] - lse                 log q at caller-chosen ids (e.g. student's top-k)
     top-k  = topk(z) - lse                     teacher's own top-k ids and log-probs
-    H      = lse - sum_v softmax(z)_v z_v      exact full-vocabulary entropy (nats)
+    H      = lse - sum_v softmax(z)_v z_v      exact full-vocab entropy (nats), with lse
 
 The LM head runs only on scored positions and in chunks of `chunk_tokens` rows, so a [T, V]
 float32 logits tensor never exists for a long sequence: peak extra memory is about
@@ -91,8 +91,16 @@ def score_hidden(
         b = min(n, a + step)
         z = head_logits(head, hidden_NH[a:b])
         if temperature != 1.0:
-            z = z / temperature
-        lse = torch.logsumexp(z, dim=-1)
+            z.div_(temperature)
+        # log-sum-exp and entropy in one pass over the chunk, relative to the row max (no
+        # cancellation): d = z - max, S = sum e^d, lse = max + log S, H = log S - sum(e^d d) / S.
+        # Two [chunk, V] temporaries; torch's cascade sums keep float32 error ~1e-6.
+        zmax = z.amax(dim=-1, keepdim=True)
+        d = z - zmax
+        e = d.exp()
+        total = e.sum(-1)
+        log_total = total.log()
+        lse = zmax.squeeze(-1) + log_total
         token_lp[a:b] = z.gather(1, targets[a:b, None]).squeeze(1) - lse
         if cand_lp is not None and cands is not None:
             cand_lp[a:b] = z.gather(1, cands[a:b]) - lse[:, None]
@@ -101,13 +109,9 @@ def score_hidden(
             top_ids[a:b] = idx
             top_lp[a:b] = vals - lse[:, None]
         if ent is not None:
-            # Two [chunk, V] temporaries: log q, then q * log q computed in place in q's buffer.
-            # q * log q is 0 where q underflows to 0 (for -inf logits it would be nan: zeroed).
-            logp = z - lse[:, None]
-            plogp = logp.exp().mul_(logp).nan_to_num_(nan=0.0)
-            ent[a:b] = -plogp.sum(-1)
-            del logp, plogp
-        del z
+            # e * d is 0 where e underflows to 0; for -inf logits (d = -inf) it would be nan.
+            ent[a:b] = log_total - e.mul_(d).nan_to_num_(nan=0.0).sum(-1) / total
+        del z, d, e
 
     def out(x: torch.Tensor | None, dtype: type = np.float32) -> np.ndarray | None:
         return None if x is None else x.cpu().numpy().astype(dtype, copy=False)

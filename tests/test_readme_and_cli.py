@@ -57,7 +57,7 @@ def test_cli_help_lists_the_commands():
         [sys.executable, "-m", "opd.client.cli", "--help"], capture_output=True, text=True
     )
     assert out.returncode == 0
-    for command in ("serve", "train", "quickstart", "score-demo"):
+    for command in ("serve", "train", "quickstart", "score-demo", "bench"):
         assert command in out.stdout
 
 

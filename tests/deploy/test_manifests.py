@@ -170,3 +170,20 @@ def test_cpu_image_dockerfile_matches_the_service():
     assert health and health.group(1) in SERVER_ROUTES
     assert "download.pytorch.org/whl/cpu" in text  # never the multi-GB CUDA build here
     assert '["opd", "serve"]' in text
+
+
+def test_gpu_image_dockerfile_serves_the_vllm_backend():
+    text = (ROOT / "deploy" / "docker" / "Dockerfile.gpu").read_text()
+    assert re.search(r"^ARG VLLM_IMAGE=vllm/vllm-openai:v\d", text, re.M)
+    assert re.search(r"^USER 10001$", text, re.M)
+    assert re.search(r"^EXPOSE 8000$", text, re.M)
+    assert re.search(r"OPD_BACKEND=vllm", text)
+    health = re.search(r"HEALTHCHECK .*?(/\w+)'", text, re.S)
+    assert health and health.group(1) in SERVER_ROUTES
+    assert '["opd", "serve"]' in text
+    # the GPU overlay runs that backend, with settings the server reads
+    data = one(render("gpu"), "ConfigMap")["data"]
+    assert data["OPD_BACKEND"] == "vllm"
+    from opd.server.settings import Settings
+
+    Settings(**{k.removeprefix("OPD_").lower(): v for k, v in data.items()})
