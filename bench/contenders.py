@@ -65,23 +65,19 @@ class WorkerContender:
 
 def _concurrent_round(requests: list, concurrency: int, send) -> dict[str, Any]:
     """Send every request with `concurrency` threads; latency of each, total wall time."""
-    latencies: list[float] = []
-    total_bytes = 0
 
-    def one(req: Any) -> None:
-        nonlocal total_bytes
+    def one(req: Any) -> tuple[float, int]:
         t0 = time.perf_counter()
         n_bytes = send(req)
-        latencies.append(time.perf_counter() - t0)
-        total_bytes += n_bytes
+        return time.perf_counter() - t0, n_bytes
 
     started = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
-        list(pool.map(one, requests))
+        done = list(pool.map(one, requests))
     return {
         "seconds": time.perf_counter() - started,
-        "latencies": latencies,
-        "response_bytes": total_bytes,
+        "latencies": [lat for lat, _ in done],
+        "response_bytes": sum(n for _, n in done),
     }
 
 
