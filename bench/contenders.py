@@ -96,17 +96,9 @@ class OPDServer:
     """One `opd serve` process shared by the HTTP contenders of one backend."""
 
     def __init__(
-        self,
-        model: str,
-        backend: str,
-        log: Path,
-        threads: int | None,
-        device: str = "cpu",
-        compile: bool = False,
+        self, model: str, backend: str, log: Path, threads: int | None, device: str = "cpu"
     ) -> None:
         env = {"OPD_LOG_LEVEL": "warning", "OPD_DTYPE": "float32", "OPD_DEVICE": device}
-        if compile and backend == "hf":
-            env["OPD_COMPILE"] = "true"
         if threads:
             env["OPD_TORCH_THREADS"] = str(threads)
         extra = ["--backend", backend]

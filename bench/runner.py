@@ -40,7 +40,6 @@ class BenchConfig:
     opd_vllm: bool = False  # also the opd service on its vLLM backend
     threads: int | None = None
     device: str = "cpu"
-    compile: bool = False  # torch.compile opd's HF decoder, in-process and in the server
     long_seq_len: int = 4096
     chunk_tokens: int = 256
     matmul_n: int = 2048
@@ -115,7 +114,6 @@ def run_bench(cfg: BenchConfig, log=print) -> dict[str, Any]:
         "workload": wl.to_dict(),
         "threads": cfg.threads,
         "device": cfg.device,
-        "compile": cfg.compile,
         "long_seq_len": cfg.long_seq_len,
         "chunk_tokens": cfg.chunk_tokens,
         "matmul_n": cfg.matmul_n,
@@ -133,12 +131,7 @@ def run_bench(cfg: BenchConfig, log=print) -> dict[str, Any]:
         if {"http-binary", "http-json"} & set(cfg.contenders) or cfg.opd_vllm:
             for backend in backends:
                 server = OPDServer(
-                    model,
-                    backend,
-                    logs / f"opd-{backend}.log",
-                    cfg.threads,
-                    cfg.device,
-                    cfg.compile,
+                    model, backend, logs / f"opd-{backend}.log", cfg.threads, cfg.device
                 )
                 servers.append(server)
                 if backend == "vllm":  # the cost of the vLLM backend, at full concurrency

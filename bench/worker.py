@@ -51,17 +51,11 @@ class InProcess:
         from opd.server.settings import Settings
 
         settings = Settings(
-            model=cfg["model"],
-            dtype="float32",
-            device=cfg.get("device", "cpu"),
-            warmup=False,
-            compile=bool(cfg.get("compile")),
+            model=cfg["model"], dtype="float32", device=cfg.get("device", "cpu"), warmup=False
         )
         self.backend = HFBackend(settings)
         info = self.backend.load()
         self.requests = make_requests(WorkloadConfig(**cfg["workload"]), info.vocab_size)
-        if settings.compile:
-            self.round()  # compiles before the runner's own warm-up round
 
     def round(self) -> dict[str, Any]:
         from opd.server.backends.base import items_from_request

@@ -43,9 +43,6 @@ def serve(
     enforce_eager: Annotated[
         bool | None, typer.Option("--enforce-eager/--no-enforce-eager", help="vllm: no graphs")
     ] = None,
-    compile: Annotated[
-        bool | None, typer.Option("--compile/--no-compile", help="hf: torch.compile the decoder")
-    ] = None,
     enable_prefix_caching: Annotated[
         bool | None,
         typer.Option("--enable-prefix-caching/--no-enable-prefix-caching", help="vllm"),
@@ -70,7 +67,6 @@ def serve(
             "gpu_memory_utilization": gpu_memory_utilization,
             "enforce_eager": enforce_eager,
             "enable_prefix_caching": enable_prefix_caching,
-            "compile": compile,
         }.items()
         if v is not None
     }
@@ -204,9 +200,6 @@ def bench(
     ] = False,
     threads: Annotated[int | None, typer.Option(help="torch threads (default: all cores)")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda (servers, workers and limit)")] = "cpu",
-    compile: Annotated[
-        bool, typer.Option(help="torch.compile opd's HF decoder (both sides)")
-    ] = False,
     long_seq_len: Annotated[int, typer.Option(help="tokens of the long-sequence test")] = 4096,
     out_dir: Annotated[
         str, typer.Option(help="where JSON + markdown results go")
@@ -235,7 +228,6 @@ def bench(
         opd_vllm=opd_vllm,
         threads=threads,
         device=device,
-        compile=compile,
         long_seq_len=long_seq_len,
         out_dir=out_dir,
     )

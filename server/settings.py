@@ -32,10 +32,6 @@ class Settings(BaseSettings):
     max_model_len: int | None = Field(default=None, ge=2, description="cap on the model context")
     cache_dir: str | None = Field(default=None, description="where the embedded model is cached")
     torch_threads: int | None = Field(default=None, ge=1, description="torch intra-op threads")
-    compile: bool = Field(
-        default=False,
-        description="hf: torch.compile the decoder (faster passes after a compile of minutes)",
-    )
 
     # --- vLLM backend only (ignored by hf)
     tensor_parallel_size: int = Field(default=1, ge=1, description="GPUs one replica spans")

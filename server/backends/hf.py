@@ -138,11 +138,6 @@ class HFBackend:
         model.requires_grad_(False)
         self.model = model
         self.decoder = model.get_decoder()
-        if self.settings.compile:
-            # Fuses the decoder's element-wise ops (norms, activations, residuals) that eager
-            # mode runs as separate memory passes; dynamic shapes, since packs vary in size.
-            # The first pass compiles (the server's warm-up does it before reporting ready).
-            self.decoder = torch.compile(self.decoder, dynamic=True)
         self.head = head_spec_for(model)
         info = describe_model(
             path,
