@@ -99,7 +99,9 @@ def smol_server(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     """The real SmolLM2-135M-Instruct teacher, started as `opd serve` with no --model: the
     embedded default (already converted into OPD_CACHE_DIR by the smollm2_dir fixture)."""
     log = tmp_path_factory.mktemp("logs") / "smol.log"
-    teacher = LocalTeacher(None, env={"OPD_LOG_LEVEL": "warning"}, log_path=log)
+    # float32 explicitly: `auto` would pick bfloat16 on a GPU (deploy/gpu-check.sh runs these)
+    env = {"OPD_LOG_LEVEL": "warning", "OPD_DTYPE": "float32"}
+    teacher = LocalTeacher(None, env=env, log_path=log)
     teacher.start()
     yield teacher.url
     teacher.stop()
