@@ -62,3 +62,22 @@ def assert_matches(result, ref: Reference, token_ids, score_from, candidates, to
         assert all(len(set(row)) == top_k for row in result.top_k_ids.tolist())
     if result.entropy is not None:
         np.testing.assert_allclose(result.entropy, ref.entropy(), atol=atol, rtol=0)
+
+
+def chat_batch(tokenizer, pairs, rng: np.random.Generator, random_len: int, k: int = 16):
+    """Sequences of chat-template prompt + answer, scored from the answer on, with k random
+    candidate ids per scored position; plus one random sequence of random_len scored from 1."""
+    seqs, score_from, cands = [], [], []
+    for prompt, answer in pairs:
+        ctx = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+        )
+        ctx_ids = tokenizer(ctx, add_special_tokens=False)["input_ids"]
+        ans_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+        seqs.append(np.array(ctx_ids + ans_ids))
+        score_from.append(len(ctx_ids))
+        cands.append(rng.integers(0, len(tokenizer), (len(ans_ids), k)))
+    seqs.append(rng.integers(0, len(tokenizer), random_len))
+    score_from.append(1)
+    cands.append(rng.integers(0, len(tokenizer), (random_len - 1, k)))
+    return seqs, score_from, cands

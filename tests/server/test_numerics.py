@@ -15,7 +15,7 @@ import pytest
 from opd.client import TeacherClient
 from opd.shared.packed import PackedRequest
 from opd.shared.schemas import ScoreOptions
-from tests.reference import ReferenceModel, assert_matches
+from tests.reference import ReferenceModel, assert_matches, chat_batch
 
 
 def _random_batch(rng: np.random.Generator, n: int, vocab: int, max_len: int, k: int):
@@ -84,20 +84,8 @@ def test_real_smollm2_matches_float64_reference(smol_server, smollm2_dir):
     rng = np.random.default_rng(0)
     prompts = ["What is 2 + 2?", "Name a colour.", "Write a haiku about rain."]
     answers = ["2 + 2 equals 4.", "Blue is a colour.", "Soft rain on the roof, quiet night."]
-    seqs, sf, cands = [], [], []
-    for p, a in zip(prompts, answers, strict=True):
-        ctx = tokenizer.apply_chat_template(
-            [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False
-        )
-        ctx_ids = tokenizer(ctx, add_special_tokens=False)["input_ids"]
-        ans_ids = tokenizer(a, add_special_tokens=False)["input_ids"]
-        seqs.append(np.array(ctx_ids + ans_ids))
-        sf.append(len(ctx_ids))
-        cands.append(rng.integers(0, len(tokenizer), (len(ans_ids), 16)))
-    # one fully random sequence too (scored from position 1)
-    seqs.append(rng.integers(0, len(tokenizer), 40))
-    sf.append(1)
-    cands.append(rng.integers(0, len(tokenizer), (39, 16)))
+    # plus one fully random sequence (scored from position 1)
+    seqs, sf, cands = chat_batch(tokenizer, zip(prompts, answers, strict=True), rng, 40)
     options = ScoreOptions(top_k=16, entropy=True)
     with TeacherClient(smol_server) as client:
         result = client.score(PackedRequest.from_arrays(seqs, sf, cands, options))

