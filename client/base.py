@@ -20,7 +20,13 @@ from opd.shared.codec import (
 )
 from opd.shared.limits import Limits
 from opd.shared.packed import PackedRequest, PackedResult
-from opd.shared.schemas import ModelInfo, ScoreRequest
+from opd.shared.schemas import (
+    GenerateRequest,
+    GenerateResponse,
+    GenerateUsage,
+    ModelInfo,
+    ScoreRequest,
+)
 from opd.shared.validation import validate_request
 from opd.shared.version import JSON_MEDIA_TYPE, MSGPACK_MEDIA_TYPE, PROTOCOL_MAJOR
 
@@ -200,3 +206,56 @@ def backoff_delay(config: ClientConfig, attempt: int, retry_after: float | None)
 
 def merge(parts: list[PackedResult]) -> PackedResult:
     return parts[0] if len(parts) == 1 else PackedResult.concat(parts)
+
+
+# ---- POST /v1/generate ------------------------------------------------------------------------
+
+
+def split_generate(req: GenerateRequest, limits: Limits) -> list[GenerateRequest]:
+    """Requests of at most max_sequences prompts each. A chunk starting at prompt o carries
+    seed + o, so prompt i still samples with seed + i (the server's rule) after the split."""
+    if req.n > limits.max_generate_n:
+        raise ValueError(f"n={req.n} exceeds the teacher's max_generate_n={limits.max_generate_n}")
+    if req.max_tokens > limits.max_generate_tokens:
+        raise ValueError(
+            f"max_tokens={req.max_tokens} exceeds the teacher's max_generate_tokens="
+            f"{limits.max_generate_tokens}"
+        )
+    items: list[Any] = list(req.prompts or req.prompt_token_ids or [])
+    key = "prompts" if req.prompts is not None else "prompt_token_ids"
+    step = limits.max_sequences
+    if len(items) <= step:
+        return [req]
+    return [
+        req.model_copy(
+            update={key: items[o : o + step], "seed": None if req.seed is None else req.seed + o}
+        )
+        for o in range(0, len(items), step)
+    ]
+
+
+def generate_body(req: GenerateRequest) -> tuple[bytes, dict[str, str]]:
+    body = req.model_dump_json(exclude_none=True).encode()
+    return body, {"Content-Type": JSON_MEDIA_TYPE, "Accept": JSON_MEDIA_TYPE}
+
+
+def decode_generate(response: httpx.Response) -> GenerateResponse:
+    if response.status_code >= 300:
+        raise parse_error(
+            response.status_code, response.content, response.headers.get("retry-after")
+        )
+    return GenerateResponse.model_validate_json(response.content)
+
+
+def merge_generate(parts: list[GenerateResponse]) -> GenerateResponse:
+    if len(parts) == 1:
+        return parts[0]
+    return GenerateResponse(
+        model=parts[0].model,
+        results=[r for p in parts for r in p.results],
+        usage=GenerateUsage(
+            prompts=sum(p.usage.prompts for p in parts),
+            prompt_tokens=sum(p.usage.prompt_tokens for p in parts),
+            completion_tokens=sum(p.usage.completion_tokens for p in parts),
+        ),
+    )

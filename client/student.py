@@ -16,6 +16,9 @@ from pathlib import Path
 
 import torch
 
+# Re-exported: the rendering lives in the contract, shared with the server's /v1/generate.
+from opd.shared.chat import chat_prompt_ids as chat_prompt_ids
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -64,13 +67,3 @@ def load_student(path: str, dtype: str = "float32", device: str = "cpu", grad_ck
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
     return model, tokenizer
-
-
-def chat_prompt_ids(tokenizer, prompt: str) -> list[int]:
-    """Token ids of `prompt` as a user turn with the assistant turn opened (chat template)."""
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
-        )
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    return list(tokenizer(prompt)["input_ids"])

@@ -36,7 +36,7 @@ from opd.client.errors import (
 )
 from opd.client.replicas import ReplicaSet, normalise_urls
 from opd.shared.packed import PackedRequest, PackedResult
-from opd.shared.schemas import ModelInfo, ScoreRequest
+from opd.shared.schemas import GenerateRequest, GenerateResponse, ModelInfo, ScoreRequest
 
 logger = logging.getLogger(__name__)
 
@@ -148,6 +148,22 @@ class TeacherClient:
 
         return base.decode(self._with_retries(send))
 
+    def generate(self, request: GenerateRequest) -> GenerateResponse:
+        """Teacher completions (POST /v1/generate), split under the teacher's limits."""
+        info = self.connect()
+        parts = base.split_generate(request, info.limits)
+        return base.merge_generate(list(self._pool.map(self._generate_one, parts)))
+
+    def _generate_one(self, req: GenerateRequest) -> GenerateResponse:
+        body, headers = base.generate_body(req)
+
+        def send(url: str) -> httpx.Response:
+            return _raise_retryable(
+                self._http.post(url + "/v1/generate", content=body, headers=headers)
+            )
+
+        return base.decode_generate(self._with_retries(send))
+
     def _with_retries(
         self, send: Callable[[str], httpx.Response], pin: str | None = None
     ) -> httpx.Response:
@@ -240,6 +256,24 @@ class AsyncTeacherClient:
             return _raise_retryable(response)
 
         return base.decode(await self._with_retries(send))
+
+    async def generate(self, request: GenerateRequest) -> GenerateResponse:
+        """Teacher completions (POST /v1/generate), split under the teacher's limits."""
+        info = await self.connect()
+        parts = base.split_generate(request, info.limits)
+        return base.merge_generate(list(await asyncio.gather(*map(self._generate_one, parts))))
+
+    async def _generate_one(self, req: GenerateRequest) -> GenerateResponse:
+        body, headers = base.generate_body(req)
+
+        async def send(url: str) -> httpx.Response:
+            async with self._limit:
+                response = await self._http.post(
+                    url + "/v1/generate", content=body, headers=headers
+                )
+            return _raise_retryable(response)
+
+        return base.decode_generate(await self._with_retries(send))
 
     async def _with_retries(
         self, send: Callable[[str], Any], pin: str | None = None

@@ -36,7 +36,13 @@ from opd.server.metrics import Metrics
 from opd.server.service import ScoringService
 from opd.server.settings import Settings
 from opd.shared.errors import ContractError, ErrorBody, ErrorDetail
-from opd.shared.schemas import ModelInfo, ScoreRequest, ScoreResponseJSON
+from opd.shared.schemas import (
+    GenerateRequest,
+    GenerateResponse,
+    ModelInfo,
+    ScoreRequest,
+    ScoreResponseJSON,
+)
 from opd.shared.version import JSON_MEDIA_TYPE, MSGPACK_MEDIA_TYPE, PROTOCOL_VERSION
 
 logger = logging.getLogger("opd.server")
@@ -70,7 +76,7 @@ def _install_error_handlers(app: FastAPI) -> None:
         detail = ErrorDetail(
             type="queue_full",
             message=str(exc),
-            field="max_queue_tokens",
+            field=exc.field,
             limit=exc.limit,
             request_id=_request_id(request),
         )
@@ -298,6 +304,29 @@ def create_app(
             payload = encoded.body
         metrics.bytes_out.labels("/v1/score").inc(len(payload))
         return Response(payload, media_type=encoded.media_type)
+
+    @v1.post(
+        "/generate",
+        response_model=GenerateResponse,
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {JSON_MEDIA_TYPE: {"schema": GenerateRequest.model_json_schema()}},
+            }
+        },
+        responses={s: {"model": ErrorBody} for s in (400, 401, 413, 415, 422, 429, 500, 501, 503)},
+    )
+    async def generate(request: Request) -> Response:
+        """Teacher completions for prompts (text rendered with the chat template, or token ids):
+        temperature, top-p, max_tokens, n, seed. Same auth, limits and errors as /v1/score."""
+        if not service.ready:
+            raise Draining()
+        body = await _read_body(request, service.limits.max_body_bytes)
+        metrics.bytes_in.labels("/v1/generate").inc(len(body))
+        answer = await service.generate(body, request.headers.get("content-type"))
+        payload = answer.model_dump_json().encode()
+        metrics.bytes_out.labels("/v1/generate").inc(len(payload))
+        return Response(payload, media_type=JSON_MEDIA_TYPE)
 
     app.include_router(v1)
     return app

@@ -37,14 +37,21 @@ logger = logging.getLogger(__name__)
 class QueueFull(Exception):
     """The bounded queue cannot take this request now; retry after `retry_after` seconds."""
 
-    def __init__(self, queued_tokens: int, limit: int, retry_after: int) -> None:
+    def __init__(
+        self,
+        queued: int,
+        limit: int,
+        retry_after: int,
+        field: str = "max_queue_tokens",
+        unit: str = "tokens",
+    ) -> None:
         super().__init__(
-            f"queue holds {queued_tokens} tokens; max_queue_tokens={limit}; retry after "
-            f"{retry_after}s"
+            f"queue holds {queued} {unit}; {field}={limit}; retry after {retry_after}s"
         )
-        self.queued_tokens = queued_tokens
+        self.queued = queued
         self.limit = limit
         self.retry_after = retry_after
+        self.field = field
 
 
 class BatcherClosed(Exception):

@@ -31,6 +31,9 @@ class Metrics:
         )
         self.scored_tokens = Counter("opd_scored_tokens", "positions scored", registry=r)
         self.input_tokens = Counter("opd_input_tokens", "tokens submitted for scoring", registry=r)
+        self.generated_tokens = Counter(
+            "opd_generated_tokens", "completion tokens sampled by POST /v1/generate", registry=r
+        )
         self.bytes_in = Counter("opd_payload_bytes_in", "request body bytes", ["route"], registry=r)
         self.bytes_out = Counter(
             "opd_payload_bytes_out", "response body bytes", ["route"], registry=r

@@ -10,15 +10,20 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+from pydantic import ValidationError
 
 from opd.server.backends.base import Backend, BackendInfo, ScoreItem
-from opd.server.batcher import Batcher
+from opd.server.batcher import Batcher, QueueFull
+from opd.server.generation import Generated
 from opd.server.metrics import Metrics
 from opd.server.settings import Settings
+from opd.shared.chat import chat_prompt_ids
 from opd.shared.codec import (
+    contract_error_from_pydantic,
     decode_request_json,
     decode_request_msgpack,
     encode_result_msgpack,
@@ -27,8 +32,16 @@ from opd.shared.codec import (
 from opd.shared.errors import ContractError
 from opd.shared.limits import Limits
 from opd.shared.packed import PackedRequest, PackedResult
-from opd.shared.schemas import ModelInfo, ScoreOptions
-from opd.shared.validation import validate_request
+from opd.shared.schemas import (
+    GeneratedCompletion,
+    GenerateRequest,
+    GenerateResponse,
+    GenerateResult,
+    GenerateUsage,
+    ModelInfo,
+    ScoreOptions,
+)
+from opd.shared.validation import validate_generate, validate_request
 from opd.shared.version import JSON_MEDIA_TYPE, MSGPACK_MEDIA_TYPE
 
 logger = logging.getLogger(__name__)
@@ -85,6 +98,9 @@ class ScoringService:
         self.limits: Limits = settings.limits()
         self.batcher: Batcher | None = None
         self.ready = False
+        # Generation never shares the scoring worker: a long sampling run must not stall scoring.
+        self._generate_pool = ThreadPoolExecutor(1, thread_name_prefix="opd-generate")
+        self._generate_pending = 0
 
     async def start(self) -> None:
         """Load the model off the event loop, start the batcher, warm up, then mark ready."""
@@ -118,6 +134,7 @@ class ScoringService:
         self.metrics.ready.set(0)
         if self.batcher is not None:
             await self.batcher.stop()
+        self._generate_pool.shutdown(wait=True, cancel_futures=True)
         if self.backend is not None:
             self.backend.close()
 
@@ -160,3 +177,83 @@ class ScoringService:
                 encode_result_msgpack(result), MSGPACK_MEDIA_TYPE, scored, result.input_tokens
             )
         return Encoded(result_to_json_dict(result), JSON_MEDIA_TYPE, scored, result.input_tokens)
+
+    async def generate(self, body: bytes, content_type: str | None) -> GenerateResponse:
+        """Teacher completions (POST /v1/generate): parse, render prompts, validate, sample."""
+        if not self.settings.generate:
+            raise ContractError(
+                "generation is disabled on this server (OPD_GENERATE=false)",
+                field="generate",
+                status=501,
+                kind="not_implemented",
+            )
+        if request_encoding(content_type) != "json":
+            raise ContractError(
+                f"POST /v1/generate takes {JSON_MEDIA_TYPE} only",
+                field="Content-Type",
+                status=415,
+                kind="unsupported_media_type",
+            )
+        try:
+            req = GenerateRequest.model_validate_json(body)
+        except ValidationError as exc:
+            raise contract_error_from_pydantic(exc) from None
+        if (req.prompts is None) == (req.prompt_token_ids is None):
+            raise ContractError("give exactly one of prompts or prompt_token_ids", field="prompts")
+        assert self.backend is not None and self.info is not None
+        tokenizer = self.backend.tokenizer
+        if req.prompts is not None:
+            field = "prompts"
+            ids = await asyncio.to_thread(
+                lambda: [chat_prompt_ids(tokenizer, p) for p in req.prompts or []]
+            )
+        else:
+            field, ids = "prompt_token_ids", req.prompt_token_ids or []
+        validate_generate(req, ids, self.limits, self.info.vocab_size, field)
+        if self._generate_pending >= self.settings.max_generate_queue:
+            raise QueueFull(
+                self._generate_pending,
+                self.settings.max_generate_queue,
+                retry_after=1,
+                field="max_generate_queue",
+                unit="generate requests",
+            )
+        self._generate_pending += 1
+        try:
+            loop = asyncio.get_running_loop()
+            results = await loop.run_in_executor(
+                self._generate_pool, self._generate_and_decode, ids, req
+            )
+        finally:
+            self._generate_pending -= 1
+        completion_tokens = sum(len(c.token_ids) for r in results for c in r.completions)
+        self.metrics.generated_tokens.inc(completion_tokens)
+        return GenerateResponse(
+            model=self.info.name,
+            results=results,
+            usage=GenerateUsage(
+                prompts=len(ids),
+                prompt_tokens=sum(len(p) for p in ids),
+                completion_tokens=completion_tokens,
+            ),
+        )
+
+    def _generate_and_decode(
+        self, ids: list[list[int]], req: GenerateRequest
+    ) -> list[GenerateResult]:
+        assert self.backend is not None
+        tokenizer = self.backend.tokenizer
+        generated: list[list[Generated]] = self.backend.generate(ids, req)
+
+        def completion(g: Generated) -> GeneratedCompletion:
+            text = tokenizer.decode(g.token_ids, skip_special_tokens=True)  # type: ignore[attr-defined]
+            return GeneratedCompletion(
+                text=text,
+                token_ids=g.token_ids,
+                finish_reason=g.finish_reason,  # type: ignore[arg-type]
+            )
+
+        return [
+            GenerateResult(prompt_token_ids=p, completions=[completion(g) for g in gens])
+            for p, gens in zip(ids, generated, strict=True)
+        ]

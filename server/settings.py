@@ -43,6 +43,24 @@ class Settings(BaseSettings):
         default=False, description="reuse KV of shared prefixes (see docs/vllm.md for the caveat)"
     )
     vllm_max_num_seqs: int | None = Field(default=None, ge=1, description="sequences per step")
+    generate_memory_share: float = Field(
+        default=0.3,
+        gt=0,
+        lt=1,
+        description="vllm on GPU: share of gpu_memory_utilization given to the generate engine",
+    )
+
+    # --- POST /v1/generate
+    generate: bool = Field(
+        default=True,
+        description="serve POST /v1/generate; on vllm this starts a second engine (runner "
+        "generate) with its own copy of the weights",
+    )
+    max_generate_n: int = Field(default=16, ge=1, description="completions per prompt")
+    max_generate_tokens: int = Field(default=4096, ge=1, description="largest max_tokens")
+    max_generate_queue: int = Field(
+        default=16, ge=1, description="generate requests waiting or running beyond which: 429"
+    )
 
     # --- HTTP
     host: str = "127.0.0.1"
@@ -90,5 +108,7 @@ class Settings(BaseSettings):
             max_top_k=self.max_top_k,
             max_candidates=self.max_candidates,
             max_body_bytes=self.max_body_bytes,
+            max_generate_n=self.max_generate_n,
+            max_generate_tokens=self.max_generate_tokens,
         )
         return limits.clamp_to_context(max_model_len) if max_model_len else limits

@@ -9,6 +9,11 @@ from opd.shared.errors import ContractError, ErrorBody, ErrorDetail
 from opd.shared.limits import Limits
 from opd.shared.packed import PackedRequest, PackedResult, SequenceScores
 from opd.shared.schemas import (
+    GeneratedCompletion,
+    GenerateOptions,
+    GenerateRequest,
+    GenerateResponse,
+    GenerateResult,
     ModelInfo,
     ScoreOptions,
     ScoreRequest,
@@ -22,6 +27,11 @@ __all__ = [
     "ContractError",
     "ErrorBody",
     "ErrorDetail",
+    "GenerateOptions",
+    "GenerateRequest",
+    "GenerateResponse",
+    "GenerateResult",
+    "GeneratedCompletion",
     "Limits",
     "ModelInfo",
     "PackedRequest",

@@ -26,6 +26,12 @@ class Limits(BaseModel):
     )
     min_temperature: float = Field(default=1e-3, gt=0, description="smallest temperature")
     max_temperature: float = Field(default=100.0, gt=0, description="largest temperature")
+    # POST /v1/generate: prompts per request are bounded by max_sequences, prompt + completion by
+    # max_tokens_per_sequence; these two bound the work one generate request may ask for.
+    max_generate_n: int = Field(default=16, ge=1, description="completions per prompt")
+    max_generate_tokens: int = Field(
+        default=4096, ge=1, description="largest max_tokens of a generate request"
+    )
 
     def clamp_to_context(self, max_model_len: int) -> Limits:
         """The same limits with max_tokens_per_sequence no larger than the model's context."""

@@ -98,3 +98,67 @@ class ModelInfo(_Wire):
         description="sha256 of vocab, special tokens and chat template (opd.shared.fingerprint)"
     )
     limits: Limits
+
+
+# ---- POST /v1/generate ------------------------------------------------------------------------
+
+
+class GenerateOptions(_Wire):
+    """How the teacher samples. Defaults are the model's plain distribution (no top-k cut)."""
+
+    max_tokens: int = Field(default=256, ge=1, description="new tokens per completion, at most")
+    temperature: float = Field(default=1.0, ge=0, description="0 = greedy decoding")
+    top_p: float = Field(default=1.0, gt=0, le=1, description="nucleus sampling mass")
+    n: int = Field(default=1, ge=1, description="completions per prompt")
+    seed: int | None = Field(
+        default=None,
+        description="prompt i samples with seed + i, so a result does not depend on how prompts "
+        "were batched; unset = not reproducible",
+    )
+
+
+class GenerateRequest(GenerateOptions):
+    """POST /v1/generate body (JSON): teacher completions for prompts.
+
+    Exactly one of `prompts` (user messages, rendered with the teacher's chat template, as
+    opd.shared.chat does) or `prompt_token_ids` (sent as they are) must be given."""
+
+    prompts: list[str] | None = Field(
+        default=None, min_length=1, description="user messages, rendered with the chat template"
+    )
+    prompt_token_ids: list[list[int]] | None = Field(
+        default=None, min_length=1, description="prompts as token ids, used as they are"
+    )
+
+    @property
+    def n_prompts(self) -> int:
+        return len(self.prompts or self.prompt_token_ids or [])
+
+
+FinishReason = Literal["stop", "length"]
+
+
+class GeneratedCompletion(_Wire):
+    text: str = Field(description="decoded completion, special tokens removed")
+    token_ids: list[int] = Field(description="completion ids, up to and including the EOS")
+    finish_reason: FinishReason = Field(description="stop: EOS; length: max_tokens reached")
+
+
+class GenerateResult(_Wire):
+    prompt_token_ids: list[int] = Field(description="the prompt as the teacher saw it")
+    completions: list[GeneratedCompletion] = Field(description="n completions")
+
+
+class GenerateUsage(_Wire):
+    prompts: int
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class GenerateResponse(_Wire):
+    """POST /v1/generate answer (JSON): one result per prompt, in request order."""
+
+    protocol_version: str = PROTOCOL_VERSION
+    model: str
+    results: list[GenerateResult]
+    usage: GenerateUsage

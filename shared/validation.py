@@ -11,6 +11,7 @@ import numpy as np
 from opd.shared.errors import ContractError
 from opd.shared.limits import Limits
 from opd.shared.packed import PackedRequest
+from opd.shared.schemas import GenerateOptions
 
 
 def validate_request(req: PackedRequest, limits: Limits, vocab_size: int) -> None:
@@ -126,3 +127,59 @@ def _validate_candidates(req: PackedRequest, limits: Limits, vocab_size: int) ->
             field=f"sequences[{i}].candidate_ids[{row - int(scored[i])}][{col}]",
             limit=vocab_size,
         )
+
+
+def validate_generate(
+    options: GenerateOptions,
+    prompts: list[list[int]],
+    limits: Limits,
+    vocab_size: int,
+    field: str,
+) -> None:
+    """Check a generate request (prompts already as token ids) against the limits.
+
+    `field` names the request's prompt field ("prompts" or "prompt_token_ids") for messages."""
+    n = len(prompts)
+    if n > limits.max_sequences:
+        raise ContractError(
+            f"{n} prompts exceed max_sequences={limits.max_sequences}",
+            field=field,
+            limit=limits.max_sequences,
+        )
+    if options.n > limits.max_generate_n:
+        raise ContractError(
+            f"n={options.n} exceeds max_generate_n={limits.max_generate_n}",
+            field="n",
+            limit=limits.max_generate_n,
+        )
+    if options.max_tokens > limits.max_generate_tokens:
+        raise ContractError(
+            f"max_tokens={options.max_tokens} exceeds max_generate_tokens="
+            f"{limits.max_generate_tokens}",
+            field="max_tokens",
+            limit=limits.max_generate_tokens,
+        )
+    if options.temperature > limits.max_temperature:
+        raise ContractError(
+            f"temperature={options.temperature} exceeds {limits.max_temperature}",
+            field="temperature",
+            limit=limits.max_temperature,
+        )
+    cap = limits.max_tokens_per_sequence
+    for i, ids in enumerate(prompts):
+        if not ids:
+            raise ContractError("prompt is empty", field=f"{field}[{i}]", limit=1)
+        if len(ids) + options.max_tokens > cap:
+            raise ContractError(
+                f"prompt of {len(ids)} tokens + max_tokens={options.max_tokens} exceeds "
+                f"max_tokens_per_sequence={cap} (the context)",
+                field=f"{field}[{i}]",
+                limit=cap,
+            )
+        bad = [t for t in ids if not 0 <= t < vocab_size]
+        if bad:
+            raise ContractError(
+                f"token id {bad[0]} is outside the vocabulary [0, {vocab_size})",
+                field=f"{field}[{i}]",
+                limit=vocab_size,
+            )

@@ -77,7 +77,8 @@ def tiny_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
 
 @pytest.fixture(scope="session")
 def strict_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """API key and small limits, to test auth, refusals and client-side splitting."""
+    """API key and small limits, to test auth, refusals and client-side splitting
+    (generate: n <= 8, max_tokens <= 64)."""
     teacher = _teacher(
         tiny_model_dir,
         tmp_path_factory,
@@ -89,6 +90,8 @@ def strict_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
         OPD_MAX_TOP_K="8",
         OPD_MAX_CANDIDATES="8",
         OPD_MAX_BODY_BYTES="4096",
+        OPD_MAX_GENERATE_N="8",
+        OPD_MAX_GENERATE_TOKENS="64",
     )
     yield teacher.url
     teacher.stop()

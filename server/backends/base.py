@@ -12,9 +12,10 @@ from typing import Protocol
 
 import numpy as np
 
+from opd.server.generation import Generated
 from opd.server.scoring import ScoredRows
 from opd.shared.packed import PackedRequest
-from opd.shared.schemas import ScoreOptions
+from opd.shared.schemas import GenerateOptions, ScoreOptions
 
 
 @dataclass
@@ -61,12 +62,18 @@ class BackendInfo:
 
 
 class Backend(Protocol):
+    tokenizer: object | None  # set by load(): renders chat prompts and decodes completions
+
     def load(self) -> BackendInfo:
         """Load weights and tokenizer (blocking; called off the event loop)."""
         ...
 
     def score_pack(self, items: list[ScoreItem]) -> list[ScoredRows]:
         """Score every item of one pack; result i belongs to items[i] (blocking)."""
+        ...
+
+    def generate(self, prompts: list[list[int]], options: GenerateOptions) -> list[list[Generated]]:
+        """n completions per token-id prompt, in prompt order (blocking; POST /v1/generate)."""
         ...
 
     def close(self) -> None:

@@ -18,9 +18,11 @@ import torch
 
 from opd.server.backends.base import BackendInfo, ScoreItem
 from opd.server.backends.head_weights import logit_transforms
+from opd.server.generation import Generated, HFGenerator
 from opd.server.scoring import HeadSpec, ScoredRows, score_items
 from opd.server.settings import Settings
 from opd.shared.fingerprint import fingerprint_hf_tokenizer
+from opd.shared.schemas import GenerateOptions
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +123,8 @@ class HFBackend:
         self.model: torch.nn.Module | None = None
         self.decoder: torch.nn.Module | None = None
         self.head: HeadSpec | None = None
+        self.tokenizer: object | None = None
+        self.generator: HFGenerator | None = None
 
     def load(self) -> BackendInfo:
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -139,6 +143,8 @@ class HFBackend:
         self.model = model
         self.decoder = model.get_decoder()
         self.head = head_spec_for(model)
+        self.tokenizer = tokenizer
+        self.generator = HFGenerator(model, tokenizer)
         info = describe_model(
             path,
             model.config,
@@ -182,5 +188,10 @@ class HFBackend:
             self.head, list(hidden.unbind(0)), items, self.settings.logits_chunk_tokens
         )
 
+    def generate(self, prompts: list[list[int]], options: GenerateOptions) -> list[list[Generated]]:
+        """Teacher completions of token-id prompts (blocking; the service runs it off-loop)."""
+        assert self.generator is not None
+        return self.generator.generate(prompts, options)
+
     def close(self) -> None:
-        self.model = self.decoder = self.head = None
+        self.model = self.decoder = self.head = self.generator = None

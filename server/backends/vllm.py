@@ -24,8 +24,10 @@ import torch
 from opd.server.backends.base import BackendInfo, ScoreItem
 from opd.server.backends.head_weights import load_head
 from opd.server.backends.hf import describe_model, resolve_device, resolve_dtype, resolve_model_path
+from opd.server.generation import Generated, cut_at_eos, eos_ids
 from opd.server.scoring import HeadSpec, ScoredRows, score_items
 from opd.server.settings import Settings
+from opd.shared.schemas import GenerateOptions
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +48,10 @@ class VLLMBackend:
         self.device = resolve_device(settings.device)
         self.dtype = resolve_dtype(settings.dtype, self.device)
         self.llm: object | None = None
+        self.gen_llm: object | None = None  # runner "generate": serves POST /v1/generate
         self.head: HeadSpec | None = None
+        self.tokenizer: object | None = None
+        self.eos: set[int] = set()
 
     def engine_kwargs(self, path: str) -> dict[str, object]:
         """Arguments for vllm.LLM: a pooling runner returning every position's hidden state."""
@@ -70,9 +75,25 @@ class VLLMBackend:
         if s.max_model_len:
             kwargs["max_model_len"] = s.max_model_len
         if self.device.type == "cuda":
-            kwargs["gpu_memory_utilization"] = s.gpu_memory_utilization
+            share = s.generate_memory_share if s.generate else 0.0
+            kwargs["gpu_memory_utilization"] = s.gpu_memory_utilization * (1 - share)
         if s.vllm_max_num_seqs:
             kwargs["max_num_seqs"] = s.vllm_max_num_seqs
+        return kwargs
+
+    def generate_engine_kwargs(self, path: str) -> dict[str, object]:
+        """Arguments for the second engine, a plain generate runner.
+
+        A pooling engine cannot sample, so generation gets its own engine: a second copy of the
+        weights and its own KV cache. On GPU it takes `generate_memory_share` of the memory
+        budget (the scoring engine the rest); OPD_GENERATE=false leaves it out."""
+        kwargs = self.engine_kwargs(path)
+        for key in ("convert", "pooler_config"):
+            kwargs.pop(key)
+        kwargs["runner"] = "generate"
+        if self.device.type == "cuda":
+            s = self.settings
+            kwargs["gpu_memory_utilization"] = s.gpu_memory_utilization * s.generate_memory_share
         return kwargs
 
     def load(self) -> BackendInfo:
@@ -94,6 +115,10 @@ class VLLMBackend:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
         self.head = load_head(path, config, self.dtype, self.device, trust)
         self.llm = vllm.LLM(**self.engine_kwargs(path))
+        if self.settings.generate:
+            self.gen_llm = vllm.LLM(**self.generate_engine_kwargs(path))
+        self.tokenizer = tokenizer
+        self.eos = eos_ids(tokenizer, _generation_config(path))
         info = describe_model(
             path, config, tokenizer, self.name, self.head.vocab_size, self.dtype, self.settings
         )
@@ -136,8 +161,55 @@ class VLLMBackend:
             self.head, self.hidden_states(items), items, self.settings.logits_chunk_tokens
         )
 
+    def generate(self, prompts: list[list[int]], options: GenerateOptions) -> list[list[Generated]]:
+        """Teacher completions from the generate engine (continuous batching over prompts)."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        if self.gen_llm is None:
+            raise RuntimeError("generation is disabled (OPD_GENERATE=false)")
+        greedy = options.temperature == 0
+        params = [
+            SamplingParams(
+                n=options.n,
+                temperature=options.temperature,
+                top_p=1.0 if greedy else options.top_p,
+                max_tokens=options.max_tokens,
+                seed=None if options.seed is None else options.seed + i,
+                stop_token_ids=sorted(self.eos),
+                detokenize=False,
+            )
+            for i in range(len(prompts))
+        ]
+        outputs = self.gen_llm.generate(  # type: ignore[attr-defined]
+            [TokensPrompt(prompt_token_ids=ids) for ids in prompts], params, use_tqdm=False
+        )
+        return [
+            [_generated(c.token_ids, c.finish_reason, self.eos) for c in out.outputs]
+            for out in outputs
+        ]
+
     def close(self) -> None:
-        llm, self.llm, self.head = self.llm, None, None
-        engine = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
-        if engine is not None:
-            engine.shutdown()
+        llms = (self.llm, self.gen_llm)
+        self.llm = self.gen_llm = self.head = None
+        for llm in llms:
+            engine = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+            if engine is not None:
+                engine.shutdown()
+
+
+def _generated(token_ids: object, finish_reason: str | None, eos: set[int]) -> Generated:
+    """vLLM's completion in opd's form: ids through the EOS, "stop" or "length"."""
+    out = cut_at_eos(list(token_ids), eos)  # type: ignore[call-overload]
+    if out.finish_reason == "length" and finish_reason == "stop":
+        out.finish_reason = "stop"  # a stop the EOS set does not know (e.g. a stop string)
+    return out
+
+
+def _generation_config(path: str) -> object | None:
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(path)
+    except OSError:  # no generation_config.json
+        return None
