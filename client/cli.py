@@ -5,6 +5,10 @@
     opd quickstart          # OPD end to end on the embedded SmolLM2, no flags
     opd score-demo          # the teacher service scoring an example
     opd bench               # scoring throughput/latency/memory/payload vs naive HF and vLLM
+    opd probe --student PATH --teacher-url URL [--teacher-url URL2 ...]   # will OPD work?
+    opd coldstart --student PATH --teacher-url URL --prompts FILE        # teacher SFT first
+    opd select-prompts --pool FILE --teacher-url URL --out FILE          # teacher-aligned set
+    opd report RUN_DIR      # PNG plots + one HTML page of a run's / probe's diagnostics
 
 Server-side imports (torch, FastAPI) happen inside the commands that need them, so the client
 install stays light.
@@ -264,6 +268,174 @@ def bench(
             f" vs full logits {ls['full_peak_bytes'] / 1e6:.0f} MB"
         )
     console.print(f"results: {report['path']}")
+
+
+@app.command()
+def probe(
+    student: Annotated[str, typer.Option(help="student model folder")],
+    teacher_url: Annotated[
+        list[str],
+        typer.Option(help="one teacher per flag (repeat to compare); replicas comma-separated"),
+    ],
+    prompts: Annotated[str, typer.Option(help="JSONL, Parquet, HF folder, or 'shipped'")] = (
+        "shipped"
+    ),
+    prompt_field: Annotated[str, typer.Option(help="field holding the prompt text")] = "prompt",
+    teacher_name: Annotated[
+        list[str] | None, typer.Option(help="display name per --teacher-url, in order")
+    ] = None,
+    num_prompts: Annotated[int, typer.Option(help="prompts sampled from the set")] = 256,
+    n_rollouts: Annotated[int, typer.Option(help="student rollouts per prompt")] = 1,
+    max_new_tokens: Annotated[int, typer.Option(help="max completion tokens")] = 256,
+    temperature: Annotated[float, typer.Option(help="rollout temperature")] = 1.0,
+    top_p: Annotated[float, typer.Option(help="rollout top-p")] = 1.0,
+    top_k: Annotated[int, typer.Option(help="k of the overlap (student and teacher)")] = 16,
+    depth_bucket: Annotated[int, typer.Option(help="completion tokens per depth bucket")] = 256,
+    seed: Annotated[int, typer.Option(help="prompt subset and sampling seed")] = 0,
+    dtype: Annotated[str, typer.Option(help="student dtype")] = "float32",
+    device: Annotated[str, typer.Option(help="student device")] = "cpu",
+    out_dir: Annotated[str, typer.Option(help="where probe.json goes")] = "runs/probe",
+    allow_tokenizer_mismatch: Annotated[bool, typer.Option(help="skip the check")] = False,
+) -> None:
+    """Pre-flight probe: student rollouts scored by each teacher; overlap, advantage, entropy
+    gap, KL (overall and by depth), a verdict per teacher, and a ranking. Key: OPD_API_KEY."""
+    import os
+
+    from rich.console import Console
+
+    from opd.client.probe import ProbeConfig, run_probe
+    from opd.client.probe_view import print_probe
+
+    console = Console()
+    config = ProbeConfig(
+        student=student,
+        teachers=[[u.strip() for u in t.split(",") if u.strip()] for t in teacher_url],
+        names=list(teacher_name or []),
+        prompts=prompts,
+        prompt_field=prompt_field,
+        num_prompts=num_prompts,
+        n_rollouts=n_rollouts,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        student_top_k=top_k,
+        teacher_top_k=top_k,
+        depth_bucket=depth_bucket,
+        seed=seed,
+        dtype=dtype,
+        device=device,
+        api_key=os.environ.get("OPD_API_KEY"),
+        out_dir=out_dir,
+        allow_tokenizer_mismatch=allow_tokenizer_mismatch,
+    )
+    logging.basicConfig(level=logging.WARNING)
+    report = run_probe(config, log=lambda msg: console.print(f"[dim]{msg}[/dim]"))
+    print_probe(report, console)
+    console.print(f"written: {out_dir}/probe.json (plots: opd report {out_dir})")
+
+
+@app.command()
+def coldstart(
+    student: Annotated[str, typer.Option(help="student model folder")],
+    teacher_url: Annotated[list[str], typer.Option(help="teacher service URL (repeat: replicas)")],
+    prompts: Annotated[str, typer.Option(help="JSONL, Parquet, HF folder, or 'shipped'")],
+    prompt_field: Annotated[str, typer.Option(help="field holding the prompt text")] = "prompt",
+    out_dir: Annotated[str, typer.Option(help="data set, split, student, metrics")] = (
+        "runs/coldstart"
+    ),
+    sft_fraction: Annotated[float, typer.Option(help="share of prompts used for SFT")] = 0.5,
+    seed: Annotated[int, typer.Option(help="split and sampling seed")] = 0,
+    temperature: Annotated[float, typer.Option(help="teacher temperature")] = 0.7,
+    top_p: Annotated[float, typer.Option(help="teacher top-p")] = 0.95,
+    max_tokens: Annotated[int, typer.Option(help="teacher max new tokens")] = 1024,
+    n: Annotated[int, typer.Option(help="teacher responses per prompt")] = 1,
+    answer_pattern: Annotated[
+        str | None, typer.Option(help="regex a kept response must contain, e.g. '\\boxed'")
+    ] = None,
+    min_loop_tokens: Annotated[int, typer.Option(help="repetition: loop length")] = 32,
+    min_distinct_ratio: Annotated[
+        float, typer.Option(help="repetition: distinct 4-gram share")
+    ] = 0.35,
+    dataset_format: Annotated[str, typer.Option(help="jsonl|parquet")] = "jsonl",
+    epochs: Annotated[int, typer.Option(help="SFT epochs")] = 1,
+    lr: Annotated[float, typer.Option(help="SFT learning rate")] = 1e-5,
+    lr_schedule: Annotated[str, typer.Option(help="cosine|constant")] = "cosine",
+    warmup_ratio: Annotated[float, typer.Option(help="SFT warmup share of steps")] = 0.05,
+    batch_size: Annotated[int, typer.Option(help="SFT sequences per step")] = 8,
+    sft_max_len: Annotated[int, typer.Option(help="longest SFT example (tokens)")] = 2048,
+    opd_steps: Annotated[
+        int, typer.Option(help="then OPD steps on the held-out prompts (0: print the command)")
+    ] = 0,
+    opd_max_new_tokens: Annotated[int, typer.Option(help="OPD rollout length")] = 256,
+    opd_objective: Annotated[str, typer.Option(help="OPD objective")] = "student-topk",
+    opd_lr: Annotated[float, typer.Option(help="OPD learning rate")] = 1e-6,
+    dtype: Annotated[str, typer.Option(help="student dtype")] = "float32",
+    device: Annotated[str, typer.Option(help="student device")] = "cpu",
+) -> None:
+    """Off-policy cold start: teacher responses, filtered, SFT the student on them, then OPD
+    on prompts not used for SFT (split recorded). The teacher API key comes from OPD_API_KEY."""
+    import os
+
+    from rich.console import Console
+
+    from opd.client.coldstart import ColdstartConfig, run_coldstart
+    from opd.client.coldstart_filters import FilterConfig
+    from opd.client.sft import SFTConfig
+
+    console = Console()
+    try:
+        config = ColdstartConfig(
+            student=student,
+            teacher_url=teacher_url,
+            prompts=prompts,
+            prompt_field=prompt_field,
+            sft_fraction=sft_fraction,
+            seed=seed,
+            temperature=temperature,
+            top_p=top_p,
+            max_tokens=max_tokens,
+            n=n,
+            filters=FilterConfig(
+                answer_pattern=answer_pattern,
+                min_loop_tokens=min_loop_tokens,
+                min_distinct_ratio=min_distinct_ratio,
+            ),
+            sft=SFTConfig(
+                epochs=epochs,
+                lr=lr,
+                lr_schedule=lr_schedule,
+                warmup_ratio=warmup_ratio,
+                batch_size=batch_size,
+                max_len=sft_max_len,
+                seed=seed,
+            ),
+            dataset_format=dataset_format,
+            dtype=dtype,
+            device=device,
+            api_key=os.environ.get("OPD_API_KEY"),
+            out_dir=out_dir,
+            opd_steps=opd_steps,
+            opd_options={
+                "max_new_tokens": opd_max_new_tokens,
+                "objective": opd_objective,
+                "lr": opd_lr,
+            },
+        )
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    logging.basicConfig(level=logging.WARNING)
+    summary = run_coldstart(config, log=lambda msg: console.print(f"[dim]{msg}[/dim]"))
+    sft_info = summary["sft"]
+    console.print(
+        f"kept {summary['counts']['kept']}/{summary['counts']['responses']} teacher responses; "
+        f"response NLL {sft_info['response_nll_before']:.3f} -> "
+        f"{sft_info['response_nll_after']:.3f} after SFT; student: {summary['student_out']}"
+    )
+    if opd_steps:
+        console.print(f"OPD: {opd_steps} steps in {summary['opd']['run_dir']}")
+    else:
+        console.print(f"next: {summary['opd']['command']}")
+    console.print(f"written: {out_dir}/coldstart.json (plots: opd report {out_dir})")
 
 
 def main() -> None:

@@ -168,3 +168,21 @@ def vllm_server(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     teacher.start()
     yield teacher.url
     teacher.stop()
+
+
+@pytest.fixture(scope="session")
+def smol_student_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Path:
+    """The quickstart's student: SmolLM2 with 24 of its 30 layers (a real, distinct policy)."""
+    from opd.client.student import build_layer_subset_student
+
+    return build_layer_subset_student(smollm2_dir, tmp_path_factory.mktemp("smol-keep24"), 24)
+
+
+@pytest.fixture(scope="session")
+def smol_student_server(
+    smol_student_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """The 24-layer student served as a teacher: the student's twin (no signal) in the probe."""
+    teacher = _teacher(smol_student_dir, tmp_path_factory, "smol-student", OPD_DTYPE="float32")
+    yield teacher.url
+    teacher.stop()

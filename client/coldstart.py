@@ -1,0 +1,254 @@
+"""`opd coldstart`: rescue an incompatible pair by SFT on teacher responses, then OPD.
+
+The paper's recovery recipe (../shared/docs/opd-reference.md, "Recovering a failing pair"):
+the teacher answers a prompt set (temperature 0.7, top-p 0.95, one response each), truncated and
+repetitive responses are dropped (optionally those without a final answer), the student is
+SFT-ed on the rest (1-2 epochs, lr 1e-5, cosine, 5% warmup), then OPD runs on prompts *not* used
+for SFT. Each stage writes its output into OUT_DIR, so a run can be inspected and reused:
+
+    split.json            seed, which prompt indices went to SFT and which to OPD, and hashes
+    opd_prompts.jsonl     the OPD prompts ({"prompt": ...}): `opd train --prompts` takes it
+    sft_data.jsonl|.parquet  kept teacher responses (prompt, response, ids, finish reason)
+    rejected.jsonl        dropped responses with the reason (opd.client.coldstart_filters)
+    sft_metrics.jsonl     one line per SFT step
+    student/              the SFT-ed student (save_pretrained + tokenizer)
+    coldstart.json        counts, settings, response NLL before/after SFT
+    opd/                  the OPD run (only with opd_steps > 0): metrics.jsonl, checkpoints
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from opd.client.coldstart_filters import FilterConfig, filter_rows
+from opd.client.sft import SFTConfig
+
+COLDSTART_VERSION = 1
+# Prompts per generate call: progress is reported between calls; the client splits further.
+_GENERATE_CHUNK = 32
+
+
+@dataclass
+class ColdstartConfig:
+    student: str
+    teacher_url: list[str]
+    prompts: str = "shipped"
+    prompt_field: str = "prompt"
+    sft_fraction: float = 0.5  # share of the prompts whose teacher responses are SFT data
+    seed: int = 0
+    # teacher sampling (the paper's values)
+    temperature: float = 0.7
+    top_p: float = 0.95
+    max_tokens: int = 1024
+    n: int = 1
+    filters: FilterConfig = field(default_factory=FilterConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    dataset_format: str = "jsonl"  # jsonl | parquet
+    dtype: str = "float32"
+    device: str = "cpu"
+    api_key: str | None = None
+    out_dir: str = "runs/coldstart"
+    # OPD afterwards, on the held-out prompts (0 = stop after SFT and print the command)
+    opd_steps: int = 0
+    opd_options: dict[str, Any] = field(default_factory=dict)  # extra TrainConfig fields
+
+    def __post_init__(self) -> None:
+        if not 0 < self.sft_fraction < 1:
+            raise ValueError(
+                f"sft_fraction={self.sft_fraction} must be in (0, 1): OPD needs held-out prompts"
+            )
+        if self.dataset_format not in ("jsonl", "parquet"):
+            raise ValueError(f"dataset_format={self.dataset_format!r}: use jsonl or parquet")
+
+
+def split_prompts(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Seeded disjoint split of prompt indices: (SFT, OPD), both non-empty, each sorted."""
+    if n < 2:
+        raise ValueError(f"need at least 2 prompts to split into SFT and OPD sets, got {n}")
+    order = np.random.default_rng(seed).permutation(n)
+    k = min(n - 1, max(1, round(fraction * n)))
+    return sorted(int(i) for i in order[:k]), sorted(int(i) for i in order[k:])
+
+
+def _digest(texts: list[str]) -> str:
+    h = hashlib.sha256()
+    for t in texts:
+        h.update(t.encode())
+        h.update(b"\0")
+    return "sha256:" + h.hexdigest()[:32]
+
+
+def write_rows(rows: list[dict[str, Any]], path: Path) -> None:
+    """JSON lines, or Parquet (pyarrow) by the file's suffix."""
+    if path.suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    else:
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def run_coldstart(config: ColdstartConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Split, generate, filter, SFT, (OPD); returns what coldstart.json holds."""
+    from opd.client.prompts import load_prompts
+    from opd.client.sft import Example, response_nll, sft
+    from opd.client.student import chat_prompt_ids, load_student
+    from opd.client.teacher import TeacherClient
+    from opd.shared.fingerprint import fingerprint_hf_tokenizer
+    from opd.shared.schemas import GenerateRequest
+
+    started = time.perf_counter()
+    out = Path(config.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    prompts = load_prompts(config.prompts, config.prompt_field)
+    sft_idx, opd_idx = split_prompts(len(prompts), config.sft_fraction, config.seed)
+    split = {
+        "seed": config.seed,
+        "source": config.prompts,
+        "sft_indices": sft_idx,
+        "opd_indices": opd_idx,
+        "sft_digest": _digest([prompts[i] for i in sft_idx]),
+        "opd_digest": _digest([prompts[i] for i in opd_idx]),
+    }
+    (out / "split.json").write_text(json.dumps(split, indent=1))
+    write_rows([{"prompt": prompts[i]} for i in opd_idx], out / "opd_prompts.jsonl")
+    log(f"split: {len(sft_idx)} prompts for SFT, {len(opd_idx)} held out for OPD")
+
+    model, tokenizer = load_student(config.student, config.dtype, config.device)
+    with TeacherClient(config.teacher_url, api_key=config.api_key) as teacher:
+        info = teacher.connect()
+        same_tokenizer = info.tokenizer_fingerprint == fingerprint_hf_tokenizer(tokenizer)
+        rows: list[dict[str, Any]] = []
+        for c in range(0, len(sft_idx), _GENERATE_CHUNK):
+            chunk = sft_idx[c : c + _GENERATE_CHUNK]
+            answer = teacher.generate(
+                GenerateRequest(
+                    prompts=[prompts[i] for i in chunk],
+                    temperature=config.temperature,
+                    top_p=config.top_p,
+                    max_tokens=config.max_tokens,
+                    n=config.n,
+                    seed=config.seed + c,  # prompt sft_idx[j] samples with seed + j
+                )
+            )
+            for i, result in zip(chunk, answer.results, strict=True):
+                for j, comp in enumerate(result.completions):
+                    ids = comp.token_ids
+                    eos_closed = comp.finish_reason == "stop" and bool(ids)
+                    rows.append(
+                        {
+                            "prompt_index": i,
+                            "completion_index": j,
+                            "prompt": prompts[i],
+                            "response": comp.text,
+                            "text": comp.text,
+                            "token_ids": ids,
+                            "content_ids": ids[:-1] if eos_closed else ids,
+                            "finish_reason": comp.finish_reason,
+                        }
+                    )
+            log(f"teacher answered {min(c + _GENERATE_CHUNK, len(sft_idx))}/{len(sft_idx)}")
+    kept, rejected, counts = filter_rows(rows, config.filters)
+    counts = {"prompts": len(sft_idx), "responses": len(rows), **counts}
+    log("filters: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    data_path = out / f"sft_data.{config.dataset_format}"
+    public = ("prompt_index", "completion_index", "prompt", "response", "token_ids")
+    write_rows([{k: r[k] for k in (*public, "finish_reason")} for r in kept], data_path)
+    write_rows(
+        [{k: r[k] for k in (*public, "finish_reason", "reason")} for r in rejected],
+        out / "rejected.jsonl",
+    )
+
+    eos = int(tokenizer.eos_token_id)
+
+    def example(row: dict[str, Any]) -> Example:
+        p_ids = chat_prompt_ids(tokenizer, row["prompt"])
+        if same_tokenizer:  # the teacher's own ids, EOS included: exact
+            return Example(p_ids, list(row["token_ids"]))
+        r_ids = list(tokenizer(row["response"], add_special_tokens=False)["input_ids"])
+        return Example(p_ids, [*r_ids, eos])
+
+    examples = [example(r) for r in kept]
+    if not examples:
+        raise RuntimeError(
+            f"every teacher response was filtered out ({counts}); see {out / 'rejected.jsonl'}"
+        )
+    nll_before = response_nll(model, examples, config.sft.batch_size)
+    log(f"SFT on {len(examples)} responses: {config.sft.epochs} epoch(s), lr {config.sft.lr}")
+    history = sft(model, examples, config.sft, out / "sft_metrics.jsonl")
+    nll_after = response_nll(model, examples, config.sft.batch_size)
+    student_out = out / "student"
+    model.save_pretrained(student_out)
+    tokenizer.save_pretrained(student_out)
+    del model
+
+    summary: dict[str, Any] = {
+        "version": COLDSTART_VERSION,
+        "teacher": info.name,
+        "teacher_url": config.teacher_url,
+        "student_in": config.student,
+        "student_out": str(student_out),
+        "dataset": str(data_path),
+        "same_tokenizer": same_tokenizer,
+        "counts": counts,
+        "split": {k: v for k, v in split.items() if not k.endswith("_indices")}
+        | {"sft_prompts": len(sft_idx), "opd_prompts": len(opd_idx), "file": "split.json"},
+        "generation": {
+            "temperature": config.temperature,
+            "top_p": config.top_p,
+            "max_tokens": config.max_tokens,
+            "n": config.n,
+        },
+        "filters": asdict(config.filters),
+        "sft": asdict(config.sft)
+        | {
+            "steps": len(history),
+            "final_loss": history[-1]["sft/loss"],
+            "response_nll_before": nll_before,
+            "response_nll_after": nll_after,
+        },
+    }
+    urls = " ".join(f"--teacher-url {u}" for u in config.teacher_url)
+    opd_command = (
+        f"opd train --student {student_out} {urls} --prompts {out / 'opd_prompts.jsonl'}"
+        f" --run-dir {out / 'opd'}"
+    )
+    summary["opd"] = {"command": opd_command, "steps": config.opd_steps}
+    if config.opd_steps > 0:
+        summary["opd"]["run_dir"] = str(out / "opd")
+        summary["opd"]["final"] = _run_opd(config, student_out, out)
+    summary["seconds"] = round(time.perf_counter() - started, 1)
+    (out / "coldstart.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def _run_opd(config: ColdstartConfig, student: Path, out: Path) -> dict[str, float]:
+    """OPD from the SFT-ed student on the held-out prompts; the last step's metrics."""
+    from opd.client.train_config import TrainConfig
+    from opd.client.trainer import Trainer
+
+    values: dict[str, Any] = {
+        "student": str(student),
+        "teacher_url": config.teacher_url,
+        "api_key": config.api_key,
+        "prompts": str(out / "opd_prompts.jsonl"),
+        "run_dir": str(out / "opd"),
+        "max_steps": config.opd_steps,
+        "seed": config.seed,
+        "dtype": config.dtype,
+        "device": config.device,
+        "progress": False,
+        **config.opd_options,
+    }
+    with Trainer(TrainConfig(**values)) as trainer:
+        history = trainer.run()
+    return history[-1] if history else {}

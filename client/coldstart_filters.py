@@ -1,0 +1,109 @@
+"""Which teacher responses are fit to SFT a student on: the cold start's filters.
+
+The paper filters truncated and repetitive responses out of the teacher's cold-start data and its
+code rejection-samples for a final answer (../shared/docs/opd-reference.md, "Recovering a failing
+pair"). A response is rejected for the first of these reasons that applies, checked in order:
+
+    empty        no visible text
+    truncated    the teacher hit max_tokens before its EOS (finish_reason "length")
+    repetition   a degenerate loop: the response ends in one chunk of 1..max_period tokens
+                 repeated until it covers >= min_loop_tokens, or (long responses) fewer than
+                 min_distinct_ratio of its n-grams are distinct
+    no_answer    an answer pattern (regex) is required and the text does not contain it
+
+Works on token ids (any language, any tokenizer) except the answer pattern, which reads text.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+REASONS = ("empty", "truncated", "repetition", "no_answer")
+
+
+@dataclass(frozen=True)
+class FilterConfig:
+    # A loop: the tail repeats a chunk of <= max_period tokens until >= min_loop_tokens are
+    # covered. 32 tokens of "the the the ..." or of a repeated sentence is never an answer.
+    max_period: int = 64
+    min_loop_tokens: int = 32
+    min_repeats: int = 3
+    # Long responses whose distinct n-gram share is this low are stuck, even without an exact
+    # loop (the model cycles through a few phrases). Natural text measures > 0.8 for n = 4.
+    ngram: int = 4
+    min_distinct_ratio: float = 0.35
+    min_tokens_for_ratio: int = 64
+    answer_pattern: str | None = None  # e.g. r"\\boxed\{.+?\}" or r"answer is"
+
+    def __post_init__(self) -> None:
+        if self.answer_pattern is not None:
+            try:
+                re.compile(self.answer_pattern)
+            except re.error as exc:
+                raise ValueError(f"answer_pattern {self.answer_pattern!r}: {exc}") from None
+        if not 0 <= self.min_distinct_ratio <= 1:
+            raise ValueError(f"min_distinct_ratio={self.min_distinct_ratio} must be in [0, 1]")
+
+
+def repeated_tail(ids: list[int], config: FilterConfig) -> tuple[int, int] | None:
+    """(period, repeats) of the shortest chunk whose back-to-back copies end the sequence and
+    cover >= min_loop_tokens (and >= min_repeats copies); None if there is no such loop."""
+    n = len(ids)
+    for period in range(1, min(config.max_period, n // config.min_repeats) + 1):
+        chunk = ids[n - period :]
+        repeats = 1
+        while (start := n - (repeats + 1) * period) >= 0 and ids[start : start + period] == chunk:
+            repeats += 1
+        if repeats >= config.min_repeats and repeats * period >= config.min_loop_tokens:
+            return period, repeats
+    return None
+
+
+def distinct_ngram_ratio(ids: list[int], n: int) -> float:
+    """Distinct n-grams / all n-grams (1.0 for sequences shorter than n)."""
+    grams = [tuple(ids[i : i + n]) for i in range(len(ids) - n + 1)]
+    return len(Counter(grams)) / len(grams) if grams else 1.0
+
+
+def rejection_reason(
+    text: str, token_ids: list[int], finish_reason: str, config: FilterConfig
+) -> str | None:
+    """The first reason (REASONS order) to drop this response, or None to keep it.
+
+    token_ids are the completion's content: without the closing EOS (a loop is a loop before it).
+    """
+    if not text.strip():
+        return "empty"
+    if finish_reason == "length":
+        return "truncated"
+    if repeated_tail(token_ids, config) is not None:
+        return "repetition"
+    if (
+        len(token_ids) >= config.min_tokens_for_ratio
+        and distinct_ngram_ratio(token_ids, config.ngram) < config.min_distinct_ratio
+    ):
+        return "repetition"
+    if config.answer_pattern is not None and not re.search(config.answer_pattern, text):
+        return "no_answer"
+    return None
+
+
+def filter_rows(
+    rows: list[dict[str, Any]], config: FilterConfig
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, int]]:
+    """Split rows (each with text, content_ids, finish_reason) into kept and rejected; rejected
+    rows get a "reason". Counts hold every reason plus "kept"."""
+    kept, rejected = [], []
+    counts = dict.fromkeys((*REASONS, "kept"), 0)
+    for row in rows:
+        reason = rejection_reason(row["text"], row["content_ids"], row["finish_reason"], config)
+        if reason is None:
+            kept.append(row)
+            counts["kept"] += 1
+        else:
+            rejected.append({**row, "reason": reason})
+            counts[reason] += 1
+    return kept, rejected, counts

@@ -1,0 +1,285 @@
+"""`opd probe`: will OPD work for this student and these teachers? Measured before any training.
+
+The paper's two conditions (../shared/docs/opd-reference.md, "When OPD works"):
+1. compatible thinking patterns: on the student's own rollouts the teacher puts its mass on the
+   same tokens (high initial top-k overlap, overlap-token advantage near 0, small entropy gap);
+2. the teacher adds something: its token log-probs differ from the student's (sampled reverse
+   KL clearly above 0). A teacher equal to the student, or from the same pipeline, shows ~0.
+
+The student samples its rollouts once; every teacher scores the same rollouts, so teachers are
+compared on identical tokens. Diagnostics are the trainer's own (opd.client.diagnostics), overall
+and by depth, and a plain-language verdict with the numbers that decided it ranks the teachers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+PROBE_VERSION = 1
+
+# Verdict thresholds. The paper's successful runs start at ~72% top-16 overlap and climb past
+# 91%; its failing pairs start well below and stay flat. On the embedded pair (SmolLM2 and its
+# 24-layer subset) OPD still made progress from 0.32 (docs/training.md), while 10-20 kept layers
+# (0.02-0.14) did not move: hence "compatible" >= 0.5, "borderline" in [0.25, 0.5).
+COMPATIBLE_OVERLAP = 0.5
+BORDERLINE_OVERLAP = 0.25
+# Sampled reverse KL (nats/token) below which the teacher is treated as the student's twin:
+# student == teacher measured 0.0 here (same float32 kernels; other kernels differ by ~1e-4),
+# the 30-layer SmolLM2 over its 24-layer student 4.4 (tests/client/test_probe.py).
+NO_SIGNAL_KL = 0.02
+# Entropy gap (nats) above which the verdict warns that the teacher's sharpness differs.
+LARGE_ENTROPY_GAP = 1.0
+# Overlap-token advantage below which the student is over-confident inside the shared set.
+NEGATIVE_ADVANTAGE = -0.1
+
+# Verdict classes, best first: the ranking sorts on this order, then on overlap. An incompatible
+# teacher with a signal can be rescued (opd coldstart, opd select-prompts); a twin cannot.
+_CLASSES = ("good", "borderline", "incompatible", "no-signal")
+
+SUMMARY_KEYS = (
+    "overlap/ratio",
+    "overlap/token_advantage",
+    "entropy/gap",
+    "overlap/mass_student",
+    "overlap/mass_teacher",
+    "kl/sampled",
+    "entropy/student",
+    "entropy/teacher",
+)
+
+
+@dataclass
+class ProbeConfig:
+    student: str
+    teachers: list[list[str]]  # one entry per teacher: its replica URLs
+    prompts: str = "shipped"
+    prompt_field: str = "prompt"
+    num_prompts: int = 256
+    n_rollouts: int = 1
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    student_top_k: int = 16
+    teacher_top_k: int = 16
+    depth_bucket: int = 256
+    seed: int = 0
+    dtype: str = "float32"
+    device: str = "cpu"
+    api_key: str | None = None
+    out_dir: str = "runs/probe"
+    allow_tokenizer_mismatch: bool = False
+    names: list[str] = field(default_factory=list)  # optional display names, one per teacher
+
+
+def verdict(metrics: dict[str, float]) -> dict[str, Any]:
+    """Plain-language verdict on the two conditions, with the numbers that decided it."""
+    overlap = metrics["overlap/ratio"]
+    kl = metrics["kl/sampled"]
+    adv = metrics.get("overlap/token_advantage", float("nan"))
+    gap = metrics["entropy/gap"]
+    reasons = []
+    if overlap >= COMPATIBLE_OVERLAP:
+        compat = "compatible"
+        reasons.append(f"top-k overlap {overlap:.2f} >= {COMPATIBLE_OVERLAP}: compatible patterns")
+    elif overlap >= BORDERLINE_OVERLAP:
+        compat = "borderline"
+        reasons.append(
+            f"top-k overlap {overlap:.2f} in [{BORDERLINE_OVERLAP}, {COMPATIBLE_OVERLAP}): the "
+            "teacher and student share only part of their top tokens"
+        )
+    else:
+        compat = "incompatible"
+        reasons.append(
+            f"top-k overlap {overlap:.2f} < {BORDERLINE_OVERLAP}: the teacher's mass is elsewhere "
+            "on the student's own rollouts"
+        )
+    if np.isfinite(adv) and adv < NEGATIVE_ADVANTAGE:
+        reasons.append(
+            f"overlap-token advantage {adv:.3f} < {NEGATIVE_ADVANTAGE}: the student is "
+            "over-confident on tokens the teacher also ranks high"
+        )
+    if gap > LARGE_ENTROPY_GAP:
+        reasons.append(f"entropy gap {gap:.2f} nats > {LARGE_ENTROPY_GAP}: sharpness differs")
+    signal = kl >= NO_SIGNAL_KL
+    if signal:
+        reasons.append(f"sampled reverse KL {kl:.3f} >= {NO_SIGNAL_KL} nats/token: a real signal")
+    else:
+        reasons.append(
+            f"sampled reverse KL {kl:.4f} < {NO_SIGNAL_KL} nats/token: the teacher scores the "
+            "student's tokens as the student does (same model or same pipeline)"
+        )
+    if not signal:
+        cls, label = "no-signal", "no signal: the teacher adds nothing the student lacks"
+    elif compat == "compatible":
+        cls, label = "good", "compatible thinking patterns and a real signal: OPD should work"
+    elif compat == "borderline":
+        cls = "borderline"
+        label = (
+            "borderline: a signal, but partly incompatible; expect slow progress, consider "
+            "opd coldstart or opd select-prompts first"
+        )
+    else:
+        cls = "incompatible"
+        label = "incompatible thinking patterns: OPD is likely to fail; start with opd coldstart"
+    return {
+        "class": cls,
+        "label": label,
+        "compatible": compat == "compatible",
+        "signal": bool(signal),
+        "reasons": reasons,
+    }
+
+
+def rank_teachers(teachers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Best first: verdict class, then overlap (compatibility first, the paper's lesson: a
+    stronger teacher with another style loses), then the signal size."""
+
+    def key(t: dict[str, Any]) -> tuple[int, float, float]:
+        if "error" in t:
+            return (len(_CLASSES), 0.0, 0.0)
+        m = t["metrics"]
+        return (_CLASSES.index(t["verdict"]["class"]), -m["overlap/ratio"], -m["kl/sampled"])
+
+    ordered = sorted(teachers, key=key)
+    for rank, t in enumerate(ordered, 1):
+        t["rank"] = rank
+    return ordered
+
+
+def sample_prompt_indices(n_available: int, num_prompts: int, seed: int) -> list[int]:
+    """A seeded random subset (all prompts if fewer are available), in a fixed order."""
+    rng = np.random.default_rng(seed)
+    take = min(num_prompts, n_available)
+    return sorted(int(i) for i in rng.choice(n_available, size=take, replace=False))
+
+
+def run_probe(config: ProbeConfig, log=print) -> dict[str, Any]:  # noqa: ANN001
+    """Sample the student once, score with every teacher, write probe.json, return the report."""
+    import torch
+
+    from opd.client.diagnostics import compute_diagnostics
+    from opd.client.prompts import load_prompts
+    from opd.client.rollouts import SamplingParams, make_rollouts
+    from opd.client.student import chat_prompt_ids, load_student
+    from opd.client.teacher_bridge import TeacherBridge
+    from opd.client.trainer import position_stats
+    from opd.shared.fingerprint import fingerprint_hf_tokenizer
+
+    started = time.perf_counter()
+    torch.manual_seed(config.seed)
+    model, tokenizer = load_student(config.student, config.dtype, config.device)
+    model.eval()
+    prompts = load_prompts(config.prompts, config.prompt_field)
+    indices = sample_prompt_indices(len(prompts), config.num_prompts, config.seed)
+    eos = int(tokenizer.eos_token_id)
+    pad = tokenizer.pad_token_id
+    params = SamplingParams(
+        n=config.n_rollouts,
+        temperature=config.temperature,
+        top_p=config.top_p,
+        max_new_tokens=config.max_new_tokens,
+        eos_token_id=eos,
+        pad_token_id=int(pad if pad is not None else eos),
+    )
+    fingerprint = fingerprint_hf_tokenizer(tokenizer)
+    bridges: list[tuple[int, TeacherBridge, Any]] = []
+    entries: list[dict[str, Any]] = []
+    for t, urls in enumerate(config.teachers):
+        entry: dict[str, Any] = {"url": ",".join(urls)}
+        entries.append(entry)
+        try:
+            bridge = TeacherBridge(
+                urls,
+                api_key=config.api_key,
+                tokenizer_fingerprint=fingerprint,
+                allow_tokenizer_mismatch=config.allow_tokenizer_mismatch,
+            )
+            info = bridge.connect()
+        except Exception as exc:  # noqa: BLE001 - one unusable teacher must not sink the rest
+            entry.update(name=_name(config, t, urls[0]), error=f"{type(exc).__name__}: {exc}")
+            log(f"teacher {urls[0]}: skipped ({entry['error']})")
+            continue
+        entry["name"] = _name(config, t, info.name)
+        entry["model"] = info.model_dump(mode="json", include={"name", "revision", "backend"})
+        bridges.append((t, bridge, []))
+    if not bridges:
+        raise RuntimeError("no teacher could be reached: " + "; ".join(e["error"] for e in entries))
+    try:
+        log(f"sampling {config.n_rollouts} rollout(s) on {len(indices)} prompts")
+        for done, index in enumerate(indices, 1):
+            rollouts = make_rollouts(
+                model,
+                index,
+                chat_prompt_ids(tokenizer, prompts[index]),
+                params,
+                config.student_top_k,
+            )
+            for _, bridge, futures in bridges:  # each teacher scores its own copies
+                copies = [replace(r) for r in rollouts]
+                futures.append(bridge.submit(copies, config.teacher_top_k, with_candidates=True))
+            if done % 16 == 0:
+                log(f"  {done}/{len(indices)} prompts sampled")
+        positions = 0
+        for t, _, futures in bridges:
+            scored = [r for f in futures for r in f.result()]
+            stats = position_stats(scored)
+            positions = stats.n_positions
+            metrics = compute_diagnostics(stats, depth_bucket=config.depth_bucket)
+            entries[t]["metrics"] = metrics
+            entries[t]["verdict"] = verdict(metrics)
+    finally:
+        for _, bridge, _ in bridges:
+            bridge.close()
+    report = {
+        "version": PROBE_VERSION,
+        "student": config.student,
+        "prompts": len(indices),
+        "rollouts_per_prompt": config.n_rollouts,
+        "positions": positions,
+        "prompt_indices": indices,
+        "seconds": round(time.perf_counter() - started, 1),
+        "thresholds": {
+            "compatible_overlap": COMPATIBLE_OVERLAP,
+            "borderline_overlap": BORDERLINE_OVERLAP,
+            "no_signal_kl": NO_SIGNAL_KL,
+            "large_entropy_gap": LARGE_ENTROPY_GAP,
+            "negative_advantage": NEGATIVE_ADVANTAGE,
+        },
+        "config": {k: v for k, v in vars(config).items() if k != "api_key"},
+        "teachers": rank_teachers(entries),
+    }
+    out = Path(config.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "probe.json").write_text(json.dumps(_finite(report), indent=1))
+    return report
+
+
+def _name(config: ProbeConfig, t: int, fallback: str) -> str:
+    return config.names[t] if t < len(config.names) else fallback
+
+
+def _finite(obj: Any) -> Any:
+    """NaN -> None, so probe.json is strict JSON (the metrics log does the same)."""
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def depth_rows(metrics: dict[str, float], key: str) -> list[tuple[str, float]]:
+    """(bucket label, value) of `key` by depth, in depth order."""
+    prefix = key + "@depth"
+    rows = [(k[len(prefix) :], v) for k, v in metrics.items() if k.startswith(prefix)]
+    return sorted(rows, key=lambda kv: int(kv[0].split("-")[0]))

@@ -1,0 +1,63 @@
+"""Terminal view of a probe report (rich tables): ranking with verdicts, then metrics by depth."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from opd.client.probe import SUMMARY_KEYS, depth_rows
+
+_LABELS = {
+    "overlap/ratio": "overlap",
+    "overlap/token_advantage": "advantage",
+    "entropy/gap": "H gap",
+    "overlap/mass_student": "mass p",
+    "overlap/mass_teacher": "mass q",
+    "kl/sampled": "KL",
+    "entropy/student": "H(p)",
+    "entropy/teacher": "H(q)",
+}
+_STYLE = {"good": "green", "borderline": "yellow", "no-signal": "magenta", "incompatible": "red"}
+
+
+def _fmt(v: Any) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
+def print_probe(report: dict[str, Any], console: Console) -> None:
+    table = Table(
+        title=f"probe: {report['prompts']} prompts x {report['rollouts_per_prompt']} rollout(s), "
+        f"{report['positions']} positions"
+    )
+    table.add_column("rank")
+    table.add_column("teacher")
+    for key in SUMMARY_KEYS:
+        table.add_column(_LABELS[key], justify="right")
+    table.add_column("verdict")
+    for t in report["teachers"]:
+        if "error" in t:
+            table.add_row(str(t["rank"]), t["name"], *["-"] * len(SUMMARY_KEYS), t["error"])
+            continue
+        v = t["verdict"]
+        table.add_row(
+            str(t["rank"]),
+            t["name"],
+            *(_fmt(t["metrics"].get(k)) for k in SUMMARY_KEYS),
+            f"[{_STYLE[v['class']]}]{v['label']}[/]",
+        )
+    console.print(table)
+    for t in report["teachers"]:
+        if "error" in t:
+            continue
+        console.print(f"[bold]{t['rank']}. {t['name']}[/]: " + "; ".join(t["verdict"]["reasons"]))
+        depth = Table(title=f"{t['name']} by depth (completion tokens)")
+        depth.add_column("depth")
+        keys = ("overlap/ratio", "overlap/token_advantage", "entropy/gap", "kl/sampled")
+        for key in keys:
+            depth.add_column(_LABELS[key], justify="right")
+        columns = {key: dict(depth_rows(t["metrics"], key)) for key in keys}
+        for label in columns["overlap/ratio"]:
+            depth.add_row(label, *(_fmt(columns[k].get(label)) for k in keys))
+        console.print(depth)
