@@ -99,9 +99,7 @@ def test_sft_schedule_is_warmup_then_cosine():
         SFTConfig(lr_schedule="linear")
 
 
-def test_coldstart_end_to_end_on_the_embedded_default(
-    smol_server, smol_student_dir, tmp_path
-):
+def test_coldstart_end_to_end_on_the_embedded_default(smol_server, smol_student_dir, tmp_path):
     questions = [
         "What is the capital of France?",
         "Name three primary colours.",
