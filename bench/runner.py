@@ -25,7 +25,7 @@ from opd.bench.contenders import (
     VLLMServerContender,
     WorkerContender,
 )
-from opd.bench.workload import WorkloadConfig, forward_flops
+from opd.bench.workload import WorkloadConfig, workload_flops
 
 ALL_CONTENDERS = ("inprocess", "http-binary", "http-json", "naive", "vllm", "matmul", "longseq")
 
@@ -186,7 +186,7 @@ def run_bench(cfg: BenchConfig, log=print) -> dict[str, Any]:
         if matmul is not None:
             rate = statistics.median(x["flops_per_s"] for x in results[matmul.name])
             mc = AutoConfig.from_pretrained(model)
-            flops = forward_flops(mc, wl.seq_len, wl.completion_len) * wl.sequences
+            flops = workload_flops(mc, wl)
             per_token = flops / wl.scored_tokens
             limit = {
                 "matmul_flops_per_s": rate,

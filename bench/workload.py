@@ -2,6 +2,8 @@
 
 Sequences are random token ids (uniform over the vocabulary, fixed seed): throughput does not
 depend on what the tokens say, and random ids are reproducible without a tokenizer or dataset.
+With rollouts_per_prompt = n > 1, consecutive groups of n sequences of a request share their
+prompt, the shape of OPD traffic (the trainer sends n rollouts of one prompt together).
 """
 
 from __future__ import annotations
@@ -22,7 +24,15 @@ class WorkloadConfig:
     top_k: int = 16
     candidates: int = 16
     seqs_per_request: int = 4
+    rollouts_per_prompt: int = 1
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.seqs_per_request % self.rollouts_per_prompt:
+            raise ValueError(
+                f"seqs_per_request={self.seqs_per_request} must be a multiple of "
+                f"rollouts_per_prompt={self.rollouts_per_prompt}"
+            )
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -48,7 +58,12 @@ def make_requests(cfg: WorkloadConfig, vocab_size: int) -> list[PackedRequest]:
     requests = []
     for start in range(0, cfg.sequences, cfg.seqs_per_request):
         n = min(cfg.seqs_per_request, cfg.sequences - start)
-        seqs = [rng.integers(0, vocab_size, cfg.seq_len) for _ in range(n)]
+        seqs = []
+        for j in range(n):
+            if j % cfg.rollouts_per_prompt == 0:
+                prompt = rng.integers(0, vocab_size, cfg.prompt_len)
+            completion = rng.integers(0, vocab_size, cfg.completion_len)
+            seqs.append(np.concatenate([prompt, completion]))
         cands = (
             [rng.integers(0, vocab_size, (cfg.completion_len, cfg.candidates)) for _ in range(n)]
             if cfg.candidates
@@ -78,3 +93,15 @@ def forward_flops(config: object, seq_len: int, scored: int) -> float:
     # sum over positions t of the causal prefix length t+1, for QK^T and AV
     attention = layers * 2 * 2 * heads * head_dim * (seq_len * (seq_len + 1) / 2)
     return per_token * seq_len + attention + 2 * h * vocab * scored
+
+
+def workload_flops(config: object, cfg: WorkloadConfig) -> float:
+    """FLOPs of one round at the least work: each distinct prompt through the decoder once,
+    every completion once (attending over its prompt), the head on the scored rows only."""
+    seqs, p, c = cfg.sequences, cfg.prompt_len, cfg.completion_len
+    prompts = -(-seqs // cfg.rollouts_per_prompt)
+    if cfg.rollouts_per_prompt == 1:
+        return forward_flops(config, cfg.seq_len, c) * seqs
+    prompt_part = forward_flops(config, p, 0)
+    completions = forward_flops(config, p + c, c) - forward_flops(config, p, 0)
+    return prompts * prompt_part + seqs * completions

@@ -190,6 +190,9 @@ def bench(
     top_k: Annotated[int, typer.Option(help="teacher top-k")] = 16,
     candidates: Annotated[int, typer.Option(help="caller-chosen candidate ids per position")] = 16,
     seqs_per_request: Annotated[int, typer.Option(help="sequences per HTTP request")] = 4,
+    rollouts_per_prompt: Annotated[
+        int, typer.Option(help="sequences sharing one prompt (OPD's n rollouts); 1 = unique")
+    ] = 1,
     concurrency: Annotated[list[int], typer.Option(help="concurrent clients (repeatable)")] = [  # noqa: B006
         1,
         8,
@@ -225,6 +228,7 @@ def bench(
             top_k=top_k,
             candidates=candidates,
             seqs_per_request=seqs_per_request,
+            rollouts_per_prompt=rollouts_per_prompt,
         ),
         rounds=rounds,
         concurrency=tuple(concurrency),

@@ -89,6 +89,12 @@ class Settings(BaseSettings):
         default=262144, ge=1, description="queued tokens beyond which new requests get 429"
     )
     logits_chunk_tokens: int = Field(default=256, ge=1, description="LM-head rows per chunk")
+    min_shared_prefix: int = Field(
+        default=16,
+        ge=0,
+        description="hf: sequences of one pack with the same context of at least this many "
+        "tokens run it through the decoder once (n rollouts of a prompt); 0 = off",
+    )
     warmup: bool = True
     drain_timeout_s: float = Field(default=30.0, ge=0, description="graceful shutdown budget")
 

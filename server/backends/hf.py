@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -113,6 +114,21 @@ def describe_model(
     )
 
 
+def shared_context_groups(
+    items: list[ScoreItem], min_prefix: int
+) -> tuple[list[list[int]], list[int]]:
+    """Indices of items with an identical context (token_ids[:score_from], at least min_prefix
+    tokens long, two or more items), and the indices of all other items. 0 turns sharing off."""
+    by_context: dict[bytes, list[int]] = defaultdict(list)
+    for i, it in enumerate(items):
+        if min_prefix and it.score_from >= min_prefix:
+            key = np.asarray(it.token_ids[: it.score_from], dtype=np.int64).tobytes()
+            by_context[key].append(i)
+    groups = [members for members in by_context.values() if len(members) >= 2]
+    grouped = {i for members in groups for i in members}
+    return groups, [i for i in range(len(items)) if i not in grouped]
+
+
 class HFBackend:
     name = "hf"
 
@@ -181,12 +197,49 @@ class HFBackend:
         return out.last_hidden_state
 
     @torch.inference_mode()
+    def shared_prefix_hidden(self, items: list[ScoreItem]) -> list[torch.Tensor]:
+        """Hidden states [n_tokens, H] of items that share their context x_0..x_{s-1}.
+
+        OPD sends n rollouts of one prompt together: the prompt goes through the decoder once,
+        its KV cache is repeated n times, and only the completions run after it. Same positions,
+        same masks, so the same numbers (tests/server/test_prefix_sharing.py); the decoder work
+        drops from n (P + C) to P + n C tokens. vLLM skips its prefix cache for prompt_logprobs.
+        """
+        assert self.decoder is not None
+        context = items[0].score_from
+        prompt = torch.from_numpy(items[0].token_ids[:context].astype(np.int64))[None]
+        first = self.decoder(input_ids=prompt.to(self.device), use_cache=True)
+        cache = first.past_key_values
+        cache.batch_repeat_interleave(len(items))
+        longest = max(it.n_tokens - context for it in items)
+        ids = torch.zeros((len(items), longest), dtype=torch.long)
+        mask = torch.ones((len(items), context + longest), dtype=torch.long)
+        for b, it in enumerate(items):
+            tail = it.token_ids[context:]
+            ids[b, : len(tail)] = torch.from_numpy(tail.astype(np.int64))
+            mask[b, context + len(tail) :] = 0
+        kwargs: dict[str, object] = {"input_ids": ids.to(self.device), "past_key_values": cache}
+        if not bool(mask.all()):
+            kwargs["attention_mask"] = mask.to(self.device)
+        rest = self.decoder(**kwargs, use_cache=True).last_hidden_state
+        head = first.last_hidden_state[0]
+        return [torch.cat([head, rest[b, : it.n_tokens - context]]) for b, it in enumerate(items)]
+
+    @torch.inference_mode()
     def score_pack(self, items: list[ScoreItem]) -> list[ScoredRows]:
         assert self.head is not None
-        hidden = self.hidden_states(items)
-        return score_items(
-            self.head, list(hidden.unbind(0)), items, self.settings.logits_chunk_tokens
-        )
+        hidden: list[torch.Tensor | None] = [None] * len(items)
+        groups, singles = shared_context_groups(items, self.settings.min_shared_prefix)
+        for members in groups:
+            for i, h in zip(
+                members, self.shared_prefix_hidden([items[i] for i in members]), strict=True
+            ):
+                hidden[i] = h
+        if singles:
+            padded = self.hidden_states([items[i] for i in singles])
+            for b, i in enumerate(singles):
+                hidden[i] = padded[b]
+        return score_items(self.head, hidden, items, self.settings.logits_chunk_tokens)  # type: ignore[arg-type]
 
     def generate(self, prompts: list[list[int]], options: GenerateOptions) -> list[list[Generated]]:
         """Teacher completions of token-id prompts (blocking; the service runs it off-loop)."""
