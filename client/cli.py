@@ -21,6 +21,8 @@ from typing import Annotated
 
 import typer
 
+from opd.client.report import report_command
+
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
@@ -440,6 +442,10 @@ def coldstart(
     else:
         console.print(f"next: {summary['opd']['command']}")
     console.print(f"written: {out_dir}/coldstart.json (plots: opd report {out_dir})")
+
+
+# Commands defined beside their code (their modules import nothing heavy at import time).
+app.command("report")(report_command)
 
 
 def main() -> None:

@@ -1,0 +1,625 @@
+"""The plots of `opd report`: one PNG per figure, drawn by matplotlib's Agg backend.
+
+Figures are built with the object API (matplotlib.figure.Figure on a FigureCanvasAgg), not
+pyplot: no global state, no display, safe to call from any thread. matplotlib and numpy are
+imported inside the functions. Each figure is skipped when its keys are absent from the inputs,
+and returned as a Plot whose caption says how to read it (report_html shows it under the image).
+
+Series plots shade the early and late windows that the health checks compare; with more than
+SMOOTH_ABOVE steps the raw values are drawn faint under a rolling mean.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from opd.client.report import MAIN_METRICS, RunInputs, Series, depth_buckets
+from opd.client.report_health import span, window_slices
+
+if TYPE_CHECKING:
+    import numpy as np
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+# Above this many steps, raw values are drawn faint and a rolling mean over ~1/25 of the run on
+# top: below it every step is visible on its own.
+SMOOTH_ABOVE = 30
+DPI = 100
+_LABELS = {key: label for key, label, _ in MAIN_METRICS}
+
+
+@dataclass(frozen=True)
+class Plot:
+    section: str  # "steps" | "depth" | "probe" | "coldstart"
+    path: Path
+    title: str
+    caption: str
+
+
+@dataclass(frozen=True)
+class Panel:
+    """One axes of a series figure: lines for `keys` ((key, legend label) pairs) over steps."""
+
+    title: str
+    keys: Sequence[tuple[str, str]]
+    zero_line: bool = False
+    log_y: bool = False
+    band: dict[str, str] = field(default_factory=dict)  # key -> key of its +-1 std band
+
+
+def all_plots(inputs: RunInputs, out_dir: Path, frac: float) -> list[Plot]:
+    plots: list[Plot] = []
+    if inputs.metrics is not None:
+        plots += step_plots(inputs.metrics, out_dir, frac)
+        plots += depth_plots(inputs.metrics, out_dir, frac)
+    if inputs.probe is not None:
+        plots += probe_plots(inputs.probe, out_dir)
+    plots += coldstart_plots(inputs.coldstart, inputs.sft, out_dir)
+    return plots
+
+
+# --------------------------------------------------------------------------------------------
+# Figure plumbing
+# --------------------------------------------------------------------------------------------
+
+
+def _figure(nrows: int, ncols: int, width: float, height: float) -> tuple[Figure, Any]:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(nrows, ncols, squeeze=False)
+
+
+def _save(fig: Figure, out_dir: Path, name: str, section: str, title: str, caption: str) -> Plot:
+    path = out_dir / f"{name}.png"
+    fig.savefig(path, format="png", metadata={"Software": None})
+    return Plot(section, path, title, caption)
+
+
+def _grid(n: int, max_cols: int = 3) -> tuple[int, int]:
+    cols = min(n, max_cols)
+    return math.ceil(n / cols), cols
+
+
+def _hide_unused(axes: Any, used: int) -> None:
+    for ax in axes.flat[used:]:
+        ax.set_visible(False)
+
+
+def _rolling_mean(y: np.ndarray, w: int) -> np.ndarray:
+    """Centred mean over w steps, ignoring nan (nan where the whole window is nan)."""
+    import numpy as np
+
+    ok = np.isfinite(y)
+    kernel = np.ones(w)
+    sums = np.convolve(np.where(ok, y, 0.0), kernel, mode="same")
+    counts = np.convolve(ok.astype(float), kernel, mode="same")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(counts > 0, sums / counts, np.nan)
+
+
+def _draw_series(ax: Axes, series: Series, panel: Panel, frac: float) -> bool:
+    """Draw one panel; False when none of its keys has data."""
+    import numpy as np
+
+    x = series.steps_S
+    drawn = False
+    smooth = len(series) > SMOOTH_ABOVE
+    for i, (key, label) in enumerate(panel.keys):
+        y = series.get(key)
+        if y is None:
+            continue
+        drawn = True
+        color = f"C{i}"
+        if smooth:
+            ax.plot(x, y, color=color, alpha=0.3, linewidth=0.8)
+            w = max(2, len(series) // 25)
+            ax.plot(x, _rolling_mean(y, w), color=color, label=f"{label} (mean of {w})")
+        else:
+            ax.plot(x, y, color=color, marker="o", markersize=3, label=label)
+        std = series.get(panel.band.get(key, ""))
+        if std is not None:
+            ax.fill_between(x, y - std, y + std, color=color, alpha=0.15, linewidth=0)
+    if not drawn:
+        return False
+    if len(series) >= 2:
+        a, b = window_slices(len(series), frac)
+        for s in (a, b):
+            ax.axvspan(x[s][0] - 0.5, x[s][-1] + 0.5, color="0.85", zorder=0, linewidth=0)
+    if panel.zero_line:
+        ax.axhline(0.0, color="0.4", linewidth=0.8, linestyle="--")
+    if panel.log_y and all(
+        np.nanmin(series.get(k)) > 0 for k, _ in panel.keys if series.get(k) is not None
+    ):
+        ax.set_yscale("log")
+    ax.set_title(panel.title, fontsize=10)
+    ax.set_xlabel("step", fontsize=9)
+    ax.tick_params(labelsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return True
+
+
+def _series_figure(
+    series: Series,
+    out_dir: Path,
+    frac: float,
+    name: str,
+    title: str,
+    caption: str,
+    panels: Sequence[Panel],
+    section: str = "steps",
+) -> list[Plot]:
+    present = [p for p in panels if any(series.get(k) is not None for k, _ in p.keys)]
+    if not present:
+        return []
+    rows, cols = _grid(len(present))
+    fig, axes = _figure(rows, cols, 4.2 * cols if cols > 1 else 7.5, 3.0 * rows)
+    for ax, panel in zip(axes.flat, present, strict=False):
+        _draw_series(ax, series, panel, frac)
+    _hide_unused(axes, len(present))
+    return [_save(fig, out_dir, name, section, title, caption)]
+
+
+# --------------------------------------------------------------------------------------------
+# metrics.jsonl: over steps
+# --------------------------------------------------------------------------------------------
+
+_WINDOWS_NOTE = " Grey bands: the early and late windows that the health checks compare."
+
+
+def step_plots(series: Series, out_dir: Path, frac: float) -> list[Plot]:
+    figures = [
+        (
+            "kl",
+            "Reverse KL to the teacher",
+            "KL(student || teacher) per token on the student's own rollouts, in nats: it should "
+            "fall. kl/sampled is the unbiased single-sample estimate (noisy); the top-k forms sum "
+            "over the student's top-k. A falling KL alone is not enough: a student can lower it "
+            "by flattening its distribution, which the entropy plot shows.",
+            [
+                Panel(
+                    "reverse KL (nats/token)",
+                    [
+                        ("kl/sampled", "sampled token"),
+                        ("kl/student_topk", "student top-k"),
+                        ("kl/student_topk_renorm", "student top-k, renormalised"),
+                    ],
+                )
+            ],
+        ),
+        (
+            "overlap_ratio",
+            "Top-k overlap",
+            "The share of the student's top-k tokens that are also in the teacher's top-k. In "
+            "successful runs it climbs (paper: ~0.72 to above 0.91); flat or falling overlap is "
+            "the main sign of an incompatible student/teacher pair. empty_frac is the share of "
+            "positions where the two top-k sets share nothing.",
+            [
+                Panel(
+                    "overlap",
+                    [("overlap/ratio", "overlap ratio"), ("overlap/empty_frac", "empty fraction")],
+                )
+            ],
+        ),
+        (
+            "overlap_advantage",
+            "Overlap-token advantage",
+            "On the tokens both models rank in their top-k, sum of p (log q - log p) with both "
+            "renormalised there. Near 0 means aligned; strongly negative means the student is "
+            "over-confident where the teacher is not. Healthy runs move it toward 0; stuck "
+            "negative is a failure sign.",
+            [
+                Panel(
+                    "overlap-token advantage (nats)",
+                    [("overlap/token_advantage", "advantage")],
+                    zero_line=True,
+                )
+            ],
+        ),
+        (
+            "entropy",
+            "Entropies and the entropy gap",
+            "Full-vocabulary entropies of student and teacher on the student's rollouts (left) "
+            "and their gap (right): mean |H(q) - H(p)| and the signed mean H(q) - H(p) (> 0: the "
+            "student is sharper). The gap should close. A student entropy that climbs far above "
+            "the teacher's is the student flattening (blow-up); one that drops toward 0 is "
+            "collapse.",
+            [
+                Panel(
+                    "entropy (nats)",
+                    [("entropy/student", "student"), ("entropy/teacher", "teacher")],
+                ),
+                Panel(
+                    "entropy gap (nats)",
+                    [("entropy/gap", "|H(q) - H(p)|"), ("entropy/signed_gap", "H(q) - H(p)")],
+                    zero_line=True,
+                ),
+            ],
+        ),
+        (
+            "overlap_mass",
+            "Overlap mass",
+            "Probability that student (p) and teacher (q) put on the shared top-k tokens, not "
+            "renormalised. In the paper's runs both stay near 0.97-0.99; low or falling mass "
+            "means the overlap-based signals cover little of either distribution.",
+            [
+                Panel(
+                    "mass on shared top-k",
+                    [("overlap/mass_student", "student"), ("overlap/mass_teacher", "teacher")],
+                )
+            ],
+        ),
+        (
+            "reward",
+            "Sequence reward",
+            "Mean over each rollout of log q(y_t) - log p(y_t) (minus the per-token reverse KL), "
+            "averaged over the step's rollouts; the band is +-1 standard deviation over "
+            "rollouts. It should rise toward 0.",
+            [
+                Panel(
+                    "sequence mean reward",
+                    [("reward/seq_mean", "mean over rollouts")],
+                    zero_line=True,
+                    band={"reward/seq_mean": "reward/seq_std"},
+                )
+            ],
+        ),
+        (
+            "optimisation",
+            "Loss, gradient norm, learning rate",
+            "The objective's loss, the gradient norm before clipping (log scale) and the "
+            "learning rate. A gradient norm that is tiny from the start is a failure sign: the "
+            "teacher's signal does not move the student. Spikes in loss or gradient norm point "
+            "at instability.",
+            [
+                Panel("train/loss", [("train/loss", "loss")]),
+                Panel("train/grad_norm", [("train/grad_norm", "pre-clip norm")], log_y=True),
+                Panel("train/lr", [("train/lr", "learning rate")]),
+            ],
+        ),
+        (
+            "rollouts",
+            "Rollout length and truncation",
+            "The share of rollouts cut at --max-new-tokens and the mean completion length. "
+            "Rising truncation means responses grow longer or loop; the paper sees OPD's token "
+            "reward degrade on long responses.",
+            [
+                Panel("truncated fraction", [("rollout/truncated_frac", "truncated")]),
+                Panel("completion length", [("tokens/mean_completion_len", "tokens/rollout")]),
+            ],
+        ),
+        (
+            "time",
+            "Time and throughput",
+            "Seconds per step spent sampling (generate), waiting for the teacher (score_wait) "
+            "and updating (train), and completion tokens per second. A large score_wait means "
+            "the teacher service is the bottleneck.",
+            [
+                Panel(
+                    "seconds per step",
+                    [
+                        ("time/step_s", "step"),
+                        ("time/generate_s", "generate"),
+                        ("time/score_wait_s", "score wait"),
+                        ("time/train_s", "train"),
+                    ],
+                ),
+                Panel("throughput", [("throughput/tokens_per_s", "tokens/s")]),
+            ],
+        ),
+    ]
+    plots: list[Plot] = []
+    for name, title, caption, panels in figures:
+        plots += _series_figure(series, out_dir, frac, name, title, caption + _WINDOWS_NOTE, panels)
+    return plots
+
+
+# --------------------------------------------------------------------------------------------
+# metrics.jsonl: by depth
+# --------------------------------------------------------------------------------------------
+
+DEPTH_KEYS = (
+    "overlap/ratio",
+    "overlap/token_advantage",
+    "entropy/gap",
+    "kl/sampled",
+    "overlap/mass_student",
+    "reward/seq_mean",
+)
+HEATMAP_KEYS = ("overlap/ratio", "overlap/token_advantage", "entropy/gap")
+_LOWER_IS_BETTER = frozenset({"entropy/gap", "kl/sampled"})
+
+
+def _bucket_axis(ax: Axes, buckets: Sequence[tuple[int, int]]) -> None:
+    step = max(1, math.ceil(len(buckets) / 8))  # at most 8 tick labels
+    ticks = list(range(0, len(buckets), step))
+    labels = [f"{buckets[i][0]}-{buckets[i][1]}" for i in ticks]
+    long = max(map(len, labels)) * len(labels) > 40  # would run into each other: slant them
+    ax.set_xticks(
+        ticks, labels, fontsize=7, rotation=30 if long else 0, ha="right" if long else "center"
+    )
+    ax.set_xlabel("completion position (depth bucket)", fontsize=9)
+
+
+def depth_plots(series: Series, out_dir: Path, frac: float) -> list[Plot]:
+    """Early vs late profile over depth, and a steps x depth heatmap; needs >= 2 buckets."""
+    import numpy as np
+
+    keys = [k for k in DEPTH_KEYS if len(series.depth_buckets(k)) >= 2]
+    if not keys or len(series) < 1:
+        return []
+    plots = []
+    a, b = window_slices(len(series), frac) if len(series) >= 2 else (slice(0, 1), slice(0, 1))
+    steps = series.steps_S
+    rows, cols = _grid(len(keys))
+    fig, axes = _figure(rows, cols, 4.2 * cols, 3.0 * rows)
+    for ax, key in zip(axes.flat, keys, strict=False):
+        buckets, m_SB = series.depth_matrix(key)
+        x = np.arange(len(buckets))
+        for rows_, label, color in ((a, "early", "C0"), (b, "late", "C3")):
+            y = _nanmean_rows(m_SB[rows_])
+            ax.plot(x, y, marker="o", color=color, label=f"{label}: steps {span(steps[rows_])}")
+        if key in ("overlap/token_advantage", "reward/seq_mean"):
+            ax.axhline(0.0, color="0.4", linewidth=0.8, linestyle="--")
+        ax.set_title(_LABELS.get(key, key), fontsize=10)
+        _bucket_axis(ax, buckets)
+        ax.tick_params(labelsize=8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    _hide_unused(axes, len(keys))
+    plots.append(
+        _save(
+            fig,
+            out_dir,
+            "depth_profile",
+            "depth",
+            "Diagnostics by depth: early vs late steps",
+            "Each metric per bucket of completion positions, averaged over the early and the "
+            "late window of steps. Healthy: the late line is better than the early one at every "
+            "depth. The paper sees instability start at the end of long responses and move toward "
+            "the start: watch the right-hand buckets first.",
+        )
+    )
+
+    keys = [k for k in HEATMAP_KEYS if len(series.depth_buckets(k)) >= 2]
+    fig, axes = _figure(len(keys), 1, 7.5, 2.4 * len(keys))
+    for ax, key in zip(axes.flat, keys, strict=False):
+        buckets, m_SB = series.depth_matrix(key)
+        cmap = "viridis_r" if key in _LOWER_IS_BETTER else "viridis"  # bright = better
+        image = ax.imshow(
+            np.ma.masked_invalid(m_SB.T),
+            aspect="auto",
+            origin="lower",
+            interpolation="nearest",
+            cmap=cmap,
+            extent=(steps[0] - 0.5, steps[-1] + 0.5, -0.5, len(buckets) - 0.5),
+        )
+        fig.colorbar(image, ax=ax, shrink=0.9)
+        ax.set_yticks(range(len(buckets)), [f"{lo}-{hi}" for lo, hi in buckets], fontsize=7)
+        if len(buckets) > 10:
+            ax.yaxis.set_major_locator(_max_n_locator(10))
+        ax.set_ylabel("depth", fontsize=9)
+        ax.set_title(_LABELS.get(key, key), fontsize=10)
+        ax.tick_params(labelsize=8)
+    axes.flat[-1].set_xlabel("step", fontsize=9)
+    plots.append(
+        _save(
+            fig,
+            out_dir,
+            "depth_heatmap",
+            "depth",
+            "Diagnostics over steps x depth",
+            "Rows are depth buckets (start of the response at the bottom), columns are steps; "
+            "blank cells had no positions at that depth. In every panel brighter is better: "
+            "higher overlap, advantage nearer 0, smaller entropy gap. A healthy run brightens "
+            "from left to right in every row; a failing one darkens first in the top (deepest) "
+            "rows.",
+        )
+    )
+    return plots
+
+
+def _nanmean_rows(m_RB: np.ndarray) -> np.ndarray:
+    """Mean over rows ignoring nan; nan for an all-nan column (no RuntimeWarning)."""
+    import numpy as np
+
+    ok = np.isfinite(m_RB)
+    counts_B = ok.sum(axis=0)
+    sums_B = np.where(ok, m_RB, 0.0).sum(axis=0)
+    return np.where(counts_B > 0, sums_B / np.maximum(counts_B, 1), np.nan)
+
+
+def _max_n_locator(n: int) -> Any:
+    from matplotlib.ticker import MaxNLocator
+
+    return MaxNLocator(n, integer=True)
+
+
+# --------------------------------------------------------------------------------------------
+# probe.json
+# --------------------------------------------------------------------------------------------
+
+PROBE_BAR_KEYS = (
+    "overlap/ratio",
+    "overlap/token_advantage",
+    "entropy/gap",
+    "kl/sampled",
+    "overlap/mass_teacher",
+    "reward/seq_mean",
+)
+PROBE_DEPTH_KEYS = ("overlap/ratio", "overlap/token_advantage", "entropy/gap", "kl/sampled")
+
+
+GREEN, ORANGE, RED, GREY = "#27ae60", "#e67e22", "#c0392b", "#9aa5b1"
+# `opd probe`'s verdict classes, where present; otherwise compatible / signal decide.
+_CLASS_COLORS = {"good": GREEN, "borderline": ORANGE, "no-signal": ORANGE, "incompatible": RED}
+
+
+def verdict_color(verdict: dict[str, Any]) -> str:
+    """Green: compatible with a real signal. Orange: compatible (or borderline) but no signal:
+    OPD would not hurt, nor teach much. Red: incompatible, where the paper sees OPD fail. Grey:
+    no verdict (a teacher the probe could not reach)."""
+    if not verdict:
+        return GREY
+    if verdict.get("class") in _CLASS_COLORS:
+        return _CLASS_COLORS[verdict["class"]]
+    if not verdict.get("compatible"):
+        return RED
+    return GREEN if verdict.get("signal") else ORANGE
+
+
+def teachers_by_rank(probe: dict[str, Any]) -> list[dict[str, Any]]:
+    return sorted(probe["teachers"], key=lambda t: (t.get("rank") is None, t.get("rank") or 0))
+
+
+def _metrics(teacher: dict[str, Any]) -> dict[str, Any]:
+    """A teacher's metrics; {} for one the probe could not reach (it has "error" instead)."""
+    return teacher.get("metrics") or {}
+
+
+def probe_plots(probe: dict[str, Any], out_dir: Path) -> list[Plot]:
+    teachers = teachers_by_rank(probe)
+    names = [str(t.get("name", "?")) for t in teachers]
+    colors = [verdict_color(t.get("verdict") or {}) for t in teachers]
+    plots = []
+    keys = [k for k in PROBE_BAR_KEYS if any(k in _metrics(t) for t in teachers)]
+    if keys:
+        rows, cols = _grid(len(keys))
+        longest = max(map(len, names))  # rotated tick labels need room below the bars
+        fig, axes = _figure(rows, cols, 4.2 * cols, 2.6 * rows + 0.05 * longest)
+        for ax, key in zip(axes.flat, keys, strict=False):
+            values = [_num(_metrics(t).get(key)) for t in teachers]
+            ax.bar(range(len(names)), values, color=colors)
+            ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=7)
+            ax.axhline(0.0, color="0.4", linewidth=0.8)
+            ax.set_title(_LABELS.get(key, key), fontsize=10)
+            ax.tick_params(axis="y", labelsize=8)
+            ax.grid(axis="y", alpha=0.3)
+        _hide_unused(axes, len(keys))
+        plots.append(
+            _save(
+                fig,
+                out_dir,
+                "probe_metrics",
+                "probe",
+                "Teachers compared on the student's rollouts",
+                "One bar per teacher, in rank order; green: compatible with a real signal, orange: "
+                "borderline or no signal, red: incompatible. A good teacher has high overlap and "
+                "overlap mass (compatible thinking patterns) and a clear KL / negative reward (it "
+                "knows something the student does not).",
+            )
+        )
+    keys = [
+        k
+        for k in PROBE_DEPTH_KEYS
+        if any(len(depth_buckets(_metrics(t), k)) >= 2 for t in teachers)
+    ]
+    if keys:
+        rows, cols = _grid(len(keys), 2)
+        fig, axes = _figure(rows, cols, 4.8 * cols, 3.0 * rows)
+        for ax, key in zip(axes.flat, keys, strict=False):
+            buckets = sorted({b for t in teachers for b in depth_buckets(_metrics(t), key)})
+            for i, (t, name) in enumerate(zip(teachers, names, strict=True)):
+                m = _metrics(t)
+                y = [_num(m.get(f"{key}@depth{lo}-{hi}")) for lo, hi in buckets]
+                ax.plot(range(len(buckets)), y, marker="o", color=f"C{i}", label=name)
+            ax.set_title(_LABELS.get(key, key), fontsize=10)
+            _bucket_axis(ax, buckets)
+            ax.tick_params(labelsize=8)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        _hide_unused(axes, len(keys))
+        plots.append(
+            _save(
+                fig,
+                out_dir,
+                "probe_depth",
+                "probe",
+                "Teachers by depth",
+                "The main diagnostics per bucket of completion positions, one line per teacher. "
+                "A teacher whose overlap falls or whose KL grows toward the end of the responses "
+                "gives a weaker signal on long responses.",
+            )
+        )
+    return plots
+
+
+def _num(v: Any) -> float:
+    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else math.nan
+
+
+# --------------------------------------------------------------------------------------------
+# coldstart.json + sft_metrics.jsonl
+# --------------------------------------------------------------------------------------------
+
+COUNT_KEYS = ("prompts", "responses", "kept", "truncated", "repetition", "no_answer", "empty")
+
+
+def coldstart_plots(
+    coldstart: dict[str, Any] | None, sft: Series | None, out_dir: Path
+) -> list[Plot]:
+    plots = []
+    loss = sft.get("sft/loss") if sft is not None else None
+    if sft is not None and loss is not None:
+        fig, axes = _figure(1, 1, 7.5, 3.0)
+        ax = axes[0, 0]
+        ax.plot(sft.steps_S, loss, marker="o" if len(sft) <= SMOOTH_ABOVE else None, color="C0")
+        ax.set_xlabel("optimizer step", fontsize=9)
+        ax.set_ylabel("SFT loss (nats/token)", fontsize=9, color="C0")
+        ax.grid(alpha=0.3)
+        lr = sft.get("sft/lr")
+        if lr is not None:
+            ax2 = ax.twinx()
+            ax2.plot(sft.steps_S, lr, color="C1", linestyle="--", linewidth=1)
+            ax2.set_ylabel("learning rate", fontsize=9, color="C1")
+            ax2.tick_params(labelsize=8)
+        ax.tick_params(labelsize=8)
+        ax.set_title("cold-start SFT on teacher responses", fontsize=10)
+        plots.append(
+            _save(
+                fig,
+                out_dir,
+                "sft_loss",
+                "coldstart",
+                "Cold-start SFT loss",
+                "Token-mean cross-entropy of the student on the teacher's kept responses, per "
+                "optimizer step (dashed: learning rate). It should fall and flatten; a loss that "
+                "keeps falling fast suggests more epochs, one that rises suggests a too-high lr.",
+            )
+        )
+    counts = (coldstart or {}).get("counts") or {}
+    keys = [k for k in COUNT_KEYS if k in counts] + sorted(set(counts) - set(COUNT_KEYS))
+    if keys:
+        fig, axes = _figure(1, 1, 7.5, 0.5 + 0.35 * len(keys))
+        ax = axes[0, 0]
+        values = [_num(counts[k]) for k in keys]
+        total = ("prompts", "responses")
+        colors = ["#34495e" if k in total else GREEN if k == "kept" else RED for k in keys]
+        ax.barh(range(len(keys)), values, color=colors)
+        ax.set_yticks(range(len(keys)), keys, fontsize=8)
+        ax.invert_yaxis()
+        for i, v in enumerate(values):
+            if math.isfinite(v):
+                ax.text(v, i, f" {v:g}", va="center", fontsize=8)
+        ax.set_xlabel("responses", fontsize=9)
+        ax.tick_params(labelsize=8)
+        plots.append(
+            _save(
+                fig,
+                out_dir,
+                "coldstart_counts",
+                "coldstart",
+                "Cold-start filter",
+                "Teacher responses generated, kept for SFT (green) and dropped by each filter "
+                "(red): truncated, repetitive, without a final answer, empty. Many drops mean "
+                "the teacher's generation settings or max length need a look.",
+            )
+        )
+    return plots
