@@ -27,7 +27,7 @@ def _at(url: str, text: str) -> str:
 
 
 def test_readme_curl_example(smol_server):
-    (curl,) = [b for b in _blocks("bash") if b.lstrip().startswith("curl")]
+    (curl,) = [b for b in _blocks("bash") if b.lstrip().startswith("curl") and "/v1/score" in b]
     out = subprocess.run(
         ["bash", "-c", _at(smol_server, curl)], capture_output=True, text=True, check=True
     )
@@ -41,6 +41,16 @@ def test_readme_curl_example(smol_server):
     assert result["top_k_ids"][1][0] == 7042
     # candidate column 0 at row 1 is " Paris" (7042): same number as the actual token
     assert abs(result["candidate_logprobs"][1][0] - result["token_logprobs"][1]) < 1e-6
+
+
+def test_readme_generate_example(smol_server):
+    (curl,) = [b for b in _blocks("bash") if b.lstrip().startswith("curl") and "/generate" in b]
+    out = subprocess.run(
+        ["bash", "-c", _at(smol_server, curl)], capture_output=True, text=True, check=True
+    )
+    (result,) = json.loads(out.stdout)["results"]
+    assert len(result["completions"]) == 2
+    assert all(c["text"] and len(c["token_ids"]) <= 32 for c in result["completions"])
 
 
 def test_readme_python_example(smol_server):
@@ -57,7 +67,8 @@ def test_cli_help_lists_the_commands():
         [sys.executable, "-m", "opd.client.cli", "--help"], capture_output=True, text=True
     )
     assert out.returncode == 0
-    for command in ("serve", "train", "quickstart", "score-demo", "bench"):
+    commands = ("serve", "train", "quickstart", "score-demo", "bench", "probe", "coldstart")
+    for command in (*commands, "select-prompts", "report"):
         assert command in out.stdout
 
 

@@ -173,3 +173,9 @@ def test_coldstart_end_to_end_on_the_embedded_default(smol_server, smol_student_
     assert opd_cfg["prompts"] == str(out / "opd_prompts.jsonl")
     metrics = [json.loads(x) for x in (out / "opd" / "metrics.jsonl").open()]
     assert len(metrics) == 1 and np.isfinite(metrics[0]["kl/sampled"])
+    # the report of a real cold start: SFT curve and filter counts
+    from opd.client.report import build_report
+
+    html = build_report(out)
+    assert len(list(html.parent.glob("*.png"))) >= 2
+    assert "truncated" in html.read_text()

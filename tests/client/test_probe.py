@@ -105,3 +105,10 @@ def test_probe_end_to_end_real_teacher_versus_twin(
     depth_keys = [k for k in real if k.startswith("overlap/ratio@depth")]
     assert "overlap/ratio@depth0-7" in depth_keys and len(depth_keys) >= 2
     assert np.isfinite(real["entropy/gap"])
+    # the report of a real probe: comparison plots and a page naming both teachers
+    from opd.client.report import build_report
+
+    html = build_report(out)
+    assert len(list(html.parent.glob("*.png"))) >= 2
+    page = html.read_text()
+    assert "twin" in page and "SmolLM2-30-layers" in page
