@@ -28,6 +28,8 @@ class WorkloadConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.rollouts_per_prompt < 1:
+            raise ValueError(f"rollouts_per_prompt={self.rollouts_per_prompt} must be >= 1")
         if self.seqs_per_request % self.rollouts_per_prompt:
             raise ValueError(
                 f"seqs_per_request={self.seqs_per_request} must be a multiple of "

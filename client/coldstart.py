@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shlex
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -32,8 +33,11 @@ from opd.client.coldstart_filters import FilterConfig, filter_rows
 from opd.client.sft import SFTConfig
 
 COLDSTART_VERSION = 1
-# Prompts per generate call: progress is reported between calls; the client splits further.
+# Prompts per generate call: progress is reported (and answers saved) between calls, and a
+# call asks for at most ~_GENERATE_TOKENS new tokens, so it stays well inside the client's
+# timeout on a CPU teacher. The client splits further under the teacher's limits.
 _GENERATE_CHUNK = 32
+_GENERATE_TOKENS = 8192
 
 
 @dataclass
@@ -104,7 +108,6 @@ def run_coldstart(config: ColdstartConfig, log: Callable[[str], None] = print) -
     from opd.client.student import chat_prompt_ids, load_student
     from opd.client.teacher import TeacherClient
     from opd.shared.fingerprint import fingerprint_hf_tokenizer
-    from opd.shared.schemas import GenerateRequest
 
     started = time.perf_counter()
     out = Path(config.out_dir)
@@ -124,51 +127,55 @@ def run_coldstart(config: ColdstartConfig, log: Callable[[str], None] = print) -
     log(f"split: {len(sft_idx)} prompts for SFT, {len(opd_idx)} held out for OPD")
 
     model, tokenizer = load_student(config.student, config.dtype, config.device)
+    eos = int(tokenizer.eos_token_id)
+    rows: list[dict[str, Any]] = []
+    refused: list[dict[str, Any]] = []
+    raw_path = out / "teacher_responses.jsonl"  # every answer, appended as it arrives
+    raw_path.write_text("")
     with TeacherClient(config.teacher_url, api_key=config.api_key) as teacher:
         info = teacher.connect()
         same_tokenizer = info.tokenizer_fingerprint == fingerprint_hf_tokenizer(tokenizer)
-        rows: list[dict[str, Any]] = []
-        for c in range(0, len(sft_idx), _GENERATE_CHUNK):
-            chunk = sft_idx[c : c + _GENERATE_CHUNK]
-            answer = teacher.generate(
-                GenerateRequest(
-                    prompts=[prompts[i] for i in chunk],
-                    temperature=config.temperature,
-                    top_p=config.top_p,
-                    max_tokens=config.max_tokens,
-                    n=config.n,
-                    seed=config.seed + c,  # prompt sft_idx[j] samples with seed + j
+        # Prompts whose rendering + max_tokens cannot fit the teacher's context are not sent
+        # (the teacher renders with the same template; with another tokenizer it may still
+        # refuse one, which then costs only that prompt: see _generate_chunk).
+        cap = info.limits.max_tokens_per_sequence
+        sendable = []
+        position = {i: j for j, i in enumerate(sft_idx)}
+        for i in sft_idx:
+            n_prompt = len(chat_prompt_ids(tokenizer, prompts[i]))
+            if same_tokenizer and n_prompt + config.max_tokens > cap:
+                refused.append(
+                    _refused_row(i, prompts[i], f"{n_prompt} + {config.max_tokens} > {cap}")
                 )
-            )
-            for i, result in zip(chunk, answer.results, strict=True):
+            else:
+                sendable.append(i)
+        step = max(1, min(_GENERATE_CHUNK, _GENERATE_TOKENS // (config.max_tokens * config.n)))
+        for c in range(0, len(sendable), step):
+            chunk = sendable[c : c + step]
+            seeds = [config.seed + position[i] for i in chunk]  # prompt j of SFT: seed + j
+            for i, result in _generate_chunk(teacher, config, prompts, chunk, seeds, refused):
                 for j, comp in enumerate(result.completions):
                     ids = comp.token_ids
-                    eos_closed = comp.finish_reason == "stop" and bool(ids)
-                    rows.append(
-                        {
-                            "prompt_index": i,
-                            "completion_index": j,
-                            "prompt": prompts[i],
-                            "response": comp.text,
-                            "text": comp.text,
-                            "token_ids": ids,
-                            "content_ids": ids[:-1] if eos_closed else ids,
-                            "finish_reason": comp.finish_reason,
-                        }
+                    eos_closed = (
+                        comp.finish_reason == "stop"
+                        and bool(ids)
+                        and (ids[-1] == eos or not same_tokenizer)
                     )
-            log(f"teacher answered {min(c + _GENERATE_CHUNK, len(sft_idx))}/{len(sft_idx)}")
+                    row = {
+                        "prompt_index": i,
+                        "completion_index": j,
+                        "prompt": prompts[i],
+                        "response": comp.text,
+                        "token_ids": ids,
+                        "finish_reason": comp.finish_reason,
+                    }
+                    with raw_path.open("a") as fh:
+                        fh.write(json.dumps(row) + "\n")
+                    rows.append(
+                        row | {"text": comp.text, "content_ids": ids[:-1] if eos_closed else ids}
+                    )
+            log(f"teacher answered {min(c + step, len(sendable))}/{len(sendable)} prompts")
     kept, rejected, counts = filter_rows(rows, config.filters)
-    counts = {"prompts": len(sft_idx), "responses": len(rows), **counts}
-    log("filters: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
-    data_path = out / f"sft_data.{config.dataset_format}"
-    public = ("prompt_index", "completion_index", "prompt", "response", "token_ids")
-    write_rows([{k: r[k] for k in (*public, "finish_reason")} for r in kept], data_path)
-    write_rows(
-        [{k: r[k] for k in (*public, "finish_reason", "reason")} for r in rejected],
-        out / "rejected.jsonl",
-    )
-
-    eos = int(tokenizer.eos_token_id)
 
     def example(row: dict[str, Any]) -> Example:
         p_ids = chat_prompt_ids(tokenizer, row["prompt"])
@@ -177,7 +184,28 @@ def run_coldstart(config: ColdstartConfig, log: Callable[[str], None] = print) -
         r_ids = list(tokenizer(row["response"], add_special_tokens=False)["input_ids"])
         return Example(p_ids, [*r_ids, eos])
 
-    examples = [example(r) for r in kept]
+    examples, fitting = [], []
+    for row in kept:  # an example longer than the SFT context is refused, never cut
+        ex = example(row)
+        if ex.n_tokens > config.sft.max_len:
+            rejected.append(row | {"reason": "too_long"})
+        else:
+            examples.append(ex)
+            fitting.append(row)
+    kept = fitting
+    rejected.extend(refused)
+    counts["too_long"] = sum(r["reason"] == "too_long" for r in rejected)
+    counts["refused"] = len(refused)
+    counts["kept"] = len(kept)
+    counts = {"prompts": len(sft_idx), "responses": len(rows), **counts}
+    log("filters: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    data_path = out / f"sft_data.{config.dataset_format}"
+    public = ("prompt_index", "completion_index", "prompt", "response", "token_ids")
+    write_rows([{k: r[k] for k in (*public, "finish_reason")} for r in kept], data_path)
+    write_rows(
+        [{k: r.get(k) for k in (*public, "finish_reason", "reason", "detail")} for r in rejected],
+        out / "rejected.jsonl",
+    )
     if not examples:
         raise RuntimeError(
             f"every teacher response was filtered out ({counts}); see {out / 'rejected.jsonl'}"
@@ -217,18 +245,76 @@ def run_coldstart(config: ColdstartConfig, log: Callable[[str], None] = print) -
             "response_nll_after": nll_after,
         },
     }
-    urls = " ".join(f"--teacher-url {u}" for u in config.teacher_url)
-    opd_command = (
-        f"opd train --student {student_out} {urls} --prompts {out / 'opd_prompts.jsonl'}"
-        f" --run-dir {out / 'opd'}"
-    )
-    summary["opd"] = {"command": opd_command, "steps": config.opd_steps}
+    summary["opd"] = {"command": _opd_command(config, student_out, out), "steps": config.opd_steps}
+    summary["seconds"] = round(time.perf_counter() - started, 1)
+    # Written before OPD, so a failing OPD run never loses the record of SFT.
+    (out / "coldstart.json").write_text(json.dumps(summary, indent=1))
     if config.opd_steps > 0:
         summary["opd"]["run_dir"] = str(out / "opd")
         summary["opd"]["final"] = _run_opd(config, student_out, out)
-    summary["seconds"] = round(time.perf_counter() - started, 1)
-    (out / "coldstart.json").write_text(json.dumps(summary, indent=1))
+        summary["seconds"] = round(time.perf_counter() - started, 1)
+        (out / "coldstart.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def _refused_row(i: int, prompt: str, why: str) -> dict[str, Any]:
+    return {
+        "prompt_index": i,
+        "completion_index": None,
+        "prompt": prompt,
+        "response": None,
+        "token_ids": None,
+        "finish_reason": None,
+        "reason": "refused",
+        "detail": why,
+    }
+
+
+def _generate_chunk(teacher, config, prompts, chunk, seeds, refused):  # noqa: ANN001, ANN202
+    """(prompt index, GenerateResult) for a chunk; if the teacher refuses the chunk (422), each
+    prompt is sent alone so one bad prompt costs only itself (recorded as "refused")."""
+    from opd.client.errors import TeacherHTTPError
+    from opd.shared.schemas import GenerateRequest
+
+    def request(idx: list[int], seed: int) -> GenerateRequest:
+        return GenerateRequest(
+            prompts=[prompts[i] for i in idx],
+            temperature=config.temperature,
+            top_p=config.top_p,
+            max_tokens=config.max_tokens,
+            n=config.n,
+            seed=seed,
+        )
+
+    # consecutive SFT positions: one request keeps "prompt j samples with seed + j"
+    if seeds == list(range(seeds[0], seeds[0] + len(seeds))):
+        try:
+            answer = teacher.generate(request(chunk, seeds[0]))
+            return list(zip(chunk, answer.results, strict=True))
+        except TeacherHTTPError as exc:
+            if exc.status != 422:
+                raise
+    out = []
+    for i, seed in zip(chunk, seeds, strict=True):
+        try:
+            out.append((i, teacher.generate(request([i], seed)).results[0]))
+        except TeacherHTTPError as exc:
+            if exc.status != 422:
+                raise
+            refused.append(_refused_row(i, prompts[i], str(exc)))
+    return out
+
+
+def _opd_command(config: ColdstartConfig, student: Path, out: Path) -> str:
+    """The `opd train` invocation equivalent to --opd-steps, for running OPD later."""
+    args = ["opd", "train", "--student", str(student)]
+    for url in config.teacher_url:
+        args += ["--teacher-url", url]
+    args += ["--prompts", str(out / "opd_prompts.jsonl"), "--run-dir", str(out / "opd")]
+    args += ["--seed", str(config.seed), "--dtype", config.dtype, "--device", config.device]
+    for key, value in config.opd_options.items():
+        args += [f"--{key.replace('_', '-')}", str(value)]
+    return shlex.join(args)
 
 
 def _run_opd(config: ColdstartConfig, student: Path, out: Path) -> dict[str, float]:

@@ -6,9 +6,10 @@ pair"). A response is rejected for the first of these reasons that applies, chec
 
     empty        no visible text
     truncated    the teacher hit max_tokens before its EOS (finish_reason "length")
-    repetition   a degenerate loop: the response ends in one chunk of 1..max_period tokens
-                 repeated until it covers >= min_loop_tokens, or (long responses) fewer than
-                 min_distinct_ratio of its n-grams are distinct
+    repetition   a degenerate loop: the response ends (up to max_trailing stray tokens) in
+                 one chunk of 1..max_period tokens repeated >= min_repeats times and covering
+                 >= min_loop_tokens, or (long responses) fewer than min_distinct_ratio of its
+                 n-grams are distinct
     no_answer    an answer pattern (regex) is required and the text does not contain it
 
 Works on token ids (any language, any tokenizer) except the answer pattern, which reads text.
@@ -31,6 +32,8 @@ class FilterConfig:
     max_period: int = 64
     min_loop_tokens: int = 32
     min_repeats: int = 3
+    # A loop may be followed by a few stray tokens (a final "." or newline before the EOS).
+    max_trailing: int = 2
     # Long responses whose distinct n-gram share is this low are stuck, even without an exact
     # loop (the model cycles through a few phrases). Natural text measures > 0.8 for n = 4.
     ngram: int = 4
@@ -49,8 +52,17 @@ class FilterConfig:
 
 
 def repeated_tail(ids: list[int], config: FilterConfig) -> tuple[int, int] | None:
-    """(period, repeats) of the shortest chunk whose back-to-back copies end the sequence and
-    cover >= min_loop_tokens (and >= min_repeats copies); None if there is no such loop."""
+    """(period, repeats) of the shortest chunk whose back-to-back copies end the sequence (up to
+    max_trailing stray tokens after them), cover >= min_loop_tokens and number >= min_repeats;
+    None if there is no such loop."""
+    for trailing in range(min(config.max_trailing, len(ids)) + 1):
+        found = _loop_at_end(ids[: len(ids) - trailing], config)
+        if found is not None:
+            return found
+    return None
+
+
+def _loop_at_end(ids: list[int], config: FilterConfig) -> tuple[int, int] | None:
     n = len(ids)
     for period in range(1, min(config.max_period, n // config.min_repeats) + 1):
         chunk = ids[n - period :]

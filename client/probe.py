@@ -196,6 +196,7 @@ def run_probe(config: ProbeConfig, log=print) -> dict[str, Any]:  # noqa: ANN001
     for t, urls in enumerate(config.teachers):
         entry: dict[str, Any] = {"url": ",".join(urls)}
         entries.append(entry)
+        bridge = None
         try:
             bridge = TeacherBridge(
                 urls,
@@ -204,7 +205,10 @@ def run_probe(config: ProbeConfig, log=print) -> dict[str, Any]:  # noqa: ANN001
                 allow_tokenizer_mismatch=config.allow_tokenizer_mismatch,
             )
             info = bridge.connect()
+            _check_limits(info.limits, config)
         except Exception as exc:  # noqa: BLE001 - one unusable teacher must not sink the rest
+            if bridge is not None:
+                bridge.close()
             entry.update(name=_name(config, t, urls[0]), error=f"{type(exc).__name__}: {exc}")
             log(f"teacher {urls[0]}: skipped ({entry['error']})")
             continue
@@ -230,7 +234,12 @@ def run_probe(config: ProbeConfig, log=print) -> dict[str, Any]:  # noqa: ANN001
                 log(f"  {done}/{len(indices)} prompts sampled")
         positions = 0
         for t, _, futures in bridges:
-            scored = [r for f in futures for r in f.result()]
+            try:
+                scored = [r for f in futures for r in f.result()]
+            except Exception as exc:  # noqa: BLE001 - a teacher lost mid-run: keep the others
+                entries[t]["error"] = f"{type(exc).__name__}: {exc}"
+                log(f"teacher {entries[t]['url']}: failed while scoring ({entries[t]['error']})")
+                continue
             stats = position_stats(scored)
             positions = stats.n_positions
             metrics = compute_diagnostics(stats, depth_bucket=config.depth_bucket)
@@ -261,6 +270,18 @@ def run_probe(config: ProbeConfig, log=print) -> dict[str, Any]:  # noqa: ANN001
     out.mkdir(parents=True, exist_ok=True)
     (out / "probe.json").write_text(json.dumps(_finite(report), indent=1))
     return report
+
+
+def _check_limits(limits: Any, config: ProbeConfig) -> None:
+    """Refuse a teacher up front whose limits cannot serve the probe's requests."""
+    if config.teacher_top_k > limits.max_top_k:
+        raise ValueError(
+            f"top_k {config.teacher_top_k} > the teacher's max_top_k {limits.max_top_k}"
+        )
+    if config.student_top_k > limits.max_candidates:
+        raise ValueError(
+            f"top_k {config.student_top_k} > the teacher's max_candidates {limits.max_candidates}"
+        )
 
 
 def _name(config: ProbeConfig, t: int, fallback: str) -> str:

@@ -79,7 +79,17 @@ def sample_completions(
     )
     device = next(model.parameters()).device
     inputs = torch.tensor([prompt_ids], dtype=torch.long, device=device)
-    out = model.generate(inputs, attention_mask=torch.ones_like(inputs), generation_config=config)
+    # transformers fills options left unset in `config` from the checkpoint's
+    # generation_config.json (repetition penalty, min_p, min_new_tokens...), which would change
+    # the policy away from the distribution the student's statistics and losses assume. Swap in
+    # the library's defaults for this call; the model's own config is restored (and saved).
+    saved, model.generation_config = model.generation_config, GenerationConfig()
+    try:
+        out = model.generate(
+            inputs, attention_mask=torch.ones_like(inputs), generation_config=config
+        )
+    finally:
+        model.generation_config = saved
     completions = []
     for row in out[:, len(prompt_ids) :].cpu().numpy():
         stops = np.flatnonzero(row == eos_token_id)

@@ -158,9 +158,11 @@ class TeacherClient:
         body, headers = base.generate_body(req)
 
         def send(url: str) -> httpx.Response:
-            return _raise_retryable(
-                self._http.post(url + "/v1/generate", content=body, headers=headers)
-            )
+            try:
+                response = self._http.post(url + "/v1/generate", content=body, headers=headers)
+            except httpx.ReadTimeout as exc:
+                raise _generate_timeout(self.config.timeout_s) from exc
+            return _raise_retryable(response)
 
         return base.decode_generate(self._with_retries(send))
 
@@ -268,9 +270,12 @@ class AsyncTeacherClient:
 
         async def send(url: str) -> httpx.Response:
             async with self._limit:
-                response = await self._http.post(
-                    url + "/v1/generate", content=body, headers=headers
-                )
+                try:
+                    response = await self._http.post(
+                        url + "/v1/generate", content=body, headers=headers
+                    )
+                except httpx.ReadTimeout as exc:
+                    raise _generate_timeout(self.config.timeout_s) from exc
             return _raise_retryable(response)
 
         return base.decode_generate(await self._with_retries(send))
@@ -313,6 +318,15 @@ def _retry_delay(
     delay = base.backoff_delay(config, attempt, getattr(exc, "retry_after", None))
     logger.warning("teacher %s: %s; retry %d in %.2fs", url, exc, attempt + 1, delay)
     return delay
+
+
+def _generate_timeout(timeout_s: float) -> TeacherConnectionError:
+    """A generate request that timed out is not retried: the server may still be sampling it,
+    and a retry would redo all of its work (scoring, a pure function, retries safely)."""
+    return TeacherConnectionError(
+        f"POST /v1/generate timed out after {timeout_s:.0f}s and is not retried; raise the "
+        "client's timeout_s, or send fewer prompts or a smaller max_tokens per call"
+    )
 
 
 def _model_info(response: httpx.Response) -> ModelInfo:

@@ -57,10 +57,19 @@ class HFGenerator:
     continuous batching is the throughput path (docs/vllm.md)."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: object) -> None:
+        from transformers import GenerationConfig
+
         self.model = model
         self.eos = eos_ids(tokenizer, getattr(model, "generation_config", None))
+        if not self.eos:
+            raise ValueError("the model has no EOS token: cannot end a completion")
         pad = getattr(tokenizer, "pad_token_id", None)
         self.pad = int(pad) if pad is not None else min(self.eos)
+        # transformers fills every option a GenerationConfig leaves unset from the checkpoint's
+        # generation_config.json (repetition penalty, min_p, min_new_tokens...). The service
+        # samples the model's plain distribution, the one /v1/score reports, and the vLLM backend
+        # ignores those defaults too: so the defaults the model sees are the library's own.
+        model.generation_config = GenerationConfig()
         # torch's global RNG is what generate samples from: one generation at a time.
         self._lock = threading.Lock()
 

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+import orjson
 from pydantic import ValidationError
 
 from opd.server.backends.base import Backend, BackendInfo, ScoreItem
@@ -134,7 +135,8 @@ class ScoringService:
         self.metrics.ready.set(0)
         if self.batcher is not None:
             await self.batcher.stop()
-        self._generate_pool.shutdown(wait=True, cancel_futures=True)
+        # Not waiting: a generation in flight must not hold the event loop past the drain budget.
+        self._generate_pool.shutdown(wait=False, cancel_futures=True)
         if self.backend is not None:
             self.backend.close()
 
@@ -180,9 +182,10 @@ class ScoringService:
 
     async def generate(self, body: bytes, content_type: str | None) -> GenerateResponse:
         """Teacher completions (POST /v1/generate): parse, render prompts, validate, sample."""
-        if not self.settings.generate:
+        if not self.settings.generate or not (self.backend and self.backend.can_generate):
             raise ContractError(
-                "generation is disabled on this server (OPD_GENERATE=false)",
+                "generation is not available on this server (OPD_GENERATE=false, or its "
+                "generate engine failed to start: see the server log)",
                 field="generate",
                 status=501,
                 kind="not_implemented",
@@ -195,12 +198,24 @@ class ScoringService:
                 kind="unsupported_media_type",
             )
         try:
-            req = GenerateRequest.model_validate_json(body)
+            obj = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise ContractError(
+                f"body is not valid JSON: {exc}", field="body", status=400, kind="malformed_body"
+            ) from None
+        try:
+            req = GenerateRequest.model_validate(obj)
         except ValidationError as exc:
             raise contract_error_from_pydantic(exc) from None
         if (req.prompts is None) == (req.prompt_token_ids is None):
             raise ContractError("give exactly one of prompts or prompt_token_ids", field="prompts")
         assert self.backend is not None and self.info is not None
+        if req.n_prompts > self.limits.max_sequences:  # before rendering them all
+            raise ContractError(
+                f"{req.n_prompts} prompts exceed max_sequences={self.limits.max_sequences}",
+                field="prompts" if req.prompts is not None else "prompt_token_ids",
+                limit=self.limits.max_sequences,
+            )
         tokenizer = self.backend.tokenizer
         if req.prompts is not None:
             field = "prompts"

@@ -112,6 +112,8 @@ class GenerateOptions(_Wire):
     n: int = Field(default=1, ge=1, description="completions per prompt")
     seed: int | None = Field(
         default=None,
+        ge=0,
+        le=2**62,
         description="prompt i samples with seed + i, so a result does not depend on how prompts "
         "were batched; unset = not reproducible",
     )

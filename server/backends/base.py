@@ -72,6 +72,11 @@ class Backend(Protocol):
         """Score every item of one pack; result i belongs to items[i] (blocking)."""
         ...
 
+    @property
+    def can_generate(self) -> bool:
+        """Whether generate() works (vLLM: the generate engine started)."""
+        ...
+
     def generate(self, prompts: list[list[int]], options: GenerateOptions) -> list[list[Generated]]:
         """n completions per token-id prompt, in prompt order (blocking; POST /v1/generate)."""
         ...

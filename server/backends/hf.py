@@ -114,6 +114,23 @@ def describe_model(
     )
 
 
+class CacheNotShareable(RuntimeError):
+    """The model's KV cache cannot be repeated across a batch (e.g. linear-attention layers)."""
+
+
+_REPEATABLE_LAYERS = ("DynamicLayer", "DynamicSlidingWindowLayer")
+
+
+def _repeatable(cache: object) -> bool:
+    """Only plain attention KV layers repeat correctly; recurrent / conv state does not."""
+    layers = getattr(cache, "layers", None)
+    return (
+        layers is not None
+        and hasattr(cache, "batch_repeat_interleave")
+        and all(type(layer).__name__ in _REPEATABLE_LAYERS for layer in layers)
+    )
+
+
 def shared_context_groups(
     items: list[ScoreItem], min_prefix: int
 ) -> tuple[list[list[int]], list[int]]:
@@ -141,6 +158,7 @@ class HFBackend:
         self.head: HeadSpec | None = None
         self.tokenizer: object | None = None
         self.generator: HFGenerator | None = None
+        self._share_prefixes = True  # off once a model's cache turns out not to be repeatable
 
     def load(self) -> BackendInfo:
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -160,7 +178,11 @@ class HFBackend:
         self.decoder = model.get_decoder()
         self.head = head_spec_for(model)
         self.tokenizer = tokenizer
-        self.generator = HFGenerator(model, tokenizer)
+        if self.settings.generate:
+            try:
+                self.generator = HFGenerator(model, tokenizer)
+            except ValueError as exc:  # e.g. no EOS: scoring still works
+                logger.error("generation unavailable (%s); POST /v1/generate answers 501", exc)
         info = describe_model(
             path,
             model.config,
@@ -210,6 +232,8 @@ class HFBackend:
         prompt = torch.from_numpy(items[0].token_ids[:context].astype(np.int64))[None]
         first = self.decoder(input_ids=prompt.to(self.device), use_cache=True)
         cache = first.past_key_values
+        if not _repeatable(cache):
+            raise CacheNotShareable(type(cache).__name__)
         cache.batch_repeat_interleave(len(items))
         longest = max(it.n_tokens - context for it in items)
         ids = torch.zeros((len(items), longest), dtype=torch.long)
@@ -229,17 +253,28 @@ class HFBackend:
     def score_pack(self, items: list[ScoreItem]) -> list[ScoredRows]:
         assert self.head is not None
         hidden: list[torch.Tensor | None] = [None] * len(items)
-        groups, singles = shared_context_groups(items, self.settings.min_shared_prefix)
+        min_prefix = self.settings.min_shared_prefix if self._share_prefixes else 0
+        groups, singles = shared_context_groups(items, min_prefix)
         for members in groups:
-            for i, h in zip(
-                members, self.shared_prefix_hidden([items[i] for i in members]), strict=True
-            ):
+            try:
+                shared = self.shared_prefix_hidden([items[i] for i in members])
+            except CacheNotShareable as exc:
+                # e.g. hybrid models whose recurrent layers cannot be repeated: plain packs
+                logger.warning("shared-context packs off for this model: %s cache", exc)
+                self._share_prefixes = False
+                singles.extend(members)
+                continue
+            for i, h in zip(members, shared, strict=True):
                 hidden[i] = h
         if singles:
             padded = self.hidden_states([items[i] for i in singles])
             for b, i in enumerate(singles):
                 hidden[i] = padded[b]
         return score_items(self.head, hidden, items, self.settings.logits_chunk_tokens)  # type: ignore[arg-type]
+
+    @property
+    def can_generate(self) -> bool:
+        return self.generator is not None
 
     def generate(self, prompts: list[list[int]], options: GenerateOptions) -> list[list[Generated]]:
         """Teacher completions of token-id prompts (blocking; the service runs it off-loop)."""

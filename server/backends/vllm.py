@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 
+import numpy as np
 import torch
 
 from opd.server.backends.base import BackendInfo, ScoreItem
@@ -116,7 +117,15 @@ class VLLMBackend:
         self.head = load_head(path, config, self.dtype, self.device, trust)
         self.llm = vllm.LLM(**self.engine_kwargs(path))
         if self.settings.generate:
-            self.gen_llm = vllm.LLM(**self.generate_engine_kwargs(path))
+            try:
+                self.gen_llm = vllm.LLM(**self.generate_engine_kwargs(path))
+            except Exception as exc:  # noqa: BLE001 - scoring is the job; generation is extra
+                logger.error(
+                    "the generate engine failed to start (%r); serving scores only, "
+                    "POST /v1/generate answers 501. Lower OPD_GENERATE_MEMORY_SHARE or set "
+                    "OPD_GENERATE=false.",
+                    exc,
+                )
         self.tokenizer = tokenizer
         self.eos = eos_ids(tokenizer, _generation_config(path))
         info = describe_model(
@@ -133,6 +142,10 @@ class VLLMBackend:
             self.device,
         )
         return info
+
+    @property
+    def can_generate(self) -> bool:
+        return self.gen_llm is not None
 
     def hidden_states(self, items: list[ScoreItem]) -> list[torch.Tensor]:
         """Final hidden states [n_tokens, H] of each item, computed by the vLLM engine."""
@@ -169,13 +182,15 @@ class VLLMBackend:
         if self.gen_llm is None:
             raise RuntimeError("generation is disabled (OPD_GENERATE=false)")
         greedy = options.temperature == 0
+        # vLLM refuses n > 1 when greedy; greedy repeats are identical, so decode once and copy.
+        n = 1 if greedy else options.n
         params = [
             SamplingParams(
-                n=options.n,
+                n=n,
                 temperature=options.temperature,
                 top_p=1.0 if greedy else options.top_p,
                 max_tokens=options.max_tokens,
-                seed=None if options.seed is None else options.seed + i,
+                seed=None if options.seed is None else prompt_seed(options.seed + i),
                 stop_token_ids=sorted(self.eos),
                 detokenize=False,
             )
@@ -184,10 +199,11 @@ class VLLMBackend:
         outputs = self.gen_llm.generate(  # type: ignore[attr-defined]
             [TokensPrompt(prompt_token_ids=ids) for ids in prompts], params, use_tqdm=False
         )
-        return [
-            [_generated(c.token_ids, c.finish_reason, self.eos) for c in out.outputs]
-            for out in outputs
-        ]
+        results = []
+        for out in outputs:
+            done = [_generated(c.token_ids, c.finish_reason, self.eos) for c in out.outputs]
+            results.append(done * options.n if greedy else done)
+        return results
 
     def close(self) -> None:
         llms = (self.llm, self.gen_llm)
@@ -196,6 +212,13 @@ class VLLMBackend:
             engine = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
             if engine is not None:
                 engine.shutdown()
+
+
+def prompt_seed(seed: int) -> int:
+    """vLLM seeds completion j of a request with seed + j, so plain seed + i per prompt would
+    give prompt i's second completion the seed of prompt i+1's first. A 62-bit seed derived
+    from seed + i keeps every prompt's stream its own and still depends on seed + i alone."""
+    return int(np.random.SeedSequence(seed).generate_state(1, np.uint64)[0] >> 2)
 
 
 def _generated(token_ids: object, finish_reason: str | None, eos: set[int]) -> Generated:

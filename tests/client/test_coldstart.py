@@ -42,6 +42,12 @@ def test_loops_at_the_end_are_repetition(ids, period):
     assert rejection_reason("text", ids, "stop", CFG) == "repetition"
 
 
+def test_a_loop_before_a_stray_final_token_is_still_a_loop():
+    assert repeated_tail(NATURAL[:20] + [42] * 40 + [13], CFG) == (1, 40)
+    assert repeated_tail(NATURAL[:20] + [42] * 40 + [13, 14], CFG) == (1, 40)
+    assert repeated_tail(NATURAL[:20] + [42] * 40 + NATURAL[:3], CFG) is None
+
+
 def test_short_or_early_repeats_are_not_loops():
     assert repeated_tail(NATURAL[:20] + [42] * 10, CFG) is None  # 10 < 32 tokens
     assert repeated_tail([42] * 40 + NATURAL[:20], CFG) is None  # recovered: not at the end
@@ -141,7 +147,8 @@ def test_coldstart_end_to_end_on_the_embedded_default(smol_server, smol_student_
 
     counts = summary["counts"]
     assert counts["responses"] == 8 and counts["prompts"] == 4
-    reasons = ("empty", "truncated", "repetition", "no_answer")
+    reasons = ("empty", "truncated", "repetition", "no_answer", "too_long")
+    assert counts["refused"] == 0  # every prompt fits the context
     assert counts["kept"] + sum(counts[r] for r in reasons) == 8
     assert counts["kept"] >= 1
     import pyarrow.parquet as pq
@@ -160,6 +167,9 @@ def test_coldstart_end_to_end_on_the_embedded_default(smol_server, smol_student_
     sft = summary["sft"]
     steps = [json.loads(x) for x in (out / "sft_metrics.jsonl").open()]
     assert len(steps) == sft["steps"] == 3 * -(-counts["kept"] // 4)
+    raw = [json.loads(x) for x in (out / "teacher_responses.jsonl").open()]
+    assert len(raw) == 8  # every answer saved as it arrived, kept or not
+    assert "--objective sampled" in summary["opd"]["command"]
     # SFT imitates the teacher: its responses became more likely under the student
     assert sft["response_nll_after"] < sft["response_nll_before"] - 0.1
     from transformers import AutoModelForCausalLM

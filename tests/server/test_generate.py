@@ -110,6 +110,7 @@ ERRORS = [
     ({"prompts": ["a"], "top_p": 0}, 422, "top_p", None),
     ({"prompts": ["a"], "top_p": 1.5}, 422, "top_p", None),
     ({"prompts": ["a"], "max_token": 4}, 422, "max_token", None),
+    ({"prompts": ["a"], "seed": -1}, 422, "seed", None),
 ]
 
 
@@ -139,7 +140,8 @@ def test_generate_auth_encoding_and_malformed_body(strict_server):
         content=b"{not json",
         headers={**AUTH, "Content-Type": "application/json"},
     )
-    assert r.status_code in (400, 422), r.text
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["type"] == "malformed_body"
     big = {"prompts": ["x" * 5000], "max_tokens": 2}
     r = _post(strict_server, big, AUTH)
     assert r.status_code == 413 and r.json()["error"]["field"] == "body"
@@ -174,3 +176,43 @@ def test_generated_tokens_metric(tiny_server):
     n = r.json()["usage"]["completion_tokens"]
     assert generated() - before == n
     assert np.isfinite(before)
+
+
+def test_the_checkpoints_generation_defaults_do_not_change_sampling(tiny_model_dir, tmp_path):
+    """A generation_config.json with sampling defaults, a repetition penalty, min_new_tokens,
+    min_p and suppressed tokens must not reach /v1/generate: greedy output stays the plain
+    argmax of the model's logits (transformers would fill every unset option from it)."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    from opd.server.backends.hf import HFBackend
+    from opd.server.settings import Settings
+    from opd.shared.schemas import GenerateOptions
+
+    prompt = [1, 504, 3458, 30, 504]
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64).eval()
+    seq, expected = list(prompt), []
+    with torch.no_grad():
+        for _ in range(6):
+            nxt = int(torch.argmax(model(torch.tensor([seq])).logits[0, -1]))
+            expected.append(nxt)
+            seq.append(nxt)
+    assert 2 not in expected  # no EOS: the argmax runs all 6 steps
+    model_dir = tmp_path / "tiny-with-defaults"
+    shutil.copytree(tiny_model_dir, model_dir)
+    GenerationConfig(
+        do_sample=True,
+        temperature=0.3,
+        top_k=5,
+        repetition_penalty=3.0,
+        min_new_tokens=6,
+        min_p=0.5,
+        suppress_tokens=expected[:2],  # would change the output if it were applied
+        eos_token_id=2,
+    ).save_pretrained(model_dir)
+    backend = HFBackend(Settings(model=str(model_dir), dtype="float32", device="cpu"))
+    backend.load()
+    (served,) = backend.generate([prompt], GenerateOptions(max_tokens=6, temperature=0))[0]
+    assert served.token_ids == expected

@@ -93,3 +93,41 @@ def test_shared_prompts_match_float64_and_the_unshared_path(smol_server, smollm2
         got = served.sequence(i)
         np.testing.assert_allclose(got.token_logprobs, r.token_logprobs_N, atol=2e-5, rtol=0)
         np.testing.assert_allclose(got.entropy, r.entropy_N, atol=2e-5, rtol=0)
+
+
+def test_models_whose_cache_cannot_be_repeated_fall_back_to_plain_packs(
+    tiny_model_dir, monkeypatch
+):
+    """Hybrid models (recurrent layers) cannot repeat their cache: the pack is scored the
+    plain way, with the same numbers, and sharing stays off for that model."""
+    from opd.server.backends import hf
+    from opd.server.settings import Settings
+
+    rng = np.random.default_rng(1)
+    prompt = rng.integers(0, 49152, 20).tolist()
+    items = [_item(prompt + rng.integers(0, 49152, n).tolist(), 20) for n in (5, 9, 3)]
+    settings = Settings(model=str(tiny_model_dir), dtype="float32", device="cpu")
+    shared = hf.HFBackend(settings)
+    shared.load()
+    expected = shared.score_pack(items)  # the repeatable (Llama) cache: sharing used
+    monkeypatch.setattr(hf, "_repeatable", lambda cache: False)
+    fallback = hf.HFBackend(settings)
+    fallback.load()
+    got = fallback.score_pack(items)
+    assert fallback._share_prefixes is False
+    for a, b in zip(got, expected, strict=True):
+        np.testing.assert_allclose(a.token_logprobs_N, b.token_logprobs_N, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(a.entropy_N, b.entropy_N, atol=1e-5, rtol=0)
+
+
+def test_a_real_llama_cache_is_repeatable(tiny_model_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from opd.server.backends.hf import _repeatable
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        cache = model(torch.tensor([[1, 2, 3]]), use_cache=True).past_key_values
+    assert _repeatable(cache)
+    assert not _repeatable(object())

@@ -149,6 +149,14 @@ def test_vllm_generate_sampling_seed_and_limits(vllm_server):
     assert _generate(vllm_server, body).json()["results"] == results
     alone = _generate(vllm_server, {**body, "prompts": ["Hi"], "seed": 12}).json()["results"]
     assert alone[0] == results[1]  # prompt i samples with seed + i
+    greedy = _generate(vllm_server, {"prompts": ["Hi"], "max_tokens": 8, "temperature": 0, "n": 3})
+    assert greedy.status_code == 200, greedy.text
+    first, *rest = greedy.json()["results"][0]["completions"]
+    assert rest == [first, first]  # greedy: n identical completions, as on the HF backend
+    # two copies of one prompt draw different samples (each prompt has its own seed stream)
+    twins = _generate(vllm_server, {"prompts": ["Hi", "Hi"], "max_tokens": 12, "n": 2, "seed": 5})
+    a, b = twins.json()["results"]
+    assert a["completions"] != b["completions"]
     r = _generate(vllm_server, {"prompt_token_ids": [[1] * 500], "max_tokens": 20})
     assert r.status_code == 422, r.text
     assert r.json()["error"]["field"] == "prompt_token_ids[0]"
