@@ -123,7 +123,7 @@ def test_model_info_metrics_and_openapi(tiny_server):
     assert info["vocab_size"] == 49152 and info["backend"] == "hf"
     assert info["max_model_len"] == 1024
     assert info["limits"]["max_tokens_per_sequence"] == 1024  # clamped to the context
-    assert info["protocol_version"] == "1.0"
+    assert info["protocol_version"] == "1.1"  # 1.1 added POST /v1/generate
     assert re.fullmatch(r"[0-9a-f]{64}", info["tokenizer_fingerprint"])
     assert info["revision"].startswith("sha256:")
     assert httpx.post(tiny_server + "/v1/score", json=_body(12)).status_code == 200
@@ -145,6 +145,8 @@ def test_model_info_metrics_and_openapi(tiny_server):
     spec = httpx.get(tiny_server + "/openapi.json").json()
     content = spec["paths"]["/v1/score"]["post"]["requestBody"]["content"]
     assert "application/json" in content and "application/vnd.opd+msgpack" in content
+    generate = spec["paths"]["/v1/generate"]["post"]["requestBody"]["content"]
+    assert list(generate) == ["application/json"]
     assert httpx.get(tiny_server + "/docs").status_code == 200
 
 
