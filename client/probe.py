@@ -180,15 +180,8 @@ def run_probe(config: ProbeConfig, log=print) -> dict[str, Any]:  # noqa: ANN001
     model.eval()
     prompts = load_prompts(config.prompts, config.prompt_field)
     indices = sample_prompt_indices(len(prompts), config.num_prompts, config.seed)
-    eos = int(tokenizer.eos_token_id)
-    pad = tokenizer.pad_token_id
-    params = SamplingParams(
-        n=config.n_rollouts,
-        temperature=config.temperature,
-        top_p=config.top_p,
-        max_new_tokens=config.max_new_tokens,
-        eos_token_id=eos,
-        pad_token_id=int(pad if pad is not None else eos),
+    params = SamplingParams.for_tokenizer(
+        tokenizer, config.n_rollouts, config.temperature, config.top_p, config.max_new_tokens
     )
     fingerprint = fingerprint_hf_tokenizer(tokenizer)
     bridges: list[tuple[int, TeacherBridge, Any]] = []

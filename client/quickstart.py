@@ -25,23 +25,13 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from opd.client.launch import LocalTeacher
+from opd.client.metric_labels import MAIN_METRICS
 from opd.client.student import build_layer_subset_student
 from opd.client.train_config import TrainConfig
 
 STUDENT_LAYERS = 24
 # Shown before/after, with the direction that means "closer to the teacher".
-REPORT = [
-    ("kl/sampled", "reverse KL, sampled-token estimate (nats/token)", "down"),
-    ("kl/student_topk", "reverse KL on the student's top-16", "down"),
-    ("overlap/ratio", "top-16 overlap ratio", "up"),
-    ("overlap/token_advantage", "overlap-token advantage", "toward 0"),
-    ("overlap/mass_student", "overlap mass, student", "up"),
-    ("overlap/mass_teacher", "overlap mass, teacher", "up"),
-    ("entropy/student", "student entropy (nats)", ""),
-    ("entropy/teacher", "teacher entropy on student rollouts", ""),
-    ("entropy/gap", "entropy gap |H(q) - H(p)|", "down"),
-    ("reward/seq_mean", "sequence mean reward", "up"),
-]
+REPORT = MAIN_METRICS
 
 
 def quickstart_config(student: Path, teacher_url: str, run_dir: Path) -> TrainConfig:
@@ -108,7 +98,7 @@ def run_quickstart() -> None:
                 after = trainer.evaluate(held_out, n=2, seed=1234)
     finally:
         teacher.stop()
-    table = Table(title="student before vs after OPD (8 held-out prompts x 2 rollouts)")
+    table = Table(title="student before vs after OPD (8 held-out prompts x 2 rollouts, k = 16)")
     for col in ("metric", "before", "after", "better when"):
         table.add_column(col)
     for key, label, direction in REPORT:

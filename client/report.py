@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from opd.client.metric_labels import MAIN_METRICS as _MAIN_METRICS
 from opd.client.report_health import WINDOW_FRAC, Check, health_checks
 
 if TYPE_CHECKING:
@@ -62,20 +63,8 @@ INPUT_FILES = (
     "sft_metrics.jsonl",
     "quickstart.json",
 )
-# The diagnostics shown in tables and by-depth plots: key, label, which way is "closer to the
-# teacher" (same directions as quickstart's before/after table).
-MAIN_METRICS = (
-    ("kl/sampled", "reverse KL, sampled-token estimate (nats/token)", "down"),
-    ("kl/student_topk", "reverse KL on the student's top-k", "down"),
-    ("overlap/ratio", "top-k overlap ratio", "up"),
-    ("overlap/token_advantage", "overlap-token advantage", "toward 0"),
-    ("overlap/mass_student", "overlap mass, student", "up"),
-    ("overlap/mass_teacher", "overlap mass, teacher", "up"),
-    ("entropy/student", "student entropy (nats)", ""),
-    ("entropy/teacher", "teacher entropy on student rollouts", ""),
-    ("entropy/gap", "entropy gap |H(q) - H(p)|", "down"),
-    ("reward/seq_mean", "sequence mean reward", "up"),
-)
+# The diagnostics shown in tables and by-depth plots (the quickstart's list and labels).
+MAIN_METRICS = _MAIN_METRICS
 
 _DEPTH_KEY = re.compile(r"^(?P<key>.+)@depth(?P<a>\d+)-(?P<b>\d+)$")
 

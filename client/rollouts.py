@@ -58,6 +58,15 @@ class SamplingParams:
     def with_n(self, n: int) -> SamplingParams:
         return replace(self, n=n)
 
+    @classmethod
+    def for_tokenizer(
+        cls, tokenizer, n: int, temperature: float, top_p: float, max_new_tokens: int
+    ) -> SamplingParams:
+        """The tokenizer's EOS ends a completion; padding falls back to it when unset."""
+        eos = int(tokenizer.eos_token_id)
+        pad = tokenizer.pad_token_id
+        return cls(n, temperature, top_p, max_new_tokens, eos, int(pad if pad is not None else eos))
+
 
 @torch.no_grad()
 def sample_completions(

@@ -153,15 +153,8 @@ def student_overlap(
     from opd.client.teacher_bridge import attach_scores, rollouts_request
     from opd.client.trainer import position_stats
 
-    eos = int(tokenizer.eos_token_id)
-    pad = tokenizer.pad_token_id
-    params = SamplingParams(
-        n=cfg.rollouts,
-        temperature=cfg.temperature,
-        top_p=1.0,
-        max_new_tokens=cfg.max_new_tokens,
-        eos_token_id=eos,
-        pad_token_id=int(pad if pad is not None else eos),
+    params = SamplingParams.for_tokenizer(
+        tokenizer, cfg.rollouts, cfg.temperature, 1.0, cfg.max_new_tokens
     )
     out_n = np.full(len(enc.ids), np.nan)
 

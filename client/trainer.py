@@ -272,15 +272,12 @@ class Trainer:
             allow_tokenizer_mismatch=config.allow_tokenizer_mismatch,
         )
         self.teacher_info = self.bridge.connect()
-        eos = int(self.tokenizer.eos_token_id)
-        pad = self.tokenizer.pad_token_id
-        self.sampling = SamplingParams(
-            n=config.n_rollouts,
-            temperature=config.temperature,
-            top_p=config.top_p,
-            max_new_tokens=config.max_new_tokens,
-            eos_token_id=eos,
-            pad_token_id=int(pad if pad is not None else eos),
+        self.sampling = SamplingParams.for_tokenizer(
+            self.tokenizer,
+            config.n_rollouts,
+            config.temperature,
+            config.top_p,
+            config.max_new_tokens,
         )
         self._prompt_ids: dict[int, list[int]] = {}
 
