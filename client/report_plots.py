@@ -337,6 +337,15 @@ HEATMAP_KEYS = ("overlap/ratio", "overlap/token_advantage", "entropy/gap")
 _LOWER_IS_BETTER = frozenset({"entropy/gap", "kl/sampled"})
 
 
+def _style_depth_axis(ax: Axes, key: str, buckets: Sequence[tuple[int, int]]) -> None:
+    """Title, depth-bucket ticks, grid and legend of one by-depth panel."""
+    ax.set_title(_LABELS.get(key, key), fontsize=10)
+    _bucket_axis(ax, buckets)
+    ax.tick_params(labelsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+
 def _bucket_axis(ax: Axes, buckets: Sequence[tuple[int, int]]) -> None:
     step = max(1, math.ceil(len(buckets) / 8))  # at most 8 tick labels
     ticks = list(range(0, len(buckets), step))
@@ -368,11 +377,7 @@ def depth_plots(series: Series, out_dir: Path, frac: float) -> list[Plot]:
             ax.plot(x, y, marker="o", color=color, label=f"{label}: steps {span(steps[rows_])}")
         if key in ("overlap/token_advantage", "reward/seq_mean"):
             ax.axhline(0.0, color="0.4", linewidth=0.8, linestyle="--")
-        ax.set_title(_LABELS.get(key, key), fontsize=10)
-        _bucket_axis(ax, buckets)
-        ax.tick_params(labelsize=8)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        _style_depth_axis(ax, key, buckets)
     _hide_unused(axes, len(keys))
     plots.append(
         _save(
@@ -530,11 +535,7 @@ def probe_plots(probe: dict[str, Any], out_dir: Path) -> list[Plot]:
                 m = _metrics(t)
                 y = [_num(m.get(f"{key}@depth{lo}-{hi}")) for lo, hi in buckets]
                 ax.plot(range(len(buckets)), y, marker="o", color=f"C{i}", label=name)
-            ax.set_title(_LABELS.get(key, key), fontsize=10)
-            _bucket_axis(ax, buckets)
-            ax.tick_params(labelsize=8)
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
+            _style_depth_axis(ax, key, buckets)
         _hide_unused(axes, len(keys))
         plots.append(
             _save(

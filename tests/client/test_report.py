@@ -21,8 +21,8 @@ from typer.testing import CliRunner
 from opd.client.diagnostics import PositionStats, compute_diagnostics
 from opd.client.report import ReportError, Series, build_report, load_inputs, report_command
 from opd.client.report_health import health_checks, window_slices
-from opd.client.train_config import TrainConfig
 from opd.client.trainer import Trainer
+from tests.train_config import train_config
 
 STEP_PLOTS = {
     "kl",
@@ -50,20 +50,13 @@ TEACHERS = ("SmolLM2-135M-Instruct", "Other-Style-1B", "Tiny-Teacher")
 def real_run(tiny_server, tiny_student_dir, tmp_path_factory) -> Path:
     """`opd train` on the tiny models: 5 steps, 12 new tokens, depth buckets of 4 positions."""
     run_dir = tmp_path_factory.mktemp("report-run")
-    config = TrainConfig(
-        student=str(tiny_student_dir),
-        teacher_url=[tiny_server],
-        prompts="shipped",
-        run_dir=str(run_dir),
-        seed=3,
+    config = train_config(
+        tiny_student_dir,
+        tiny_server,
+        run_dir,
         max_steps=5,
-        prompts_per_step=2,
-        n_rollouts=2,
         max_new_tokens=12,
-        lr=1e-3,
         checkpoint_every=1000,
-        depth_bucket=4,
-        tensorboard=False,
         progress=False,
     )
     with Trainer(config) as trainer:

@@ -15,29 +15,10 @@ from opd.client.metric_log import read_metrics
 from opd.client.train_config import TrainConfig
 from opd.client.trainer import Trainer
 from tests.prom import score_requests
+from tests.train_config import train_config
 
 # Keys that depend on wall time, not on what was computed.
 _TIMING = ("time/", "throughput/")
-
-
-def _config(student: Path, url: str | list[str], run_dir: Path, **overrides) -> TrainConfig:
-    values = dict(
-        student=str(student),
-        teacher_url=[url] if isinstance(url, str) else url,
-        prompts="shipped",
-        run_dir=str(run_dir),
-        seed=3,
-        max_steps=4,
-        prompts_per_step=2,
-        n_rollouts=2,
-        max_new_tokens=8,
-        lr=1e-3,
-        checkpoint_every=2,
-        depth_bucket=4,
-        tensorboard=False,
-    )
-    values.update(overrides)
-    return TrainConfig(**values)
 
 
 @pytest.mark.parametrize(
@@ -56,7 +37,7 @@ def _config(student: Path, url: str | list[str], run_dir: Path, **overrides) -> 
 def test_every_objective_trains_against_a_real_teacher(
     tiny_server, tiny_student_dir, tmp_path, objective, extra
 ):
-    config = _config(
+    config = train_config(
         tiny_student_dir, tiny_server, tmp_path, objective=objective, max_steps=2, **extra
     )
     with Trainer(config) as trainer:
@@ -77,21 +58,21 @@ def test_every_objective_trains_against_a_real_teacher(
 
 
 def test_resume_matches_the_uninterrupted_run(tiny_server, tiny_student_dir, tmp_path):
-    with Trainer(_config(tiny_student_dir, tiny_server, tmp_path / "full")) as trainer:
+    with Trainer(train_config(tiny_student_dir, tiny_server, tmp_path / "full")) as trainer:
         trainer.run()
     full = read_metrics(tmp_path / "full" / "metrics.jsonl")
 
     interrupted = tmp_path / "interrupted"
-    with Trainer(_config(tiny_student_dir, tiny_server, interrupted, max_steps=2)) as trainer:
+    with Trainer(train_config(tiny_student_dir, tiny_server, interrupted, max_steps=2)) as trainer:
         trainer.run()
     # the checkpoint holds no pickle: safetensors and JSON (plus the tokenizer's own files)
     ckpt = interrupted / "checkpoints" / "step_2"
     suffixes = {p.suffix for p in ckpt.rglob("*") if p.is_file()}
     assert suffixes <= {".json", ".safetensors", ".jinja", ".txt"}, suffixes
-    fresh = _config(tiny_student_dir, tiny_server, tmp_path / "none-yet", resume="auto")
+    fresh = train_config(tiny_student_dir, tiny_server, tmp_path / "none-yet", resume="auto")
     with Trainer(fresh) as trainer:  # 'auto' with no checkpoint starts fresh
         assert trainer.step == 0 and trainer.resume_from is None
-    resumed_config = _config(tiny_student_dir, tiny_server, interrupted, resume="auto")
+    resumed_config = train_config(tiny_student_dir, tiny_server, interrupted, resume="auto")
     with Trainer(resumed_config) as trainer:
         assert trainer.step == 2 and trainer.resume_from == ckpt
         trainer.run()
@@ -106,7 +87,7 @@ def test_resume_matches_the_uninterrupted_run(tiny_server, tiny_student_dir, tmp
 
 
 def test_opd_pulls_the_student_toward_the_teacher(tiny_server, tiny_student_dir, tmp_path):
-    config = _config(
+    config = train_config(
         tiny_student_dir,
         tiny_server,
         tmp_path,
