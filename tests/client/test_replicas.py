@@ -14,8 +14,8 @@ from opd.client.replicas import ReplicaSet, normalise_urls
 from opd.client.train_config import TrainConfig
 from opd.client.trainer import Trainer
 from opd.shared.packed import PackedRequest
-from tests.client.test_trainer import _config as train_config
 from tests.prom import score_requests
+from tests.train_config import train_config
 
 _TIMING = ("time/", "throughput/")
 
