@@ -158,12 +158,19 @@ class LongSeq:
         from transformers import AutoConfig
 
         from opd.server.backends.head_weights import load_head
+        from opd.server.settings import Settings
 
         config = AutoConfig.from_pretrained(cfg["model"])
         self.device = torch.device(cfg.get("device", "cpu"))
         self.head = load_head(cfg["model"], config, torch.float32, self.device)
         self.tokens = int(cfg.get("long_seq_len", 4096))
-        self.chunk = int(cfg.get("chunk_tokens", 256))
+        tiles: dict[str, int] = {}
+        if cfg.get("chunk_tokens"):
+            tiles["logits_chunk_tokens"] = int(cfg["chunk_tokens"])
+        if cfg.get("chunk_vocab") is not None:
+            tiles["logits_chunk_vocab"] = int(cfg["chunk_vocab"])
+        # The tiles the server would use on this device, unless the bench was told otherwise.
+        self.chunk, self.chunk_vocab = Settings(**tiles).scoring_tiles(self.device.type)
         g = torch.Generator().manual_seed(0)
         vocab, hidden = self.head.weight_VH.shape
         self.h = torch.randn(self.tokens, hidden, generator=g).to(self.device)
@@ -189,7 +196,17 @@ class LongSeq:
         from opd.server.scoring import score_hidden
 
         def chunked() -> None:
-            score_hidden(self.head, self.h, self.targets, self.cands, 16, True, 1.0, self.chunk)
+            score_hidden(
+                self.head,
+                self.h,
+                self.targets,
+                self.cands,
+                16,
+                True,
+                1.0,
+                self.chunk,
+                self.chunk_vocab,
+            )
 
         def full() -> None:
             full_logits_math(self.head.weight_VH, self.h, self.targets, self.cands, 16)
@@ -199,6 +216,7 @@ class LongSeq:
             "tokens": self.tokens,
             "vocab": int(self.head.vocab_size),
             "chunk_tokens": self.chunk,
+            "chunk_vocab": self.chunk_vocab,
             "chunked_peak_bytes": min(self._peak_of(chunked) for _ in range(2)),
             "full_peak_bytes": min(self._peak_of(full) for _ in range(2)),
         }

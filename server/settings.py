@@ -88,7 +88,15 @@ class Settings(BaseSettings):
     max_queue_tokens: int = Field(
         default=262144, ge=1, description="queued tokens beyond which new requests get 429"
     )
-    logits_chunk_tokens: int = Field(default=256, ge=1, description="LM-head rows per chunk")
+    logits_chunk_tokens: int | None = Field(
+        default=None, ge=1, description="LM-head rows per tile; unset: 1024 on CPU, 256 on GPUs"
+    )
+    logits_chunk_vocab: int | None = Field(
+        default=None,
+        ge=0,
+        description="LM-head vocabulary columns per tile; unset: 4096 on CPU, the whole "
+        "vocabulary on GPUs; 0 = whole vocabulary",
+    )
     min_shared_prefix: int = Field(
         default=16,
         ge=0,
@@ -105,6 +113,20 @@ class Settings(BaseSettings):
         if self.max_batch_tokens:
             return self.max_batch_tokens
         return 1024 if self.backend == "hf" and device.startswith("cpu") else 8192
+
+    def scoring_tiles(self, device: str) -> tuple[int, int]:
+        """(rows, vocabulary columns; 0 = all) of one LM-head tile (opd.server.scoring).
+
+        On CPU a 1,024 x 4,096 float32 tile (16 MB) stays in the last-level cache through the
+        matmul and the passes that read it, which halved the scoring math against
+        whole-vocabulary chunks (docs/benchmarks.md). On GPUs whole-vocabulary tiles launch fewer
+        kernels, and 256 rows keep the temporaries of a 152k vocabulary near 400 MB."""
+        cpu = device.startswith("cpu")
+        rows = self.logits_chunk_tokens or (1024 if cpu else 256)
+        vocab = self.logits_chunk_vocab
+        if vocab is None:
+            vocab = 4096 if cpu else 0
+        return rows, vocab
 
     def limits(self, max_model_len: int | None = None) -> Limits:
         limits = Limits(

@@ -270,7 +270,8 @@ class HFBackend:
             padded = self.hidden_states([items[i] for i in singles])
             for b, i in enumerate(singles):
                 hidden[i] = padded[b]
-        return score_items(self.head, hidden, items, self.settings.logits_chunk_tokens)  # type: ignore[arg-type]
+        rows, vocab = self.settings.scoring_tiles(self.device.type)
+        return score_items(self.head, hidden, items, rows, vocab)  # type: ignore[arg-type]
 
     @property
     def can_generate(self) -> bool:

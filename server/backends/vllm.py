@@ -170,9 +170,8 @@ class VLLMBackend:
     @torch.inference_mode()
     def score_pack(self, items: list[ScoreItem]) -> list[ScoredRows]:
         assert self.head is not None
-        return score_items(
-            self.head, self.hidden_states(items), items, self.settings.logits_chunk_tokens
-        )
+        rows, vocab = self.settings.scoring_tiles(self.device.type)
+        return score_items(self.head, self.hidden_states(items), items, rows, vocab)
 
     def generate(self, prompts: list[list[int]], options: GenerateOptions) -> list[list[Generated]]:
         """Teacher completions from the generate engine (continuous batching over prompts)."""
