@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from opd.server.allocator import retain_freed_memory
 from opd.server.backends.base import BackendInfo, ScoreItem
 from opd.server.backends.head_weights import logit_transforms
 from opd.server.generation import Generated, HFGenerator
@@ -164,6 +165,8 @@ class HFBackend:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        if self.device.type == "cpu" and self.settings.retain_freed_memory:
+            retain_freed_memory()
         if self.settings.torch_threads:
             torch.set_num_threads(self.settings.torch_threads)
         path = resolve_model_path(self.settings)

@@ -22,6 +22,7 @@ import os
 import numpy as np
 import torch
 
+from opd.server.allocator import retain_freed_memory
 from opd.server.backends.base import BackendInfo, ScoreItem
 from opd.server.backends.head_weights import load_head
 from opd.server.backends.hf import describe_model, resolve_device, resolve_dtype, resolve_model_path
@@ -108,6 +109,8 @@ class VLLMBackend:
                 vllm.__version__,
                 ", ".join(CHECKED_VLLM_VERSIONS),
             )
+        if self.device.type == "cpu" and self.settings.retain_freed_memory:
+            retain_freed_memory()  # the head math runs in this process
         if self.settings.torch_threads:
             torch.set_num_threads(self.settings.torch_threads)
         path = resolve_model_path(self.settings)
