@@ -153,8 +153,8 @@ def pick_in_tile(
     width = z_RC.shape[1]
     local = ids - start
     inside = (local >= 0) & (local < width)
-    shape = (-1, 1) if ids.dim() == 1 else (-1, ids.shape[1])
-    values = z_RC.gather(1, local.clamp(0, width - 1).view(shape)).view(ids.shape)
+    rows = local.clamp(0, width - 1).view(local.shape[0], -1)  # [R] or [R, K] -> [R, K']
+    values = z_RC.gather(1, rows).view(ids.shape)
     return torch.where(inside, values, picked)
 
 
