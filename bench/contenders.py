@@ -27,11 +27,19 @@ from opd.client.launch import LocalTeacher, free_port
 class WorkerContender:
     """A contender in its own process (opd.bench.worker), driven line by line."""
 
-    def __init__(self, name: str, kind: str, cfg: dict[str, Any], log: Path) -> None:
+    def __init__(
+        self,
+        name: str,
+        kind: str,
+        cfg: dict[str, Any],
+        log: Path,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.name, self.kind = name, kind
         self._log = open(log, "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "opd.bench.worker", kind, json.dumps(cfg)],
+            env={**os.environ, **(env or {})},
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self._log,

@@ -27,6 +27,11 @@ from opd.bench.contenders import (
 )
 from opd.bench.workload import WorkloadConfig, workload_flops
 
+# The long-sequence worker measures peak memory as RSS: with glibc's thresholds fixed at 128 KiB
+# every block above that is mapped when allocated and unmapped when freed, so RSS follows live
+# memory. glibc's adaptive default would serve a later call from freed-but-resident heap and
+# show no growth at all (a peak of 0 B was seen).
+STATIC_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
 ALL_CONTENDERS = ("inprocess", "http-binary", "http-json", "naive", "vllm", "matmul", "longseq")
 
 
@@ -196,7 +201,9 @@ def run_bench(cfg: BenchConfig, log=print) -> dict[str, Any]:
                 "tokens_per_s": rate / per_token,
             }
         if "longseq" in cfg.contenders:
-            longseq = WorkerContender("longseq", "longseq", worker_cfg, logs / "longseq.log")
+            longseq = WorkerContender(
+                "longseq", "longseq", worker_cfg, logs / "longseq.log", env=STATIC_MALLOC
+            )
             long_result = longseq.round()
         else:
             long_result = None

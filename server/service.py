@@ -112,7 +112,9 @@ class ScoringService:
             self.backend,
             self.metrics,
             model_name=self.info.name,
-            max_batch_tokens=self.settings.pack_budget(str(getattr(self.backend, "device", ""))),
+            max_batch_tokens=self.settings.pack_budget(
+                str(getattr(self.backend, "device", "")), getattr(self.backend, "streams", 1)
+            ),
             max_queue_tokens=self.settings.max_queue_tokens,
             max_wait_ms=self.settings.max_wait_ms,
         )

@@ -32,6 +32,12 @@ class Settings(BaseSettings):
     max_model_len: int | None = Field(default=None, ge=2, description="cap on the model context")
     cache_dir: str | None = Field(default=None, description="where the embedded model is cached")
     torch_threads: int | None = Field(default=None, ge=1, description="torch intra-op threads")
+    cpu_streams: int | None = Field(
+        default=None,
+        ge=1,
+        description="hf on CPU: packs split across this many threads, each running the model "
+        "on its share of the torch threads (opd.server.streams); unset: 2 with 2+ threads",
+    )
     retain_freed_memory: bool = Field(
         default=True,
         description="on CPU: glibc keeps freed blocks for reuse instead of returning them to "
@@ -111,13 +117,14 @@ class Settings(BaseSettings):
     warmup: bool = True
     drain_timeout_s: float = Field(default=30.0, ge=0, description="graceful shutdown budget")
 
-    def pack_budget(self, device: str) -> int:
-        """Padded tokens per forward pass. On CPU (hf) small packs win: a 1,024-token pass of
-        SmolLM2 keeps its activations in cache and scored ~15% more tokens/s than a 4,096-token
-        one (docs/benchmarks.md); GPUs and vLLM's own scheduler want large packs."""
+    def pack_budget(self, device: str, streams: int = 1) -> int:
+        """Padded tokens per pack. On CPU (hf) small passes win: a 1,024-token pass of SmolLM2
+        keeps its activations in cache and scored ~15% more tokens/s than a 4,096-token one
+        (docs/benchmarks.md), so a pack holds 1,024 tokens per CPU stream. GPUs and vLLM's own
+        scheduler want large packs."""
         if self.max_batch_tokens:
             return self.max_batch_tokens
-        return 1024 if self.backend == "hf" and device.startswith("cpu") else 8192
+        return 1024 * streams if self.backend == "hf" and device.startswith("cpu") else 8192
 
     def scoring_tiles(self, device: str) -> tuple[int, int]:
         """(rows, vocabulary columns; 0 = all) of one LM-head tile (opd.server.scoring).

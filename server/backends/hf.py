@@ -23,6 +23,7 @@ from opd.server.backends.head_weights import logit_transforms
 from opd.server.generation import Generated, HFGenerator
 from opd.server.scoring import HeadSpec, ScoredRows, score_items
 from opd.server.settings import Settings
+from opd.server.streams import CPUStreams, balanced_cuts, stream_layout
 from opd.shared.fingerprint import fingerprint_hf_tokenizer
 from opd.shared.schemas import GenerateOptions
 
@@ -147,6 +148,23 @@ def shared_context_groups(
     return groups, [i for i in range(len(items)) if i not in grouped]
 
 
+def has_stateful_rope(config: object) -> bool:
+    """Dynamic and long-rope scaling rewrite the rotary buffers inside forward(): two passes at
+    once would race on them, so such models get one stream."""
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
+    if not isinstance(params, dict):
+        return False
+    kind = params.get("rope_type") or params.get("type") or ""
+    return "dynamic" in kind or kind == "longrope"
+
+
+def pack_units(items: list[ScoreItem], min_prefix: int) -> list[list[int]]:
+    """Item indices in the units that must stay in one sub-pack (a shared-context group, or a
+    single item), ordered by their first item so that the batcher's length order is kept."""
+    groups, singles = shared_context_groups(items, min_prefix)
+    return sorted([*groups, *([i] for i in singles)], key=lambda unit: unit[0])
+
+
 class HFBackend:
     name = "hf"
 
@@ -160,6 +178,8 @@ class HFBackend:
         self.tokenizer: object | None = None
         self.generator: HFGenerator | None = None
         self._share_prefixes = True  # off once a model's cache turns out not to be repeatable
+        self._streams: CPUStreams | None = None
+        self.streams = 1
 
     def load(self) -> BackendInfo:
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -181,6 +201,7 @@ class HFBackend:
         self.decoder = model.get_decoder()
         self.head = head_spec_for(model)
         self.tokenizer = tokenizer
+        self._start_streams(model.config)
         if self.settings.generate:
             try:
                 self.generator = HFGenerator(model, tokenizer)
@@ -204,6 +225,17 @@ class HFBackend:
             path,
         )
         return info
+
+    def _start_streams(self, config: object) -> None:
+        streams, per_stream = stream_layout(
+            self.settings.cpu_streams, torch.get_num_threads(), self.device.type
+        )
+        if streams > 1 and has_stateful_rope(config):
+            logger.warning("one CPU stream: this model's rotary embedding changes in forward()")
+            streams = 1
+        if streams > 1:
+            self._streams = CPUStreams(streams, per_stream)
+        self.streams = streams
 
     @torch.inference_mode()
     def hidden_states(self, items: list[ScoreItem]) -> torch.Tensor:
@@ -252,8 +284,27 @@ class HFBackend:
         head = first.last_hidden_state[0]
         return [torch.cat([head, rest[b, : it.n_tokens - context]]) for b, it in enumerate(items)]
 
-    @torch.inference_mode()
     def score_pack(self, items: list[ScoreItem]) -> list[ScoredRows]:
+        """Score a pack: split across the CPU streams when it holds more than one unit."""
+        if self._streams is None or len(items) < 2:
+            return self._score_serial(items)
+        min_prefix = self.settings.min_shared_prefix if self._share_prefixes else 0
+        units = pack_units(items, min_prefix)
+        costs = [sum(items[i].n_tokens for i in unit) for unit in units]
+        cuts = balanced_cuts(costs, self._streams.streams)
+        if len(cuts) < 2:  # one shared-context group: one pass on all cores
+            return self._score_serial(items)
+        parts = [[i for unit in units[a:b] for i in unit] for a, b in cuts]
+        scored = self._streams.map(self._score_serial, [[items[i] for i in p] for p in parts])
+        out: list[ScoredRows | None] = [None] * len(items)
+        for part, rows in zip(parts, scored, strict=True):
+            for i, r in zip(part, rows, strict=True):
+                out[i] = r
+        return out  # type: ignore[return-value]
+
+    @torch.inference_mode()
+    def _score_serial(self, items: list[ScoreItem]) -> list[ScoredRows]:
+        """One pass (or one per shared-context group) over the pack, on the calling thread."""
         assert self.head is not None
         hidden: list[torch.Tensor | None] = [None] * len(items)
         min_prefix = self.settings.min_shared_prefix if self._share_prefixes else 0
@@ -286,4 +337,7 @@ class HFBackend:
         return self.generator.generate(prompts, options)
 
     def close(self) -> None:
+        if self._streams is not None:
+            self._streams.close()
+            self._streams = None
         self.model = self.decoder = self.head = self.generator = None
