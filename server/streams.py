@@ -4,7 +4,7 @@ On a CPU, one forward pass over all cores spends part of its time at the thread 
 each op: attention, RMSNorm, SiLU and the rest are too small to keep every core busy from start
 to finish. Two passes side by side, each on half the cores, keep the cores busy instead: the
 same trade OpenVINO makes with its throughput "streams" and TorchServe with several workers per
-host. On our 2-core VM, two single-thread streams scored 6-10% more SmolLM2 tokens/s than one
+host. On our 2-core VM, two single-thread streams scored 7-8% more SmolLM2 tokens/s than one
 2-thread pass (docs/benchmarks.md). The model's weights are shared (threads, not processes), so
 memory grows only by one pass's activations per stream.
 
