@@ -26,12 +26,8 @@ from opd.bench.contenders import (
     WorkerContender,
 )
 from opd.bench.workload import WorkloadConfig, workload_flops
+from opd.server.allocator import FIXED_INITIAL_THRESHOLDS_ENV
 
-# The long-sequence worker measures peak memory as RSS: with glibc's thresholds fixed at 128 KiB
-# every block above that is mapped when allocated and unmapped when freed, so RSS follows live
-# memory. glibc's adaptive default would serve a later call from freed-but-resident heap and
-# show no growth at all (a peak of 0 B was seen).
-STATIC_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
 ALL_CONTENDERS = ("inprocess", "http-binary", "http-json", "naive", "vllm", "matmul", "longseq")
 
 
@@ -201,8 +197,15 @@ def run_bench(cfg: BenchConfig, log=print) -> dict[str, Any]:
                 "tokens_per_s": rate / per_token,
             }
         if "longseq" in cfg.contenders:
+            # Peak memory is measured as RSS, so glibc's thresholds are fixed for this worker:
+            # its adaptive default can serve a later call from freed-but-resident heap and show
+            # no growth at all (a peak of 0 B was seen).
             longseq = WorkerContender(
-                "longseq", "longseq", worker_cfg, logs / "longseq.log", env=STATIC_MALLOC
+                "longseq",
+                "longseq",
+                worker_cfg,
+                logs / "longseq.log",
+                env=FIXED_INITIAL_THRESHOLDS_ENV,
             )
             long_result = longseq.round()
         else:

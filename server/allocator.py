@@ -24,6 +24,13 @@ _M_MMAP_THRESHOLD = -3
 # are still mmapped, and returned to the OS on free.
 MMAP_THRESHOLD_MAX = 32 * 1024 * 1024
 TRIM_THRESHOLD = 2**31 - 1  # mallopt takes an int: never trim the heap top below 2 GiB of slack
+# glibc's initial mmap and trim thresholds (128 KiB), fixed through its environment variables so
+# they cannot adapt: every larger block is mapped on allocation and unmapped on free, so RSS
+# follows live memory. For child processes that measure memory or page faults.
+FIXED_INITIAL_THRESHOLDS_ENV = {
+    "MALLOC_MMAP_THRESHOLD_": "131072",
+    "MALLOC_TRIM_THRESHOLD_": "131072",
+}
 
 
 def retain_freed_memory() -> bool:

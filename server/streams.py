@@ -61,7 +61,6 @@ class CPUStreams:
         if streams < 2:
             raise ValueError(f"streams={streams}: CPUStreams needs at least 2")
         self.streams = streams
-        self.threads_per_stream = threads_per_stream
         process_default = torch.get_num_threads()
         started = threading.Barrier(streams + 1)
 

@@ -18,6 +18,8 @@ import sys
 
 import pytest
 
+from opd.server.allocator import FIXED_INITIAL_THRESHOLDS_ENV
+
 CHILD = """
 import resource, sys, torch
 import torch.nn.functional as F
@@ -38,12 +40,8 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
-# glibc's starting M_MMAP_THRESHOLD and M_TRIM_THRESHOLD; set via the environment they stay fixed.
-GLIBC_INITIAL = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
-
-
 def faults(mode: str) -> int:
-    env = {**os.environ, **GLIBC_INITIAL}
+    env = {**os.environ, **FIXED_INITIAL_THRESHOLDS_ENV}
     out = subprocess.run(
         [sys.executable, "-c", CHILD, mode], capture_output=True, text=True, check=True, env=env
     )
