@@ -36,6 +36,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from opd.server.cpu_gemm import head_matmul
+
 # The running max starts at the lowest finite float32, not -inf, so that the first tile's
 # rescale factor exp(old - new) is 0 rather than nan (0 * -inf).
 _LOWEST = torch.finfo(torch.float32).min
@@ -49,6 +51,8 @@ class HeadSpec:
     bias_V: torch.Tensor | None = None
     logit_scale: float | None = None
     final_softcap: float | None = None
+    # float32 CPU tiles on single-thread streams through numpy's BLAS (opd.server.cpu_gemm)
+    numpy_blas: bool = False
 
     @property
     def vocab_size(self) -> int:
@@ -95,7 +99,7 @@ def head_logits(
     out = z if buffers.raw is None else TileBuffers.view(buffers.raw, rows, cols)
     h = hidden_RH.to(weight.dtype)  # a no-op when score_hidden already converted the block
     if head.bias_V is None:
-        torch.mm(h, weight.T, out=out)
+        head_matmul(h, weight, out, head.numpy_blas)
     else:
         torch.addmm(head.bias_V[vocab], h, weight.T, out=out)
     if buffers.raw is not None:

@@ -38,6 +38,11 @@ class Settings(BaseSettings):
         description="hf on CPU: packs split across this many threads, each running the model "
         "on its share of the torch threads (opd.server.streams); unset: 2 with 2+ threads",
     )
+    cpu_gemm: Literal["auto", "torch", "numpy"] = Field(
+        default="auto",
+        description="hf on CPU, float32: the BLAS of single-thread streams' matmuls; auto: "
+        "numpy's OpenBLAS on AMD CPUs, torch's MKL elsewhere (opd.server.cpu_gemm)",
+    )
     retain_freed_memory: bool = Field(
         default=True,
         description="on CPU: glibc keeps freed blocks for reuse instead of returning them to "

@@ -20,6 +20,7 @@ import torch
 from opd.server.allocator import retain_freed_memory
 from opd.server.backends.base import BackendInfo, ScoreItem
 from opd.server.backends.head_weights import logit_transforms
+from opd.server.cpu_gemm import choose_gemm, route_linears
 from opd.server.generation import Generated, HFGenerator
 from opd.server.scoring import HeadSpec, ScoredRows, score_items
 from opd.server.settings import Settings
@@ -180,6 +181,7 @@ class HFBackend:
         self._share_prefixes = True  # off once a model's cache turns out not to be repeatable
         self._streams: CPUStreams | None = None
         self.streams = 1
+        self.gemm = "torch"  # or "numpy": the BLAS of the streams' matmuls (opd.server.cpu_gemm)
 
     def load(self) -> BackendInfo:
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -236,6 +238,21 @@ class HFBackend:
         if streams > 1:
             self._streams = CPUStreams(streams, per_stream)
         self.streams = streams
+        self._choose_gemm(per_stream)
+
+    def _choose_gemm(self, threads_per_stream: int) -> None:
+        """torch's or numpy's BLAS for the streams' matmuls (opd.server.cpu_gemm)."""
+        assert self.decoder is not None and self.head is not None
+        self.gemm = choose_gemm(
+            self.settings.cpu_gemm,
+            device=self.device.type,
+            dtype=self.dtype,
+            threads_per_stream=threads_per_stream,
+        )
+        if self.gemm == "numpy":
+            routed = route_linears(self.decoder)
+            self.head.numpy_blas = True
+            logger.info("CPU GEMM: numpy's BLAS for %d linear layers and the head", routed)
 
     @torch.inference_mode()
     def hidden_states(self, items: list[ScoreItem]) -> torch.Tensor:
