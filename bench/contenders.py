@@ -45,7 +45,7 @@ class WorkerContender:
             stderr=self._log,
             text=True,
         )
-        self._ask(None)  # wait for {"ready": true}
+        self.setup: dict[str, Any] | None = self._ask(None).get("setup")  # {"ready": true, ...}
 
     def _ask(self, cmd: str | None) -> dict[str, Any]:
         assert self.proc.stdin is not None and self.proc.stdout is not None
@@ -89,6 +89,17 @@ def _concurrent_round(requests: list, concurrency: int, send) -> dict[str, Any]:
     }
 
 
+def _backend_setup(url: str) -> dict[str, Any] | None:
+    """The labels of the server's opd_backend_info: its CPU streams and their BLAS."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(httpx.get(url + "/metrics").text):
+        for s in family.samples:
+            if s.name == "opd_backend_info" and s.value == 1:
+                return {"streams": int(s.labels["streams"]), "cpu_gemm": s.labels["cpu_gemm"]}
+    return None
+
+
 def _payload_bytes_out(url: str) -> float:
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -117,6 +128,7 @@ class OPDServer:
         self.teacher.start()
         self.url = self.teacher.url
         self.vocab = int(httpx.get(self.url + "/v1/model").json()["vocab_size"])
+        self.setup = _backend_setup(self.url)
 
     def peak_rss_bytes(self) -> int:
         assert self.teacher.process is not None
@@ -135,6 +147,7 @@ class OPDHTTPContender:
         from opd.client import TeacherClient
 
         self.name, self.server, self.concurrency = name, server, concurrency
+        self.setup = server.setup
         self.requests = make_requests(wl, server.vocab)
         self.client = TeacherClient(
             server.url, encoding=encoding, timeout_s=600, concurrency=concurrency

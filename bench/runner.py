@@ -184,6 +184,8 @@ def run_bench(cfg: BenchConfig, log=print) -> dict[str, Any]:
             if c is matmul:
                 continue
             summary[c.name] = _summary(results[c.name], wl.scored_tokens, c.peak_rss_bytes())
+            if getattr(c, "setup", None):
+                summary[c.name]["setup"] = c.setup
 
         limit = None
         if matmul is not None:

@@ -55,6 +55,8 @@ class InProcess:
         )
         self.backend = HFBackend(settings)
         info = self.backend.load()
+        # recorded with the results: the server decides the same from the same settings
+        self.setup = {"streams": self.backend.streams, "cpu_gemm": self.backend.gemm}
         self.requests = make_requests(WorkloadConfig(**cfg["workload"]), info.vocab_size)
 
     def round(self) -> dict[str, Any]:
@@ -230,7 +232,7 @@ def main() -> None:
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg["threads"]))
     contender = KINDS[kind](cfg)
-    print(json.dumps({"ready": True}), flush=True)
+    print(json.dumps({"ready": True, "setup": getattr(contender, "setup", None)}), flush=True)
     for line in sys.stdin:
         cmd = json.loads(line)["cmd"]
         if cmd == "round":

@@ -57,3 +57,9 @@ class Metrics:
         self.queue_sequences = Gauge("opd_queue_sequences", "sequences waiting", registry=r)
         self.in_flight = Gauge("opd_in_flight_requests", "requests being handled", registry=r)
         self.ready = Gauge("opd_ready", "1 when the model is loaded and warmed up", registry=r)
+        self.backend_info = Gauge(
+            "opd_backend_info",
+            "1, labelled with how this replica runs its model (CPU streams, the streams' BLAS)",
+            ["backend", "device", "streams", "cpu_gemm"],
+            registry=r,
+        )

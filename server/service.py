@@ -130,6 +130,12 @@ class ScoringService:
             await self.batcher.run_in_worker(self.backend.score_pack, [item])
             logger.info("warm-up took %.2fs", time.perf_counter() - started)
         self.ready = True
+        self.metrics.backend_info.labels(
+            backend=self.info.backend,
+            device=str(getattr(self.backend, "device", "")),
+            streams=str(getattr(self.backend, "streams", 1)),
+            cpu_gemm=str(getattr(self.backend, "gemm", "torch")),
+        ).set(1)
         self.metrics.ready.set(1)
 
     async def stop(self) -> None:
