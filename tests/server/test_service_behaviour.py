@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 
 from opd.client.launch import LocalTeacher
 from opd.server.app import create_app
@@ -142,6 +143,15 @@ def test_model_info_metrics_and_openapi(tiny_server):
         assert name in text, name
     assert metric(text, "opd_requests_total", route="/v1/score", status="200") >= 1
     assert metric(text, "opd_scored_tokens_total") >= 11
+    # how the replica runs its model, for dashboards and the bench's records
+    [setup] = [
+        s.labels
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name == "opd_backend_info" and s.value == 1
+    ]
+    assert setup["backend"] == "hf" and setup["device"] == "cpu"
+    assert int(setup["streams"]) >= 1 and setup["cpu_gemm"] in ("torch", "numpy")
     spec = httpx.get(tiny_server + "/openapi.json").json()
     content = spec["paths"]["/v1/score"]["post"]["requestBody"]["content"]
     assert "application/json" in content and "application/vnd.opd+msgpack" in content
