@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -81,3 +82,16 @@ def chat_batch(tokenizer, pairs, rng: np.random.Generator, random_len: int, k: i
     score_from.append(1)
     cands.append(rng.integers(0, len(tokenizer), (random_len - 1, k)))
     return seqs, score_from, cands
+
+
+def assert_rows_match(rows, ref_model: ReferenceModel, item, top_k: int, atol: float) -> None:
+    """A backend's ScoredRows for one ScoreItem equal the float64 reference within `atol`."""
+    result = SimpleNamespace(
+        token_logprobs=rows.token_logprobs_N,
+        candidate_logprobs=rows.candidate_logprobs_NK,
+        top_k_ids=rows.top_k_ids_Nk,
+        top_k_logprobs=rows.top_k_logprobs_Nk,
+        entropy=rows.entropy_N,
+    )
+    ids, s = item.token_ids, item.score_from
+    assert_matches(result, ref_model.reference(ids, s), ids, s, item.candidate_ids, top_k, atol)

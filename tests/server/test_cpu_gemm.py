@@ -14,7 +14,7 @@ import torch
 from opd.server import cpu_gemm
 from opd.server.backends.base import ScoreItem
 from opd.shared.schemas import ScoreOptions
-from tests.reference import ReferenceModel, assert_matches, chat_batch
+from tests.reference import ReferenceModel, assert_rows_match, chat_batch
 
 OPTS = ScoreOptions(top_k=4, entropy=True)
 
@@ -181,16 +181,6 @@ def _load(model_dir, gemm: str):  # type: ignore[no-untyped-def]
     return backend
 
 
-def _rows_as_result(rows) -> SimpleNamespace:  # type: ignore[no-untyped-def]
-    return SimpleNamespace(
-        token_logprobs=rows.token_logprobs_N,
-        candidate_logprobs=rows.candidate_logprobs_NK,
-        top_k_ids=rows.top_k_ids_Nk,
-        top_k_logprobs=rows.top_k_logprobs_Nk,
-        entropy=rows.entropy_N,
-    )
-
-
 def test_backend_on_numpys_blas_scores_like_torchs_and_like_float64(tiny_model_dir, monkeypatch):
     numpy_backend, torch_backend = _load(tiny_model_dir, "numpy"), _load(tiny_model_dir, "torch")
     assert (numpy_backend.gemm, torch_backend.gemm) == ("numpy", "torch")
@@ -213,8 +203,7 @@ def test_backend_on_numpys_blas_scores_like_torchs_and_like_float64(tiny_model_d
     for item, a, b in zip(items, got, expected, strict=True):
         np.testing.assert_allclose(a.token_logprobs_N, b.token_logprobs_N, atol=1e-5, rtol=0)
         np.testing.assert_allclose(a.entropy_N, b.entropy_N, atol=1e-5, rtol=0)
-        ref_rows = ref.reference(item.token_ids, item.score_from)
-        assert_matches(_rows_as_result(a), ref_rows, item.token_ids, 2, item.candidate_ids, 4, 1e-4)
+        assert_rows_match(a, ref, item, 4, 1e-4)
     numpy_backend.close()
     torch_backend.close()
 
@@ -241,14 +230,5 @@ def test_real_smollm2_on_numpys_blas_matches_float64(smollm2_dir) -> None:
     ]
     ref = ReferenceModel(smollm2_dir)
     for item, rows in zip(items, backend.score_pack(items), strict=True):
-        expected = ref.reference(item.token_ids, item.score_from)
-        assert_matches(
-            _rows_as_result(rows),
-            expected,
-            item.token_ids,
-            item.score_from,
-            item.candidate_ids,
-            16,
-            1e-4,
-        )
+        assert_rows_match(rows, ref, item, 16, 1e-4)
     backend.close()

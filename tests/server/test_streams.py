@@ -17,7 +17,7 @@ import pytest
 from opd.server.backends.base import ScoreItem
 from opd.server.streams import balanced_cuts, stream_layout
 from opd.shared.schemas import ScoreOptions
-from tests.reference import ReferenceModel, assert_matches
+from tests.reference import ReferenceModel, assert_rows_match
 
 OPTS = ScoreOptions(top_k=4, entropy=True)
 
@@ -149,15 +149,7 @@ def test_split_packs_score_like_one_pass_and_like_float64(tiny_model_dir, monkey
         np.testing.assert_array_equal(a.top_k_ids_Nk, b.top_k_ids_Nk)
     ref = ReferenceModel(tiny_model_dir)
     for item, rows in zip(items, got, strict=True):
-        ids, s = item.token_ids, item.score_from
-        result = SimpleNamespace(
-            token_logprobs=rows.token_logprobs_N,
-            candidate_logprobs=rows.candidate_logprobs_NK,
-            top_k_ids=rows.top_k_ids_Nk,
-            top_k_logprobs=rows.top_k_logprobs_Nk,
-            entropy=rows.entropy_N,
-        )
-        assert_matches(result, ref.reference(ids, s), ids, s, item.candidate_ids, 4, 1e-4)
+        assert_rows_match(rows, ref, item, 4, 1e-4)
     two.close()
     one.close()
 
