@@ -111,7 +111,8 @@ def cpu_vendor() -> str:
 def choose_gemm(
     choice: GemmChoice, *, device: str, dtype: torch.dtype, threads_per_stream: int
 ) -> str:
-    """ "torch" or "numpy", with numpy's BLAS pinned to one thread per call when it is chosen.
+    """The BLAS for the streams' matmuls, "torch" or "numpy"; numpy's is pinned to one thread
+    per call when it is chosen.
 
     auto picks numpy's only where it was measured faster: float32 on an AMD CPU whose streams
     have one thread each, with numpy's BLAS being OpenBLAS (MKL is tuned first for Intel's

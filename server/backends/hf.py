@@ -203,7 +203,7 @@ class HFBackend:
         self.decoder = model.get_decoder()
         self.head = head_spec_for(model)
         self.tokenizer = tokenizer
-        self._start_streams(model.config)
+        self._choose_gemm(self._start_streams(model.config))
         if self.settings.generate:
             try:
                 self.generator = HFGenerator(model, tokenizer)
@@ -228,17 +228,18 @@ class HFBackend:
         )
         return info
 
-    def _start_streams(self, config: object) -> None:
+    def _start_streams(self, config: object) -> int:
+        """Start the CPU streams (opd.server.streams); the torch threads each one gets."""
         streams, per_stream = stream_layout(
             self.settings.cpu_streams, torch.get_num_threads(), self.device.type
         )
         if streams > 1 and has_stateful_rope(config):
             logger.warning("one CPU stream: this model's rotary embedding changes in forward()")
-            streams = 1
+            streams, per_stream = 1, torch.get_num_threads()
         if streams > 1:
             self._streams = CPUStreams(streams, per_stream)
         self.streams = streams
-        self._choose_gemm(per_stream)
+        return per_stream
 
     def _choose_gemm(self, threads_per_stream: int) -> None:
         """torch's or numpy's BLAS for the streams' matmuls (opd.server.cpu_gemm)."""
