@@ -89,26 +89,25 @@ def _concurrent_round(requests: list, concurrency: int, send) -> dict[str, Any]:
     }
 
 
-def _backend_setup(url: str) -> dict[str, Any] | None:
-    """The labels of the server's opd_backend_info: its CPU streams and their BLAS."""
+def _samples(url: str, name: str) -> list[Any]:
+    """The samples called `name` on the server's /metrics (Prometheus text)."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    for family in text_string_to_metric_families(httpx.get(url + "/metrics").text):
-        for s in family.samples:
-            if s.name == "opd_backend_info" and s.value == 1:
-                return {"streams": int(s.labels["streams"]), "cpu_gemm": s.labels["cpu_gemm"]}
+    text = httpx.get(url + "/metrics").text
+    return [s for f in text_string_to_metric_families(text) for s in f.samples if s.name == name]
+
+
+def _backend_setup(url: str) -> dict[str, Any] | None:
+    """The labels of the server's opd_backend_info: its CPU streams and their BLAS."""
+    for s in _samples(url, "opd_backend_info"):
+        if s.value == 1:
+            return {"streams": int(s.labels["streams"]), "cpu_gemm": s.labels["cpu_gemm"]}
     return None
 
 
 def _payload_bytes_out(url: str) -> float:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    total = 0.0
-    for family in text_string_to_metric_families(httpx.get(url + "/metrics").text):
-        for s in family.samples:
-            if s.name == "opd_payload_bytes_out_total" and s.labels.get("route") == "/v1/score":
-                total += s.value
-    return total
+    samples = _samples(url, "opd_payload_bytes_out_total")
+    return sum(s.value for s in samples if s.labels.get("route") == "/v1/score")
 
 
 class OPDServer:
