@@ -81,7 +81,11 @@ def test_large_batch_is_split_under_the_servers_limits(strict_server, tiny_serve
     assert sent >= 4, f"expected several requests, saw {sent}"
     with TeacherClient(tiny_server) as client:  # same model, no limits to speak of
         whole = client.score(request)
-    _assert_same(split, whole)
+    # The pieces run in other packs than the whole: a one-sequence pack runs on all cores with
+    # torch's BLAS, larger ones on the single-thread streams, possibly with numpy's BLAS
+    # (opd.server.cpu_gemm). float32 rounds differently on each path, so the bound is the
+    # batch-invariance test's (tests/server/test_numerics.py).
+    _assert_same(split, whole, atol=1e-4)
 
 
 def test_client_refuses_locally_what_the_server_would_refuse(strict_server):
