@@ -112,8 +112,13 @@ def test_split_packs_score_like_one_pass_and_like_float64(tiny_model_dir, monkey
     from opd.server.settings import Settings
 
     def load(streams: int) -> hf.HFBackend:
+        # one BLAS on both sides: this test is about the split (test_cpu_gemm.py compares them)
         settings = Settings(
-            model=str(tiny_model_dir), dtype="float32", device="cpu", cpu_streams=streams
+            model=str(tiny_model_dir),
+            dtype="float32",
+            device="cpu",
+            cpu_streams=streams,
+            cpu_gemm="torch",
         )
         backend = hf.HFBackend(settings)
         backend.load()
