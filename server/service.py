@@ -113,7 +113,7 @@ class ScoringService:
             self.metrics,
             model_name=self.info.name,
             max_batch_tokens=self.settings.pack_budget(
-                str(getattr(self.backend, "device", "")), getattr(self.backend, "streams", 1)
+                str(self.backend.device), self.backend.streams
             ),
             max_queue_tokens=self.settings.max_queue_tokens,
             max_wait_ms=self.settings.max_wait_ms,
@@ -132,9 +132,9 @@ class ScoringService:
         self.ready = True
         self.metrics.backend_info.labels(
             backend=self.info.backend,
-            device=str(getattr(self.backend, "device", "")),
-            streams=str(getattr(self.backend, "streams", 1)),
-            cpu_gemm=str(getattr(self.backend, "gemm", "torch")),
+            device=str(self.backend.device),
+            streams=str(self.backend.streams),
+            cpu_gemm=self.backend.gemm,
         ).set(1)
         self.metrics.ready.set(1)
 

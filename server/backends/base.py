@@ -63,6 +63,9 @@ class BackendInfo:
 
 class Backend(Protocol):
     tokenizer: object | None  # set by load(): renders chat prompts and decodes completions
+    device: object  # torch.device the model runs on
+    streams: int  # CPU streams a pack is split across (opd.server.streams); 1 elsewhere
+    gemm: str  # BLAS of the streams' matmuls, "torch" or "numpy" (opd.server.cpu_gemm)
 
     def load(self) -> BackendInfo:
         """Load weights and tokenizer (blocking; called off the event loop)."""

@@ -49,6 +49,8 @@ class VLLMBackend:
         # The device of the LM head math; vLLM places the decoder itself.
         self.device = resolve_device(settings.device)
         self.dtype = resolve_dtype(settings.dtype, self.device)
+        self.streams = 1  # the engine schedules its own threads
+        self.gemm = "torch"
         self.llm: object | None = None
         self.gen_llm: object | None = None  # runner "generate": serves POST /v1/generate
         self.head: HeadSpec | None = None
