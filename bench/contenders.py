@@ -21,7 +21,7 @@ import httpx
 
 from opd.bench.procmem import tree_peak_rss_bytes
 from opd.bench.workload import WorkloadConfig, make_requests
-from opd.client.launch import LocalTeacher, free_port
+from opd.client.teacher.launch import LocalTeacher, free_port
 
 
 class WorkerContender:

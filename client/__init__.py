@@ -4,7 +4,8 @@
 numpy arrays; the `opd` command line lives in opd.client.cli.
 """
 
-from opd.client.errors import (
+from opd.client.teacher.client import AsyncTeacherClient, TeacherClient
+from opd.client.teacher.errors import (
     AuthenticationError,
     IncompatibleTeacherError,
     OPDClientError,
@@ -15,7 +16,6 @@ from opd.client.errors import (
     TeacherInternalError,
     TeacherUnavailableError,
 )
-from opd.client.teacher import AsyncTeacherClient, TeacherClient
 
 __all__ = [
     "AsyncTeacherClient",

@@ -21,8 +21,8 @@ from typing import Annotated
 
 import typer
 
-from opd.client.report import report_command
-from opd.client.select_prompts import select_prompts_command
+from opd.client.recipes.select_prompts import select_prompts_command
+from opd.client.report.build import report_command
 
 app = typer.Typer(
     add_completion=False,
@@ -138,9 +138,9 @@ def train(
 
     from rich.console import Console
 
-    from opd.client.quickstart import progress_bar
-    from opd.client.train_config import TrainConfig
-    from opd.client.trainer import Trainer, summary
+    from opd.client.recipes.quickstart import progress_bar
+    from opd.client.train.config import TrainConfig
+    from opd.client.train.trainer import Trainer, summary
 
     values = {k: v for k, v in locals().items() if k in TrainConfig.model_fields}
     config = TrainConfig(api_key=os.environ.get("OPD_API_KEY"), **values)
@@ -164,7 +164,7 @@ def train(
 @app.command()
 def quickstart() -> None:
     """The main job: OPD end to end on the embedded SmolLM2 (teacher) and a 10-layer student."""
-    from opd.client.quickstart import run_quickstart
+    from opd.client.recipes.quickstart import run_quickstart
 
     logging.basicConfig(level=logging.WARNING)
     run_quickstart()
@@ -177,7 +177,7 @@ def score_demo(
     ),
 ) -> None:
     """Start the embedded teacher in its own process and score an example conversation."""
-    from opd.client.score_demo import run_score_demo
+    from opd.client.recipes.score_demo import run_score_demo
 
     run_score_demo(prompt)
 
@@ -310,8 +310,8 @@ def probe(
 
     from rich.console import Console
 
-    from opd.client.probe import ProbeConfig, run_probe
-    from opd.client.probe_view import print_probe
+    from opd.client.recipes.probe import ProbeConfig, run_probe
+    from opd.client.recipes.probe_view import print_probe
 
     console = Console()
     config = ProbeConfig(
@@ -385,9 +385,9 @@ def coldstart(
 
     from rich.console import Console
 
-    from opd.client.coldstart import ColdstartConfig, run_coldstart
-    from opd.client.coldstart_filters import FilterConfig
-    from opd.client.sft import SFTConfig
+    from opd.client.recipes.coldstart import ColdstartConfig, run_coldstart
+    from opd.client.recipes.coldstart_filters import FilterConfig
+    from opd.client.recipes.sft import SFTConfig
 
     console = Console()
     try:

@@ -17,9 +17,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OPD_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".cache" / "opd"))
 
-from opd.client.launch import LocalTeacher  # noqa: E402
-
-TEST_API_KEY = "test-secret-key"
+from opd.client.teacher.launch import LocalTeacher  # noqa: E402
+from tests.support.keys import TEST_API_KEY  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -173,7 +172,7 @@ def vllm_server(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 @pytest.fixture(scope="session")
 def smol_student_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Path:
     """The quickstart's student: SmolLM2 with 24 of its 30 layers (a real, distinct policy)."""
-    from opd.client.student import build_layer_subset_student
+    from opd.client.train.student import build_layer_subset_student
 
     return build_layer_subset_student(smollm2_dir, tmp_path_factory.mktemp("smol-keep24"), 24)
 

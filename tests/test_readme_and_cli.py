@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 
-from opd.client.launch import LocalTeacher, free_port
+from opd.client.teacher.launch import LocalTeacher, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()

@@ -17,16 +17,15 @@ from opd.client import (
     TeacherClient,
     TeacherConnectionError,
 )
-from opd.client.launch import LocalTeacher, free_port
+from opd.client.teacher.launch import LocalTeacher, free_port
 from opd.server.app import create_app
 from opd.server.settings import Settings
 from opd.shared.errors import ContractError
 from opd.shared.packed import PackedRequest
 from opd.shared.schemas import ScoreOptions, ScoreRequest, SequenceIn
-from tests.conftest import TEST_API_KEY
-from tests.inproc import serve_in_thread
-from tests.prom import metric, score_requests
-from tests.server.test_service_behaviour import SlowLoadingBackend
+from tests.support.inproc import SlowLoadingBackend, serve_in_thread
+from tests.support.keys import TEST_API_KEY
+from tests.support.prom import metric, score_requests
 
 
 def _batch(seed: int, n: int, lo: int, hi: int, k: int = 4, top_k: int = 4):

@@ -10,15 +10,15 @@ import pytest
 from typer.testing import CliRunner
 
 from opd.client.cli import app
-from opd.client.coldstart import split_prompts
-from opd.client.coldstart_filters import (
+from opd.client.recipes.coldstart import split_prompts
+from opd.client.recipes.coldstart_filters import (
     FilterConfig,
     distinct_ngram_ratio,
     filter_rows,
     rejection_reason,
     repeated_tail,
 )
-from opd.client.sft import SFTConfig, lr_factor
+from opd.client.recipes.sft import SFTConfig, lr_factor
 
 CFG = FilterConfig()
 RNG = np.random.default_rng(0)
@@ -184,7 +184,7 @@ def test_coldstart_end_to_end_on_the_embedded_default(smol_server, smol_student_
     metrics = [json.loads(x) for x in (out / "opd" / "metrics.jsonl").open()]
     assert len(metrics) == 1 and np.isfinite(metrics[0]["kl/sampled"])
     # the report of a real cold start: SFT curve and filter counts
-    from opd.client.report import build_report
+    from opd.client.report.build import build_report
 
     html = build_report(out)
     assert len(list(html.parent.glob("*.png"))) >= 2

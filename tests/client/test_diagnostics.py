@@ -1,4 +1,5 @@
-"""opd.client.diagnostics on constructed distributions whose answers are known or written out."""
+"""opd.client.train.diagnostics on constructed distributions whose answers are known or
+written out."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from itertools import product
 import numpy as np
 import pytest
 
-from opd.client.diagnostics import (
+from opd.client.train.diagnostics import (
     PositionStats,
     auroc,
     compute_diagnostics,

@@ -1,4 +1,4 @@
-"""opd.client.objectives against independent hand computations (loss and gradient).
+"""opd.client.train.objectives against independent hand computations (loss and gradient).
 
 Every reference below is written out per row and per candidate with plain loops over the
 formula, never by calling the module; gradients of both sides w.r.t. the student *logits*
@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from opd.client import objectives
-from opd.client.objectives import (
+from opd.client.train import objectives
+from opd.client.train.objectives import (
     OBJECTIVES,
     ObjectiveConfig,
     discounted_advantages,

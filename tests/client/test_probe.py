@@ -13,7 +13,7 @@ import numpy as np
 from typer.testing import CliRunner
 
 from opd.client.cli import app
-from opd.client.probe import (
+from opd.client.recipes.probe import (
     COMPATIBLE_OVERLAP,
     NO_SIGNAL_KL,
     rank_teachers,
@@ -106,7 +106,7 @@ def test_probe_end_to_end_real_teacher_versus_twin(
     assert "overlap/ratio@depth0-7" in depth_keys and len(depth_keys) >= 2
     assert np.isfinite(real["entropy/gap"])
     # the report of a real probe: comparison plots and a page naming both teachers
-    from opd.client.report import build_report
+    from opd.client.report.build import build_report
 
     html = build_report(out)
     assert len(list(html.parent.glob("*.png"))) >= 2

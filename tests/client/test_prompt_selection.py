@@ -15,20 +15,20 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from opd.client import prompt_selection as ps
-from opd.client.prompt_embeddings import (
+from opd.client.recipes import prompt_selection as ps
+from opd.client.recipes.prompt_embeddings import (
     DEFAULT_THRESHOLDS,
     LexicalEmbedder,
     make_embedder,
     minilm_available,
 )
-from opd.client.prompts import load_prompts
-from opd.client.select_prompts import (
+from opd.client.recipes.select_prompts import (
     EncodedPrompts,
     SelectConfig,
     run_selection,
     select_prompts_command,
 )
+from opd.client.train.prompts import load_prompts
 
 # (a, b): paraphrases of each other; the MiniLM ones need meaning, the lexical ones share words.
 MINILM_PARAPHRASES = [
@@ -138,7 +138,7 @@ def test_lexical_fallback_catches_word_sharing_paraphrases_and_keeps_unrelated()
 
 
 def test_auto_embedder_falls_back_to_lexical(monkeypatch):
-    import opd.client.prompt_embeddings as pe
+    import opd.client.recipes.prompt_embeddings as pe
 
     monkeypatch.setattr(pe, "minilm_available", lambda: False)
     assert pe.make_embedder("auto").name == "lexical"

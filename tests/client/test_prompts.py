@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from opd.client.prompts import PromptOrder, load_prompts
+from opd.client.train.prompts import PromptOrder, load_prompts
 
 
 def test_shipped_prompts():

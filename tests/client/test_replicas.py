@@ -8,14 +8,14 @@ import threading
 import pytest
 
 from opd.client import IncompatibleTeacherError, TeacherClient
-from opd.client.launch import LocalTeacher
-from opd.client.metric_log import read_metrics
-from opd.client.replicas import ReplicaSet, normalise_urls
-from opd.client.train_config import TrainConfig
-from opd.client.trainer import Trainer
+from opd.client.teacher.launch import LocalTeacher
+from opd.client.teacher.replicas import ReplicaSet, normalise_urls
+from opd.client.train.config import TrainConfig
+from opd.client.train.metric_log import read_metrics
+from opd.client.train.trainer import Trainer
 from opd.shared.packed import PackedRequest
-from tests.prom import score_requests
-from tests.train_config import train_config
+from tests.support.prom import score_requests
+from tests.support.train_config import train_config
 
 _TIMING = ("time/", "throughput/")
 
@@ -88,7 +88,7 @@ def test_replicas_must_serve_the_same_model(tiny_server, smol_server):
 
 
 def test_a_dead_replica_at_connect_is_skipped(tiny_server, tmp_path):
-    from opd.client.launch import free_port
+    from opd.client.teacher.launch import free_port
 
     dead = f"http://127.0.0.1:{free_port()}"
     with TeacherClient([dead, tiny_server], max_retries=1, backoff_base_s=0.01) as client:

@@ -18,11 +18,11 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from opd.client.diagnostics import PositionStats, compute_diagnostics
-from opd.client.report import ReportError, Series, build_report, load_inputs, report_command
-from opd.client.report_health import health_checks, window_slices
-from opd.client.trainer import Trainer
-from tests.train_config import train_config
+from opd.client.report.build import ReportError, Series, build_report, load_inputs, report_command
+from opd.client.report.health import health_checks, window_slices
+from opd.client.train.diagnostics import PositionStats, compute_diagnostics
+from opd.client.train.trainer import Trainer
+from tests.support.train_config import train_config
 
 STEP_PLOTS = {
     "kl",
@@ -333,7 +333,7 @@ def test_quickstart_only_folder_gives_a_before_after_table(tmp_path):
 
 def test_importing_the_report_module_is_cheap():
     code = (
-        "import sys, opd.client.report; "
+        "import sys, opd.client.report.build; "
         "print(sorted(m for m in ('matplotlib', 'torch', 'transformers') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig
 
-from opd.client.rollouts import SamplingParams, sample_completions
+from opd.client.train.rollouts import SamplingParams, sample_completions
 
 
 def test_sampling_ignores_and_keeps_the_models_generation_config(tiny_model_dir):

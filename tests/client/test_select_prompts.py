@@ -10,8 +10,8 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from opd.client.prompts import load_prompts
-from opd.client.select_prompts import EncodedPrompts, select_prompts_command
+from opd.client.recipes.select_prompts import EncodedPrompts, select_prompts_command
+from opd.client.train.prompts import load_prompts
 
 GIBBERISH = "xq7#Lp!zR2 vv09 ;;kf3 Qw== jjj8 zzk@@1 p0p0"
 POOL = [
@@ -72,7 +72,7 @@ def test_content_span_on_the_real_chat_template(smollm2_dir):
 
 @pytest.mark.slow
 def test_select_prompts_end_to_end_on_smollm2(smol_server, smollm2_dir, tmp_path, monkeypatch):
-    from opd.client.student import build_layer_subset_student
+    from opd.client.train.student import build_layer_subset_student
 
     monkeypatch.delenv("OPD_API_KEY", raising=False)
     student = build_layer_subset_student(smollm2_dir, tmp_path / "student", keep=4)

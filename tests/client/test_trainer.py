@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from opd.client.metric_log import read_metrics
-from opd.client.train_config import TrainConfig
-from opd.client.trainer import Trainer
-from tests.prom import score_requests
-from tests.train_config import train_config
+from opd.client.train.config import TrainConfig
+from opd.client.train.metric_log import read_metrics
+from opd.client.train.trainer import Trainer
+from tests.support.prom import score_requests
+from tests.support.train_config import train_config
 
 # Keys that depend on wall time, not on what was computed.
 _TIMING = ("time/", "throughput/")
@@ -160,7 +160,7 @@ def test_layer_subset_student(tiny_model_dir, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from opd.client.student import build_layer_subset_student, evenly_spaced_layers
+    from opd.client.train.student import build_layer_subset_student, evenly_spaced_layers
 
     assert evenly_spaced_layers(30, 10) == [0, 3, 6, 10, 13, 16, 19, 23, 26, 29]
     assert evenly_spaced_layers(30, 24)[0] == 0 and evenly_spaced_layers(30, 24)[-1] == 29

@@ -14,7 +14,7 @@ import torch
 from opd.server import cpu_gemm
 from opd.server.backends.base import ScoreItem
 from opd.shared.schemas import ScoreOptions
-from tests.reference import ReferenceModel, assert_rows_match, chat_batch
+from tests.support.reference import ReferenceModel, assert_rows_match, chat_batch
 
 OPTS = ScoreOptions(top_k=4, entropy=True)
 

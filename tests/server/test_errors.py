@@ -17,7 +17,7 @@ from opd.shared.codec import encode_request_msgpack
 from opd.shared.packed import PackedRequest
 from opd.shared.schemas import ScoreOptions
 from opd.shared.version import MSGPACK_MEDIA_TYPE
-from tests.conftest import TEST_API_KEY
+from tests.support.keys import TEST_API_KEY
 
 AUTH = {"Authorization": f"Bearer {TEST_API_KEY}"}
 VOCAB = 49152

@@ -13,7 +13,7 @@ import pytest
 from opd.client import TeacherClient
 from opd.shared.schemas import GenerateRequest
 from opd.shared.version import MSGPACK_MEDIA_TYPE
-from tests.conftest import TEST_API_KEY
+from tests.support.keys import TEST_API_KEY
 
 AUTH = {"Authorization": f"Bearer {TEST_API_KEY}"}
 EOS = 2  # <|im_end|> in SmolLM2's tokenizer

@@ -15,7 +15,7 @@ import pytest
 from opd.client import TeacherClient
 from opd.shared.packed import PackedRequest
 from opd.shared.schemas import ScoreOptions
-from tests.reference import ReferenceModel, assert_matches, chat_batch
+from tests.support.reference import ReferenceModel, assert_matches, chat_batch
 
 
 def _random_batch(rng: np.random.Generator, n: int, vocab: int, max_len: int, k: int):
@@ -128,7 +128,7 @@ def test_batch_invariance_alone_vs_packed_with_others(coalescing_server):
 def test_bfloat16_teacher_is_close_to_the_float32_reference(tiny_model_dir, tmp_path):
     """--dtype bfloat16 really runs in bfloat16 (reported, and not bit-identical to float32),
     while staying close to the float32 reference."""
-    from opd.client.launch import LocalTeacher
+    from opd.client.teacher.launch import LocalTeacher
 
     rng = np.random.default_rng(5)
     ref_model = ReferenceModel(tiny_model_dir)

@@ -15,7 +15,7 @@ from opd.server.backends.base import ScoreItem
 from opd.server.backends.hf import shared_context_groups
 from opd.shared.packed import PackedRequest
 from opd.shared.schemas import ScoreOptions
-from tests.reference import ReferenceModel, assert_matches
+from tests.support.reference import ReferenceModel, assert_matches
 
 OPTS = ScoreOptions(top_k=4, entropy=True)
 

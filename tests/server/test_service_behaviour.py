@@ -12,12 +12,12 @@ import httpx
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
-from opd.client.launch import LocalTeacher
+from opd.client.teacher.launch import LocalTeacher
 from opd.server.app import create_app
 from opd.server.backends.hf import HFBackend
 from opd.server.settings import Settings
-from tests.inproc import serve_in_thread
-from tests.prom import metric
+from tests.support.inproc import SlowLoadingBackend, serve_in_thread
+from tests.support.prom import metric
 
 
 def _body(n_tokens: int, seed: int = 0, top_k: int = 4) -> dict:
@@ -92,14 +92,6 @@ def test_backend_exception_is_500_with_request_id_and_server_keeps_serving(tiny_
         assert "req-abc" in caplog.text
         for _ in range(2):
             assert httpx.post(url + "/v1/score", json=_body(8)).status_code == 200
-
-
-class SlowLoadingBackend(HFBackend):
-    release = threading.Event()
-
-    def load(self):
-        self.release.wait(60)
-        return super().load()
 
 
 def test_health_and_readiness_while_loading(tiny_model_dir):

@@ -17,7 +17,7 @@ import pytest
 from opd.server.backends.base import ScoreItem
 from opd.server.streams import balanced_cuts, stream_layout
 from opd.shared.schemas import ScoreOptions
-from tests.reference import ReferenceModel, assert_rows_match
+from tests.support.reference import ReferenceModel, assert_rows_match
 
 OPTS = ScoreOptions(top_k=4, entropy=True)
 

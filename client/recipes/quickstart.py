@@ -3,7 +3,7 @@
 1. The teacher: the embedded SmolLM2-135M-Instruct (30 layers), served by `opd serve` in its
    own process on a free loopback port.
 2. The student: the teacher with 24 of its 30 decoder layers, evenly spaced and keeping
-   the first and the last (opd.client.student explains why this is a recognised student). It
+   the first and the last (opd.client.train.student explains why this is a recognised student). It
    shares the teacher's tokenizer, so scores apply token for token.
 3. Diagnostics of the untrained student on fixed held-out prompts (reverse KL, overlap...).
 4. OPD for a few minutes with the sampled-token objective (unbiased reverse KL; the paper finds
@@ -24,10 +24,10 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from opd.client.launch import LocalTeacher
-from opd.client.metric_labels import MAIN_METRICS
-from opd.client.student import build_layer_subset_student
-from opd.client.train_config import TrainConfig
+from opd.client.report.labels import MAIN_METRICS
+from opd.client.teacher.launch import LocalTeacher
+from opd.client.train.config import TrainConfig
+from opd.client.train.student import build_layer_subset_student
 
 STUDENT_LAYERS = 24
 # Shown before/after, with the direction that means "closer to the teacher".
@@ -57,7 +57,7 @@ def quickstart_config(student: Path, teacher_url: str, run_dir: Path) -> TrainCo
 
 
 def run_quickstart() -> None:
-    from opd.client.trainer import Trainer, summary
+    from opd.client.train.trainer import Trainer, summary
     from opd.server.embedded import cache_root, embedded_model_dir
 
     console = Console()

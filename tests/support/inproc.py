@@ -11,7 +11,8 @@ from collections.abc import Iterator
 import httpx
 import uvicorn
 
-from opd.client.launch import free_port
+from opd.client.teacher.launch import free_port
+from opd.server.backends.hf import HFBackend
 
 
 @contextlib.contextmanager
@@ -37,3 +38,13 @@ def serve_in_thread(app, wait_ready: bool = True) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(30)
+
+
+class SlowLoadingBackend(HFBackend):
+    """An HF backend whose load() waits for `release`: the service's loading state, observed."""
+
+    release = threading.Event()
+
+    def load(self):
+        self.release.wait(60)
+        return super().load()

@@ -26,15 +26,15 @@ from typing import Any
 
 import httpx
 
-from opd.client import base
-from opd.client.base import ClientConfig, Encoding
-from opd.client.errors import (
+from opd.client.teacher import base
+from opd.client.teacher.base import ClientConfig, Encoding
+from opd.client.teacher.errors import (
     OPDClientError,
     TeacherConnectionError,
     TeacherHTTPError,
     parse_error,
 )
-from opd.client.replicas import ReplicaSet, normalise_urls
+from opd.client.teacher.replicas import ReplicaSet, normalise_urls
 from opd.shared.packed import PackedRequest, PackedResult
 from opd.shared.schemas import GenerateRequest, GenerateResponse, ModelInfo, ScoreRequest
 

@@ -7,8 +7,9 @@ The paper's two conditions (../shared/docs/opd-reference.md, "When OPD works"):
    KL clearly above 0). A teacher equal to the student, or from the same pipeline, shows ~0.
 
 The student samples its rollouts once; every teacher scores the same rollouts, so teachers are
-compared on identical tokens. Diagnostics are the trainer's own (opd.client.diagnostics), overall
-and by depth, and a plain-language verdict with the numbers that decided it ranks the teachers.
+compared on identical tokens. Diagnostics are the trainer's own
+(opd.client.train.diagnostics), overall and by depth, and a plain-language verdict with the
+numbers that decided it ranks the teachers.
 """
 
 from __future__ import annotations
@@ -166,12 +167,12 @@ def run_probe(config: ProbeConfig, log=print) -> dict[str, Any]:  # noqa: ANN001
     """Sample the student once, score with every teacher, write probe.json, return the report."""
     import torch
 
-    from opd.client.diagnostics import compute_diagnostics
-    from opd.client.prompts import load_prompts
-    from opd.client.rollouts import SamplingParams, make_rollouts
-    from opd.client.student import chat_prompt_ids, load_student
-    from opd.client.teacher_bridge import TeacherBridge
-    from opd.client.trainer import position_stats
+    from opd.client.train.bridge import TeacherBridge
+    from opd.client.train.diagnostics import compute_diagnostics
+    from opd.client.train.prompts import load_prompts
+    from opd.client.train.rollouts import SamplingParams, make_rollouts
+    from opd.client.train.student import chat_prompt_ids, load_student
+    from opd.client.train.trainer import position_stats
     from opd.shared.fingerprint import fingerprint_hf_tokenizer
 
     started = time.perf_counter()

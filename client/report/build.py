@@ -2,7 +2,7 @@
 
     opd report runs/exp1                      # writes runs/exp1/report/report.html + *.png
     opd report runs/exp1 --out-dir /tmp/r1    # elsewhere
-    python -c "from pathlib import Path; from opd.client.report import build_report; \
+    python -c "from pathlib import Path; from opd.client.report.build import build_report; \
                print(build_report(Path('runs/exp1')))"
 
 Inputs, any subset of them in RUN_DIR:
@@ -36,8 +36,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from opd.client.metric_labels import MAIN_METRICS as _MAIN_METRICS
-from opd.client.report_health import WINDOW_FRAC, Check, health_checks
+from opd.client.report.health import WINDOW_FRAC, Check, health_checks
+from opd.client.report.labels import MAIN_METRICS as _MAIN_METRICS
 
 if TYPE_CHECKING:
     import numpy as np
@@ -231,7 +231,8 @@ def build_report(
 
 
 def _write_report(run_dir: Path, out_dir: Path | None, window: float) -> tuple[Path, list[Check]]:
-    from opd.client import report_html, report_plots
+    from opd.client.report import html as report_html
+    from opd.client.report import plots as report_plots
 
     if not 0 < window <= 0.5:
         raise ValueError(f"window must be in (0, 0.5], got {window}")

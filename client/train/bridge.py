@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from opd.client.rollouts import Rollout
-from opd.client.teacher import AsyncTeacherClient
+from opd.client.teacher.client import AsyncTeacherClient
+from opd.client.train.rollouts import Rollout
 from opd.shared.packed import PackedRequest, PackedResult
 from opd.shared.schemas import ModelInfo, ScoreOptions
 

@@ -15,8 +15,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from opd.client.launch import LocalTeacher
-from opd.client.teacher import TeacherClient
+from opd.client.teacher.client import TeacherClient
+from opd.client.teacher.launch import LocalTeacher
 from opd.shared.fingerprint import fingerprint_hf_tokenizer
 from opd.shared.packed import PackedRequest
 from opd.shared.schemas import ScoreOptions

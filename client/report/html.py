@@ -20,9 +20,9 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from opd.client.report import INPUT_FILES, MAIN_METRICS, RunInputs
-from opd.client.report_health import Check, windows
-from opd.client.report_plots import Plot, teachers_by_rank, verdict_color
+from opd.client.report.build import INPUT_FILES, MAIN_METRICS, RunInputs
+from opd.client.report.health import Check, windows
+from opd.client.report.plots import Plot, teachers_by_rank, verdict_color
 
 _CSS = """
 body { font: 15px/1.45 -apple-system, "Segoe UI", Roboto, "DejaVu Sans", sans-serif;

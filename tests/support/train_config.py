@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from opd.client.train_config import TrainConfig
+from opd.client.train.config import TrainConfig
 
 
 def train_config(student: Path, url: str | list[str], run_dir: Path, **overrides) -> TrainConfig:

@@ -6,12 +6,12 @@
 One step:
   1. take `prompts_per_step` prompts (seeded per-epoch order, position saved in checkpoints);
   2. for each prompt, the student samples `n_rollouts` completions and records its rollout-time
-     statistics (opd.client.rollouts); the finished rollouts go to the teacher at once
+     statistics (opd.client.train.rollouts); the finished rollouts go to the teacher at once
      (TeacherBridge), so teacher scoring overlaps with sampling the next prompt;
   3. wait for the remaining scores (`time/score_wait_s` is what the student really waited);
   4. `ppo_epochs` optimizer steps over the batch, each accumulating gradients over micro-batches
      of `micro_batch_size` sequences; token-mean loss over all completion tokens of the step;
-  5. diagnostics (opd.client.diagnostics) from the same arrays; one log call; checkpoint.
+  5. diagnostics (opd.client.train.diagnostics) from the same arrays; one log call; checkpoint.
 """
 
 from __future__ import annotations
@@ -28,10 +28,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from opd.client import objectives as obj
-from opd.client.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from opd.client.diagnostics import PositionStats, compute_diagnostics
-from opd.client.distributed import (
+from opd.client.train import objectives as obj
+from opd.client.train.bridge import TeacherBridge
+from opd.client.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from opd.client.train.config import TrainConfig
+from opd.client.train.diagnostics import PositionStats, compute_diagnostics
+from opd.client.train.distributed import (
     all_sum,
     barrier,
     device_for,
@@ -40,18 +42,16 @@ from opd.client.distributed import (
     mean_metrics,
     shutdown,
 )
-from opd.client.metric_log import (
+from opd.client.train.metric_log import (
     JsonlLogger,
     MetricLogger,
     MultiLogger,
     NullLogger,
     TensorBoardLogger,
 )
-from opd.client.prompts import PromptOrder, load_prompts
-from opd.client.rollouts import Rollout, SamplingParams, make_rollouts
-from opd.client.student import chat_prompt_ids, load_student
-from opd.client.teacher_bridge import TeacherBridge
-from opd.client.train_config import TrainConfig
+from opd.client.train.prompts import PromptOrder, load_prompts
+from opd.client.train.rollouts import Rollout, SamplingParams, make_rollouts
+from opd.client.train.student import chat_prompt_ids, load_student
 from opd.shared.fingerprint import fingerprint_hf_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -123,7 +123,7 @@ def student_logp(model, batch: TokenBatch) -> torch.Tensor:
 
 
 def per_token_loss(config: obj.ObjectiveConfig, logp_NV: torch.Tensor, b: TokenBatch):
-    """The configured objective's per-token loss [N] (see opd.client.objectives)."""
+    """The configured objective's per-token loss [N] (see opd.client.train.objectives)."""
     name = config.name
     if name == "sampled":
         logp_N = logp_NV.gather(1, b.target_N[:, None])[:, 0]

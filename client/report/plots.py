@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from opd.client.report import MAIN_METRICS, RunInputs, Series, depth_buckets
-from opd.client.report_health import span, window_slices
+from opd.client.report.build import MAIN_METRICS, RunInputs, Series, depth_buckets
+from opd.client.report.health import span, window_slices
 
 if TYPE_CHECKING:
     import numpy as np

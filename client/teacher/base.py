@@ -1,6 +1,6 @@
 """What the sync and async teacher clients share: config, splitting, encoding, retry policy.
 
-The two client classes in opd.client.teacher only do I/O; everything that decides *what* to
+The two client classes in opd.client.teacher.client only do I/O; everything that decides *what* to
 send and *how to read* the answer lives here, once.
 """
 
@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 import httpx
 
-from opd.client.errors import RETRYABLE_STATUS, IncompatibleTeacherError, parse_error
+from opd.client.teacher.errors import RETRYABLE_STATUS, IncompatibleTeacherError, parse_error
 from opd.shared.codec import (
     decode_result_msgpack,
     encode_request_msgpack,

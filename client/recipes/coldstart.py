@@ -9,7 +9,7 @@ for SFT. Each stage writes its output into OUT_DIR, so a run can be inspected an
     split.json            seed, which prompt indices went to SFT and which to OPD, and hashes
     opd_prompts.jsonl     the OPD prompts ({"prompt": ...}): `opd train --prompts` takes it
     sft_data.jsonl|.parquet  kept teacher responses (prompt, response, ids, finish reason)
-    rejected.jsonl        dropped responses with the reason (opd.client.coldstart_filters)
+    rejected.jsonl        dropped responses with the reason (opd.client.recipes.coldstart_filters)
     sft_metrics.jsonl     one line per SFT step
     student/              the SFT-ed student (save_pretrained + tokenizer)
     coldstart.json        counts, settings, response NLL before/after SFT
@@ -29,8 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from opd.client.coldstart_filters import FilterConfig, filter_rows
-from opd.client.sft import SFTConfig
+from opd.client.recipes.coldstart_filters import FilterConfig, filter_rows
+from opd.client.recipes.sft import SFTConfig
 
 COLDSTART_VERSION = 1
 # Prompts per generate call: progress is reported (and answers saved) between calls, and a
@@ -103,10 +103,10 @@ def write_rows(rows: list[dict[str, Any]], path: Path) -> None:
 
 def run_coldstart(config: ColdstartConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Split, generate, filter, SFT, (OPD); returns what coldstart.json holds."""
-    from opd.client.prompts import load_prompts
-    from opd.client.sft import Example, response_nll, sft
-    from opd.client.student import chat_prompt_ids, load_student
-    from opd.client.teacher import TeacherClient
+    from opd.client.recipes.sft import Example, response_nll, sft
+    from opd.client.teacher.client import TeacherClient
+    from opd.client.train.prompts import load_prompts
+    from opd.client.train.student import chat_prompt_ids, load_student
     from opd.shared.fingerprint import fingerprint_hf_tokenizer
 
     started = time.perf_counter()
@@ -273,7 +273,7 @@ def _refused_row(i: int, prompt: str, why: str) -> dict[str, Any]:
 def _generate_chunk(teacher, config, prompts, chunk, seeds, refused):  # noqa: ANN001, ANN202
     """(prompt index, GenerateResult) for a chunk; if the teacher refuses the chunk (422), each
     prompt is sent alone so one bad prompt costs only itself (recorded as "refused")."""
-    from opd.client.errors import TeacherHTTPError
+    from opd.client.teacher.errors import TeacherHTTPError
     from opd.shared.schemas import GenerateRequest
 
     def request(idx: list[int], seed: int) -> GenerateRequest:
@@ -319,8 +319,8 @@ def _opd_command(config: ColdstartConfig, student: Path, out: Path) -> str:
 
 def _run_opd(config: ColdstartConfig, student: Path, out: Path) -> dict[str, float]:
     """OPD from the SFT-ed student on the held-out prompts; the last step's metrics."""
-    from opd.client.train_config import TrainConfig
-    from opd.client.trainer import Trainer
+    from opd.client.train.config import TrainConfig
+    from opd.client.train.trainer import Trainer
 
     values: dict[str, Any] = {
         "student": str(student),

@@ -7,7 +7,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from opd.client.probe import SUMMARY_KEYS, depth_rows
+from opd.client.recipes.probe import SUMMARY_KEYS, depth_rows
 
 _LABELS = {
     "overlap/ratio": "overlap",

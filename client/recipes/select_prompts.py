@@ -13,13 +13,13 @@ select-prompts`). Scores per prompt:
                       context. Prompts like the teacher's post-training data score higher.
     student_overlap   (with --student) mean top-k overlap ratio |S(p) & S(q)| / k over the
                       positions of short student rollouts, scored by the teacher
-                      (opd.client.diagnostics, "overlap/ratio").
+                      (opd.client.train.diagnostics, "overlap/ratio").
     combined          mean of the available scores' percentile ranks in the pool.
 
 Steps: load -> exact dedupe -> tokenizer, teacher connect, length filter -> embeddings and
 near-dedupe against the other sets -> score -> rank -> near-dedupe within the pool in rank order
 -> mix in OOD -> write the set, `<stem>.removed.jsonl` and `<stem>.summary.json`.
-The pure parts (dedupe, percentiles, mixing, writing) are in opd.client.prompt_selection.
+The pure parts (dedupe, percentiles, mixing, writing) are in opd.client.recipes.prompt_selection.
 """
 
 from __future__ import annotations
@@ -35,10 +35,10 @@ import numpy as np
 import typer
 from pydantic import BaseModel, ConfigDict, Field
 
-from opd.client import prompt_selection as ps
-from opd.client.prompt_embeddings import DEFAULT_THRESHOLDS, EmbedderName, make_embedder
-from opd.client.prompts import load_prompts
-from opd.client.teacher import TeacherClient
+from opd.client.recipes import prompt_selection as ps
+from opd.client.recipes.prompt_embeddings import DEFAULT_THRESHOLDS, EmbedderName, make_embedder
+from opd.client.teacher.client import TeacherClient
+from opd.client.train.prompts import load_prompts
 from opd.shared.packed import PackedRequest
 from opd.shared.schemas import ScoreOptions
 
@@ -109,7 +109,7 @@ class EncodedPrompts:
 
     @staticmethod
     def render(tokenizer: Any, texts: Sequence[str]) -> EncodedPrompts:
-        from opd.client.student import chat_prompt_ids
+        from opd.client.train.student import chat_prompt_ids
 
         empty = chat_prompt_ids(tokenizer, "")
         ids = [chat_prompt_ids(tokenizer, t) for t in texts]
@@ -146,12 +146,12 @@ def student_overlap(
     """Mean top-k overlap ratio of `cfg.rollouts` short student rollouts per prompt ([n]).
 
     The ratio is the diagnostics' "overlap/ratio" (|S_t(p) & S_t(q)| / k, mean over the
-    prompt's completion positions), computed by opd.client.diagnostics on the same arrays
+    prompt's completion positions), computed by opd.client.train.diagnostics on the same arrays
     `opd train` logs."""
-    from opd.client.diagnostics import compute_diagnostics
-    from opd.client.rollouts import SamplingParams, make_rollouts
-    from opd.client.teacher_bridge import attach_scores, rollouts_request
-    from opd.client.trainer import position_stats
+    from opd.client.train.bridge import attach_scores, rollouts_request
+    from opd.client.train.diagnostics import compute_diagnostics
+    from opd.client.train.rollouts import SamplingParams, make_rollouts
+    from opd.client.train.trainer import position_stats
 
     params = SamplingParams.for_tokenizer(
         tokenizer, cfg.rollouts, cfg.temperature, 1.0, cfg.max_new_tokens
@@ -212,7 +212,7 @@ class Scorer:
             raise
         self.model = None
         if cfg.student:
-            from opd.client.student import load_student
+            from opd.client.train.student import load_student
 
             self.model, _ = load_student(cfg.student, device=cfg.device)
 
@@ -516,7 +516,7 @@ def select_prompts_command(
     from pydantic import ValidationError
     from rich.console import Console
 
-    from opd.client.errors import OPDClientError
+    from opd.client.teacher.errors import OPDClientError
 
     console = Console(stderr=True, soft_wrap=True)
     values = {k: v for k, v in locals().items() if k in SelectConfig.model_fields}

@@ -1,7 +1,7 @@
 """Prompt selection, the pure part: normalisation, dedupe, score combination, OOD mixing, output.
 
-`opd select-prompts` (opd.client.select_prompts) ranks a prompt pool by its alignment with the
-teacher, as the method's "teacher-aligned prompts" recovery step asks: prompts from the
+`opd select-prompts` (opd.client.recipes.select_prompts) ranks a prompt pool by its alignment
+with the teacher, as the method's "teacher-aligned prompts" recovery step asks: prompts from the
 teacher's post-training distribution, deduplicated against other sets (exact, and embedding
 cosine >= 0.6), with a share of out-of-distribution (OOD) prompts mixed back in because aligned
 prompts alone lower the student's entropy. Everything here is numpy and the standard library, so

@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from opd.client.objectives import OBJECTIVES, ObjectiveConfig
+from opd.client.train.objectives import OBJECTIVES, ObjectiveConfig
 
 
 class TrainConfig(BaseModel):
