@@ -96,7 +96,7 @@ class ScoringService:
         self._backend_factory = backend_factory
         self.backend: Backend | None = None
         self.info: BackendInfo | None = None
-        self.limits: Limits = settings.limits()
+        self.limits: Limits = settings.effective_limits()
         self.batcher: Batcher | None = None
         self.ready = False
         # Generation never shares the scoring worker: a long sampling run must not stall scoring.
@@ -107,7 +107,7 @@ class ScoringService:
         """Load the model off the event loop, start the batcher, warm up, then mark ready."""
         self.backend = self._backend_factory(self.settings)
         self.info = await asyncio.to_thread(self.backend.load)
-        self.limits = self.settings.limits(self.info.max_model_len)
+        self.limits = self.settings.effective_limits(self.info.max_model_len)
         self.batcher = Batcher(
             self.backend,
             self.metrics,

@@ -2,14 +2,16 @@
 
 Injected into create_app rather than read globally, so a test can start an app with its own
 settings. Every field maps to one variable: OPD_MODEL, OPD_PORT, OPD_API_KEY, OPD_MAX_SEQUENCES...
+The request limits are declared once, in opd.shared.limits.Limits, and nested here as `limits`.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import os
+from typing import Any, Literal
 
-from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from opd.shared.limits import Limits
 
@@ -72,8 +74,6 @@ class Settings(BaseSettings):
         description="serve POST /v1/generate; on vllm this starts a second engine (runner "
         "generate) with its own copy of the weights",
     )
-    max_generate_n: int = Field(default=16, ge=1, description="completions per prompt")
-    max_generate_tokens: int = Field(default=4096, ge=1, description="largest max_tokens")
     max_generate_queue: int = Field(
         default=16, ge=1, description="generate requests waiting or running beyond which: 429"
     )
@@ -84,13 +84,10 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = Field(default=None, description="require Authorization: Bearer")
     log_level: str = "info"
 
-    # --- limits of one request (shared with clients through GET /v1/model)
-    max_sequences: int = Field(default=256, ge=1)
-    max_tokens_per_sequence: int = Field(default=8192, ge=2)
-    max_total_tokens: int = Field(default=65536, ge=2)
-    max_top_k: int = Field(default=64, ge=0)
-    max_candidates: int = Field(default=64, ge=0)
-    max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    # --- limits of one request (shared with clients through GET /v1/model). Declared once, in
+    # opd.shared.limits.Limits; each field is still its own variable (OPD_MAX_SEQUENCES, ...)
+    # and flag (--max-sequences), read by LimitsEnvSource below.
+    limits: Limits = Field(default_factory=Limits, description="limits of one request")
 
     # --- batching and backpressure
     max_batch_tokens: int | None = Field(
@@ -145,15 +142,58 @@ class Settings(BaseSettings):
             vocab = 4096 if cpu else 0
         return rows, vocab
 
-    def limits(self, max_model_len: int | None = None) -> Limits:
-        limits = Limits(
-            max_sequences=self.max_sequences,
-            max_tokens_per_sequence=self.max_tokens_per_sequence,
-            max_total_tokens=self.max_total_tokens,
-            max_top_k=self.max_top_k,
-            max_candidates=self.max_candidates,
-            max_body_bytes=self.max_body_bytes,
-            max_generate_n=self.max_generate_n,
-            max_generate_tokens=self.max_generate_tokens,
+    def effective_limits(self, max_model_len: int | None = None) -> Limits:
+        """The limits served: the configured ones, clamped to the model's context."""
+        return self.limits.clamp_to_context(max_model_len) if max_model_len else self.limits
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nest_limits(cls, data: Any) -> Any:
+        """Flat limit names (Settings(max_sequences=8), a ConfigMap's keys) go into `limits`."""
+        if not isinstance(data, dict):
+            return data
+        flat = {k: data[k] for k in LIMIT_FIELDS if k in data}
+        if not flat:
+            return data
+        rest = {k: v for k, v in data.items() if k not in flat}
+        nested = rest.get("limits") or {}
+        if isinstance(nested, Limits):
+            nested = nested.model_dump()
+        return {**rest, "limits": {**nested, **flat}}
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (
+            init_settings,
+            env_settings,
+            LimitsEnvSource(settings_cls),
+            dotenv_settings,
+            file_secret_settings,
         )
-        return limits.clamp_to_context(max_model_len) if max_model_len else limits
+
+
+LIMIT_FIELDS = tuple(Limits.model_fields)
+
+
+class LimitsEnvSource(PydanticBaseSettingsSource):
+    """OPD_<LIMIT> variables (OPD_MAX_SEQUENCES, ...) into Settings.limits, so every Limits
+    field keeps its own flat variable without Settings restating the field."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # the whole work is in __call__
+
+    def __call__(self) -> dict[str, Any]:
+        prefix = self.settings_cls.model_config.get("env_prefix", "")
+        values = {
+            name: os.environ[prefix.upper() + name.upper()]
+            for name in LIMIT_FIELDS
+            if prefix.upper() + name.upper() in os.environ
+        }
+        return {"limits": values} if values else {}

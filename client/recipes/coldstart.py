@@ -23,14 +23,15 @@ import json
 import shlex
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from opd.client.recipes.coldstart_filters import FilterConfig, filter_rows
 from opd.client.recipes.sft import SFTConfig
+from opd.client.train.config import OPDStage
 
 COLDSTART_VERSION = 1
 # Prompts per generate call: progress is reported (and answers saved) between calls, and a
@@ -40,37 +41,54 @@ _GENERATE_CHUNK = 32
 _GENERATE_TOKENS = 8192
 
 
-@dataclass
-class ColdstartConfig:
-    student: str
-    teacher_url: list[str]
-    prompts: str = "shipped"
-    prompt_field: str = "prompt"
-    sft_fraction: float = 0.5  # share of the prompts whose teacher responses are SFT data
-    seed: int = 0
-    # teacher sampling (the paper's values)
-    temperature: float = 0.7
-    top_p: float = 0.95
-    max_tokens: int = 1024
-    n: int = 1
-    filters: FilterConfig = field(default_factory=FilterConfig)
-    sft: SFTConfig = field(default_factory=SFTConfig)
-    dataset_format: str = "jsonl"  # jsonl | parquet
-    dtype: str = "float32"
-    device: str = "cpu"
-    api_key: str | None = None
-    out_dir: str = "runs/coldstart"
-    # OPD afterwards, on the held-out prompts (0 = stop after SFT and print the command)
-    opd_steps: int = 0
-    opd_options: dict[str, Any] = field(default_factory=dict)  # extra TrainConfig fields
+class ColdstartConfig(BaseModel):
+    """Every knob of `opd coldstart` (its flags are generated from these fields): the teacher's
+    sampling, the filters, the SFT stage (`--sft-*`), and the OPD stage (`--opd-*`, a typed
+    part of TrainConfig)."""
 
-    def __post_init__(self) -> None:
-        if not 0 < self.sft_fraction < 1:
-            raise ValueError(
-                f"sft_fraction={self.sft_fraction} must be in (0, 1): OPD needs held-out prompts"
-            )
-        if self.dataset_format not in ("jsonl", "parquet"):
-            raise ValueError(f"dataset_format={self.dataset_format!r}: use jsonl or parquet")
+    model_config = ConfigDict(extra="forbid")
+
+    student: str = Field(description="student model folder")
+    teacher_url: list[str] = Field(
+        min_length=1, description="teacher service URL; repeat for replicas of one teacher"
+    )
+    prompts: str = Field(default="shipped", description="JSONL, Parquet, HF folder, or 'shipped'")
+    prompt_field: str = Field(default="prompt", description="field holding the prompt text")
+    sft_fraction: float = Field(
+        default=0.5, gt=0, lt=1, description="share of prompts used for SFT (the rest: OPD)"
+    )
+    seed: int = Field(default=0, description="split and sampling seed")
+    # teacher sampling (the paper's values)
+    temperature: float = Field(default=0.7, gt=0, description="teacher temperature")
+    top_p: float = Field(default=0.95, gt=0, le=1, description="teacher top-p")
+    max_tokens: int = Field(default=1024, ge=1, description="teacher max new tokens")
+    n: int = Field(default=1, ge=1, description="teacher responses per prompt")
+    filters: FilterConfig = Field(default_factory=FilterConfig)
+    sft: SFTConfig = Field(default_factory=SFTConfig)
+    dataset_format: Literal["jsonl", "parquet"] = Field(
+        default="jsonl", description="format of the SFT data set"
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        default="float32", description="student dtype"
+    )
+    device: str = Field(default="cpu", description="student device")
+    api_key: str | None = Field(default=None, description="teacher API key (OPD_API_KEY)")
+    out_dir: str = Field(default="runs/coldstart", description="data set, split, student, metrics")
+    # OPD afterwards, on the held-out prompts (0 = stop after SFT and print the command)
+    opd_steps: int = Field(
+        default=0, ge=0, description="then OPD steps on the held-out prompts (0: print the command)"
+    )
+    opd: OPDStage = Field(default_factory=OPDStage)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sft_seed(cls, data: Any) -> Any:
+        """The SFT stage shuffles with the recipe's seed unless told otherwise."""
+        if isinstance(data, dict) and "seed" in data:
+            sft = data.get("sft") or {}
+            if isinstance(sft, dict) and "seed" not in sft:
+                data = {**data, "sft": {**sft, "seed": data["seed"]}}
+        return data
 
 
 def split_prompts(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -236,8 +254,8 @@ def run_coldstart(config: ColdstartConfig, log: Callable[[str], None] = print) -
             "max_tokens": config.max_tokens,
             "n": config.n,
         },
-        "filters": asdict(config.filters),
-        "sft": asdict(config.sft)
+        "filters": config.filters.model_dump(),
+        "sft": config.sft.model_dump()
         | {
             "steps": len(history),
             "final_loss": history[-1]["sft/loss"],
@@ -312,7 +330,7 @@ def _opd_command(config: ColdstartConfig, student: Path, out: Path) -> str:
         args += ["--teacher-url", url]
     args += ["--prompts", str(out / "opd_prompts.jsonl"), "--run-dir", str(out / "opd")]
     args += ["--seed", str(config.seed), "--dtype", config.dtype, "--device", config.device]
-    for key, value in config.opd_options.items():
+    for key, value in config.opd.model_dump().items():
         args += [f"--{key.replace('_', '-')}", str(value)]
     return shlex.join(args)
 
@@ -332,8 +350,7 @@ def _run_opd(config: ColdstartConfig, student: Path, out: Path) -> dict[str, flo
         "seed": config.seed,
         "dtype": config.dtype,
         "device": config.device,
-        "progress": False,
-        **config.opd_options,
+        **config.opd.model_dump(),
     }
     with Trainer(TrainConfig(**values)) as trainer:
         history = trainer.run()

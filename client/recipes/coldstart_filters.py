@@ -19,36 +19,47 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from dataclasses import dataclass
 from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 REASONS = ("empty", "truncated", "repetition", "no_answer")
 
 
-@dataclass(frozen=True)
-class FilterConfig:
+class FilterConfig(BaseModel):
+    """Which teacher responses a cold start drops before SFT (see the module docstring)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
     # A loop: the tail repeats a chunk of <= max_period tokens until >= min_loop_tokens are
     # covered. 32 tokens of "the the the ..." or of a repeated sentence is never an answer.
-    max_period: int = 64
-    min_loop_tokens: int = 32
-    min_repeats: int = 3
+    max_period: int = Field(default=64, ge=1, description="repetition: longest repeated chunk")
+    min_loop_tokens: int = Field(default=32, ge=1, description="repetition: loop length")
+    min_repeats: int = Field(default=3, ge=2, description="repetition: copies of the chunk")
     # A loop may be followed by a few stray tokens (a final "." or newline before the EOS).
-    max_trailing: int = 2
+    max_trailing: int = Field(default=2, ge=0, description="repetition: stray tokens after")
     # Long responses whose distinct n-gram share is this low are stuck, even without an exact
     # loop (the model cycles through a few phrases). Natural text measures > 0.8 for n = 4.
-    ngram: int = 4
-    min_distinct_ratio: float = 0.35
-    min_tokens_for_ratio: int = 64
-    answer_pattern: str | None = None  # e.g. r"\\boxed\{.+?\}" or r"answer is"
+    ngram: int = Field(default=4, ge=1, description="repetition: n of the distinct n-gram share")
+    min_distinct_ratio: float = Field(
+        default=0.35, ge=0, le=1, description="repetition: distinct n-gram share"
+    )
+    min_tokens_for_ratio: int = Field(
+        default=64, ge=1, description="repetition: shortest response the share applies to"
+    )
+    answer_pattern: str | None = Field(
+        default=None, description="regex a kept response must contain, e.g. '\\boxed'"
+    )
 
-    def __post_init__(self) -> None:
-        if self.answer_pattern is not None:
+    @field_validator("answer_pattern")
+    @classmethod
+    def _compiles(cls, value: str | None) -> str | None:
+        if value is not None:
             try:
-                re.compile(self.answer_pattern)
+                re.compile(value)
             except re.error as exc:
-                raise ValueError(f"answer_pattern {self.answer_pattern!r}: {exc}") from None
-        if not 0 <= self.min_distinct_ratio <= 1:
-            raise ValueError(f"min_distinct_ratio={self.min_distinct_ratio} must be in [0, 1]")
+                raise ValueError(f"answer_pattern {value!r}: {exc}") from None
+        return value
 
 
 def repeated_tail(ids: list[int], config: FilterConfig) -> tuple[int, int] | None:

@@ -17,11 +17,14 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field, replace
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from opd.client.train.pipeline import TeacherSpec
 
 logger = logging.getLogger(__name__)
 
@@ -58,27 +61,38 @@ SUMMARY_KEYS = (
 )
 
 
-@dataclass
-class ProbeConfig:
-    student: str
-    teachers: list[list[str]]  # one entry per teacher: its replica URLs
-    prompts: str = "shipped"
-    prompt_field: str = "prompt"
-    num_prompts: int = 256
-    n_rollouts: int = 1
-    max_new_tokens: int = 256
-    temperature: float = 1.0
-    top_p: float = 1.0
-    student_top_k: int = 16
-    teacher_top_k: int = 16
-    depth_bucket: int = 256
-    seed: int = 0
-    dtype: str = "float32"
-    device: str = "cpu"
-    api_key: str | None = None
-    out_dir: str = "runs/probe"
-    allow_tokenizer_mismatch: bool = False
-    names: list[str] = field(default_factory=list)  # optional display names, one per teacher
+class ProbeConfig(BaseModel):
+    """Every knob of `opd probe` (its flags are generated from these fields)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    student: str = Field(description="student model folder")
+    teachers: list[TeacherSpec] = Field(
+        min_length=1,
+        description="one teacher per flag, [NAME=]URL[,URL...] (replicas comma-separated); "
+        "repeat to compare",
+        json_schema_extra={"cli_name": "teacher"},
+    )
+    prompts: str = Field(default="shipped", description="JSONL, Parquet, HF folder, or 'shipped'")
+    prompt_field: str = Field(default="prompt", description="field holding the prompt text")
+    num_prompts: int = Field(default=256, ge=1, description="prompts sampled from the set")
+    n_rollouts: int = Field(default=1, ge=1, description="student rollouts per prompt")
+    max_new_tokens: int = Field(default=256, ge=1, description="max completion tokens")
+    temperature: float = Field(default=1.0, gt=0, description="rollout temperature")
+    top_p: float = Field(default=1.0, gt=0, le=1, description="rollout top-p")
+    student_top_k: int = Field(default=16, ge=1, description="K: the student's top-k")
+    teacher_top_k: int = Field(default=16, ge=1, description="k: the teacher's top-k")
+    depth_bucket: int = Field(default=256, ge=1, description="completion tokens per depth bucket")
+    seed: int = Field(default=0, description="prompt subset and sampling seed")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        default="float32", description="student dtype"
+    )
+    device: str = Field(default="cpu", description="student device")
+    api_key: str | None = Field(default=None, description="teacher API key (OPD_API_KEY)")
+    out_dir: str = Field(default="runs/probe", description="where probe.json goes")
+    allow_tokenizer_mismatch: bool = Field(
+        default=False, description="skip the check that teachers and student share a tokenizer"
+    )
 
 
 def verdict(metrics: dict[str, float]) -> dict[str, Any]:
@@ -167,12 +181,13 @@ def run_probe(config: ProbeConfig, log=print) -> dict[str, Any]:  # noqa: ANN001
     """Sample the student once, score with every teacher, write probe.json, return the report."""
     import torch
 
-    from opd.client.train.bridge import TeacherBridge
+    from opd.client.train.bridge import ScoreSpec
     from opd.client.train.diagnostics import compute_diagnostics
+    from opd.client.train.pipeline import collect, connect_teachers
+    from opd.client.train.positions import PositionStats
     from opd.client.train.prompts import load_prompts
     from opd.client.train.rollouts import SamplingParams, make_rollouts
     from opd.client.train.student import chat_prompt_ids, load_student
-    from opd.client.train.trainer import position_stats
     from opd.shared.fingerprint import fingerprint_hf_tokenizer
 
     started = time.perf_counter()
@@ -184,64 +199,74 @@ def run_probe(config: ProbeConfig, log=print) -> dict[str, Any]:  # noqa: ANN001
     params = SamplingParams.for_tokenizer(
         tokenizer, config.n_rollouts, config.temperature, config.top_p, config.max_new_tokens
     )
-    fingerprint = fingerprint_hf_tokenizer(tokenizer)
-    bridges: list[tuple[int, TeacherBridge, Any]] = []
+    # The diagnostics read every teacher field.
+    spec = ScoreSpec(top_k=config.teacher_top_k, candidates=True, entropy=True)
+    labels = [t.name or t.urls[0] for t in config.teachers]
+    connected = connect_teachers(
+        [(t.name, t.urls) for t in config.teachers],
+        spec,
+        config.student_top_k,
+        keep_going=True,
+        log=log,
+        api_key=config.api_key,
+        tokenizer_fingerprint=fingerprint_hf_tokenizer(tokenizer),
+        allow_tokenizer_mismatch=config.allow_tokenizer_mismatch,
+    )
     entries: list[dict[str, Any]] = []
-    for t, urls in enumerate(config.teachers):
-        entry: dict[str, Any] = {"url": ",".join(urls)}
+    by_name: dict[str, dict[str, Any]] = {}
+    live = iter(connected.teachers)
+    for spec_t, label in zip(config.teachers, labels, strict=True):
+        entry: dict[str, Any] = {"url": ",".join(spec_t.urls)}
         entries.append(entry)
-        bridge = None
-        try:
-            bridge = TeacherBridge(
-                urls,
-                api_key=config.api_key,
-                tokenizer_fingerprint=fingerprint,
-                allow_tokenizer_mismatch=config.allow_tokenizer_mismatch,
-            )
-            info = bridge.connect()
-            _check_limits(info.limits, config)
-        except Exception as exc:  # noqa: BLE001 - one unusable teacher must not sink the rest
-            if bridge is not None:
-                bridge.close()
-            entry.update(name=_name(config, t, urls[0]), error=f"{type(exc).__name__}: {exc}")
-            log(f"teacher {urls[0]}: skipped ({entry['error']})")
+        if label in connected.errors:
+            entry.update(name=label, error=connected.errors[label])
             continue
-        entry["name"] = _name(config, t, info.name)
-        entry["model"] = info.model_dump(mode="json", include={"name", "revision", "backend"})
-        bridges.append((t, bridge, []))
-    if not bridges:
-        raise RuntimeError("no teacher could be reached: " + "; ".join(e["error"] for e in entries))
+        teacher = next(live)
+        entry["name"] = teacher.name
+        entry["model"] = teacher.info.model_dump(
+            mode="json", include={"name", "revision", "backend"}
+        )
+        by_name[teacher.name] = entry
+    positions = 0
     try:
         log(f"sampling {config.n_rollouts} rollout(s) on {len(indices)} prompts")
-        for done, index in enumerate(indices, 1):
-            rollouts = make_rollouts(
-                model,
-                index,
-                chat_prompt_ids(tokenizer, prompts[index]),
-                params,
-                config.student_top_k,
-            )
-            for _, bridge, futures in bridges:  # each teacher scores its own copies
-                copies = [replace(r) for r in rollouts]
-                futures.append(bridge.submit(copies, config.teacher_top_k, with_candidates=True))
+
+        def sample(chunk: Sequence[int]) -> list:
+            return [
+                r
+                for index in chunk
+                for r in make_rollouts(
+                    model,
+                    index,
+                    chat_prompt_ids(tokenizer, prompts[index]),
+                    params,
+                    config.student_top_k,
+                )
+            ]
+
+        def progress(done: int) -> None:
             if done % 16 == 0:
                 log(f"  {done}/{len(indices)} prompts sampled")
-        positions = 0
-        for t, _, futures in bridges:
-            try:
-                scored = [r for f in futures for r in f.result()]
-            except Exception as exc:  # noqa: BLE001 - a teacher lost mid-run: keep the others
-                entries[t]["error"] = f"{type(exc).__name__}: {exc}"
-                log(f"teacher {entries[t]['url']}: failed while scoring ({entries[t]['error']})")
-                continue
-            stats = position_stats(scored)
+
+        got = collect(
+            connected.teachers,
+            [[i] for i in indices],
+            sample,
+            spec,
+            keep_going=True,
+            on_chunk=progress,
+        )
+        for name, error in got.errors.items():
+            by_name[name]["error"] = error
+            log(f"teacher {by_name[name]['url']}: failed while scoring ({error})")
+        for name, scored in got.scored.items():
+            stats = PositionStats.from_rollouts(scored)
             positions = stats.n_positions
             metrics = compute_diagnostics(stats, depth_bucket=config.depth_bucket)
-            entries[t]["metrics"] = metrics
-            entries[t]["verdict"] = verdict(metrics)
+            by_name[name]["metrics"] = metrics
+            by_name[name]["verdict"] = verdict(metrics)
     finally:
-        for _, bridge, _ in bridges:
-            bridge.close()
+        connected.close()
     report = {
         "version": PROBE_VERSION,
         "student": config.student,
@@ -257,29 +282,13 @@ def run_probe(config: ProbeConfig, log=print) -> dict[str, Any]:  # noqa: ANN001
             "large_entropy_gap": LARGE_ENTROPY_GAP,
             "negative_advantage": NEGATIVE_ADVANTAGE,
         },
-        "config": {k: v for k, v in vars(config).items() if k != "api_key"},
+        "config": config.model_dump(mode="json", exclude={"api_key"}),
         "teachers": rank_teachers(entries),
     }
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "probe.json").write_text(json.dumps(_finite(report), indent=1))
     return report
-
-
-def _check_limits(limits: Any, config: ProbeConfig) -> None:
-    """Refuse a teacher up front whose limits cannot serve the probe's requests."""
-    if config.teacher_top_k > limits.max_top_k:
-        raise ValueError(
-            f"top_k {config.teacher_top_k} > the teacher's max_top_k {limits.max_top_k}"
-        )
-    if config.student_top_k > limits.max_candidates:
-        raise ValueError(
-            f"top_k {config.student_top_k} > the teacher's max_candidates {limits.max_candidates}"
-        )
-
-
-def _name(config: ProbeConfig, t: int, fallback: str) -> str:
-    return config.names[t] if t < len(config.names) else fallback
 
 
 def _finite(obj: Any) -> Any:

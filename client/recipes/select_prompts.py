@@ -26,10 +26,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import typer
@@ -38,9 +37,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from opd.client.recipes import prompt_selection as ps
 from opd.client.recipes.prompt_embeddings import DEFAULT_THRESHOLDS, EmbedderName, make_embedder
 from opd.client.teacher.client import TeacherClient
+from opd.client.train.bridge import ScoreSpec
 from opd.client.train.prompts import load_prompts
 from opd.shared.packed import PackedRequest
 from opd.shared.schemas import ScoreOptions
+
+if TYPE_CHECKING:
+    from opd.client.train.pipeline import Connected
 
 RankBy = Literal["likelihood", "overlap", "combined"]
 # Prompts per teacher request of the likelihood, and per chunk of student rollouts.
@@ -58,24 +61,43 @@ class SelectConfig(BaseModel):
     count: int | None = Field(
         default=None, ge=1, description="prompts to select, aligned + OOD; default: all left"
     )
-    teacher_url: list[str] = Field(min_length=1)
+    teacher_url: list[str] = Field(
+        min_length=1, description="teacher service URL; repeat for replicas of one teacher"
+    )
     api_key: str | None = Field(default=None, description="teacher API key (OPD_API_KEY)")
-    prompt_field: str = "prompt"
-    student: str | None = None
-    tokenizer: str | None = None
-    dedupe_against: list[str] = Field(default_factory=list)
-    ood: str | None = None
-    ood_fraction: float = Field(default=0.1, ge=0, le=1)
-    rank_by: RankBy | None = None
-    embedder: EmbedderName = "auto"
-    near_dup_threshold: float | None = Field(default=None, ge=-1, le=1)
-    seed: int = 0
-    max_prompt_tokens: int | None = Field(default=None, ge=2)
-    rollouts: int = Field(default=1, ge=1)
-    max_new_tokens: int = Field(default=48, ge=1)
+    prompt_field: str = Field(default="prompt", description="field holding the prompt text")
+    student: str | None = Field(default=None, description="student folder: adds the overlap score")
+    tokenizer: str | None = Field(
+        default=None, description="tokenizer folder (default: the student's)"
+    )
+    dedupe_against: list[str] = Field(
+        default_factory=list, description="drop pool prompts found in this set (repeatable)"
+    )
+    ood: str | None = Field(
+        default=None, description="OOD prompts file; default: the pool's least aligned"
+    )
+    ood_fraction: float = Field(default=0.1, ge=0, le=1, description="share of OOD in --count")
+    rank_by: RankBy | None = Field(
+        default=None, description="ranking score (default: combined with --student)"
+    )
+    embedder: EmbedderName = Field(
+        default="auto", description="near-dup embedder (auto: minilm if installed)"
+    )
+    near_dup_threshold: float | None = Field(
+        default=None,
+        ge=-1,
+        le=1,
+        description="cosine >= this is a near duplicate (default: minilm 0.6, lexical 0.4)",
+    )
+    seed: int = Field(default=0, description="seed of OOD sampling and student rollouts")
+    max_prompt_tokens: int | None = Field(
+        default=None, ge=2, description="skip longer rendered prompts (default: teacher's limit)"
+    )
+    rollouts: int = Field(default=1, ge=1, description="student rollouts per prompt")
+    max_new_tokens: int = Field(default=48, ge=1, description="tokens per student rollout")
     top_k: int = Field(default=16, ge=1, description="student and teacher top-k of the overlap")
-    temperature: float = Field(default=1.0, gt=0)
-    device: str = "cpu"
+    temperature: float = Field(default=1.0, gt=0, description="student rollout temperature")
+    device: str = Field(default="cpu", description="student and embedder device")
 
     def tokenizer_path(self) -> str:
         """The teacher's chat template and vocabulary come from here: --tokenizer, else the
@@ -141,44 +163,40 @@ def teacher_likelihood(client: TeacherClient, enc: EncodedPrompts) -> np.ndarray
 
 
 def student_overlap(
-    model: Any, tokenizer: Any, client: TeacherClient, enc: EncodedPrompts, cfg: SelectConfig
+    model: Any, tokenizer: Any, teachers: Connected, enc: EncodedPrompts, cfg: SelectConfig
 ) -> np.ndarray:
     """Mean top-k overlap ratio of `cfg.rollouts` short student rollouts per prompt ([n]).
 
     The ratio is the diagnostics' "overlap/ratio" (|S_t(p) & S_t(q)| / k, mean over the
     prompt's completion positions), computed by opd.client.train.diagnostics on the same arrays
-    `opd train` logs."""
-    from opd.client.train.bridge import attach_scores, rollouts_request
+    `opd train` logs. The teacher scores chunk c while the student samples chunk c + 1
+    (opd.client.train.pipeline)."""
     from opd.client.train.diagnostics import compute_diagnostics
+    from opd.client.train.pipeline import collect
+    from opd.client.train.positions import PositionStats
     from opd.client.train.rollouts import SamplingParams, make_rollouts
-    from opd.client.train.trainer import position_stats
 
     params = SamplingParams.for_tokenizer(
         tokenizer, cfg.rollouts, cfg.temperature, 1.0, cfg.max_new_tokens
     )
+    spec = ScoreSpec(top_k=cfg.top_k, candidates=True, entropy=True)
+    chunks = [
+        list(range(a, min(a + _ROLLOUT_CHUNK, len(enc.ids))))
+        for a in range(0, len(enc.ids), _ROLLOUT_CHUNK)
+    ]
+
+    def sample(chunk: Sequence[int]) -> list:
+        return [r for i in chunk for r in make_rollouts(model, i, enc.ids[i], params, cfg.top_k)]
+
+    (teacher,) = teachers.teachers
+    scored = collect(teachers.teachers, chunks, sample, spec).scored[teacher.name]
     out_n = np.full(len(enc.ids), np.nan)
-
-    def finish(rollouts: list, scored: Future) -> None:
-        attach_scores(rollouts, scored.result())
-        for i in sorted({r.prompt_index for r in rollouts}):
-            mine = [r for r in rollouts if r.prompt_index == i]
-            out_n[i] = compute_diagnostics(position_stats(mine), depth_bucket=None)["overlap/ratio"]
-
-    # The teacher scores chunk c while the student samples chunk c + 1.
-    with ThreadPoolExecutor(max_workers=1) as teacher:
-        pending = None
-        for a in range(0, len(enc.ids), _ROLLOUT_CHUNK):
-            rollouts = [
-                r
-                for i in range(a, min(a + _ROLLOUT_CHUNK, len(enc.ids)))
-                for r in make_rollouts(model, i, enc.ids[i], params, cfg.top_k)
-            ]
-            scored = teacher.submit(client.score, rollouts_request(rollouts, cfg.top_k, True))
-            if pending is not None:
-                finish(*pending)
-            pending = (rollouts, scored)
-        if pending is not None:
-            finish(*pending)
+    by_prompt: dict[int, list] = {}
+    for r in scored:
+        by_prompt.setdefault(r.prompt_index, []).append(r)
+    for i, mine in by_prompt.items():
+        stats = PositionStats.from_rollouts(mine)
+        out_n[i] = compute_diagnostics(stats, depth_bucket=None)["overlap/ratio"]
     return out_n
 
 
@@ -211,10 +229,19 @@ class Scorer:
             self.client.close()
             raise
         self.model = None
+        self.teachers: Connected | None = None
         if cfg.student:
+            from opd.client.train.pipeline import connect_teachers
             from opd.client.train.student import load_student
 
             self.model, _ = load_student(cfg.student, device=cfg.device)
+            self.teachers = connect_teachers(
+                [(None, cfg.teacher_url)],
+                ScoreSpec(top_k=cfg.top_k, candidates=True, entropy=True),
+                cfg.top_k,
+                api_key=cfg.api_key,
+                tokenizer_fingerprint=fingerprint,
+            )
 
     def max_prompt_tokens(self) -> int:
         """The longest rendered prompt that can be scored (and continued by rollouts)."""
@@ -235,12 +262,14 @@ class Scorer:
 
             torch.manual_seed(self.cfg.seed)
             out["student_overlap"] = student_overlap(
-                self.model, self.tokenizer, self.client, enc, self.cfg
+                self.model, self.tokenizer, self.teachers, enc, self.cfg
             )
         return out
 
     def close(self) -> None:
         self.client.close()
+        if self.teachers is not None:
+            self.teachers.close()
 
 
 # --------------------------------------------------------------------------------------------
@@ -464,52 +493,7 @@ def run_selection(
 # --------------------------------------------------------------------------------------------
 
 
-def select_prompts_command(
-    pool: Annotated[str, typer.Option(help="prompt pool: JSONL, Parquet or HF folder")],
-    teacher_url: Annotated[
-        list[str], typer.Option(help="teacher service URL (repeat for several replicas)")
-    ],
-    out: Annotated[str, typer.Option(help="output file, .jsonl or .parquet")],
-    count: Annotated[
-        int | None,
-        typer.Option(min=1, help="prompts to select, aligned + OOD (default: all left)"),
-    ] = None,
-    prompt_field: Annotated[str, typer.Option(help="field holding the prompt text")] = "prompt",
-    student: Annotated[
-        str | None, typer.Option(help="student folder: adds the overlap score")
-    ] = None,
-    tokenizer: Annotated[
-        str | None, typer.Option(help="tokenizer folder (default: the student's)")
-    ] = None,
-    dedupe_against: Annotated[
-        list[str] | None, typer.Option(help="drop pool prompts found in this set (repeatable)")
-    ] = None,
-    ood: Annotated[
-        str | None, typer.Option(help="OOD prompts file; default: the pool's least aligned")
-    ] = None,
-    ood_fraction: Annotated[
-        float, typer.Option(min=0.0, max=1.0, help="share of OOD prompts in --count")
-    ] = 0.1,
-    rank_by: Annotated[
-        RankBy | None, typer.Option(help="ranking score (default: combined with --student)")
-    ] = None,
-    embedder: Annotated[
-        EmbedderName, typer.Option(help="near-dup embedder (auto: minilm if installed)")
-    ] = "auto",
-    near_dup_threshold: Annotated[
-        float | None,
-        typer.Option(help="cosine >= this is a near duplicate (default: minilm 0.6, lexical 0.4)"),
-    ] = None,
-    seed: Annotated[int, typer.Option(help="seed of OOD sampling and student rollouts")] = 0,
-    max_prompt_tokens: Annotated[
-        int | None, typer.Option(help="skip longer rendered prompts (default: teacher's limit)")
-    ] = None,
-    rollouts: Annotated[int, typer.Option(min=1, help="student rollouts per prompt")] = 1,
-    max_new_tokens: Annotated[int, typer.Option(min=1, help="tokens per student rollout")] = 48,
-    top_k: Annotated[int, typer.Option(min=1, help="top-k of the overlap score")] = 16,
-    temperature: Annotated[float, typer.Option(help="student rollout temperature")] = 1.0,
-    device: Annotated[str, typer.Option(help="student and embedder device")] = "cpu",
-) -> None:
+def select_prompts_command(cfg: SelectConfig) -> None:
     """Rank a prompt pool by alignment with the teacher, dedupe it against other sets, mix in
     out-of-distribution prompts, and write the selected set with its scores. The teacher API
     key comes from OPD_API_KEY."""
@@ -519,10 +503,7 @@ def select_prompts_command(
     from opd.client.teacher.errors import OPDClientError
 
     console = Console(stderr=True, soft_wrap=True)
-    values = {k: v for k, v in locals().items() if k in SelectConfig.model_fields}
-    values["dedupe_against"] = dedupe_against or []
     try:
-        cfg = SelectConfig(api_key=os.environ.get("OPD_API_KEY"), **values)
         summary = run_selection(cfg, log=lambda msg: console.print(f"[dim]{msg}[/dim]"))
     except (ValidationError, ValueError, FileNotFoundError, OPDClientError) as exc:
         console.print(f"[red]error:[/red] {exc}")

@@ -15,30 +15,30 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
 
-@dataclass(frozen=True)
-class SFTConfig:
-    epochs: int = 1
-    lr: float = 1e-5
-    lr_schedule: str = "cosine"  # cosine | constant
-    warmup_ratio: float = 0.05
-    batch_size: int = 8
-    max_len: int = 2048
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    seed: int = 0
+class SFTConfig(BaseModel):
+    """The SFT stage of a cold start (the paper's recipe: 1-2 epochs, lr 1e-5, cosine, 5%
+    warmup)."""
 
-    def __post_init__(self) -> None:
-        if self.epochs < 1:
-            raise ValueError(f"epochs={self.epochs} must be >= 1")
-        if self.lr_schedule not in ("cosine", "constant"):
-            raise ValueError(f"lr_schedule={self.lr_schedule!r}: use cosine or constant")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"warmup_ratio={self.warmup_ratio} must be in [0, 1)")
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    epochs: int = Field(default=1, ge=1, description="SFT epochs")
+    lr: float = Field(default=1e-5, gt=0, description="SFT learning rate")
+    lr_schedule: Literal["cosine", "constant"] = Field(
+        default="cosine", description="SFT schedule after warmup"
+    )
+    warmup_ratio: float = Field(default=0.05, ge=0, lt=1, description="SFT warmup share of steps")
+    batch_size: int = Field(default=8, ge=1, description="SFT sequences per step")
+    max_len: int = Field(default=2048, ge=2, description="longest SFT example (tokens)")
+    weight_decay: float = Field(default=0.0, ge=0, description="SFT AdamW weight decay")
+    max_grad_norm: float = Field(default=1.0, gt=0, description="SFT gradient clipping")
+    seed: int = Field(default=0, description="SFT data order seed (default: the recipe's seed)")
 
 
 @dataclass

@@ -13,6 +13,7 @@ import asyncio
 import threading
 import time
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -23,31 +24,42 @@ from opd.shared.packed import PackedRequest, PackedResult
 from opd.shared.schemas import ModelInfo, ScoreOptions
 
 
-def rollouts_request(rollouts: list[Rollout], top_k: int, with_candidates: bool) -> PackedRequest:
-    """The score request for rollouts: prompt as context, the student's top-K as candidates."""
+@dataclass(frozen=True)
+class ScoreSpec:
+    """What a score request asks the teacher for, beyond log q of the sampled tokens.
+
+    top_k:      the teacher's own top-k per position (0: none).
+    candidates: log q at the student's top-K ids (`student_topk_ids_TK` as candidate ids).
+    entropy:    the teacher's full-vocabulary entropy per position.
+    """
+
+    top_k: int = 0
+    candidates: bool = False
+    entropy: bool = False
+
+
+def rollouts_request(rollouts: list[Rollout], spec: ScoreSpec) -> PackedRequest:
+    """The score request for rollouts: the prompt as context, the completion scored."""
     return PackedRequest.from_arrays(
         [r.token_ids for r in rollouts],
         [r.prompt_len for r in rollouts],
-        [r.student_topk_ids for r in rollouts] if with_candidates else None,
-        ScoreOptions(top_k=top_k, entropy=True),
+        [r.student_topk_ids_TK for r in rollouts] if spec.candidates else None,
+        ScoreOptions(top_k=spec.top_k, entropy=spec.entropy),
     )
 
 
+def _f32(x: np.ndarray | None) -> np.ndarray | None:
+    return None if x is None else np.asarray(x, np.float32)
+
+
 def attach_scores(rollouts: list[Rollout], result: PackedResult) -> None:
+    """The teacher's numbers onto their rollouts (fields not asked for stay None)."""
     for rollout, scores in zip(rollouts, result.sequences(), strict=True):
-        rollout.teacher_token_logp = np.asarray(scores.token_logprobs, np.float32)
-        rollout.teacher_cand_logp = (
-            None
-            if scores.candidate_logprobs is None
-            else np.asarray(scores.candidate_logprobs, np.float32)
-        )
-        rollout.teacher_topk_ids = scores.top_k_ids
-        rollout.teacher_topk_logp = (
-            None if scores.top_k_logprobs is None else np.asarray(scores.top_k_logprobs, np.float32)
-        )
-        rollout.teacher_entropy = (
-            None if scores.entropy is None else np.asarray(scores.entropy, np.float32)
-        )
+        rollout.teacher_token_logp_T = _f32(scores.token_logprobs)
+        rollout.teacher_cand_logp_TK = _f32(scores.candidate_logprobs)
+        rollout.teacher_topk_ids_Tk = scores.top_k_ids
+        rollout.teacher_topk_logp_Tk = _f32(scores.top_k_logprobs)
+        rollout.teacher_entropy_T = _f32(scores.entropy)
 
 
 class TeacherBridge:
@@ -69,9 +81,9 @@ class TeacherBridge:
     def connect(self) -> ModelInfo:
         return self._call(self._client.connect())
 
-    def submit(self, rollouts: list[Rollout], top_k: int, with_candidates: bool = True) -> Future:
+    def submit(self, rollouts: list[Rollout], spec: ScoreSpec) -> Future:
         """Start scoring; the future resolves (to the rollouts, now scored) when done."""
-        request = rollouts_request(rollouts, top_k, with_candidates)
+        request = rollouts_request(rollouts, spec)
 
         async def run() -> list[Rollout]:
             started = time.perf_counter()

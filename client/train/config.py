@@ -1,17 +1,22 @@
 """TrainConfig: every knob of `opd train` in one typed object, logged whole at start.
 
-Defaults follow the paper (see ../shared/docs/opd-reference.md): student top-k with k = 16,
-rollout temperature 1.0 and top-p 1.0, 4 rollouts per prompt, lr 1e-6, token-mean loss, no
-KL-to-reference, no entropy bonus; PPO-style clipping only when rollouts are reused.
+Each option is declared here once, with its default and its help: `opd train`'s flags are
+generated from these fields (opd.client.config_cli), and `opd coldstart`'s OPD stage reuses a
+subset of them (`OPDStage`). Defaults follow the paper (docs/method.md): student top-k with
+k = 16, rollout temperature 1.0 and top-p 1.0, 4 rollouts per prompt, lr 1e-6, token-mean loss,
+no KL-to-reference, no entropy bonus; PPO-style clipping only when rollouts are reused.
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
 from opd.client.train.objectives import OBJECTIVES, ObjectiveConfig
+
+# The registry's names as a type, so the CLI offers them as choices.
+ObjectiveName = Literal[OBJECTIVES]  # type: ignore[valid-type]
 
 
 class TrainConfig(BaseModel):
@@ -19,62 +24,82 @@ class TrainConfig(BaseModel):
 
     # --- who
     student: str = Field(description="student model folder (AutoModelForCausalLM)")
-    teacher_url: list[str] = Field(min_length=1, description="teacher service URL(s)")
+    teacher_url: list[str] = Field(
+        min_length=1, description="teacher service URL; repeat for replicas of one teacher"
+    )
     api_key: str | None = Field(default=None, description="teacher API key (OPD_API_KEY)")
-    allow_tokenizer_mismatch: bool = False
+    allow_tokenizer_mismatch: bool = Field(
+        default=False, description="skip the check that teacher and student share a tokenizer"
+    )
 
     # --- data
     prompts: str = Field(default="shipped", description="JSONL, Parquet, HF folder or 'shipped'")
-    prompt_field: str = "prompt"
-    shuffle: bool = True
+    prompt_field: str = Field(default="prompt", description="field holding the prompt text")
+    shuffle: bool = Field(default=True, description="shuffle prompts each epoch")
     holdout: int = Field(
         default=0, ge=0, description="last N prompts kept out of training (for evaluation)"
     )
-    seed: int = 0
+    seed: int = Field(default=0, description="seed of data order and sampling")
     epochs: int | None = Field(default=None, ge=1, description="stop after this many epochs")
-    max_steps: int = Field(default=100, ge=1)
+    max_steps: int = Field(default=100, ge=1, description="optimizer-step budget")
 
     # --- rollouts
-    prompts_per_step: int = Field(default=4, ge=1)
+    prompts_per_step: int = Field(default=4, ge=1, description="prompts per step")
     n_rollouts: int = Field(default=4, ge=1, description="completions per prompt")
-    temperature: float = Field(default=1.0, gt=0)
-    top_p: float = Field(default=1.0, gt=0, le=1)
-    max_new_tokens: int = Field(default=256, ge=1)
+    temperature: float = Field(default=1.0, gt=0, description="rollout temperature")
+    top_p: float = Field(default=1.0, gt=0, le=1, description="rollout top-p")
+    max_new_tokens: int = Field(default=256, ge=1, description="max completion tokens")
     student_top_k: int = Field(default=16, ge=1, description="K: candidate ids per position")
     teacher_top_k: int = Field(default=16, ge=1, description="teacher top-k for diagnostics")
 
-    # --- objective
-    objective: str = "student-topk"
-    topk_variant: Literal["released", "renormalized"] = "released"
-    discount: float = Field(default=0.0, ge=0, le=1)
-    clip_eps: float | None = Field(default=None, gt=0)
+    # --- objective (opd.client.train.objectives.REGISTRY)
+    objective: ObjectiveName = Field(default="student-topk", description="the OPD objective")
+    topk_variant: Literal["released", "renormalized"] = Field(
+        default="released", description="student-topk: released code or paper equation"
+    )
+    discount: float = Field(
+        default=0.0, ge=0, le=1, description="sampled objective: discount factor"
+    )
+    clip_eps: float | None = Field(
+        default=None, gt=0, description="PPO ratio clip (stale rollouts, ppo_epochs > 1)"
+    )
     ppo_epochs: int = Field(default=1, ge=1, description="optimizer steps per rollout batch")
-    tail: bool = True
-    jsd_beta: float = Field(default=0.5, ge=0, le=1)
+    tail: bool = Field(default=True, description="tail bucket for teacher-topk / jsd")
+    jsd_beta: float = Field(default=0.5, ge=0, le=1, description="beta of jsd")
+    diagnostics: bool = Field(
+        default=True,
+        description="the method's diagnostics every step; off: the teacher is asked only for "
+        "what the objective needs, and only kl/sampled is logged",
+    )
 
     # --- optimisation
-    lr: float = Field(default=1e-6, gt=0)
-    weight_decay: float = Field(default=0.0, ge=0)
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
-    warmup_steps: int = Field(default=0, ge=0)
-    max_grad_norm: float | None = Field(default=1.0, gt=0)
+    lr: float = Field(default=1e-6, gt=0, description="AdamW learning rate")
+    weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay")
+    adam_betas: tuple[float, float] = Field(default=(0.9, 0.999), description="AdamW betas")
+    lr_schedule: Literal["constant", "cosine", "linear"] = Field(
+        default="constant", description="learning-rate schedule after warmup"
+    )
+    warmup_steps: int = Field(default=0, ge=0, description="linear warmup steps")
+    max_grad_norm: float | None = Field(default=1.0, gt=0, description="gradient clipping")
     micro_batch_size: int = Field(default=8, ge=1, description="sequences per backward pass")
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    device: str = "cpu"
-    gradient_checkpointing: bool = False
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        default="float32", description="student dtype"
+    )
+    device: str = Field(default="cpu", description="cpu, cuda, cuda:N")
+    gradient_checkpointing: bool = Field(default=False, description="trade compute for memory")
 
     # --- bookkeeping
-    run_dir: str = "runs/opd"
-    checkpoint_every: int = Field(default=50, ge=1)
-    keep_checkpoints: int = Field(default=2, ge=1)
+    run_dir: str = Field(default="runs/opd", description="metrics, TensorBoard, checkpoints")
+    checkpoint_every: int = Field(default=50, ge=1, description="steps between checkpoints")
+    keep_checkpoints: int = Field(default=2, ge=1, description="checkpoints kept")
     resume: str | None = Field(
         default=None,
         description="'latest', a checkpoint folder, or 'auto' (latest if any, else fresh)",
     )
-    depth_bucket: int | None = Field(default=1024, ge=1, description="completion tokens/bucket")
-    tensorboard: bool = True
-    progress: bool = True
+    depth_bucket: int | None = Field(
+        default=1024, ge=1, description="completion tokens per depth bucket"
+    )
+    tensorboard: bool = Field(default=True, description="also log to TensorBoard")
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
@@ -92,3 +117,33 @@ class TrainConfig(BaseModel):
             tail=self.tail,
             jsd_beta=self.jsd_beta,
         )
+
+
+# The TrainConfig fields a recipe's OPD stage may set (opd coldstart): the same declarations,
+# picked by name, so a default or a bound changes in one place.
+OPD_STAGE_FIELDS = (
+    "objective",
+    "topk_variant",
+    "lr",
+    "lr_schedule",
+    "warmup_steps",
+    "max_new_tokens",
+    "n_rollouts",
+    "prompts_per_step",
+    "temperature",
+    "top_p",
+    "student_top_k",
+    "teacher_top_k",
+    "micro_batch_size",
+    "checkpoint_every",
+)
+
+OPDStage = create_model(
+    "OPDStage",
+    __config__=ConfigDict(extra="forbid"),
+    __doc__="The OPD stage of a recipe: TrainConfig's own fields, the rest set by the recipe.",
+    **{
+        name: (TrainConfig.model_fields[name].annotation, TrainConfig.model_fields[name])
+        for name in OPD_STAGE_FIELDS
+    },
+)

@@ -2,10 +2,8 @@
 already has and the teacher service returns, so a failing student/teacher pair shows up early
 (flat overlap, overlap-token advantage stuck negative, entropy gap not closing).
 
-Notation (shape suffixes as elsewhere in opd):
-    N     completion positions of a batch, flattened over its n sequences; sequence i owns rows
-          seq_offsets[i]:seq_offsets[i+1] (seq_offsets is int64 [n+1], seq_offsets[0] = 0).
-    K, k  the student's and the teacher's top-k widths (columns of *_NK and *_Nk).
+Notation: the arrays and shape suffixes (N, K, k, seq_offsets) of opd.client.train.positions,
+whose PositionStats is the bundle read here, and:
     p_t, q_t        student and teacher next-token distributions at position t (full vocabulary).
     S_t(p), S_t(q)  their top-k id sets; I_t = S_t(p) intersect S_t(q).
     y_t             the sampled (student's own) token at t.
@@ -49,11 +47,11 @@ Choices where the definition leaves room:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
+
+from opd.client.train.positions import PositionStats
 
 __all__ = [
     "PositionStats",
@@ -63,6 +61,7 @@ __all__ = [
     "overlap_mask",
     "overlap_token_advantage",
     "per_position_metrics",
+    "sampled_kl",
     "sequence_rewards",
     "student_topk_kl",
 ]
@@ -222,120 +221,6 @@ def gap_recovery_rate(acc_before: float, acc_after: float, acc_teacher: float) -
 
 
 # --------------------------------------------------------------------------------------------
-# The per-position bundle
-# --------------------------------------------------------------------------------------------
-
-_NK_FIELDS = ("student_topk_ids_NK", "student_topk_logp_NK", "teacher_cand_logp_NK")
-_NKT_FIELDS = ("teacher_topk_ids_Nk", "teacher_topk_logp_Nk")
-_N_FIELDS = (
-    "student_token_logp_N",
-    "teacher_token_logp_N",
-    "student_entropy_N",
-    "teacher_entropy_N",
-)
-_ID_FIELDS = ("student_topk_ids_NK", "teacher_topk_ids_Nk", "seq_offsets")
-
-
-@dataclass
-class PositionStats:
-    """Everything the diagnostics need about the N completion positions of a batch.
-
-    Student numbers come from the trainer's own forward pass; teacher numbers from the scoring
-    service (candidate log-probs at the student's ids, its own top-k, sampled-token log-prob,
-    entropy). Log-probs are full-vocabulary (not renormalised on any top-k); entropies in nats.
-    Fields accept anything np.asarray converts (lists, CPU tensors); call validate() before use.
-    """
-
-    student_topk_ids_NK: np.ndarray
-    student_topk_logp_NK: np.ndarray
-    teacher_topk_ids_Nk: np.ndarray
-    teacher_topk_logp_Nk: np.ndarray
-    teacher_cand_logp_NK: np.ndarray
-    student_token_logp_N: np.ndarray
-    teacher_token_logp_N: np.ndarray
-    student_entropy_N: np.ndarray
-    teacher_entropy_N: np.ndarray
-    seq_offsets: np.ndarray
-
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            setattr(self, f.name, np.asarray(getattr(self, f.name)))
-
-    @property
-    def n_positions(self) -> int:
-        return int(self.student_topk_ids_NK.shape[0])
-
-    @property
-    def n_sequences(self) -> int:
-        return int(self.seq_offsets.shape[0]) - 1
-
-    def validate(self) -> PositionStats:
-        """Check shapes, dtypes and offsets agree; raise ValueError naming the first bad field.
-
-        Ragged data fails silently when misaligned (a mean over the wrong rows is still a
-        number), so it is checked loudly once, here. Returns self for chaining.
-        """
-        for name in _ID_FIELDS:
-            dtype = getattr(self, name).dtype
-            if not np.issubdtype(dtype, np.integer):
-                raise ValueError(f"{name} must hold integers, got dtype {dtype}")
-        ref_NK = self.student_topk_ids_NK
-        if ref_NK.ndim != 2 or ref_NK.shape[1] == 0:
-            raise ValueError(f"student_topk_ids_NK must be [N, K] with K >= 1, got {ref_NK.shape}")
-        n_pos = ref_NK.shape[0]
-        for name in _NK_FIELDS:
-            if getattr(self, name).shape != ref_NK.shape:
-                raise ValueError(
-                    f"{name} has shape {getattr(self, name).shape}, expected {ref_NK.shape} "
-                    "(same as student_topk_ids_NK)"
-                )
-        ref_Nk = self.teacher_topk_ids_Nk
-        if ref_Nk.ndim != 2 or ref_Nk.shape[0] != n_pos or ref_Nk.shape[1] == 0:
-            raise ValueError(
-                f"teacher_topk_ids_Nk must be [N={n_pos}, k] with k >= 1, got {ref_Nk.shape}"
-            )
-        for name in _NKT_FIELDS:
-            if getattr(self, name).shape != ref_Nk.shape:
-                raise ValueError(
-                    f"{name} has shape {getattr(self, name).shape}, expected {ref_Nk.shape} "
-                    "(same as teacher_topk_ids_Nk)"
-                )
-        for name in _N_FIELDS:
-            if getattr(self, name).shape != (n_pos,):
-                raise ValueError(
-                    f"{name} has shape {getattr(self, name).shape}, expected ({n_pos},)"
-                )
-        offs = self.seq_offsets
-        if offs.ndim != 1 or offs.shape[0] < 1:
-            raise ValueError(f"seq_offsets must be 1-D [n+1], got shape {offs.shape}")
-        if offs[0] != 0 or offs[-1] != n_pos or (np.diff(offs) < 0).any():
-            raise ValueError(
-                f"seq_offsets must rise from 0 to N={n_pos} without decreasing, got "
-                f"{offs[0]}..{offs[-1]}"
-            )
-        return self
-
-    @staticmethod
-    def concat(parts: Sequence[PositionStats]) -> PositionStats:
-        """One bundle from several (e.g. micro-batches), offsets shifted by the rows before."""
-        if not parts:
-            raise ValueError("concat needs at least one PositionStats")
-        kw: dict[str, np.ndarray] = {}
-        for f in fields(PositionStats):
-            if f.name == "seq_offsets":
-                continue
-            kw[f.name] = np.concatenate([getattr(p, f.name) for p in parts], axis=0)
-        shifted = [np.zeros(1, dtype=np.int64)]
-        base = 0
-        for p in parts:
-            offs = np.asarray(p.seq_offsets, dtype=np.int64)
-            shifted.append(offs[1:] - offs[0] + base)
-            base += int(offs[-1] - offs[0])
-        kw["seq_offsets"] = np.concatenate(shifted)
-        return PositionStats(**kw)
-
-
-# --------------------------------------------------------------------------------------------
 # Per-position metrics, sequence rewards, aggregation
 # --------------------------------------------------------------------------------------------
 
@@ -365,6 +250,16 @@ def _mean_per_sequence(x_N: np.ndarray, seq_N: np.ndarray, n: int) -> np.ndarray
     counts_n = np.bincount(seq_N, minlength=n)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(counts_n > 0, sums_n / np.maximum(counts_n, 1), np.nan)
+
+
+def sampled_kl(stats: PositionStats) -> float:
+    """kl/sampled alone: mean_t (log p_t(y_t) - log q_t(y_t)), from the token log-probs only.
+
+    What a run with the diagnostics off still logs: every score response carries the teacher's
+    log-prob of the sampled token, so this costs the teacher nothing extra."""
+    if stats.teacher_token_logp_N is None:
+        raise ValueError("teacher_token_logp_N is missing: the rollouts were not scored")
+    return _mean(-_token_rewards(stats))
 
 
 def sequence_rewards(stats: PositionStats) -> np.ndarray:

@@ -51,14 +51,22 @@ In the policy-gradient forms the loss value is a surrogate: at rho = 1 its gradi
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Literal
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor
 
+if TYPE_CHECKING:
+    from opd.client.train.positions import TokenBatch
+
 __all__ = [
     "OBJECTIVES",
+    "REGISTRY",
+    "Objective",
+    "objective",
+    "per_token_loss",
     "TOPK_VARIANTS",
     "ObjectiveConfig",
     "discounted_advantages",
@@ -71,7 +79,6 @@ __all__ = [
     "teacher_topk_jsd",
 ]
 
-OBJECTIVES = ("sampled", "student-topk", "teacher-topk", "jsd", "overlap-topk")
 TOPK_VARIANTS = ("released", "renormalized")
 
 # Largest log-mass a top-k set may claim before its tail is computed: keeps
@@ -368,45 +375,194 @@ class ObjectiveConfig:
         Knobs that the chosen objective would silently ignore are errors too: a discount or a
         clip that does nothing is a misconfigured run, not a harmless default.
         """
-        if self.name not in OBJECTIVES:
-            raise ValueError(f"name: must be one of {OBJECTIVES}, got {self.name!r}")
+        entry = objective(self)
         if self.topk_variant not in TOPK_VARIANTS:
             raise ValueError(
                 f"topk_variant: must be one of {TOPK_VARIANTS}, got {self.topk_variant!r}"
             )
         if not 0.0 <= self.discount <= 1.0:
             raise ValueError(f"discount: must be in [0, 1], got {self.discount}")
-        if self.discount != 0.0 and self.name != "sampled":
-            raise ValueError(
-                f"discount: only the 'sampled' objective uses a discount, not {self.name!r}"
-            )
-        if self.clip_eps is not None:
-            if not 0.0 < self.clip_eps < 1.0:
-                raise ValueError(f"clip_eps: must be in (0, 1) or None, got {self.clip_eps}")
-            if not _is_policy_gradient(self):
-                raise ValueError(
-                    f"clip_eps: applies to policy-gradient objectives only, not {self.name!r}"
-                    + (" (renormalized)" if self.name == "student-topk" else "")
-                )
+        if self.clip_eps is not None and not 0.0 < self.clip_eps < 1.0:
+            raise ValueError(f"clip_eps: must be in (0, 1) or None, got {self.clip_eps}")
         if not isinstance(self.tail, bool):
             raise ValueError(f"tail: must be a bool, got {self.tail!r}")
         if not 0.0 <= self.jsd_beta <= 1.0:
             raise ValueError(f"jsd_beta: must be in [0, 1], got {self.jsd_beta}")
+        for f in fields(self):
+            if f.name == "name" or f.name in entry.knobs or getattr(self, f.name) == f.default:
+                continue
+            raise ValueError(
+                f"{f.name}: the {self.name!r} objective does not use {f.name} "
+                f"(its knobs: {', '.join(sorted(entry.knobs)) or 'none'})"
+            )
+        if self.clip_eps is not None and not entry.policy_gradient(self):
+            raise ValueError(
+                f"clip_eps: applies to policy-gradient objectives only, not {self.name!r}"
+                + (" (renormalized)" if self.name == "student-topk" else "")
+            )
         return self
 
 
-def _is_policy_gradient(config: ObjectiveConfig) -> bool:
-    """Whether the objective is a ratio surrogate (so PPO clipping means something)."""
-    if config.name == "student-topk":
-        return config.topk_variant == "released"
-    return config.name in ("sampled", "overlap-topk")
+# --------------------------------------------------------------------------------------------
+# The registry: one entry per objective
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Objective:
+    """One objective: its per-token loss, what it needs from the teacher, the knobs it reads.
+
+    loss(logp_NV, batch, config) -> [N] reads the micro-batch's arrays (opd.client.train
+    .positions.TokenBatch) and calls one of the pure functions above. The trainer's score request
+    asks the teacher for candidate log-probs only when `needs_candidates`, for its top-k only
+    when `needs_teacher_topk` (plus what the diagnostics need, when they are on). `knobs` are the
+    ObjectiveConfig fields it reads: setting any other knob away from its default is refused by
+    ObjectiveConfig.validate, since a knob the objective ignores is a misconfigured run.
+    `policy_gradient(config)` says whether the loss is a ratio surrogate, where PPO clipping
+    means something. Adding an objective = one entry in REGISTRY plus its test.
+    """
+
+    name: str
+    loss: Callable[[Tensor, TokenBatch, ObjectiveConfig], Tensor]
+    needs_candidates: bool
+    needs_teacher_topk: bool
+    knobs: frozenset[str]
+    policy_gradient: Callable[[ObjectiveConfig], bool]
+    summary: str
+
+
+def _sampled(logp_NV: Tensor, b: TokenBatch, config: ObjectiveConfig) -> Tensor:
+    logp_N = logp_NV.gather(1, b.target_N[:, None])[:, 0]
+    advantages_N = None
+    if config.discount:
+        rewards_N = b.teacher_token_logp_N - b.student_token_logp_N
+        advantages_N = discounted_advantages(rewards_N, b.seq_offsets, config.discount)
+    return sampled_token_loss(
+        logp_N,
+        b.student_token_logp_N,
+        b.teacher_token_logp_N,
+        advantages_N=advantages_N,
+        clip_eps=config.clip_eps,
+    )
+
+
+def _student_topk(logp_NV: Tensor, b: TokenBatch, config: ObjectiveConfig) -> Tensor:
+    return student_topk_loss(
+        logp_NV,
+        b.student_topk_ids_NK,
+        b.student_topk_logp_NK,
+        b.teacher_cand_logp_NK,
+        variant=config.topk_variant,  # type: ignore[arg-type]
+        clip_eps=config.clip_eps,
+    )
+
+
+def _teacher_topk(logp_NV: Tensor, b: TokenBatch, config: ObjectiveConfig) -> Tensor:
+    return teacher_topk_forward_kl(
+        logp_NV, b.teacher_topk_ids_Nk, b.teacher_topk_logp_Nk, tail=config.tail
+    )
+
+
+def _jsd(logp_NV: Tensor, b: TokenBatch, config: ObjectiveConfig) -> Tensor:
+    return teacher_topk_jsd(
+        logp_NV,
+        b.teacher_topk_ids_Nk,
+        b.teacher_topk_logp_Nk,
+        beta=config.jsd_beta,
+        tail=config.tail,
+    )
+
+
+def _overlap_topk(logp_NV: Tensor, b: TokenBatch, config: ObjectiveConfig) -> Tensor:
+    return overlap_topk_loss(
+        logp_NV,
+        b.student_topk_ids_NK,
+        b.student_topk_logp_NK,
+        b.teacher_cand_logp_NK,
+        b.teacher_topk_ids_Nk,
+        clip_eps=config.clip_eps,
+    )
+
+
+def _always(_: ObjectiveConfig) -> bool:
+    return True
+
+
+def _never(_: ObjectiveConfig) -> bool:
+    return False
+
+
+REGISTRY: dict[str, Objective] = {
+    o.name: o
+    for o in (
+        Objective(
+            "sampled",
+            _sampled,
+            needs_candidates=False,
+            needs_teacher_topk=False,
+            knobs=frozenset({"discount", "clip_eps"}),
+            policy_gradient=_always,
+            summary="sampled-token reverse KL (Tinker): one teacher number per token",
+        ),
+        Objective(
+            "student-topk",
+            _student_topk,
+            needs_candidates=True,
+            needs_teacher_topk=False,
+            knobs=frozenset({"topk_variant", "clip_eps"}),
+            policy_gradient=lambda c: c.topk_variant == "released",
+            summary="reverse KL on the student's top-K (the paper's default)",
+        ),
+        Objective(
+            "teacher-topk",
+            _teacher_topk,
+            needs_candidates=False,
+            needs_teacher_topk=True,
+            knobs=frozenset({"tail"}),
+            policy_gradient=_never,
+            summary="forward KL on the teacher's top-k, with a tail bucket",
+        ),
+        Objective(
+            "jsd",
+            _jsd,
+            needs_candidates=False,
+            needs_teacher_topk=True,
+            knobs=frozenset({"tail", "jsd_beta"}),
+            policy_gradient=_never,
+            summary="generalised JSD(beta) of GKD on the teacher's top-k",
+        ),
+        Objective(
+            "overlap-topk",
+            _overlap_topk,
+            needs_candidates=True,
+            needs_teacher_topk=True,
+            knobs=frozenset({"clip_eps"}),
+            policy_gradient=_always,
+            summary="the released student top-k loss on the overlap of both top sets",
+        ),
+    )
+}
+OBJECTIVES = tuple(REGISTRY)
+
+
+def objective(config: ObjectiveConfig) -> Objective:
+    """The registry entry of config.name (ValueError naming the field when unknown)."""
+    try:
+        return REGISTRY[config.name]
+    except KeyError:
+        raise ValueError(f"name: must be one of {OBJECTIVES}, got {config.name!r}") from None
+
+
+def per_token_loss(config: ObjectiveConfig, logp_NV: Tensor, batch: TokenBatch) -> Tensor:
+    """The configured objective's per-token loss [N] on a micro-batch."""
+    return objective(config).loss(logp_NV, batch, config)
 
 
 def needs_teacher_topk(config: ObjectiveConfig) -> bool:
     """Whether the scoring request must ask the teacher for its own top-k ids and log-probs."""
-    return config.name in ("teacher-topk", "jsd", "overlap-topk")
+    return objective(config).needs_teacher_topk
 
 
 def needs_candidates(config: ObjectiveConfig) -> bool:
     """Whether the scoring request must carry the student's top-K candidate ids per position."""
-    return config.name in ("student-topk", "overlap-topk")
+    return objective(config).needs_candidates

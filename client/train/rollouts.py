@@ -1,7 +1,7 @@
 """On-policy rollouts: the student samples, then records what it thought at every position.
 
-Notation: per rollout, T = completion length; K = student top-k (candidate ids for the teacher);
-k = teacher top-k. Arrays are per rollout (ragged across rollouts).
+Notation: the field names and shape suffixes of opd.client.train.positions (T = this rollout's
+completion length, K = student top-k, k = teacher top-k); arrays are per rollout.
 
 Sampling uses an explicit GenerationConfig (temperature, top-p, no top-k cut, max new tokens) so
 that a model's own generation defaults never change the policy. A completion ends at the first
@@ -18,6 +18,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
+from opd.client.train.positions import pad_right
+
 
 @dataclass
 class Rollout:
@@ -25,15 +27,16 @@ class Rollout:
     token_ids: np.ndarray  # prompt + completion, int64 [P + T]
     prompt_len: int
     truncated: bool  # hit max_new_tokens without EOS
-    student_token_logp: np.ndarray  # [T]
-    student_topk_ids: np.ndarray  # [T, K]
-    student_topk_logp: np.ndarray  # [T, K]
-    student_entropy: np.ndarray  # [T]
-    teacher_token_logp: np.ndarray | None = None  # [T]
-    teacher_cand_logp: np.ndarray | None = None  # [T, K]
-    teacher_topk_ids: np.ndarray | None = None  # [T, k]
-    teacher_topk_logp: np.ndarray | None = None  # [T, k]
-    teacher_entropy: np.ndarray | None = None  # [T]
+    student_token_logp_T: np.ndarray
+    student_topk_ids_TK: np.ndarray
+    student_topk_logp_TK: np.ndarray
+    student_entropy_T: np.ndarray
+    # from the teacher service; None until scored, or when the request did not ask for it
+    teacher_token_logp_T: np.ndarray | None = None
+    teacher_cand_logp_TK: np.ndarray | None = None
+    teacher_topk_ids_Tk: np.ndarray | None = None
+    teacher_topk_logp_Tk: np.ndarray | None = None
+    teacher_entropy_T: np.ndarray | None = None
 
     @property
     def completion_len(self) -> int:
@@ -116,13 +119,11 @@ def student_position_stats(
     """One teacher-forced pass over right-padded sequences: per completion position, the
     student's log p(sampled token), top-K ids and log-probs, and full-vocabulary entropy."""
     device = next(model.parameters()).device
-    longest = max(len(s) for s in sequences)
-    ids = torch.zeros((len(sequences), longest), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for b, seq in enumerate(sequences):
-        ids[b, : len(seq)] = torch.from_numpy(seq)
-        mask[b, : len(seq)] = 1
-    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+    ids_BL, mask_BL = pad_right(sequences)
+    logits = model(
+        input_ids=torch.from_numpy(ids_BL).to(device),
+        attention_mask=torch.from_numpy(mask_BL).to(device),
+    ).logits
     stats = []
     for b, (seq, p) in enumerate(zip(sequences, prompt_lens, strict=True)):
         logp = torch.log_softmax(logits[b, p - 1 : len(seq) - 1].float(), dim=-1)  # [T, V]
@@ -131,10 +132,10 @@ def student_position_stats(
         entropy = -(logp.exp() * logp).nan_to_num().sum(-1)
         stats.append(
             {
-                "student_token_logp": logp.gather(1, target[:, None])[:, 0].cpu().numpy(),
-                "student_topk_ids": top_ids.cpu().numpy().astype(np.int64),
-                "student_topk_logp": top_lp.cpu().numpy(),
-                "student_entropy": entropy.cpu().numpy(),
+                "student_token_logp_T": logp.gather(1, target[:, None])[:, 0].cpu().numpy(),
+                "student_topk_ids_TK": top_ids.cpu().numpy().astype(np.int64),
+                "student_topk_logp_TK": top_lp.cpu().numpy(),
+                "student_entropy_T": entropy.cpu().numpy(),
             }
         )
     return stats

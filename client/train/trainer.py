@@ -7,11 +7,17 @@ One step:
   1. take `prompts_per_step` prompts (seeded per-epoch order, position saved in checkpoints);
   2. for each prompt, the student samples `n_rollouts` completions and records its rollout-time
      statistics (opd.client.train.rollouts); the finished rollouts go to the teacher at once
-     (TeacherBridge), so teacher scoring overlaps with sampling the next prompt;
+     (opd.client.train.pipeline), so teacher scoring overlaps with sampling the next prompt;
+     the request asks for what the objective needs (objectives.REGISTRY) and, with
+     diagnostics on, what they read;
   3. wait for the remaining scores (`time/score_wait_s` is what the student really waited);
   4. `ppo_epochs` optimizer steps over the batch, each accumulating gradients over micro-batches
      of `micro_batch_size` sequences; token-mean loss over all completion tokens of the step;
-  5. diagnostics (opd.client.train.diagnostics) from the same arrays; one log call; checkpoint.
+  5. diagnostics (opd.client.train.diagnostics) from the same arrays (flattened once into
+     opd.client.train.positions.PositionStats); one log call; checkpoint.
+
+Reading order below: the Trainer (set-up, `run`, the step: collect -> update -> diagnostics,
+evaluate, checkpoint), then the helpers (score_spec, the student's log-probs, the schedule).
 """
 
 from __future__ import annotations
@@ -21,7 +27,6 @@ import logging
 import math
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +34,10 @@ import numpy as np
 import torch
 
 from opd.client.train import objectives as obj
-from opd.client.train.bridge import TeacherBridge
+from opd.client.train.bridge import ScoreSpec
 from opd.client.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from opd.client.train.config import TrainConfig
-from opd.client.train.diagnostics import PositionStats, compute_diagnostics
+from opd.client.train.diagnostics import compute_diagnostics, sampled_kl
 from opd.client.train.distributed import (
     all_sum,
     barrier,
@@ -49,164 +54,14 @@ from opd.client.train.metric_log import (
     NullLogger,
     TensorBoardLogger,
 )
+from opd.client.train.pipeline import collect, connect_teachers
+from opd.client.train.positions import PositionStats, TokenBatch
 from opd.client.train.prompts import PromptOrder, load_prompts
 from opd.client.train.rollouts import Rollout, SamplingParams, make_rollouts
 from opd.client.train.student import chat_prompt_ids, load_student
 from opd.shared.fingerprint import fingerprint_hf_tokenizer
 
 logger = logging.getLogger(__name__)
-
-
-# ---- the math of one micro-batch --------------------------------------------------------------
-
-
-@dataclass
-class TokenBatch:
-    """A micro-batch's rollouts flattened over completion positions (N rows), as tensors."""
-
-    ids_BL: torch.Tensor
-    mask_BL: torch.Tensor
-    prompt_lens: list[int]
-    lengths: list[int]
-    seq_offsets: torch.Tensor  # [n+1] over N
-    target_N: torch.Tensor
-    old_logp_N: torch.Tensor
-    teacher_logp_N: torch.Tensor
-    cand_ids_NK: torch.Tensor
-    old_cand_logp_NK: torch.Tensor
-    teacher_cand_logp_NK: torch.Tensor | None
-    teacher_ids_Nk: torch.Tensor | None
-    teacher_topk_logp_Nk: torch.Tensor | None
-
-    @staticmethod
-    def from_rollouts(rollouts: list[Rollout], device: torch.device) -> TokenBatch:
-        longest = max(len(r.token_ids) for r in rollouts)
-        ids = torch.zeros((len(rollouts), longest), dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for b, r in enumerate(rollouts):
-            ids[b, : len(r.token_ids)] = torch.from_numpy(r.token_ids)
-            mask[b, : len(r.token_ids)] = 1
-        lens = np.array([r.completion_len for r in rollouts], dtype=np.int64)
-        offsets = np.concatenate([[0], np.cumsum(lens)])
-
-        def cat(name: str, dtype: torch.dtype) -> torch.Tensor | None:
-            parts = [getattr(r, name) for r in rollouts]
-            if any(p is None for p in parts):
-                return None
-            return torch.from_numpy(np.concatenate(parts)).to(device=device, dtype=dtype)
-
-        return TokenBatch(
-            ids_BL=ids.to(device),
-            mask_BL=mask.to(device),
-            prompt_lens=[r.prompt_len for r in rollouts],
-            lengths=[len(r.token_ids) for r in rollouts],
-            seq_offsets=torch.from_numpy(offsets).to(device),
-            target_N=torch.from_numpy(np.concatenate([r.completion for r in rollouts])).to(device),
-            old_logp_N=cat("student_token_logp", torch.float32),
-            teacher_logp_N=cat("teacher_token_logp", torch.float32),
-            cand_ids_NK=cat("student_topk_ids", torch.long),
-            old_cand_logp_NK=cat("student_topk_logp", torch.float32),
-            teacher_cand_logp_NK=cat("teacher_cand_logp", torch.float32),
-            teacher_ids_Nk=cat("teacher_topk_ids", torch.long),
-            teacher_topk_logp_Nk=cat("teacher_topk_logp", torch.float32),
-        )
-
-
-def student_logp(model, batch: TokenBatch) -> torch.Tensor:
-    """Current student log-probs over the vocabulary at every completion position [N, V]."""
-    logits = model(input_ids=batch.ids_BL, attention_mask=batch.mask_BL).logits
-    rows = [
-        logits[b, p - 1 : n - 1]
-        for b, (p, n) in enumerate(zip(batch.prompt_lens, batch.lengths, strict=True))
-    ]
-    return torch.log_softmax(torch.cat(rows).float(), dim=-1)
-
-
-def per_token_loss(config: obj.ObjectiveConfig, logp_NV: torch.Tensor, b: TokenBatch):
-    """The configured objective's per-token loss [N] (see opd.client.train.objectives)."""
-    name = config.name
-    if name == "sampled":
-        logp_N = logp_NV.gather(1, b.target_N[:, None])[:, 0]
-        advantages = None
-        if config.discount:
-            rewards = b.teacher_logp_N - b.old_logp_N
-            advantages = obj.discounted_advantages(rewards, b.seq_offsets, config.discount)
-        return obj.sampled_token_loss(
-            logp_N,
-            b.old_logp_N,
-            b.teacher_logp_N,
-            advantages_N=advantages,
-            clip_eps=config.clip_eps,
-        )
-    if name == "student-topk":
-        return obj.student_topk_loss(
-            logp_NV,
-            b.cand_ids_NK,
-            b.old_cand_logp_NK,
-            b.teacher_cand_logp_NK,
-            variant=config.topk_variant,
-            clip_eps=config.clip_eps,
-        )
-    if name == "teacher-topk":
-        return obj.teacher_topk_forward_kl(
-            logp_NV, b.teacher_ids_Nk, b.teacher_topk_logp_Nk, tail=config.tail
-        )
-    if name == "jsd":
-        return obj.teacher_topk_jsd(
-            logp_NV,
-            b.teacher_ids_Nk,
-            b.teacher_topk_logp_Nk,
-            beta=config.jsd_beta,
-            tail=config.tail,
-        )
-    if name == "overlap-topk":
-        return obj.overlap_topk_loss(
-            logp_NV,
-            b.cand_ids_NK,
-            b.old_cand_logp_NK,
-            b.teacher_cand_logp_NK,
-            b.teacher_ids_Nk,
-            clip_eps=config.clip_eps,
-        )
-    raise ValueError(f"unknown objective {name!r}")
-
-
-def position_stats(rollouts: list[Rollout]) -> PositionStats:
-    lens = np.array([r.completion_len for r in rollouts], dtype=np.int64)
-
-    def cat(name: str) -> np.ndarray:
-        return np.concatenate([getattr(r, name) for r in rollouts])
-
-    return PositionStats(
-        student_topk_ids_NK=cat("student_topk_ids"),
-        student_topk_logp_NK=cat("student_topk_logp"),
-        teacher_topk_ids_Nk=cat("teacher_topk_ids"),
-        teacher_topk_logp_Nk=cat("teacher_topk_logp"),
-        teacher_cand_logp_NK=cat("teacher_cand_logp"),
-        student_token_logp_N=cat("student_token_logp"),
-        teacher_token_logp_N=cat("teacher_token_logp"),
-        student_entropy_N=cat("student_entropy"),
-        teacher_entropy_N=cat("teacher_entropy"),
-        seq_offsets=np.concatenate([[0], np.cumsum(lens)]),
-    )
-
-
-# ---- the loop ---------------------------------------------------------------------------------
-
-
-def lr_lambda(config: TrainConfig):
-    def schedule(step: int) -> float:
-        if config.warmup_steps and step < config.warmup_steps:
-            return (step + 1) / config.warmup_steps
-        total = max(1, config.max_steps * config.ppo_epochs - config.warmup_steps)
-        progress = min(1.0, (step - config.warmup_steps) / total)
-        if config.lr_schedule == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * progress))
-        if config.lr_schedule == "linear":
-            return 1.0 - progress
-        return 1.0
-
-    return schedule
 
 
 class Trainer:
@@ -265,13 +120,16 @@ class Trainer:
             self.metrics = self._default_logger()
         else:
             self.metrics = NullLogger()
-        self.bridge = TeacherBridge(
-            config.teacher_url,
+        self.spec = score_spec(config)
+        self.teachers = connect_teachers(
+            [(None, config.teacher_url)],
+            self.spec,
+            config.student_top_k,
             api_key=config.api_key,
             tokenizer_fingerprint=fingerprint_hf_tokenizer(self.tokenizer),
             allow_tokenizer_mismatch=config.allow_tokenizer_mismatch,
         )
-        self.teacher_info = self.bridge.connect()
+        self.teacher_info = self.teachers.teachers[0].info
         self.sampling = SamplingParams.for_tokenizer(
             self.tokenizer,
             config.n_rollouts,
@@ -281,63 +139,60 @@ class Trainer:
         )
         self._prompt_ids: dict[int, list[int]] = {}
 
-    def _resume_folder(self) -> Path | None:
-        resume = self.config.resume
-        if not resume:
-            return None
-        if resume == "auto":  # a restarted Job: continue if a checkpoint exists, else start
-            return latest_checkpoint(self.run_dir)
-        folder = latest_checkpoint(self.run_dir) if resume == "latest" else Path(resume)
-        if folder is None or not (folder / "state.json").is_file():
-            raise FileNotFoundError(f"no checkpoint to resume from ({resume!r} in {self.run_dir})")
-        return folder
+    def run(self, on_step: Any = None) -> list[dict[str, float]]:
+        """Train until max_steps (or epochs); returns the metrics of the steps run here."""
+        (self.run_dir / "config.json").write_text(self.config.model_dump_json(indent=2))
+        how = f"resumed from {self.resume_from}" if self.resume_from else "started fresh"
+        logger.info("%s at step %d; config %s", how, self.step, self.config.model_dump_json())
+        history = []
+        while not self.done():
+            metrics = self.train_step()
+            self.step += 1
+            self.metrics.log(self.step, metrics)
+            history.append(metrics)
+            if on_step is not None:
+                on_step(self.step, metrics)
+            if self.step % self.config.checkpoint_every == 0 or self.done():
+                self.checkpoint()
+        return history
 
-    def _default_logger(self) -> MetricLogger:
-        truncate = self.step if self.resume_from else 0
-        loggers: list[MetricLogger] = [
-            JsonlLogger(self.run_dir / "metrics.jsonl", truncate_after_step=truncate)
-        ]
-        if self.config.tensorboard:
-            loggers.append(TensorBoardLogger(self.run_dir / "tensorboard"))
-        return MultiLogger(*loggers)
+    def done(self) -> bool:
+        if self.step >= self.config.max_steps:
+            return True
+        return self.config.epochs is not None and self.order.epoch >= self.config.epochs
 
-    def prompt_ids(self, index: int) -> list[int]:
-        if index not in self._prompt_ids:
-            self._prompt_ids[index] = chat_prompt_ids(self.tokenizer, self.prompts[index])
-        return self._prompt_ids[index]
-
-    # -- one step
-
-    def sample(self, index: int, n: int | None = None) -> list[Rollout]:
-        """Rollouts of prompt `index` with the student's rollout-time statistics."""
-        params = self.sampling if n is None else self.sampling.with_n(n)
-        ids = self.prompt_ids(index)
-        return make_rollouts(self.model, index, ids, params, self.config.student_top_k)
+    def train_step(self) -> dict[str, float]:
+        step_started = time.perf_counter()
+        rollouts, metrics = self.collect()
+        # Flattened once: the loss's micro-batches are slices of it, the diagnostics read it.
+        self.stats = PositionStats.from_rollouts(rollouts)
+        t0 = time.perf_counter()
+        metrics.update(self.update(rollouts, self.stats))
+        metrics["time/train_s"] = time.perf_counter() - t0
+        metrics.update(step_diagnostics(self.stats, self.config))
+        tokens = sum(r.completion_len for r in rollouts)
+        step_s = time.perf_counter() - step_started
+        metrics["dist/world_size"] = self.dist.world_size
+        metrics.update(
+            {
+                "time/step_s": step_s,
+                "throughput/tokens_per_s": tokens / step_s,
+                "rollout/sequences": len(rollouts),
+                "rollout/completion_tokens": tokens,
+                "rollout/truncated_frac": float(np.mean([r.truncated for r in rollouts])),
+                "data/epoch": self.order.epoch,
+            }
+        )
+        return mean_metrics(metrics, self.dist)
 
     def collect(self) -> tuple[list[Rollout], dict[str, float]]:
         """Sample and score one step's rollouts, scoring overlapping with sampling."""
-        c = self.config
-        busy_before = self.bridge.busy_s
-        started = time.perf_counter()
-        generate_s = 0.0
-        futures = []
         world, rank = self.dist.world_size, self.dist.rank
-        for index in self.order.take(c.prompts_per_step * world)[rank::world]:
-            t0 = time.perf_counter()
-            rollouts = self.sample(index)
-            generate_s += time.perf_counter() - t0
-            futures.append(self.bridge.submit(rollouts, c.teacher_top_k, with_candidates=True))
-        t0 = time.perf_counter()
-        scored = [r for f in futures for r in f.result()]
-        wait_s = time.perf_counter() - t0
-        return scored, {
-            "time/generate_s": generate_s,
-            "time/score_s": self.bridge.busy_s - busy_before,
-            "time/score_wait_s": wait_s,
-            "time/collect_s": time.perf_counter() - started,
-        }
+        indices = self.order.take(self.config.prompts_per_step * world)[rank::world]
+        got = collect(self.teachers.teachers, [[i] for i in indices], self._sample_chunk, self.spec)
+        return got.scored[self.teacher_info.name], got.timings
 
-    def update(self, rollouts: list[Rollout]) -> dict[str, float]:
+    def update(self, rollouts: list[Rollout], stats: PositionStats) -> dict[str, float]:
         """`ppo_epochs` optimizer steps; each a token-mean over all completion tokens."""
         c = self.config
         device = next(self.model.parameters()).device
@@ -345,7 +200,11 @@ class Trainer:
         total_tokens = all_sum(float(sum(r.completion_len for r in rollouts)), self.dist)
         scale = self.dist.world_size / total_tokens
         micro = [
-            TokenBatch.from_rollouts(rollouts[i : i + c.micro_batch_size], device)
+            TokenBatch.build(
+                rollouts[i : i + c.micro_batch_size],
+                stats.sequences(i, min(i + c.micro_batch_size, len(rollouts))),
+                device,
+            )
             for i in range(0, len(rollouts), c.micro_batch_size)
         ]
         losses, norms = [], []
@@ -357,7 +216,7 @@ class Trainer:
                 sync = contextlib.nullcontext() if last or not self.dist.enabled else None
                 with sync or self.train_model.no_sync():
                     logp = student_logp(self.train_model, batch)
-                    loss = per_token_loss(self.objective, logp, batch)
+                    loss = obj.per_token_loss(self.objective, logp, batch)
                     (loss.sum() * scale).backward()
                 loss_sum += float(loss.detach().sum()) / total_tokens
             params = [p for p in self.model.parameters() if p.grad is not None]
@@ -374,47 +233,26 @@ class Trainer:
             "train/lr": self.scheduler.get_last_lr()[0],
         }
 
-    def train_step(self) -> dict[str, float]:
-        step_started = time.perf_counter()
-        rollouts, metrics = self.collect()
-        t0 = time.perf_counter()
-        metrics.update(self.update(rollouts))
-        metrics["time/train_s"] = time.perf_counter() - t0
-        metrics.update(
-            compute_diagnostics(position_stats(rollouts), depth_bucket=self.config.depth_bucket)
-        )
-        tokens = sum(r.completion_len for r in rollouts)
-        step_s = time.perf_counter() - step_started
-        metrics["dist/world_size"] = self.dist.world_size
-        metrics.update(
-            {
-                "time/step_s": step_s,
-                "throughput/tokens_per_s": tokens / step_s,
-                "rollout/sequences": len(rollouts),
-                "rollout/completion_tokens": tokens,
-                "rollout/truncated_frac": float(np.mean([r.truncated for r in rollouts])),
-                "data/epoch": self.order.epoch,
-            }
-        )
-        return mean_metrics(metrics, self.dist)
-
     def evaluate(self, prompt_indices: list[int], n: int, seed: int) -> dict[str, float]:
         """Diagnostics of fresh rollouts on fixed prompts, without updating the student.
 
         Sampling is seeded and the global RNG state is restored afterwards, so evaluating
         never changes what training samples (a resumed run stays identical)."""
         c = self.config
+        full = ScoreSpec(top_k=c.teacher_top_k, candidates=True, entropy=True)
         rng_state = torch.get_rng_state()
         torch.manual_seed(seed)
         try:
-            futures = []
-            for index in prompt_indices:
-                rollouts = self.sample(index, n)
-                futures.append(self.bridge.submit(rollouts, c.teacher_top_k))
-            scored = [r for f in futures for r in f.result()]
+            got = collect(
+                self.teachers.teachers,
+                [[i] for i in prompt_indices],
+                lambda chunk: self._sample_chunk(chunk, n),
+                full,
+            )
         finally:
             torch.set_rng_state(rng_state)
-        return compute_diagnostics(position_stats(scored), depth_bucket=c.depth_bucket)
+        scored = got.scored[self.teacher_info.name]
+        return compute_diagnostics(PositionStats.from_rollouts(scored), depth_bucket=c.depth_bucket)
 
     def checkpoint(self) -> Path:
         """All ranks call it (their RNG states are gathered); rank 0 writes."""
@@ -446,27 +284,41 @@ class Trainer:
         barrier(self.dist)
         return folder
 
-    def done(self) -> bool:
-        if self.step >= self.config.max_steps:
-            return True
-        return self.config.epochs is not None and self.order.epoch >= self.config.epochs
+    def _sample_chunk(self, indices: list[int], n: int | None = None) -> list[Rollout]:
+        return [r for index in indices for r in self.sample(index, n)]
 
-    def run(self, on_step: Any = None) -> list[dict[str, float]]:
-        """Train until max_steps (or epochs); returns the metrics of the steps run here."""
-        (self.run_dir / "config.json").write_text(self.config.model_dump_json(indent=2))
-        how = f"resumed from {self.resume_from}" if self.resume_from else "started fresh"
-        logger.info("%s at step %d; config %s", how, self.step, self.config.model_dump_json())
-        history = []
-        while not self.done():
-            metrics = self.train_step()
-            self.step += 1
-            self.metrics.log(self.step, metrics)
-            history.append(metrics)
-            if on_step is not None:
-                on_step(self.step, metrics)
-            if self.step % self.config.checkpoint_every == 0 or self.done():
-                self.checkpoint()
-        return history
+    def sample(self, index: int, n: int | None = None) -> list[Rollout]:
+        """Rollouts of prompt `index` with the student's rollout-time statistics."""
+        params = self.sampling if n is None else self.sampling.with_n(n)
+        ids = self.prompt_ids(index)
+        return make_rollouts(self.model, index, ids, params, self.config.student_top_k)
+
+    def prompt_ids(self, index: int) -> list[int]:
+        if index not in self._prompt_ids:
+            self._prompt_ids[index] = chat_prompt_ids(self.tokenizer, self.prompts[index])
+        return self._prompt_ids[index]
+
+    # -- one step
+
+    def _resume_folder(self) -> Path | None:
+        resume = self.config.resume
+        if not resume:
+            return None
+        if resume == "auto":  # a restarted Job: continue if a checkpoint exists, else start
+            return latest_checkpoint(self.run_dir)
+        folder = latest_checkpoint(self.run_dir) if resume == "latest" else Path(resume)
+        if folder is None or not (folder / "state.json").is_file():
+            raise FileNotFoundError(f"no checkpoint to resume from ({resume!r} in {self.run_dir})")
+        return folder
+
+    def _default_logger(self) -> MetricLogger:
+        truncate = self.step if self.resume_from else 0
+        loggers: list[MetricLogger] = [
+            JsonlLogger(self.run_dir / "metrics.jsonl", truncate_after_step=truncate)
+        ]
+        if self.config.tensorboard:
+            loggers.append(TensorBoardLogger(self.run_dir / "tensorboard"))
+        return MultiLogger(*loggers)
 
     def __enter__(self) -> Trainer:
         return self
@@ -479,14 +331,64 @@ class Trainer:
             return
         self._closed = True
         self.metrics.close()
-        self.bridge.close()
+        self.teachers.close()
         shutdown(self.dist)
 
 
-def summary(metrics: dict[str, float]) -> str:
-    """One line of live metrics for progress bars."""
-    return (
-        f"loss {metrics['train/loss']:+.4f}  kl {metrics['kl/sampled']:.3f}  "
-        f"overlap {metrics['overlap/ratio']:.3f}  entropy gap {metrics['entropy/gap']:.2f}  "
-        f"gen {metrics['time/generate_s']:.1f}s  teacher wait {metrics['time/score_wait_s']:.1f}s"
+# ---- helpers ------------------------------------------------------------------------------------
+
+
+def score_spec(config: TrainConfig) -> ScoreSpec:
+    """What the teacher is asked for: the objective's needs (objectives.REGISTRY), and with
+    diagnostics on, everything they read too (top-k, candidate log-probs, entropy)."""
+    entry = obj.objective(config.objective_config())
+    full = config.diagnostics
+    return ScoreSpec(
+        top_k=config.teacher_top_k if full or entry.needs_teacher_topk else 0,
+        candidates=full or entry.needs_candidates,
+        entropy=full,
     )
+
+
+def step_diagnostics(stats: PositionStats, config: TrainConfig) -> dict[str, float]:
+    """The method's diagnostics, or with them off just the sampled reverse KL (which needs only
+    the token log-probs every request returns)."""
+    if config.diagnostics:
+        return compute_diagnostics(stats, depth_bucket=config.depth_bucket)
+    return {"kl/sampled": sampled_kl(stats), "tokens/count": float(stats.n_positions)}
+
+
+def student_logp(model, batch: TokenBatch) -> torch.Tensor:
+    """Current student log-probs over the vocabulary at every completion position [N, V]."""
+    logits = model(input_ids=batch.ids_BL, attention_mask=batch.mask_BL).logits
+    rows = [
+        logits[b, p - 1 : n - 1]
+        for b, (p, n) in enumerate(zip(batch.prompt_lens, batch.lengths, strict=True))
+    ]
+    return torch.log_softmax(torch.cat(rows).float(), dim=-1)
+
+
+def lr_lambda(config: TrainConfig):
+    def schedule(step: int) -> float:
+        if config.warmup_steps and step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        total = max(1, config.max_steps * config.ppo_epochs - config.warmup_steps)
+        progress = min(1.0, (step - config.warmup_steps) / total)
+        if config.lr_schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * progress))
+        if config.lr_schedule == "linear":
+            return 1.0 - progress
+        return 1.0
+
+    return schedule
+
+
+def summary(metrics: dict[str, float]) -> str:
+    """One line of live metrics for progress bars (diagnostics that were off are left out)."""
+    parts = [f"loss {metrics['train/loss']:+.4f}", f"kl {metrics['kl/sampled']:.3f}"]
+    if "overlap/ratio" in metrics:
+        parts.append(f"overlap {metrics['overlap/ratio']:.3f}")
+        parts.append(f"entropy gap {metrics['entropy/gap']:.2f}")
+    parts.append(f"gen {metrics['time/generate_s']:.1f}s")
+    parts.append(f"teacher wait {metrics['time/score_wait_s']:.1f}s")
+    return "  ".join(parts)

@@ -77,10 +77,8 @@ def test_probe_end_to_end_real_teacher_versus_twin(
     args = [
         "probe",
         "--student", str(smol_student_dir),
-        "--teacher-url", smol_student_server,
-        "--teacher-name", "twin",
-        "--teacher-url", smol_server,
-        "--teacher-name", "SmolLM2-30-layers",
+        "--teacher", f"twin={smol_student_server}",
+        "--teacher", f"SmolLM2-30-layers={smol_server}",
         "--num-prompts", "6",
         "--max-new-tokens", "24",
         "--depth-bucket", "8",

@@ -57,7 +57,6 @@ def real_run(tiny_server, tiny_student_dir, tmp_path_factory) -> Path:
         max_steps=5,
         max_new_tokens=12,
         checkpoint_every=1000,
-        progress=False,
     )
     with Trainer(config) as trainer:
         trainer.run()
