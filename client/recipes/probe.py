@@ -1,6 +1,6 @@
 """`opd probe`: will OPD work for this student and these teachers? Measured before any training.
 
-The paper's two conditions (../shared/docs/opd-reference.md, "When OPD works"):
+The paper's two conditions (docs/method.md, "When OPD works"):
 1. compatible thinking patterns: on the student's own rollouts the teacher puts its mass on the
    same tokens (high initial top-k overlap, overlap-token advantage near 0, small entropy gap);
 2. the teacher adds something: its token log-probs differ from the student's (sampled reverse

@@ -34,6 +34,7 @@ import numpy as np
 import typer
 from pydantic import BaseModel, ConfigDict, Field
 
+from opd.client.config_cli import config_command
 from opd.client.recipes import prompt_selection as ps
 from opd.client.recipes.prompt_embeddings import DEFAULT_THRESHOLDS, EmbedderName, make_embedder
 from opd.client.teacher.client import TeacherClient
@@ -493,7 +494,7 @@ def run_selection(
 # --------------------------------------------------------------------------------------------
 
 
-def select_prompts_command(cfg: SelectConfig) -> None:
+def run_select_prompts(cfg: SelectConfig) -> None:
     """Rank a prompt pool by alignment with the teacher, dedupe it against other sets, mix in
     out-of-distribution prompts, and write the selected set with its scores. The teacher API
     key comes from OPD_API_KEY."""
@@ -519,3 +520,12 @@ def select_prompts_command(cfg: SelectConfig) -> None:
         f"{c['pool_too_long']} prompts over {summary['max_prompt_tokens']} tokens"
     )
     console.print(f"wrote {summary['out']}, {summary['removed_file']}, {summary['summary_file']}")
+
+
+# The command's options are SelectConfig's fields (opd.client.config_cli); the key: OPD_API_KEY.
+select_prompts_command = config_command(
+    SelectConfig,
+    run_select_prompts,
+    doc=run_select_prompts.__doc__ or "",
+    env={"api_key": "OPD_API_KEY"},
+)

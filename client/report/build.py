@@ -17,10 +17,10 @@ report.html, which embeds them as base64 data URIs and needs nothing else to dis
 
 The page's "health" section turns the paper's failure signature (overlap flat, overlap-token
 advantage stuck negative, entropy gap not closing, small gradient norm from the start; see
-../shared/docs/opd-reference.md) into checks: report_health.py, with its thresholds.
+docs/method.md) into checks: health.py, with its thresholds.
 
-This module reads the inputs and holds the command; report_health.py judges, report_plots.py
-draws (matplotlib, imported inside its functions), report_html.py writes the page. Importing
+This module reads the inputs and holds the command; health.py judges, plots.py
+draws (matplotlib, imported inside its functions), html.py writes the page. Importing
 this module is cheap: no numpy or matplotlib until a report is built.
 """
 

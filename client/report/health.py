@@ -1,6 +1,6 @@
 """Health checks of `opd report`: the paper's failure signature as ok / warning / n/a verdicts.
 
-The paper (../shared/docs/opd-reference.md, Diagnostics) sees failing OPD as: overlap flat,
+The paper (docs/method.md, diagnostics) sees failing OPD as: overlap flat,
 overlap-token advantage stuck negative, entropy gap not closing, small gradient norm from the
 start. To those this adds student entropy blowing up or collapsing (the quickstart's failing
 student-top-k run, docs/training.md), truncated rollouts rising and overlap falling at the

@@ -183,7 +183,7 @@ def _health(checks: list[Check], frac: float) -> str:
         "from the start; plus entropy blow-up or collapse, rising truncation and degrading deep "
         "positions. One warning on a short or noisy run is a reason to look at the plots below, "
         "not a verdict; several together are the signature of an incompatible pair or a "
-        "teacher with nothing to teach. Thresholds: <code>client/report_health.py</code>."
+        "teacher with nothing to teach. Thresholds: <code>client/report/health.py</code>."
         "</p>" + _table(("status", "check", "finding", "numbers and rule"), rows, set())
     )
 

@@ -3,7 +3,7 @@
 Figures are built with the object API (matplotlib.figure.Figure on a FigureCanvasAgg), not
 pyplot: no global state, no display, safe to call from any thread. matplotlib and numpy are
 imported inside the functions. Each figure is skipped when its keys are absent from the inputs,
-and returned as a Plot whose caption says how to read it (report_html shows it under the image).
+and returned as a Plot whose caption says how to read it (html.py shows it under the image).
 
 Series plots shade the early and late windows that the health checks compare; with more than
 SMOOTH_ABOVE steps the raw values are drawn faint under a rolling mean.

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import typer
 from typer.testing import CliRunner
 
 from opd.client.recipes import prompt_selection as ps
@@ -26,9 +25,9 @@ from opd.client.recipes.select_prompts import (
     EncodedPrompts,
     SelectConfig,
     run_selection,
-    select_prompts_command,
 )
 from opd.client.train.prompts import load_prompts
+from tests.support.cli import select_prompts_app
 
 # (a, b): paraphrases of each other; the MiniLM ones need meaning, the lexical ones share words.
 MINILM_PARAPHRASES = [
@@ -461,15 +460,7 @@ def test_pipeline_bad_inputs_are_clear_errors(tmp_path):
         _cfg(tmp_path, ood_fraction=1.5)
 
 
-def _app() -> typer.Typer:
-    app = typer.Typer()
-
-    @app.callback()
-    def main() -> None:
-        """A throwaway app: the CLI owner registers the command the same way."""
-
-    app.command("select-prompts")(select_prompts_command)
-    return app
+_app = select_prompts_app
 
 
 def test_cli_refuses_bad_options_before_any_work(tmp_path):

@@ -7,11 +7,11 @@ import json
 from pathlib import Path
 
 import pytest
-import typer
 from typer.testing import CliRunner
 
-from opd.client.recipes.select_prompts import EncodedPrompts, select_prompts_command
+from opd.client.recipes.select_prompts import EncodedPrompts
 from opd.client.train.prompts import load_prompts
+from tests.support.cli import select_prompts_app
 
 GIBBERISH = "xq7#Lp!zR2 vv09 ;;kf3 Qw== jjj8 zzk@@1 p0p0"
 POOL = [
@@ -42,15 +42,7 @@ def _write(path: Path, texts: list[str]) -> str:
     return str(path)
 
 
-def _app() -> typer.Typer:
-    app = typer.Typer()
-
-    @app.callback()
-    def main() -> None:
-        """A throwaway app: the CLI owner registers the command the same way."""
-
-    app.command("select-prompts")(select_prompts_command)
-    return app
+_app = select_prompts_app
 
 
 def _run(args: list[str]) -> None:
