@@ -146,6 +146,13 @@ class Settings(BaseSettings):
         """The limits served: the configured ones, clamped to the model's context."""
         return self.limits.clamp_to_context(max_model_len) if max_model_len else self.limits
 
+    @classmethod
+    def env_names(cls) -> set[str]:
+        """Every OPD_* variable the server reads: its own fields and each Limits field."""
+        prefix = cls.model_config.get("env_prefix", "").upper()
+        names = [n for n in cls.model_fields if n != "limits"] + list(LIMIT_FIELDS)
+        return {prefix + n.upper() for n in names}
+
     @model_validator(mode="before")
     @classmethod
     def _nest_limits(cls, data: Any) -> Any:

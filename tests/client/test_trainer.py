@@ -225,3 +225,36 @@ def test_torchrun_two_processes_each_score_their_own_shard(tiny_server, tiny_stu
         "torch_cpu_rank1",
     }
     assert json.loads((ckpt / "state.json").read_text())["world_size"] == 2
+
+
+def test_micro_batches_are_slices_of_the_step_and_accumulate_exactly(
+    tiny_server, tiny_student_dir, tmp_path
+):
+    """One step of 4 rollouts as 4 micro-batches of 1 and as 1 of 8: same loss and gradient
+    (the micro-batches are slices of the step's flattened PositionStats)."""
+    runs = {}
+    for micro in (1, 8):
+        config = train_config(
+            tiny_student_dir, tiny_server, tmp_path / f"m{micro}", max_steps=1,
+            micro_batch_size=micro, objective="student-topk",
+        )  # fmt: skip
+        with Trainer(config) as trainer:
+            (runs[micro],) = trainer.run()
+    assert runs[1]["train/loss"] == pytest.approx(runs[8]["train/loss"], rel=1e-5, abs=1e-7)
+    assert runs[1]["train/grad_norm"] == pytest.approx(runs[8]["train/grad_norm"], rel=1e-4)
+
+
+def test_without_diagnostics_the_request_carries_only_what_the_objective_needs(
+    tiny_server, tiny_student_dir, tmp_path
+):
+    config = train_config(
+        tiny_student_dir, tiny_server, tmp_path / "lean", max_steps=2, objective="sampled",
+        diagnostics=False,
+    )  # fmt: skip
+    with Trainer(config) as trainer:
+        history = trainer.run()
+        stats = trainer.stats
+    assert stats.teacher_topk_ids_Nk is None and stats.teacher_cand_logp_NK is None
+    assert stats.teacher_entropy_N is None and stats.teacher_token_logp_N is not None
+    for metrics in history:
+        assert math.isfinite(metrics["kl/sampled"]) and "overlap/ratio" not in metrics

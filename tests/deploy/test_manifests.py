@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 OVERLAYS = ["gpu", "cpu-dev"]
 K8S_VERSIONS = ["1.30", "1.33"]
 SERVER_ROUTES = {"/healthz", "/readyz", "/metrics", "/v1/model", "/v1/score"}
-SETTINGS_ENV = {f"OPD_{name.upper()}" for name in Settings.model_fields}
+SETTINGS_ENV = Settings.env_names()
 
 
 def render(overlay: str) -> list[dict]:
