@@ -190,7 +190,7 @@ class Trainer:
         world, rank = self.dist.world_size, self.dist.rank
         indices = self.order.take(self.config.prompts_per_step * world)[rank::world]
         got = collect(self.teachers.teachers, [[i] for i in indices], self._sample_chunk, self.spec)
-        return got.scored[self.teacher_info.name], got.timings
+        return got.scored[self.teachers.teachers[0].name], got.timings
 
     def update(self, rollouts: list[Rollout], stats: PositionStats) -> dict[str, float]:
         """`ppo_epochs` optimizer steps; each a token-mean over all completion tokens."""
@@ -251,7 +251,7 @@ class Trainer:
             )
         finally:
             torch.set_rng_state(rng_state)
-        scored = got.scored[self.teacher_info.name]
+        scored = got.scored[self.teachers.teachers[0].name]
         return compute_diagnostics(PositionStats.from_rollouts(scored), depth_bucket=c.depth_bucket)
 
     def checkpoint(self) -> Path:
