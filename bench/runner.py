@@ -13,11 +13,12 @@ import os
 import platform
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
 from opd.bench.contenders import (
     OPDHTTPContender,
@@ -28,24 +29,39 @@ from opd.bench.contenders import (
 from opd.bench.workload import WorkloadConfig, workload_flops
 from opd.server.allocator import FIXED_INITIAL_THRESHOLDS_ENV
 
-ALL_CONTENDERS = ("inprocess", "http-binary", "http-json", "naive", "vllm", "matmul", "longseq")
+Contender = Literal["inprocess", "http-binary", "http-json", "naive", "vllm", "matmul", "longseq"]
+ALL_CONTENDERS: tuple[str, ...] = typing.get_args(Contender)
 
 
-@dataclass
-class BenchConfig:
-    model: str | None = None
-    workload: WorkloadConfig = field(default_factory=WorkloadConfig)
-    rounds: int = 3
-    concurrency: tuple[int, ...] = (1, 8)
-    contenders: tuple[str, ...] = ALL_CONTENDERS
-    opd_vllm: bool = False  # also the opd service on its vLLM backend
-    threads: int | None = None
-    device: str = "cpu"
-    long_seq_len: int = 4096
-    chunk_tokens: int | None = None  # LM-head tile rows; None: the server's default
-    chunk_vocab: int | None = None  # LM-head tile columns; None: the server's default
-    matmul_n: int = 2048
-    out_dir: str = "bench-results"
+class BenchConfig(BaseModel):
+    """Every knob of `opd bench` (its flags are generated from these fields)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(default=None, description="model folder; default: embedded SmolLM2")
+    workload: WorkloadConfig = Field(default_factory=WorkloadConfig)
+    rounds: int = Field(default=3, ge=1, description="measured rounds per contender")
+    concurrency: tuple[int, ...] = Field(
+        default=(1, 8), min_length=1, description="concurrent clients (repeatable)"
+    )
+    contenders: tuple[Contender, ...] = Field(
+        default=ALL_CONTENDERS,
+        min_length=1,
+        description=f"contenders to run (repeatable), of: {', '.join(ALL_CONTENDERS)}",
+        json_schema_extra={"cli_name": "contender"},
+    )
+    opd_vllm: bool = Field(default=False, description="also the opd service on its vLLM backend")
+    threads: int | None = Field(default=None, ge=1, description="torch threads (default: all)")
+    device: str = Field(default="cpu", description="cpu or cuda (servers, workers and limit)")
+    long_seq_len: int = Field(default=4096, ge=2, description="tokens of the long-sequence test")
+    chunk_tokens: int | None = Field(
+        default=None, ge=1, description="LM-head tile rows; default: the server's"
+    )
+    chunk_vocab: int | None = Field(
+        default=None, ge=0, description="LM-head tile columns; default: the server's"
+    )
+    matmul_n: int = Field(default=2048, ge=64, description="matrix size of the matmul limit")
+    out_dir: str = Field(default="bench-results", description="where JSON + markdown results go")
 
 
 def _machine() -> dict[str, Any]:
@@ -232,7 +248,7 @@ def run_bench(cfg: BenchConfig, log=print) -> dict[str, Any]:
         "machine": _machine(),
         "versions": _versions(),
         "model": model,
-        "config": {**asdict(cfg), "model": model},
+        "config": {**cfg.model_dump(mode="json"), "model": model},
         "contenders": summary,
         "limit": limit,
         "long_sequence": long_result,

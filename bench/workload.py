@@ -8,36 +8,44 @@ prompt, the shape of OPD traffic (the trainer sends n rollouts of one prompt tog
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from opd.shared.packed import PackedRequest
 from opd.shared.schemas import ScoreOptions
 
 
-@dataclass(frozen=True)
-class WorkloadConfig:
-    sequences: int = 32
-    prompt_len: int = 64
-    completion_len: int = 192
-    top_k: int = 16
-    candidates: int = 16
-    seqs_per_request: int = 4
-    rollouts_per_prompt: int = 1
-    seed: int = 0
+class WorkloadConfig(BaseModel):
+    """The sequences every contender scores (the flags of `opd bench` come from these fields)."""
 
-    def __post_init__(self) -> None:
-        if self.rollouts_per_prompt < 1:
-            raise ValueError(f"rollouts_per_prompt={self.rollouts_per_prompt} must be >= 1")
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    sequences: int = Field(default=32, ge=1, description="sequences per round")
+    prompt_len: int = Field(default=64, ge=1, description="prompt tokens (not scored)")
+    completion_len: int = Field(default=192, ge=1, description="completion tokens (scored)")
+    top_k: int = Field(default=16, ge=0, description="teacher top-k")
+    candidates: int = Field(
+        default=16, ge=0, description="caller-chosen candidate ids per position"
+    )
+    seqs_per_request: int = Field(default=4, ge=1, description="sequences per HTTP request")
+    rollouts_per_prompt: int = Field(
+        default=1,
+        ge=1,
+        description="sequences sharing one prompt (OPD's n rollouts); 1 = unique",
+    )
+    seed: int = Field(default=0, description="seed of the random token ids")
+
+    @model_validator(mode="after")
+    def _groups_fit_requests(self) -> WorkloadConfig:
         if self.seqs_per_request % self.rollouts_per_prompt:
             raise ValueError(
                 f"seqs_per_request={self.seqs_per_request} must be a multiple of "
                 f"rollouts_per_prompt={self.rollouts_per_prompt}"
             )
+        return self
 
     def to_dict(self) -> dict[str, int]:
-        return asdict(self)
+        return self.model_dump()
 
     @property
     def seq_len(self) -> int:

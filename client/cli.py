@@ -26,6 +26,7 @@ from typing import Annotated, Any
 import typer
 from pydantic import BaseModel
 
+from opd.bench.runner import BenchConfig
 from opd.client.config_cli import Flag, build_config, config_command
 from opd.client.recipes.coldstart import ColdstartConfig
 from opd.client.recipes.probe import ProbeConfig
@@ -189,69 +190,12 @@ def score_demo(
     run_score_demo(prompt)
 
 
-@app.command()
-def bench(
-    model: Annotated[
-        str | None, typer.Option(help="model folder; default: embedded SmolLM2")
-    ] = None,
-    sequences: Annotated[int, typer.Option(help="sequences per round")] = 32,
-    prompt_len: Annotated[int, typer.Option(help="prompt tokens (not scored)")] = 64,
-    completion_len: Annotated[int, typer.Option(help="completion tokens (scored)")] = 192,
-    top_k: Annotated[int, typer.Option(help="teacher top-k")] = 16,
-    candidates: Annotated[int, typer.Option(help="caller-chosen candidate ids per position")] = 16,
-    seqs_per_request: Annotated[int, typer.Option(help="sequences per HTTP request")] = 4,
-    rollouts_per_prompt: Annotated[
-        int, typer.Option(help="sequences sharing one prompt (OPD's n rollouts); 1 = unique")
-    ] = 1,
-    concurrency: Annotated[list[int], typer.Option(help="concurrent clients (repeatable)")] = [  # noqa: B006
-        1,
-        8,
-    ],
-    rounds: Annotated[int, typer.Option(help="measured rounds per contender")] = 3,
-    contender: Annotated[
-        list[str] | None,
-        typer.Option(help="inprocess|http-binary|http-json|naive|vllm|matmul|longseq; default all"),
-    ] = None,
-    opd_vllm: Annotated[
-        bool, typer.Option(help="also the opd service on its vLLM backend")
-    ] = False,
-    threads: Annotated[int | None, typer.Option(help="torch threads (default: all cores)")] = None,
-    device: Annotated[str, typer.Option(help="cpu or cuda (servers, workers and limit)")] = "cpu",
-    long_seq_len: Annotated[int, typer.Option(help="tokens of the long-sequence test")] = 4096,
-    out_dir: Annotated[
-        str, typer.Option(help="where JSON + markdown results go")
-    ] = "bench-results",
-) -> None:
-    """Benchmark scoring: in-process, HTTP binary/JSON, naive HF, vLLM prompt_logprobs, limit."""
+def run_bench_command(cfg: BenchConfig) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from opd.bench.runner import ALL_CONTENDERS, BenchConfig, run_bench
-    from opd.bench.workload import WorkloadConfig
+    from opd.bench.runner import run_bench
 
-    cfg = BenchConfig(
-        model=model,
-        workload=WorkloadConfig(
-            sequences=sequences,
-            prompt_len=prompt_len,
-            completion_len=completion_len,
-            top_k=top_k,
-            candidates=candidates,
-            seqs_per_request=seqs_per_request,
-            rollouts_per_prompt=rollouts_per_prompt,
-        ),
-        rounds=rounds,
-        concurrency=tuple(concurrency),
-        contenders=tuple(contender) if contender else ALL_CONTENDERS,
-        opd_vllm=opd_vllm,
-        threads=threads,
-        device=device,
-        long_seq_len=long_seq_len,
-        out_dir=out_dir,
-    )
-    unknown = set(cfg.contenders) - set(ALL_CONTENDERS)
-    if unknown:
-        raise typer.BadParameter(f"unknown contender(s) {sorted(unknown)}; one of {ALL_CONTENDERS}")
     console = Console()
     report = run_bench(cfg, log=lambda msg: console.print(f"[dim]{msg}[/dim]"))
     inproc = report["contenders"].get("in-process", {}).get("tokens_per_s")
@@ -282,6 +226,17 @@ def bench(
             f" vs full logits {ls['full_peak_bytes'] / 1e6:.0f} MB"
         )
     console.print(f"results: {report['path']}")
+
+
+app.command("bench")(
+    config_command(
+        BenchConfig,
+        run_bench_command,
+        doc="Benchmark scoring: in-process, HTTP binary/JSON, naive HF, vLLM prompt_logprobs, "
+        "limit.",
+        nested={"workload": ""},
+    )
+)
 
 
 def main() -> None:

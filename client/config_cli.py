@@ -28,7 +28,7 @@ import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 from pydantic import BaseModel, SecretStr, ValidationError
@@ -66,9 +66,15 @@ def cli_type(annotation: Any) -> Any:
     inner, _ = _unwrap_optional(annotation)
     if inner is SecretStr:
         return str
-    if typing.get_origin(inner) in (list, Sequence):
-        (item,) = typing.get_args(inner) or (str,)
-        return list[str if _is_model(item) else cli_type(item)]
+    origin, args = typing.get_origin(inner), typing.get_args(inner)
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        origin, args = list, args[:1]  # tuple[X, ...]: a repeated flag
+    if origin in (list, Sequence):
+        (item,) = args or (str,)
+        # typer takes lists of plain types only: models and choices arrive as strings, which
+        # the model's validation parses (and refuses naming the flag)
+        plain = not _is_model(item) and typing.get_origin(item) is not Literal
+        return list[cli_type(item) if plain else str]
     return inner
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import typer.main
 
+from opd.bench.runner import BenchConfig
 from opd.client.cli import app
 from opd.client.config_cli import flags_of
 from opd.client.recipes.coldstart import ColdstartConfig
@@ -24,6 +25,7 @@ COMMANDS = {
     "coldstart": (ColdstartConfig, {"api_key", "sft.seed"}),
     "select-prompts": (SelectConfig, {"api_key"}),
     "serve": (Settings, {"api_key"}),
+    "bench": (BenchConfig, set()),
 }
 
 
@@ -50,7 +52,7 @@ def test_every_field_is_a_flag_with_its_help(name: str) -> None:
         model,
         exclude=[n for n in not_flags if "." in n],
         env={n: "X" for n in not_flags if "." not in n},
-        nested={"filters": "", "sft": "sft_", "opd": "opd_", "limits": ""},
+        nested={"filters": "", "sft": "sft_", "opd": "opd_", "limits": "", "workload": ""},
     )
     by_path = {".".join(f.path): f for f in flags}
     for path, info in _leaves(model):
