@@ -32,6 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from opd.server.backends import create_backend
 from opd.server.backends.base import Backend
 from opd.server.batcher import BatcherClosed, QueueFull
+from opd.server.compat import ModelCard, compat_router, model_card, started_at
 from opd.server.metrics import Metrics
 from opd.server.service import ScoringService
 from opd.server.settings import Settings
@@ -249,6 +250,17 @@ def create_app(
     @app.get("/metrics", tags=["health"])
     async def prometheus_metrics() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    created = started_at()
+
+    def served_models() -> list[ModelCard]:
+        if not service.ready:
+            raise Draining()
+        info = service.model_info()
+        name = settings.served_model_name or info.name
+        return [model_card(name, settings.model or info.name, info.max_model_len, created)]
+
+    app.include_router(compat_router(served_models, require_api_key))
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], tags=["v1"])
 

@@ -30,6 +30,11 @@ class Settings(BaseSettings):
         default="auto", description="auto = float32 on CPU, bfloat16 on CUDA"
     )
     device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N")
+    served_model_name: str | None = Field(
+        default=None,
+        description="the model name GET /v1/models lists (what OpenAI-shaped requests send as "
+        "`model`); unset: the model's own name",
+    )
     trust_remote_code: bool = False
     max_model_len: int | None = Field(default=None, ge=2, description="cap on the model context")
     cache_dir: str | None = Field(default=None, description="where the embedded model is cached")

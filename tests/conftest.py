@@ -91,6 +91,7 @@ def strict_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
         OPD_MAX_BODY_BYTES="4096",
         OPD_MAX_GENERATE_N="8",
         OPD_MAX_GENERATE_TOKENS="64",
+        OPD_SERVED_MODEL_NAME="strict-teacher",
     )
     yield teacher.url
     teacher.stop()
