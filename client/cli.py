@@ -20,14 +20,12 @@ The configs import their own modules (train: torch), so the `opd` command needs 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
 from typing import Annotated, Any
 
 import typer
-from pydantic import BaseModel
 
 from opd.bench.runner import BenchConfig
-from opd.client.config_cli import Flag, build_config, config_command
+from opd.client.config_cli import config_command
 from opd.client.recipes.coldstart import ColdstartConfig
 from opd.client.recipes.probe import ProbeConfig
 from opd.client.recipes.select_prompts import select_prompts_command
@@ -41,11 +39,6 @@ app = typer.Typer(
 )
 # Secrets come from the environment, never from flags (a command line is visible in `ps`).
 API_KEY_ENV = {"api_key": "OPD_API_KEY"}
-
-
-def _settings(model: type[BaseModel], flags: Sequence[Flag], given: Mapping[str, Any]) -> Any:
-    """Settings from the flags given, over every OPD_* variable (pydantic-settings)."""
-    return build_config(model, flags, given)
 
 
 def serve_settings_command() -> Any:
@@ -68,7 +61,6 @@ def serve_settings_command() -> Any:
         exclude=("api_key",),
         nested={"limits": ""},
         env_prefix="OPD_",
-        make=_settings,
     )
 
 

@@ -191,10 +191,10 @@ def config_command(
     nested: Mapping[str, str] | None = None,
     env: Mapping[str, str] | None = None,
     env_prefix: str | None = None,
-    make: Callable[[type[BaseModel], Sequence[Flag], Mapping[str, Any]], Any] | None = None,
 ) -> Callable[..., None]:
     """A typer command whose options are the model's fields; it builds the model and calls
-    run(config). `make` replaces build_config (Settings: flags over the environment)."""
+    run(config). For a pydantic-settings model (Settings) the given flags are init values, so
+    they override its environment variables."""
     flags = flags_of(model, exclude=exclude, nested=nested, env=env, env_prefix=env_prefix)
     seen: dict[str, Flag] = {}
     for flag in flags:
@@ -203,11 +203,7 @@ def config_command(
         seen[flag.param] = flag
 
     def command(**given: Any) -> None:
-        if make is not None:
-            config = make(model, flags, given)
-        else:
-            config = build_config(model, flags, given, env)
-        run(config)
+        run(build_config(model, flags, given, env))
 
     params = [
         inspect.Parameter(

@@ -33,12 +33,14 @@ def test_architecture_lists_every_module():
     assert listed - modules == set(), "docs/architecture.md lists modules that do not exist"
 
 
+# Built from pieces so that this file does not contain what it looks for.
+OUTSIDE = (".." + "/shared", "opd-" + "reference")
+
+
 def test_no_file_points_outside_the_repository():
     offenders = []
     for path in _tracked("*.py", "*.md", "*.yaml", "*.yml", "*.toml", "Makefile", "*.sh"):
-        if path == Path(__file__).resolve():
-            continue
         for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
-            if "../shared" in line or "opd-reference" in line:
+            if any(marker in line for marker in OUTSIDE):
                 offenders.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()}")
     assert offenders == []
