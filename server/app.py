@@ -32,8 +32,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from opd.server.backends import create_backend
 from opd.server.backends.base import Backend
 from opd.server.batcher import BatcherClosed, QueueFull
-from opd.server.compat import ModelCard, compat_router, model_card, started_at
+from opd.server.dropin.errors import dropin_status, is_dropin_path, openai_error
+from opd.server.dropin.models import ModelCard, model_card, started_at
+from opd.server.dropin.routes import DropInContext, dropin_router
 from opd.server.metrics import Metrics
+from opd.server.request_body import read_body
 from opd.server.service import ScoringService
 from opd.server.settings import Settings
 from opd.shared.errors import ContractError, ErrorBody, ErrorDetail
@@ -57,7 +60,12 @@ class Unauthorized(Exception):
     pass
 
 
-def _error(status: int, detail: ErrorDetail, headers: dict[str, str] | None = None) -> Response:
+def _error(
+    request: Request, status: int, detail: ErrorDetail, headers: dict[str, str] | None = None
+) -> Response:
+    """opd's error shape, or OpenAI's on the drop-in routes (what their clients parse)."""
+    if is_dropin_path(request.url.path):
+        return JSONResponse(openai_error(status, detail), dropin_status(status), headers)
     return JSONResponse(
         ErrorBody(error=detail).model_dump(exclude_none=True), status_code=status, headers=headers
     )
@@ -70,7 +78,7 @@ def _request_id(request: Request) -> str:
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ContractError)
     async def contract_error(request: Request, exc: ContractError) -> Response:
-        return _error(exc.status, exc.detail(_request_id(request)))
+        return _error(request, exc.status, exc.detail(_request_id(request)))
 
     @app.exception_handler(QueueFull)
     async def queue_full(request: Request, exc: QueueFull) -> Response:
@@ -81,7 +89,7 @@ def _install_error_handlers(app: FastAPI) -> None:
             limit=exc.limit,
             request_id=_request_id(request),
         )
-        return _error(429, detail, {"Retry-After": str(exc.retry_after)})
+        return _error(request, 429, detail, {"Retry-After": str(exc.retry_after)})
 
     @app.exception_handler(Draining)
     @app.exception_handler(BatcherClosed)
@@ -95,7 +103,7 @@ def _install_error_handlers(app: FastAPI) -> None:
         headers = {"Retry-After": "1"}
         if draining_now:
             headers["Connection"] = "close"
-        return _error(503, detail, headers)
+        return _error(request, 503, detail, headers)
 
     @app.exception_handler(Unauthorized)
     async def unauthorized(request: Request, exc: Unauthorized) -> Response:
@@ -105,14 +113,14 @@ def _install_error_handlers(app: FastAPI) -> None:
             field="Authorization",
             request_id=_request_id(request),
         )
-        return _error(401, detail, {"WWW-Authenticate": "Bearer"})
+        return _error(request, 401, detail, {"WWW-Authenticate": "Bearer"})
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         detail = ErrorDetail(
             type="http_error", message=str(exc.detail), request_id=_request_id(request)
         )
-        return _error(exc.status_code, detail, getattr(exc, "headers", None))
+        return _error(request, exc.status_code, detail, getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> Response:
@@ -124,7 +132,7 @@ def _install_error_handlers(app: FastAPI) -> None:
             field=field or None,
             request_id=_request_id(request),
         )
-        return _error(422, detail)
+        return _error(request, 422, detail)
 
     app.add_exception_handler(Exception, internal_error_response)
 
@@ -138,7 +146,7 @@ async def internal_error_response(request: Request, exc: Exception) -> Response:
         message=f"internal error ({type(exc).__name__}); see the server log for request_id {rid}",
         request_id=rid,
     )
-    return _error(500, detail)
+    return _error(request, 500, detail)
 
 
 def _route_label(request: Request) -> str:
@@ -203,7 +211,8 @@ def create_app(
         app.state.in_flight += 1
         metrics.in_flight.inc()
         try:
-            if app.state.draining and request.url.path.startswith("/v1/"):
+            path = request.url.path
+            if app.state.draining and (path.startswith("/v1/") or is_dropin_path(path)):
                 response = await draining_response(request)
             else:
                 response = await call_next(request)
@@ -222,7 +231,7 @@ def create_app(
         detail = ErrorDetail(
             type="unavailable", message="the server is draining", request_id=_request_id(request)
         )
-        return _error(503, detail, {"Retry-After": "1", "Connection": "close"})
+        return _error(request, 503, detail, {"Retry-After": "1", "Connection": "close"})
 
     async def require_api_key(request: Request) -> None:
         if api_key is None:
@@ -253,14 +262,21 @@ def create_app(
 
     created = started_at()
 
-    def served_models() -> list[ModelCard]:
+    def ensure_ready() -> None:
         if not service.ready:
             raise Draining()
-        info = service.model_info()
-        name = settings.served_model_name or info.name
-        return [model_card(name, settings.model or info.name, info.max_model_len, created)]
 
-    app.include_router(compat_router(served_models, require_api_key))
+    def served_name() -> str:
+        return settings.served_model_name or service.model_info().name
+
+    def served_models() -> list[ModelCard]:
+        ensure_ready()
+        info = service.model_info()
+        root = settings.model or info.name
+        return [model_card(served_name(), root, info.max_model_len, created)]
+
+    dropin = DropInContext(service, ensure_ready, served_name, served_models)
+    app.include_router(dropin_router(dropin, require_api_key))
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], tags=["v1"])
 
@@ -305,7 +321,7 @@ def create_app(
         """
         if not service.ready:
             raise Draining()
-        body = await _read_body(request, service.limits.max_body_bytes)
+        body = await read_body(request, service.limits.max_body_bytes)
         metrics.bytes_in.labels("/v1/score").inc(len(body))
         encoded = await service.score(
             body, request.headers.get("content-type"), request.headers.get("accept")
@@ -333,7 +349,7 @@ def create_app(
         temperature, top-p, max_tokens, n, seed. Same auth, limits and errors as /v1/score."""
         if not service.ready:
             raise Draining()
-        body = await _read_body(request, service.limits.max_body_bytes)
+        body = await read_body(request, service.limits.max_body_bytes)
         metrics.bytes_in.labels("/v1/generate").inc(len(body))
         answer = await service.generate(body, request.headers.get("content-type"))
         payload = answer.model_dump_json().encode()
@@ -342,30 +358,3 @@ def create_app(
 
     app.include_router(v1)
     return app
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The request body, refusing (413) as soon as it would exceed `limit` bytes."""
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise ContractError(
-            f"body of {declared} bytes exceeds max_body_bytes={limit}",
-            field="body",
-            limit=limit,
-            status=413,
-            kind="payload_too_large",
-        )
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ContractError(
-                f"body exceeds max_body_bytes={limit}",
-                field="body",
-                limit=limit,
-                status=413,
-                kind="payload_too_large",
-            )
-        chunks.append(chunk)
-    return b"".join(chunks)

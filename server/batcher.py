@@ -245,6 +245,7 @@ class Batcher:
             top_k_ids_Nk=cat("top_k_ids_Nk"),
             top_k_logprobs_Nk=cat("top_k_logprobs_Nk"),
             entropy_N=cat("entropy_N"),
+            token_ranks_N=cat("token_ranks_N"),
             model=self.model_name,
             temperature=req.options.temperature,
             logprob_dtype=req.options.logprob_dtype,

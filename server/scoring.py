@@ -9,6 +9,8 @@ token is scored, the LM head weight W_VH and the options, it returns per positio
     cands  = z[cand_ids] - lse                 log q at caller-chosen ids (e.g. student's top-k)
     top-k  = topk(z) - lse                     teacher's own top-k ids and log-probs
     H      = lse - sum_v softmax(z)_v z_v      exact full-vocab entropy (nats), with lse
+    rank   = #{v : z_v >= z[target]}           vocabulary rank of the actual token (1 = top),
+                                               ties counted against it, as vLLM ranks
 
 The LM head runs only on scored positions and in tiles: blocks of `chunk_tokens` rows times
 blocks of `chunk_vocab` vocabulary columns, so a [T, V] float32 logits tensor never exists.
@@ -68,6 +70,7 @@ class ScoredRows:
     top_k_ids_Nk: np.ndarray | None
     top_k_logprobs_Nk: np.ndarray | None
     entropy_N: np.ndarray | None
+    token_ranks_N: np.ndarray | None = None
 
 
 class TileBuffers:
@@ -109,6 +112,28 @@ def head_logits(
     if head.final_softcap is not None:
         z.div_(head.final_softcap).tanh_().mul_(head.final_softcap)
     return z
+
+
+def target_logits(
+    head: HeadSpec, hidden_RH: torch.Tensor, targets_R: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """float32 logits of each row's own target id, before any tile is computed.
+
+    The rank of the actual token needs its logit in every tile, also in the tiles that come
+    before the one holding it; a row-wise dot product gives it up front. It is rounded to the
+    head's dtype as the tile matmul's output is, so exact ties (common in bf16) stay ties.
+    """
+    weight = head.weight_VH[targets_R]
+    h = hidden_RH.to(weight.dtype)
+    raw = (h.float() * weight.float()).sum(-1)
+    if head.bias_V is not None:
+        raw = raw + head.bias_V[targets_R].float()
+    z = raw.to(weight.dtype).float()
+    if head.logit_scale is not None:
+        z = z * head.logit_scale
+    if head.final_softcap is not None:
+        z = torch.tanh(z / head.final_softcap) * head.final_softcap
+    return z / temperature if temperature != 1.0 else z
 
 
 class OnlineSoftmaxStats:
@@ -173,8 +198,14 @@ def score_hidden(
     temperature: float = 1.0,
     chunk_tokens: int = 1024,
     chunk_vocab: int = 0,
+    rank: bool = False,
 ) -> ScoredRows:
-    """Score N positions tile by tile; chunk_vocab 0 (or >= V) is one tile per row block."""
+    """Score N positions tile by tile; chunk_vocab 0 (or >= V) is one tile per row block.
+
+    With `rank`, each tile also counts the logits at or above the row's target logit (from
+    `target_logits`); the target itself is added when rounding put its tile value below that
+    estimate, so the count is the rank exactly except for logits within rounding of the target.
+    """
     n = int(hidden_NH.shape[0])
     device = hidden_NH.device
     vocab = head.vocab_size
@@ -188,6 +219,7 @@ def score_hidden(
     top_ids = torch.empty((n, top_k), dtype=torch.int64, device=device) if top_k else None
     top_lp = torch.empty((n, top_k), dtype=torch.float32, device=device) if top_k else None
     ent = torch.empty(n, dtype=torch.float32, device=device) if entropy else None
+    ranks = torch.empty(n, dtype=torch.int64, device=device) if rank else None
     targets = target_ids_N.to(device=device, dtype=torch.int64)
     cands = None if candidate_ids_NK is None else candidate_ids_NK.to(device, torch.int64)
     step = max(1, int(chunk_tokens))
@@ -200,11 +232,16 @@ def score_hidden(
         tile_vals: list[torch.Tensor] = []
         tile_ids: list[torch.Tensor] = []
         block = hidden_NH[a:b].to(head.weight_VH.dtype)
+        if ranks is not None:
+            tok_est = target_logits(head, block, targets[a:b], temperature)
+            at_or_above = torch.zeros(b - a, dtype=torch.int64, device=device)
         for v0 in range(0, vocab, width):
             z = head_logits(head, block, slice(v0, v0 + width), buffers)
             if temperature != 1.0:
                 z.div_(temperature)
             tok_z = pick_in_tile(z, targets[a:b], v0, tok_z)
+            if ranks is not None:
+                at_or_above += (z >= tok_est[:, None]).sum(-1)
             if cand_z is not None and cands is not None:
                 cand_z = pick_in_tile(z, cands[a:b], v0, cand_z)
             if top_ids is not None:
@@ -225,6 +262,8 @@ def score_hidden(
             top_lp[a:b] = vals - lse[:, None]
         if ent is not None:
             ent[a:b] = stats.entropy()
+        if ranks is not None:
+            ranks[a:b] = at_or_above + (tok_z < tok_est).long()
 
     def out(x: torch.Tensor | None, dtype: type = np.float32) -> np.ndarray | None:
         return None if x is None else x.cpu().numpy().astype(dtype, copy=False)
@@ -235,6 +274,7 @@ def score_hidden(
         top_k_ids_Nk=out(top_ids, np.int32),
         top_k_logprobs_Nk=out(top_lp),
         entropy_N=out(ent),
+        token_ranks_N=out(ranks, np.int32),
     )
 
 
@@ -247,8 +287,8 @@ def score_items(
 ) -> list[ScoredRows]:
     """Score a pack given each item's final hidden states [>= n_tokens - 1, H].
 
-    Items that share options (top_k, entropy, temperature, number of candidates) go through the
-    LM head together, one tiled pass per group, so one request's options never reach another's
+    Items that share options (top_k, entropy, temperature, rank, number of candidates) go through
+    the LM head together, one tiled pass per group, so one request's options never reach another's
     numbers. Row j of an item's hidden states predicts token j + 1; only rows score_from-1 ..
     n_tokens-2 are used. Shared by every backend, so they differ only in how hidden states are made.
     """
@@ -256,9 +296,9 @@ def score_items(
     for i, it in enumerate(items):
         o = it.options
         k = 0 if it.candidate_ids is None else it.candidate_ids.shape[1]
-        groups[(o.top_k, o.entropy, o.temperature, k)].append(i)
+        groups[(o.top_k, o.entropy, o.temperature, o.token_rank, k)].append(i)
     results: list[ScoredRows | None] = [None] * len(items)
-    for (top_k, entropy, temperature, k), members in groups.items():
+    for (top_k, entropy, temperature, rank, k), members in groups.items():
         rows = torch.cat(
             [hidden_per_item[i][items[i].score_from - 1 : items[i].n_tokens - 1] for i in members]
         )
@@ -280,6 +320,7 @@ def score_items(
             temperature=temperature,
             chunk_tokens=chunk_tokens,
             chunk_vocab=chunk_vocab,
+            rank=rank,
         )
         start = 0
         for i in members:
@@ -299,4 +340,5 @@ def slice_rows(rows: ScoredRows, a: int, b: int) -> ScoredRows:
         top_k_ids_Nk=s(rows.top_k_ids_Nk),
         top_k_logprobs_Nk=s(rows.top_k_logprobs_Nk),
         entropy_N=s(rows.entropy_N),
+        token_ranks_N=s(rows.token_ranks_N),
     )

@@ -6,8 +6,8 @@ by the protocol (below) or named by a sibling key. A ragged batch is a flat arra
 
 Request map::
 
-    protocol_version str, top_k int, entropy bool, temperature float, logprob_dtype str,
-    token_ids bin <i4 [T], seq_offsets bin <i8 [n+1], score_from bin <i4 [n],
+    protocol_version str, top_k int, entropy bool, token_rank bool, temperature float,
+    logprob_dtype str, token_ids bin <i4 [T], seq_offsets bin <i8 [n+1], score_from bin <i4 [n],
     n_candidates int, candidate_ids bin <i4 [N*K] or nil
 
 Response map::
@@ -15,7 +15,8 @@ Response map::
     protocol_version, model, temperature, logprob_dtype ("float32" | "float16"), top_k,
     n_candidates, ids_dtype ("uint16" | "int32"), usage {sequences, input_tokens, scored_tokens},
     scored_offsets bin <i8 [n+1], token_logprobs bin [N], candidate_logprobs bin [N*K] or nil,
-    top_k_ids bin ids_dtype [N*k] or nil, top_k_logprobs bin [N*k] or nil, entropy bin [N] or nil
+    top_k_ids bin ids_dtype [N*k] or nil, top_k_logprobs bin [N*k] or nil, entropy bin [N] or nil,
+    token_ranks bin <i4 [N] or nil
 
 msgpack is used only as an envelope of typed scalars and byte strings: no extension types, no
 pickle, nothing executable. Decoding checks every length before reshaping; a body that does not
@@ -91,6 +92,7 @@ def encode_request_msgpack(req: PackedRequest) -> bytes:
             "protocol_version": PROTOCOL_VERSION,
             "top_k": o.top_k,
             "entropy": o.entropy,
+            "token_rank": o.token_rank,
             "temperature": o.temperature,
             "logprob_dtype": o.logprob_dtype,
             "token_ids": _to_bin(req.token_ids_T, "int32"),
@@ -109,6 +111,7 @@ _REQUEST_KEYS = {
     "protocol_version",
     "top_k",
     "entropy",
+    "token_rank",
     "temperature",
     "logprob_dtype",
     "token_ids",
@@ -117,6 +120,9 @@ _REQUEST_KEYS = {
     "n_candidates",
     "candidate_ids",
 }
+
+
+_OPTION_KEYS = ("top_k", "entropy", "token_rank", "temperature", "logprob_dtype")
 
 
 def decode_request_msgpack(body: bytes) -> PackedRequest:
@@ -129,7 +135,7 @@ def decode_request_msgpack(body: bytes) -> PackedRequest:
             raise ContractError(f"{key} is required", field=key)
     try:
         options = ScoreOptions.model_validate(
-            {k: obj[k] for k in ("top_k", "entropy", "temperature", "logprob_dtype") if k in obj}
+            {k: obj[k] for k in _OPTION_KEYS if k in obj}
         )
     except ValidationError as exc:
         raise contract_error_from_pydantic(exc) from None
@@ -174,11 +180,21 @@ def decode_request_json(body: bytes) -> PackedRequest:
     return PackedRequest.from_request(request)
 
 
+_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none", "function-after"}
+
+
+def _is_union_tag(loc: str) -> bool:
+    """pydantic names the union member it tried in the error path (`list[int]`, `str`)."""
+    return "[" in loc or loc in _TYPE_TAGS
+
+
 def contract_error_from_pydantic(exc: ValidationError) -> ContractError:
     """The first pydantic error as a ContractError whose field is a readable path."""
     err = exc.errors()[0]
     parts: list[str] = []
     for loc in err["loc"]:
+        if isinstance(loc, str) and _is_union_tag(loc):
+            continue  # "prompt.list[int][1]" -> "prompt[1]": the member tried is not a field
         if isinstance(loc, int):
             parts[-1:] = [f"{parts[-1]}[{loc}]"] if parts else [f"[{loc}]"]
         else:
@@ -232,6 +248,7 @@ def encode_result_msgpack(res: PackedResult) -> bytes:
             "top_k_ids": opt(ids, ids_dtype),
             "top_k_logprobs": opt(res.top_k_logprobs_Nk, fdt),
             "entropy": opt(res.entropy_N, fdt),
+            "token_ranks": opt(res.token_ranks_N, "int32"),
         },
         use_bin_type=True,
     )
@@ -273,6 +290,7 @@ def _result_from_map(obj: dict[str, Any]) -> PackedResult:
         top_k_ids_Nk=None if ids is None else ids.astype(np.int32),
         top_k_logprobs_Nk=opt("top_k_logprobs", fdt, (n_scored, top_k)),
         entropy_N=opt("entropy", fdt, (n_scored,)),
+        token_ranks_N=opt("token_ranks", "int32", (n_scored,)),
         model=str(obj.get("model", "")),
         temperature=float(obj.get("temperature", 1.0)),
         logprob_dtype=fdt,
@@ -306,6 +324,7 @@ def result_to_json_dict(res: PackedResult, keep_arrays: bool = False) -> dict[st
                 "top_k_ids": rows(res.top_k_ids_Nk, a, b),
                 "top_k_logprobs": rows(widened.top_k_logprobs_Nk, a, b),
                 "entropy": rows(widened.entropy_N, a, b),
+                "token_ranks": rows(res.token_ranks_N, a, b),
             }
         )
     return {
@@ -346,6 +365,7 @@ def result_from_json_dict(data: dict[str, Any]) -> PackedResult:
         top_k_ids_Nk=cat("top_k_ids", k, np.int32),
         top_k_logprobs_Nk=cat("top_k_logprobs", k, fdt),
         entropy_N=cat("entropy", None, fdt),
+        token_ranks_N=cat("token_ranks", None, np.int32),
         model=str(data.get("model", "")),
         temperature=float(data.get("temperature", 1.0)),
         logprob_dtype=str(data.get("logprob_dtype", "float32")),

@@ -5,7 +5,7 @@ N = scored positions summed over them, K = candidate ids per position, k = teach
 
     PackedRequest: token_ids_T, seq_offsets_n1 (n+1), score_from_n, candidate_ids_NK
     PackedResult:  scored_offsets_n1 (n+1), token_logprobs_N, candidate_logprobs_NK,
-                   top_k_ids_Nk, top_k_logprobs_Nk, entropy_N
+                   top_k_ids_Nk, top_k_logprobs_Nk, entropy_N, token_ranks_N
 
 Sequence i owns tokens token_ids_T[seq_offsets_n1[i]:seq_offsets_n1[i+1]] and scored rows
 [scored_offsets_n1[i]:scored_offsets_n1[i+1]] of every per-position array. The server never
@@ -191,6 +191,7 @@ class SequenceScores:
     top_k_ids: np.ndarray | None = None
     top_k_logprobs: np.ndarray | None = None
     entropy: np.ndarray | None = None
+    token_ranks: np.ndarray | None = None
 
 
 @dataclass
@@ -201,6 +202,7 @@ class PackedResult:
     top_k_ids_Nk: np.ndarray | None = None
     top_k_logprobs_Nk: np.ndarray | None = None
     entropy_N: np.ndarray | None = None
+    token_ranks_N: np.ndarray | None = None
     model: str = ""
     temperature: float = 1.0
     logprob_dtype: str = "float32"
@@ -223,6 +225,7 @@ class PackedResult:
             top_k_ids=rows(self.top_k_ids_Nk),
             top_k_logprobs=rows(self.top_k_logprobs_Nk),
             entropy=rows(self.entropy_N),
+            token_ranks=rows(self.token_ranks_N),
         )
 
     def sequences(self) -> list[SequenceScores]:
@@ -242,6 +245,7 @@ class PackedResult:
             top_k_ids_Nk=self.top_k_ids_Nk,
             top_k_logprobs_Nk=c(self.top_k_logprobs_Nk),
             entropy_N=c(self.entropy_N),
+            token_ranks_N=self.token_ranks_N,
             model=self.model,
             temperature=self.temperature,
             logprob_dtype=dtype,
@@ -270,6 +274,7 @@ class PackedResult:
             top_k_ids_Nk=cat("top_k_ids_Nk"),
             top_k_logprobs_Nk=cat("top_k_logprobs_Nk"),
             entropy_N=cat("entropy_N"),
+            token_ranks_N=cat("token_ranks_N"),
             model=first.model,
             temperature=first.temperature,
             logprob_dtype=first.logprob_dtype,

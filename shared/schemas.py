@@ -41,6 +41,11 @@ class SequenceIn(_Wire):
 class ScoreOptions(_Wire):
     top_k: int = Field(default=0, ge=0, description="teacher top-k ids + log-probs; 0 = none")
     entropy: bool = Field(default=False, description="exact full-vocabulary teacher entropy")
+    token_rank: bool = Field(
+        default=False,
+        description="vocabulary rank of the actual token (1 = the teacher's top choice; ties "
+        "count against it, as vLLM ranks)",
+    )
     temperature: float = Field(
         default=1.0, gt=0, description="log-probs of softmax(logits / temperature)"
     )
@@ -63,6 +68,9 @@ class SequenceScoresJSON(_Wire):
     top_k_ids: list[list[int]] | None = Field(default=None, description="[n_scored, top_k]")
     top_k_logprobs: list[list[float]] | None = Field(default=None, description="[n_scored, top_k]")
     entropy: list[float] | None = Field(default=None, description="[n_scored] nats")
+    token_ranks: list[int] | None = Field(
+        default=None, description="[n_scored] rank of the actual token, 1 = top"
+    )
 
 
 class Usage(_Wire):

@@ -128,3 +128,41 @@ def test_default_tiles_by_device() -> None:
     assert Settings().scoring_tiles("cuda") == (256, 0)
     assert Settings(logits_chunk_tokens=64, logits_chunk_vocab=0).scoring_tiles("cpu") == (64, 0)
     assert Settings(logits_chunk_vocab=8192).scoring_tiles("cuda") == (256, 8192)
+
+
+def rank64(logp: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """1 + how many ids have a log-prob at least the target's (the target counts itself)."""
+    t = logp[np.arange(len(targets)), targets]
+    return (logp >= t[:, None]).sum(-1)
+
+
+@pytest.mark.parametrize(("rows", "cols"), [(8, 128), (37, 0), (5, 7)])
+def test_token_rank_matches_float64(rows: int, cols: int) -> None:
+    """Targets drawn from the top of each row and from anywhere: the rank is exact whichever
+    tile holds the target, before or after the tiles that hold the ids above it."""
+    head = make_head(seed=11, bias=True)
+    h, targets, _ = inputs(37, 1, seed=12)
+    ref = float64_reference(head, h, temperature=0.8)
+    order = np.argsort(-ref, axis=1)
+    targets[:10] = torch.from_numpy(order[:10, 0])  # rank 1
+    targets[10:20] = torch.from_numpy(order[10:20, 3])  # rank 4
+    out = score_hidden(head, h, targets, None, 0, False, 0.8, rows, cols, rank=True)
+    expected = rank64(ref, targets.numpy())
+    assert expected[:10].tolist() == [1] * 10 and expected[10:20].tolist() == [4] * 10
+    np.testing.assert_array_equal(out.token_ranks_N, expected)
+    off = score_hidden(head, h, targets, None, 0, False, 0.8, rows, cols)
+    assert off.token_ranks_N is None
+
+
+def test_token_rank_counts_exact_ties_against_the_token() -> None:
+    """A bf16 head makes many logits exactly equal: every id tied with the target counts, as
+    vLLM's `>=` count does, whichever tile it sits in."""
+    head = make_head(seed=13)
+    head.weight_VH = head.weight_VH.to(torch.bfloat16)
+    h, targets, _ = inputs(16, 1, seed=14)
+    head.weight_VH[500:505] = head.weight_VH[int(targets[0])]  # five exact copies of a target
+    out = score_hidden(head, h, targets, None, 0, False, 1.0, 4, 128, rank=True)
+    z = (h.to(torch.bfloat16) @ head.weight_VH.T).float().double()
+    expected = (z >= z[np.arange(16), targets][:, None]).sum(-1).numpy()
+    np.testing.assert_array_equal(out.token_ranks_N, expected)
+    assert out.token_ranks_N[0] >= 6  # the target and its five copies

@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from opd.server.compat import ModelList
+from opd.server.dropin.models import ModelList
 from tests.support.keys import TEST_API_KEY
 
 

@@ -1,0 +1,83 @@
+"""Errors on the drop-in routes, in the shape their clients parse: OpenAI's.
+
+vLLM answers every error of its OpenAI routes as ``{"error": {"message", "type", "param",
+"code"}}`` with `code` the HTTP status, and the OpenAI SDK (which prime-rl and many scripts use)
+reads exactly that. opd's own routes keep opd's shape (opd.shared.errors); the app's handlers
+ask `is_dropin_path` which one a request gets. Bad input is a 400 here, as vLLM answers it
+(opd's own routes say 422), and the message still names the field and the limit.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel
+
+from opd.shared.errors import ContractError, ErrorDetail
+
+# The paths the drop-in routes answer on (prefixes end in "/").
+DROPIN_PATHS = frozenset(
+    {
+        "/v1/models",
+        "/v1/completions",
+        "/inference/v1/generate",
+        "/generate",
+        "/get_sequence_logprobs/",
+    }
+)
+
+# OpenAI's error type names by status (what vLLM and the OpenAI SDK use).
+_TYPES = {
+    400: "BadRequestError",
+    401: "AuthenticationError",
+    404: "NotFoundError",
+    413: "BadRequestError",
+    415: "BadRequestError",
+    422: "BadRequestError",
+    429: "RateLimitError",
+    500: "InternalServerError",
+    501: "NotImplementedError",
+    503: "ServiceUnavailableError",
+}
+
+
+class OpenAIErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: int
+
+
+class OpenAIErrorBody(BaseModel):
+    error: OpenAIErrorInfo
+
+
+def is_dropin_path(path: str) -> bool:
+    return path in DROPIN_PATHS
+
+
+def dropin_status(status: int) -> int:
+    """vLLM answers malformed or out-of-limit input with 400; opd's own routes with 422."""
+    return 400 if status == 422 else status
+
+
+def openai_error(status: int, detail: ErrorDetail) -> dict:
+    """The OpenAI error body for an opd error detail (request id: the X-Request-ID header)."""
+    status = dropin_status(status)
+    info = OpenAIErrorInfo(
+        message=detail.message,
+        type=_TYPES.get(status, "BadRequestError"),
+        param=detail.field,
+        code=status,
+    )
+    return OpenAIErrorBody(error=info).model_dump()
+
+
+def bad_request(message: str, param: str, limit: float | int | str | None = None) -> ContractError:
+    """A 400 naming the offending field of the drop-in request."""
+    return ContractError(message, field=param, limit=limit, status=400)
+
+
+def model_not_found(name: str) -> ContractError:
+    """vLLM's answer to a request naming a model the server does not serve."""
+    return ContractError(
+        f"The model `{name}` does not exist.", field="model", status=404, kind="not_found"
+    )

@@ -1,0 +1,124 @@
+"""TRL's own client code (the installed `trl` package, never a copy) against a real opd server.
+
+- the sync trainers' `VLLMClient.get_sequence_logprobs` (POST /v1/completions, TRL >= 1.11);
+- the async distillation worker's teacher request and readiness wait (`_AsyncRolloutLoop`);
+- the binary and JSON forms of TRL <= 1.10's POST /get_sequence_logprobs/, decoded with TRL's
+  own decoder.
+Each gives the numbers of POST /v1/score on the same server and the shapes TRL tensorises.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.server.test_dropin_completions import TOL, score_reference
+
+SEQS = [[5, 17, 250, 31, 9, 77, 120, 4], [300, 2, 2, 41, 8, 19]]
+PROMPT_LENGTHS = [3, 2]
+
+pytestmark = pytest.mark.filterwarnings("ignore:TRL currently supports vLLM versions")
+
+
+def test_vllm_client_sequence_logprobs_equal_v1_score(tiny_server):
+    from trl.generation.vllm_client import VLLMClient
+
+    client = VLLMClient(base_url=tiny_server, connection_timeout=10)
+    out = client.get_sequence_logprobs(SEQS, PROMPT_LENGTHS, top_logprobs=4, temperature=0.8)
+    refs = score_reference(tiny_server, SEQS, 4, 0.8)
+    for i, (seq, plen, ref) in enumerate(zip(SEQS, PROMPT_LENGTHS, refs, strict=True)):
+        rows = slice(plen - 1, len(seq) - 1)  # positions plen .. L-1
+        assert np.array(out["logprobs"][i]).shape == (len(seq) - plen, 4)
+        np.testing.assert_allclose(out["logprobs"][i], ref.top_k_logprobs[rows], **TOL)
+        assert np.array(out["logprob_token_ids"][i]).tolist() == ref.top_k_ids[rows].tolist()
+        # the actual token is in every position's dict (k + 1 entries), top-k or not
+        actual = np.array(out["actual_logprobs"][i])[:, 0]
+        np.testing.assert_allclose(actual, ref.token_logprobs[rows], **TOL)
+        assert out["actual_token_ids"][i] == [[t] for t in seq[plen:]]
+
+
+def test_async_distillation_teacher_request(tiny_server):
+    """The worker's readiness wait (GET /v1/models) and its teacher call, run as installed."""
+    import aiohttp
+    from accelerate import PartialState
+    from trl.experimental.async_distillation.async_rollout_worker import _AsyncRolloutLoop
+
+    PartialState()  # the worker logs through accelerate, as in its own process
+    k, temperature = 3, 0.9
+    loop = _AsyncRolloutLoop.__new__(_AsyncRolloutLoop)  # only the teacher half is exercised
+    loop.teacher_server_urls = {"default": tiny_server}
+    loop.teacher_model_names = {}
+    loop.teacher_top_k, loop.teacher_temperature = k, temperature
+    loop.request_timeout = 60
+    loop._counters = {}
+
+    async def run():
+        async with aiohttp.ClientSession() as session:
+            loop.session = session
+            await loop._resolve_teacher_model_names()
+            name = loop.teacher_model_names["default"]
+            return await loop._score_with_teacher(SEQS[0][:3], SEQS[0][3:], tiny_server, name)
+
+    ids, lps = asyncio.run(run())
+    (ref,) = score_reference(tiny_server, [SEQS[0]], k, temperature)
+    assert len(ids) == len(SEQS[0]) - 3
+    for j, (row_ids, row_lps) in enumerate(zip(ids, lps, strict=True)):
+        pos = 3 + j
+        assert len(row_ids) in (k, k + 1)  # the collator pads to k + 1: more would break it
+        assert row_ids[:k] == ref.top_k_ids[pos - 1].tolist()  # rank-sorted, top-1 first
+        np.testing.assert_allclose(row_lps[:k], ref.top_k_logprobs[pos - 1], **TOL)
+        actual = row_ids.index(SEQS[0][pos])  # the realised token is always present
+        np.testing.assert_allclose(row_lps[actual], ref.token_logprobs[pos - 1], **TOL)
+
+
+@pytest.mark.parametrize("response_format", ["binary", "json"])
+def test_legacy_get_sequence_logprobs(tiny_server, response_format):
+    """TRL <= 1.10's route (not in the installed TRL 1.16, whose client moved to
+    /v1/completions): the binary answer decoded by its documented layout."""
+    body = {
+        "sequences": SEQS,
+        "prompt_lengths": PROMPT_LENGTHS,
+        "top_logprobs": 4,
+        "temperature": 0.8,
+        "response_format": response_format,
+    }
+    r = httpx.post(tiny_server + "/get_sequence_logprobs/", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    refs = score_reference(tiny_server, SEQS, 4, 0.8)
+    if response_format == "binary":
+        out = _decode(r.json())
+        assert r.json()["shape"] == [2, 5, 4] and r.json()["completion_lengths"] == [5, 4]
+    else:
+        out = r.json()
+    for i, (seq, plen, ref) in enumerate(zip(SEQS, PROMPT_LENGTHS, refs, strict=True)):
+        rows = slice(plen - 1, len(seq) - 1)
+        top = [row[:4] for row in out["logprobs"][i]]
+        np.testing.assert_allclose(top, ref.top_k_logprobs[rows], **TOL)
+        ids = [row[:4] for row in out["logprob_token_ids"][i]]
+        assert np.array(ids).tolist() == ref.top_k_ids[rows].tolist()
+        if response_format == "binary":
+            actual = np.array(out["actual_logprobs"][i])[:, 0]
+            np.testing.assert_allclose(actual, ref.token_logprobs[rows], **TOL)
+        else:  # the actual token follows the top-k when it is outside it
+            for j, row in enumerate(out["logprob_token_ids"][i]):
+                assert len(row) == (4 if seq[plen + j] in row[:4] else 5)
+
+
+def _decode(payload: dict) -> dict:
+    """TRL <= 1.10's binary layout: raw little-endian arrays in base64, [B, max_len, k]."""
+    import base64
+
+    shape = payload["shape"]
+    lps = np.frombuffer(base64.b64decode(payload["logprobs_b64"]), np.float32).reshape(shape)
+    ids = np.frombuffer(base64.b64decode(payload["token_ids_b64"]), np.int32).reshape(shape)
+    act = np.frombuffer(base64.b64decode(payload["actual_logprobs_b64"]), np.float32)
+    act = act.reshape(shape[0], shape[1], 1)
+    n = payload["completion_lengths"]
+    return {
+        "logprobs": [lps[i, : n[i]].tolist() for i in range(shape[0])],
+        "logprob_token_ids": [ids[i, : n[i]].tolist() for i in range(shape[0])],
+        "actual_logprobs": [act[i, : n[i]].tolist() for i in range(shape[0])],
+    }
