@@ -20,8 +20,9 @@ from typing import Any
 import httpx
 
 from opd.bench.procmem import tree_peak_rss_bytes
+from opd.bench.vllm_server import VLLMOpenAIServer
 from opd.bench.workload import WorkloadConfig, make_requests
-from opd.client.teacher.launch import LocalTeacher, free_port
+from opd.client.teacher.launch import LocalTeacher
 
 
 class WorkerContender:
@@ -170,70 +171,16 @@ class OPDHTTPContender:
         self.client.close()
 
 
-class VLLMServerContender:
-    """vLLM's own OpenAI-compatible server, /v1/completions with prompt_logprobs = top_k: what
-    most users run today. Its engine is bound to all of this machine's cores."""
+class CompletionsContender:
+    """POST /v1/completions with prompt_logprobs = top_k (max_tokens 1, temperature 0): TRL's
+    request, to any server that answers it; `concurrency` clients at once, each parsing the
+    per-token dicts as a client must before it can use them."""
 
     def __init__(
-        self,
-        name: str,
-        model: str,
-        wl: WorkloadConfig,
-        concurrency: int,
-        log: Path,
-        device: str = "cpu",
+        self, name: str, url: str, model: str, wl: WorkloadConfig, concurrency: int, vocab: int
     ) -> None:
-        self.name, self.model, self.wl, self.concurrency = name, model, wl, concurrency
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        cores = os.cpu_count() or 1
-        env = {
-            **os.environ,
-            "HF_HUB_OFFLINE": "1",
-            "VLLM_CPU_KVCACHE_SPACE": "1",
-            "VLLM_CPU_OMP_THREADS_BIND": f"0-{cores - 1}",
-            "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
-        }
-        cmd = [
-            sys.executable,
-            "-m",
-            "vllm.entrypoints.openai.api_server",
-            "--model",
-            model,
-            "--dtype",
-            "float32",
-            "--max-model-len",
-            str(max(512, wl.seq_len + 1)),
-            "--enforce-eager",
-            "--max-logprobs",
-            str(max(wl.top_k, 1)),
-            "--port",
-            str(self.port),
-            "--host",
-            "127.0.0.1",
-        ]
-        if device.startswith("cuda"):  # the GPU is shared with the other contenders
-            cmd += [
-                "--gpu-memory-utilization",
-                os.environ.get("OPD_GPU_MEMORY_UTILIZATION", "0.25"),
-            ]
-        self._log = open(log, "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 600
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"vLLM server exited with {self.proc.returncode}; see {log}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError("vLLM server not ready after 600 s")
-            time.sleep(0.5)
-        from transformers import AutoConfig
-
-        vocab = int(AutoConfig.from_pretrained(model).vocab_size)
+        self.name, self.url, self.model, self.wl = name, url, model, wl
+        self.concurrency = concurrency
         self.requests = make_requests(wl, vocab)
         self.http = httpx.Client(timeout=600)
 
@@ -247,7 +194,7 @@ class VLLMServerContender:
         }
         r = self.http.post(self.url + "/v1/completions", json=body)
         r.raise_for_status()
-        parsed = r.json()  # a client must parse the per-token dicts to use them
+        parsed = r.json()
         assert len(parsed["choices"]) == req.n_sequences
         return len(r.content)
 
@@ -257,15 +204,52 @@ class VLLMServerContender:
         result["positions"] = self.wl.sequences * (self.wl.seq_len - 1)
         return result
 
+
+class OPDCompletionsContender(CompletionsContender):
+    """opd's drop-in /v1/completions on an `opd serve` process shared with other contenders."""
+
+    def __init__(self, name: str, server: OPDServer, wl: WorkloadConfig, concurrency: int) -> None:
+        model = httpx.get(server.url + "/v1/models").json()["data"][0]["id"]
+        super().__init__(name, server.url, model, wl, concurrency, server.vocab)
+        self.server = server
+        self.setup = server.setup
+
+    def peak_rss_bytes(self) -> int:
+        return self.server.peak_rss_bytes()
+
+    def close(self) -> None:
+        self.http.close()
+
+
+class VLLMServerContender(CompletionsContender):
+    """vLLM's own OpenAI-compatible server: what most users run today. Its engine is bound to
+    all of this machine's cores."""
+
+    def __init__(
+        self,
+        name: str,
+        model: str,
+        wl: WorkloadConfig,
+        concurrency: int,
+        log: Path,
+        device: str = "cpu",
+    ) -> None:
+        self.server = VLLMOpenAIServer(
+            model,
+            log,
+            max_model_len=max(512, wl.seq_len + 1),
+            max_logprobs=wl.top_k,
+            device=device,
+        )
+        self.proc = self.server.proc
+        from transformers import AutoConfig
+
+        vocab = int(AutoConfig.from_pretrained(model).vocab_size)
+        super().__init__(name, self.server.url, model, wl, concurrency, vocab)
+
     def peak_rss_bytes(self) -> int:
         return tree_peak_rss_bytes(self.proc.pid)
 
     def close(self) -> None:
         self.http.close()
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self._log.close()
+        self.server.close()

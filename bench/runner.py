@@ -21,6 +21,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from opd.bench.contenders import (
+    OPDCompletionsContender,
     OPDHTTPContender,
     OPDServer,
     VLLMServerContender,
@@ -29,7 +30,9 @@ from opd.bench.contenders import (
 from opd.bench.workload import WorkloadConfig, workload_flops
 from opd.server.allocator import FIXED_INITIAL_THRESHOLDS_ENV
 
-Contender = Literal["inprocess", "http-binary", "http-json", "naive", "vllm", "matmul", "longseq"]
+Contender = Literal[
+    "inprocess", "http-binary", "http-json", "completions", "naive", "vllm", "matmul", "longseq"
+]
 ALL_CONTENDERS: tuple[str, ...] = typing.get_args(Contender)
 
 
@@ -155,7 +158,7 @@ def run_bench(cfg: BenchConfig, log=print) -> dict[str, Any]:
                 WorkerContender("in-process", "inprocess", worker_cfg, logs / "inprocess.log")
             )
         backends = ["hf"] + (["vllm"] if cfg.opd_vllm else [])
-        if {"http-binary", "http-json"} & set(cfg.contenders) or cfg.opd_vllm:
+        if {"http-binary", "http-json", "completions"} & set(cfg.contenders) or cfg.opd_vllm:
             for backend in backends:
                 server = OPDServer(
                     model, backend, logs / f"opd-{backend}.log", cfg.threads, cfg.device
@@ -173,6 +176,11 @@ def run_bench(cfg: BenchConfig, log=print) -> dict[str, Any]:
                 if "http-json" in cfg.contenders and backend == "hf":
                     c = min(cfg.concurrency)
                     contenders.append(OPDHTTPContender(f"http json c{c}", server, wl, "json", c))
+                if "completions" in cfg.contenders and backend == "hf":
+                    # the drop-in route, the same request and concurrency as the vLLM contender
+                    c = max(cfg.concurrency)
+                    name = f"opd /v1/completions c{c}"
+                    contenders.append(OPDCompletionsContender(name, server, wl, c))
         if "naive" in cfg.contenders:
             contenders.append(WorkerContender("naive HF", "naive", worker_cfg, logs / "naive.log"))
         if "vllm" in cfg.contenders:
@@ -289,6 +297,17 @@ def targets(report: dict[str, Any], cfg: BenchConfig) -> list[dict[str, Any]]:
     )
     if vllm and binary_bytes and vllm["bytes_per_token"]:
         add("bytes/token: http binary / vLLM", binary_bytes / vllm["bytes_per_token"], 0.1, False)
+    dropin = next((v for k, v in s.items() if k.startswith("opd /v1/completions")), None)
+    if vllm and dropin:
+        # the same request to both servers, same run, alternating: at least as fast as vLLM
+        add(
+            "opd /v1/completions / vLLM (tokens/s)",
+            dropin["tokens_per_s"] / vllm["tokens_per_s"],
+            1.0,
+        )
+        if vllm["bytes_per_token"] and dropin["bytes_per_token"]:
+            ratio = dropin["bytes_per_token"] / vllm["bytes_per_token"]
+            add("bytes/token: opd /v1/completions / vLLM", ratio, 1.05, False)
     limit = report.get("limit")
     if inproc and limit:
         add("in-process / matmul-bound limit", inproc / limit["tokens_per_s"], 0.5)

