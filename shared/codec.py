@@ -134,9 +134,7 @@ def decode_request_msgpack(body: bytes) -> PackedRequest:
         if key not in obj:
             raise ContractError(f"{key} is required", field=key)
     try:
-        options = ScoreOptions.model_validate(
-            {k: obj[k] for k in _OPTION_KEYS if k in obj}
-        )
+        options = ScoreOptions.model_validate({k: obj[k] for k in _OPTION_KEYS if k in obj})
     except ValidationError as exc:
         raise contract_error_from_pydantic(exc) from None
     tokens = _from_bin(obj, "token_ids", "int32", ())
