@@ -84,20 +84,31 @@ def refuse_unsupported(req: CompletionRequest) -> None:
             "max_tokens",
             1,
         )
+    refuse_bad_logprob_fields(req, "")
+
+
+def refuse_bad_logprob_fields(fields: Any, prefix: str) -> None:
+    """vLLM's rules for the log-prob counts and the candidate start, shared with the
+    token-in/token-out route (`fields` is its sampling_params there, `prefix` its path)."""
     for name in ("prompt_logprobs", "logprobs"):
-        value = getattr(req, name)
+        value = getattr(fields, name)
         if value is not None and value < 0:
             which = "the whole vocabulary" if value == -1 else "a negative count"
             raise bad_request(
-                f"{name}={value} ({which}) is not served; ask for at most max_top_k", name
+                f"{prefix}{name}={value} ({which}) is not served; ask for at most max_top_k",
+                f"{prefix}{name}",
             )
-    if req.prompt_logprob_start is not None:
-        if req.prompt_logprob_token_ids is None:
+    start = fields.prompt_logprob_start
+    if start is not None:
+        if fields.prompt_logprob_token_ids is None:
             raise bad_request(
-                "prompt_logprob_start requires prompt_logprob_token_ids", "prompt_logprob_start"
+                "prompt_logprob_start requires prompt_logprob_token_ids",
+                f"{prefix}prompt_logprob_start",
             )
-        if req.prompt_logprob_start < 0:
-            raise bad_request("prompt_logprob_start must be non-negative", "prompt_logprob_start")
+        if start < 0:
+            raise bad_request(
+                "prompt_logprob_start must be non-negative", f"{prefix}prompt_logprob_start"
+            )
 
 
 def prompt_ids(req: CompletionRequest, tokenizer: Any) -> list[list[int]]:

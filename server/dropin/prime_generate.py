@@ -22,7 +22,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
-from opd.server.dropin.completions import lined_up, padded, usage
+from opd.server.dropin.completions import lined_up, padded, refuse_bad_logprob_fields, usage
 from opd.server.dropin.errors import bad_request
 from opd.server.dropin.prompt_scores import PromptJob, PromptScores
 from opd.server.dropin.vllm_shapes import TokenTexts, clamp, npy_base64, prompt_logprobs
@@ -70,23 +70,7 @@ def refuse_unsupported(req: TokensRequest) -> None:
             "sampling_params.max_tokens",
             1,
         )
-    for name in ("prompt_logprobs", "logprobs"):
-        value = getattr(sp, name)
-        if value is not None and value < 0:
-            raise bad_request(
-                f"sampling_params.{name}={value} is not served; ask for at most max_top_k",
-                f"sampling_params.{name}",
-            )
-    if sp.prompt_logprob_start is not None:
-        if sp.prompt_logprob_token_ids is None:
-            raise bad_request(
-                "prompt_logprob_start requires prompt_logprob_token_ids",
-                "sampling_params.prompt_logprob_start",
-            )
-        if sp.prompt_logprob_start < 0:
-            raise bad_request(
-                "prompt_logprob_start must be non-negative", "sampling_params.prompt_logprob_start"
-            )
+    refuse_bad_logprob_fields(sp, "sampling_params.")
     if any(t < 0 for t in req.token_ids):
         raise bad_request("token_ids must not contain negative values", "token_ids")
 
