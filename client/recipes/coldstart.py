@@ -331,7 +331,11 @@ def _opd_command(config: ColdstartConfig, student: Path, out: Path) -> str:
     args += ["--prompts", str(out / "opd_prompts.jsonl"), "--run-dir", str(out / "opd")]
     args += ["--seed", str(config.seed), "--dtype", config.dtype, "--device", config.device]
     for key, value in config.opd.model_dump().items():
-        args += [f"--{key.replace('_', '-')}", str(value)]
+        flag = key.replace("_", "-")
+        if isinstance(value, bool):
+            args.append(f"--{flag}" if value else f"--no-{flag}")
+        else:
+            args += [f"--{flag}", str(value)]
     return shlex.join(args)
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -49,6 +48,10 @@ NEGATIVE_ADVANTAGE = -0.1
 # teacher with a signal can be rescued (opd coldstart, opd select-prompts); a twin cannot.
 _CLASSES = ("good", "borderline", "incompatible", "no-signal")
 
+# Prompts per rollout-engine call: one batch for the engine, one request per teacher, and the
+# teachers score chunk c while the student samples chunk c + 1.
+_PROBE_CHUNK = 32
+
 SUMMARY_KEYS = (
     "overlap/ratio",
     "overlap/token_advantage",
@@ -79,6 +82,12 @@ class ProbeConfig(BaseModel):
     n_rollouts: int = Field(default=1, ge=1, description="student rollouts per prompt")
     max_new_tokens: int = Field(default=256, ge=1, description="max completion tokens")
     temperature: float = Field(default=1.0, gt=0, description="rollout temperature")
+    rollout_engine: Literal["hf", "vllm"] = Field(
+        default="hf", description="who samples the student: hf (batched generate) or vllm"
+    )
+    save_rollouts: bool = Field(
+        default=True, description="write the scored rollouts to OUT_DIR/rollouts (Parquet)"
+    )
     top_p: float = Field(default=1.0, gt=0, le=1, description="rollout top-p")
     student_top_k: int = Field(default=16, ge=1, description="K: the student's top-k")
     teacher_top_k: int = Field(default=16, ge=1, description="k: the teacher's top-k")
@@ -183,17 +192,21 @@ def run_probe(config: ProbeConfig, log=print) -> dict[str, Any]:  # noqa: ANN001
 
     from opd.client.train.bridge import ScoreSpec
     from opd.client.train.diagnostics import compute_diagnostics
+    from opd.client.train.engines import make_engine
     from opd.client.train.pipeline import collect, connect_teachers
     from opd.client.train.positions import PositionStats
     from opd.client.train.prompts import load_prompts
-    from opd.client.train.rollouts import SamplingParams, make_rollouts
+    from opd.client.train.rollout_store import RolloutWriter, decode_pieces
+    from opd.client.train.rollouts import SamplingParams, chunk_sampler
     from opd.client.train.student import chat_prompt_ids, load_student
+    from opd.client.train.student_math import StudentModule
     from opd.shared.fingerprint import fingerprint_hf_tokenizer
 
     started = time.perf_counter()
     torch.manual_seed(config.seed)
     model, tokenizer = load_student(config.student, config.dtype, config.device)
     model.eval()
+    student = StudentModule(model)
     prompts = load_prompts(config.prompts, config.prompt_field)
     indices = sample_prompt_indices(len(prompts), config.num_prompts, config.seed)
     params = SamplingParams.for_tokenizer(
@@ -228,29 +241,27 @@ def run_probe(config: ProbeConfig, log=print) -> dict[str, Any]:  # noqa: ANN001
         )
         by_name[teacher.name] = entry
     positions = 0
+    out = Path(config.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(config.rollout_engine, student, model_dir=config.student, seed=config.seed)
     try:
         log(f"sampling {config.n_rollouts} rollout(s) on {len(indices)} prompts")
 
-        def sample(chunk: Sequence[int]) -> list:
-            return [
-                r
-                for index in chunk
-                for r in make_rollouts(
-                    model,
-                    index,
-                    chat_prompt_ids(tokenizer, prompts[index]),
-                    params,
-                    config.student_top_k,
-                )
-            ]
+        sample = chunk_sampler(
+            engine,
+            student,
+            lambda index: chat_prompt_ids(tokenizer, prompts[index]),
+            params,
+            config.student_top_k,
+        )
+        chunks = [indices[a : a + _PROBE_CHUNK] for a in range(0, len(indices), _PROBE_CHUNK)]
 
         def progress(done: int) -> None:
-            if done % 16 == 0:
-                log(f"  {done}/{len(indices)} prompts sampled")
+            log(f"  {min(done * _PROBE_CHUNK, len(indices))}/{len(indices)} prompts sampled")
 
         got = collect(
             connected.teachers,
-            [[i] for i in indices],
+            chunks,
             sample,
             spec,
             keep_going=True,
@@ -259,13 +270,17 @@ def run_probe(config: ProbeConfig, log=print) -> dict[str, Any]:  # noqa: ANN001
         for name, error in got.errors.items():
             by_name[name]["error"] = error
             log(f"teacher {by_name[name]['url']}: failed while scoring ({error})")
-        for name, scored in got.scored.items():
+        for position, (name, scored) in enumerate(got.scored.items()):
+            if config.save_rollouts:  # the first teacher's in out_dir/rollouts, as opd train's
+                folder = out if position == 0 else out / "teachers" / _folder_name(name)
+                RolloutWriter(folder, decode_pieces(tokenizer)).write(0, scored)
             stats = PositionStats.from_rollouts(scored)
             positions = stats.n_positions
             metrics = compute_diagnostics(stats, depth_bucket=config.depth_bucket)
             by_name[name]["metrics"] = metrics
             by_name[name]["verdict"] = verdict(metrics)
     finally:
+        engine.close()
         connected.close()
     report = {
         "version": PROBE_VERSION,
@@ -285,10 +300,13 @@ def run_probe(config: ProbeConfig, log=print) -> dict[str, Any]:  # noqa: ANN001
         "config": config.model_dump(mode="json", exclude={"api_key"}),
         "teachers": rank_teachers(entries),
     }
-    out = Path(config.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     (out / "probe.json").write_text(json.dumps(_finite(report), indent=1))
     return report
+
+
+def _folder_name(name: str) -> str:
+    """A teacher's name as one safe path component."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "teacher"
 
 
 def _finite(obj: Any) -> Any:

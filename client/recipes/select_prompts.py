@@ -49,7 +49,7 @@ if TYPE_CHECKING:
 RankBy = Literal["likelihood", "overlap", "combined"]
 # Prompts per teacher request of the likelihood, and per chunk of student rollouts.
 _CHUNK = 64
-_ROLLOUT_CHUNK = 16
+_ROLLOUT_CHUNK = 32
 
 
 class SelectConfig(BaseModel):
@@ -95,6 +95,9 @@ class SelectConfig(BaseModel):
         default=None, ge=2, description="skip longer rendered prompts (default: teacher's limit)"
     )
     rollouts: int = Field(default=1, ge=1, description="student rollouts per prompt")
+    rollout_engine: Literal["hf", "vllm"] = Field(
+        default="hf", description="who samples the student: hf (batched generate) or vllm"
+    )
     max_new_tokens: int = Field(default=48, ge=1, description="tokens per student rollout")
     top_k: int = Field(default=16, ge=1, description="student and teacher top-k of the overlap")
     temperature: float = Field(default=1.0, gt=0, description="student rollout temperature")
@@ -173,9 +176,11 @@ def student_overlap(
     `opd train` logs. The teacher scores chunk c while the student samples chunk c + 1
     (opd.client.train.pipeline)."""
     from opd.client.train.diagnostics import compute_diagnostics
+    from opd.client.train.engines import make_engine
     from opd.client.train.pipeline import collect
     from opd.client.train.positions import PositionStats
-    from opd.client.train.rollouts import SamplingParams, make_rollouts
+    from opd.client.train.rollouts import SamplingParams, chunk_sampler
+    from opd.client.train.student_math import StudentModule
 
     params = SamplingParams.for_tokenizer(
         tokenizer, cfg.rollouts, cfg.temperature, 1.0, cfg.max_new_tokens
@@ -186,11 +191,14 @@ def student_overlap(
         for a in range(0, len(enc.ids), _ROLLOUT_CHUNK)
     ]
 
-    def sample(chunk: Sequence[int]) -> list:
-        return [r for i in chunk for r in make_rollouts(model, i, enc.ids[i], params, cfg.top_k)]
-
-    (teacher,) = teachers.teachers
-    scored = collect(teachers.teachers, chunks, sample, spec).scored[teacher.name]
+    student = StudentModule(model)
+    engine = make_engine(cfg.rollout_engine, student, model_dir=cfg.student, seed=cfg.seed)
+    try:
+        sample = chunk_sampler(engine, student, lambda i: enc.ids[i], params, cfg.top_k)
+        (teacher,) = teachers.teachers
+        scored = collect(teachers.teachers, chunks, sample, spec).scored[teacher.name]
+    finally:
+        engine.close()
     out_n = np.full(len(enc.ids), np.nan)
     by_prompt: dict[int, list] = {}
     for r in scored:

@@ -11,6 +11,8 @@ Inputs, any subset of them in RUN_DIR:
     coldstart.json, sft_metrics.jsonl  `opd coldstart`: filter counts, SFT loss per step
     quickstart.json                    `opd quickstart`: diagnostics before / after
     config.json                        `opd train`'s config, shown in the page header
+    rollouts/step_*.parquet            saved rollouts (opd.client.train.rollout_store), shown
+                                       token by token; not an input on their own
 
 Outputs in OUT_DIR (default RUN_DIR/report): one PNG per plot (matplotlib, Agg backend) and
 report.html, which embeds them as base64 data URIs and needs nothing else to display.
@@ -30,7 +32,7 @@ import json
 import math
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -149,6 +151,7 @@ class RunInputs:
     sft: Series | None = None
     quickstart: dict[str, Any] | None = None
     config: dict[str, Any] | None = None
+    rollout_steps: list[int] = field(default_factory=list)  # saved under RUN_DIR/rollouts/
 
     @property
     def found(self) -> list[str]:
@@ -215,6 +218,9 @@ def load_inputs(run_dir: Path) -> RunInputs:
         inputs.quickstart = _read_json(p("quickstart.json"))
     if p("config.json").is_file():
         inputs.config = _read_json(p("config.json"))
+    from opd.client.train.rollout_store import saved_steps
+
+    inputs.rollout_steps = saved_steps(run_dir)
     return inputs
 
 

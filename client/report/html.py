@@ -6,8 +6,8 @@ script sets `data-images-ok` (images decoded, naturalWidth > 0) and `data-images
 <body> after load, so a headless browser can check that every plot displays.
 
 Sections, each present only when its input is: health, training over steps, by depth, teacher
-probe, cold start, quickstart before/after, run config. Every dynamic string goes through
-html.escape.
+probe, cold start, quickstart before/after, saved rollouts (rollout_view.py, with its CSS),
+run config. Every dynamic string goes through html.escape.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ from typing import Any
 from opd.client.report.build import INPUT_FILES, MAIN_METRICS, RunInputs
 from opd.client.report.health import Check, windows
 from opd.client.report.plots import Plot, teachers_by_rank, verdict_color
+from opd.client.report.rollout_view import CSS as _ROLLOUT_CSS
+from opd.client.report.rollout_view import rollouts_section
 
 _CSS = """
 body { font: 15px/1.45 -apple-system, "Segoe UI", Roboto, "DejaVu Sans", sans-serif;
@@ -79,6 +81,9 @@ def render_page(inputs: RunInputs, checks: list[Check], plots: list[Plot], frac:
     if inputs.quickstart is not None:
         title = "Quickstart: before / after"
         sections.append(("quickstart", title, _quickstart(inputs.quickstart)))
+    rollouts = rollouts_section(inputs.run_dir, inputs.rollout_steps)
+    if rollouts:
+        sections.append(("rollouts", "Rollouts", rollouts))
     if inputs.config is not None:
         sections.append(("config", "Run config", _config(inputs.config)))
 
@@ -87,6 +92,9 @@ def render_page(inputs: RunInputs, checks: list[Check], plots: list[Plot], frac:
     inputs_list = ", ".join(
         f"<code>{f}</code> {'found' if f in found else 'absent'}" for f in INPUT_FILES
     )
+    if rollouts:
+        inputs_list += f", <code>rollouts/</code> {len(inputs.rollout_steps)} saved steps"
+    css = _CSS + _ROLLOUT_CSS if rollouts else _CSS
     nav = "".join(f'<a href="#{sid}">{html.escape(title)}</a>' for sid, title, _ in sections)
     body = "".join(
         f'<section id="{sid}"><h2>{html.escape(title)}</h2>{content}</section>'
@@ -95,7 +103,7 @@ def render_page(inputs: RunInputs, checks: list[Check], plots: list[Plot], frac:
     return (
         '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>opd report: {name}</title><style>{_CSS}</style></head>\n"
+        f"<title>opd report: {name}</title><style>{css}</style></head>\n"
         f'<body data-images-ok="0" data-images-total="{len(plots)}"><main>'
         f"<h1>opd report</h1><p class='meta'>Run folder <code>{name}</code>, generated "
         f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}.<br>Inputs: {inputs_list}.</p>"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +21,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 
-def _optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-    state = optimizer.state_dict()
+def _optimizer_to_files(state: dict[str, Any]) -> tuple[dict, dict]:
+    """An optimizer state dict (keys: parameter indices, or names under FSDP) as tensors +
+    JSON; tensor keys are "<param>.<field>" (field names have no dots)."""
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
     for pid, pstate in state["state"].items():
@@ -33,14 +35,18 @@ def _optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
-def _optimizer_from_files(optimizer: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
-    state: dict[int, dict[str, Any]] = {}
+def _optimizer_from_files(tensors: dict, meta: dict) -> dict[str, Any]:
+    state: dict[int | str, dict[str, Any]] = {}
     for key, value in tensors.items():
-        pid, name = key.split(".", 1)
-        state.setdefault(int(pid), {})[name] = value
+        pid, name = key.rsplit(".", 1)
+        state.setdefault(_param_key(pid), {})[name] = value
     for pid, values in meta["scalars"].items():
-        state.setdefault(int(pid), {}).update(values)
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        state.setdefault(_param_key(pid), {}).update(values)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _param_key(pid: str) -> int | str:
+    return int(pid) if pid.isdigit() else pid
 
 
 def save_checkpoint(
@@ -52,15 +58,18 @@ def save_checkpoint(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     trainer_state: dict[str, Any],
     rng_states: dict[str, torch.Tensor] | None = None,
+    model_state: dict[str, torch.Tensor] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
 ) -> Path:
-    """Write atomically: into a temporary sibling, then rename."""
+    """Write atomically: into a temporary sibling, then rename. model_state / optimizer_state
+    replace the live objects' own state dicts (FSDP: the gathered full states)."""
     tmp = folder.with_name(folder.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    model.save_pretrained(tmp / "model", safe_serialization=True)
+    model.save_pretrained(tmp / "model", safe_serialization=True, state_dict=model_state)
     tokenizer.save_pretrained(tmp / "model")
-    tensors, meta = _optimizer_to_files(optimizer)
+    tensors, meta = _optimizer_to_files(optimizer_state or optimizer.state_dict())
     save_file(tensors, str(tmp / "optimizer.safetensors"))
     (tmp / "optimizer.json").write_text(json.dumps(meta))
     rng = rng_states or {"torch_cpu_rank0": torch.get_rng_state()}
@@ -87,14 +96,22 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
-def load_checkpoint(folder: Path, *, optimizer, scheduler, rank: int = 0) -> dict[str, Any]:
+def load_checkpoint(
+    folder: Path,
+    *,
+    optimizer,
+    scheduler,
+    rank: int = 0,
+    load_optimizer: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
     """Restore optimizer, scheduler and RNGs in place; return the trainer state.
-    (The model weights are loaded by the caller from folder / "model".)"""
-    _optimizer_from_files(
-        optimizer,
+    (The model weights are loaded by the caller from folder / "model".) load_optimizer
+    replaces optimizer.load_state_dict (FSDP: each rank keeps its shard)."""
+    optim_state = _optimizer_from_files(
         load_file(str(folder / "optimizer.safetensors")),
         json.loads((folder / "optimizer.json").read_text()),
     )
+    (load_optimizer or optimizer.load_state_dict)(optim_state)
     state = json.loads((folder / "state.json").read_text())
     scheduler.load_state_dict(state["scheduler"])
     rng = load_file(str(folder / "rng.safetensors"))

@@ -46,11 +46,28 @@ class TrainConfig(BaseModel):
     # --- rollouts
     prompts_per_step: int = Field(default=4, ge=1, description="prompts per step")
     n_rollouts: int = Field(default=4, ge=1, description="completions per prompt")
-    temperature: float = Field(default=1.0, gt=0, description="rollout temperature")
+    temperature: float = Field(
+        default=1.0, ge=0, description="rollout temperature (0 = greedy, for checks)"
+    )
     top_p: float = Field(default=1.0, gt=0, le=1, description="rollout top-p")
     max_new_tokens: int = Field(default=256, ge=1, description="max completion tokens")
     student_top_k: int = Field(default=16, ge=1, description="K: candidate ids per position")
     teacher_top_k: int = Field(default=16, ge=1, description="teacher top-k for diagnostics")
+
+    rollout_engine: Literal["hf", "vllm"] = Field(
+        default="hf",
+        description="who samples: hf (generate on the trainer's module, batched) or vllm "
+        "(an in-process vLLM engine, synced in memory after every optimizer step)",
+    )
+    vllm_gpu_memory_utilization: float = Field(
+        default=0.3, gt=0, lt=1, description="vllm engine: its share of GPU memory"
+    )
+    vllm_sleep: bool = Field(
+        default=True, description="vllm engine on GPU: free its memory while the trainer updates"
+    )
+    save_rollouts: bool = Field(
+        default=False, description="write every step's rollouts to RUN_DIR/rollouts (Parquet)"
+    )
 
     # --- objective (opd.client.train.objectives.REGISTRY)
     objective: ObjectiveName = Field(default="student-topk", description="the OPD objective")
@@ -87,6 +104,15 @@ class TrainConfig(BaseModel):
     )
     device: str = Field(default="cpu", description="cpu, cuda, cuda:N")
     gradient_checkpointing: bool = Field(default=False, description="trade compute for memory")
+    head_chunk_tokens: int = Field(
+        default=512,
+        ge=0,
+        description="completion positions per LM-head chunk in the loss and statistics "
+        "(bounds the [positions, vocab] memory; 0 = all at once)",
+    )
+    fsdp: bool = Field(
+        default=False, description="under torchrun: shard the student with FSDP2, not DDP"
+    )
 
     # --- bookkeeping
     run_dir: str = Field(default="runs/opd", description="metrics, TensorBoard, checkpoints")
@@ -136,6 +162,8 @@ OPD_STAGE_FIELDS = (
     "teacher_top_k",
     "micro_batch_size",
     "checkpoint_every",
+    "rollout_engine",
+    "save_rollouts",
 )
 
 OPDStage = create_model(

@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Literal
 
 import torch
@@ -433,15 +433,13 @@ class Objective:
 
 def _sampled(logp_NV: Tensor, b: TokenBatch, config: ObjectiveConfig) -> Tensor:
     logp_N = logp_NV.gather(1, b.target_N[:, None])[:, 0]
-    advantages_N = None
-    if config.discount:
-        rewards_N = b.teacher_token_logp_N - b.student_token_logp_N
-        advantages_N = discounted_advantages(rewards_N, b.seq_offsets, config.discount)
+    if config.discount and b.advantages_N is None:
+        b = prepare_batch(config, b)
     return sampled_token_loss(
         logp_N,
         b.student_token_logp_N,
         b.teacher_token_logp_N,
-        advantages_N=advantages_N,
+        advantages_N=b.advantages_N,
         clip_eps=config.clip_eps,
     )
 
@@ -551,6 +549,21 @@ def objective(config: ObjectiveConfig) -> Objective:
         return REGISTRY[config.name]
     except KeyError:
         raise ValueError(f"name: must be one of {OBJECTIVES}, got {config.name!r}") from None
+
+
+def prepare_batch(config: ObjectiveConfig, batch: TokenBatch) -> TokenBatch:
+    """The batch with its cross-row quantities filled in, so that any row slice of it
+    (TokenBatch.rows, the chunked loss) gives the same per-token loss as the whole batch.
+
+    Only the sampled objective with a discount has one: the return-to-go runs along each
+    sequence, so it must see whole sequences (seq_offsets)."""
+    if config.name != "sampled" or not config.discount or batch.advantages_N is not None:
+        return batch
+    if batch.seq_offsets is None:
+        raise ValueError("discount: advantages need whole sequences; prepare the whole batch")
+    rewards_N = batch.teacher_token_logp_N - batch.student_token_logp_N
+    advantages_N = discounted_advantages(rewards_N, batch.seq_offsets, config.discount)
+    return replace(batch, advantages_N=advantages_N)
 
 
 def per_token_loss(config: ObjectiveConfig, logp_NV: Tensor, batch: TokenBatch) -> Tensor:

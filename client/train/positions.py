@@ -32,7 +32,7 @@ ids the student's forward pass needs. Teacher fields the request did not ask for
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -237,7 +237,7 @@ class TokenBatch:
     mask_BL: torch.Tensor
     prompt_lens: list[int]
     lengths: list[int]
-    seq_offsets: torch.Tensor  # [n+1] over N
+    seq_offsets: torch.Tensor | None  # [n+1] over N; None in a row slice (`rows`)
     target_N: torch.Tensor
     student_token_logp_N: torch.Tensor
     student_topk_ids_NK: torch.Tensor
@@ -246,6 +246,21 @@ class TokenBatch:
     teacher_cand_logp_NK: torch.Tensor | None
     teacher_topk_ids_Nk: torch.Tensor | None
     teacher_topk_logp_Nk: torch.Tensor | None
+    # A cross-row quantity computed over the whole micro-batch before it is cut into row chunks
+    # (opd.client.train.objectives.prepare_batch); None when the objective needs none.
+    advantages_N: torch.Tensor | None = None
+
+    def rows(self, start: int, stop: int) -> TokenBatch:
+        """Rows [start, stop) of the per-position tensors, for the loss's LM-head chunks.
+
+        A row range cuts across sequences, so `seq_offsets` is None in the slice: anything that
+        needs sequence structure is computed on the whole batch first (prepare_batch)."""
+        sliced = {
+            f.name: _slice_rows(getattr(self, f.name), start, stop)
+            for f in fields(self)
+            if f.name.endswith(("_N", "_NK", "_Nk"))
+        }
+        return replace(self, seq_offsets=None, **sliced)
 
     @staticmethod
     def build(
@@ -274,3 +289,7 @@ class TokenBatch:
             teacher_topk_ids_Nk=tensor(stats.teacher_topk_ids_Nk, torch.long),
             teacher_topk_logp_Nk=tensor(stats.teacher_topk_logp_Nk, torch.float32),
         )
+
+
+def _slice_rows(x: torch.Tensor | None, start: int, stop: int) -> torch.Tensor | None:
+    return None if x is None else x[start:stop]

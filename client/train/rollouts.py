@@ -3,22 +3,26 @@
 Notation: the field names and shape suffixes of opd.client.train.positions (T = this rollout's
 completion length, K = student top-k, k = teacher top-k); arrays are per rollout.
 
-Sampling uses an explicit GenerationConfig (temperature, top-p, no top-k cut, max new tokens) so
-that a model's own generation defaults never change the policy. A completion ends at the first
-EOS, which is kept and scored: whether to stop is a decision the teacher should judge too.
-After sampling, one teacher-forced forward pass of the same weights records the student's
-log-probs of its sampled tokens, its top-K ids with their full-vocabulary log-probs, and its
-entropy: these are the rollout-time ("old") values the objectives and diagnostics use.
+A rollout engine (opd.client.train.engines: `hf` or `vllm`) samples the completion ids, all
+prompts of a call in one batch, at temperature / top-p with no top-k cut, so a model's own
+generation defaults never change the policy. A completion ends at the first EOS, which is kept
+and scored: whether to stop is a decision the teacher should judge too. After sampling, one
+teacher-forced forward pass of the trainer's weights records the student's log-probs of its
+sampled tokens, its top-K ids with their full-vocabulary log-probs, and its entropy
+(opd.client.train.student_math): these are the rollout-time ("old") values the objectives and
+diagnostics use, whatever engine sampled.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
-import torch
 
-from opd.client.train.positions import pad_right
+from opd.client.train.engines import RolloutEngine, Sample, draw_seeds
+from opd.client.train.student_math import StudentModule, position_stats
 
 
 @dataclass
@@ -37,6 +41,9 @@ class Rollout:
     teacher_topk_ids_Tk: np.ndarray | None = None
     teacher_topk_logp_Tk: np.ndarray | None = None
     teacher_entropy_T: np.ndarray | None = None
+    # the rollout engine's own log p of the sampled tokens (a check that it samples the
+    # trainer's weights); None for engines that do not report them
+    engine_token_logp_T: np.ndarray | None = None
 
     @property
     def completion_len(self) -> int:
@@ -71,90 +78,97 @@ class SamplingParams:
         return cls(n, temperature, top_p, max_new_tokens, eos, int(pad if pad is not None else eos))
 
 
-@torch.no_grad()
-def sample_completions(
-    model, prompt_ids: list[int], params: SamplingParams
-) -> list[tuple[np.ndarray, bool]]:
-    """n sampled completions of one prompt: (completion ids up to and including EOS, truncated)."""
-    from transformers import GenerationConfig
-
-    eos_token_id = params.eos_token_id
-    config = GenerationConfig(
-        do_sample=True,
-        temperature=params.temperature,
-        top_p=params.top_p,
-        top_k=0,
-        max_new_tokens=params.max_new_tokens,
-        num_return_sequences=params.n,
-        eos_token_id=eos_token_id,
-        pad_token_id=params.pad_token_id,
-    )
-    device = next(model.parameters()).device
-    inputs = torch.tensor([prompt_ids], dtype=torch.long, device=device)
-    # transformers fills options left unset in `config` from the checkpoint's
-    # generation_config.json (repetition penalty, min_p, min_new_tokens...), which would change
-    # the policy away from the distribution the student's statistics and losses assume. Swap in
-    # the library's defaults for this call; the model's own config is restored (and saved).
-    saved, model.generation_config = model.generation_config, GenerationConfig()
-    try:
-        out = model.generate(
-            inputs, attention_mask=torch.ones_like(inputs), generation_config=config
-        )
-    finally:
-        model.generation_config = saved
-    completions = []
-    for row in out[:, len(prompt_ids) :].cpu().numpy():
-        stops = np.flatnonzero(row == eos_token_id)
-        if stops.size:
-            completions.append((row[: stops[0] + 1].astype(np.int64), False))
-        else:
-            completions.append((row.astype(np.int64), True))
-    return completions
-
-
-@torch.no_grad()
-def student_position_stats(
-    model, sequences: list[np.ndarray], prompt_lens: list[int], top_k: int
-) -> list[dict[str, np.ndarray]]:
-    """One teacher-forced pass over right-padded sequences: per completion position, the
-    student's log p(sampled token), top-K ids and log-probs, and full-vocabulary entropy."""
-    device = next(model.parameters()).device
-    ids_BL, mask_BL = pad_right(sequences)
-    logits = model(
-        input_ids=torch.from_numpy(ids_BL).to(device),
-        attention_mask=torch.from_numpy(mask_BL).to(device),
-    ).logits
-    stats = []
-    for b, (seq, p) in enumerate(zip(sequences, prompt_lens, strict=True)):
-        logp = torch.log_softmax(logits[b, p - 1 : len(seq) - 1].float(), dim=-1)  # [T, V]
-        target = torch.from_numpy(seq[p:]).to(device)
-        top_lp, top_ids = torch.topk(logp, top_k, dim=-1)
-        entropy = -(logp.exp() * logp).nan_to_num().sum(-1)
-        stats.append(
-            {
-                "student_token_logp_T": logp.gather(1, target[:, None])[:, 0].cpu().numpy(),
-                "student_topk_ids_TK": top_ids.cpu().numpy().astype(np.int64),
-                "student_topk_logp_TK": top_lp.cpu().numpy(),
-                "student_entropy_T": entropy.cpu().numpy(),
-            }
-        )
-    return stats
-
-
 def make_rollouts(
-    model, prompt_index: int, prompt_ids: list[int], params: SamplingParams, top_k: int
+    engine: RolloutEngine,
+    student: StudentModule,
+    prompts: Sequence[tuple[int, list[int]]],
+    params: SamplingParams,
+    top_k: int,
+    seeds: list[int] | None = None,
 ) -> list[Rollout]:
-    """Sample n completions of one prompt and record the student's rollout-time statistics."""
-    was_training = model.training
-    model.eval()
-    try:
-        completions = sample_completions(model, prompt_ids, params)
-        # An empty completion (EOS-less zero tokens cannot happen; EOS alone is 1 token) is fine.
-        seqs = [np.concatenate([np.asarray(prompt_ids, np.int64), c]) for c, _ in completions]
-        stats = student_position_stats(model, seqs, [len(prompt_ids)] * len(seqs), top_k)
-    finally:
-        model.train(was_training)
-    return [
-        Rollout(prompt_index, seq, len(prompt_ids), truncated, **st)
-        for seq, (_, truncated), st in zip(seqs, completions, stats, strict=True)
+    """Sample params.n completions of every (prompt index, prompt ids) in one engine call, then
+    record the student's rollout-time statistics with the trainer's own forward."""
+    seeds = draw_seeds(len(prompts)) if seeds is None else seeds
+    samples = engine.sample([ids for _, ids in prompts], params, seeds)
+    return with_statistics(student, list(zip(prompts, samples, strict=True)), top_k)
+
+
+def with_statistics(
+    student: StudentModule,
+    sampled: Sequence[tuple[tuple[int, list[int]], list[Sample]]],
+    top_k: int,
+) -> list[Rollout]:
+    """Rollouts of sampled completions, with the student's numbers at every position from one
+    teacher-forced pass of the student (opd.client.train.student_math.position_stats)."""
+    entries = [
+        (index, np.asarray(ids, np.int64), s) for (index, ids), group in sampled for s in group
     ]
+    seqs = [np.concatenate([ids, s.completion_ids]) for _, ids, s in entries]
+    stats = position_stats(student, seqs, [len(ids) for _, ids, _ in entries], top_k)
+    return [
+        Rollout(index, seq, len(ids), s.truncated, **st, engine_token_logp_T=s.engine_logp_T)
+        for (index, ids, s), seq, st in zip(entries, seqs, stats, strict=True)
+    ]
+
+
+class StepSampler:
+    """A `sample(chunk)` for opd.client.train.pipeline.collect that samples *all* `prompts` in
+    one engine call (on the first chunk: the engine's throughput comes from the batch), then
+    computes the statistics chunk by chunk, so the teacher scores chunk c while the trainer's
+    forward runs on chunk c + 1. Chunks must come in the order of `prompts`.
+
+    engine_s / stats_s: seconds in the engine and in the statistics pass (the step's split).
+    Seeds are drawn at construction, one per prompt, from torch's global RNG."""
+
+    def __init__(
+        self,
+        engine: RolloutEngine,
+        student: StudentModule,
+        prompts: Sequence[tuple[int, list[int]]],
+        params: SamplingParams,
+        top_k: int,
+    ) -> None:
+        self.engine, self.student, self.params, self.top_k = engine, student, params, top_k
+        self.prompts = list(prompts)
+        self.seeds = draw_seeds(len(self.prompts))
+        self.pending: list[tuple[tuple[int, list[int]], list[Sample]]] | None = None
+        self.engine_s = 0.0
+        self.stats_s = 0.0
+
+    def __call__(self, chunk: Sequence[int]) -> list[Rollout]:
+        if self.pending is None:
+            t0 = time.perf_counter()
+            samples = self.engine.sample([ids for _, ids in self.prompts], self.params, self.seeds)
+            self.engine_s += time.perf_counter() - t0
+            self.pending = list(zip(self.prompts, samples, strict=True))
+        mine, self.pending = self.pending[: len(chunk)], self.pending[len(chunk) :]
+        if [index for (index, _), _ in mine] != list(chunk):
+            raise RuntimeError("StepSampler: chunks must come in the order of its prompts")
+        t0 = time.perf_counter()
+        rollouts = with_statistics(self.student, mine, self.top_k)
+        self.stats_s += time.perf_counter() - t0
+        return rollouts
+
+
+def chunk_sampler(
+    engine: RolloutEngine,
+    student: StudentModule,
+    prompt_ids: Callable[[int], list[int]],
+    params: SamplingParams,
+    top_k: int,
+) -> Callable[[Sequence[int]], list[Rollout]]:
+    """A `sample(chunk)` that samples each chunk of prompt indices in one engine call (for
+    prompt sets too large for one call: opd probe, opd select-prompts); the teacher scores
+    chunk c while the engine samples chunk c + 1."""
+
+    def sample(chunk: Sequence[int]) -> list[Rollout]:
+        prompts = [(i, prompt_ids(i)) for i in chunk]
+        return StepSampler(engine, student, prompts, params, top_k)(chunk)
+
+    return sample
+
+
+def chunked(items: Sequence[int], parts: int = 4) -> list[list[int]]:
+    """`items` in about `parts` consecutive chunks (the pipeline's overlap unit)."""
+    size = max(1, -(-len(items) // parts))
+    return [list(items[a : a + size]) for a in range(0, len(items), size)]

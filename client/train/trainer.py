@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from opd.client.train import fsdp
 from opd.client.train import objectives as obj
 from opd.client.train.bridge import ScoreSpec
 from opd.client.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -47,6 +48,7 @@ from opd.client.train.distributed import (
     mean_metrics,
     shutdown,
 )
+from opd.client.train.engines import make_engine
 from opd.client.train.metric_log import (
     JsonlLogger,
     MetricLogger,
@@ -57,8 +59,10 @@ from opd.client.train.metric_log import (
 from opd.client.train.pipeline import collect, connect_teachers
 from opd.client.train.positions import PositionStats, TokenBatch
 from opd.client.train.prompts import PromptOrder, load_prompts
-from opd.client.train.rollouts import Rollout, SamplingParams, make_rollouts
+from opd.client.train.rollout_store import RolloutWriter, decode_pieces
+from opd.client.train.rollouts import Rollout, SamplingParams, StepSampler, chunked
 from opd.client.train.student import chat_prompt_ids, load_student
+from opd.client.train.student_math import StudentModule
 from opd.shared.fingerprint import fingerprint_hf_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -83,13 +87,20 @@ class Trainer:
             config.gradient_checkpointing,
         )
         self.model.train()
-        # The module that takes gradients: DDP-wrapped under torchrun, the model itself otherwise.
-        self.train_model = self.model
-        if self.dist.enabled:
+        # Every pass over the student goes through this module's forward (student_math).
+        self.student = StudentModule(self.model, self.objective, config.head_chunk_tokens)
+        # The module that takes gradients: DDP-wrapped under torchrun, sharded in place with
+        # --fsdp, the student itself otherwise.
+        self.train_model: torch.nn.Module = self.student
+        if config.fsdp:
+            if not self.dist.enabled and not torch.distributed.is_initialized():
+                raise ValueError("fsdp: run under torchrun (FSDP shards across its processes)")
+            fsdp.shard(self.student, config.device)
+        elif self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.dist.local_rank] if config.device.startswith("cuda") else None
-            self.train_model = DistributedDataParallel(self.model, device_ids=ids)
+            self.train_model = DistributedDataParallel(self.student, device_ids=ids)
         self.prompts = load_prompts(config.prompts, config.prompt_field)
         if config.holdout >= len(self.prompts):
             raise ValueError(
@@ -111,6 +122,9 @@ class Trainer:
                 optimizer=self.optimizer,
                 scheduler=self.scheduler,
                 rank=self.dist.rank,
+                load_optimizer=lambda osd: fsdp.load_full_optimizer_state(
+                    self.student, self.optimizer, osd
+                ),
             )
             self.step = int(state["step"])
             self.order.load_state(state["order"])
@@ -138,6 +152,20 @@ class Trainer:
             config.max_new_tokens,
         )
         self._prompt_ids: dict[int, list[int]] = {}
+        self.engine = make_engine(
+            config.rollout_engine,
+            self.student,
+            model_dir=student_path,
+            max_model_len=engine_max_len(self.model.config),
+            gpu_memory_utilization=config.vllm_gpu_memory_utilization,
+            sleep=config.vllm_sleep,
+            seed=config.seed + self.dist.rank,
+        )
+        self.rollout_writer = (
+            RolloutWriter(self.run_dir, decode_pieces(self.tokenizer))
+            if config.save_rollouts and self.dist.is_main
+            else None
+        )
 
     def run(self, on_step: Any = None) -> list[dict[str, float]]:
         """Train until max_steps (or epochs); returns the metrics of the steps run here."""
@@ -166,10 +194,17 @@ class Trainer:
         rollouts, metrics = self.collect()
         # Flattened once: the loss's micro-batches are slices of it, the diagnostics read it.
         self.stats = PositionStats.from_rollouts(rollouts)
+        self.engine.sleep()  # GPU: the engine's memory is the trainer's while it updates
         t0 = time.perf_counter()
         metrics.update(self.update(rollouts, self.stats))
         metrics["time/train_s"] = time.perf_counter() - t0
+        metrics["time/sync_s"] = self.sync_engine()
+        metrics.update(engine_agreement(rollouts))
         metrics.update(step_diagnostics(self.stats, self.config))
+        if self.rollout_writer is not None:
+            t0 = time.perf_counter()
+            self.rollout_writer.write(self.step + 1, rollouts)
+            metrics["time/save_rollouts_s"] = time.perf_counter() - t0
         tokens = sum(r.completion_len for r in rollouts)
         step_s = time.perf_counter() - step_started
         metrics["dist/world_size"] = self.dist.world_size
@@ -189,8 +224,27 @@ class Trainer:
         """Sample and score one step's rollouts, scoring overlapping with sampling."""
         world, rank = self.dist.world_size, self.dist.rank
         indices = self.order.take(self.config.prompts_per_step * world)[rank::world]
-        got = collect(self.teachers.teachers, [[i] for i in indices], self._sample_chunk, self.spec)
-        return got.scored[self.teachers.teachers[0].name], got.timings
+        return self._collect(indices, self.sampling, self.spec)
+
+    def _collect(
+        self, indices: list[int], params: SamplingParams, spec: ScoreSpec
+    ) -> tuple[list[Rollout], dict[str, float]]:
+        """All `indices` sampled in one engine call; statistics and scoring overlapped."""
+        prompts = [(i, self.prompt_ids(i)) for i in indices]
+        sampler = StepSampler(self.engine, self.student, prompts, params, self.config.student_top_k)
+        got = collect(self.teachers.teachers, chunked(indices), sampler, spec)
+        timings = dict(got.timings)
+        timings["time/engine_s"] = sampler.engine_s
+        timings["time/stats_s"] = sampler.stats_s
+        return got.scored[self.teachers.teachers[0].name], timings
+
+    def sync_engine(self) -> float:
+        """After the optimizer steps: the engine samples the new weights from the next step on
+        (a no-op for the hf engine, which samples the trainer's module itself)."""
+        if not self.engine.holds_weights:
+            return 0.0
+        state = fsdp.full_model_state(self.student) if self.config.fsdp else self.model.state_dict()
+        return self.engine.sync_weights(state)
 
     def update(self, rollouts: list[Rollout], stats: PositionStats) -> dict[str, float]:
         """`ppo_epochs` optimizer steps; each a token-mean over all completion tokens."""
@@ -212,11 +266,8 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             loss_sum = 0.0
             for i, batch in enumerate(micro):
-                last = i == len(micro) - 1
-                sync = contextlib.nullcontext() if last or not self.dist.enabled else None
-                with sync or self.train_model.no_sync():
-                    logp = student_logp(self.train_model, batch)
-                    loss = obj.per_token_loss(self.objective, logp, batch)
+                with self._grad_sync(last=i == len(micro) - 1):
+                    loss = self.train_model("loss", batch)
                     (loss.sum() * scale).backward()
                 loss_sum += float(loss.detach().sum()) / total_tokens
             params = [p for p in self.model.parameters() if p.grad is not None]
@@ -225,13 +276,22 @@ class Trainer:
             self.optimizer.step()
             self.scheduler.step()
             losses.append(all_sum(loss_sum, self.dist))
-            norms.append(float(norm))
+            norms.append(fsdp.grad_norm_value(norm))
         return {
             "train/loss": losses[0],
             "train/loss_last_epoch": losses[-1],
             "train/grad_norm": norms[0],
             "train/lr": self.scheduler.get_last_lr()[0],
         }
+
+    def _grad_sync(self, last: bool) -> contextlib.AbstractContextManager:
+        """Gradients are reduced across ranks on the last micro-batch only."""
+        if self.config.fsdp:
+            self.student.set_requires_gradient_sync(last)
+            return contextlib.nullcontext()
+        if last or not self.dist.enabled:
+            return contextlib.nullcontext()
+        return self.train_model.no_sync()
 
     def evaluate(self, prompt_indices: list[int], n: int, seed: int) -> dict[str, float]:
         """Diagnostics of fresh rollouts on fixed prompts, without updating the student.
@@ -243,21 +303,20 @@ class Trainer:
         rng_state = torch.get_rng_state()
         torch.manual_seed(seed)
         try:
-            got = collect(
-                self.teachers.teachers,
-                [[i] for i in prompt_indices],
-                lambda chunk: self._sample_chunk(chunk, n),
-                full,
-            )
+            scored, _ = self._collect(list(prompt_indices), self.sampling.with_n(n), full)
         finally:
             torch.set_rng_state(rng_state)
-        scored = got.scored[self.teachers.teachers[0].name]
         return compute_diagnostics(PositionStats.from_rollouts(scored), depth_bucket=c.depth_bucket)
 
     def checkpoint(self) -> Path:
         """All ranks call it (their RNG states are gathered); rank 0 writes."""
         folder = self.run_dir / "checkpoints" / f"step_{self.step}"
         rng_states = gather_rng_states(self.dist)
+        # Parameter-name keyed optimizer state, gathered whole (collective under FSDP).
+        optimizer_state = fsdp.full_optimizer_state(self.student, self.optimizer)
+        model_state = (
+            fsdp.full_model_state(self.student, cpu_offload=True) if self.config.fsdp else None
+        )
         if not self.dist.is_main:
             barrier(self.dist)
             return folder
@@ -274,6 +333,8 @@ class Trainer:
                 "config": self.config.model_dump(mode="json"),
             },
             rng_states=rng_states,
+            model_state=model_state,
+            optimizer_state=optimizer_state,
         )
         old = sorted(
             (p for p in (self.run_dir / "checkpoints").glob("step_*") if p.is_dir()),
@@ -283,15 +344,6 @@ class Trainer:
             shutil.rmtree(stale, ignore_errors=True)
         barrier(self.dist)
         return folder
-
-    def _sample_chunk(self, indices: list[int], n: int | None = None) -> list[Rollout]:
-        return [r for index in indices for r in self.sample(index, n)]
-
-    def sample(self, index: int, n: int | None = None) -> list[Rollout]:
-        """Rollouts of prompt `index` with the student's rollout-time statistics."""
-        params = self.sampling if n is None else self.sampling.with_n(n)
-        ids = self.prompt_ids(index)
-        return make_rollouts(self.model, index, ids, params, self.config.student_top_k)
 
     def prompt_ids(self, index: int) -> list[int]:
         if index not in self._prompt_ids:
@@ -330,6 +382,7 @@ class Trainer:
         if getattr(self, "_closed", False):
             return
         self._closed = True
+        self.engine.close()
         self.metrics.close()
         self.teachers.close()
         shutdown(self.dist)
@@ -358,14 +411,28 @@ def step_diagnostics(stats: PositionStats, config: TrainConfig) -> dict[str, flo
     return {"kl/sampled": sampled_kl(stats), "tokens/count": float(stats.n_positions)}
 
 
-def student_logp(model, batch: TokenBatch) -> torch.Tensor:
-    """Current student log-probs over the vocabulary at every completion position [N, V]."""
-    logits = model(input_ids=batch.ids_BL, attention_mask=batch.mask_BL).logits
-    rows = [
-        logits[b, p - 1 : n - 1]
-        for b, (p, n) in enumerate(zip(batch.prompt_lens, batch.lengths, strict=True))
+def engine_agreement(rollouts: list[Rollout]) -> dict[str, float]:
+    """How far the engine's log p of its sampled tokens is from the trainer's own (mean and
+    max |difference| over the step's tokens): near float noise when the engine samples the
+    trainer's current weights, large when a weight sync was missed. Empty for engines that
+    report no log-probs (hf samples the trainer's module itself)."""
+    pairs = [
+        (r.engine_token_logp_T, r.student_token_logp_T)
+        for r in rollouts
+        if r.engine_token_logp_T is not None
     ]
-    return torch.log_softmax(torch.cat(rows).float(), dim=-1)
+    if not pairs:
+        return {}
+    diff = np.abs(np.concatenate([e - s for e, s in pairs]))
+    return {
+        "rollout/engine_logp_abs_diff": float(diff.mean()) if diff.size else 0.0,
+        "rollout/engine_logp_abs_diff_max": float(diff.max()) if diff.size else 0.0,
+    }
+
+
+def engine_max_len(model_config: Any) -> int:
+    """The vllm engine's context: the model's, capped at 8,192 (its KV cache is sized for it)."""
+    return int(min(getattr(model_config, "max_position_embeddings", 4096) or 4096, 8192))
 
 
 def lr_lambda(config: TrainConfig):

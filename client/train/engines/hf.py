@@ -1,0 +1,106 @@
+"""The `hf` rollout engine: transformers' `generate` on the trainer's own module, batched.
+
+All prompts of a call are sampled together, left-padded (causal models continue from the last
+column, so every prompt must end there), with `n` return sequences each, in groups of at most
+`max_sequences` sequences so the KV cache stays bounded. The engine holds no weights of its own:
+it samples the trainer's module (through StudentModule's forward, so FSDP2 gathers shards), so
+it is current by construction and `sync_weights` is free.
+
+Sampling uses an explicit GenerationConfig (temperature, top-p, no top-k cut, max new tokens):
+transformers would otherwise fill options left unset from the checkpoint's
+generation_config.json (repetition penalty, min_p, min_new_tokens...), which would change the
+policy away from the distribution the student's statistics and losses assume.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from opd.client.train.engines import Sample, cut_at_eos
+
+if TYPE_CHECKING:
+    from opd.client.train.rollouts import SamplingParams
+    from opd.client.train.student_math import StudentModule
+
+
+class HFEngine:
+    name = "hf"
+    holds_weights = False
+
+    def __init__(self, student: StudentModule, max_sequences: int = 64) -> None:
+        self.student = student
+        self.model = student.model
+        self.max_sequences = max_sequences
+
+    @torch.no_grad()
+    def sample(
+        self, prompts: list[list[int]], params: SamplingParams, seeds: list[int]
+    ) -> list[list[Sample]]:
+        per_call = max(1, self.max_sequences // params.n)
+        out: list[list[Sample]] = []
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for a in range(0, len(prompts), per_call):
+                # One seed per generate call (the first of its prompts): generate draws from
+                # torch's global RNG, forked here so the caller's stream moves only by the seeds.
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(seeds[a])
+                    out.extend(self._generate(prompts[a : a + per_call], params))
+        finally:
+            self.model.train(was_training)
+        return out
+
+    def _generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Sample]]:
+        from transformers import GenerationConfig
+
+        config = GenerationConfig(
+            do_sample=params.temperature > 0,
+            temperature=params.temperature or None,
+            top_p=params.top_p,
+            top_k=0,
+            max_new_tokens=params.max_new_tokens,
+            num_return_sequences=params.n,
+            eos_token_id=params.eos_token_id,
+            pad_token_id=params.pad_token_id,
+        )
+        device = next(self.model.parameters()).device
+        width = max(len(p) for p in prompts)
+        ids = np.full((len(prompts), width), params.pad_token_id, dtype=np.int64)
+        mask = np.zeros_like(ids)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p) :] = p
+            mask[i, width - len(p) :] = 1
+        model = self.model
+        saved, model.generation_config = model.generation_config, GenerationConfig()
+        try:
+            rows = self.student(
+                "generate",
+                torch.from_numpy(ids).to(device),
+                attention_mask=torch.from_numpy(mask).to(device),
+                generation_config=config,
+            )
+        finally:
+            model.generation_config = saved
+        completions = rows[:, width:].cpu().numpy()
+        grouped = []
+        for i in range(len(prompts)):
+            mine = completions[i * params.n : (i + 1) * params.n]
+            grouped.append([Sample(*cut_at_eos(row, params.eos_token_id)) for row in mine])
+        return grouped
+
+    def sync_weights(self, state: Mapping[str, torch.Tensor]) -> float:
+        return 0.0  # samples the trainer's module itself
+
+    def sleep(self) -> None:
+        return None
+
+    def wake(self) -> None:
+        return None
+
+    def close(self) -> None:
+        return None

@@ -1,0 +1,248 @@
+"""The student's per-position math with bounded memory: rollout statistics and the loss.
+
+A full-vocabulary float32 tensor over a micro-batch's completion positions is N x V x 4 bytes:
+4,096 positions of a 49,152-token vocabulary are 805 MB, and log_softmax, its gradient and the
+autograd copies multiply that several times. Both places where the student looks at its whole
+vocabulary therefore work on a bounded number of positions at a time:
+
+- rollout statistics (`position_stats`, no gradient): the decoder runs once per micro-batch, the
+  completion rows' final hidden states go through the LM head in tiles by the teacher service's
+  own scoring math (opd.server.scoring.score_hidden: online log-sum-exp, top-k merged across
+  tiles, exact entropy), so the student's numbers and the teacher's are computed the same way;
+- the loss (`StudentModule`, op "loss"): the decoder runs once per micro-batch, then the LM
+  head, log_softmax and the objective run on `chunk_tokens` completion rows at a time under
+  activation checkpointing (torch.utils.checkpoint, non-reentrant). Forward keeps only each
+  chunk's [c] losses; backward recomputes one chunk's logits at a time. Every objective is a
+  function of its own row (the one cross-row quantity, the sampled objective's discounted
+  advantages, is computed over the whole batch first:
+  opd.client.train.objectives.prepare_batch), so the chunked loss and its gradients equal the
+  unchunked ones up to float summation order.
+
+`StudentModule` is an nn.Module whose forward is every pass over the student (loss, statistics,
+generation), so DistributedDataParallel and FSDP2 wrap it like any model: their hooks see each
+pass as one forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from opd.client.train import objectives as obj
+from opd.client.train.positions import TokenBatch, pad_right
+from opd.server.backends.head_weights import logit_transforms
+from opd.server.scoring import HeadSpec, ScoredRows, score_hidden
+
+# Completion rows per LM-head chunk: 512 x 49,152 float32 logits are 100 MB.
+DEFAULT_CHUNK_TOKENS = 512
+
+
+def head_spec(model: torch.nn.Module) -> HeadSpec:
+    """The model's LM head as the scoring math reads it (weight, bias, scale and softcap)."""
+    head = model.get_output_embeddings()
+    scale, softcap = logit_transforms(model.config)
+    return HeadSpec(head.weight.detach(), _bias(head), scale, softcap)
+
+
+def _bias(head: torch.nn.Module) -> torch.Tensor | None:
+    bias = getattr(head, "bias", None)
+    return None if bias is None else bias.detach()
+
+
+def final_hidden(model: torch.nn.Module, ids_BL: torch.Tensor, mask_BL: torch.Tensor):
+    """Hidden states after the decoder's final norm [B, L, H]: what the LM head multiplies."""
+    out = model.get_decoder()(input_ids=ids_BL, attention_mask=mask_BL, use_cache=False)
+    return out.last_hidden_state
+
+
+def completion_rows(
+    prompt_lens: Sequence[int], lengths: Sequence[int], width: int, device: torch.device
+) -> torch.Tensor:
+    """Flat indices into a [B * L] view of the rows that predict each completion token: row
+    p - 1 .. n - 2 of sequence b (prompt length p, total length n), in order."""
+    index = [
+        np.arange(b * width + p - 1, b * width + n - 1, dtype=np.int64)
+        for b, (p, n) in enumerate(zip(prompt_lens, lengths, strict=True))
+    ]
+    flat = np.concatenate(index) if index else np.zeros(0, dtype=np.int64)
+    return torch.from_numpy(flat).to(device)
+
+
+@torch.no_grad()
+def position_stats(
+    student: StudentModule,
+    sequences: Sequence[np.ndarray],
+    prompt_lens: Sequence[int],
+    top_k: int,
+    *,
+    batch_tokens: int = 8192,
+) -> list[dict[str, np.ndarray]]:
+    """The student's rollout-time numbers per completion position of each sequence: log p of
+    the sampled token, top-K ids and log-probs, full-vocabulary entropy (positions.py names).
+
+    Sequences run through the decoder in right-padded micro-batches of at most `batch_tokens`
+    padded tokens (one sequence at least), and through the LM head `chunk_tokens` rows at a time.
+    """
+    model = student.model
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    stats: list[dict[str, np.ndarray]] = []
+    try:
+        for group in _token_groups([len(s) for s in sequences], batch_tokens):
+            seqs = [sequences[i] for i in group]
+            lens = [prompt_lens[i] for i in group]
+            ids_BL, mask_BL = pad_right(seqs)
+            completions = [s[p:] for s, p in zip(seqs, lens, strict=True)]
+            targets = torch.from_numpy(np.concatenate(completions))
+            scored = student(
+                "stats",
+                torch.from_numpy(ids_BL).to(device),
+                torch.from_numpy(mask_BL).to(device),
+                lens,
+                [len(s) for s in seqs],
+                targets,
+                top_k,
+            )
+            start = 0
+            for seq, p in zip(seqs, lens, strict=True):
+                end = start + len(seq) - p
+                stats.append(
+                    {
+                        "student_token_logp_T": scored.token_logprobs_N[start:end],
+                        "student_topk_ids_TK": scored.top_k_ids_Nk[start:end].astype(np.int64),
+                        "student_topk_logp_TK": scored.top_k_logprobs_Nk[start:end],
+                        "student_entropy_T": scored.entropy_N[start:end],
+                    }
+                )
+                start = end
+    finally:
+        model.train(was_training)
+    return stats
+
+
+def _token_groups(lengths: Sequence[int], budget: int) -> list[list[int]]:
+    """Consecutive indices grouped so each group's padded size (count x longest) fits budget."""
+    groups: list[list[int]] = []
+    current: list[int] = []
+    longest = 0
+    for i, n in enumerate(lengths):
+        if current and (len(current) + 1) * max(longest, n) > budget:
+            groups.append(current)
+            current, longest = [], 0
+        current.append(i)
+        longest = max(longest, n)
+    if current:
+        groups.append(current)
+    return groups
+
+
+def head_log_softmax(
+    h_RH: torch.Tensor,
+    weight_VH: torch.Tensor,
+    bias_V: torch.Tensor | None,
+    scale: float | None,
+    softcap: float | None,
+) -> torch.Tensor:
+    """Full-vocabulary float32 log-probs of R rows (with gradient): the model's own head."""
+    z = F.linear(h_RH, weight_VH, bias_V)
+    z = z.to(torch.promote_types(z.dtype, torch.float32))  # bf16/fp16 up; float64 stays
+    if scale is not None:
+        z = z * scale
+    if softcap is not None:
+        z = torch.tanh(z / softcap) * softcap
+    return torch.log_softmax(z, dim=-1)
+
+
+class StudentModule(torch.nn.Module):
+    """The student as one module whose forward is every pass the trainer makes over it.
+
+        student("loss", batch)            per-token loss [N] of the objective, head in chunks
+        student("stats", ids, mask, ...)  rollout-time statistics (no gradient; position_stats)
+        student("generate", ids, ...)     transformers' generate (the hf rollout engine)
+
+    Why one forward: DistributedDataParallel and FSDP2 act through the hooks of the module they
+    wrap. Under FSDP2 this module is the root that holds the embeddings, final norm and LM head
+    (each decoder layer is its own unit), and those are gathered only while the root's forward
+    runs, so a pass that went around it (the decoder or the head called directly) would meet
+    sharded parameters. chunk_tokens 0 runs the head on all rows at once (the reference the
+    chunked path is tested against, and the old memory profile).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        objective: obj.ObjectiveConfig | None = None,
+        chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.objective = objective
+        self.chunk_tokens = chunk_tokens
+        self.scale, self.softcap = logit_transforms(model.config)
+
+    def forward(self, op: str, *args, **kwargs):  # noqa: ANN002, ANN003, ANN201
+        if op == "loss":
+            return self._loss(*args)
+        if op == "stats":
+            return self._stats(*args)
+        if op == "generate":
+            return self.model.generate(*args, **kwargs)
+        raise ValueError(f"op must be loss, stats or generate, got {op!r}")
+
+    def _stats(
+        self,
+        ids_BL: torch.Tensor,
+        mask_BL: torch.Tensor,
+        prompt_lens: list[int],
+        lengths: list[int],
+        targets_N: torch.Tensor,
+        top_k: int,
+    ) -> ScoredRows:
+        hidden = final_hidden(self.model, ids_BL, mask_BL)
+        rows = completion_rows(prompt_lens, lengths, hidden.shape[1], hidden.device)
+        h_NH = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
+        chunk = self.chunk_tokens if self.chunk_tokens > 0 else max(1, int(h_NH.shape[0]))
+        return score_hidden(
+            head_spec(self.model), h_NH, targets_N, top_k=top_k, entropy=True, chunk_tokens=chunk
+        )
+
+    def _loss(self, batch: TokenBatch) -> torch.Tensor:
+        if self.objective is None:
+            raise ValueError("objective: the loss needs an objective")
+        batch = obj.prepare_batch(self.objective, batch)
+        hidden = final_hidden(self.model, batch.ids_BL, batch.mask_BL)
+        rows = completion_rows(batch.prompt_lens, batch.lengths, hidden.shape[1], hidden.device)
+        h_NH = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
+        head = self.model.get_output_embeddings()
+        weight, bias = head.weight, getattr(head, "bias", None)
+        n = h_NH.shape[0]
+        step = n if self.chunk_tokens <= 0 else self.chunk_tokens
+        if step >= n:
+            return self._chunk_loss(h_NH, weight, bias, batch)
+        parts = [
+            checkpoint(
+                self._chunk_loss,
+                h_NH[a : a + step],
+                weight,
+                bias,
+                batch.rows(a, min(n, a + step)),
+                use_reentrant=False,
+            )
+            for a in range(0, n, step)
+        ]
+        return torch.cat(parts)
+
+    def _chunk_loss(
+        self,
+        h_RH: torch.Tensor,
+        weight_VH: torch.Tensor,
+        bias_V: torch.Tensor | None,
+        rows: TokenBatch,
+    ) -> torch.Tensor:
+        logp_RV = head_log_softmax(h_RH, weight_VH, bias_V, self.scale, self.softcap)
+        return obj.per_token_loss(self.objective, logp_RV, rows)
