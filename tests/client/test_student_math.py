@@ -40,7 +40,8 @@ def test_position_stats_equal_a_float64_reference(tiny_model_dir):
         ref = ref_model.reference(seq, p)
         np.testing.assert_allclose(st["student_token_logp_T"], ref.token(seq[p:]), atol=2e-4)
         np.testing.assert_allclose(st["student_topk_logp_TK"], ref.top_values(K), atol=2e-4)
-        np.testing.assert_allclose(ref.at(st["student_topk_ids_TK"]), st["student_topk_logp_TK"], atol=2e-4)  # fmt: skip
+        top_ids, top_lp = st["student_topk_ids_TK"], st["student_topk_logp_TK"]
+        np.testing.assert_allclose(ref.at(top_ids), top_lp, atol=2e-4)
         np.testing.assert_allclose(st["student_entropy_T"], ref.entropy(), atol=2e-4)
     assert model.training  # position_stats restores the mode it found
 
@@ -52,11 +53,13 @@ def _batch(model, rng: np.random.Generator) -> tuple[list[Rollout], PositionStat
     rollouts = []
     for i, (seq, p, st) in enumerate(zip(seqs, prompt_lens, stats, strict=True)):
         t = len(seq) - p
+        noise_T = rng.normal(0, 0.5, t).astype(np.float32)
+        noise_TK = rng.normal(0, 0.5, (t, K)).astype(np.float32)
         rollouts.append(
             Rollout(
                 i, seq, p, False, **st,
-                teacher_token_logp_T=st["student_token_logp_T"] + rng.normal(0, 0.5, t).astype(np.float32),
-                teacher_cand_logp_TK=st["student_topk_logp_TK"] + rng.normal(0, 0.5, (t, K)).astype(np.float32),
+                teacher_token_logp_T=st["student_token_logp_T"] + noise_T,
+                teacher_cand_logp_TK=st["student_topk_logp_TK"] + noise_TK,
                 teacher_topk_ids_Tk=st["student_topk_ids_TK"][:, :KT].copy(),
                 teacher_topk_logp_Tk=st["student_topk_logp_TK"][:, :KT] - 0.1,
                 teacher_entropy_T=st["student_entropy_T"],
