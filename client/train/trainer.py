@@ -122,9 +122,7 @@ class Trainer:
                 optimizer=self.optimizer,
                 scheduler=self.scheduler,
                 rank=self.dist.rank,
-                load_optimizer=lambda osd: fsdp.load_full_optimizer_state(
-                    self.student, self.optimizer, osd
-                ),
+                load_optimizer=self._load_optimizer,
             )
             self.step = int(state["step"])
             self.order.load_state(state["order"])
@@ -283,6 +281,14 @@ class Trainer:
             "train/grad_norm": norms[0],
             "train/lr": self.scheduler.get_last_lr()[0],
         }
+
+    def _load_optimizer(self, state: dict[str, Any]) -> None:
+        """Name-keyed state (this version, any world size, FSDP or not) via the distributed
+        state-dict helpers; index-keyed state (checkpoints of earlier versions) as saved."""
+        if all(isinstance(k, int) for k in state["state"]):
+            self.optimizer.load_state_dict(state)
+        else:
+            fsdp.load_full_optimizer_state(self.student, self.optimizer, state)
 
     def _grad_sync(self, last: bool) -> contextlib.AbstractContextManager:
         """Gradients are reduced across ranks on the last micro-batch only."""

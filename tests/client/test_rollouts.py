@@ -1,17 +1,26 @@
-"""Student sampling ignores the checkpoint's generation defaults (the policy is the model's plain
-distribution, which the rollout statistics and losses assume), and leaves them in place."""
+"""The hf rollout engine: the policy is the model's plain distribution (the checkpoint's
+generation defaults are ignored and left in place), prompts of different lengths batched with
+left padding continue exactly as they would alone, and seeds make sampling reproducible."""
 
 from __future__ import annotations
 
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig
 
-from opd.client.train.rollouts import SamplingParams, sample_completions
+from opd.client.train.engines import make_engine
+from opd.client.train.rollouts import SamplingParams, make_rollouts
+from opd.client.train.student_math import StudentModule
+
+PROMPTS = [[1, 504, 3458, 30, 504], [1, 42], [1, 900, 901, 902, 903, 904, 905, 906, 17]]
+
+
+def _model(tiny_model_dir):
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
 
 
 def test_sampling_ignores_and_keeps_the_models_generation_config(tiny_model_dir):
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
-    prompt = [1, 504, 3458, 30, 504]
+    model = _model(tiny_model_dir)
+    prompt = PROMPTS[0]
     with torch.no_grad():
         top = int(torch.argmax(model(torch.tensor([prompt])).logits[0, -1]))
     # The tiny model is peaky (head x 40): its first sampled token is mostly the argmax. A
@@ -21,7 +30,44 @@ def test_sampling_ignores_and_keeps_the_models_generation_config(tiny_model_dir)
     params = SamplingParams(
         n=4, temperature=1.0, top_p=1.0, max_new_tokens=3, eos_token_id=2, pad_token_id=2
     )
-    torch.manual_seed(0)
-    completions = sample_completions(model, prompt, params)
-    assert sum(int(ids[0]) == top for ids, _ in completions) >= 2
+    (group,) = make_engine("hf", StudentModule(model)).sample([prompt], params, [0])
+    assert len(group) == 4
+    assert sum(int(s.completion_ids[0]) == top for s in group) >= 2
     assert model.generation_config is own  # restored: a saved checkpoint keeps its own config
+
+
+def test_left_padded_batch_continues_each_prompt_as_alone(tiny_model_dir):
+    model = _model(tiny_model_dir)
+    engine = make_engine("hf", StudentModule(model))
+    greedy = SamplingParams(
+        n=1, temperature=0.0, top_p=1.0, max_new_tokens=6, eos_token_id=2, pad_token_id=2
+    )
+    together = engine.sample(PROMPTS, greedy, [0] * len(PROMPTS))
+    for prompt, group in zip(PROMPTS, together, strict=True):
+        with torch.no_grad():
+            alone = model.generate(
+                torch.tensor([prompt]), do_sample=False, max_new_tokens=6, eos_token_id=2,
+                pad_token_id=2, generation_config=GenerationConfig(),
+            )[0, len(prompt):].tolist()  # fmt: skip
+        stop = alone.index(2) + 1 if 2 in alone else len(alone)
+        assert group[0].completion_ids.tolist() == alone[:stop]
+        assert group[0].truncated == (2 not in alone)
+
+
+def test_seeds_make_rollouts_reproducible(tiny_model_dir):
+    model = _model(tiny_model_dir)
+    student = StudentModule(model)
+    engine = make_engine("hf", student)
+    params = SamplingParams(
+        n=3, temperature=1.5, top_p=1.0, max_new_tokens=8, eos_token_id=2, pad_token_id=2
+    )
+    prompts = list(enumerate(PROMPTS))
+    seeds = ([5] * 3, [5] * 3, [6] * 3)
+    runs = [make_rollouts(engine, student, prompts, params, 4, seeds=s) for s in seeds]
+    ids = [[r.token_ids.tolist() for r in run] for run in runs]
+    assert ids[0] == ids[1] and ids[0] != ids[2]
+    first = runs[0]
+    assert [r.prompt_index for r in first] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    for r in first:
+        assert r.student_topk_ids_TK.shape == (r.completion_len, 4)
+        assert r.engine_token_logp_T is None  # hf samples the trainer's module itself

@@ -58,16 +58,22 @@ class HFEngine:
     def _generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Sample]]:
         from transformers import GenerationConfig
 
-        config = GenerationConfig(
-            do_sample=params.temperature > 0,
-            temperature=params.temperature or None,
-            top_p=params.top_p,
-            top_k=0,
+        common = dict(
             max_new_tokens=params.max_new_tokens,
             num_return_sequences=params.n,
             eos_token_id=params.eos_token_id,
             pad_token_id=params.pad_token_id,
         )
+        if params.temperature > 0:
+            config = GenerationConfig(
+                do_sample=True,
+                temperature=params.temperature,
+                top_p=params.top_p,
+                top_k=0,
+                **common,
+            )
+        else:  # temperature 0: greedy (checks and evaluation)
+            config = GenerationConfig(do_sample=False, **common)
         device = next(self.model.parameters()).device
         width = max(len(p) for p in prompts)
         ids = np.full((len(prompts), width), params.pad_token_id, dtype=np.int64)
