@@ -26,7 +26,7 @@ from opd.client.teacher.launch import LocalTeacher
 
 
 class WorkerContender:
-    """A contender in its own process (opd.bench.worker), driven line by line."""
+    """A contender in its own process (opd.bench.worker, or `module`), driven line by line."""
 
     def __init__(
         self,
@@ -35,11 +35,12 @@ class WorkerContender:
         cfg: dict[str, Any],
         log: Path,
         env: dict[str, str] | None = None,
+        module: str = "opd.bench.worker",
     ) -> None:
         self.name, self.kind = name, kind
         self._log = open(log, "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "opd.bench.worker", kind, json.dumps(cfg)],
+            [sys.executable, "-m", module, kind, json.dumps(cfg)],
             env={**os.environ, **(env or {})},
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,

@@ -5,6 +5,7 @@
     opd quickstart          # OPD end to end on the embedded SmolLM2, no flags
     opd score-demo          # the teacher service scoring an example
     opd bench               # scoring throughput/latency/memory/payload vs naive HF and vLLM
+    opd bench-train         # student side: rollout engines, OPD steps, student-math memory
     opd probe --student PATH --teacher a=URL [--teacher b=URL2 ...]      # will OPD work?
     opd coldstart --student PATH --teacher-url URL --prompts FILE        # teacher SFT first
     opd select-prompts --pool FILE --teacher-url URL --out FILE          # teacher-aligned set
@@ -25,6 +26,7 @@ from typing import Annotated, Any
 import typer
 
 from opd.bench.runner import BenchConfig
+from opd.bench.train_runner import BenchTrainConfig
 from opd.client.config_cli import config_command
 from opd.client.recipes.coldstart import ColdstartConfig
 from opd.client.recipes.probe import ProbeConfig
@@ -227,6 +229,26 @@ app.command("bench")(
         doc="Benchmark scoring: in-process, HTTP binary/JSON, naive HF, vLLM prompt_logprobs, "
         "limit.",
         nested={"workload": ""},
+    )
+)
+
+
+def run_bench_train_command(cfg: BenchTrainConfig) -> None:
+    from rich.console import Console
+
+    from opd.bench.train_runner import markdown_table, run_bench_train
+
+    console = Console()
+    report = run_bench_train(cfg, log=lambda msg: console.print(f"[dim]{msg}[/dim]"))
+    console.print(markdown_table(report), markup=False)
+    console.print(f"results: {report['path']}")
+
+
+app.command("bench-train")(
+    config_command(
+        BenchTrainConfig,
+        run_bench_train_command,
+        doc="Benchmark the student side: rollout engines, OPD steps, student-math memory.",
     )
 )
 

@@ -59,6 +59,11 @@ class TrainConfig(BaseModel):
         description="who samples: hf (generate on the trainer's module, batched) or vllm "
         "(an in-process vLLM engine, synced in memory after every optimizer step)",
     )
+    hf_max_sequences: int = Field(
+        default=64,
+        ge=1,
+        description="hf engine: sequences per generate call (prompts x n; bounds the KV cache)",
+    )
     vllm_gpu_memory_utilization: float = Field(
         default=0.3, gt=0, lt=1, description="vllm engine: its share of GPU memory"
     )

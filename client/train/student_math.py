@@ -219,30 +219,49 @@ class StudentModule(torch.nn.Module):
         rows = completion_rows(batch.prompt_lens, batch.lengths, hidden.shape[1], hidden.device)
         h_NH = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
         head = self.model.get_output_embeddings()
-        weight, bias = head.weight, getattr(head, "bias", None)
-        n = h_NH.shape[0]
-        step = n if self.chunk_tokens <= 0 else self.chunk_tokens
-        if step >= n:
-            return self._chunk_loss(h_NH, weight, bias, batch)
-        parts = [
-            checkpoint(
-                self._chunk_loss,
-                h_NH[a : a + step],
-                weight,
-                bias,
-                batch.rows(a, min(n, a + step)),
-                use_reentrant=False,
-            )
-            for a in range(0, n, step)
-        ]
-        return torch.cat(parts)
+        return chunked_head_loss(
+            h_NH,
+            head.weight,
+            getattr(head, "bias", None),
+            batch,
+            self.objective,
+            self.chunk_tokens,
+            self.scale,
+            self.softcap,
+        )
 
-    def _chunk_loss(
-        self,
-        h_RH: torch.Tensor,
-        weight_VH: torch.Tensor,
-        bias_V: torch.Tensor | None,
-        rows: TokenBatch,
-    ) -> torch.Tensor:
-        logp_RV = head_log_softmax(h_RH, weight_VH, bias_V, self.scale, self.softcap)
-        return obj.per_token_loss(self.objective, logp_RV, rows)
+
+def chunked_head_loss(
+    h_NH: torch.Tensor,
+    weight_VH: torch.Tensor,
+    bias_V: torch.Tensor | None,
+    batch: TokenBatch,
+    objective: obj.ObjectiveConfig,
+    chunk_tokens: int,
+    scale: float | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Per-token loss [N] from the completion rows' final hidden states: LM head, log_softmax
+    and objective on `chunk_tokens` rows at a time (0: all at once), each chunk under
+    non-reentrant activation checkpointing. `batch` must be prepared (prepare_batch)."""
+    n = h_NH.shape[0]
+    step = n if chunk_tokens <= 0 else chunk_tokens
+
+    def chunk_loss(h_RH: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, rows: TokenBatch):
+        logp_RV = head_log_softmax(h_RH, w, b, scale, softcap)
+        return obj.per_token_loss(objective, logp_RV, rows)
+
+    if step >= n:
+        return chunk_loss(h_NH, weight_VH, bias_V, batch)
+    parts = [
+        checkpoint(
+            chunk_loss,
+            h_NH[a : a + step],
+            weight_VH,
+            bias_V,
+            batch.rows(a, min(n, a + step)),
+            use_reentrant=False,
+        )
+        for a in range(0, n, step)
+    ]
+    return torch.cat(parts)

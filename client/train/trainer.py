@@ -154,6 +154,7 @@ class Trainer:
             config.rollout_engine,
             self.student,
             model_dir=student_path,
+            hf_max_sequences=config.hf_max_sequences,
             max_model_len=engine_max_len(self.model.config),
             gpu_memory_utilization=config.vllm_gpu_memory_utilization,
             sleep=config.vllm_sleep,

@@ -99,6 +99,7 @@ def make_engine(
     student: StudentModule,
     *,
     model_dir: str | None = None,
+    hf_max_sequences: int = 64,
     max_model_len: int = 4096,
     gpu_memory_utilization: float = 0.3,
     sleep: bool = True,
@@ -108,7 +109,7 @@ def make_engine(
     if name == "hf":
         from opd.client.train.engines.hf import HFEngine
 
-        return HFEngine(student)
+        return HFEngine(student, max_sequences=hf_max_sequences)
     if name == "vllm":
         from opd.client.train.engines.vllm import VLLMEngine
 

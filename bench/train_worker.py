@@ -1,0 +1,248 @@
+"""One student-side contender of `opd bench-train` in its own process, driven line by line.
+
+    python -m opd.bench.train_worker KIND CONFIG_JSON    (then {"cmd": "round"} lines on stdin)
+
+Kinds:
+- rollout: a rollout engine flavour samples a fixed prompt set (fresh seeds each round); the
+  round reports completion tokens, engine seconds, and the trainer's statistics pass seconds;
+- step: a whole `opd train` step (Trainer.train_step) against a live teacher, with its timing
+  split (engine, statistics, teacher wait, update, weight sync);
+- math: peak extra memory of the student math on N completion positions from final hidden
+  states: the loss (LM head, log_softmax, objective, backward) and the rollout statistics, each
+  on full [N, V] logits and in chunks.
+
+A flavour is (engine, hf sequences per generate call, LM-head chunk): `hf-single` is today's
+path before this bench existed (one prompt per generate call, full-vocabulary logits),
+`hf-batched` and `vllm` the batched engines with chunked math (opd.bench.train_runner.FLAVOURS).
+Each contender owns its process: vLLM's CPU worker binds the process's threads, and peak memory
+is a per-process high-water mark.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from opd.bench.procmem import peak_rss_bytes, reset_peak, rss_bytes
+
+
+def _prompts(tokenizer: Any, count: int) -> list[tuple[int, list[int]]]:
+    from opd.client.train.prompts import load_prompts
+    from opd.client.train.student import chat_prompt_ids
+
+    texts = load_prompts("shipped", "prompt")
+    return [(i, chat_prompt_ids(tokenizer, texts[i % len(texts)])) for i in range(count)]
+
+
+class Rollout:
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        from opd.client.train.engines import make_engine
+        from opd.client.train.rollouts import SamplingParams
+        from opd.client.train.student import load_student
+        from opd.client.train.student_math import StudentModule
+
+        torch.manual_seed(0)
+        model, tokenizer = load_student(cfg["student"])
+        self.student = StudentModule(model, chunk_tokens=int(cfg["head_chunk_tokens"]))
+        self.engine = make_engine(
+            cfg["engine"],
+            self.student,
+            model_dir=cfg["student"],
+            hf_max_sequences=int(cfg["hf_max_sequences"]),
+            max_model_len=2048,
+        )
+        self.prompts = _prompts(tokenizer, int(cfg["prompts"]))
+        self.params = SamplingParams.for_tokenizer(
+            tokenizer, int(cfg["n"]), 1.0, 1.0, int(cfg["max_new_tokens"])
+        )
+        self.top_k = 16
+
+    def round(self) -> dict[str, Any]:
+        from opd.client.train.engines import draw_seeds
+        from opd.client.train.rollouts import with_statistics
+
+        seeds = draw_seeds(len(self.prompts))
+        t0 = time.perf_counter()
+        samples = self.engine.sample([ids for _, ids in self.prompts], self.params, seeds)
+        engine_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        with_statistics(self.student, list(zip(self.prompts, samples, strict=True)), self.top_k)
+        stats_s = time.perf_counter() - t0
+        tokens = sum(len(s.completion_ids) for group in samples for s in group)
+        return {"tokens": tokens, "engine_s": engine_s, "stats_s": stats_s}
+
+
+class Step:
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        from opd.client.train.config import TrainConfig
+        from opd.client.train.trainer import Trainer
+
+        self.trainer = Trainer(
+            TrainConfig(
+                student=cfg["student"],
+                teacher_url=[cfg["teacher_url"]],
+                prompts="shipped",
+                run_dir=tempfile.mkdtemp(prefix="bench-train-"),
+                max_steps=10_000,
+                prompts_per_step=int(cfg["prompts"]),
+                n_rollouts=int(cfg["n"]),
+                max_new_tokens=int(cfg["max_new_tokens"]),
+                objective=cfg["objective"],
+                lr=1e-5,
+                rollout_engine=cfg["engine"],
+                hf_max_sequences=int(cfg["hf_max_sequences"]),
+                head_chunk_tokens=int(cfg["head_chunk_tokens"]),
+                micro_batch_size=int(cfg["micro_batch_size"]),
+                checkpoint_every=10_000,
+                tensorboard=False,
+            )
+        )
+
+    def round(self) -> dict[str, Any]:
+        metrics = self.trainer.train_step()
+        self.trainer.step += 1
+        keys = ("step_s", "engine_s", "stats_s", "score_wait_s", "train_s", "sync_s")
+        out = {k: float(metrics.get(f"time/{k}", 0.0)) for k in keys}
+        out["tokens"] = int(metrics["rollout/completion_tokens"])
+        out["engine_logp_abs_diff_max"] = metrics.get("rollout/engine_logp_abs_diff_max")
+        return out
+
+
+class Math:
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        from transformers import AutoModelForCausalLM
+
+        from opd.client.train.positions import TokenBatch
+
+        model = AutoModelForCausalLM.from_pretrained(cfg["student"], dtype=torch.float32)
+        self.model = model
+        self.chunk = int(cfg["head_chunk_tokens"])
+        self.n = int(cfg["tokens"])
+        g = torch.Generator().manual_seed(0)
+        vocab = model.config.vocab_size
+        hidden = model.config.hidden_size
+        k = 16
+        self.h = torch.randn(self.n, hidden, generator=g)
+        n = self.n
+
+        def ids(*shape: int) -> torch.Tensor:
+            return torch.randint(0, vocab, shape, generator=g)
+
+        def logps(*shape: int) -> torch.Tensor:
+            return -torch.rand(*shape, generator=g) * 5
+
+        self.batch = TokenBatch(
+            ids_BL=torch.zeros(1, 1, dtype=torch.long),
+            mask_BL=torch.ones(1, 1, dtype=torch.long),
+            prompt_lens=[1],
+            lengths=[n + 1],
+            seq_offsets=torch.tensor([0, n]),
+            target_N=ids(n),
+            student_token_logp_N=logps(n),
+            student_topk_ids_NK=ids(n, k),
+            student_topk_logp_NK=logps(n, k),
+            teacher_token_logp_N=logps(n),
+            teacher_cand_logp_NK=logps(n, k),
+            teacher_topk_ids_Nk=ids(n, k),
+            teacher_topk_logp_Nk=logps(n, k),
+        )
+        self.setup = {"tokens": n, "vocab": vocab, "hidden": hidden, "chunk_tokens": self.chunk}
+
+    @staticmethod
+    def _peak_of(fn: Any) -> int:
+        reset_peak()
+        base = rss_bytes()
+        fn()
+        return peak_rss_bytes() - base
+
+    def _loss(self, chunk: int) -> None:
+        from opd.client.train.objectives import ObjectiveConfig
+        from opd.client.train.student_math import chunked_head_loss
+
+        head = self.model.get_output_embeddings()
+        h = self.h.clone().requires_grad_(True)
+        loss = chunked_head_loss(
+            h, head.weight, None, self.batch, ObjectiveConfig("student-topk"), chunk
+        )
+        loss.sum().backward()
+        head.weight.grad = None
+
+    def _stats(self, chunk: int) -> None:
+        from opd.client.train.student_math import head_spec
+        from opd.server.scoring import score_hidden
+
+        score_hidden(
+            head_spec(self.model), self.h, self.batch.target_N, top_k=16, entropy=True,
+            chunk_tokens=chunk if chunk > 0 else self.n,
+        )  # fmt: skip
+
+    def _stats_full_logits(self) -> None:
+        """The statistics as computed before chunking: log_softmax of full [N, V] logits."""
+        with torch.no_grad():
+            logp = torch.log_softmax(self.model.get_output_embeddings()(self.h).float(), dim=-1)
+            logp.gather(1, self.batch.target_N[:, None])
+            torch.topk(logp, 16, dim=-1)
+            -(logp.exp() * logp).nan_to_num().sum(-1)
+
+    def round(self) -> dict[str, Any]:
+        runs = {
+            "loss_full": lambda: self._loss(0),
+            "loss_chunked": lambda: self._loss(self.chunk),
+            "stats_full": self._stats_full_logits,
+            "stats_chunked": lambda: self._stats(self.chunk),
+        }
+        for fn in runs.values():  # first calls allocate pools and workspaces: not counted
+            fn()
+        return {
+            f"{k}_peak_bytes": min(self._peak_of(fn) for _ in range(2)) for k, fn in runs.items()
+        }
+
+
+KINDS = {"rollout": Rollout, "step": Step, "math": Math}
+
+
+def _protocol_stream():  # noqa: ANN202
+    """The protocol's own copy of stdout; fd 1 itself then points at stderr, so that whatever
+    the libraries print (vLLM logs to stdout) cannot interleave with the JSON lines."""
+    out = os.fdopen(os.dup(1), "w")
+    sys.stdout.flush()
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    return out
+
+
+def main() -> None:
+    kind, cfg = sys.argv[1], json.loads(sys.argv[2])
+    stream = _protocol_stream()
+    contender = KINDS[kind](cfg)
+    print(
+        json.dumps({"ready": True, "setup": getattr(contender, "setup", None)}),
+        file=stream,
+        flush=True,
+    )
+    for line in sys.stdin:
+        cmd = json.loads(line)["cmd"]
+        if cmd == "round":
+            result = contender.round()
+        elif cmd == "peak":
+            result = {"peak_rss_bytes": peak_rss_bytes()}
+        else:
+            break
+        print(json.dumps(result, default=_json_default), file=stream, flush=True)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(type(value).__name__)
+
+
+if __name__ == "__main__":
+    main()
