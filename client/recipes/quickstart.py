@@ -52,6 +52,7 @@ def quickstart_config(student: Path, teacher_url: str, run_dir: Path) -> TrainCo
         checkpoint_every=1000,
         keep_checkpoints=1,
         depth_bucket=16,
+        save_rollouts=True,
     )
 
 

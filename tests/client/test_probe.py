@@ -103,6 +103,18 @@ def test_probe_end_to_end_real_teacher_versus_twin(
     depth_keys = [k for k in real if k.startswith("overlap/ratio@depth")]
     assert "overlap/ratio@depth0-7" in depth_keys and len(depth_keys) >= 2
     assert np.isfinite(real["entropy/gap"])
+    # saved rollouts: the same tokens for both teachers, each with its own scores
+    from opd.client.train.rollout_store import read_rollouts
+
+    twin_saved = read_rollouts(out)  # the first teacher's, in OUT_DIR/rollouts
+    real_saved = read_rollouts(out / "teachers" / "SmolLM2-30-layers")
+    assert len(twin_saved) == len(real_saved) == 6 and {s.step for s in twin_saved} == {0}
+    for a, b in zip(twin_saved, real_saved, strict=True):
+        assert a.rollout.token_ids.tolist() == b.rollout.token_ids.tolist()
+        twin_r = a.rollout
+        np.testing.assert_allclose(
+            twin_r.teacher_token_logp_T, twin_r.student_token_logp_T, atol=2e-3
+        )
     # the report of a real probe: comparison plots and a page naming both teachers
     from opd.client.report.build import build_report
 

@@ -156,6 +156,12 @@ def test_bad_config_is_refused_naming_the_field(tiny_student_dir):
         )
 
 
+def test_fsdp_outside_torchrun_is_refused_naming_the_field(tiny_server, tiny_student_dir, tmp_path):
+    config = train_config(tiny_student_dir, tiny_server, tmp_path, fsdp=True)
+    with pytest.raises(ValueError, match="fsdp"):
+        Trainer(config)
+
+
 def test_layer_subset_student(tiny_model_dir, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
