@@ -145,6 +145,13 @@ def run_bench_train(cfg: BenchTrainConfig, log=print) -> dict[str, Any]:  # noqa
             raise
         return workers
 
+    def measure(kind: str, base: dict[str, Any], n: int) -> dict[str, list[dict[str, Any]]]:
+        workers = start(kind, base, n)
+        try:
+            return _alternate(workers, cfg.rounds, log)
+        finally:
+            _close(workers)
+
     if "rollouts" not in cfg.skip:
         log(f"rollouts: {cfg.rollout_prompts} prompts x {cfg.rollout_n}, <= {cfg.rollout_tokens}")
         base = {
@@ -153,11 +160,7 @@ def run_bench_train(cfg: BenchTrainConfig, log=print) -> dict[str, Any]:  # noqa
             "n": cfg.rollout_n,
             "max_new_tokens": cfg.rollout_tokens,
         }
-        workers = start("rollout", base, cfg.rollout_n)
-        try:
-            rows = _alternate(workers, cfg.rounds, log)
-        finally:
-            _close(workers)
+        rows = measure("rollout", base, cfg.rollout_n)
         report["rollouts"] = {
             name: {
                 "tokens_per_s": statistics.median(r["tokens"] / r["engine_s"] for r in rs),
@@ -188,11 +191,7 @@ def run_bench_train(cfg: BenchTrainConfig, log=print) -> dict[str, Any]:  # noqa
                 "objective": cfg.objective,
                 "micro_batch_size": 8,
             }
-            workers = start("step", base, cfg.step_n)
-            try:
-                rows = _alternate(workers, cfg.rounds, log)
-            finally:
-                _close(workers)
+            rows = measure("step", base, cfg.step_n)
         finally:
             teacher.stop()
         keys = ("step_s", "engine_s", "stats_s", "score_wait_s", "train_s", "sync_s", "tokens")

@@ -27,10 +27,10 @@ import tempfile
 import time
 from typing import Any
 
-import numpy as np
 import torch
 
 from opd.bench.procmem import peak_rss_bytes, reset_peak, rss_bytes
+from opd.bench.worker import serve
 
 
 def _prompts(tokenizer: Any, count: int) -> list[tuple[int, list[int]]]:
@@ -221,27 +221,7 @@ def _protocol_stream():  # noqa: ANN202
 def main() -> None:
     kind, cfg = sys.argv[1], json.loads(sys.argv[2])
     stream = _protocol_stream()
-    contender = KINDS[kind](cfg)
-    print(
-        json.dumps({"ready": True, "setup": getattr(contender, "setup", None)}),
-        file=stream,
-        flush=True,
-    )
-    for line in sys.stdin:
-        cmd = json.loads(line)["cmd"]
-        if cmd == "round":
-            result = contender.round()
-        elif cmd == "peak":
-            result = {"peak_rss_bytes": peak_rss_bytes()}
-        else:
-            break
-        print(json.dumps(result, default=_json_default), file=stream, flush=True)
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    raise TypeError(type(value).__name__)
+    serve(KINDS[kind](cfg), stream)
 
 
 if __name__ == "__main__":

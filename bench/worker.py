@@ -227,21 +227,36 @@ class LongSeq:
 KINDS = {"inprocess": InProcess, "naive": Naive, "matmul": Matmul, "longseq": LongSeq}
 
 
+def serve(contender: Any, out: Any = None) -> None:
+    """The worker protocol: one JSON line when ready, then one answer per command line on
+    stdin ("round", "peak"; anything else ends it). Shared by opd.bench.train_worker."""
+    out = out or sys.stdout
+
+    def say(obj: dict[str, Any]) -> None:
+        print(json.dumps(obj, default=_json_default), file=out, flush=True)
+
+    say({"ready": True, "setup": getattr(contender, "setup", None)})
+    for line in sys.stdin:
+        cmd = json.loads(line)["cmd"]
+        if cmd == "round":
+            say(contender.round())
+        elif cmd == "peak":
+            say({"peak_rss_bytes": peak_rss_bytes()})
+        else:
+            break
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(type(value).__name__)
+
+
 def main() -> None:
     kind, cfg = sys.argv[1], json.loads(sys.argv[2])
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg["threads"]))
-    contender = KINDS[kind](cfg)
-    print(json.dumps({"ready": True, "setup": getattr(contender, "setup", None)}), flush=True)
-    for line in sys.stdin:
-        cmd = json.loads(line)["cmd"]
-        if cmd == "round":
-            result = contender.round()
-        elif cmd == "peak":
-            result = {"peak_rss_bytes": peak_rss_bytes()}
-        else:
-            break
-        print(json.dumps(result), flush=True)
+    serve(KINDS[kind](cfg))
 
 
 if __name__ == "__main__":

