@@ -48,7 +48,7 @@ def quickstart_config(student: Path, teacher_url: str, run_dir: Path) -> TrainCo
         run_dir=str(run_dir),
         seed=0,
         holdout=8,
-        max_steps=int(os.environ.get("OPD_QUICKSTART_STEPS", "16")),
+        max_steps=int(os.environ.get("OPD_QUICKSTART_STEPS", "24")),
         objective="sampled",
         prompts_per_step=2,
         n_rollouts=4,

@@ -61,6 +61,9 @@ class VLLMEngine:
     ) -> None:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in this process
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache on CPU
+        # vLLM logs every engine step's housekeeping at INFO and a thread-binding note at
+        # WARNING on every generate; a training log wants neither (set it to see them).
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
         from vllm import LLM
 
         device = next(model.parameters()).device
