@@ -5,7 +5,8 @@
   seeds make sampling reproducible; after an optimizer update the engine is measurably stale
   until `sync_weights`, and after it agrees again (log-probs and greedy output), with the LM head
   tied to the embeddings (SmolLM2) and untied;
-- `opd train --rollout-engine vllm` end to end: the logged agreement metric stays at float noise
+- `opd train --rollout-engine vllm` end to end (one process, and 2 FSDP ranks under torchrun):
+  the logged agreement metric stays at float noise
   on every step (each step samples the weights the previous step produced), and the saved
   rollouts hold exactly the numbers the step used.
 """
@@ -78,3 +79,25 @@ def test_opd_train_with_the_vllm_engine(smol6_dir, tiny_server, tmp_path):
         r = s.rollout
         assert r.completion_len == len(r.student_token_logp_T) == len(r.teacher_token_logp_T)
         np.testing.assert_allclose(r.engine_token_logp_T, r.student_token_logp_T, atol=1e-3)
+
+
+def test_fsdp_ranks_sync_their_engines_from_the_shards(smol6_dir, tiny_server, tmp_path):
+    """torchrun, 2 CPU processes, --fsdp --rollout-engine vllm: each rank's engine (vLLM's
+    external launcher inside the trainer's process group) gets the full weights gathered from
+    the shards after every step, and samples them."""
+    run_dir = tmp_path / "fsdp-vllm"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [
+        str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "opd.client.cli", "train",
+        "--fsdp", "--rollout-engine", "vllm", "--student", str(smol6_dir),
+        "--teacher-url", tiny_server, "--run-dir", str(run_dir), "--max-steps", "2",
+        "--prompts-per-step", "1", "--n-rollouts", "2", "--max-new-tokens", "8", "--lr", "1e-4",
+        "--checkpoint-every", "100", "--no-tensorboard",
+    ]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_env(), cwd=ROOT)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    metrics = read_metrics(run_dir / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [1, 2]
+    for m in metrics:
+        assert m["dist/world_size"] == 2 and m["time/sync_s"] > 0
+        assert m["rollout/engine_logp_abs_diff_max"] < 1e-3
