@@ -72,6 +72,7 @@ class BenchTrainConfig(BaseModel):
     objective: str = Field(default="student-topk", description="step test: the objective")
     math_tokens: int = Field(default=4096, ge=1, description="memory test: completion positions")
     head_chunk_tokens: int = Field(default=512, ge=1, description="chunk of the batched flavours")
+    device: str = Field(default="cpu", description="cpu or cuda (the student, its engine)")
     skip: tuple[Literal["rollouts", "steps", "memory"], ...] = Field(
         default=(), description="parts to skip (repeatable)"
     )
@@ -135,7 +136,7 @@ def run_bench_train(cfg: BenchTrainConfig, log=print) -> dict[str, Any]:  # noqa
         workers: dict[str, WorkerContender] = {}
         try:
             for name in cfg.flavours:
-                c = {**base, **flavour_config(name, n, cfg.head_chunk_tokens)}
+                c = {**base, **flavour_config(name, n, cfg.head_chunk_tokens), "device": cfg.device}
                 log(f"  starting {kind} worker {name}")
                 workers[name] = WorkerContender(
                     name, kind, c, logs / f"{kind}-{name}.log", env=env, module=_WORKER
@@ -202,6 +203,7 @@ def run_bench_train(cfg: BenchTrainConfig, log=print) -> dict[str, Any]:  # noqa
     if "memory" not in cfg.skip:
         log(f"memory: student math on {cfg.math_tokens} completion positions")
         math_cfg = {
+            "device": cfg.device,
             "student": student,
             "tokens": cfg.math_tokens,
             "head_chunk_tokens": cfg.head_chunk_tokens,

