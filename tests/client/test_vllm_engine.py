@@ -3,8 +3,8 @@
 - tests/support/vllm_engine_check.py, in its own process: the engine's greedy output equals the
   trainer's own (hf) greedy output, its sampled-token log-probs agree with the trainer's forward,
   seeds make sampling reproducible; after an optimizer update the engine is measurably stale
-  until `sync_weights`, and after it agrees again (log-probs and greedy output), with the LM head
-  tied to the embeddings (SmolLM2) and untied;
+  until `sync_weights`, and after it agrees again (log-probs and greedy output), on a copy with
+  an LM head untied from the embeddings;
 - `opd train --rollout-engine vllm` end to end (one process, and 2 FSDP ranks under torchrun):
   the logged agreement metric stays at float noise
   on every step (each step samples the weights the previous step produced), and the saved
@@ -40,11 +40,10 @@ def _env() -> dict[str, str]:
     return {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONPATH": str(ROOT)}
 
 
-@pytest.mark.parametrize("head", ["tied", "untied"])
-def test_engine_samples_the_trainers_current_weights(smol6_dir, head):
-    cmd = [sys.executable, "-m", "tests.support.vllm_engine_check", str(smol6_dir)]
-    if head == "untied":
-        cmd.append("--untie")
+def test_engine_samples_the_trainers_current_weights(smol6_dir):
+    # The untied head: vLLM repacks it apart from the embeddings, the harder sync. The tied
+    # head (SmolLM2's own) is synced every step of the two `opd train` tests below.
+    cmd = [sys.executable, "-m", "tests.support.vllm_engine_check", str(smol6_dir), "--untie"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_env(), cwd=ROOT)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     r = json.loads(out.stdout.strip().splitlines()[-1])
