@@ -29,8 +29,7 @@ from typing import Any
 
 import torch
 
-from opd.bench.procmem import peak_rss_bytes, reset_peak, rss_bytes
-from opd.bench.worker import serve
+from opd.bench.worker import peak_extra_bytes, serve
 
 
 def _prompts(tokenizer: Any, count: int) -> list[tuple[int, list[int]]]:
@@ -158,18 +157,7 @@ class Math:
         self.setup = {"tokens": n, "vocab": vocab, "hidden": hidden, "chunk_tokens": self.chunk}
 
     def _peak_of(self, fn: Any) -> int:
-        """Peak extra memory of fn: host RSS on CPU, the CUDA allocator's peak on a GPU."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            base = torch.cuda.memory_allocated(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            fn()
-            torch.cuda.synchronize(self.device)
-            return torch.cuda.max_memory_allocated(self.device) - base
-        reset_peak()
-        base = rss_bytes()
-        fn()
-        return peak_rss_bytes() - base
+        return peak_extra_bytes(fn, self.device)
 
     def _loss(self, chunk: int) -> None:
         from opd.client.train.objectives import ObjectiveConfig

@@ -153,6 +153,21 @@ def full_logits_math(head_w: torch.Tensor, h: torch.Tensor, targets, cands, top_
     -(logp.exp() * logp).sum(-1)
 
 
+def peak_extra_bytes(fn: Callable[[], None], device: torch.device) -> int:
+    """Peak extra memory of fn: host RSS on CPU, the CUDA allocator's peak on a GPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    reset_peak()
+    base = rss_bytes()
+    fn()
+    return peak_rss_bytes() - base
+
+
 class LongSeq:
     """Peak extra memory of the scoring math for one long sequence: chunked vs full logits."""
 
@@ -180,18 +195,7 @@ class LongSeq:
         self.cands = torch.randint(0, vocab, (self.tokens, 16), generator=g).to(self.device)
 
     def _peak_of(self, fn: Callable[[], None]) -> int:
-        """Peak extra memory of fn: host RSS on CPU, the CUDA allocator's peak on a GPU."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            base = torch.cuda.memory_allocated(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            fn()
-            torch.cuda.synchronize(self.device)
-            return torch.cuda.max_memory_allocated(self.device) - base
-        reset_peak()
-        base = rss_bytes()
-        fn()
-        return peak_rss_bytes() - base
+        return peak_extra_bytes(fn, self.device)
 
     @torch.inference_mode()
     def round(self) -> dict[str, Any]:
