@@ -5,19 +5,23 @@
 
 One step:
   1. take `prompts_per_step` prompts (seeded per-epoch order, position saved in checkpoints);
-  2. for each prompt, the student samples `n_rollouts` completions and records its rollout-time
-     statistics (opd.client.train.rollouts); the finished rollouts go to the teacher at once
-     (opd.client.train.pipeline), so teacher scoring overlaps with sampling the next prompt;
-     the request asks for what the objective needs (objectives.REGISTRY) and, with
-     diagnostics on, what they read;
+  2. the rollout engine (opd.client.train.engines: hf or vllm) samples `n_rollouts` completions
+     of every prompt in one batched call; the trainer's own forward then records the student's
+     rollout-time statistics chunk by chunk (opd.client.train.student_math), and each finished
+     chunk goes to the teacher at once (opd.client.train.pipeline), so teacher scoring overlaps
+     with the next chunk's statistics; the request asks for what the objective needs
+     (objectives.REGISTRY) and, with diagnostics on, what they read;
   3. wait for the remaining scores (`time/score_wait_s` is what the student really waited);
   4. `ppo_epochs` optimizer steps over the batch, each accumulating gradients over micro-batches
-     of `micro_batch_size` sequences; token-mean loss over all completion tokens of the step;
-  5. diagnostics (opd.client.train.diagnostics) from the same arrays (flattened once into
-     opd.client.train.positions.PositionStats); one log call; checkpoint.
+     of `micro_batch_size` sequences (LM head and objective in chunks); token-mean loss over all
+     completion tokens of the step; under torchrun DDP or, with --fsdp, FSDP2
+     (opd.client.train.fsdp);
+  5. the engine gets the new weights (vllm: in memory; hf samples the trainer's module itself);
+  6. diagnostics (opd.client.train.diagnostics) from the same arrays (flattened once into
+     opd.client.train.positions.PositionStats); saved rollouts; one log call; checkpoint.
 
 Reading order below: the Trainer (set-up, `run`, the step: collect -> update -> diagnostics,
-evaluate, checkpoint), then the helpers (score_spec, the student's log-probs, the schedule).
+evaluate, checkpoint), then the helpers (score_spec, the engine agreement check, the schedule).
 """
 
 from __future__ import annotations
@@ -200,9 +204,10 @@ class Trainer:
         metrics["time/sync_s"] = self.sync_engine()
         metrics.update(engine_agreement(rollouts))
         metrics.update(step_diagnostics(self.stats, self.config))
-        if self.rollout_writer is not None:
+        if self.config.save_rollouts:  # rank 0 writes; every rank logs the key (mean_metrics)
             t0 = time.perf_counter()
-            self.rollout_writer.write(self.step + 1, rollouts)
+            if self.rollout_writer is not None:
+                self.rollout_writer.write(self.step + 1, rollouts)
             metrics["time/save_rollouts_s"] = time.perf_counter() - t0
         tokens = sum(r.completion_len for r in rollouts)
         step_s = time.perf_counter() - step_started

@@ -214,6 +214,7 @@ def test_torchrun_two_processes_each_score_their_own_shard(tiny_server, tiny_stu
         "--checkpoint-every",
         "2",
         "--no-tensorboard",
+        "--save-rollouts",
     ]
     env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
@@ -231,6 +232,11 @@ def test_torchrun_two_processes_each_score_their_own_shard(tiny_server, tiny_stu
         "torch_cpu_rank1",
     }
     assert json.loads((ckpt / "state.json").read_text())["world_size"] == 2
+    # rank 0 saves its own shard's rollouts (1 prompt x 2 rollouts) every step
+    from opd.client.train.rollout_store import read_rollouts
+
+    saved = read_rollouts(run_dir)
+    assert sorted({s.step for s in saved}) == [1, 2] and len(saved) == 4
 
 
 def test_micro_batches_are_slices_of_the_step_and_accumulate_exactly(
