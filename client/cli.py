@@ -9,10 +9,11 @@
     opd probe --student PATH --teacher a=URL [--teacher b=URL2 ...]      # will OPD work?
     opd coldstart --student PATH --teacher-url URL --prompts FILE        # teacher SFT first
     opd select-prompts --pool FILE --teacher-url URL --out FILE          # teacher-aligned set
+    opd eval --data FILE --student PATH [--teacher URL]                  # accuracy, pass@n
     opd report RUN_DIR      # PNG plots + one HTML page of a run's / probe's diagnostics
 
-The options of serve, train, probe, coldstart and select-prompts are generated from their typed
-configs (opd.client.config_cli): each is declared once, on its config field. `--teacher-url`
+The options of serve, train, probe, coldstart, select-prompts and eval are generated from their
+typed configs (opd.client.config_cli): each is declared once, on its config field. `--teacher-url`
 always means replicas of one teacher; separate teachers are `--teacher [NAME=]URL[,URL...]`.
 The configs import their own modules (train: torch), so the `opd` command needs the [train] or
 [server] extra; the HTTP client (`opd.client`) needs neither.
@@ -29,6 +30,7 @@ from opd.bench.runner import BenchConfig
 from opd.bench.train_runner import BenchTrainConfig
 from opd.client.config_cli import config_command
 from opd.client.recipes.coldstart import ColdstartConfig
+from opd.client.recipes.evaluate import EvalConfig
 from opd.client.recipes.probe import ProbeConfig
 from opd.client.recipes.select_prompts import select_prompts_command
 from opd.client.report.build import report_command
@@ -160,6 +162,30 @@ app.command("coldstart")(
     )
 )
 app.command("select-prompts")(select_prompts_command)
+
+
+def run_eval_command(config: EvalConfig) -> None:
+    from rich.console import Console
+
+    from opd.client.recipes.evaluate import print_eval, run_eval
+
+    console = Console()
+    logging.basicConfig(level=logging.WARNING)
+    report = run_eval(config, log=lambda msg: console.print(f"[dim]{msg}[/dim]"))
+    print_eval(report, console)
+    console.print(f"written: {config.out_dir}/eval.json and one per-prompt file per source")
+
+
+app.command("eval")(
+    config_command(
+        EvalConfig,
+        run_eval_command,
+        doc="Accuracy on questions with answers: mean@n and pass@k with 95% intervals for "
+        "students (folders, checkpoints, run dirs) and teachers (POST /v1/generate), and the "
+        "gap recovery rate. The API key comes from OPD_API_KEY.",
+        env=API_KEY_ENV,
+    )
+)
 app.command("report")(report_command)
 
 

@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from opd.client.train.metric_log import finite_json
 from opd.client.train.pipeline import TeacherSpec
 
 logger = logging.getLogger(__name__)
@@ -102,6 +103,40 @@ class ProbeConfig(BaseModel):
     allow_tokenizer_mismatch: bool = Field(
         default=False, description="skip the check that teachers and student share a tokenizer"
     )
+    answer_field: str | None = Field(
+        default=None,
+        description="field holding the gold answer: adds the student's accuracy and each "
+        "teacher's reward AUROC (sequence mean reward against answer correctness)",
+    )
+    verifier: str = Field(
+        default="math",
+        description="with --answer-field: math, exact, numeric, regex:PATTERN, "
+        "regex-numeric:PATTERN or module:function",
+    )
+    depth: bool = Field(
+        default=False,
+        description="teacher-continuation depth probe: teacher and student continue student "
+        "prefixes; the teacher's accuracy advantage by prefix length (needs --answer-field)",
+    )
+    depth_prefixes: list[int] = Field(
+        default_factory=lambda: [0, 8, 16, 32],
+        description="depth probe: prefix lengths in completion tokens (repeat the flag)",
+        json_schema_extra={"cli_name": "depth_prefix"},
+    )
+    depth_samples: int = Field(
+        default=4, ge=1, description="depth probe: continuations per prefix and model"
+    )
+    depth_rollouts: int = Field(
+        default=64, ge=1, description="depth probe: rollouts continued (a seeded subset)"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> ProbeConfig:
+        if self.depth and self.answer_field is None:
+            raise ValueError("depth: the depth probe grades answers; give --answer-field")
+        if any(p < 0 for p in self.depth_prefixes) or not self.depth_prefixes:
+            raise ValueError("depth_prefixes: one or more lengths >= 0")
+        return self
 
 
 def verdict(metrics: dict[str, float]) -> dict[str, Any]:
@@ -190,6 +225,8 @@ def run_probe(config: ProbeConfig, log=print) -> dict[str, Any]:  # noqa: ANN001
     """Sample the student once, score with every teacher, write probe.json, return the report."""
     import torch
 
+    from opd.client.evaluation.rewards import reward_auroc, student_outcome
+    from opd.client.evaluation.sources import EngineSource
     from opd.client.train.bridge import ScoreSpec
     from opd.client.train.diagnostics import compute_diagnostics
     from opd.client.train.engines import make_engine
@@ -207,7 +244,16 @@ def run_probe(config: ProbeConfig, log=print) -> dict[str, Any]:  # noqa: ANN001
     model, tokenizer = load_student(config.student, config.dtype, config.device)
     model.eval()
     student = StudentModule(model)
-    prompts = load_prompts(config.prompts, config.prompt_field)
+    items = None
+    if config.answer_field is not None:
+        from opd.client.evaluation.data import load_eval_set
+        from opd.client.evaluation.verifiers import load_verifier
+
+        verifier = load_verifier(config.verifier)
+        items = load_eval_set(config.prompts, config.prompt_field, config.answer_field)
+        prompts = [it.prompt for it in items]
+    else:
+        prompts = load_prompts(config.prompts, config.prompt_field)
     indices = sample_prompt_indices(len(prompts), config.num_prompts, config.seed)
     params = SamplingParams.for_tokenizer(
         tokenizer, config.n_rollouts, config.temperature, config.top_p, config.max_new_tokens
@@ -270,6 +316,11 @@ def run_probe(config: ProbeConfig, log=print) -> dict[str, Any]:  # noqa: ANN001
         for name, error in got.errors.items():
             by_name[name]["error"] = error
             log(f"teacher {by_name[name]['url']}: failed while scoring ({error})")
+        outcome = None
+        if items is not None and got.scored:
+            first = next(iter(got.scored.values()))
+            outcome = student_outcome(first, items, verifier, tokenizer)
+            log(f"student accuracy {outcome['summary']['mean_at_n']:.3f} on its rollouts")
         for position, (name, scored) in enumerate(got.scored.items()):
             if config.save_rollouts:  # the first teacher's in out_dir/rollouts, as opd train's
                 folder = out if position == 0 else out / "teachers" / _folder_name(name)
@@ -279,6 +330,20 @@ def run_probe(config: ProbeConfig, log=print) -> dict[str, Any]:  # noqa: ANN001
             metrics = compute_diagnostics(stats, depth_bucket=config.depth_bucket)
             by_name[name]["metrics"] = metrics
             by_name[name]["verdict"] = verdict(metrics)
+            if outcome is not None:
+                by_name[name]["outcome"] = reward_auroc(scored, outcome["correct"])
+        depth = None
+        if config.depth and outcome is not None and got.scored:
+            log(f"depth probe: continuing up to {config.depth_rollouts} rollouts")
+            depth = run_depth(
+                config,
+                next(iter(got.scored.values())),
+                items,
+                verifier,
+                EngineSource(engine, tokenizer),
+                tokenizer,
+                {name: by_name[name]["url"].split(",") for name in got.scored},
+            )
     finally:
         engine.close()
         connected.close()
@@ -300,7 +365,11 @@ def run_probe(config: ProbeConfig, log=print) -> dict[str, Any]:  # noqa: ANN001
         "config": config.model_dump(mode="json", exclude={"api_key"}),
         "teachers": rank_teachers(entries),
     }
-    (out / "probe.json").write_text(json.dumps(_finite(report), indent=1))
+    if outcome is not None:
+        report["student_outcome"] = outcome["summary"]
+    if depth is not None:
+        report["depth_probe"] = depth
+    (out / "probe.json").write_text(json.dumps(finite_json(report), indent=1))
     return report
 
 
@@ -309,15 +378,43 @@ def _folder_name(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "teacher"
 
 
-def _finite(obj: Any) -> Any:
-    """NaN -> None, so probe.json is strict JSON (the metrics log does the same)."""
-    if isinstance(obj, float) and not np.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_finite(v) for v in obj]
-    return obj
+def run_depth(
+    config: ProbeConfig,
+    rollouts: list[Any],
+    items: list[Any],
+    verifier: Any,
+    student: Any,
+    tokenizer: Any,
+    teacher_urls: dict[str, list[str]],
+) -> dict[str, Any]:
+    """The depth probe: every live teacher and the student continue the same prefixes."""
+    from opd.client.evaluation.depth import probe_depth
+    from opd.client.evaluation.sources import GenerationParams, TeacherSource
+
+    teachers = {
+        name: TeacherSource.connect(urls, config.api_key) for name, urls in teacher_urls.items()
+    }
+    try:
+        return probe_depth(
+            rollouts,
+            [items[r.prompt_index].answer for r in rollouts],
+            student,
+            teachers,
+            verifier,
+            GenerationParams(
+                config.depth_samples,
+                config.temperature,
+                config.top_p,
+                config.max_new_tokens,
+                config.seed,
+            ),
+            config.depth_prefixes,
+            config.depth_rollouts,
+            tokenizer,
+        )
+    finally:
+        for t in teachers.values():
+            t.close()
 
 
 def depth_rows(metrics: dict[str, float], key: str) -> list[tuple[str, float]]:

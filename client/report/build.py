@@ -10,6 +10,8 @@ Inputs, any subset of them in RUN_DIR:
     probe.json                         `opd probe`: several teachers on the same student rollouts
     coldstart.json, sft_metrics.jsonl  `opd coldstart`: filter counts, SFT loss per step
     quickstart.json                    `opd quickstart`: diagnostics before / after
+    eval.jsonl                         `opd train --eval-set`: accuracy over training
+    eval.json                          `opd eval`: accuracy per source, gap recovery
     config.json                        `opd train`'s config, shown in the page header
     rollouts/step_*.parquet            saved rollouts (opd.client.train.rollout_store), shown
                                        token by token; not an input on their own
@@ -64,6 +66,8 @@ INPUT_FILES = (
     "coldstart.json",
     "sft_metrics.jsonl",
     "quickstart.json",
+    "eval.jsonl",
+    "eval.json",
 )
 # The diagnostics shown in tables and by-depth plots (the quickstart's list and labels).
 MAIN_METRICS = _MAIN_METRICS
@@ -150,6 +154,8 @@ class RunInputs:
     coldstart: dict[str, Any] | None = None
     sft: Series | None = None
     quickstart: dict[str, Any] | None = None
+    evals: Series | None = None  # eval.jsonl
+    eval_summary: dict[str, Any] | None = None  # eval.json
     config: dict[str, Any] | None = None
     rollout_steps: list[int] = field(default_factory=list)  # saved under RUN_DIR/rollouts/
 
@@ -201,7 +207,7 @@ def load_inputs(run_dir: Path) -> RunInputs:
     if not inputs.found:
         raise ReportError(
             f"nothing to report in {run_dir}: looked for {', '.join(INPUT_FILES)} "
-            "(written by opd train, probe, coldstart and quickstart)"
+            "(written by opd train, probe, coldstart, quickstart and eval)"
         )
     p = run_dir.joinpath
     if p("metrics.jsonl").is_file():
@@ -216,6 +222,10 @@ def load_inputs(run_dir: Path) -> RunInputs:
         inputs.sft = _read_jsonl(p("sft_metrics.jsonl"))
     if p("quickstart.json").is_file():
         inputs.quickstart = _read_json(p("quickstart.json"))
+    if p("eval.jsonl").is_file():
+        inputs.evals = _read_jsonl(p("eval.jsonl"))
+    if p("eval.json").is_file():
+        inputs.eval_summary = _versioned(p("eval.json"))
     if p("config.json").is_file():
         inputs.config = _read_json(p("config.json"))
     from opd.client.train.rollout_store import saved_steps

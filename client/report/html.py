@@ -22,6 +22,7 @@ from typing import Any
 
 from opd.client.report.build import INPUT_FILES, MAIN_METRICS, RunInputs
 from opd.client.report.health import Check, windows
+from opd.client.report.outcome_view import outcome_section, probe_outcome_html
 from opd.client.report.plots import Plot, teachers_by_rank, verdict_color
 from opd.client.report.rollout_view import CSS as _ROLLOUT_CSS
 from opd.client.report.rollout_view import rollouts_section
@@ -74,6 +75,8 @@ def render_page(inputs: RunInputs, checks: list[Check], plots: list[Plot], frac:
             "there is no breakdown by depth. Lower <code>--depth-bucket</code> to get one.</p>"
         )
         sections.append(("depth", "By depth", depth))
+    if inputs.evals is not None or inputs.eval_summary is not None:
+        sections.append(("outcome", "Outcome: accuracy", outcome_section(inputs, plots)))
     if inputs.probe is not None:
         sections.append(("probe", "Teacher probe", _probe(inputs.probe, plots)))
     if inputs.coldstart is not None or inputs.sft is not None:
@@ -272,6 +275,7 @@ def _probe(probe: dict[str, Any], plots: list[Plot]) -> str:
         "signal (the teacher knows something the student does not: clear KL, negative "
         "reward).</p>"
         + _table((*headers, "reasons"), rows, numeric)
+        + probe_outcome_html(probe)
         + _figures(plots, "probe")
         + _details("probe config", probe.get("config"))
         + _details("verdict thresholds", probe.get("thresholds"))

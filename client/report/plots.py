@@ -34,7 +34,7 @@ _LABELS = {key: label for key, label, _ in MAIN_METRICS}
 
 @dataclass(frozen=True)
 class Plot:
-    section: str  # "steps" | "depth" | "probe" | "coldstart"
+    section: str  # "steps" | "depth" | "probe" | "coldstart" | "outcome"
     path: Path
     title: str
     caption: str
@@ -59,6 +59,9 @@ def all_plots(inputs: RunInputs, out_dir: Path, frac: float) -> list[Plot]:
     if inputs.probe is not None:
         plots += probe_plots(inputs.probe, out_dir)
     plots += coldstart_plots(inputs.coldstart, inputs.sft, out_dir)
+    from opd.client.report.outcome_view import outcome_plots
+
+    plots += outcome_plots(inputs, out_dir)
     return plots
 
 

@@ -74,6 +74,34 @@ class TrainConfig(BaseModel):
         default=False, description="write every step's rollouts to RUN_DIR/rollouts (Parquet)"
     )
 
+    # --- outcome evaluation (opd.client.evaluation.in_training)
+    eval_set: str | None = Field(
+        default=None,
+        description="questions with answers (JSONL, Parquet, HF folder or task:NAME): accuracy "
+        "before training, every --eval-every steps and at the end, with the teacher's "
+        "accuracy and the gap recovery rate",
+    )
+    eval_every: int = Field(default=50, ge=1, description="steps between evaluations")
+    eval_prompt_field: str = Field(default="prompt", description="eval set: question field")
+    eval_answer_field: str = Field(default="answer", description="eval set: gold answer field")
+    eval_verifier: str = Field(
+        default="math",
+        description="math, exact, numeric, regex:PATTERN, regex-numeric:PATTERN or module:function",
+    )
+    eval_limit: int | None = Field(
+        default=128, ge=1, description="a seeded subset of this many questions (None: all)"
+    )
+    eval_n: int = Field(default=1, ge=1, description="samples per question")
+    eval_temperature: float = Field(default=0.0, ge=0, description="0 = greedy")
+    eval_max_new_tokens: int | None = Field(
+        default=None, ge=1, description="max answer tokens (default: --max-new-tokens)"
+    )
+    eval_teacher: bool = Field(
+        default=True,
+        description="measure the teacher's accuracy once (POST /v1/generate) for the gap "
+        "recovery rate",
+    )
+
     # --- objective (opd.client.train.objectives.REGISTRY)
     objective: ObjectiveName = Field(default="student-topk", description="the OPD objective")
     topk_variant: Literal["released", "renormalized"] = Field(
@@ -137,6 +165,8 @@ class TrainConfig(BaseModel):
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         self.objective_config().validate()
+        if self.eval_set is not None and self.eval_n > 1 and self.eval_temperature == 0:
+            raise ValueError("eval_n > 1 needs eval_temperature > 0 (greedy samples are identical)")
         return self
 
     def objective_config(self) -> ObjectiveConfig:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 
 class MetricLogger(Protocol):
@@ -82,3 +82,15 @@ class MultiLogger:
 
 def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def finite_json(obj: Any) -> Any:
+    """NaN and infinities -> None, recursively, so summaries (probe.json, eval.json,
+    eval.jsonl) are strict JSON, as the metrics log writes them."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [finite_json(v) for v in obj]
+    return obj

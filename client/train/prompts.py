@@ -22,23 +22,34 @@ def shipped_prompts_path() -> Path:
 
 
 def load_prompts(source: str, field: str = "prompt") -> list[str]:
-    """Prompts from `source`: "shipped", a .jsonl/.json file, a .parquet file, or a folder saved
-    with datasets' save_to_disk. `field` names the column holding the prompt text."""
+    """Prompts from `source`: "shipped", a .jsonl/.json file, a .parquet file, a folder saved
+    with datasets' save_to_disk, or a generated task ("task:NAME[:SPLIT]"). `field` names the
+    column holding the prompt text."""
+    rows, where = load_rows(source)
+    return _column(rows, field, where)
+
+
+def load_rows(source: str) -> tuple[list[dict], str]:
+    """The rows of a data set (JSONL/JSON, Parquet, a datasets folder, or "shipped") and a name
+    for error messages. Shared by prompt sets and evaluation sets (opd.client.evaluation.data),
+    so both accept the same sources."""
+    from opd.client.evaluation.tasks import is_task, task_rows
+
+    if is_task(source):  # a generated task (opd.client.evaluation.tasks)
+        return task_rows(source), source
     path = shipped_prompts_path() if source == SHIPPED else Path(source)
     if path.is_dir():
-        return _from_hf_folder(path, field)
+        return _from_hf_folder(path), str(path)
     if not path.is_file():
-        raise FileNotFoundError(f"prompt source {source!r} does not exist")
+        raise FileNotFoundError(f"data source {source!r} does not exist")
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json"):
-        rows = _read_jsonl(path)
-    elif suffix == ".parquet":
+        return _read_jsonl(path), str(path)
+    if suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        rows = pq.read_table(path).to_pylist()
-    else:
-        raise ValueError(f"unsupported prompt file {path.name}: use .jsonl, .parquet or a folder")
-    return _column(rows, field, str(path))
+        return pq.read_table(path).to_pylist(), str(path)
+    raise ValueError(f"unsupported data file {path.name}: use .jsonl, .parquet or a folder")
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -55,13 +66,13 @@ def _read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
-def _from_hf_folder(path: Path, field: str) -> list[str]:
+def _from_hf_folder(path: Path) -> list[dict]:
     from datasets import load_from_disk
 
     ds = load_from_disk(str(path))
     if hasattr(ds, "keys"):  # a DatasetDict: take "train" if present, else the first split
         ds = ds["train"] if "train" in ds else ds[next(iter(ds.keys()))]
-    return _column(ds.to_list(), field, str(path))
+    return ds.to_list()
 
 
 def _column(rows: list[dict], field: str, where: str) -> list[str]:

@@ -19,6 +19,8 @@ One step:
   5. the engine gets the new weights (vllm: in memory; hf samples the trainer's module itself);
   6. diagnostics (opd.client.train.diagnostics) from the same arrays (flattened once into
      opd.client.train.positions.PositionStats); saved rollouts; one log call; checkpoint.
+With --eval-set, the student's accuracy on held-out questions is measured before step 1, every
+--eval-every steps and after the last, beside the teacher's (opd.client.evaluation.in_training).
 
 Reading order below: the Trainer (set-up, `run`, the step: collect -> update -> diagnostics,
 evaluate, checkpoint), then the helpers (score_spec, the engine agreement check, the schedule).
@@ -37,6 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from opd.client.evaluation.in_training import TrainingEval
 from opd.client.train import fsdp
 from opd.client.train import objectives as obj
 from opd.client.train.bridge import ScoreSpec
@@ -164,6 +167,11 @@ class Trainer:
             sleep=config.vllm_sleep,
             seed=config.seed + self.dist.rank,
         )
+        self.outcome = (
+            TrainingEval(config, self.engine, self.tokenizer, self.dist, self.run_dir)
+            if config.eval_set is not None
+            else None
+        )
         self.rollout_writer = (
             RolloutWriter(self.run_dir, decode_pieces(self.tokenizer))
             if config.save_rollouts and self.dist.is_main
@@ -176,9 +184,13 @@ class Trainer:
         how = f"resumed from {self.resume_from}" if self.resume_from else "started fresh"
         logger.info("%s at step %d; config %s", how, self.step, self.config.model_dump_json())
         history = []
+        if self.outcome is not None:
+            self.outcome.start(self.step, self.config.teacher_url, self.config.api_key)
         while not self.done():
             metrics = self.train_step()
             self.step += 1
+            if self.outcome is not None and self.outcome.due(self.step, self.done()):
+                metrics.update(self.outcome.metrics(self.outcome.measure(self.step)))
             self.metrics.log(self.step, metrics)
             history.append(metrics)
             if on_step is not None:

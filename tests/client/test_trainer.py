@@ -58,13 +58,27 @@ def test_every_objective_trains_against_a_real_teacher(
 
 
 def test_resume_matches_the_uninterrupted_run(tiny_server, tiny_student_dir, tmp_path):
-    with Trainer(train_config(tiny_student_dir, tiny_server, tmp_path / "full")) as trainer:
+    # with an outcome evaluation every 2 steps: its lines must survive the resume too
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text(
+        "".join(
+            json.dumps({"prompt": f"What is {i} + 1?", "answer": i + 1}) + "\n" for i in range(3)
+        )
+    )
+    evals = dict(eval_set=str(questions), eval_every=2, eval_verifier="numeric",
+                 eval_max_new_tokens=4)  # fmt: skip
+    with Trainer(
+        train_config(tiny_student_dir, tiny_server, tmp_path / "full", **evals)
+    ) as trainer:
         trainer.run()
     full = read_metrics(tmp_path / "full" / "metrics.jsonl")
 
     interrupted = tmp_path / "interrupted"
-    with Trainer(train_config(tiny_student_dir, tiny_server, interrupted, max_steps=2)) as trainer:
+    first = train_config(tiny_student_dir, tiny_server, interrupted, max_steps=2, **evals)
+    with Trainer(first) as trainer:
         trainer.run()
+    teacher_cache = interrupted / "eval_teacher.json"
+    measured_at = teacher_cache.stat().st_mtime_ns
     # the checkpoint holds no pickle: safetensors and JSON (plus the tokenizer's own files)
     ckpt = interrupted / "checkpoints" / "step_2"
     suffixes = {p.suffix for p in ckpt.rglob("*") if p.is_file()}
@@ -72,11 +86,23 @@ def test_resume_matches_the_uninterrupted_run(tiny_server, tiny_student_dir, tmp
     fresh = train_config(tiny_student_dir, tiny_server, tmp_path / "none-yet", resume="auto")
     with Trainer(fresh) as trainer:  # 'auto' with no checkpoint starts fresh
         assert trainer.step == 0 and trainer.resume_from is None
-    resumed_config = train_config(tiny_student_dir, tiny_server, interrupted, resume="auto")
+    resumed_config = train_config(
+        tiny_student_dir, tiny_server, interrupted, resume="auto", **evals
+    )
     with Trainer(resumed_config) as trainer:
         assert trainer.step == 2 and trainer.resume_from == ckpt
         trainer.run()
     resumed = read_metrics(interrupted / "metrics.jsonl")
+    # the teacher's accuracy was measured once, and the evaluations (before, 2, 4) match
+    assert teacher_cache.stat().st_mtime_ns == measured_at
+    lines = [json.loads(x) for x in (interrupted / "eval.jsonl").read_text().splitlines()]
+    expected = [json.loads(x) for x in (tmp_path / "full" / "eval.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [x["step"] for x in expected] == [0, 2, 4]
+    for a, b in zip(lines, expected, strict=True):
+        assert {k: v for k, v in a.items() if k != "seconds"} == {
+            k: v for k, v in b.items() if k != "seconds"
+        }
+    assert "eval/accuracy" in full[1] and "eval/accuracy" not in full[0]
 
     assert [m["step"] for m in resumed] == [1, 2, 3, 4]
     for a, b in zip(full, resumed, strict=True):

@@ -1,0 +1,70 @@
+"""Does the teacher's dense reward know right from wrong? The AUROC of the sequence mean reward.
+
+For a student rollout y, the method's sequence mean reward is r(y) = (1/T) sum_t [log q_t(y_t) -
+log p_t(y_t)], the teacher's per-token log-prob gain over the student averaged over the
+completion. If the teacher's token-level signal carries outcome information, right answers get
+a higher r than wrong ones: the AUROC of r against the student's answer correctness measures it
+(0.5 = no information; the paper reports 0.73 and 0.75 for its two teachers).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from opd.client.evaluation.stats import PromptOutcome, auroc, summarize
+
+if TYPE_CHECKING:
+    from opd.client.evaluation.data import EvalItem
+    from opd.client.evaluation.verifiers import Verifier
+    from opd.client.train.rollouts import Rollout
+
+
+def sequence_mean_reward(rollout: Rollout) -> float:
+    """r(y): the mean over completion tokens of log q - log p; NaN for an empty completion."""
+    if rollout.teacher_token_logp_T is None:
+        raise ValueError("sequence_mean_reward: the rollout is not scored by a teacher")
+    if rollout.completion_len == 0:
+        return float("nan")
+    gain = rollout.teacher_token_logp_T.astype(np.float64) - rollout.student_token_logp_T
+    return float(gain.mean())
+
+
+def student_outcome(
+    rollouts: Sequence[Rollout], items: Sequence[EvalItem], verifier: Verifier, tokenizer: Any
+) -> dict[str, Any]:
+    """Each rollout's correctness (by its prompt's gold answer) and the student's accuracy
+    summary over prompts (mean@n, pass@n, extraction failures)."""
+    correct: list[bool] = []
+    per_prompt: dict[int, list[bool]] = {}
+    failures: dict[int, int] = {}
+    for r in rollouts:
+        text = tokenizer.decode(r.completion, skip_special_tokens=True)
+        v = verifier(text, items[r.prompt_index].answer)
+        correct.append(bool(v.correct))
+        per_prompt.setdefault(r.prompt_index, []).append(bool(v.correct))
+        failures[r.prompt_index] = failures.get(r.prompt_index, 0) + (v.extracted is None)
+    outcomes = [
+        PromptOutcome(n=len(oks), c=sum(oks), n_extraction_failures=failures[i])
+        for i, oks in per_prompt.items()
+    ]
+    return {"correct": correct, "summary": summarize(outcomes, interval="wilson")}
+
+
+def reward_auroc(rollouts: Sequence[Rollout], correct: Sequence[bool]) -> dict[str, Any]:
+    """AUROC of r(y) against correctness over the rollouts (empty completions left out and
+    counted), with the mean reward of right and wrong answers beside it."""
+    rewards = np.array([sequence_mean_reward(r) for r in rollouts], dtype=np.float64)
+    labels = np.asarray(correct, dtype=bool)
+    keep = np.isfinite(rewards)
+    r, y = rewards[keep], labels[keep]
+    return {
+        "auroc": auroc(r.tolist(), y.tolist()) if r.size else float("nan"),
+        "rollouts": int(r.size),
+        "correct": int(y.sum()),
+        "left_out_empty": int((~keep).sum()),
+        "reward_mean_correct": float(r[y].mean()) if y.any() else float("nan"),
+        "reward_mean_wrong": float(r[~y].mean()) if (~y).any() else float("nan"),
+    }

@@ -1,0 +1,191 @@
+"""Who answers the questions: a student model (folder or run checkpoint) through a rollout engine,
+or a teacher service through `POST /v1/generate`.
+
+Both take prompts as user messages (rendered with the chat template) or as token ids (used as
+they are: the depth probe continues a rollout's prefix), and follow one seed rule, the teacher
+service's: prompt i samples with seed + i, so a result does not depend on how prompts were
+batched and before / after / teacher runs see the same seeds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from opd.client.teacher import TeacherClient
+    from opd.client.train.engines import RolloutEngine
+
+Prompt = str | list[int]
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """n completions per prompt at temperature / top-p (temperature 0 = greedy)."""
+
+    n: int = 1
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_tokens: int = 256
+    seed: int = 0
+
+
+@dataclass
+class Completion:
+    text: str  # special tokens removed
+    token_ids: list[int]  # through the EOS when there is one
+    truncated: bool  # max_tokens reached without EOS
+
+
+class CompletionSource(Protocol):
+    name: str
+
+    def complete(
+        self, prompts: Sequence[Prompt], params: GenerationParams
+    ) -> list[list[Completion]]:
+        """params.n completions of every prompt, in prompt order."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """A model folder from what a user points at: a model folder, a run checkpoint
+    (checkpoints/step_N, whose weights are in model/), or a run dir (its latest checkpoint)."""
+    from opd.client.train.checkpoint import latest_checkpoint
+
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return path
+    if (path / "model" / "config.json").is_file():
+        return path / "model"
+    if (path / "checkpoints").is_dir():
+        latest = latest_checkpoint(path)
+        if latest is not None and (latest / "model" / "config.json").is_file():
+            return latest / "model"
+    raise FileNotFoundError(
+        f"{path}: not a model folder, a checkpoint (model/config.json) or a run dir with "
+        "checkpoints"
+    )
+
+
+class EngineSource:
+    """A student sampled by a rollout engine (hf or vllm). Built from a folder with
+    `from_model_dir`, or around the trainer's own engine and tokenizer (no second copy)."""
+
+    def __init__(self, engine: RolloutEngine, tokenizer, name: str = "student") -> None:  # noqa: ANN001
+        self.engine, self.tokenizer, self.name = engine, tokenizer, name
+        self._owned: list[object] = []
+
+    @classmethod
+    def from_model_dir(
+        cls,
+        path: str | Path,
+        engine: str = "hf",
+        dtype: str = "float32",
+        device: str = "cpu",
+        hf_max_sequences: int = 64,
+        seed: int = 0,
+    ) -> EngineSource:
+        from opd.client.train.engines import make_engine
+        from opd.client.train.student import load_student
+        from opd.client.train.student_math import StudentModule
+        from opd.client.train.trainer import engine_max_len
+
+        model_dir = resolve_model_dir(path)
+        model, tokenizer = load_student(str(model_dir), dtype, device)
+        model.eval()
+        made = make_engine(
+            engine,
+            StudentModule(model),
+            model_dir=str(model_dir),
+            hf_max_sequences=hf_max_sequences,
+            max_model_len=engine_max_len(model.config),
+            seed=seed,
+        )
+        source = cls(made, tokenizer, name=str(path))
+        source._owned.append(made)
+        return source
+
+    def complete(
+        self, prompts: Sequence[Prompt], params: GenerationParams
+    ) -> list[list[Completion]]:
+        from opd.client.train.rollouts import SamplingParams
+        from opd.shared.chat import chat_prompt_ids
+
+        ids = [
+            chat_prompt_ids(self.tokenizer, p) if isinstance(p, str) else list(p) for p in prompts
+        ]
+        sampling = SamplingParams.for_tokenizer(
+            self.tokenizer, params.n, params.temperature, params.top_p, params.max_tokens
+        )
+        seeds = [params.seed + i for i in range(len(ids))]
+        samples = self.engine.sample(ids, sampling, seeds) if ids else []
+        return [
+            [
+                Completion(
+                    self.tokenizer.decode(s.completion_ids, skip_special_tokens=True),
+                    [int(t) for t in s.completion_ids],
+                    bool(s.truncated),
+                )
+                for s in group
+            ]
+            for group in samples
+        ]
+
+    def close(self) -> None:
+        for engine in self._owned:
+            engine.close()  # type: ignore[attr-defined]
+        self._owned.clear()
+
+
+class TeacherSource:
+    """A teacher service answering through POST /v1/generate (its own sampler and chat
+    template). The client splits requests under the teacher's limits, keeping seed + i."""
+
+    def __init__(self, client: TeacherClient, name: str = "teacher", owned: bool = False) -> None:
+        self.client, self.name, self._owned = client, name, owned
+
+    @classmethod
+    def connect(cls, urls: Sequence[str], api_key: str | None = None) -> TeacherSource:
+        from opd.client.teacher import TeacherClient
+
+        client = TeacherClient(list(urls), api_key=api_key)
+        client.connect()
+        return cls(client, name=",".join(urls), owned=True)
+
+    def complete(
+        self, prompts: Sequence[Prompt], params: GenerationParams
+    ) -> list[list[Completion]]:
+        from opd.shared.schemas import GenerateRequest
+
+        if not prompts:
+            return []
+        texts = [p for p in prompts if isinstance(p, str)]
+        if texts and len(texts) != len(prompts):
+            raise ValueError("teacher prompts: all user messages or all token ids, not a mix")
+        common = dict(
+            max_tokens=params.max_tokens,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            n=params.n,
+            seed=params.seed,
+        )
+        if texts:
+            request = GenerateRequest(prompts=texts, **common)
+        else:
+            request = GenerateRequest(prompt_token_ids=[list(p) for p in prompts], **common)
+        response = self.client.generate(request)
+        return [
+            [
+                Completion(c.text, list(c.token_ids), c.finish_reason == "length")
+                for c in r.completions
+            ]
+            for r in response.results
+        ]
+
+    def close(self) -> None:
+        if self._owned:
+            self.client.close()

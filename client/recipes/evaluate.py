@@ -1,0 +1,242 @@
+"""`opd eval`: does the student answer more questions right? Accuracy on a set with answers.
+
+    opd eval --data task:arithmetic --student runs/student                  # one student
+    opd eval --data qa.jsonl --answer-field solution --verifier math \\
+        --student runs/student --student runs/opd --teacher http://127.0.0.1:8000 \\
+        --n 4 --temperature 1.0                                              # before/after/teacher
+
+Every source answers the same questions with the same seeds (prompt i samples with seed + i):
+students (a model folder, a run checkpoint or a run dir: its latest checkpoint) through a
+rollout engine, teachers through their service's POST /v1/generate. Per source: mean@n and
+pass@k with a 95% interval, extraction failures (answers the verifier could not find) and the
+truncation rate; with two or more students and a teacher, the gap recovery rate of each later
+student over the first: (acc_after - acc_before) / (acc_teacher - acc_before).
+
+Writes OUT_DIR/eval.json (the summary and the config) and OUT_DIR/<source>.jsonl (every
+prompt's completions, extracted answers and verdicts).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from opd.client.train.metric_log import finite_json
+from opd.client.train.pipeline import TeacherSpec
+
+EVAL_VERSION = 1
+
+
+class EvalConfig(BaseModel):
+    """Every knob of `opd eval` (its flags are generated from these fields)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    data: str = Field(
+        description="questions with answers: JSONL, Parquet, HF folder, or task:NAME "
+        "(generated; opd.client.evaluation.tasks)"
+    )
+    prompt_field: str = Field(default="prompt", description="field holding the question")
+    answer_field: str = Field(default="answer", description="field holding the gold answer")
+    verifier: str = Field(
+        default="math",
+        description="math (math-verify), exact, numeric, regex:PATTERN, regex-numeric:PATTERN "
+        "or module:function",
+    )
+    students: list[str] = Field(
+        default_factory=list,
+        description="student model folder, run checkpoint or run dir (repeat to compare; the "
+        "first is 'before' for the gap recovery rate)",
+        json_schema_extra={"cli_name": "student"},
+    )
+    teachers: list[TeacherSpec] = Field(
+        default_factory=list,
+        description="teacher service [NAME=]URL[,URL...], answering via /v1/generate (repeat)",
+        json_schema_extra={"cli_name": "teacher"},
+    )
+    limit: int | None = Field(default=None, ge=1, description="a seeded subset of this many")
+    n: int = Field(default=1, ge=1, description="samples per prompt")
+    k: int | None = Field(default=None, ge=1, description="pass@k (default: n)")
+    temperature: float = Field(default=0.0, ge=0, description="0 = greedy")
+    top_p: float = Field(default=1.0, gt=0, le=1, description="nucleus sampling mass")
+    max_tokens: int = Field(default=256, ge=1, description="max completion tokens")
+    seed: int = Field(default=0, description="subset and sampling seed (prompt i: seed + i)")
+    interval: Literal["bootstrap", "wilson"] = Field(
+        default="wilson", description="95% interval: Wilson (counts) or bootstrap over prompts"
+    )
+    rollout_engine: Literal["hf", "vllm"] = Field(
+        default="hf", description="how students sample: hf (batched generate) or vllm"
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        default="float32", description="student dtype"
+    )
+    device: str = Field(default="cpu", description="student device")
+    api_key: str | None = Field(default=None, description="teacher API key (OPD_API_KEY)")
+    out_dir: str = Field(default="runs/eval", description="where eval.json and per-prompt files go")
+
+    @model_validator(mode="after")
+    def _check(self) -> EvalConfig:
+        if not self.students and not self.teachers:
+            raise ValueError("give at least one --student or --teacher to evaluate")
+        if self.n > 1 and self.temperature == 0:
+            raise ValueError("n > 1 samples need temperature > 0 (greedy samples are identical)")
+        if self.k is not None and self.k > self.n:
+            raise ValueError(f"k={self.k} must be <= n={self.n}")
+        return self
+
+
+def run_eval(config: EvalConfig, log=print) -> dict[str, Any]:  # noqa: ANN001
+    """Evaluate every source on the same items; write eval.json and per-prompt files."""
+    from opd.client.evaluation.data import load_eval_set
+    from opd.client.evaluation.run import evaluate
+    from opd.client.evaluation.sources import EngineSource, GenerationParams, TeacherSource
+    from opd.client.evaluation.stats import gap_recovery
+    from opd.client.evaluation.verifiers import load_verifier
+
+    started = time.perf_counter()
+    verifier = load_verifier(config.verifier)
+    items = load_eval_set(
+        config.data, config.prompt_field, config.answer_field, config.limit, config.seed
+    )
+    params = GenerationParams(
+        config.n, config.temperature, config.top_p, config.max_tokens, config.seed
+    )
+    out = Path(config.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sources: list[dict[str, Any]] = []
+    labels = _labels(config)
+    plan: list[tuple[str, str, Any]] = [
+        ("student", label, s) for label, s in zip(labels["students"], config.students, strict=True)
+    ]
+    plan += [
+        ("teacher", label, t) for label, t in zip(labels["teachers"], config.teachers, strict=True)
+    ]
+    for kind, label, what in plan:
+        t0 = time.perf_counter()
+        log(f"{kind} {label}: {len(items)} prompts x {config.n}")
+        if kind == "student":
+            source = EngineSource.from_model_dir(
+                what, config.rollout_engine, config.dtype, config.device, seed=config.seed
+            )
+        else:
+            source = TeacherSource.connect(what.urls, config.api_key)
+        try:
+            result = evaluate(
+                items,
+                source,
+                verifier,
+                params,
+                k=config.k,
+                interval=config.interval,
+                on_chunk=lambda done, total: log(f"  {done}/{total}"),
+            )
+        finally:
+            source.close()
+        per_prompt = out / f"{_file_name(label)}.jsonl"
+        result.write(per_prompt)
+        sources.append(
+            {
+                "kind": kind,
+                "label": label,
+                "path": what if kind == "student" else ",".join(what.urls),
+                "summary": result.summary,
+                "per_prompt": per_prompt.name,
+                "seconds": round(time.perf_counter() - t0, 1),
+            }
+        )
+    students = [s for s in sources if s["kind"] == "student"]
+    teachers = [s for s in sources if s["kind"] == "teacher"]
+    recovery = []
+    if len(students) >= 2 and teachers:
+        before, teacher = students[0], teachers[0]
+        for after in students[1:]:
+            recovery.append(
+                {
+                    "before": before["label"],
+                    "after": after["label"],
+                    "teacher": teacher["label"],
+                    "gap_recovery": gap_recovery(
+                        before["summary"]["mean_at_n"],
+                        after["summary"]["mean_at_n"],
+                        teacher["summary"]["mean_at_n"],
+                    ),
+                }
+            )
+    report = {
+        "version": EVAL_VERSION,
+        "data": config.data,
+        "items": len(items),
+        "sources": sources,
+        "gap_recovery": recovery,
+        "seconds": round(time.perf_counter() - started, 1),
+        "config": config.model_dump(mode="json", exclude={"api_key"}),
+    }
+    (out / "eval.json").write_text(json.dumps(finite_json(report), indent=1))
+    return report
+
+
+def _labels(config: EvalConfig) -> dict[str, list[str]]:
+    """Unique display names: a student's folder name, a teacher's NAME or first URL."""
+    seen: dict[str, int] = {}
+
+    def unique(name: str) -> str:
+        seen[name] = seen.get(name, 0) + 1
+        return name if seen[name] == 1 else f"{name}-{seen[name]}"
+
+    return {
+        "students": [unique(Path(s).name or s) for s in config.students],
+        "teachers": [unique(t.name or t.urls[0]) for t in config.teachers],
+    }
+
+
+def _file_name(label: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in label) or "source"
+
+
+def print_eval(report: dict[str, Any], console) -> None:  # noqa: ANN001
+    """The table: one row per source, then the gap recovery rates."""
+    from rich.table import Table
+
+    n = report["config"]["n"]
+    k = report["config"]["k"] or n
+    table = Table(title=f"opd eval: {report['data']} ({report['items']} prompts, n={n})")
+    for col in (
+        "source",
+        f"mean@{n}",
+        "95% CI",
+        f"pass@{k}",
+        "95% CI",
+        "no answer",
+        "truncated",
+        "s",
+    ):
+        table.add_column(col, justify="left" if col == "source" else "right")
+    for s in report["sources"]:
+        m = s["summary"]
+        table.add_row(
+            f"{s['kind']} {s['label']}",
+            f"{m['mean_at_n']:.3f}",
+            _ci(m.get("mean_at_n_interval")),
+            f"{m['pass_at_k']:.3f}",
+            _ci(m.get("pass_at_k_interval")),
+            f"{m['extraction_failures']} ({m['extraction_failure_rate']:.1%})",
+            f"{m['truncated_rate']:.1%}",
+            f"{s['seconds']:.0f}",
+        )
+    console.print(table)
+    for g in report["gap_recovery"]:
+        value = g["gap_recovery"]
+        shown = "n/a (teacher no better than before)" if value != value else f"{value:.1%}"
+        console.print(
+            f"gap recovery {g['before']} -> {g['after']} (teacher {g['teacher']}): {shown}"
+        )
+
+
+def _ci(ci: Any) -> str:
+    if not ci or ci[0] is None or ci[0] != ci[0]:
+        return "-"
+    return f"[{ci[0]:.3f}, {ci[1]:.3f}]"

@@ -1,0 +1,288 @@
+"""The report's outcome parts: accuracy over training, `opd eval` summaries, and the probe's
+reward AUROC and teacher-continuation depth curve.
+
+Inputs (any subset): RUN_DIR/eval.jsonl (`opd train --eval-set`: one line per evaluation, step 0
+is before training), RUN_DIR/eval.json (`opd eval`), and the "student_outcome", per-teacher
+"outcome" and "depth_probe" entries of probe.json. Plots go in section "outcome" (training and
+eval) or "probe" (the depth curve); html.py places the sections.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from opd.client.report.plots import GREEN, GREY, RED, Plot, _figure, _save
+
+if TYPE_CHECKING:
+    from opd.client.report.build import RunInputs, Series
+
+
+def outcome_plots(inputs: RunInputs, out_dir: Path) -> list[Plot]:
+    plots = []
+    if inputs.evals is not None:
+        plots += training_accuracy_plot(inputs.evals, out_dir)
+    if inputs.eval_summary is not None:
+        plots += eval_summary_plot(inputs.eval_summary, out_dir)
+    if inputs.probe is not None and inputs.probe.get("depth_probe"):
+        plots += depth_probe_plot(inputs.probe["depth_probe"], out_dir)
+    return plots
+
+
+def training_accuracy_plot(evals: Series, out_dir: Path) -> list[Plot]:
+    import numpy as np
+
+    acc = evals.get("accuracy")
+    if acc is None:
+        return []
+    steps = evals.steps_S
+    recovery = evals.get("gap_recovery")
+    fig, axes = _figure(
+        1, 2 if recovery is not None else 1, 9.6 if recovery is not None else 5, 3.2
+    )
+    ax = axes[0, 0]
+    lo, hi = evals.get("accuracy_lo"), evals.get("accuracy_hi")
+    if lo is not None and hi is not None:
+        ax.fill_between(steps, lo, hi, color="C0", alpha=0.2, linewidth=0, label="95% CI")
+    ax.plot(steps, acc, marker="o", color="C0", label="student")
+    teacher = evals.get("teacher_accuracy")
+    if teacher is not None:
+        value = float(teacher[np.isfinite(teacher)][0])
+        ax.axhline(value, color=GREEN, linestyle="--", label=f"teacher {value:.3f}")
+    ax.axhline(float(acc[0]), color=GREY, linestyle=":", label=f"before {acc[0]:.3f}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("accuracy (mean@n)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    if recovery is not None:
+        ax2 = axes[0, 1]
+        ax2.plot(steps, recovery, marker="o", color="C1")
+        ax2.axhline(0.0, color="0.4", linewidth=0.8)
+        ax2.axhline(0.8, color=GREEN, linestyle="--", linewidth=0.8, label="0.8 (a good pair)")
+        ax2.set_xlabel("step")
+        ax2.set_ylabel("gap recovery rate")
+        ax2.grid(alpha=0.3)
+        ax2.legend(fontsize=7)
+    return [
+        _save(
+            fig,
+            out_dir,
+            "eval_accuracy",
+            "outcome",
+            "Accuracy over training",
+            "The student's accuracy on the held-out questions (Wilson 95% band) before training "
+            "(step 0) and at every evaluation, against the teacher's (dashed). Right: the gap "
+            "recovery rate (acc - acc_before) / (acc_teacher - acc_before); the method calls a "
+            "pair good above 0.8.",
+        )
+    ]
+
+
+def eval_summary_plot(summary: dict[str, Any], out_dir: Path) -> list[Plot]:
+    sources = summary.get("sources") or []
+    if not sources:
+        return []
+    names = [f"{s['kind']}\n{s['label']}" for s in sources]
+    acc = [_num(s["summary"].get("mean_at_n")) for s in sources]
+    ci = [s["summary"].get("mean_at_n_interval") or [math.nan, math.nan] for s in sources]
+    low = [max(0.0, a - _num(c[0])) for a, c in zip(acc, ci, strict=True)]
+    high = [max(0.0, _num(c[1]) - a) for a, c in zip(acc, ci, strict=True)]
+    colors = [GREEN if s["kind"] == "teacher" else "C0" for s in sources]
+    fig, axes = _figure(1, 1, max(4.0, 1.3 * len(sources) + 1.5), 3.2)
+    ax = axes[0, 0]
+    ax.bar(range(len(names)), acc, yerr=[low, high], color=colors, capsize=4)
+    ax.set_xticks(range(len(names)), names, fontsize=7)
+    ax.set_ylabel(f"mean@{summary.get('config', {}).get('n', 'n')}")
+    ax.set_ylim(0, 1.02)
+    ax.grid(axis="y", alpha=0.3)
+    return [
+        _save(
+            fig,
+            out_dir,
+            "eval_sources",
+            "outcome",
+            "opd eval: accuracy per source",
+            "mean@n of every evaluated student (blue) and teacher (green) on the same questions "
+            "and seeds, with 95% intervals.",
+        )
+    ]
+
+
+def depth_probe_plot(depth: dict[str, Any], out_dir: Path) -> list[Plot]:
+    rows = depth.get("by_prefix") or []
+    if not rows:
+        return []
+    x = [r["prefix_tokens"] for r in rows]
+    teachers = sorted({name for r in rows for name in r["teachers"]})
+    fig, axes = _figure(1, 2, 9.6, 3.2)
+    ax, ax2 = axes[0, 0], axes[0, 1]
+    ax.plot(
+        x,
+        [_num(r["student"]["accuracy"]) for r in rows],
+        marker="o",
+        color=GREY,
+        label="student continues",
+    )
+    for i, name in enumerate(teachers):
+        ys = [_num(r["teachers"].get(name, {}).get("accuracy")) for r in rows]
+        ax.plot(x, ys, marker="o", color=f"C{i}", label=f"{name} continues")
+        adv = [_num(r["teachers"].get(name, {}).get("advantage")) for r in rows]
+        cis = [r["teachers"].get(name, {}).get("advantage_ci") or [math.nan] * 2 for r in rows]
+        err = [
+            [max(0.0, a - _num(c[0])) for a, c in zip(adv, cis, strict=True)],
+            [max(0.0, _num(c[1]) - a) for a, c in zip(adv, cis, strict=True)],
+        ]
+        ax2.errorbar(x, adv, yerr=err, marker="o", color=f"C{i}", capsize=3, label=name)
+    ax.set_xlabel("prefix length (completion tokens)")
+    ax.set_ylabel("accuracy of the continuation")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax2.axhline(0.0, color=RED, linewidth=0.8)
+    ax2.set_xlabel("prefix length (completion tokens)")
+    ax2.set_ylabel("teacher advantage (acc_teacher - acc_student)")
+    ax2.grid(alpha=0.3)
+    ax2.legend(fontsize=7)
+    return [
+        _save(
+            fig,
+            out_dir,
+            "probe_depth_continuation",
+            "probe",
+            "Teacher-continuation depth probe",
+            "Left: accuracy when the teacher (colours) or the student (grey) continues the same "
+            "student prefixes, by prefix length. Right: the teacher's advantage with a bootstrap "
+            "95% interval over rollouts. The method's long-horizon finding: the advantage falls "
+            "as the prefix grows (the teacher's dense reward matters less deep in a response).",
+        )
+    ]
+
+
+# ---- HTML -------------------------------------------------------------------------------------
+
+
+def outcome_section(inputs: RunInputs, plots: list[Plot]) -> str:
+    """The "Outcome" section: accuracy over training and `opd eval` results."""
+    from opd.client.report.html import _figures, _fmt, _table
+
+    parts = []
+    if inputs.evals is not None:
+        ev = inputs.evals
+        rows = []
+        for i, step in enumerate(ev.steps_S):
+            col = {k: ev.columns[k][i] for k in ev.columns}
+            rows.append(
+                (
+                    str(int(step)) + (" (before)" if step == 0 else ""),
+                    _fmt(col.get("accuracy")),
+                    f"[{_fmt(col.get('accuracy_lo'))}, {_fmt(col.get('accuracy_hi'))}]",
+                    _fmt(col.get("pass_at_n")),
+                    _fmt(col.get("extraction_failure_rate")),
+                    _fmt(col.get("teacher_accuracy")),
+                    _fmt(col.get("gap_recovery")),
+                )
+            )
+        headers = ("step", "accuracy", "95% CI", "pass@n", "no answer", "teacher", "gap recovery")
+        parts.append(
+            "<p>The student's accuracy on held-out questions over training "
+            "(<code>eval.jsonl</code>).</p>" + _table(headers, rows, {1, 3, 4, 5, 6})
+        )
+    if inputs.eval_summary is not None:
+        s = inputs.eval_summary
+        rows = []
+        for src in s.get("sources", []):
+            m = src["summary"]
+            lo, hi = (m.get("mean_at_n_interval") or [None, None])[:2]
+            plo, phi = (m.get("pass_at_k_interval") or [None, None])[:2]
+            rows.append(
+                (
+                    html.escape(f"{src['kind']} {src['label']}"),
+                    _fmt(m.get("mean_at_n")),
+                    f"[{_fmt(lo)}, {_fmt(hi)}]",
+                    _fmt(m.get("pass_at_k")),
+                    f"[{_fmt(plo)}, {_fmt(phi)}]",
+                    _fmt(m.get("extraction_failures")),
+                )
+            )
+        recovery = "".join(
+            f"<li>gap recovery {html.escape(g['before'])} &rarr; {html.escape(g['after'])} "
+            f"(teacher {html.escape(g['teacher'])}): <b>{_fmt(g['gap_recovery'])}</b></li>"
+            for g in s.get("gap_recovery", [])
+        )
+        headers = ("source", "mean@n", "95% CI", "pass@k", "95% CI", "no answer")
+        parts.append(
+            f"<p><code>opd eval</code> on <code>{html.escape(str(s.get('data')))}</code>, "
+            f"{_fmt(s.get('items'))} questions.</p>"
+            + _table(headers, rows, {1, 3, 5})
+            + (f"<ul>{recovery}</ul>" if recovery else "")
+        )
+    return "".join(parts) + _figures(plots, "outcome")
+
+
+def probe_outcome_html(probe: dict[str, Any]) -> str:
+    """The probe's outcome numbers: the student's accuracy on its own rollouts, each teacher's
+    reward AUROC, and the depth-probe table."""
+    from opd.client.report.html import _fmt, _table
+
+    parts = []
+    student = probe.get("student_outcome")
+    if student:
+        lo, hi = (student.get("mean_at_n_interval") or [None, None])[:2]
+        parts.append(
+            f"<p>Student accuracy on its probe rollouts: <b>{_fmt(student.get('mean_at_n'))}</b> "
+            f"[{_fmt(lo)}, {_fmt(hi)}] over {_fmt(student.get('prompts'))} prompts.</p>"
+        )
+    rows = [
+        (
+            html.escape(str(t.get("name", "?"))),
+            _fmt(t["outcome"].get("auroc")),
+            _fmt(t["outcome"].get("reward_mean_correct")),
+            _fmt(t["outcome"].get("reward_mean_wrong")),
+            f"{t['outcome'].get('correct')}/{t['outcome'].get('rollouts')}",
+        )
+        for t in probe.get("teachers", [])
+        if t.get("outcome")
+    ]
+    if rows:
+        parts.append(
+            "<p>Reward AUROC: how well each teacher's sequence mean reward r(y) ranks the "
+            "student's right answers above its wrong ones (0.5 = no information; the paper "
+            "reports 0.73 and 0.75).</p>"
+            + _table(("teacher", "AUROC", "r right", "r wrong", "right/rollouts"), rows, {1, 2, 3})
+        )
+    depth = probe.get("depth_probe")
+    if depth:
+        rows = []
+        for r in depth.get("by_prefix", []):
+            for name, t in r["teachers"].items():
+                lo, hi = (t.get("advantage_ci") or [None, None])[:2]
+                rows.append(
+                    (
+                        str(r["prefix_tokens"]),
+                        html.escape(name),
+                        str(r["rollouts"]),
+                        _fmt(r["student"]["accuracy"]),
+                        _fmt(t.get("accuracy")),
+                        f"{_fmt(t.get('advantage'))} [{_fmt(lo)}, {_fmt(hi)}]",
+                    )
+                )
+        headers = (
+            "prefix tokens",
+            "teacher",
+            "rollouts",
+            "student acc",
+            "teacher acc",
+            "advantage",
+        )
+        parts.append(
+            f"<p>Depth probe: {depth.get('samples')} continuations per prefix and model.</p>"
+            + _table(headers, rows, {2, 3, 4})
+        )
+    return "".join(parts)
+
+
+def _num(v: Any) -> float:
+    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else math.nan
