@@ -69,7 +69,7 @@ def test_cli_help_lists_the_commands():
     )
     assert out.returncode == 0
     commands = ("serve", "train", "quickstart", "score-demo", "bench", "probe", "coldstart")
-    for command in (*commands, "select-prompts", "report"):
+    for command in (*commands, "select-prompts", "report", "eval"):
         assert command in out.stdout
 
 

@@ -22,16 +22,6 @@ if TYPE_CHECKING:
     from opd.client.train.rollouts import Rollout
 
 
-def sequence_mean_reward(rollout: Rollout) -> float:
-    """r(y): the mean over completion tokens of log q - log p; NaN for an empty completion."""
-    if rollout.teacher_token_logp_T is None:
-        raise ValueError("sequence_mean_reward: the rollout is not scored by a teacher")
-    if rollout.completion_len == 0:
-        return float("nan")
-    gain = rollout.teacher_token_logp_T.astype(np.float64) - rollout.student_token_logp_T
-    return float(gain.mean())
-
-
 def student_outcome(
     rollouts: Sequence[Rollout], items: Sequence[EvalItem], verifier: Verifier, tokenizer: Any
 ) -> dict[str, Any]:
@@ -54,13 +44,17 @@ def student_outcome(
 
 
 def reward_auroc(rollouts: Sequence[Rollout], correct: Sequence[bool]) -> dict[str, Any]:
-    """AUROC of r(y) against correctness over the rollouts (empty completions left out and
+    """AUROC of r(y) (opd.client.train.diagnostics.sequence_rewards, the trainer's own
+    reward/seq_mean) against correctness over the rollouts (empty completions left out and
     counted), with the mean reward of right and wrong answers beside it."""
-    rewards = np.array([sequence_mean_reward(r) for r in rollouts], dtype=np.float64)
+    from opd.client.train.diagnostics import sequence_rewards
+    from opd.client.train.positions import PositionStats
+
+    rewards = sequence_rewards(PositionStats.from_rollouts(rollouts)).astype(np.float64)
     labels = np.asarray(correct, dtype=bool)
     keep = np.isfinite(rewards)
     r, y = rewards[keep], labels[keep]
-    return {
+    out = {
         "auroc": auroc(r.tolist(), y.tolist()) if r.size else float("nan"),
         "rollouts": int(r.size),
         "correct": int(y.sum()),
@@ -68,3 +62,6 @@ def reward_auroc(rollouts: Sequence[Rollout], correct: Sequence[bool]) -> dict[s
         "reward_mean_correct": float(r[y].mean()) if y.any() else float("nan"),
         "reward_mean_wrong": float(r[~y].mean()) if (~y).any() else float("nan"),
     }
+    if y.all() or not y.any():  # one class only: there is nothing to rank
+        out["undefined"] = f"all {int(y.size)} rollouts are {'right' if y.all() else 'wrong'}"
+    return out

@@ -126,6 +126,11 @@ class ProbeConfig(BaseModel):
     depth_samples: int = Field(
         default=4, ge=1, description="depth probe: continuations per prefix and model"
     )
+    depth_temperature: float | None = Field(
+        default=None,
+        ge=0,
+        description="depth probe: continuation temperature (default: --temperature; 0 = greedy)",
+    )
     depth_rollouts: int = Field(
         default=64, ge=1, description="depth probe: rollouts continued (a seeded subset)"
     )
@@ -403,7 +408,9 @@ def run_depth(
             verifier,
             GenerationParams(
                 config.depth_samples,
-                config.temperature,
+                config.temperature
+                if config.depth_temperature is None
+                else config.depth_temperature,
                 config.top_p,
                 config.max_new_tokens,
                 config.seed,

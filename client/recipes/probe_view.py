@@ -61,3 +61,49 @@ def print_probe(report: dict[str, Any], console: Console) -> None:
         for label in columns["overlap/ratio"]:
             depth.add_row(label, *(_fmt(columns[k].get(label)) for k in keys))
         console.print(depth)
+    print_outcome(report, console)
+
+
+def print_outcome(report: dict[str, Any], console: Console) -> None:
+    """With --answer-field: the student's accuracy, each teacher's reward AUROC; with --depth:
+    the teacher-continuation curve."""
+    student = report.get("student_outcome")
+    if student:
+        lo, hi = student["mean_at_n_interval"]
+        console.print(
+            f"student accuracy on its rollouts: {_fmt(student['mean_at_n'])} "
+            f"[{_fmt(lo)}, {_fmt(hi)}] over {student['prompts']} prompts"
+        )
+        for t in report["teachers"]:
+            o = t.get("outcome")
+            if o:
+                console.print(
+                    f"  {t['name']}: reward AUROC {_fmt(o['auroc'])} (r right "
+                    f"{_fmt(o['reward_mean_correct'])}, r wrong {_fmt(o['reward_mean_wrong'])}, "
+                    f"{o['correct']}/{o['rollouts']} right)"
+                    + (f": undefined, {o['undefined']}" if o.get("undefined") else "")
+                )
+    depth = report.get("depth_probe")
+    if depth:
+        table = Table(title=f"depth probe: {depth['samples']} continuations per prefix and model")
+        for col in (
+            "prefix tokens",
+            "rollouts",
+            "student acc",
+            "teacher",
+            "teacher acc",
+            "advantage",
+        ):
+            table.add_column(col, justify="right")
+        for row in depth["by_prefix"]:
+            for name, t in row["teachers"].items():
+                lo, hi = t["advantage_ci"]
+                table.add_row(
+                    str(row["prefix_tokens"]),
+                    str(row["rollouts"]),
+                    _fmt(row["student"]["accuracy"]),
+                    name,
+                    _fmt(t["accuracy"]),
+                    f"{_fmt(t['advantage'])} [{_fmt(lo)}, {_fmt(hi)}]",
+                )
+        console.print(table)

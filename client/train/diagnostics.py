@@ -55,9 +55,7 @@ from opd.client.train.positions import PositionStats
 
 __all__ = [
     "PositionStats",
-    "auroc",
     "compute_diagnostics",
-    "gap_recovery_rate",
     "overlap_mask",
     "overlap_token_advantage",
     "per_position_metrics",
@@ -170,61 +168,6 @@ def _topk_by_logp(k: int, logp_NK: np.ndarray, *cols_NK: np.ndarray) -> tuple[np
     return tuple(np.take_along_axis(a, idx_Nk, axis=1) for a in (logp_NK, *cols_NK))
 
 
-def auroc(scores: Any, labels: Any) -> float:
-    """Area under the ROC curve of `scores` for binary `labels`, by the rank-sum (Mann-Whitney U).
-
-    AUROC = (sum of positives' ranks - n1 (n1 + 1) / 2) / (n1 n0), ranks 1-based with ties given
-    their average rank, i.e. P(score_pos > score_neg) + P(tie) / 2. The paper uses it to ask
-    whether the sequence reward r(y) predicts answer correctness (0.73 / 0.75 for two teachers).
-    Returns nan when one class is absent (a batch that is all correct is not an error).
-    """
-    scores_n = np.asarray(scores, dtype=np.float64)
-    labels_n = np.asarray(labels)
-    if scores_n.ndim != 1 or labels_n.shape != scores_n.shape:
-        raise ValueError(
-            f"scores and labels must be 1-D of equal length, got {scores_n.shape} and "
-            f"{labels_n.shape}"
-        )
-    if np.isnan(scores_n).any():
-        raise ValueError("scores contain nan; drop those items first (e.g. empty completions)")
-    if not np.isin(labels_n, (0, 1)).all():
-        raise ValueError("labels must be 0/1 or bool")
-    pos_n = labels_n.astype(bool)
-    n1 = int(pos_n.sum())
-    n0 = pos_n.size - n1
-    if n1 == 0 or n0 == 0:
-        return float("nan")
-    # average ranks: sort, find runs of equal scores, give each run the mean of its 1-based ranks
-    order_n = np.argsort(scores_n, kind="stable")
-    sorted_n = scores_n[order_n]
-    starts_g = np.flatnonzero(np.r_[True, sorted_n[1:] != sorted_n[:-1]])
-    sizes_g = np.diff(np.r_[starts_g, sorted_n.size])
-    avg_rank_g = starts_g + 1 + (sizes_g - 1) / 2.0
-    ranks_n = np.empty(scores_n.size, dtype=np.float64)
-    ranks_n[order_n] = np.repeat(avg_rank_g, sizes_g)
-    u = ranks_n[pos_n].sum() - n1 * (n1 + 1) / 2.0
-    return float(u / (n1 * n0))
-
-
-def gap_recovery_rate(acc_before: float, acc_after: float, acc_teacher: float) -> float:
-    """Share of the student-teacher accuracy gap that distillation closed.
-
-    GRR = (acc_after - acc_before) / (acc_teacher - acc_before); > 0.8 for a good pair, < 0
-    when OPD hurt, > 1 when the student passed the teacher. Undefined with no gap to recover.
-    """
-    gap = acc_teacher - acc_before
-    if gap == 0:
-        raise ValueError(
-            f"gap recovery rate is undefined when acc_teacher == acc_before ({acc_before})"
-        )
-    return (acc_after - acc_before) / gap
-
-
-# --------------------------------------------------------------------------------------------
-# Per-position metrics, sequence rewards, aggregation
-# --------------------------------------------------------------------------------------------
-
-
 def _seq_ids(seq_offsets: np.ndarray) -> np.ndarray:
     """seq_N[t] = i for the rows of sequence i."""
     lens_n = np.diff(seq_offsets)
@@ -266,7 +209,7 @@ def sequence_rewards(stats: PositionStats) -> np.ndarray:
     """r(y) = (1/T) sum_t [log q_t(y_t) - log p_t(y_t)] per sequence ([n]; nan if T = 0).
 
     A length-normalised teacher-vs-student log-likelihood ratio of the whole completion; the
-    paper finds it predicts correctness (report `auroc(sequence_rewards(s), correct)`).
+    paper finds it predicts correctness (opd.client.evaluation.rewards: its AUROC in the probe).
     """
     stats.validate()
     offs = stats.seq_offsets

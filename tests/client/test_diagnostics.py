@@ -4,16 +4,13 @@ written out."""
 from __future__ import annotations
 
 import math
-from itertools import product
 
 import numpy as np
 import pytest
 
 from opd.client.train.diagnostics import (
     PositionStats,
-    auroc,
     compute_diagnostics,
-    gap_recovery_rate,
     overlap_mask,
     sequence_rewards,
 )
@@ -404,56 +401,6 @@ def test_depth_buckets() -> None:
     assert {key.split("@")[1] for key in default if "@" in key} == {"depth0-1023"}
     with pytest.raises(ValueError, match="depth_bucket"):
         compute_diagnostics(stats, depth_bucket=0)
-
-
-# ------------------------------------------------------------------ auroc, gap recovery
-
-
-def _auroc_brute(scores: list[float], labels: list[int]) -> float:
-    pos = [s for s, y in zip(scores, labels, strict=True) if y]
-    neg = [s for s, y in zip(scores, labels, strict=True) if not y]
-    wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in product(pos, neg))
-    return wins / (len(pos) * len(neg))
-
-
-def test_auroc_extremes_and_ties() -> None:
-    assert auroc([0.1, 0.2, 0.8, 0.9], [0, 0, 1, 1]) == 1.0
-    assert auroc([0.1, 0.2, 0.8, 0.9], [1, 1, 0, 0]) == 0.0
-    assert auroc([0.3] * 5, [0, 1, 0, 1, 1]) == 0.5
-    assert math.isnan(auroc([0.1, 0.2], [1, 1]))
-
-
-def test_auroc_hand_example_with_tie() -> None:
-    scores = [0.1, 0.4, 0.4, 0.8, 0.3]
-    labels = [0, 1, 0, 1, 1]
-    # positives 0.4, 0.8, 0.3 vs negatives 0.1, 0.4: 1 + .5 + 1 + 1 + 1 + 0 = 4.5 of 6 pairs
-    assert auroc(scores, labels) == pytest.approx(0.75)
-    assert auroc(scores, labels) == pytest.approx(_auroc_brute(scores, labels))
-    assert auroc(np.asarray(scores), np.asarray(labels, dtype=bool)) == pytest.approx(0.75)
-
-
-def test_auroc_matches_brute_force_with_many_ties() -> None:
-    rng = np.random.default_rng(3)
-    scores = rng.integers(0, 4, size=40).astype(float).tolist()
-    labels = rng.integers(0, 2, size=40).tolist()
-    assert auroc(scores, labels) == pytest.approx(_auroc_brute(scores, labels), rel=1e-12)
-
-
-def test_auroc_rejects_bad_input() -> None:
-    with pytest.raises(ValueError, match="labels"):
-        auroc([0.1, 0.2], [0, 2])
-    with pytest.raises(ValueError, match="nan"):
-        auroc([0.1, float("nan")], [0, 1])
-    with pytest.raises(ValueError, match="equal length"):
-        auroc([0.1, 0.2, 0.3], [0, 1])
-
-
-def test_gap_recovery_rate() -> None:
-    assert gap_recovery_rate(0.4, 0.6, 0.8) == pytest.approx(0.5)
-    assert gap_recovery_rate(0.4, 0.8, 0.8) == pytest.approx(1.0)
-    assert gap_recovery_rate(0.4, 0.3, 0.8) == pytest.approx(-0.25)
-    with pytest.raises(ValueError, match="acc_teacher == acc_before"):
-        gap_recovery_rate(0.5, 0.6, 0.5)
 
 
 # ------------------------------------------------------------------ PositionStats

@@ -12,7 +12,7 @@ import pytest
 
 from opd.client.evaluation.data import load_eval_set
 from opd.client.evaluation.depth import cut_prefixes, depth_cases
-from opd.client.evaluation.rewards import reward_auroc, sequence_mean_reward
+from opd.client.evaluation.rewards import reward_auroc
 from opd.client.train.rollouts import Rollout
 
 EOS = 2
@@ -58,6 +58,10 @@ def _rollout(teacher: list[float], student: list[float]) -> Rollout:
         student_topk_logp_TK=np.zeros((t, 1), np.float32),
         student_entropy_T=np.zeros(t, np.float32),
         teacher_token_logp_T=np.array(teacher, dtype=np.float32),
+        teacher_cand_logp_TK=np.zeros((t, 1), np.float32),
+        teacher_topk_ids_Tk=np.zeros((t, 1), np.int64),
+        teacher_topk_logp_Tk=np.zeros((t, 1), np.float32),
+        teacher_entropy_T=np.zeros(t, np.float32),
     )
 
 
@@ -75,7 +79,11 @@ def test_reward_auroc_equals_the_pairwise_definition_with_ties():
     rollouts.append(_rollout([], []))  # an empty completion: left out, counted
     labels.append(True)
     got = reward_auroc(rollouts, labels)
-    r = [sequence_mean_reward(x) for x in rollouts[:-1]]
+    # r(y) computed directly: the mean over the completion of log q - log p, in float64
+    r = [
+        float(np.mean(x.teacher_token_logp_T.astype(np.float64) - x.student_token_logp_T))
+        for x in rollouts[:-1]
+    ]
     pos = [a for a, y in zip(r, labels, strict=False) if y]
     neg = [a for a, y in zip(r, labels, strict=False) if not y]
     wins = sum(1.0 if p > q else 0.5 if p == q else 0.0

@@ -13,6 +13,7 @@ from opd.bench.runner import BenchConfig
 from opd.client.cli import app
 from opd.client.config_cli import flags_of
 from opd.client.recipes.coldstart import ColdstartConfig
+from opd.client.recipes.evaluate import EvalConfig
 from opd.client.recipes.probe import ProbeConfig
 from opd.client.recipes.select_prompts import SelectConfig
 from opd.client.train.config import OPD_STAGE_FIELDS, TrainConfig
@@ -26,6 +27,7 @@ COMMANDS = {
     "select-prompts": (SelectConfig, {"api_key"}),
     "serve": (Settings, {"api_key"}),
     "bench": (BenchConfig, set()),
+    "eval": (EvalConfig, {"api_key"}),
 }
 
 
