@@ -79,8 +79,8 @@ def test_probe_reward_auroc_and_depth_curve(smol_student_server, smollm2_dir, tm
         "probe", "--student", str(smollm2_dir), "--teacher", f"keep24={smol_student_server}",
         "--prompts", TASK, "--answer-field", "answer", "--verifier", "numeric",
         "--num-prompts", "8", "--n-rollouts", "2", "--max-new-tokens", "12",
-        "--depth", "--depth-prefix", "0", "--depth-prefix", "2", "--depth-samples", "2",
-        "--depth-rollouts", "4", "--out-dir", str(out),
+        "--depth", "--depth-prefix", "0", "--depth-prefix", "2", "--depth-samples", "1",
+        "--depth-temperature", "0", "--depth-rollouts", "4", "--out-dir", str(out),
     ])  # fmt: skip
     probe = json.loads((out / "probe.json").read_text())
     outcome = probe["teachers"][0]["outcome"]

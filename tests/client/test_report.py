@@ -38,6 +38,7 @@ STEP_PLOTS = {
 DEPTH_PLOTS = {"depth_profile", "depth_heatmap"}
 PROBE_PLOTS = {"probe_metrics", "probe_depth"}
 COLDSTART_PLOTS = {"sft_loss", "coldstart_counts"}
+OUTCOME_PLOTS = {"eval_accuracy", "eval_sources", "probe_depth_continuation"}
 TEACHERS = ("SmolLM2-135M-Instruct", "Other-Style-1B", "Tiny-Teacher")
 
 
@@ -158,6 +159,53 @@ def write_coldstart(run_dir: Path) -> None:
     (run_dir / "sft_metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
 
 
+def write_outcomes(run_dir: Path) -> None:
+    """The outcome inputs, in the shapes opd writes them: eval.jsonl (opd train --eval-set),
+    eval.json (opd eval), and the probe's outcome and depth-probe entries."""
+    lines = [
+        {"step": s, "accuracy": a, "accuracy_lo": a - 0.1, "accuracy_hi": a + 0.1,
+         "pass_at_n": a, "extraction_failure_rate": 0.1, "truncated_rate": 0.0,
+         "teacher_accuracy": 0.7, "gap_recovery": (a - 0.2) / 0.5}
+        for s, a in ((0, 0.2), (2, 0.35), (5, 0.6))
+    ]  # fmt: skip
+    (run_dir / "eval.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    summary = {"mean_at_n": 0.6, "mean_at_n_interval": [0.5, 0.7], "pass_at_k": 0.6,
+               "pass_at_k_interval": [0.5, 0.7], "extraction_failures": 3}  # fmt: skip
+    sources = [
+        {"kind": kind, "label": label, "summary": {**summary, "mean_at_n": acc}}
+        for kind, label, acc in (("student", "before", 0.2), ("student", "after", 0.6),
+                                 ("teacher", "SmolLM2-135M-Instruct", 0.7))
+    ]  # fmt: skip
+    gap = [{"before": "before", "after": "after", "teacher": "SmolLM2-135M-Instruct",
+            "gap_recovery": 0.8}]  # fmt: skip
+    (run_dir / "eval.json").write_text(
+        json.dumps(
+            {
+                "version": 1,
+                "data": "task:multiplication:eval",
+                "items": 60,
+                "sources": sources,
+                "gap_recovery": gap,
+                "config": {"n": 1},
+            }
+        )  # fmt: skip
+    )
+    probe = json.loads((run_dir / "probe.json").read_text())
+    probe["student_outcome"] = {"mean_at_n": 0.3, "mean_at_n_interval": [0.2, 0.4], "prompts": 40}
+    for t in probe["teachers"]:
+        t["outcome"] = {"auroc": 0.73, "rollouts": 40, "correct": 12,
+                        "reward_mean_correct": -0.5, "reward_mean_wrong": -1.5}  # fmt: skip
+
+    def row(n: int, s: float, t: float) -> dict:
+        ci = [t - s - 0.1, t - s + 0.1]
+        teacher = {"accuracy": t, "advantage": t - s, "advantage_ci": ci}
+        return {"prefix_tokens": n, "rollouts": 20, "student": {"accuracy": s},
+                "teachers": {TEACHERS[0]: teacher}}  # fmt: skip
+
+    probe["depth_probe"] = {"samples": 2, "by_prefix": [row(0, 0.2, 0.6), row(16, 0.2, 0.3)]}
+    (run_dir / "probe.json").write_text(json.dumps(probe))
+
+
 def write_quickstart(run_dir: Path) -> None:
     before = _diagnostics(2.0, seed=7)
     after = _diagnostics(1.0, seed=7)
@@ -217,12 +265,15 @@ def test_report_of_a_real_run_with_every_input_renders_in_chromium(real_run, tmp
     write_probe(run_dir)
     write_coldstart(run_dir)
     write_quickstart(run_dir)
+    write_outcomes(run_dir)
 
     page = build_report(run_dir)
 
     assert page == run_dir / "report" / "report.html"
     pngs = sorted(page.parent.glob("*.png"))
-    assert {p.stem for p in pngs} == STEP_PLOTS | DEPTH_PLOTS | PROBE_PLOTS | COLDSTART_PLOTS
+    assert {p.stem for p in pngs} == (
+        STEP_PLOTS | DEPTH_PLOTS | PROBE_PLOTS | COLDSTART_PLOTS | OUTCOME_PLOTS
+    )
     text = page.read_text()
     for png in pngs:  # every PNG written is embedded, byte for byte
         assert base64.b64encode(png.read_bytes()).decode() in text
@@ -244,6 +295,7 @@ def test_report_of_a_real_run_with_every_input_renders_in_chromium(real_run, tmp
         "Teacher probe",
         "Cold start",
         "Quickstart: before / after",
+        "Outcome: accuracy",
         "Run config",
     ):
         assert f">{heading}</h2>" in dom, heading
@@ -256,6 +308,9 @@ def test_report_of_a_real_run_with_every_input_renders_in_chromium(real_run, tmp
         "compatible, real signal",
         "31 of 40 responses",
         "kl/sampled",
+        "Reward AUROC",
+        "gap recovery",
+        "Depth probe",
     ):
         assert fragment in dom, fragment
 
