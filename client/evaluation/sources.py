@@ -57,14 +57,15 @@ def resolve_model_dir(path: str | Path) -> Path:
     from opd.client.train.checkpoint import latest_checkpoint
 
     path = Path(path)
-    if (path / "config.json").is_file():
-        return path
-    if (path / "model" / "config.json").is_file():
-        return path / "model"
+    # A run dir first: it holds a config.json too (opd train's TrainConfig), not a model's.
     if (path / "checkpoints").is_dir():
         latest = latest_checkpoint(path)
         if latest is not None and (latest / "model" / "config.json").is_file():
             return latest / "model"
+    if (path / "model" / "config.json").is_file():
+        return path / "model"
+    if (path / "config.json").is_file() and "model_type" in (path / "config.json").read_text():
+        return path
     raise FileNotFoundError(
         f"{path}: not a model folder, a checkpoint (model/config.json) or a run dir with "
         "checkpoints"

