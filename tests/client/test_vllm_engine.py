@@ -52,6 +52,7 @@ def test_engine_samples_the_trainers_current_weights(smol6_dir):
     assert r["gap_stale"][0] > 0.05  # mean |diff|: without the sync the check does see it
     assert r["same_seeds_same_samples"] and r["other_seeds_other_samples"]
     assert r["n_per_prompt"] == [3, 3, 3, 3]
+    assert r["big_seeded_batch"] == [64, 256]
 
 
 def test_opd_train_with_the_vllm_engine(smol6_dir, tiny_server, tmp_path):

