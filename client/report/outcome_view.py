@@ -87,13 +87,11 @@ def eval_summary_plot(summary: dict[str, Any], out_dir: Path) -> list[Plot]:
         return []
     names = [f"{s['kind']}\n{s['label']}" for s in sources]
     acc = [_num(s["summary"].get("mean_at_n")) for s in sources]
-    ci = [s["summary"].get("mean_at_n_interval") or [math.nan, math.nan] for s in sources]
-    low = [max(0.0, a - _num(c[0])) for a, c in zip(acc, ci, strict=True)]
-    high = [max(0.0, _num(c[1]) - a) for a, c in zip(acc, ci, strict=True)]
+    err = _error_bars(acc, [s["summary"].get("mean_at_n_interval") for s in sources])
     colors = [GREEN if s["kind"] == "teacher" else "C0" for s in sources]
     fig, axes = _figure(1, 1, max(4.0, 1.3 * len(sources) + 1.5), 3.2)
     ax = axes[0, 0]
-    ax.bar(range(len(names)), acc, yerr=[low, high], color=colors, capsize=4)
+    ax.bar(range(len(names)), acc, yerr=err, color=colors, capsize=4)
     ax.set_xticks(range(len(names)), names, fontsize=7)
     ax.set_ylabel(f"mean@{summary.get('config', {}).get('n', 'n')}")
     ax.set_ylim(0, 1.02)
@@ -130,11 +128,7 @@ def depth_probe_plot(depth: dict[str, Any], out_dir: Path) -> list[Plot]:
         ys = [_num(r["teachers"].get(name, {}).get("accuracy")) for r in rows]
         ax.plot(x, ys, marker="o", color=f"C{i}", label=f"{name} continues")
         adv = [_num(r["teachers"].get(name, {}).get("advantage")) for r in rows]
-        cis = [r["teachers"].get(name, {}).get("advantage_ci") or [math.nan] * 2 for r in rows]
-        err = [
-            [max(0.0, a - _num(c[0])) for a, c in zip(adv, cis, strict=True)],
-            [max(0.0, _num(c[1]) - a) for a, c in zip(adv, cis, strict=True)],
-        ]
+        err = _error_bars(adv, [r["teachers"].get(name, {}).get("advantage_ci") for r in rows])
         ax2.errorbar(x, adv, yerr=err, marker="o", color=f"C{i}", capsize=3, label=name)
     ax.set_xlabel("prefix length (completion tokens)")
     ax.set_ylabel("accuracy of the continuation")
@@ -282,6 +276,15 @@ def probe_outcome_html(probe: dict[str, Any]) -> str:
             + _table(headers, rows, {2, 3, 4})
         )
     return "".join(parts)
+
+
+def _error_bars(values: list[float], intervals: list[Any]) -> list[list[float]]:
+    """matplotlib's yerr (below, above) from (lo, hi) intervals; a missing interval draws none."""
+    spans = [iv if iv and len(iv) == 2 else [math.nan, math.nan] for iv in intervals]
+    return [
+        [max(0.0, v - _num(iv[0])) for v, iv in zip(values, spans, strict=True)],
+        [max(0.0, _num(iv[1]) - v) for v, iv in zip(values, spans, strict=True)],
+    ]
 
 
 def _num(v: Any) -> float:
