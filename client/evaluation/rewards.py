@@ -64,4 +64,25 @@ def reward_auroc(rollouts: Sequence[Rollout], correct: Sequence[bool]) -> dict[s
     }
     if y.all() or not y.any():  # one class only: there is nothing to rank
         out["undefined"] = f"all {int(y.size)} rollouts are {'right' if y.all() else 'wrong'}"
+    else:
+        out["auroc_interval"] = auroc_interval(r, y)
     return out
+
+
+def auroc_interval(
+    scores: np.ndarray, labels: np.ndarray, n_resamples: int = 1000, seed: int = 0
+) -> list[float]:
+    """A percentile-bootstrap 95% interval of the AUROC over rollouts (resamples with one class
+    only are skipped): with few right answers the AUROC alone says little, the width says how
+    little."""
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(n_resamples):
+        idx = rng.integers(0, scores.size, scores.size)
+        ys = labels[idx]
+        if ys.any() and not ys.all():
+            values.append(auroc(scores[idx].tolist(), ys.tolist()))
+    if not values:
+        return [float("nan"), float("nan")]
+    lo, hi = np.percentile(values, [2.5, 97.5])
+    return [float(lo), float(hi)]

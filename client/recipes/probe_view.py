@@ -78,7 +78,13 @@ def print_outcome(report: dict[str, Any], console: Console) -> None:
             o = t.get("outcome")
             if o:
                 console.print(
-                    f"  {t['name']}: reward AUROC {_fmt(o['auroc'])} (r right "
+                    f"  {t['name']}: reward AUROC {_fmt(o['auroc'])}"
+                    + (
+                        " [{}, {}]".format(*map(_fmt, o["auroc_interval"]))
+                        if "auroc_interval" in o
+                        else ""
+                    )
+                    + f" (r right "
                     f"{_fmt(o['reward_mean_correct'])}, r wrong {_fmt(o['reward_mean_wrong'])}, "
                     f"{o['correct']}/{o['rollouts']} right)"
                     + (f": undefined, {o['undefined']}" if o.get("undefined") else "")

@@ -232,7 +232,8 @@ def probe_outcome_html(probe: dict[str, Any]) -> str:
     rows = [
         (
             html.escape(str(t.get("name", "?"))),
-            _fmt(t["outcome"].get("auroc")),
+            _fmt(t["outcome"].get("auroc"))
+            + " [{}, {}]".format(*map(_fmt, t["outcome"].get("auroc_interval") or [None, None])),
             _fmt(t["outcome"].get("reward_mean_correct")),
             _fmt(t["outcome"].get("reward_mean_wrong")),
             f"{t['outcome'].get('correct')}/{t['outcome'].get('rollouts')}",

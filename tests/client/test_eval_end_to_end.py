@@ -107,6 +107,8 @@ def test_probe_reward_auroc_and_depth_curve(smol_student_server, smollm2_dir, tm
     assert pos and neg, "both right and wrong answers are needed for an AUROC"
     wins = sum(1.0 if p > q else 0.5 if p == q else 0.0 for p, q in itertools.product(pos, neg))
     assert outcome["auroc"] == pytest.approx(wins / (len(pos) * len(neg)), abs=1e-6)
+    lo, hi = outcome["auroc_interval"]
+    assert 0 <= lo <= outcome["auroc"] <= hi <= 1
     depth = probe["depth_probe"]
     rows = {r["prefix_tokens"]: r for r in depth["by_prefix"]}
     assert set(rows) <= {0, 2} and 0 in rows and rows[0]["rollouts"] == 4
