@@ -10,6 +10,10 @@ The student samples its rollouts once; every teacher scores the same rollouts, s
 compared on identical tokens. Diagnostics are the trainer's own
 (opd.client.train.diagnostics), overall and by depth, and a plain-language verdict with the
 numbers that decided it ranks the teachers.
+
+With --answer-field the rollouts are graded too (opd.client.evaluation): the student's accuracy,
+and per teacher the AUROC of its sequence mean reward against correctness; --depth adds the
+teacher-continuation depth curve (opd.client.evaluation.depth).
 """
 
 from __future__ import annotations
