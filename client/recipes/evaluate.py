@@ -96,6 +96,7 @@ def run_eval(config: EvalConfig, log=print) -> dict[str, Any]:  # noqa: ANN001
     from opd.client.evaluation.sources import EngineSource, GenerationParams, TeacherSource
     from opd.client.evaluation.stats import gap_recovery
     from opd.client.evaluation.verifiers import load_verifier
+    from opd.client.recipes.probe import safe_name
 
     started = time.perf_counter()
     verifier = load_verifier(config.verifier)
@@ -136,7 +137,7 @@ def run_eval(config: EvalConfig, log=print) -> dict[str, Any]:  # noqa: ANN001
             )
         finally:
             source.close()
-        per_prompt = out / f"{_file_name(label)}.jsonl"
+        per_prompt = out / f"{safe_name(label)}.jsonl"
         result.write(per_prompt)
         sources.append(
             {
@@ -191,10 +192,6 @@ def _labels(config: EvalConfig) -> dict[str, list[str]]:
         "students": [unique(Path(s).name or s) for s in config.students],
         "teachers": [unique(t.name or t.urls[0]) for t in config.teachers],
     }
-
-
-def _file_name(label: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in label) or "source"
 
 
 def print_eval(report: dict[str, Any], console) -> None:  # noqa: ANN001

@@ -332,7 +332,7 @@ def run_probe(config: ProbeConfig, log=print) -> dict[str, Any]:  # noqa: ANN001
             log(f"student accuracy {outcome['summary']['mean_at_n']:.3f} on its rollouts")
         for position, (name, scored) in enumerate(got.scored.items()):
             if config.save_rollouts:  # the first teacher's in out_dir/rollouts, as opd train's
-                folder = out if position == 0 else out / "teachers" / _folder_name(name)
+                folder = out if position == 0 else out / "teachers" / safe_name(name)
                 RolloutWriter(folder, decode_pieces(tokenizer)).write(0, scored)
             stats = PositionStats.from_rollouts(scored)
             positions = stats.n_positions
@@ -382,8 +382,8 @@ def run_probe(config: ProbeConfig, log=print) -> dict[str, Any]:  # noqa: ANN001
     return report
 
 
-def _folder_name(name: str) -> str:
-    """A teacher's name as one safe path component."""
+def safe_name(name: str) -> str:
+    """A display name (a teacher's, a source's) as one safe path component."""
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "teacher"
 
 
