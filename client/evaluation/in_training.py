@@ -15,7 +15,8 @@ go to RUN_DIR/eval/step_N.jsonl.
 The student samples with the trainer's own rollout engine (current weights, no copy) and fixed
 seeds, so evaluation never moves the training RNG streams. Under torchrun every rank answers an
 equal share of the questions (padded with repeats that are not counted, so collective forwards
-under FSDP stay in step) and the counts are summed.
+under FSDP stay in step) and the counts are summed; the per-prompt file then holds rank 0's
+share, as saved rollouts do.
 """
 
 from __future__ import annotations
