@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -22,6 +23,7 @@ import httpx
 from opd.bench.procmem import tree_peak_rss_bytes
 from opd.bench.vllm_server import VLLMOpenAIServer
 from opd.bench.workload import WorkloadConfig, make_requests
+from opd.client.teacher.child_process import start_child, stop_child
 from opd.client.teacher.launch import LocalTeacher
 
 
@@ -39,8 +41,12 @@ class WorkerContender:
     ) -> None:
         self.name, self.kind = name, kind
         self._log = open(log, "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen(
+        # Dies with the bench, even a SIGKILLed one. SIGINT, not SIGTERM: Python unwinds on
+        # KeyboardInterrupt, so a worker running vLLM in-process (bench-train's vllm flavour)
+        # stops its engine process at exit instead of leaving it orphaned.
+        self.proc = start_child(
             [sys.executable, "-m", module, kind, json.dumps(cfg)],
+            death_signal=signal.SIGINT,
             env={**os.environ, **(env or {})},
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -69,7 +75,10 @@ class WorkerContender:
         if self.proc.poll() is None:
             with contextlib.suppress(RuntimeError, BrokenPipeError, json.JSONDecodeError):
                 self._ask("quit")
-            self.proc.wait(30)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(30)
+        # Terminates it only if it did not quit; then nothing of its process group stays behind.
+        stop_child(self.proc, timeout_s=30)
         self._log.close()
 
 

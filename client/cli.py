@@ -6,6 +6,7 @@
     opd score-demo          # the teacher service scoring an example
     opd bench               # scoring throughput/latency/memory/payload vs naive HF and vLLM
     opd bench-train         # student side: rollout engines, OPD steps, student-math memory
+    opd bench-load          # the service at 2x and 10x its capacity: 429s, latency, lost
     opd probe --student PATH --teacher a=URL [--teacher b=URL2 ...]      # will OPD work?
     opd coldstart --student PATH --teacher-url URL --prompts FILE        # teacher SFT first
     opd select-prompts --pool FILE --teacher-url URL --out FILE          # teacher-aligned set
@@ -26,6 +27,7 @@ from typing import Annotated, Any
 
 import typer
 
+from opd.bench.load import BenchLoadConfig
 from opd.bench.runner import BenchConfig
 from opd.bench.train_runner import BenchTrainConfig
 from opd.client.config_cli import config_command
@@ -275,6 +277,44 @@ app.command("bench-train")(
         BenchTrainConfig,
         run_bench_train_command,
         doc="Benchmark the student side: rollout engines, OPD steps, student-math memory.",
+    )
+)
+
+
+def run_bench_load_command(cfg: BenchLoadConfig) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from opd.bench.load import run_bench_load
+    from opd.bench.load_report import COLUMNS, table_rows
+
+    console = Console()
+    report = run_bench_load(cfg, log=lambda msg: console.print(f"[dim]{msg}[/dim]"))
+    # one column per phase: thirteen measures side by side do not fit a terminal
+    rows = table_rows(report)
+    table = Table(title=f"opd bench-load: {report['model']}")
+    table.add_column(COLUMNS[0])
+    for row in rows:
+        table.add_column(row[0], justify="right")
+    for i, name in enumerate(COLUMNS[1:], 1):
+        table.add_row(name, *(row[i] for row in rows))
+    console.print(table)
+    for warning in report["warnings"]:
+        console.print(f"[yellow]note:[/yellow] {warning}")
+    lost = sum(p["lost"] for p in report["phases"])
+    if lost:
+        console.print(f"[red]{lost} requests lost[/red] (see lost_by_kind in the JSON)")
+    console.print(f"results: {report['path']}")
+
+
+app.command("bench-load")(
+    config_command(
+        BenchLoadConfig,
+        run_bench_load_command,
+        doc="Benchmark the service under overload: capacity, then open-loop phases at factor "
+        "x capacity; throughput, latency of 200s and 429s, 429 share, peak RSS, lost requests. "
+        "The API key comes from OPD_API_KEY.",
+        env=API_KEY_ENV,
     )
 )
 

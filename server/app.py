@@ -29,6 +29,15 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from opd.server.admission import (
+    DEADLINE_HEADER,
+    DeadlineExceeded,
+    KeyRateLimiter,
+    RateLimited,
+    key_id,
+    parse_deadline,
+    request_deadline,
+)
 from opd.server.backends import create_backend
 from opd.server.backends.base import Backend
 from opd.server.batcher import BatcherClosed, QueueFull
@@ -36,6 +45,7 @@ from opd.server.dropin.errors import dropin_status, is_dropin_path, openai_error
 from opd.server.dropin.models import ModelCard, model_card, started_at
 from opd.server.dropin.routes import DropInContext, dropin_router
 from opd.server.metrics import Metrics
+from opd.server.openapi_doc import install_openapi, request_body
 from opd.server.request_body import read_body
 from opd.server.service import ScoringService
 from opd.server.settings import Settings
@@ -90,6 +100,29 @@ def _install_error_handlers(app: FastAPI) -> None:
             request_id=_request_id(request),
         )
         return _error(request, 429, detail, {"Retry-After": str(exc.retry_after)})
+
+    @app.exception_handler(RateLimited)
+    async def rate_limited(request: Request, exc: RateLimited) -> Response:
+        request.app.state.metrics.rate_limited.inc()
+        detail = ErrorDetail(
+            type="rate_limited",
+            message=str(exc),
+            field="rate_limit_rps",
+            limit=exc.rps,
+            request_id=_request_id(request),
+        )
+        return _error(request, 429, detail, {"Retry-After": str(exc.retry_after)})
+
+    @app.exception_handler(DeadlineExceeded)
+    async def deadline_exceeded(request: Request, exc: DeadlineExceeded) -> Response:
+        detail = ErrorDetail(
+            type="deadline_exceeded",
+            message=str(exc),
+            field=DEADLINE_HEADER,
+            limit=round(exc.deadline_s, 3),
+            request_id=_request_id(request),
+        )
+        return _error(request, 408, detail)
 
     @app.exception_handler(Draining)
     @app.exception_handler(BatcherClosed)
@@ -162,7 +195,13 @@ def create_app(
     settings = settings or Settings()
     metrics = Metrics()
     service = ScoringService(settings, backend_factory or create_backend, metrics)
-    api_key = settings.api_key.get_secret_value().encode() if settings.api_key else None
+    secrets = [k.get_secret_value() for k in [settings.api_key, *settings.api_keys] if k]
+    api_keys = {k.encode(): key_id(k) for k in secrets}  # value -> the name logs may show
+    limiter = (
+        KeyRateLimiter(settings.rate_limit_rps, settings.rate_limit_burst)
+        if settings.rate_limit_rps
+        else None
+    )
 
     async def load() -> None:
         try:
@@ -215,7 +254,11 @@ def create_app(
             if app.state.draining and (path.startswith("/v1/") or is_dropin_path(path)):
                 response = await draining_response(request)
             else:
+                # The batcher reads the deadline from this ContextVar (opd.server.admission).
+                request_deadline.set(parse_deadline(request.headers.get(DEADLINE_HEADER)))
                 response = await call_next(request)
+        except ContractError as exc:  # a malformed X-OPD-Deadline
+            response = _error(request, exc.status, exc.detail(_request_id(request)))
         except Exception as exc:  # anything the specific handlers did not turn into a response
             response = await internal_error_response(request, exc)
         finally:
@@ -234,12 +277,20 @@ def create_app(
         return _error(request, 503, detail, {"Retry-After": "1", "Connection": "close"})
 
     async def require_api_key(request: Request) -> None:
-        if api_key is None:
+        if not api_keys:
+            if limiter is not None:
+                limiter.take("anonymous")
             return
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key):
+        sent = token.strip().encode()
+        # Compare against every key (constant time each), so timing does not say which matched.
+        matched = [name for key, name in api_keys.items() if hmac.compare_digest(sent, key)]
+        if scheme.lower() != "bearer" or not matched:
             raise Unauthorized()
+        request.state.key_name = matched[0]
+        if limiter is not None:
+            limiter.take(matched[0])
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, str]:
@@ -290,21 +341,12 @@ def create_app(
     @v1.post(
         "/score",
         response_model=ScoreResponseJSON,
-        openapi_extra={
-            "requestBody": {
-                "required": True,
-                "content": {
-                    JSON_MEDIA_TYPE: {"schema": ScoreRequest.model_json_schema()},
-                    MSGPACK_MEDIA_TYPE: {
-                        "schema": {"type": "string", "format": "binary"},
-                    },
-                },
-            }
-        },
+        openapi_extra=request_body(ScoreRequest, msgpack=True),
         responses={
             200: {"content": {MSGPACK_MEDIA_TYPE: {}}},
             400: {"model": ErrorBody},
             401: {"model": ErrorBody},
+            408: {"model": ErrorBody},
             413: {"model": ErrorBody},
             415: {"model": ErrorBody},
             422: {"model": ErrorBody},
@@ -336,13 +378,10 @@ def create_app(
     @v1.post(
         "/generate",
         response_model=GenerateResponse,
-        openapi_extra={
-            "requestBody": {
-                "required": True,
-                "content": {JSON_MEDIA_TYPE: {"schema": GenerateRequest.model_json_schema()}},
-            }
+        openapi_extra=request_body(GenerateRequest),
+        responses={
+            s: {"model": ErrorBody} for s in (400, 401, 408, 413, 415, 422, 429, 500, 501, 503)
         },
-        responses={s: {"model": ErrorBody} for s in (400, 401, 413, 415, 422, 429, 500, 501, 503)},
     )
     async def generate(request: Request) -> Response:
         """Teacher completions for prompts (text rendered with the chat template, or token ids):
@@ -357,4 +396,5 @@ def create_app(
         return Response(payload, media_type=JSON_MEDIA_TYPE)
 
     app.include_router(v1)
+    install_openapi(app)
     return app

@@ -7,10 +7,14 @@ padding stays small. Each pack runs on a dedicated single worker thread: the eve
 runs the model and keeps accepting requests meanwhile. A request's future resolves when all its
 items are done; the items of one request may land in different packs.
 
-Backpressure: the queue is bounded in tokens. A request that would push it over
-`max_queue_tokens` is refused at once with QueueFull (HTTP 429 + Retry-After estimated from the
-measured throughput); an empty queue always admits one request, so every request within the
-limits can eventually be served.
+Backpressure, two bounds, both answered at once with QueueFull (HTTP 429 + Retry-After):
+- memory: a request that would push the queue over `max_queue_tokens` is refused;
+- latency: a request whose expected wait (tokens queued ahead of it / the measured tokens per
+  second of recent forward passes) exceeds `max_queue_wait_s`, or exceeds the client's own
+  deadline (opd.server.admission), is refused; Retry-After is the time the backlog needs to
+  fall back under the bound.
+An empty queue always admits one request, so every request within the limits can eventually be
+served. Work still queued when its client's deadline passes is dropped uncomputed (408).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from opd.server.admission import DeadlineExceeded, request_deadline
 from opd.server.backends.base import Backend, ScoreItem, items_from_request
 from opd.server.metrics import Metrics
 from opd.server.scoring import ScoredRows
@@ -39,8 +44,8 @@ class QueueFull(Exception):
 
     def __init__(
         self,
-        queued: int,
-        limit: int,
+        queued: float,
+        limit: float,
         retry_after: int,
         field: str = "max_queue_tokens",
         unit: str = "tokens",
@@ -67,6 +72,8 @@ class _Job:
     results: list[ScoredRows | None]
     remaining: int
     enqueued_at: float = field(default_factory=time.monotonic)
+    deadline: float | None = None  # absolute monotonic; its work must start by then
+    started: bool = False  # a forward pass has taken one of its items
 
 
 @dataclass
@@ -86,6 +93,7 @@ class Batcher:
         max_batch_tokens: int,
         max_queue_tokens: int,
         max_wait_ms: float = 2.0,
+        max_queue_wait_s: float | None = None,
     ) -> None:
         self.backend = backend
         self.metrics = metrics
@@ -93,6 +101,7 @@ class Batcher:
         self.max_batch_tokens = max_batch_tokens
         self.max_queue_tokens = max_queue_tokens
         self.max_wait_s = max_wait_ms / 1000.0
+        self.max_queue_wait_s = max_queue_wait_s
         self._pending: deque[_Entry] = deque()
         self._queued_tokens = 0
         self._wakeup = asyncio.Event()
@@ -125,24 +134,68 @@ class Batcher:
     def queued_tokens(self) -> int:
         return self._queued_tokens
 
+    @property
+    def tokens_per_s(self) -> float:
+        """Measured throughput (moving average over forward passes; 0 before the first)."""
+        return self._tokens_per_s
+
+    def calibrate(self, tokens: int, seconds: float) -> None:
+        """Seed the throughput estimate (the service times a full pack at start-up), so the
+        wait bound holds from the first burst on."""
+        if tokens > 0 and seconds > 0:
+            self._tokens_per_s = tokens / seconds
+
+    def expected_wait_s(self, extra_tokens: int = 0) -> float:
+        """Seconds the queued work (plus `extra_tokens`) needs at the measured throughput."""
+        if not self._tokens_per_s:
+            return 0.0
+        return (self._queued_tokens + extra_tokens) / self._tokens_per_s
+
     # ---- submission
 
     async def submit(self, request: PackedRequest) -> PackedResult:
         if self._closed:
             raise BatcherClosed("the server is shutting down")
         tokens = int(request.seq_lens_n.sum())
-        if self._pending and self._queued_tokens + tokens > self.max_queue_tokens:
-            raise QueueFull(self._queued_tokens, self.max_queue_tokens, self._retry_after(tokens))
+        deadline = request_deadline.get()
+        self._admit(tokens, deadline)
         loop = asyncio.get_running_loop()
         n = request.n_sequences
-        job = _Job(request, loop.create_future(), [None] * n, n)
+        job = _Job(request, loop.create_future(), [None] * n, n, deadline=deadline)
         for i, item in enumerate(items_from_request(request)):
             self._pending.append(_Entry(job, i, item))
         self._queued_tokens += tokens
         self.metrics.queue_tokens.set(self._queued_tokens)
+        self.metrics.expected_wait.set(self.expected_wait_s())
         self.metrics.queue_sequences.set(len(self._pending))
         self._wakeup.set()
         return await job.future
+
+    def _admit(self, tokens: int, deadline: float | None) -> None:
+        """Raise QueueFull when the request would break a bound (see the module doc)."""
+        if not self._pending and self._queued_tokens == 0:
+            return  # an idle server takes anything within the request limits
+        if self._queued_tokens + tokens > self.max_queue_tokens:
+            raise QueueFull(self._queued_tokens, self.max_queue_tokens, self._retry_after(tokens))
+        wait = self.expected_wait_s()
+        if self.max_queue_wait_s is not None and wait > self.max_queue_wait_s:
+            raise QueueFull(
+                round(wait, 1),
+                self.max_queue_wait_s,
+                max(1, math.ceil(wait - self.max_queue_wait_s)),
+                field="max_queue_wait_s",
+                unit="seconds of expected wait",
+            )
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if wait > left:
+                raise QueueFull(
+                    round(wait, 1),
+                    round(left, 3),
+                    max(1, math.ceil(wait - left)),
+                    field="X-OPD-Deadline",
+                    unit="seconds of expected wait",
+                )
 
     def _retry_after(self, tokens: int) -> int:
         rate = self._tokens_per_s or 1000.0
@@ -168,10 +221,19 @@ class Batcher:
         total = 0
         while self._pending:
             entry = self._pending[0]
-            if entry.job.future.done():  # cancelled or failed: drop the leftovers
+            job = entry.job
+            expired = job.deadline is not None and time.monotonic() > job.deadline
+            if expired and not job.started and not job.future.done():
+                # The client gave up (its X-OPD-Deadline passed): compute nothing for it.
+                job.future.set_exception(DeadlineExceeded(job.deadline - job.enqueued_at))
+                self.metrics.deadline_dropped.inc()
+            if job.future.done():  # cancelled, failed or expired: drop the leftovers
                 self._pending.popleft()
                 self._queued_tokens -= entry.item.n_tokens
                 continue
+            if not job.started:
+                job.started = True
+                self.metrics.queue_wait.observe(time.monotonic() - job.enqueued_at)
             if taken and total + entry.item.n_tokens > budget:
                 break
             self._pending.popleft()
@@ -208,6 +270,7 @@ class Batcher:
         finally:
             self._queued_tokens -= real
             self.metrics.queue_tokens.set(self._queued_tokens)
+            self.metrics.expected_wait.set(self.expected_wait_s())
             self.metrics.queue_sequences.set(len(self._pending))
         elapsed = time.perf_counter() - started
         self.metrics.batch_sequences.observe(len(items))
@@ -221,10 +284,13 @@ class Batcher:
             )
         if results is None:
             return
+        now = time.monotonic()
         for e, rows in zip(pack, results, strict=True):
             job = e.job
             if job.future.done():
                 continue
+            if job.remaining == len(job.results):  # this request's first finished pass
+                self.metrics.first_pass.observe(now - job.enqueued_at)
             job.results[e.index] = rows
             job.remaining -= 1
             if job.remaining == 0:

@@ -1,6 +1,7 @@
 """Prometheus metrics of one app instance, on its own registry (tests run several apps at once).
 
-What to alert on (docs/operations.md): opd_queue_tokens near max_queue_tokens, a rising rate of
+What to alert on (docs/operations.md): opd_queue_tokens near max_queue_tokens,
+opd_expected_queue_wait_seconds near max_queue_wait_s, a rising rate of
 opd_requests_total{status="429"} or {status="500"}, opd_request_latency_seconds p99, and a low
 opd_batch_fill (padding waste).
 """
@@ -55,6 +56,32 @@ class Metrics:
         )
         self.queue_tokens = Gauge("opd_queue_tokens", "tokens waiting or running", registry=r)
         self.queue_sequences = Gauge("opd_queue_sequences", "sequences waiting", registry=r)
+        self.expected_wait = Gauge(
+            "opd_expected_queue_wait_seconds",
+            "queued tokens / measured tokens per second: what admission compares with "
+            "max_queue_wait_s",
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "opd_queue_wait_seconds",
+            "score requests: arrival to their first forward pass starting",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.first_pass = Histogram(
+            "opd_time_to_first_pass_seconds",
+            "score requests: arrival to their first forward pass finishing",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.deadline_dropped = Counter(
+            "opd_deadline_dropped",
+            "requests whose X-OPD-Deadline passed in the queue (408, nothing computed)",
+            registry=r,
+        )
+        self.rate_limited = Counter(
+            "opd_rate_limited", "requests refused by a per-key rate limit (429)", registry=r
+        )
         self.in_flight = Gauge("opd_in_flight_requests", "requests being handled", registry=r)
         self.ready = Gauge("opd_ready", "1 when the model is loaded and warmed up", registry=r)
         self.backend_info = Gauge(

@@ -6,13 +6,12 @@ than `max_body_bytes` before it is refused (413), whatever Content-Length it dec
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import TypeVar
 
-import orjson
 from fastapi import Request
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
-from opd.shared.codec import contract_error_from_pydantic
+from opd.shared.codec import json_object, validate_wire
 from opd.shared.errors import ContractError
 
 M = TypeVar("M", bound=BaseModel)
@@ -38,19 +37,7 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 
 def parse_json(body: bytes, model: type[M], status: int = 400) -> M:
-    """A JSON object body as `model`; malformed JSON or a bad field is a ContractError naming
-    the field (status 400 on the drop-in routes, as vLLM answers)."""
-    try:
-        obj: Any = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise ContractError(
-            f"body is not valid JSON: {exc}", field="body", status=400, kind="malformed_body"
-        ) from None
-    if not isinstance(obj, dict):
-        raise ContractError("body must be a JSON object", field="body", status=400)
-    try:
-        return model.model_validate(obj)
-    except ValidationError as exc:
-        err = contract_error_from_pydantic(exc)
-        err.status = status
-        raise err from None
+    """A JSON object body as `model`, strictly typed (opd.shared.codec.validate_wire);
+    malformed JSON or a bad field is a ContractError naming the field (status 400 on the
+    drop-in routes, as vLLM answers)."""
+    return validate_wire(model, json_object(body), status)

@@ -66,6 +66,13 @@ class Settings(BaseSettings):
         default=False, description="reuse KV of shared prefixes (see docs/vllm.md for the caveat)"
     )
     vllm_max_num_seqs: int | None = Field(default=None, ge=1, description="sequences per step")
+    vllm_kv_cache_gib: float | None = Field(
+        default=None,
+        gt=0,
+        description="KV cache of each vLLM engine, GiB; unset on CPU: room for one pack "
+        "(max(max_batch_tokens, max_model_len) tokens); unset on GPU: vLLM's share of "
+        "gpu_memory_utilization (opd.server.backends.vllm_memory)",
+    )
     generate_memory_share: float = Field(
         default=0.3,
         gt=0,
@@ -87,6 +94,17 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     api_key: SecretStr | None = Field(default=None, description="require Authorization: Bearer")
+    api_keys: list[SecretStr] = Field(
+        default_factory=list,
+        description="more accepted keys (JSON list), each with its own rate-limit bucket; logs "
+        "name a key by a short hash, never by its value",
+    )
+    rate_limit_rps: float = Field(
+        default=0, ge=0, description="requests per second allowed per API key; 0 = unlimited"
+    )
+    rate_limit_burst: int = Field(
+        default=20, ge=1, description="requests a key may send at once above rate_limit_rps"
+    )
     log_level: str = "info"
 
     # --- limits of one request (shared with clients through GET /v1/model). Declared once, in
@@ -105,6 +123,12 @@ class Settings(BaseSettings):
     )
     max_queue_tokens: int = Field(
         default=262144, ge=1, description="queued tokens beyond which new requests get 429"
+    )
+    max_queue_wait_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="expected queue wait (queued tokens / measured tokens per second) beyond "
+        "which new score requests get 429 with Retry-After; 0 = no bound",
     )
     logits_chunk_tokens: int | None = Field(
         default=None, ge=1, description="LM-head rows per tile; unset: 1024 on CPU, 256 on GPUs"

@@ -26,17 +26,26 @@ decode is a ContractError with status 400.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, TypeVar
 
 import msgpack
 import numpy as np
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from opd.shared.errors import ContractError
 from opd.shared.packed import PackedRequest, PackedResult
 from opd.shared.schemas import ScoreOptions, ScoreRequest
 from opd.shared.version import PROTOCOL_MAJOR, PROTOCOL_VERSION
 
+try:  # the server's extra installs orjson; a client-only install decodes with the stdlib
+    import orjson
+except ImportError:  # pragma: no cover - exercised only without the server extra
+    orjson = None  # type: ignore[assignment]
+
+M = TypeVar("M", bound=BaseModel)
+
+# Nesting a valid request never needs: sequences -> sequence -> candidate_ids -> row is depth 4.
+# orjson stops at 1024 levels; the stdlib parser at the recursion limit (also ~1000).
 _LE = {"int32": "<i4", "int64": "<i8", "uint16": "<u2", "float32": "<f4", "float16": "<f2"}
 
 
@@ -54,7 +63,11 @@ def _from_bin(obj: dict[str, Any], key: str, dtype: str, shape: tuple[int, ...])
         raise _malformed(f"{key} must be a msgpack bin of {dtype}", field=key)
     itemsize = np.dtype(_LE[dtype]).itemsize
     expected = int(np.prod(shape)) * itemsize if shape else None
-    if len(raw) % itemsize or (expected is not None and len(raw) != expected):
+    if len(raw) % itemsize:
+        raise _malformed(
+            f"{key} holds {len(raw)} bytes, not a multiple of {itemsize} ({dtype})", field=key
+        )
+    if expected is not None and len(raw) != expected:
         raise _malformed(
             f"{key} holds {len(raw)} bytes; expected {expected} ({dtype} {list(shape)})",
             field=key,
@@ -64,14 +77,31 @@ def _from_bin(obj: dict[str, Any], key: str, dtype: str, shape: tuple[int, ...])
     return arr.astype(arr.dtype.newbyteorder("="), copy=True).reshape(shape or (-1,))
 
 
-def _unpack(body: bytes) -> dict[str, Any]:
+def _unpack(body: bytes, *, require_version: bool) -> dict[str, Any]:
+    """The top-level map of a msgpack body. A request must name its protocol_version (a string);
+    a response without one is read as this side's version (older servers omitted nothing, but
+    a reader stays lenient about what it reads back)."""
     try:
         obj = msgpack.unpackb(body, raw=False, strict_map_key=True, use_list=True)
     except Exception as exc:  # msgpack raises several unrelated types
-        raise _malformed(f"body is not valid msgpack: {exc}") from None
+        raise _malformed(f"body is not valid msgpack: {exc}", field="body") from None
     if not isinstance(obj, dict):
-        raise _malformed("msgpack body must be a map")
-    major = str(obj.get("protocol_version", PROTOCOL_VERSION)).split(".")[0]
+        raise _malformed(f"msgpack body must be a map, not {type(obj).__name__}", field="body")
+    version = obj.get("protocol_version", None if require_version else PROTOCOL_VERSION)
+    if version is None:
+        raise ContractError(
+            f"protocol_version is required (this side speaks {PROTOCOL_VERSION})",
+            field="protocol_version",
+            limit=PROTOCOL_VERSION,
+        )
+    if not isinstance(version, str):
+        raise ContractError(
+            f"protocol_version must be a string such as {PROTOCOL_VERSION!r}, "
+            f"not {type(version).__name__}",
+            field="protocol_version",
+            limit=PROTOCOL_VERSION,
+        )
+    major = version.split(".")[0]
     if major != PROTOCOL_MAJOR:
         raise ContractError(
             f"protocol_version {obj.get('protocol_version')} is not supported; this side speaks "
@@ -126,23 +156,26 @@ _OPTION_KEYS = ("top_k", "entropy", "token_rank", "temperature", "logprob_dtype"
 
 
 def decode_request_msgpack(body: bytes) -> PackedRequest:
-    obj = _unpack(body)
-    unknown = set(obj) - _REQUEST_KEYS
+    """A msgpack score request, with the same strict types as the JSON one (a bool is not an
+    int, a string is not a number)."""
+    obj = _unpack(body, require_version=True)
+    unknown = sorted(
+        repr(k) if not isinstance(k, str) or not k else k for k in obj if k not in _REQUEST_KEYS
+    )
     if unknown:
-        raise ContractError(f"unknown fields {sorted(unknown)}", field=sorted(unknown)[0])
+        raise ContractError(f"unknown fields {unknown}", field=unknown[0])
     for key in ("token_ids", "seq_offsets", "score_from"):
         if key not in obj:
             raise ContractError(f"{key} is required", field=key)
-    try:
-        options = ScoreOptions.model_validate({k: obj[k] for k in _OPTION_KEYS if k in obj})
-    except ValidationError as exc:
-        raise contract_error_from_pydantic(exc) from None
+    options = validate_wire(ScoreOptions, {k: obj[k] for k in _OPTION_KEYS if k in obj})
     tokens = _from_bin(obj, "token_ids", "int32", ())
     offsets = _from_bin(obj, "seq_offsets", "int64", ())
     score_from = _from_bin(obj, "score_from", "int32", ()).astype(np.int64)
     n_cands = obj.get("n_candidates", 0)
-    if not isinstance(n_cands, int) or n_cands < 0:
-        raise ContractError("n_candidates must be a non-negative integer", field="n_candidates")
+    if type(n_cands) is not int or n_cands < 0:  # bool is an int subclass: refuse it too
+        raise ContractError(
+            f"n_candidates must be a non-negative integer, not {n_cands!r}", field="n_candidates"
+        )
     candidates = None
     if obj.get("candidate_ids") is not None:
         if n_cands < 1:
@@ -167,15 +200,38 @@ def decode_request_msgpack(body: bytes) -> PackedRequest:
 
 
 def decode_request_json(body: bytes) -> PackedRequest:
+    return PackedRequest.from_request(validate_wire(ScoreRequest, json_object(body)))
+
+
+def json_object(body: bytes) -> dict[str, Any]:
+    """A JSON body that must be an object, with bounded nesting and number sizes.
+
+    Malformed JSON, nesting deeper than ~1,000 levels, integers beyond 64 bits (orjson) or
+    beyond Python's 4,300-digit int-string limit (stdlib), and bodies that are an array, a
+    string, a number or null are all a 400 naming `body`."""
     try:
-        data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise _malformed(f"body is not valid JSON: {exc}") from None
+        obj = orjson.loads(body) if orjson is not None else json.loads(body)
+    except (ValueError, RecursionError, UnicodeDecodeError) as exc:
+        # orjson.JSONDecodeError and json.JSONDecodeError are ValueErrors; so is the stdlib's
+        # "Exceeds the limit (4300 digits) for integer string conversion".
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise _malformed(f"body is not valid JSON: {reason}", field="body") from None
+    if not isinstance(obj, dict):
+        kind = "null" if obj is None else type(obj).__name__
+        raise _malformed(f"body must be a JSON object, not {kind}", field="body")
+    return obj
+
+
+def validate_wire(model: type[M], obj: dict[str, Any], status: int = 422) -> M:
+    """`obj` as `model`, in pydantic's strict mode: what a client sent is taken as typed, so
+    "4" is not 4 and true is not 1 (as unknown fields are refused, not ignored). An int is
+    still a valid float. A failure is a ContractError naming the field."""
     try:
-        request = ScoreRequest.model_validate(data)
+        return model.model_validate(obj, strict=True)
     except ValidationError as exc:
-        raise contract_error_from_pydantic(exc) from None
-    return PackedRequest.from_request(request)
+        err = contract_error_from_pydantic(exc)
+        err.status = status
+        raise err from None
 
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none", "function-after"}
@@ -197,7 +253,7 @@ def contract_error_from_pydantic(exc: ValidationError) -> ContractError:
             parts[-1:] = [f"{parts[-1]}[{loc}]"] if parts else [f"[{loc}]"]
         else:
             parts.append(str(loc))
-    path = ".".join(parts) or None
+    path = ".".join(p if p else '""' for p in parts) if parts else "body"
     limit = None
     ctx = err.get("ctx") or {}
     for key in ("le", "ge", "lt", "gt", "min_length", "max_length", "expected"):
@@ -253,7 +309,7 @@ def encode_result_msgpack(res: PackedResult) -> bytes:
 
 
 def decode_result_msgpack(body: bytes) -> PackedResult:
-    obj = _unpack(body)
+    obj = _unpack(body, require_version=False)
     try:
         return _result_from_map(obj)
     except (TypeError, ValueError, AttributeError, KeyError, IndexError) as exc:

@@ -165,6 +165,15 @@ def validate_generate(
             field="temperature",
             limit=limits.max_temperature,
         )
+    if 0 < options.temperature < limits.min_temperature:
+        # logits / 5e-324 overflow to inf and sampling fails; below min_temperature sampling is
+        # greedy in all but name, so the caller is told to ask for 0 (greedy) instead.
+        raise ContractError(
+            f"temperature={options.temperature} is below min_temperature="
+            f"{limits.min_temperature}; use 0 for greedy decoding",
+            field="temperature",
+            limit=limits.min_temperature,
+        )
     cap = limits.max_tokens_per_sequence
     for i, ids in enumerate(prompts):
         if not ids:

@@ -32,7 +32,7 @@ from opd.shared.version import JSON_MEDIA_TYPE, MSGPACK_MEDIA_TYPE, PROTOCOL_MAJ
 
 Encoding = Literal["msgpack", "json"]
 
-__all__ = ["RETRYABLE_STATUS", "ClientConfig", "Encoding"]
+__all__ = ["DEFAULT_MAX_WAIT_S", "RETRYABLE_STATUS", "ClientConfig", "Encoding"]
 
 # Envelope overhead of one msgpack request (keys, scalars), generously rounded up.
 _MSGPACK_OVERHEAD = 512
@@ -40,16 +40,32 @@ _MSGPACK_OVERHEAD = 512
 _JSON_BYTES_PER_INT = 12
 
 
+# A teacher that is down (a pod being rescheduled, a model loading) is waited for this long by
+# default: a Kubernetes pod restart with an image pull and a large model load takes minutes.
+DEFAULT_MAX_WAIT_S = 600.0
+
+
 @dataclass
 class ClientConfig:
+    """Retry policy: a request that fails with a retryable error (connection refused or reset,
+    timeout, 429, 502, 503, 504) is retried with capped exponential backoff and jitter until it
+    succeeds, until the teacher has been failing it for `max_wait_s` seconds, or, if
+    `max_retries` is set, after that many retries, whichever comes first. The bound is time,
+    not a count, by default because what a trainer must ride out is a restart, whose length
+    is known in seconds (a count of doubling backoffs is about half a minute, shorter than a
+    pod restart); `max_retries` is for callers that want to fail fast. With time as the bound,
+    the backoff cap `backoff_max_s` only sets how soon a recovered teacher is noticed (at most
+    that long, plus any Retry-After), hence 10 s rather than a longer cap."""
+
     urls: list[str]
     api_key: str | None = None
     encoding: Encoding = "msgpack"
     timeout_s: float = 600.0
     connect_timeout_s: float = 10.0
-    max_retries: int = 6
+    max_retries: int | None = None
+    max_wait_s: float = DEFAULT_MAX_WAIT_S
     backoff_base_s: float = 0.5
-    backoff_max_s: float = 30.0
+    backoff_max_s: float = 10.0
     concurrency: int = 4
     replica_cooldown_s: float = 5.0
     tokenizer_fingerprint: str | None = None
@@ -198,7 +214,8 @@ def backoff_delay(config: ClientConfig, attempt: int, retry_after: float | None)
     With Retry-After the wait is Retry-After plus a jitter that grows with the attempt, so
     clients refused together do not all come back in the same instant.
     """
-    ceiling = min(config.backoff_max_s, config.backoff_base_s * (2**attempt))
+    # (the exponent is capped: a time-bounded retry loop may count far past 2**1024)
+    ceiling = min(config.backoff_max_s, config.backoff_base_s * (2 ** min(attempt, 60)))
     if retry_after is not None:
         return retry_after + random.uniform(0, ceiling)
     return random.uniform(ceiling / 2, ceiling)

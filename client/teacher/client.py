@@ -13,6 +13,10 @@ tokenizer-fingerprint check), cut a large batch into requests under the server's
 them concurrently, retry 429/503/connection errors with exponential backoff and jitter (honoring
 Retry-After), and return one PackedResult in the caller's sequence order. Scoring is a pure
 function of the request, so a retried request can never be counted twice.
+
+Retries are bounded in time (ClientConfig.max_wait_s, 10 minutes by default), not by a count:
+a teacher that is killed and restarted, here or as a rescheduled pod, is simply waited for, and
+the caller's step completes with the same numbers as without the restart.
 """
 
 from __future__ import annotations
@@ -76,6 +80,38 @@ def _give_up(exc: Exception, attempts: int) -> Exception:
     return exc
 
 
+def _out_of_time(
+    exc: Exception, url: str, attempts: int, waited: float, config: ClientConfig
+) -> Exception:
+    """The error once the time budget is spent: it names the setting that would have waited
+    longer, and keeps an HTTP error's type (a caller may tell 429 from 503)."""
+    why = (
+        f"teacher {url} still failing after {waited:.0f}s and {attempts} attempts; gave up at "
+        f"the client's max_wait_s={config.max_wait_s:g} (opd train: --teacher-wait-s)"
+    )
+    if isinstance(exc, TeacherHTTPError):
+        detail = exc.detail.model_copy(update={"message": f"{exc.detail.message} ({why})"})
+        return type(exc)(exc.status, detail, exc.retry_after)
+    return TeacherConnectionError(f"{why}: {exc!r}")
+
+
+def _connect_again(
+    infos: dict[str, ModelInfo], errors: list[Exception], config: ClientConfig, started: float
+) -> bool:
+    """Whether connect should go round the replicas once more: none answered, all of them
+    only because they are down (not because they refused us), and the time budget is not
+    spent. Only for several replicas with no max_retries: each one is given up on after a
+    short count at connect (so one dead replica does not hold up the others), and this loop
+    is what still waits out a restart of all of them."""
+    return (
+        not infos
+        and config.max_retries is None
+        and len(config.urls) > 1
+        and all(isinstance(e, TeacherConnectionError) or _should_retry(e) for e in errors)
+        and time.monotonic() - started < config.max_wait_s
+    )
+
+
 class TeacherClient:
     """Blocking client; chunks of one batch go out concurrently on a small thread pool."""
 
@@ -115,16 +151,21 @@ class TeacherClient:
     def connect(self) -> ModelInfo:
         """GET /v1/model of every replica; check protocol, tokenizer and agreement; cached."""
         if self._info is None:
-            infos: dict[str, ModelInfo] = {}
-            errors: list[Exception] = []
-            for url in self.config.urls:
-                try:
-                    response = self._with_retries(
-                        lambda u: _raise_retryable(self._http.get(u + "/v1/model")), pin=url
-                    )
-                    infos[url] = _model_info(response)
-                except (TeacherConnectionError, TeacherHTTPError) as exc:
-                    errors.append(exc)
+            started = time.monotonic()
+            while True:
+                infos: dict[str, ModelInfo] = {}
+                errors: list[Exception] = []
+                for url in self.config.urls:
+                    try:
+                        response = self._with_retries(
+                            lambda u: _raise_retryable(self._http.get(u + "/v1/model")), pin=url
+                        )
+                        infos[url] = _model_info(response)
+                    except (TeacherConnectionError, TeacherHTTPError) as exc:
+                        errors.append(exc)
+                if not _connect_again(infos, errors, self.config, started):
+                    break
+                logger.warning("no teacher replica answered (%s); trying them again", errors[0])
             self._info = _connected(infos, errors, self.config)
         return self._info
 
@@ -170,13 +211,22 @@ class TeacherClient:
         self, send: Callable[[str], httpx.Response], pin: str | None = None
     ) -> httpx.Response:
         attempt = 0
+        failing_since: float | None = None
         while True:
             url = pin or self.replicas.pick()
             try:
                 return send(url)
             except (TeacherHTTPError, httpx.TransportError) as exc:
+                now = time.monotonic()
+                failing_since = now if failing_since is None else failing_since
                 delay = _retry_delay(
-                    self.config, self.replicas, exc, url, attempt, pinned=pin is not None
+                    self.config,
+                    self.replicas,
+                    exc,
+                    url,
+                    attempt,
+                    pinned=pin is not None,
+                    waited=now - failing_since,
                 )
                 time.sleep(delay)
                 attempt += 1
@@ -230,13 +280,18 @@ class AsyncTeacherClient:
                 except (TeacherConnectionError, TeacherHTTPError) as exc:
                     return exc
 
-            answers = await asyncio.gather(*(one(u) for u in self.config.urls))
-            infos = {
-                u: a
-                for u, a in zip(self.config.urls, answers, strict=True)
-                if isinstance(a, ModelInfo)
-            }
-            errors = [a for a in answers if isinstance(a, Exception)]
+            started = time.monotonic()
+            while True:
+                answers = await asyncio.gather(*(one(u) for u in self.config.urls))
+                infos = {
+                    u: a
+                    for u, a in zip(self.config.urls, answers, strict=True)
+                    if isinstance(a, ModelInfo)
+                }
+                errors = [a for a in answers if isinstance(a, Exception)]
+                if not _connect_again(infos, errors, self.config, started):
+                    break
+                logger.warning("no teacher replica answered (%s); trying them again", errors[0])
             self._info = _connected(infos, errors, self.config)
         return self._info
 
@@ -284,16 +339,32 @@ class AsyncTeacherClient:
         self, send: Callable[[str], Any], pin: str | None = None
     ) -> httpx.Response:
         attempt = 0
+        failing_since: float | None = None
         while True:
             url = pin or self.replicas.pick()
             try:
                 return await send(url)
             except (TeacherHTTPError, httpx.TransportError) as exc:
+                now = time.monotonic()
+                failing_since = now if failing_since is None else failing_since
                 delay = _retry_delay(
-                    self.config, self.replicas, exc, url, attempt, pinned=pin is not None
+                    self.config,
+                    self.replicas,
+                    exc,
+                    url,
+                    attempt,
+                    pinned=pin is not None,
+                    waited=now - failing_since,
                 )
                 await asyncio.sleep(delay)
                 attempt += 1
+
+
+# At connect, a replica is asked on its own ("pinned"). While other replicas exist, a pinned
+# request gives up after this many retries unless max_retries says otherwise, so that one dead
+# replica holds start-up for some 15-25 s, not for max_wait_s (_connect_again still
+# waits out the case where every replica is down).
+_PINNED_RETRIES = 6
 
 
 def _retry_delay(
@@ -303,20 +374,39 @@ def _retry_delay(
     url: str,
     attempt: int,
     pinned: bool,
+    waited: float,
 ) -> float:
     """Seconds to wait before the next attempt, or raise when the error is final.
 
-    A replica that is down is ejected; while another replica is healthy the request moves
-    there at once. Otherwise exponential backoff with jitter, honoring Retry-After."""
-    if not _should_retry(exc) or attempt >= config.max_retries + len(replicas.urls) - 1:
+    `waited` is how long this request has been failing. A replica that is down is ejected;
+    while another replica is healthy the request moves there at once. Otherwise capped
+    exponential backoff with jitter, honoring Retry-After, never sleeping past the time budget
+    (the last attempt lands on it)."""
+    extra = len(replicas.urls) - 1
+    limit = config.max_retries
+    if limit is None and pinned and extra:
+        limit = _PINNED_RETRIES
+    if not _should_retry(exc) or (limit is not None and attempt >= limit + extra):
         raise _give_up(exc, attempt + 1) from exc
+    remaining = config.max_wait_s - waited
+    if remaining <= 0:
+        raise _out_of_time(exc, url, attempt + 1, waited, config) from exc
     if _replica_down(exc) and not pinned:
         replicas.eject(url)
         if replicas.healthy() > 0:
             logger.warning("teacher %s: %s; moving to another replica", url, exc)
             return 0.0
     delay = base.backoff_delay(config, attempt, getattr(exc, "retry_after", None))
-    logger.warning("teacher %s: %s; retry %d in %.2fs", url, exc, attempt + 1, delay)
+    delay = min(delay, remaining)
+    logger.warning(
+        "teacher %s: %s; retry %d in %.2fs (failing for %.0fs of max_wait_s %g)",
+        url,
+        exc,
+        attempt + 1,
+        delay,
+        waited,
+        config.max_wait_s,
+    )
     return delay
 
 

@@ -1,13 +1,14 @@
 """Start a teacher service as a separate uvicorn process on a free loopback port.
 
 Used by `opd quickstart` and by the tests: the teacher always runs in its own process, as in
-production, and is talked to over real HTTP.
+production, and is talked to over real HTTP. The process is started with
+opd.client.teacher.child_process, so it dies with the process that started it, even if that one
+is SIGKILLed (Linux; see that module for the rules).
 """
 
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -16,6 +17,8 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import httpx
+
+from opd.client.teacher.child_process import kill_group, start_child, stop_child
 
 
 def free_port() -> int:
@@ -54,7 +57,7 @@ class LocalTeacher:
         cmd += self.extra_args
         env = {**os.environ, "HF_HUB_OFFLINE": "1", **self.env}
         self._log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
-        self.process = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        self.process = start_child(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT)
         self.wait_ready()
         return self.url
 
@@ -62,6 +65,7 @@ class LocalTeacher:
         deadline = time.monotonic() + self.ready_timeout_s
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
+                kill_group(self.process)  # what a crashed server may have left running
                 raise RuntimeError(
                     f"teacher exited with {self.process.returncode} before it was ready"
                     + (f"; see {self.log_path}" if self.log_path else "")
@@ -76,15 +80,11 @@ class LocalTeacher:
         raise TimeoutError(f"teacher not ready after {self.ready_timeout_s}s")
 
     def stop(self, timeout_s: float = 30.0) -> int | None:
+        """SIGTERM (the server drains), SIGKILL after `timeout_s`, then remove anything of its
+        process group still alive (vLLM engine processes of a server that was SIGKILLed)."""
         if self.process is None:
             return None
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_child(self.process, timeout_s=timeout_s)
         if self._log not in (None, subprocess.DEVNULL):
             self._log.close()  # type: ignore[union-attr]
         return self.process.returncode

@@ -5,7 +5,8 @@ answers 503 (draining, loading) is ejected for `cooldown_s`; the failed request 
 at once to the next healthy replica, so a replica that dies or drains mid-run costs a retry,
 not a training step. Scoring is a pure function of the request, so a request retried on
 another replica can never be counted twice. When every replica is ejected, the client falls
-back to its ordinary exponential backoff, trying the replica whose ejection ends first.
+back to its ordinary exponential backoff, trying the replica whose ejection ends first, for up
+to the client's max_wait_s (a restart of every replica, or of the only one, is waited out).
 
 One Kubernetes Service URL is also fine: it is one "replica" to the client, and the Service
 spreads connections itself.

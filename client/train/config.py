@@ -13,6 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
+from opd.client.teacher.base import DEFAULT_MAX_WAIT_S
 from opd.client.train.objectives import OBJECTIVES, ObjectiveConfig
 
 # The registry's names as a type, so the CLI offers them as choices.
@@ -30,6 +31,12 @@ class TrainConfig(BaseModel):
     api_key: str | None = Field(default=None, description="teacher API key (OPD_API_KEY)")
     allow_tokenizer_mismatch: bool = Field(
         default=False, description="skip the check that teacher and student share a tokenizer"
+    )
+    teacher_wait_s: float = Field(
+        default=DEFAULT_MAX_WAIT_S,
+        gt=0,
+        description="how long a teacher request keeps being retried while the teacher is "
+        "unreachable, loading or overloaded (a restarting pod) before the run fails",
     )
 
     # --- data

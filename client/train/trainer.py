@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -43,7 +42,12 @@ from opd.client.evaluation.in_training import TrainingEval
 from opd.client.train import fsdp
 from opd.client.train import objectives as obj
 from opd.client.train.bridge import ScoreSpec
-from opd.client.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from opd.client.train.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+)
 from opd.client.train.config import TrainConfig
 from opd.client.train.diagnostics import compute_diagnostics, sampled_kl
 from opd.client.train.distributed import (
@@ -147,6 +151,7 @@ class Trainer:
             api_key=config.api_key,
             tokenizer_fingerprint=fingerprint_hf_tokenizer(self.tokenizer),
             allow_tokenizer_mismatch=config.allow_tokenizer_mismatch,
+            max_wait_s=config.teacher_wait_s,  # a teacher restart is waited out, not fatal
         )
         self.teacher_info = self.teachers.teachers[0].info
         self.sampling = SamplingParams.for_tokenizer(
@@ -360,12 +365,7 @@ class Trainer:
             model_state=model_state,
             optimizer_state=optimizer_state,
         )
-        old = sorted(
-            (p for p in (self.run_dir / "checkpoints").glob("step_*") if p.is_dir()),
-            key=lambda p: int(p.name.split("_")[1].split(".")[0]),
-        )
-        for stale in old[: -self.config.keep_checkpoints]:
-            shutil.rmtree(stale, ignore_errors=True)
+        prune_checkpoints(self.run_dir / "checkpoints", self.config.keep_checkpoints)
         barrier(self.dist)
         return folder
 

@@ -26,6 +26,12 @@ from opd.server.allocator import retain_freed_memory
 from opd.server.backends.base import BackendInfo, ScoreItem
 from opd.server.backends.head_weights import load_head
 from opd.server.backends.hf import describe_model, resolve_device, resolve_dtype, resolve_model_path
+from opd.server.backends.vllm_memory import (
+    GiB,
+    available_memory_bytes,
+    check_plan,
+    plan_engines,
+)
 from opd.server.generation import Generated, cut_at_eos, eos_ids
 from opd.server.scoring import HeadSpec, ScoredRows, score_items
 from opd.server.settings import Settings
@@ -56,6 +62,8 @@ class VLLMBackend:
         self.head: HeadSpec | None = None
         self.tokenizer: object | None = None
         self.eos: set[int] = set()
+        # Each engine's KV cache in bytes (vllm_memory); None: vLLM sizes it (GPU default).
+        self.kv_cache_bytes: int | None = None
 
     def engine_kwargs(self, path: str) -> dict[str, object]:
         """Arguments for vllm.LLM: a pooling runner returning every position's hidden state."""
@@ -83,6 +91,8 @@ class VLLMBackend:
             kwargs["gpu_memory_utilization"] = s.gpu_memory_utilization * (1 - share)
         if s.vllm_max_num_seqs:
             kwargs["max_num_seqs"] = s.vllm_max_num_seqs
+        if self.kv_cache_bytes is not None:
+            kwargs["kv_cache_memory_bytes"] = self.kv_cache_bytes
         return kwargs
 
     def generate_engine_kwargs(self, path: str) -> dict[str, object]:
@@ -120,6 +130,7 @@ class VLLMBackend:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust)
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
         self.head = load_head(path, config, self.dtype, self.device, trust)
+        self.kv_cache_bytes = self.size_engines(path, config)
         self.llm = vllm.LLM(**self.engine_kwargs(path))
         if self.settings.generate:
             try:
@@ -147,6 +158,31 @@ class VLLMBackend:
             self.device,
         )
         return info
+
+    def size_engines(self, path: str, config: object) -> int | None:
+        """Each engine's KV cache, checked to fit before any engine starts (vllm_memory).
+
+        On CPU it is always explicit: sized from one pack unless OPD_VLLM_KV_CACHE_GIB says
+        otherwise, and the engines' total must fit in the memory left. On GPU only an explicit
+        OPD_VLLM_KV_CACHE_GIB is passed; vLLM profiles the device for the rest."""
+        s = self.settings
+        if self.device.type != "cpu":
+            return int(s.vllm_kv_cache_gib * GiB) if s.vllm_kv_cache_gib else None
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        max_len = s.max_model_len or int(getattr(text, "max_position_embeddings", 0) or 0)
+        max_len = max_len or 2048
+        plan = plan_engines(
+            model_path=path,
+            config=config,
+            dtype=str(self.dtype).removeprefix("torch."),
+            engines=2 if s.generate else 1,
+            pack_tokens=s.pack_budget("cpu"),
+            max_model_len=max_len,
+            kv_cache_gib=s.vllm_kv_cache_gib,
+        )
+        check_plan(plan, max_len, available_memory_bytes())
+        logger.info("vLLM engines: %s", plan.describe())
+        return plan.kv_cache
 
     @property
     def can_generate(self) -> bool:

@@ -29,6 +29,7 @@ _TYPES = {
     400: "BadRequestError",
     401: "AuthenticationError",
     404: "NotFoundError",
+    408: "RequestTimeoutError",
     413: "BadRequestError",
     415: "BadRequestError",
     422: "BadRequestError",

@@ -18,10 +18,11 @@ import orjson
 from fastapi import APIRouter, Depends, Request, Response
 
 from opd.server.dropin import completions, prime_generate, sglang_generate, trl_legacy
-from opd.server.dropin.errors import OpenAIErrorBody, model_not_found
+from opd.server.dropin.errors import OpenAIErrorBody, bad_request, model_not_found
 from opd.server.dropin.models import ModelCard, ModelList
 from opd.server.dropin.prompt_scores import score_prompts
 from opd.server.dropin.vllm_shapes import TokenTexts
+from opd.server.openapi_doc import request_body
 from opd.server.request_body import parse_json, read_body
 from opd.shared.version import JSON_MEDIA_TYPE
 
@@ -85,10 +86,15 @@ class DropInContext:
         return Response(payload, media_type=JSON_MEDIA_TYPE)
 
 
-def score_temperature(temperature: float | None) -> float:
+def score_temperature(temperature: float | None, field: str = "temperature") -> float:
     """Temperature for the numbers: unset or 0 (greedy sampling) scores at T = 1, as vLLM's
-    prompt log-probs are."""
-    return 1.0 if not temperature else float(temperature)
+    prompt log-probs are. A negative (or NaN) one is a 400, as vLLM's SamplingParams refuse it;
+    the service's own range check then bounds the rest."""
+    if not temperature:
+        return 1.0
+    if not temperature > 0:  # also catches NaN
+        raise bad_request(f"{field}={temperature} must be non-negative", field, 0)
+    return float(temperature)
 
 
 def dropin_router(ctx: DropInContext, require_api_key: Callable[..., Any]) -> APIRouter:
@@ -106,7 +112,12 @@ def dropin_router(ctx: DropInContext, require_api_key: Callable[..., Any]) -> AP
         """The served model, in vLLM's list shape."""
         return ModelList(data=ctx.models())
 
-    @router.post("/v1/completions", dependencies=auth, responses=_ERRORS)
+    @router.post(
+        "/v1/completions",
+        dependencies=auth,
+        responses=_ERRORS,
+        openapi_extra=request_body(completions.CompletionRequest),
+    )
     async def v1_completions(request: Request) -> Response:
         """vLLM's /v1/completions for scoring: prompt_logprobs, max_tokens 0 or 1."""
         body = await ctx.body(request)
@@ -133,7 +144,12 @@ def dropin_router(ctx: DropInContext, require_api_key: Callable[..., Any]) -> AP
             sum(len(p) for p in prompts),
         )
 
-    @router.post("/inference/v1/generate", dependencies=auth, responses=_ERRORS)
+    @router.post(
+        "/inference/v1/generate",
+        dependencies=auth,
+        responses=_ERRORS,
+        openapi_extra=request_body(prime_generate.TokensRequest),
+    )
     async def inference_generate(request: Request) -> Response:
         """vLLM's token-in/token-out route as prime-rl calls it for teacher prefill."""
         body = await ctx.body(request)
@@ -142,7 +158,10 @@ def dropin_router(ctx: DropInContext, require_api_key: Callable[..., Any]) -> AP
         prime_generate.refuse_unsupported(req)
         job = prime_generate.job_for(req)
         (scores,) = await score_prompts(
-            ctx.service, [job], score_temperature(req.sampling_params.temperature), "token_ids"
+            ctx.service,
+            [job],
+            score_temperature(req.sampling_params.temperature, "sampling_params.temperature"),
+            "token_ids",
         )
         return await ctx.answer(
             request,
@@ -152,14 +171,21 @@ def dropin_router(ctx: DropInContext, require_api_key: Callable[..., Any]) -> AP
             len(req.token_ids),
         )
 
-    @router.post("/generate", dependencies=auth, responses=_ERRORS)
+    @router.post(
+        "/generate",
+        dependencies=auth,
+        responses=_ERRORS,
+        openapi_extra=request_body(sglang_generate.GenerateReqInput),
+    )
     async def sglang_generate_route(request: Request) -> Response:
         """SGLang's native /generate as slime's on-policy distillation calls it."""
         body = await ctx.body(request)
         req = parse_json(body, sglang_generate.GenerateReqInput)
         prompts = await asyncio.to_thread(sglang_generate.prompt_ids, req, ctx.tokenizer)
         jobs = sglang_generate.jobs_for(req, prompts)
-        temperature = score_temperature(sglang_generate.temperature(req))
+        temperature = score_temperature(
+            sglang_generate.temperature(req), "sampling_params.temperature"
+        )
         scores = await score_prompts(ctx.service, jobs, temperature, "input_ids")
         return await ctx.answer(
             request,
@@ -167,7 +193,12 @@ def dropin_router(ctx: DropInContext, require_api_key: Callable[..., Any]) -> AP
             sum(len(p) for p in prompts),
         )
 
-    @router.post("/get_sequence_logprobs/", dependencies=auth, responses=_ERRORS)
+    @router.post(
+        "/get_sequence_logprobs/",
+        dependencies=auth,
+        responses=_ERRORS,
+        openapi_extra=request_body(trl_legacy.SequenceLogprobsRequest),
+    )
     async def get_sequence_logprobs(request: Request) -> Response:
         """TRL <= 1.10's `trl vllm-serve` scoring route (JSON and base64 binary answers)."""
         body = await ctx.body(request)

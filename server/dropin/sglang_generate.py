@@ -105,17 +105,22 @@ def temperature(req: GenerateReqInput) -> float:
     """One temperature per request (the scoring options are per request); SGLang rewrites a
     temperature below 1e-6 to 1 (greedy via top_k = 1), which is what opd scores at too."""
     params = req.sampling_params
-    values = {
-        float(p.get("temperature", 1.0))
-        for p in (params if isinstance(params, list) else [params or {}])
-    }
+    values = set()
+    for p in params if isinstance(params, list) else [params or {}]:
+        t = p.get("temperature", 1.0)
+        if isinstance(t, bool) or not isinstance(t, int | float):
+            raise bad_request(
+                f"sampling_params.temperature must be a number, not {t!r}",
+                "sampling_params.temperature",
+            )
+        values.add(float(t))
     if len(values) > 1:
         raise bad_request(
             "all prompts of one request must share sampling_params.temperature",
             "sampling_params.temperature",
         )
     t = values.pop()
-    return 1.0 if t < 1e-6 else t
+    return 1.0 if 0 <= t < 1e-6 else t
 
 
 def jobs_for(req: GenerateReqInput, prompts: list[list[int]]) -> list[PromptJob]:

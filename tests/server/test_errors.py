@@ -16,7 +16,7 @@ import pytest
 from opd.shared.codec import encode_request_msgpack
 from opd.shared.packed import PackedRequest
 from opd.shared.schemas import ScoreOptions
-from opd.shared.version import MSGPACK_MEDIA_TYPE
+from opd.shared.version import MSGPACK_MEDIA_TYPE, PROTOCOL_VERSION
 from tests.support.keys import TEST_API_KEY
 
 AUTH = {"Authorization": f"Bearer {TEST_API_KEY}"}
@@ -165,6 +165,7 @@ def test_binary_bad_input_names_the_same_fields(strict_server):
         (
             msgpack.packb(
                 {
+                    "protocol_version": PROTOCOL_VERSION,
                     "token_ids": b"\x01\x02\x03",
                     "seq_offsets": np.array([0, 1]).tobytes(),
                     "score_from": np.array([1], "<i4").tobytes(),

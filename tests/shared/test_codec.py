@@ -225,11 +225,13 @@ def test_msgpack_request_accepts_another_minor_version() -> None:
     assert decoded.tokens(0).tolist() == [1, 2, 3, 4]
 
 
-def test_msgpack_request_without_protocol_version_is_accepted() -> None:
+def test_msgpack_request_without_protocol_version_is_refused() -> None:
+    # as in JSON, where ScoreRequest requires it: a request must say which contract it speaks
     obj = small_request_map()
     del obj["protocol_version"]
-    decoded = decode_request_msgpack(pack(obj))
-    assert decoded.tokens(1).tolist() == [5, 6, 7]
+    with pytest.raises(ContractError) as info:
+        decode_request_msgpack(pack(obj))
+    assert (info.value.status, info.value.field) == (422, "protocol_version")
 
 
 # ---- JSON requests ---------------------------------------------------------------------------
@@ -452,7 +454,7 @@ def test_msgpack_request_empty_map_names_first_missing_key() -> None:
     with pytest.raises(ContractError) as info:
         decode_request_msgpack(pack({}))
     assert info.value.status == 422
-    assert info.value.field == "token_ids"
+    assert info.value.field == "protocol_version"  # checked first: it says how to read the rest
 
 
 @pytest.mark.parametrize("unknown", ["tokens", "topk", "score_from_n"])
