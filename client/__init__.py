@@ -7,6 +7,7 @@ numpy arrays; the `opd` command line lives in opd.client.cli.
 from opd.client.teacher.client import AsyncTeacherClient, TeacherClient
 from opd.client.teacher.errors import (
     AuthenticationError,
+    DeadlineExceededError,
     IncompatibleTeacherError,
     OPDClientError,
     OverloadedError,
@@ -22,6 +23,7 @@ __all__ = [
     "AuthenticationError",
     "IncompatibleTeacherError",
     "OPDClientError",
+    "DeadlineExceededError",
     "OverloadedError",
     "RequestValidationError",
     "TeacherClient",

@@ -62,6 +62,8 @@ def run_server(settings: Settings) -> None:
         port=settings.port,
         log_level=settings.log_level,
         timeout_graceful_shutdown=int(settings.drain_timeout_s) or None,
+        ssl_certfile=settings.ssl_certfile,
+        ssl_keyfile=settings.ssl_keyfile,
     )
     DrainingServer(config, app, settings.drain_timeout_s).run()
     if app.state.load_error:

@@ -7,10 +7,11 @@ the bytes back. The service owns the backend and the batcher for the app's lifet
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -101,11 +102,19 @@ class ScoringService:
         # Generation never shares the scoring worker: a long sampling run must not stall scoring.
         self._generate_pool = ThreadPoolExecutor(1, thread_name_prefix="opd-generate")
         self._generate_pending = 0
+        # The model loads on its own thread; kept so that stop() can wait for a load that a
+        # shutdown interrupted and then close what it started (vLLM's engine processes).
+        self._loader = ThreadPoolExecutor(1, thread_name_prefix="opd-load")
+        self._loading: Future[BackendInfo] | None = None
+        self._stopping = False
 
     async def start(self) -> None:
         """Load the model off the event loop, start the batcher, warm up, then mark ready."""
         self.backend = self._backend_factory(self.settings)
-        self.info = await asyncio.to_thread(self.backend.load)
+        self._loading = self._loader.submit(self.backend.load)
+        self.info = await asyncio.wrap_future(self._loading)
+        if self._stopping:
+            return  # stopped while loading: no warm-up, no calibration, stop() closes it
         self.limits = self.settings.effective_limits(self.info.max_model_len)
         self.batcher = Batcher(
             self.backend,
@@ -140,11 +149,15 @@ class ScoringService:
         self.metrics.ready.set(1)
 
     async def _calibrate(self) -> None:
-        """Time one full pack of 512-token sequences, so admission by expected wait
-        (max_queue_wait_s) has a throughput to divide by before the first real request."""
+        """Time a pack of 512-token sequences, so admission by expected wait
+        (max_queue_wait_s) has a throughput to divide by before the first real request.
+
+        At most 2,048 tokens: a full 8,192-token vLLM pack took most of a minute per timing on
+        a 2-core CPU, and tokens/s changes little above a few hundred tokens per pass; the
+        running estimate follows the real passes from the first request on."""
         assert self.batcher is not None and self.info is not None and self.backend is not None
         length = min(512, self.limits.max_tokens_per_sequence)
-        count = max(1, self.batcher.max_batch_tokens // length)
+        count = max(1, min(self.batcher.max_batch_tokens, 2048) // length)
         rng = np.random.default_rng(0)
         items = [
             ScoreItem(
@@ -165,7 +178,15 @@ class ScoringService:
 
     async def stop(self) -> None:
         self.ready = False
+        self._stopping = True
         self.metrics.ready.set(0)
+        if self._loading is not None and not self._loading.done():
+            # A load cannot be interrupted: wait for it, so that close() below stops the
+            # engines it started instead of leaving them to the interpreter's exit.
+            logger.info("stopping while the model loads: waiting for the load to finish")
+            with contextlib.suppress(Exception):
+                await asyncio.wrap_future(self._loading)
+        self._loader.shutdown(wait=False)
         if self.batcher is not None:
             await self.batcher.stop()
         # Not waiting: a generation in flight must not hold the event loop past the drain budget.

@@ -61,7 +61,11 @@ class Settings(BaseSettings):
     gpu_memory_utilization: float = Field(
         default=0.85, gt=0, le=1, description="fraction of GPU memory vLLM may take"
     )
-    enforce_eager: bool = Field(default=False, description="no CUDA graphs / torch.compile")
+    enforce_eager: bool | None = Field(
+        default=None,
+        description="no CUDA graphs / torch.compile; unset: eager on CPU (torch.compile's "
+        "warm-up took ~160 s per engine on a 2-core VM), compiled on GPUs",
+    )
     enable_prefix_caching: bool = Field(
         default=False, description="reuse KV of shared prefixes (see docs/vllm.md for the caveat)"
     )
@@ -105,6 +109,12 @@ class Settings(BaseSettings):
     rate_limit_burst: int = Field(
         default=20, ge=1, description="requests a key may send at once above rate_limit_rps"
     )
+    ssl_certfile: str | None = Field(
+        default=None,
+        description="serve HTTPS with this PEM certificate (chain); needs ssl_keyfile. Or "
+        "terminate TLS at the ingress (docs/operations.md)",
+    )
+    ssl_keyfile: str | None = Field(default=None, description="the certificate's PEM key")
     log_level: str = "info"
 
     # --- limits of one request (shared with clients through GET /v1/model). Declared once, in
@@ -181,6 +191,14 @@ class Settings(BaseSettings):
         prefix = cls.model_config.get("env_prefix", "").upper()
         names = [n for n in cls.model_fields if n != "limits"] + list(LIMIT_FIELDS)
         return {prefix + n.upper() for n in names}
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> Settings:
+        """A certificate without its key (or the reverse) is a half-configured TLS that would
+        otherwise fail only when uvicorn binds: refuse it with the settings' names."""
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            raise ValueError("OPD_SSL_CERTFILE and OPD_SSL_KEYFILE must be set together")
+        return self
 
     @model_validator(mode="before")
     @classmethod

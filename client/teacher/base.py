@@ -71,11 +71,17 @@ class ClientConfig:
     tokenizer_fingerprint: str | None = None
     allow_tokenizer_mismatch: bool = False
     headers: dict[str, str] = field(default_factory=dict)
+    # Sent as X-OPD-Deadline: the server refuses (429) work it expects to start later than
+    # this, and drops (408, uncomputed) work still queued when it passes. None: the server's
+    # own max_queue_wait_s alone bounds the wait.
+    deadline_s: float | None = None
 
     def httpx_kwargs(self) -> dict[str, Any]:
         headers = {"User-Agent": "opd-client", **self.headers}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
+        if self.deadline_s is not None:
+            headers["X-OPD-Deadline"] = f"{self.deadline_s:g}"
         return {
             "headers": headers,
             "timeout": httpx.Timeout(self.timeout_s, connect=self.connect_timeout_s),

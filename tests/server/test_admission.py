@@ -14,9 +14,12 @@ import asyncio
 import httpx
 import pytest
 
+from opd.client import DeadlineExceededError, TeacherClient
+from opd.client.teacher.base import ClientConfig
 from opd.client.teacher.launch import LocalTeacher
 from opd.server.admission import DEADLINE_HEADER, KeyRateLimiter, RateLimited, parse_deadline
 from opd.shared.errors import ContractError
+from opd.shared.schemas import ScoreRequest
 from tests.support.prom import metric as metric_value
 
 KEY_A, KEY_B = "alpha-secret-key-0123", "bravo-secret-key-4567"
@@ -141,3 +144,12 @@ def test_keys_never_reach_the_log_or_the_metrics(waiting_server):
     assert "POST /v1/score" in text  # the debug log did record these requests
     for key in (KEY_A, KEY_B, wrong):
         assert key not in metrics and key not in text
+
+
+def test_the_client_sends_its_deadline_and_gets_a_typed_408(waiting_server):
+    url, _ = waiting_server
+    assert ClientConfig([url], deadline_s=0.05).httpx_kwargs()["headers"][DEADLINE_HEADER] == "0.05"
+    client = TeacherClient(url, api_key=KEY_B, deadline_s=0.05)
+    with client, pytest.raises(DeadlineExceededError) as info:
+        client.score(ScoreRequest.model_validate(BODY))
+    assert info.value.status == 408 and info.value.detail.field == DEADLINE_HEADER

@@ -60,10 +60,10 @@ def test_the_default_kv_cache_holds_one_pack(tmp_path, monkeypatch) -> None:
     save_file({"w": torch.zeros(4, dtype=torch.float32)}, str(tmp_path / "m.safetensors"))
     args = dict(model_path=str(tmp_path), config=_smollm2_shape(), dtype="float32", engines=2)
     plan = plan_engines(**args, pack_tokens=8192, max_model_len=2048, kv_cache_gib=None)
-    assert (plan.kv_tokens, plan.kv_cache) == (8192, 8192 * 46_080)
+    assert (plan.kv_tokens, plan.kv_cache) == (8192 + 512, (8192 + 512) * 46_080)
     # a context longer than a pack: one whole sequence must fit
     plan = plan_engines(**args, pack_tokens=1024, max_model_len=4096, kv_cache_gib=None)
-    assert plan.kv_tokens == 4096
+    assert plan.kv_tokens == 4096 + 512
     plan = plan_engines(**args, pack_tokens=1024, max_model_len=4096, kv_cache_gib=0.5)
     assert (plan.kv_cache, plan.kv_source) == (GiB // 2, "OPD_VLLM_KV_CACHE_GIB")
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "2")  # vLLM applies it over any argument
@@ -76,12 +76,14 @@ def test_a_plan_that_cannot_work_is_refused_naming_the_setting() -> None:
     plan = EnginePlan(engines=2, weights=GiB, kv_cache=GiB, kv_tokens=1000, kv_source="x")
     with pytest.raises(VLLMMemoryError, match="OPD_VLLM_KV_CACHE_GIB or lower OPD_MAX_MODEL_LEN"):
         check_plan(plan, max_model_len=2048, available=100 * GiB)
+    with pytest.raises(VLLMMemoryError, match="block margin"):
+        check_plan(plan, max_model_len=1000, available=100 * GiB)  # no room for the margin
     with pytest.raises(VLLMMemoryError) as refused:
-        check_plan(plan, max_model_len=1000, available=4 * GiB)
+        check_plan(plan, max_model_len=400, available=4 * GiB)
     message = str(refused.value)
     assert "OPD_VLLM_KV_CACHE_GIB" in message and "OPD_GENERATE=false" in message
     assert "4.00 GiB of memory is available" in message
-    check_plan(plan, max_model_len=1000, available=8 * GiB)  # fits: no error
+    check_plan(plan, max_model_len=400, available=8 * GiB)  # fits: no error
 
 
 def test_opd_serve_refuses_a_kv_cache_that_cannot_fit_before_starting_engines() -> None:

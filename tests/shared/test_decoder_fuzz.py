@@ -116,7 +116,9 @@ def test_client_reads_a_corrupt_answer_as_a_contract_error(data):
     try:
         decode_result_msgpack(data.draw(mutated_bytes(_result())))
     except ContractError as err:
-        assert err.status == 400
+        # 400 for bytes that do not decode; 422 for a well-formed answer of another protocol
+        # major (a flipped digit of protocol_version), as the server answers such a request
+        assert err.status in (400, 422)
 
 
 @pytest.mark.parametrize(
