@@ -4,6 +4,7 @@ and the client trusting a private CA through SSL_CERT_FILE, as docs/operations.m
 from __future__ import annotations
 
 import os
+import ssl
 import subprocess
 import sys
 import time
@@ -53,11 +54,12 @@ def test_opd_serve_speaks_https_and_the_client_trusts_ssl_cert_file(
     log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115
     proc = start_child([*cmd, "--model", str(tiny_model_dir)], env=env, stdout=log, stderr=log)
     url = f"https://127.0.0.1:{port}"
+    trusted = ssl.create_default_context(cafile=cert)
     try:
         for _ in range(600):
             assert proc.poll() is None, (tmp_path / "serve.log").read_text()
             try:
-                if httpx.get(url + "/readyz", verify=cert, timeout=2).status_code == 200:
+                if httpx.get(url + "/readyz", verify=trusted, timeout=2).status_code == 200:
                     break
             except httpx.TransportError:
                 pass

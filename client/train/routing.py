@@ -1,0 +1,103 @@
+"""Which teacher scores each prompt of a multi-teacher run, decided once, before step 1.
+
+Why: a team distilling one student from several specialists (a math teacher, a code teacher)
+sends each prompt's rollouts to the teacher of its domain. A prompt that routes to no teacher
+must stop the run before any compute is spent, naming the prompts, not be skipped silently
+(a silent skip changes the data mix without anyone noticing).
+
+Three ways to say it, tried in this order for every prompt:
+1. **A prompt file per teacher** (`--teacher-prompts math=data/math.jsonl`): every prompt of
+   that file goes to that teacher.
+2. **A column** (`--teacher-field`, default `teacher`): its value names the teacher, directly
+   or through a rule (`--route algebra=math --route python=code` maps values to teachers).
+3. **One teacher:** with a single teacher, every prompt is its own, and no column is needed.
+
+Everything else is an UnroutablePrompts error listing the first offenders by position.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+class UnroutablePrompts(ValueError):
+    """Prompts that no rule sends to a configured teacher; raised before training starts."""
+
+
+def parse_pairs(items: Sequence[str], what: str) -> dict[str, str]:
+    """`KEY=VALUE` items as a dict (`--route algebra=math`, `--teacher-prompts math=f.jsonl`)."""
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise ValueError(f"{what} {item!r}: expected KEY=VALUE")
+        if key.strip() in out:
+            raise ValueError(f"{what}: {key.strip()!r} given twice")
+        out[key.strip()] = value.strip()
+    return out
+
+
+@dataclass(frozen=True)
+class Router:
+    """The routing rules of a run, checked against its teacher names."""
+
+    teachers: tuple[str, ...]
+    field: str = "teacher"
+    rules: tuple[tuple[str, str], ...] = ()  # (column value, teacher)
+
+    def __post_init__(self) -> None:
+        if not self.teachers:
+            raise ValueError("a run needs at least one teacher")
+        known = set(self.teachers)
+        for value, teacher in self.rules:
+            if teacher not in known:
+                raise ValueError(
+                    f"--route {value}={teacher}: no teacher named {teacher!r} "
+                    f"(teachers: {', '.join(self.teachers)})"
+                )
+
+    def route_row(self, row: dict, file_teacher: str | None = None) -> str | None:
+        """The teacher of one prompt row, or None when nothing routes it."""
+        if file_teacher is not None:
+            return file_teacher
+        value = row.get(self.field)
+        if value is not None:
+            value = str(value)
+            mapped = dict(self.rules).get(value, value)
+            return mapped if mapped in self.teachers else None
+        return self.teachers[0] if len(self.teachers) == 1 else None
+
+    def assign(
+        self, rows: Sequence[dict], file_teachers: Sequence[str | None] | None = None
+    ) -> list[str]:
+        """The teacher of every row, or UnroutablePrompts naming the first that have none.
+        `file_teachers[i]` is the teacher the file of row i was given (None: no file rule)."""
+        files = file_teachers or [None] * len(rows)
+        out: list[str] = []
+        bad: list[str] = []
+        for i, (row, file_teacher) in enumerate(zip(rows, files, strict=True)):
+            teacher = self.route_row(row, file_teacher)
+            if teacher is None:
+                value = row.get(self.field)
+                bad.append(f"#{i} ({self.field}={value!r})" if value is not None else f"#{i}")
+                continue
+            out.append(teacher)
+        if bad:
+            raise UnroutablePrompts(
+                f"{len(bad)} of {len(rows)} prompts route to no teacher (teachers: "
+                f"{', '.join(self.teachers)}; column {self.field!r}"
+                + (f"; rules {dict(self.rules)}" if self.rules else "")
+                + f"): {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}. Give each prompt "
+                f"a {self.field!r} value naming a teacher, add --route VALUE=TEACHER, or use "
+                "--teacher-prompts TEACHER=FILE"
+            )
+        return out
+
+
+def share(assigned: Sequence[str], teachers: Sequence[str]) -> dict[str, float]:
+    """Fraction of the prompts each teacher gets (every teacher listed, 0 when none)."""
+    counts = Counter(assigned)
+    total = max(1, len(assigned))
+    return {t: counts.get(t, 0) / total for t in teachers}
