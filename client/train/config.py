@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
 from opd.client.teacher.base import DEFAULT_MAX_WAIT_S
 from opd.client.train.objectives import OBJECTIVES, ObjectiveConfig
+from opd.client.train.pipeline import TeacherSpec
+from opd.client.train.routing import parse_pairs
 
 # The registry's names as a type, so the CLI offers them as choices.
 ObjectiveName = Literal[OBJECTIVES]  # type: ignore[valid-type]
@@ -26,7 +28,32 @@ class TrainConfig(BaseModel):
     # --- who
     student: str = Field(description="student model folder (AutoModelForCausalLM)")
     teacher_url: list[str] = Field(
-        min_length=1, description="teacher service URL; repeat for replicas of one teacher"
+        default_factory=list,
+        description="teacher service URL; repeat for replicas of one teacher",
+    )
+    teacher: list[str] = Field(
+        default_factory=list,
+        description="a named teacher, NAME=URL[,URL...] (its replicas); repeat for multi-teacher "
+        "OPD, where each prompt's rollouts are scored by its own teacher (--teacher-field, "
+        "--route, --teacher-prompts)",
+    )
+    teacher_field: str = Field(
+        default="teacher", description="multi-teacher: the prompt column naming its teacher"
+    )
+    route: list[str] = Field(
+        default_factory=list,
+        description="multi-teacher: VALUE=TEACHER sends prompts whose --teacher-field is VALUE "
+        "to TEACHER (repeatable)",
+    )
+    teacher_prompts: list[str] = Field(
+        default_factory=list,
+        description="multi-teacher: TEACHER=FILE, every prompt of FILE goes to TEACHER "
+        "(repeatable; --prompts, when given, is added and routed by its column)",
+    )
+    teacher_weight: list[str] = Field(
+        default_factory=list,
+        description="multi-teacher: TEACHER=W scales that teacher's tokens in the loss "
+        "(default 1; the loss stays one token mean over the step)",
     )
     api_key: str | None = Field(default=None, description="teacher API key (OPD_API_KEY)")
     allow_tokenizer_mismatch: bool = Field(
@@ -175,6 +202,46 @@ class TrainConfig(BaseModel):
         if self.eval_set is not None and self.eval_n > 1 and self.eval_temperature == 0:
             raise ValueError("eval_n > 1 needs eval_temperature > 0 (greedy samples are identical)")
         return self
+
+    @model_validator(mode="after")
+    def _teachers(self) -> TrainConfig:
+        """One way to name the teachers, every name once, and every rule naming one of them:
+        a typo in a routing flag fails here, before any model is loaded."""
+        if bool(self.teacher_url) == bool(self.teacher):
+            raise ValueError("give the teacher as --teacher-url URL or as --teacher NAME=URL")
+        names = [name for name, _ in self.teacher_specs()]
+        if len(set(names)) != len(names):
+            raise ValueError(f"--teacher: a name given twice ({', '.join(names)})")
+        if self.teacher and any(n is None for n in names):
+            raise ValueError("--teacher: name every teacher (NAME=URL[,URL...])")
+        known = set(names)
+        for flag, items in (
+            ("--teacher-prompts", self.teacher_prompts),
+            ("--teacher-weight", self.teacher_weight),
+        ):
+            for key in parse_pairs(items, flag):
+                if key not in known:
+                    raise ValueError(f"{flag}: no teacher named {key!r}")
+        for name, value in parse_pairs(self.teacher_weight, "--teacher-weight").items():
+            try:
+                weight = float(value)
+            except ValueError:
+                weight = -1.0
+            if not weight >= 0:
+                raise ValueError(f"--teacher-weight {name}={value}: expected a number >= 0")
+        if (self.route or self.teacher_prompts) and not self.teacher:
+            raise ValueError("--route and --teacher-prompts need named teachers (--teacher)")
+        return self
+
+    def teacher_specs(self) -> list[tuple[str | None, list[str]]]:
+        """(name, replica URLs) per teacher; name None for a plain --teacher-url teacher."""
+        if self.teacher_url:
+            return [(None, list(self.teacher_url))]
+        specs = [TeacherSpec.model_validate(item) for item in self.teacher]
+        return [(spec.name, spec.urls) for spec in specs]
+
+    def teacher_weights(self) -> dict[str, float]:
+        return {k: float(v) for k, v in parse_pairs(self.teacher_weight, "").items()}
 
     def objective_config(self) -> ObjectiveConfig:
         return ObjectiveConfig(

@@ -60,10 +60,11 @@ def all_sum(value: float, info: DistInfo) -> float:
 
 def mean_metrics(metrics: dict[str, float], info: DistInfo) -> dict[str, float]:
     """Average the scalar metrics every rank has (keys without '@'); keep rank 0's per-depth
-    ones. All ranks must call it with the same key set, which the trainer guarantees."""
+    and per-teacher ones (`teacher/<name>/...`: a rank may hold no rollout of a teacher).
+    All ranks must call it with the same other keys, which the trainer guarantees."""
     if not info.enabled:
         return metrics
-    keys = sorted(k for k in metrics if "@" not in k)
+    keys = sorted(k for k in metrics if "@" not in k and not k.startswith("teacher/"))
     t = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
     dist.all_reduce(t)
     t /= info.world_size

@@ -26,6 +26,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from opd.client.teacher.errors import IncompatibleTeacherError
 from opd.client.train.bridge import ScoreSpec, TeacherBridge
 from opd.client.train.rollouts import Rollout
 from opd.shared.schemas import ModelInfo
@@ -112,6 +113,9 @@ def connect_teachers(
                 bridge.close()
             if not keep_going:
                 out.close()
+                if name is not None and type(exc) in (IncompatibleTeacherError, ValueError):
+                    # a multi-teacher run says which teacher failed the check
+                    raise type(exc)(f"teacher {name!r} ({urls[0]}): {exc}") from exc
                 raise
             label = name or urls[0]
             out.errors[label] = f"{type(exc).__name__}: {exc}"
@@ -131,11 +135,15 @@ def connect_teachers(
 @dataclass
 class Collected:
     """What one pipeline run produced: per teacher name, its scored rollouts in sampling order;
-    the teachers that failed while scoring (name -> error); and the time split."""
+    the teachers that failed while scoring (name -> error); and the time split. Routed
+    (multi-teacher OPD): `routed` holds every rollout once, scored by its own teacher, in
+    sampling order, and `owners` the teacher of each."""
 
     scored: dict[str, list[Rollout]]
     errors: dict[str, str]
     timings: dict[str, float]
+    routed: list[Rollout] | None = None
+    owners: list[str] | None = None
 
 
 def collect(
@@ -146,8 +154,11 @@ def collect(
     *,
     keep_going: bool = False,
     on_chunk: Callable[[int], None] | None = None,
+    route: Callable[[Rollout], str] | None = None,
 ) -> Collected:
     """Sample each chunk of prompt indices, send it to every teacher, then wait for all scores.
+    With `route`, each rollout goes to the one teacher `route` names instead (multi-teacher
+    OPD), and `Collected.routed` merges them back in sampling order.
 
     timings: time/generate_s (student sampling), time/score_s (teacher request time, summed
     over teachers), time/score_wait_s (what the student waited for after its last chunk),
@@ -155,14 +166,21 @@ def collect(
     started = time.perf_counter()
     busy_before = sum(t.bridge.busy_s for t in teachers)
     pending: dict[str, list[Future]] = {t.name: [] for t in teachers}
+    owners: list[str] = []
     generate_s = 0.0
     for done, chunk in enumerate(chunks, 1):
         t0 = time.perf_counter()
         rollouts = sample(chunk)
         generate_s += time.perf_counter() - t0
+        chunk_owners = [route(r) for r in rollouts] if route is not None else []
+        owners.extend(chunk_owners)
         for i, teacher in enumerate(teachers):
-            mine = rollouts if i == 0 else [replace(r) for r in rollouts]
-            pending[teacher.name].append(teacher.bridge.submit(mine, spec))
+            if route is not None:
+                mine = [r for r, o in zip(rollouts, chunk_owners, strict=True) if o == teacher.name]
+            else:
+                mine = rollouts if i == 0 else [replace(r) for r in rollouts]
+            if mine or route is None:
+                pending[teacher.name].append(teacher.bridge.submit(mine, spec))
         if on_chunk is not None:
             on_chunk(done)
     t0 = time.perf_counter()
@@ -176,6 +194,13 @@ def collect(
                 raise
             errors[teacher.name] = f"{type(exc).__name__}: {exc}"
     wait_s = time.perf_counter() - t0
+    routed = None
+    if route is not None and not errors:
+        unknown = set(owners) - set(scored)
+        if unknown:
+            raise KeyError(f"rollouts routed to no connected teacher: {sorted(unknown)}")
+        each = {name: iter(done) for name, done in scored.items()}
+        routed = [next(each[owner]) for owner in owners]
     return Collected(
         scored,
         errors,
@@ -185,4 +210,6 @@ def collect(
             "time/score_wait_s": wait_s,
             "time/collect_s": time.perf_counter() - started,
         },
+        routed,
+        owners if route is not None else None,
     )

@@ -26,7 +26,7 @@ def load_prompts(source: str, field: str = "prompt") -> list[str]:
     with datasets' save_to_disk, or a generated task ("task:NAME[:SPLIT]"). `field` names the
     column holding the prompt text."""
     rows, where = load_rows(source)
-    return _column(rows, field, where)
+    return column_texts(rows, field, where)
 
 
 def load_rows(source: str) -> tuple[list[dict], str]:
@@ -75,7 +75,8 @@ def _from_hf_folder(path: Path) -> list[dict]:
     return ds.to_list()
 
 
-def _column(rows: list[dict], field: str, where: str) -> list[str]:
+def column_texts(rows: list[dict], field: str, where: str) -> list[str]:
+    """The non-empty strings of column `field`, or a ValueError naming the first bad row."""
     out = []
     for i, row in enumerate(rows):
         value = row.get(field) if isinstance(row, dict) else None

@@ -20,6 +20,10 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from opd.client.train.config import TrainConfig
 
 
 class UnroutablePrompts(ValueError):
@@ -101,3 +105,35 @@ def share(assigned: Sequence[str], teachers: Sequence[str]) -> dict[str, float]:
     counts = Counter(assigned)
     total = max(1, len(assigned))
     return {t: counts.get(t, 0) / total for t in teachers}
+
+
+def training_prompts(config: TrainConfig) -> tuple[list[str], list[str] | None]:
+    """The prompt texts of a run and, with named teachers (--teacher), each prompt's teacher.
+
+    Prompts come from --prompts and from each --teacher-prompts file, in that order; --prompts
+    is left out when it is the default shipped set and files are given. Raises
+    UnroutablePrompts before anything is trained."""
+    from opd.client.train.prompts import SHIPPED, column_texts, load_rows
+
+    if not config.teacher:
+        rows, where = load_rows(config.prompts)
+        return column_texts(rows, config.prompt_field, where), None
+    files = parse_pairs(config.teacher_prompts, "--teacher-prompts")
+    sources: list[tuple[str, str | None]] = []
+    if not files or config.prompts != SHIPPED:
+        sources.append((config.prompts, None))
+    sources += [(path, teacher) for teacher, path in files.items()]
+    texts: list[str] = []
+    rows_all: list[dict] = []
+    file_teachers: list[str | None] = []
+    for source, teacher in sources:
+        rows, where = load_rows(source)
+        texts += column_texts(rows, config.prompt_field, where)
+        rows_all += rows
+        file_teachers += [teacher] * len(rows)
+    router = Router(
+        tuple(name for name, _ in config.teacher_specs() if name is not None),
+        config.teacher_field,
+        tuple(parse_pairs(config.route, "--route").items()),
+    )
+    return texts, router.assign(rows_all, file_teachers)

@@ -69,11 +69,13 @@ from opd.client.train.metric_log import (
 )
 from opd.client.train.pipeline import collect, connect_teachers
 from opd.client.train.positions import PositionStats, TokenBatch
-from opd.client.train.prompts import PromptOrder, load_prompts
+from opd.client.train.prompts import PromptOrder
 from opd.client.train.rollout_store import RolloutWriter, decode_pieces
 from opd.client.train.rollouts import Rollout, SamplingParams, StepSampler, chunked
+from opd.client.train.routing import training_prompts
 from opd.client.train.student import chat_prompt_ids, load_student
 from opd.client.train.student_math import StudentModule
+from opd.client.train.teacher_metrics import per_teacher_metrics
 from opd.shared.fingerprint import fingerprint_hf_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -112,7 +114,8 @@ class Trainer:
 
             ids = [self.dist.local_rank] if config.device.startswith("cuda") else None
             self.train_model = DistributedDataParallel(self.student, device_ids=ids)
-        self.prompts = load_prompts(config.prompts, config.prompt_field)
+        # with named teachers, owners[i] is the teacher of prompt i (refused here if none)
+        self.prompts, self.owners = training_prompts(config)
         if config.holdout >= len(self.prompts):
             raise ValueError(
                 f"holdout={config.holdout} leaves no training prompts (have {len(self.prompts)})"
@@ -145,7 +148,7 @@ class Trainer:
             self.metrics = NullLogger()
         self.spec = score_spec(config)
         self.teachers = connect_teachers(
-            [(None, config.teacher_url)],
+            config.teacher_specs(),
             self.spec,
             config.student_top_k,
             api_key=config.api_key,
@@ -154,6 +157,8 @@ class Trainer:
             max_wait_s=config.teacher_wait_s,  # a teacher restart is waited out, not fatal
         )
         self.teacher_info = self.teachers.teachers[0].info
+        self.teacher_names = [t.name for t in self.teachers.teachers]
+        self.teacher_weights = config.teacher_weights()
         self.sampling = SamplingParams.for_tokenizer(
             self.tokenizer,
             config.n_rollouts,
@@ -190,7 +195,9 @@ class Trainer:
         logger.info("%s at step %d; config %s", how, self.step, self.config.model_dump_json())
         history = []
         if self.outcome is not None:
-            self.outcome.start(self.step, self.config.teacher_url, self.config.api_key)
+            # the gap recovery rate's teacher: the first one (docs/training.md)
+            first_urls = self.config.teacher_specs()[0][1]
+            self.outcome.start(self.step, first_urls, self.config.api_key)
         while not self.done():
             metrics = self.train_step()
             self.step += 1
@@ -221,6 +228,16 @@ class Trainer:
         metrics["time/sync_s"] = self.sync_engine()
         metrics.update(engine_agreement(rollouts))
         metrics.update(step_diagnostics(self.stats, self.config))
+        if len(self.teacher_names) > 1:
+            owners = [self.owners[r.prompt_index] for r in rollouts]  # type: ignore[index]
+            metrics.update(
+                per_teacher_metrics(
+                    rollouts,
+                    owners,
+                    self.teacher_names,
+                    lambda stats: step_diagnostics(stats, self.config),
+                )
+            )
         if self.config.save_rollouts:  # rank 0 writes; every rank logs the key (mean_metrics)
             t0 = time.perf_counter()
             if self.rollout_writer is not None:
@@ -253,10 +270,14 @@ class Trainer:
         """All `indices` sampled in one engine call; statistics and scoring overlapped."""
         prompts = [(i, self.prompt_ids(i)) for i in indices]
         sampler = StepSampler(self.engine, self.student, prompts, params, self.config.student_top_k)
-        got = collect(self.teachers.teachers, chunked(indices), sampler, spec)
+        owners = self.owners
+        route = None if owners is None else (lambda r: owners[r.prompt_index])
+        got = collect(self.teachers.teachers, chunked(indices), sampler, spec, route=route)
         timings = dict(got.timings)
         timings["time/engine_s"] = sampler.engine_s
         timings["time/stats_s"] = sampler.stats_s
+        if got.routed is not None:
+            return got.routed, timings
         return got.scored[self.teachers.teachers[0].name], timings
 
     def sync_engine(self) -> float:
@@ -289,6 +310,9 @@ class Trainer:
             for i, batch in enumerate(micro):
                 with self._grad_sync(last=i == len(micro) - 1):
                     loss = self.train_model("loss", batch)
+                    weights = self._token_weights(rollouts, i * c.micro_batch_size, batch)
+                    if weights is not None:
+                        loss = loss * weights
                     (loss.sum() * scale).backward()
                 loss_sum += float(loss.detach().sum()) / total_tokens
             params = [p for p in self.model.parameters() if p.grad is not None]
@@ -304,6 +328,22 @@ class Trainer:
             "train/grad_norm": norms[0],
             "train/lr": self.scheduler.get_last_lr()[0],
         }
+
+    def _token_weights(
+        self, rollouts: list[Rollout], start: int, batch: TokenBatch
+    ) -> torch.Tensor | None:
+        """Per-position loss weights of one micro-batch from --teacher-weight (each position
+        weighs as its rollout's teacher); None when every weight is 1."""
+        if not self.teacher_weights or self.owners is None:
+            return None
+        assert batch.seq_offsets is not None
+        counts = torch.diff(batch.seq_offsets)
+        per_seq = [
+            self.teacher_weights.get(self.owners[r.prompt_index], 1.0)
+            for r in rollouts[start : start + len(counts)]
+        ]
+        w = torch.tensor(per_seq, dtype=torch.float32, device=counts.device)
+        return torch.repeat_interleave(w, counts)
 
     def _load_optimizer(self, state: dict[str, Any]) -> None:
         """Name-keyed state (this version, any world size, FSDP or not) via the distributed
