@@ -107,6 +107,11 @@ class ProbeConfig(BaseModel):
     allow_tokenizer_mismatch: bool = Field(
         default=False, description="skip the check that teachers and student share a tokenizer"
     )
+    domain_field: str | None = Field(
+        default=None,
+        description="a prompt column naming each prompt's domain: teachers are also ranked per "
+        "domain, and opd train routing flags (--route DOMAIN=TEACHER) are suggested",
+    )
     answer_field: str | None = Field(
         default=None,
         description="field holding the gold answer: adds the student's accuracy and each "
@@ -263,6 +268,13 @@ def run_probe(config: ProbeConfig, log=print) -> dict[str, Any]:  # noqa: ANN001
         prompts = [it.prompt for it in items]
     else:
         prompts = load_prompts(config.prompts, config.prompt_field)
+    domain_of = None
+    if config.domain_field is not None:
+        from opd.client.recipes.probe_domains import prompt_domains
+        from opd.client.train.prompts import load_rows
+
+        rows, where = load_rows(config.prompts)  # the same rows, in the same order, as prompts
+        domain_of = prompt_domains(rows, config.domain_field, where)
     indices = sample_prompt_indices(len(prompts), config.num_prompts, config.seed)
     params = SamplingParams.for_tokenizer(
         tokenizer, config.n_rollouts, config.temperature, config.top_p, config.max_new_tokens
@@ -341,6 +353,17 @@ def run_probe(config: ProbeConfig, log=print) -> dict[str, Any]:  # noqa: ANN001
             by_name[name]["verdict"] = verdict(metrics)
             if outcome is not None:
                 by_name[name]["outcome"] = reward_auroc(scored, outcome["correct"])
+        domains = None
+        if domain_of is not None and got.scored:
+            from opd.client.recipes.probe_domains import rank_by_domain
+
+            domains = rank_by_domain(
+                got.scored,
+                domain_of,
+                lambda stats: compute_diagnostics(stats, depth_bucket=config.depth_bucket),
+                verdict,
+                rank_teachers,
+            )
         depth = None
         if config.depth and outcome is not None and got.scored:
             log(f"depth probe: continuing up to {config.depth_rollouts} rollouts")
@@ -376,6 +399,12 @@ def run_probe(config: ProbeConfig, log=print) -> dict[str, Any]:  # noqa: ANN001
     }
     if outcome is not None:
         report["student_outcome"] = outcome["summary"]
+    if domains is not None:
+        from opd.client.recipes.probe_domains import suggest_routing
+
+        assert config.domain_field is not None
+        report["domains"] = domains
+        report["suggested_routing"] = suggest_routing(domains, config.domain_field)
     if depth is not None:
         report["depth_probe"] = depth
     (out / "probe.json").write_text(json.dumps(finite_json(report), indent=1))

@@ -61,6 +61,8 @@ def print_probe(report: dict[str, Any], console: Console) -> None:
         for label in columns["overlap/ratio"]:
             depth.add_row(label, *(_fmt(columns[k].get(label)) for k in keys))
         console.print(depth)
+    if "domains" in report:
+        _print_domains(report, console)
     print_outcome(report, console)
 
 
@@ -113,3 +115,27 @@ def print_outcome(report: dict[str, Any], console: Console) -> None:
                     f"{_fmt(t['advantage'])} [{_fmt(lo)}, {_fmt(hi)}]",
                 )
         console.print(table)
+
+
+def _print_domains(report: dict[str, Any], console: Console) -> None:
+    """Per domain, the ranking (teacher, overlap, KL, verdict), then the suggested routing."""
+    table = Table(title=f"by domain ({report['suggested_routing']['field']})")
+    for col in ("domain", "rollouts", "rank", "teacher", "overlap", "KL", "verdict"):
+        table.add_column(col, justify="right" if col in ("rollouts", "overlap", "KL") else "left")
+    for domain, entry in report["domains"].items():
+        for i, t in enumerate(entry["ranking"]):
+            v, m = t["verdict"], t["metrics"]
+            table.add_row(
+                domain if i == 0 else "",
+                str(entry["rollouts"]) if i == 0 else "",
+                str(t["rank"]),
+                t["name"],
+                _fmt(m.get("overlap/ratio")),
+                _fmt(m.get("kl/sampled")),
+                f"[{_STYLE[v['class']]}]{v['class']}[/]",
+            )
+    console.print(table)
+    routing = report["suggested_routing"]
+    console.print("suggested routing for opd train: " + " ".join(routing["flags"]))
+    for domain, why in routing["unfit"].items():
+        console.print(f"[red]domain {domain}:[/] {why}")
