@@ -75,6 +75,11 @@ def render_page(inputs: RunInputs, checks: list[Check], plots: list[Plot], frac:
             "there is no breakdown by depth. Lower <code>--depth-bucket</code> to get one.</p>"
         )
         sections.append(("depth", "By depth", depth))
+        from opd.client.report.teacher_view import teacher_names, teachers_section
+
+        if teacher_names(inputs.metrics):
+            body = teachers_section(inputs.metrics, frac, _figures(plots, "teachers"))
+            sections.append(("teachers", "Teachers", body))
     if inputs.evals is not None or inputs.eval_summary is not None:
         sections.append(("outcome", "Outcome: accuracy", outcome_section(inputs, plots)))
     if inputs.probe is not None:

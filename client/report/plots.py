@@ -34,7 +34,7 @@ _LABELS = {key: label for key, label, _ in MAIN_METRICS}
 
 @dataclass(frozen=True)
 class Plot:
-    section: str  # "steps" | "depth" | "probe" | "coldstart" | "outcome"
+    section: str  # "steps" | "depth" | "teachers" | "probe" | "coldstart" | "outcome"
     path: Path
     title: str
     caption: str
@@ -56,6 +56,9 @@ def all_plots(inputs: RunInputs, out_dir: Path, frac: float) -> list[Plot]:
     if inputs.metrics is not None:
         plots += step_plots(inputs.metrics, out_dir, frac)
         plots += depth_plots(inputs.metrics, out_dir, frac)
+        from opd.client.report.teacher_view import teacher_plots
+
+        plots += teacher_plots(inputs.metrics, out_dir, frac)
     if inputs.probe is not None:
         plots += probe_plots(inputs.probe, out_dir)
     plots += coldstart_plots(inputs.coldstart, inputs.sft, out_dir)
