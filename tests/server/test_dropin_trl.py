@@ -122,3 +122,52 @@ def _decode(payload: dict) -> dict:
         "logprob_token_ids": [ids[i, : n[i]].tolist() for i in range(shape[0])],
         "actual_logprobs": [act[i, : n[i]].tolist() for i in range(shape[0])],
     }
+
+
+def test_async_distillation_mopd_sends_each_row_to_its_own_opd_teacher(
+    tiny_server, tiny_student_dir, tmp_path
+):
+    """TRL's multi-teacher OPD (MOPD): `teacher_server_urls` maps teacher ids to servers and
+    each row's `teacher_id` picks one. Two opd servers on different models, each resolved by
+    its own GET /v1/models, each row scored by its teacher only."""
+    import aiohttp
+    from accelerate import PartialState
+    from trl.experimental.async_distillation.async_rollout_worker import _AsyncRolloutLoop
+
+    from opd.client.teacher.launch import LocalTeacher
+
+    PartialState()
+    k, temperature = 3, 1.0
+    extra = ["--served-model-name", "code-teacher"]
+    with LocalTeacher(
+        str(tiny_student_dir), log_path=tmp_path / "code.log", extra_args=extra
+    ) as code:
+        urls = {"math": tiny_server, "code": code}
+        loop = _AsyncRolloutLoop.__new__(_AsyncRolloutLoop)
+        loop.teacher_server_urls = urls
+        loop.teacher_model_names = {}
+        loop.teacher_top_k, loop.teacher_temperature = k, temperature
+        loop.request_timeout = 60
+        loop._counters = {}
+
+        async def run():
+            async with aiohttp.ClientSession() as session:
+                loop.session = session
+                await loop._resolve_teacher_model_names()
+                out = {}
+                for teacher_id in ("math", "code"):
+                    tid, url = loop._resolve_teacher_server_url({"teacher_id": teacher_id})
+                    name = loop.teacher_model_names[tid]
+                    out[tid] = await loop._score_with_teacher(SEQS[0][:3], SEQS[0][3:], url, name)
+                return out
+
+        scored = asyncio.run(run())
+        assert loop.teacher_model_names["code"] == "code-teacher"
+        for teacher_id, (ids, lps) in scored.items():
+            (ref,) = score_reference(urls[teacher_id], [SEQS[0]], k, temperature)
+            for j, (row_ids, row_lps) in enumerate(zip(ids, lps, strict=True)):
+                assert row_ids[:k] == ref.top_k_ids[2 + j].tolist()
+                np.testing.assert_allclose(row_lps[:k], ref.top_k_logprobs[2 + j], **TOL)
+        assert scored["math"][1] != scored["code"][1]  # two models: two answers
+        with pytest.raises(ValueError, match="teacher_id='chat'"):
+            loop._resolve_teacher_server_url({"teacher_id": "chat"})
