@@ -187,3 +187,61 @@ def test_gpu_image_dockerfile_serves_the_vllm_backend():
     from opd.server.settings import Settings
 
     Settings(**{k.removeprefix("OPD_").lower(): v for k, v in data.items()})
+
+
+def test_multi_teacher_overlay_wires_two_teachers_to_one_trainer():
+    """Two teachers, each selecting only its own pods, with its own model volume and served
+    name; one trainer Job whose --teacher flags reach both Services and parse as opd train's."""
+    from opd.client.train.config import TrainConfig
+
+    docs = render("multi-teacher")
+    for doc in docs:
+        for version in K8S_VERSIONS:
+            kubernetes_validate.validate(doc, version, strict=True)
+    deployments = {d["metadata"]["name"]: d for d in by_kind(docs, "Deployment")}
+    assert set(deployments) == {"opd-teacher-math", "opd-teacher-code"}
+    named = {kind: {d["metadata"]["name"]: d for d in by_kind(docs, kind)} for kind in (
+        "Service", "PodDisruptionBudget", "NetworkPolicy", "HorizontalPodAutoscaler", "ConfigMap"
+    )}  # fmt: skip
+    (job,) = by_kind(docs, "Job")
+    trainer_labels = job["spec"]["template"]["metadata"]["labels"]
+    (trainer,) = job["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in trainer["env"]}
+    flags = {}
+    for arg in trainer["args"]:
+        if arg.startswith("--teacher="):
+            name, _, ref = arg.removeprefix("--teacher=").partition("=")
+            flags[name] = env[re.fullmatch(r"\$\((\w+)\)", ref).group(1)]
+    assert set(flags) == {"math", "code"}
+    for teacher, other in (("math", "code"), ("code", "math")):
+        dep = deployments[f"opd-teacher-{teacher}"]
+        pods = dep["spec"]["template"]["metadata"]["labels"]
+        others = deployments[f"opd-teacher-{other}"]["spec"]["template"]["metadata"]["labels"]
+        name = f"opd-teacher-{teacher}"
+        service = named["Service"][name]
+        selectors = [
+            dep["spec"]["selector"]["matchLabels"],
+            service["spec"]["selector"],
+            named["PodDisruptionBudget"][name]["spec"]["selector"]["matchLabels"],
+            named["NetworkPolicy"][name]["spec"]["podSelector"]["matchLabels"],
+        ]
+        for selector in selectors:  # its own pods, never the other teacher's
+            assert _matches(selector, pods) and not _matches(selector, others), selector
+        assert named["HorizontalPodAutoscaler"][name]["spec"]["scaleTargetRef"]["name"] == name
+        (rule,) = named["NetworkPolicy"][name]["spec"]["ingress"]
+        assert _matches(rule["from"][0]["podSelector"]["matchLabels"], trainer_labels)
+        (container,) = dep["spec"]["template"]["spec"]["containers"]
+        config = named["ConfigMap"][container["envFrom"][0]["configMapRef"]["name"]]["data"]
+        assert set(config) <= SETTINGS_ENV
+        assert config["OPD_SERVED_MODEL_NAME"] == f"{teacher}-teacher"
+        volumes = {v["name"]: v for v in dep["spec"]["template"]["spec"]["volumes"]}
+        claim = volumes["model"]["persistentVolumeClaim"]["claimName"]
+        assert claim == f"opd-teacher-model-{teacher}"
+        port = service["spec"]["ports"][0]["port"]
+        assert flags[teacher] == f"http://{name}:{port}"
+    config = TrainConfig(
+        student="/models/student",
+        teacher=[f"{n}={u}" for n, u in flags.items()],
+        teacher_field="domain",
+    )
+    assert [n for n, _ in config.teacher_specs()] == ["math", "code"]
