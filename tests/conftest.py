@@ -153,7 +153,8 @@ def vllm_server(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     log = tmp_path_factory.mktemp("logs") / "vllm.log"
     teacher = LocalTeacher(
         None,
-        env={"OPD_LOG_LEVEL": "warning"},  # the KV cache as sized by default (one pack)
+        # the KV cache as sized by default (one pack); no wait bound, so no calibration pass
+        env={"OPD_LOG_LEVEL": "warning", "OPD_MAX_QUEUE_WAIT_S": "0"},
         log_path=log,
         extra_args=[
             "--backend",
