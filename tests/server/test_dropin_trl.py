@@ -43,17 +43,9 @@ def test_vllm_client_sequence_logprobs_equal_v1_score(tiny_server):
 def test_async_distillation_teacher_request(tiny_server):
     """The worker's readiness wait (GET /v1/models) and its teacher call, run as installed."""
     import aiohttp
-    from accelerate import PartialState
-    from trl.experimental.async_distillation.async_rollout_worker import _AsyncRolloutLoop
 
-    PartialState()  # the worker logs through accelerate, as in its own process
     k, temperature = 3, 0.9
-    loop = _AsyncRolloutLoop.__new__(_AsyncRolloutLoop)  # only the teacher half is exercised
-    loop.teacher_server_urls = {"default": tiny_server}
-    loop.teacher_model_names = {}
-    loop.teacher_top_k, loop.teacher_temperature = k, temperature
-    loop.request_timeout = 60
-    loop._counters = {}
+    loop = _teacher_loop({"default": tiny_server}, k, temperature)
 
     async def run():
         async with aiohttp.ClientSession() as session:
@@ -131,24 +123,16 @@ def test_async_distillation_mopd_sends_each_row_to_its_own_opd_teacher(
     each row's `teacher_id` picks one. Two opd servers on different models, each resolved by
     its own GET /v1/models, each row scored by its teacher only."""
     import aiohttp
-    from accelerate import PartialState
-    from trl.experimental.async_distillation.async_rollout_worker import _AsyncRolloutLoop
 
     from opd.client.teacher.launch import LocalTeacher
 
-    PartialState()
     k, temperature = 3, 1.0
     extra = ["--served-model-name", "code-teacher"]
     with LocalTeacher(
         str(tiny_student_dir), log_path=tmp_path / "code.log", extra_args=extra
     ) as code:
         urls = {"math": tiny_server, "code": code}
-        loop = _AsyncRolloutLoop.__new__(_AsyncRolloutLoop)
-        loop.teacher_server_urls = urls
-        loop.teacher_model_names = {}
-        loop.teacher_top_k, loop.teacher_temperature = k, temperature
-        loop.request_timeout = 60
-        loop._counters = {}
+        loop = _teacher_loop(urls, k, temperature)
 
         async def run():
             async with aiohttp.ClientSession() as session:
@@ -171,3 +155,18 @@ def test_async_distillation_mopd_sends_each_row_to_its_own_opd_teacher(
         assert scored["math"][1] != scored["code"][1]  # two models: two answers
         with pytest.raises(ValueError, match="teacher_id='chat'"):
             loop._resolve_teacher_server_url({"teacher_id": "chat"})
+
+
+def _teacher_loop(urls: dict[str, str], k: int, temperature: float):
+    """TRL's async rollout loop with only its teacher half set up (what these tests run)."""
+    from accelerate import PartialState
+    from trl.experimental.async_distillation.async_rollout_worker import _AsyncRolloutLoop
+
+    PartialState()  # the worker logs through accelerate, as in its own process
+    loop = _AsyncRolloutLoop.__new__(_AsyncRolloutLoop)
+    loop.teacher_server_urls = urls
+    loop.teacher_model_names = {}
+    loop.teacher_top_k, loop.teacher_temperature = k, temperature
+    loop.request_timeout = 60
+    loop._counters = {}
+    return loop
