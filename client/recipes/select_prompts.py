@@ -66,6 +66,14 @@ class SelectConfig(BaseModel):
         min_length=1, description="teacher service URL; repeat for replicas of one teacher"
     )
     api_key: str | None = Field(default=None, description="teacher API key (OPD_API_KEY)")
+    teacher_name: str | None = Field(
+        default=None,
+        description="multi-teacher OPD: write this teacher's name into every selected row's "
+        "--teacher-field column, so that opd train routes the set to it",
+    )
+    teacher_field: str = Field(
+        default="teacher", description="with --teacher-name: the column that names the teacher"
+    )
     prompt_field: str = Field(default="prompt", description="field holding the prompt text")
     student: str | None = Field(default=None, description="student folder: adds the overlap score")
     tokenizer: str | None = Field(
@@ -457,6 +465,8 @@ def run_selection(
     finally:
         scorer.close()
 
+    if cfg.teacher_name is not None:  # one set per teacher, concatenated, routes in opd train
+        rows = [{**row, cfg.teacher_field: cfg.teacher_name} for row in rows]
     out = ps.write_rows(cfg.out, rows)
     removed_path = ps.write_removed(ps.side_path(out, "removed.jsonl"), removed)
     summary = {

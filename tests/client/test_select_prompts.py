@@ -10,7 +10,9 @@ import pytest
 from typer.testing import CliRunner
 
 from opd.client.recipes.select_prompts import EncodedPrompts
+from opd.client.train.config import TrainConfig
 from opd.client.train.prompts import load_prompts
+from opd.client.train.routing import training_prompts
 from tests.support.cli import select_prompts_app
 
 GIBBERISH = "xq7#Lp!zR2 vv09 ;;kf3 Qw== jjj8 zzk@@1 p0p0"
@@ -109,9 +111,13 @@ def test_select_prompts_end_to_end_on_smollm2(smol_server, smollm2_dir, tmp_path
     _run(
         [*common, "--tokenizer", str(smollm2_dir), "--count", "4", "--ood-fraction", "0.5"]
         + ["--ood", ood, "--embedder", "lexical", "--out", str(out)]
+        + ["--teacher-name", "math"]  # multi-teacher: the set is tagged with its teacher
     )
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["source"] for r in rows] == ["aligned", "aligned", "ood", "ood"]
+    assert {r["teacher"] for r in rows} == {"math"}
+    routed = TrainConfig(student="s", teacher=["math=http://m", "code=http://c"], prompts=str(out))
+    assert training_prompts(routed) == ([r["prompt"] for r in rows], ["math"] * 4)
     assert {r["prompt"] for r in rows[2:]} == {OOD[0], OOD[3]}
     assert all(r["origin"] == "ood-file" and r["rank"] is None for r in rows[2:])
     assert all(r["student_overlap"] is None and r["teacher_logprob"] < 0 for r in rows)
