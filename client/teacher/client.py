@@ -210,26 +210,13 @@ class TeacherClient:
     def _with_retries(
         self, send: Callable[[str], httpx.Response], pin: str | None = None
     ) -> httpx.Response:
-        attempt = 0
-        failing_since: float | None = None
+        retry = _Retry(self.config, self.replicas, pinned=pin is not None)
         while True:
             url = pin or self.replicas.pick()
             try:
                 return send(url)
             except (TeacherHTTPError, httpx.TransportError) as exc:
-                now = time.monotonic()
-                failing_since = now if failing_since is None else failing_since
-                delay = _retry_delay(
-                    self.config,
-                    self.replicas,
-                    exc,
-                    url,
-                    attempt,
-                    pinned=pin is not None,
-                    waited=now - failing_since,
-                )
-                time.sleep(delay)
-                attempt += 1
+                time.sleep(retry.delay(exc, url))
 
 
 class AsyncTeacherClient:
@@ -338,26 +325,13 @@ class AsyncTeacherClient:
     async def _with_retries(
         self, send: Callable[[str], Any], pin: str | None = None
     ) -> httpx.Response:
-        attempt = 0
-        failing_since: float | None = None
+        retry = _Retry(self.config, self.replicas, pinned=pin is not None)
         while True:
             url = pin or self.replicas.pick()
             try:
                 return await send(url)
             except (TeacherHTTPError, httpx.TransportError) as exc:
-                now = time.monotonic()
-                failing_since = now if failing_since is None else failing_since
-                delay = _retry_delay(
-                    self.config,
-                    self.replicas,
-                    exc,
-                    url,
-                    attempt,
-                    pinned=pin is not None,
-                    waited=now - failing_since,
-                )
-                await asyncio.sleep(delay)
-                attempt += 1
+                await asyncio.sleep(retry.delay(exc, url))
 
 
 # At connect, a replica is asked on its own ("pinned"). While other replicas exist, a pinned
@@ -365,6 +339,33 @@ class AsyncTeacherClient:
 # replica holds start-up for some 15-25 s, not for max_wait_s (_connect_again still
 # waits out the case where every replica is down).
 _PINNED_RETRIES = 6
+
+
+class _Retry:
+    """One request's retry state: attempts so far and since when it has been failing (the
+    time budget counts from the first failure)."""
+
+    def __init__(self, config: ClientConfig, replicas: ReplicaSet, pinned: bool) -> None:
+        self.config, self.replicas, self.pinned = config, replicas, pinned
+        self.attempt = 0
+        self.failing_since: float | None = None
+
+    def delay(self, exc: Exception, url: str) -> float:
+        """Seconds to sleep before the next attempt, or raise when the error is final."""
+        now = time.monotonic()
+        if self.failing_since is None:
+            self.failing_since = now
+        wait = _retry_delay(
+            self.config,
+            self.replicas,
+            exc,
+            url,
+            self.attempt,
+            pinned=self.pinned,
+            waited=now - self.failing_since,
+        )
+        self.attempt += 1
+        return wait
 
 
 def _retry_delay(
