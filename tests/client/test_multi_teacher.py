@@ -1,5 +1,6 @@
 """Multi-teacher OPD with real teacher processes: two `opd serve` on different models (the tiny
-model, and the tiny student's perturbed copy of it, both with the same tokenizer).
+model, and the tiny student's perturbed copy of it, both with the same tokenizer); one test also
+runs the real pair, the embedded SmolLM2 and a 24-layer subset of it.
 
 - routing by a prompt column and by a per-teacher prompt file;
 - each teacher's logged diagnostics equal what a single-teacher run computes on the same
@@ -83,21 +84,36 @@ def _assert_same(expected: list[dict], got: list[dict]) -> None:
 def test_each_teacher_scores_its_own_prompts_and_its_diagnostics_match_a_solo_run(
     two_teachers, tiny_student_dir, tmp_path
 ):
+    _check_each_teacher_matches_a_solo_run(two_teachers, tiny_student_dir, tmp_path, steps=2)
+
+
+def test_the_embedded_smollm2_and_a_layer_subset_of_it_as_two_teachers(
+    smol_server, smol_student_server, tiny_student_dir, tmp_path
+):
+    """The issue's pair of real models: SmolLM2-135M (30 layers) and its 24-layer subset, each
+    a teacher of its own prompts (the student shares their tokenizer)."""
+    urls = {"math": smol_server, "code": smol_student_server}
+    _check_each_teacher_matches_a_solo_run(urls, tiny_student_dir, tmp_path, steps=1)
+
+
+def _check_each_teacher_matches_a_solo_run(
+    urls: dict[str, str], student: Path, tmp_path: Path, steps: int
+) -> None:
     prompts = _prompts_with_teachers(tmp_path / "prompts.jsonl")
-    config = _config(tiny_student_dir, two_teachers, tmp_path / "run", prompts=str(prompts))
+    config = _config(student, urls, tmp_path / "run", prompts=str(prompts), max_steps=steps)
     with Trainer(config) as trainer:
         history = trainer.run()
     _, owners = training_prompts(config)
     assert owners is not None and set(owners) == {"math", "code"}
     logged = read_metrics(tmp_path / "run" / "metrics.jsonl")
-    assert len(history) == 2
+    assert len(history) == steps
     spec = score_spec(config)
-    for step in (1, 2):
+    for step in range(1, steps + 1):
         record = next(m for m in logged if m["step"] == step)
         saved = [s.rollout for s in read_rollouts(tmp_path / "run", [step])]
         shares = {n: record[f"teacher/{n}/token_share"] for n in ("math", "code")}
         assert sum(shares.values()) == pytest.approx(1.0)
-        for name, url in two_teachers.items():
+        for name, url in urls.items():
             mine = [r for r in saved if owners[r.prompt_index] == name]
             if not mine:
                 assert shares[name] == 0
@@ -113,7 +129,8 @@ def test_each_teacher_scores_its_own_prompts_and_its_diagnostics_match_a_solo_ru
                 bridge.close()
             alone = step_diagnostics(PositionStats.from_rollouts(solo), config)
             for key, value in alone.items():
-                assert record[f"teacher/{name}/{key}"] == pytest.approx(
+                got = record[f"teacher/{name}/{key}"]  # the log writes NaN as null
+                assert (float("nan") if got is None else got) == pytest.approx(
                     value, rel=1e-4, abs=1e-6, nan_ok=True
                 ), (step, name, key)
 
