@@ -12,6 +12,7 @@
     opd select-prompts --pool FILE --teacher-url URL --out FILE          # teacher-aligned set
     opd eval --data FILE --student PATH [--teacher URL]                  # accuracy, pass@n
     opd report RUN_DIR      # PNG plots + one HTML page of a run's / probe's diagnostics
+    opd replicate [--tiny]  # the method's findings reproduced on this machine (tables)
 
 The options of serve, train, probe, coldstart, select-prompts and eval are generated from their
 typed configs (opd.client.config_cli): each is declared once, on its config field. `--teacher-url`
@@ -23,6 +24,7 @@ The configs import their own modules (train: torch), so the `opd` command needs 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -35,6 +37,7 @@ from opd.client.recipes.coldstart import ColdstartConfig
 from opd.client.recipes.evaluate import EvalConfig
 from opd.client.recipes.probe import ProbeConfig
 from opd.client.recipes.select_prompts import select_prompts_command
+from opd.client.replication.run import ReplicateConfig
 from opd.client.report.build import report_command
 from opd.client.train.config import TrainConfig
 
@@ -189,6 +192,28 @@ app.command("eval")(
     )
 )
 app.command("report")(report_command)
+
+
+def run_replicate_command(config: ReplicateConfig) -> None:
+    from rich.console import Console
+
+    from opd.client.replication.run import run_replicate
+
+    console = Console()
+    logging.basicConfig(level=logging.WARNING)
+    run_replicate(config, log=lambda msg: console.print(f"[dim]{msg}[/dim]"))
+    typer.echo((Path(config.out_dir) / "replication.md").read_text())
+
+
+app.command("replicate")(
+    config_command(
+        ReplicateConfig,
+        run_replicate_command,
+        doc="The method's findings reproduced on this machine: trains a student and three "
+        "teachers on 3-digit addition, runs probe / train / coldstart / eval on them and writes "
+        "one table per finding to OUT/replication.md (docs/replication.md).",
+    )
+)
 
 
 @app.command()

@@ -1,0 +1,120 @@
+"""The replication's models: tiny Llama transformers trained from scratch on the task.
+
+Each model is a `ModelSpec`: a scratchpad style, whether its data is restricted (see task.py),
+a size and a training budget. Training is plain next-token SFT on the scratchpads with
+opd's own SFT loop (`opd.client.recipes.sft`), and each model is saved as a standard HF folder
+(weights, config, tokenizer, generation config), so `opd serve` serves it and `opd train`
+trains it like any other model.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+from opd.client.recipes.sft import Example, SFTConfig, sft
+from opd.client.replication import task
+from opd.client.replication.vocab import EOS, PAD, build_tokenizer
+from opd.shared.chat import chat_prompt_ids
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model of the experiment and the recipe that makes it."""
+
+    name: str
+    role: str  # what the model stands for in the paper's setting (for the tables)
+    style: task.Style
+    restricted: bool  # trained (almost) only on problems without the restricted facts
+    hidden: int
+    layers: int
+    steps: int
+    seed: int
+    # With `restricted`: this many problems that do need a restricted fact are mixed in, so the
+    # model knows those facts a little (weakly, uncertainly) instead of not at all.
+    rare_facts: int = 0
+    batch_size: int = 64
+    lr: float = 3e-3
+
+
+def _examples(spec: ModelSpec, tokenizer, n: int, exclude: set) -> list[Example]:  # noqa: ANN001
+    rng = np.random.default_rng(spec.seed)
+    rare = spec.rare_facts if spec.restricted else 0
+    pairs = task.sample_pairs(n - rare, rng, restricted=spec.restricted, exclude=exclude)
+    if rare:
+        pairs += task.sample_pairs(rare, rng, only_restricted=True, exclude=exclude | set(pairs))
+    eos = int(tokenizer.eos_token_id)
+    return [
+        Example(
+            chat_prompt_ids(tokenizer, task.prompt(a, b)),
+            [
+                *tokenizer(task.scratchpad(a, b, spec.style), add_special_tokens=False)[
+                    "input_ids"
+                ],
+                eos,
+            ],
+        )
+        for a, b in pairs
+    ]
+
+
+def build_model(spec: ModelSpec, vocab_size: int, pad_id: int, eos_id: int) -> LlamaForCausalLM:
+    heads = max(1, spec.hidden // 32)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=spec.hidden,
+        intermediate_size=4 * spec.hidden,
+        num_hidden_layers=spec.layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+        pad_token_id=pad_id,
+        eos_token_id=eos_id,
+        bos_token_id=None,
+    )
+    torch.manual_seed(spec.seed)
+    return LlamaForCausalLM(config)
+
+
+def train_model(spec: ModelSpec, out: Path, exclude: set, log=print) -> Path:  # noqa: ANN001
+    """SFT a fresh model of `spec` on its own data (never a pair in `exclude`); save to out."""
+    tokenizer = build_tokenizer()
+    pad, eos = tokenizer.convert_tokens_to_ids(PAD), tokenizer.convert_tokens_to_ids(EOS)
+    model = build_model(spec, len(tokenizer), pad, eos)
+    examples = _examples(spec, tokenizer, spec.steps * spec.batch_size, exclude)
+    config = SFTConfig(
+        epochs=1,
+        lr=spec.lr,
+        lr_schedule="cosine",
+        warmup_ratio=0.05,
+        batch_size=spec.batch_size,
+        max_len=128,
+        seed=spec.seed,
+    )
+    started = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+
+    def progress(step: int, total: int, metrics: dict[str, float]) -> None:
+        if step % max(1, total // 5) == 0 or step == total:
+            log(f"  {spec.name}: step {step}/{total} loss {metrics['sft/loss']:.4f}")
+
+    history = sft(model, examples, config, out / "sft_metrics.jsonl", on_step=progress)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    GenerationConfig(eos_token_id=eos, pad_token_id=pad, do_sample=False).save_pretrained(out)
+    card = {
+        **asdict(spec),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "examples": len(examples),
+        "final_loss": history[-1]["sft/loss"],
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    (out / "opd_replication_model.json").write_text(json.dumps(card, indent=1))
+    return out

@@ -1,0 +1,99 @@
+"""What `opd replicate` runs: the models, the data sizes and the OPD budget, full and tiny.
+
+The full plan is sized for 2 CPU cores (docs/replication.md has its run time). The tiny plan
+runs every stage of the full one on toy budgets so CI can check that the command completes and
+writes every table; its numbers mean nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from opd.client.replication.models import ModelSpec
+
+STUDENT, TEACHER_X, TEACHER_Y, SAME_PIPELINE = "student", "teacher-x", "teacher-y", "same-pipeline"
+
+
+@dataclass(frozen=True)
+class Plan:
+    models: tuple[ModelSpec, ...]
+    eval_prompts: int  # the held-out questions every accuracy is measured on
+    opd_prompts: int  # the OPD prompt pool (disjoint from the eval questions)
+    coldstart_prompts: int  # teacher-y answers these for the cold start's SFT
+    opd_steps: int  # the same OPD budget for every run
+    prompts_per_step: int
+    n_rollouts: int
+    lr: float
+    eval_every: int
+    probe_prompts: int
+    depth_rollouts: int  # rollouts the depth probe continues at each prefix
+    depth_prefixes: tuple[int, ...]
+    coldstart_epochs: int
+    coldstart_lr: float
+    # k of the top-k diagnostics and the student's candidates. The paper's k = 16 is 1e-4 of a
+    # 150k vocabulary and holds 0.97-0.99 of the mass; here the vocabulary has 19 symbols and
+    # the trained models put nearly all their mass on 1-2 of them, so k = 4 plays that part.
+    top_k: int = 4
+    max_new_tokens: int = 40
+    depth_bucket: int = 8
+
+
+def _models(seed: int, steps: int, hidden: int, layers: int, rare: int) -> tuple[ModelSpec, ...]:
+    return (
+        ModelSpec(
+            STUDENT, "the student: style x, few examples of the restricted facts",
+            "x", True, hidden, layers, steps, seed + 1, rare_facts=rare,
+        ),
+        ModelSpec(
+            TEACHER_X, "compatible teacher: style x, all the facts",
+            "x", False, hidden, layers, steps, seed + 2,
+        ),
+        ModelSpec(
+            TEACHER_Y, "incompatible teacher: style y, all the facts",
+            # style y's answer is assembled from reversed digits: it needs twice the steps
+            "y", False, hidden, layers, 2 * steps, seed + 3,
+        ),
+        ModelSpec(
+            SAME_PIPELINE, "same-pipeline teacher: the student's data, a larger model",
+            "x", True, hidden + hidden // 3, layers + 1, steps, seed + 4, rare_facts=rare,
+        ),
+    )  # fmt: skip
+
+
+def full_plan(seed: int) -> Plan:
+    return Plan(
+        models=_models(seed, steps=600, hidden=96, layers=3, rare=600),
+        eval_prompts=256,
+        opd_prompts=2000,
+        coldstart_prompts=1024,
+        opd_steps=150,
+        prompts_per_step=8,
+        n_rollouts=4,
+        lr=1e-4,
+        eval_every=25,
+        probe_prompts=128,
+        depth_rollouts=64,
+        depth_prefixes=(0, 8, 16, 24),
+        coldstart_epochs=2,
+        coldstart_lr=1e-3,
+    )
+
+
+def tiny_plan(seed: int) -> Plan:
+    full = full_plan(seed)
+    return replace(
+        full,
+        models=_models(seed, steps=4, hidden=32, layers=1, rare=8),
+        eval_prompts=12,
+        opd_prompts=32,
+        coldstart_prompts=8,
+        opd_steps=2,
+        prompts_per_step=2,
+        n_rollouts=2,
+        eval_every=1,
+        probe_prompts=4,
+        depth_rollouts=2,
+        depth_prefixes=(0, 8),
+        coldstart_epochs=1,
+        max_new_tokens=12,
+    )

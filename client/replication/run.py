@@ -1,0 +1,290 @@
+"""`opd replicate`: build the task and the models, then run the five experiments with opd's own
+probe, train, coldstart and eval, and write one table per finding.
+
+Every stage is a call of the same function the matching `opd` command runs (run_probe,
+Trainer, run_coldstart, run_eval), with its config saved next to its output, and every
+teacher is a real `opd serve` process on loopback. The results go to OUT/results.json and
+OUT/replication.md (the tables), and `opd report` pages for the OPD runs.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from contextlib import ExitStack
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from opd.client.replication import task
+from opd.client.replication.plan import (
+    SAME_PIPELINE,
+    STUDENT,
+    TEACHER_X,
+    TEACHER_Y,
+    Plan,
+    full_plan,
+    tiny_plan,
+)
+
+REPLICATE_VERSION = 1
+
+
+class ReplicateConfig(BaseModel):
+    """`opd replicate`: the method's findings on this machine, in one command."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    out_dir: str = Field(default="runs/replicate", description="models, runs, tables")
+    tiny: bool = Field(
+        default=False,
+        description="toy budgets (about 2 minutes): checks that every stage runs, not the findings",
+    )
+    seed: int = Field(default=0, description="seed of the data, the models and every run")
+    reuse_models: bool = Field(
+        default=True, description="reuse models already trained in OUT/models with the same recipe"
+    )
+
+
+def _data(plan: Plan, out: Path, seed: int) -> dict[str, Path]:
+    """The eval questions, the OPD pool and the cold start's prompts: disjoint sets."""
+    rng = np.random.default_rng(seed)
+    eval_pairs = task.sample_pairs(plan.eval_prompts, rng)
+    opd_pairs = task.sample_pairs(plan.opd_prompts, rng, exclude=set(eval_pairs))
+    cold_pairs = task.sample_pairs(
+        plan.coldstart_prompts, rng, exclude=set(eval_pairs) | set(opd_pairs)
+    )
+    return {
+        "eval": task.write_rows(eval_pairs, out / "eval.jsonl"),
+        "opd": task.write_rows(opd_pairs, out / "opd_prompts.jsonl"),
+        "coldstart": task.write_rows(cold_pairs, out / "coldstart_prompts.jsonl"),
+    }
+
+
+def _held_out(paths: dict[str, Path]) -> set[tuple[int, int]]:
+    pairs = set()
+    for path in paths.values():
+        for line in path.read_text().splitlines():
+            a, b = json.loads(line)["prompt"].split("+")
+            pairs.add((int(a), int(b)))
+    return pairs
+
+
+def _models(plan: Plan, out: Path, exclude: set, reuse: bool, log) -> dict[str, Path]:  # noqa: ANN001
+    from opd.client.replication.models import train_model
+
+    dirs = {}
+    for spec in plan.models:
+        folder = out / spec.name
+        card = folder / "opd_replication_model.json"
+        if reuse and card.exists():
+            saved = json.loads(card.read_text())
+            if {k: saved.get(k) for k in asdict(spec)} == asdict(spec):
+                log(f"model {spec.name}: reusing {folder}")
+                dirs[spec.name] = folder
+                continue
+        log(f"model {spec.name}: {spec.role} ({spec.steps} SFT steps)")
+        dirs[spec.name] = train_model(spec, folder, exclude, log)
+    return dirs
+
+
+def _train(plan: Plan, student: Path, url: str, run_dir: Path, data: dict, seed: int) -> Path:
+    """One OPD run with the plan's shared budget; returns the final student's folder."""
+    from opd.client.train.config import TrainConfig
+    from opd.client.train.trainer import Trainer
+
+    config = TrainConfig(
+        student=str(student),
+        teacher_url=[url],
+        prompts=str(data["opd"]),
+        seed=seed,
+        max_steps=plan.opd_steps,
+        prompts_per_step=plan.prompts_per_step,
+        n_rollouts=plan.n_rollouts,
+        max_new_tokens=plan.max_new_tokens,
+        student_top_k=plan.top_k,
+        teacher_top_k=plan.top_k,
+        lr=plan.lr,
+        eval_set=str(data["eval"]),
+        eval_every=plan.eval_every,
+        eval_verifier="numeric",
+        eval_max_new_tokens=plan.max_new_tokens,
+        depth_bucket=plan.depth_bucket,
+        checkpoint_every=plan.opd_steps,
+        keep_checkpoints=1,
+        run_dir=str(run_dir),
+        tensorboard=False,
+    )
+    with Trainer(config) as trainer:
+        trainer.run()
+    return run_dir / "checkpoints" / f"step_{plan.opd_steps}" / "model"
+
+
+def _probe(plan: Plan, student: Path, teachers: dict[str, str], data: dict, out: Path, seed: int):  # noqa: ANN202
+    from opd.client.recipes.probe import ProbeConfig, run_probe
+    from opd.client.train.pipeline import TeacherSpec
+
+    config = ProbeConfig(
+        student=str(student),
+        teachers=[TeacherSpec(name=n, urls=[u]) for n, u in teachers.items()],
+        prompts=str(data["opd"]),
+        answer_field="answer",
+        verifier="numeric",
+        num_prompts=plan.probe_prompts,
+        n_rollouts=plan.n_rollouts,
+        max_new_tokens=plan.max_new_tokens,
+        student_top_k=plan.top_k,
+        teacher_top_k=plan.top_k,
+        depth_bucket=plan.depth_bucket,
+        depth=True,
+        depth_prefixes=list(plan.depth_prefixes),
+        depth_samples=1,
+        depth_temperature=0.0,
+        depth_rollouts=plan.depth_rollouts,
+        seed=seed,
+        out_dir=str(out),
+    )
+    return run_probe(config, log=lambda _: None)
+
+
+def _coldstart(plan: Plan, student: Path, url: str, data: dict, out: Path, seed: int) -> Path:
+    """SFT on teacher-y's own responses (the paper's recipe: T 0.7, top-p 0.95), no OPD yet."""
+    from opd.client.recipes.coldstart import ColdstartConfig, run_coldstart
+    from opd.client.recipes.sft import SFTConfig
+
+    config = ColdstartConfig(
+        student=str(student),
+        teacher_url=[url],
+        prompts=str(data["coldstart"]),
+        sft_fraction=0.9,
+        seed=seed,
+        temperature=0.7,
+        top_p=0.95,
+        max_tokens=plan.max_new_tokens,
+        sft=SFTConfig(
+            epochs=plan.coldstart_epochs, lr=plan.coldstart_lr, batch_size=32, max_len=128
+        ),
+        opd_steps=0,
+        out_dir=str(out),
+    )
+    summary = run_coldstart(config, log=lambda _: None)
+    return Path(summary["student_out"])
+
+
+def _evaluate(plan: Plan, students: dict[str, Path], data: dict, out: Path, seed: int) -> dict:
+    """Greedy accuracy of every model on the same held-out questions, by label."""
+    from opd.client.recipes.evaluate import EvalConfig, run_eval
+
+    labels = list(students)
+    report = run_eval(
+        EvalConfig(
+            data=str(data["eval"]),
+            verifier="numeric",
+            students=[str(students[k]) for k in labels],
+            max_tokens=plan.max_new_tokens,
+            seed=seed,
+            out_dir=str(out),
+        ),
+        log=lambda _: None,
+    )
+    rows = [s for s in report["sources"] if s["kind"] == "student"]
+    return {
+        label: {"accuracy": s["summary"]["mean_at_n"], "ci": s["summary"]["mean_at_n_interval"]}
+        for label, s in zip(labels, rows, strict=True)
+    }
+
+
+def run_replicate(config: ReplicateConfig, log=print) -> dict[str, Any]:  # noqa: ANN001
+    """Every stage in order; OUT/results.json and OUT/replication.md at the end."""
+    from opd.client.replication.tables import write_tables
+    from opd.client.report.build import build_report
+    from opd.client.teacher.launch import LocalTeacher
+
+    started = time.perf_counter()
+    plan = tiny_plan(config.seed) if config.tiny else full_plan(config.seed)
+    out = Path(config.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    seed = config.seed
+    data = _data(plan, out / "data", seed)
+    models = _models(plan, out / "models", _held_out(data), config.reuse_models, log)
+    timing: dict[str, float] = {"models_s": round(time.perf_counter() - started, 1)}
+    runs = out / "runs"
+    results: dict[str, Any] = {"version": REPLICATE_VERSION, "tiny": config.tiny, "seed": seed}
+    with ExitStack() as stack:
+        urls = {}
+        servers = {name: LocalTeacher(str(models[name]), log_path=out / f"serve-{name}.log",
+                                      env={"OPD_DTYPE": "float32", "OPD_LOG_LEVEL": "warning"})
+                   for name in (STUDENT, TEACHER_X, TEACHER_Y, SAME_PIPELINE)}  # fmt: skip
+        t0 = time.perf_counter()
+        for name, server in servers.items():
+            urls[name] = server.start()
+            stack.callback(server.stop)
+        timing["serve_s"] = round(time.perf_counter() - t0, 1)
+        t0 = time.perf_counter()
+        log("probe: the student's rollouts scored by every teacher (and by itself)")
+        probe_teachers = {n: urls[n] for n in (TEACHER_X, TEACHER_Y, SAME_PIPELINE, STUDENT)}
+        results["probe_before"] = _probe(
+            plan, models[STUDENT], probe_teachers, data, out / "probe-before", seed
+        )
+        timing["probe_before_s"] = round(time.perf_counter() - t0, 1)
+        finals: dict[str, Path] = {}
+        for label, student, teacher in (
+            ("opd-from-x", STUDENT, TEACHER_X),
+            ("opd-from-y", STUDENT, TEACHER_Y),
+            ("opd-from-same-pipeline", STUDENT, SAME_PIPELINE),
+            ("opd-from-self", STUDENT, STUDENT),
+            ("reverse", TEACHER_X, STUDENT),  # a weaker teacher, a stronger student
+        ):
+            log(f"opd train {label}: {student} <- {teacher}, {plan.opd_steps} steps")
+            t0 = time.perf_counter()
+            finals[label] = _train(plan, models[student], urls[teacher], runs / label, data, seed)
+            timing[f"{label}_s"] = round(time.perf_counter() - t0, 1)
+        log("opd coldstart: SFT on teacher-y's responses, then OPD from teacher-y")
+        t0 = time.perf_counter()
+        cold = _coldstart(plan, models[STUDENT], urls[TEACHER_Y], data, out / "coldstart", seed)
+        finals["coldstart-sft"] = cold
+        finals["coldstart+opd-from-y"] = _train(
+            plan, cold, urls[TEACHER_Y], runs / "coldstart+opd-from-y", data, seed
+        )
+        timing["coldstart_s"] = round(time.perf_counter() - t0, 1)
+        log("probe after OPD from teacher-x (depth, late in training)")
+        t0 = time.perf_counter()
+        results["probe_after"] = _probe(
+            plan, finals["opd-from-x"], {TEACHER_X: urls[TEACHER_X]}, data,
+            out / "probe-after", seed,
+        )  # fmt: skip
+        timing["probe_after_s"] = round(time.perf_counter() - t0, 1)
+    log("opd eval: every model on the held-out questions")
+    t0 = time.perf_counter()
+    results["accuracy"] = _evaluate(plan, {**models, **finals}, data, out / "eval", seed)
+    results["runs"] = {
+        label: _read_metrics(runs / label) for label in finals if label != "coldstart-sft"
+    }
+    timing["eval_s"] = round(time.perf_counter() - t0, 1)
+    t0 = time.perf_counter()
+    for label in results["runs"]:
+        build_report(runs / label)
+    build_report(out / "probe-before")
+    timing["reports_s"] = round(time.perf_counter() - t0, 1)
+    timing["total_s"] = round(time.perf_counter() - started, 1)
+    results["timing"] = timing
+    results["plan"] = asdict(plan)
+    (out / "results.json").write_text(json.dumps(_finite(results), indent=1))
+    write_tables(results, out / "replication.md")
+    log(f"wrote {out / 'replication.md'} in {timing['total_s']:.0f} s")
+    return results
+
+
+def _read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    from opd.client.train.metric_log import read_metrics
+
+    return read_metrics(run_dir / "metrics.jsonl")
+
+
+def _finite(obj: Any) -> Any:
+    from opd.client.train.metric_log import finite_json
+
+    return finite_json(obj)
