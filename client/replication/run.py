@@ -49,28 +49,21 @@ class ReplicateConfig(BaseModel):
     )
 
 
-def _data(plan: Plan, out: Path, seed: int) -> dict[str, Path]:
-    """The eval questions, the OPD pool and the cold start's prompts: disjoint sets."""
+def _data(plan: Plan, out: Path, seed: int) -> tuple[dict[str, Path], set[tuple[int, int]]]:
+    """The eval questions, the OPD pool and the cold start's prompts (disjoint sets), and all
+    their pairs: no model is trained on any of them."""
     rng = np.random.default_rng(seed)
     eval_pairs = task.sample_pairs(plan.eval_prompts, rng)
     opd_pairs = task.sample_pairs(plan.opd_prompts, rng, exclude=set(eval_pairs))
     cold_pairs = task.sample_pairs(
         plan.coldstart_prompts, rng, exclude=set(eval_pairs) | set(opd_pairs)
     )
-    return {
+    paths = {
         "eval": task.write_rows(eval_pairs, out / "eval.jsonl"),
         "opd": task.write_rows(opd_pairs, out / "opd_prompts.jsonl"),
         "coldstart": task.write_rows(cold_pairs, out / "coldstart_prompts.jsonl"),
     }
-
-
-def _held_out(paths: dict[str, Path]) -> set[tuple[int, int]]:
-    pairs = set()
-    for path in paths.values():
-        for line in path.read_text().splitlines():
-            a, b = json.loads(line)["prompt"].split("+")
-            pairs.add((int(a), int(b)))
-    return pairs
+    return paths, {*eval_pairs, *opd_pairs, *cold_pairs}
 
 
 def _models(plan: Plan, out: Path, exclude: set, reuse: bool, log) -> dict[str, Path]:  # noqa: ANN001
@@ -208,8 +201,8 @@ def run_replicate(config: ReplicateConfig, log=print) -> dict[str, Any]:  # noqa
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     seed = config.seed
-    data = _data(plan, out / "data", seed)
-    models = _models(plan, out / "models", _held_out(data), config.reuse_models, log)
+    data, held_out = _data(plan, out / "data", seed)
+    models = _models(plan, out / "models", held_out, config.reuse_models, log)
     timing: dict[str, float] = {"models_s": round(time.perf_counter() - started, 1)}
     runs = out / "runs"
     results: dict[str, Any] = {"version": REPLICATE_VERSION, "tiny": config.tiny, "seed": seed}
