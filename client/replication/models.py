@@ -9,6 +9,7 @@ trains it like any other model.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -83,6 +84,13 @@ def build_model(spec: ModelSpec, vocab_size: int, pad_id: int, eos_id: int) -> L
     return LlamaForCausalLM(config)
 
 
+def held_out_digest(exclude: set) -> str:
+    """A fingerprint of the pairs a model never saw: a saved model is only reused when the
+    held-out set (eval, OPD and cold-start questions) is the same as the run's."""
+    text = ";".join(f"{a}+{b}" for a, b in sorted(exclude))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def train_model(spec: ModelSpec, out: Path, exclude: set, log=print) -> Path:  # noqa: ANN001
     """SFT a fresh model of `spec` on its own data (never a pair in `exclude`); save to out."""
     tokenizer = build_tokenizer()
@@ -111,6 +119,7 @@ def train_model(spec: ModelSpec, out: Path, exclude: set, log=print) -> Path:  #
     GenerationConfig(eos_token_id=eos, pad_token_id=pad, do_sample=False).save_pretrained(out)
     card = {
         **asdict(spec),
+        "held_out_digest": held_out_digest(exclude),
         "parameters": sum(p.numel() for p in model.parameters()),
         "examples": len(examples),
         "final_loss": history[-1]["sft/loss"],

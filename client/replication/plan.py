@@ -30,6 +30,7 @@ class Plan:
     depth_prefixes: tuple[int, ...]
     coldstart_epochs: int
     coldstart_lr: float
+    coldstart_batch: int
     # k of the top-k diagnostics and the student's candidates. The paper's k = 16 is 1e-4 of a
     # 150k vocabulary and holds 0.97-0.99 of the mass; here the vocabulary has 19 symbols and
     # the trained models put nearly all their mass on 1-2 of them, so k = 4 plays that part.
@@ -65,7 +66,11 @@ def full_plan(seed: int) -> Plan:
         models=_models(seed, steps=600, hidden=96, layers=3, rare=600),
         eval_prompts=256,
         opd_prompts=2000,
-        coldstart_prompts=1024,
+        # Sized by measurement (docs/replication.md, finding 4): teacher-y itself needed 1,200
+        # steps of 64 to learn style y from scratch; 1,024 prompts at lr 1e-3 (58 SFT steps)
+        # left the student at 0.000, while 0.9 x 6,144 responses for 4 epochs at lr 3e-3
+        # (348 steps) reach about a third, which leaves OPD room to show what it adds.
+        coldstart_prompts=6144,
         opd_steps=150,
         prompts_per_step=8,
         n_rollouts=4,
@@ -74,8 +79,9 @@ def full_plan(seed: int) -> Plan:
         probe_prompts=128,
         depth_rollouts=64,
         depth_prefixes=(0, 8, 16, 24),
-        coldstart_epochs=2,
-        coldstart_lr=1e-3,
+        coldstart_epochs=4,
+        coldstart_lr=3e-3,
+        coldstart_batch=64,
     )
 
 
@@ -95,5 +101,6 @@ def tiny_plan(seed: int) -> Plan:
         depth_rollouts=2,
         depth_prefixes=(0, 8),
         coldstart_epochs=1,
+        coldstart_batch=4,
         max_new_tokens=12,
     )

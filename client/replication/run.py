@@ -45,7 +45,8 @@ class ReplicateConfig(BaseModel):
     )
     seed: int = Field(default=0, description="seed of the data, the models and every run")
     reuse_models: bool = Field(
-        default=True, description="reuse models already trained in OUT/models with the same recipe"
+        default=True,
+        description="reuse models in OUT/models trained with the same recipe and held-out set",
     )
 
 
@@ -67,15 +68,17 @@ def _data(plan: Plan, out: Path, seed: int) -> tuple[dict[str, Path], set[tuple[
 
 
 def _models(plan: Plan, out: Path, exclude: set, reuse: bool, log) -> dict[str, Path]:  # noqa: ANN001
-    from opd.client.replication.models import train_model
+    from opd.client.replication.models import held_out_digest, train_model
 
+    digest = held_out_digest(exclude)
     dirs = {}
     for spec in plan.models:
         folder = out / spec.name
         card = folder / "opd_replication_model.json"
         if reuse and card.exists():
             saved = json.loads(card.read_text())
-            if {k: saved.get(k) for k in asdict(spec)} == asdict(spec):
+            same_recipe = {k: saved.get(k) for k in asdict(spec)} == asdict(spec)
+            if same_recipe and saved.get("held_out_digest") == digest:
                 log(f"model {spec.name}: reusing {folder}")
                 dirs[spec.name] = folder
                 continue
@@ -158,7 +161,10 @@ def _coldstart(plan: Plan, student: Path, url: str, data: dict, out: Path, seed:
         top_p=0.95,
         max_tokens=plan.max_new_tokens,
         sft=SFTConfig(
-            epochs=plan.coldstart_epochs, lr=plan.coldstart_lr, batch_size=32, max_len=128
+            epochs=plan.coldstart_epochs,
+            lr=plan.coldstart_lr,
+            batch_size=plan.coldstart_batch,
+            max_len=128,
         ),
         opd_steps=0,
         out_dir=str(out),
