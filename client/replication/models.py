@@ -12,12 +12,18 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    GenerationConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
 
 from opd.client.recipes.sft import Example, SFTConfig, sft
 from opd.client.replication import task
@@ -42,10 +48,21 @@ class ModelSpec:
     rare_facts: int = 0
     batch_size: int = 64
     lr: float = 3e-3
+    # The seed of the training data (None: `seed`). Two models with the same data seed, style,
+    # restriction and budget see the very same examples, whatever their size and init.
+    data_seed: int | None = None
 
 
-def _examples(spec: ModelSpec, tokenizer, n: int, exclude: set) -> list[Example]:  # noqa: ANN001
-    rng = np.random.default_rng(spec.seed)
+# Bumped whenever task.py, vocab.py or the training recipe below change what a spec produces,
+# so that models saved by an older version are retrained, not reused.
+RECIPE_VERSION = 2
+
+
+def _examples(
+    spec: ModelSpec, tokenizer: PreTrainedTokenizerFast, n: int, exclude: set[tuple[int, int]]
+) -> list[Example]:
+    """n training examples of the spec's style and restriction, none of them in `exclude`."""
+    rng = np.random.default_rng(spec.seed if spec.data_seed is None else spec.data_seed)
     rare = spec.rare_facts if spec.restricted else 0
     pairs = task.sample_pairs(n - rare, rng, restricted=spec.restricted, exclude=exclude)
     if rare:
@@ -66,6 +83,7 @@ def _examples(spec: ModelSpec, tokenizer, n: int, exclude: set) -> list[Example]
 
 
 def build_model(spec: ModelSpec, vocab_size: int, pad_id: int, eos_id: int) -> LlamaForCausalLM:
+    """A freshly initialised (seeded) Llama of the spec's size, tied embeddings, 128 positions."""
     heads = max(1, spec.hidden // 32)
     config = LlamaConfig(
         vocab_size=vocab_size,
@@ -84,14 +102,19 @@ def build_model(spec: ModelSpec, vocab_size: int, pad_id: int, eos_id: int) -> L
     return LlamaForCausalLM(config)
 
 
-def held_out_digest(exclude: set) -> str:
+def held_out_digest(exclude: set[tuple[int, int]]) -> str:
     """A fingerprint of the pairs a model never saw: a saved model is only reused when the
     held-out set (eval, OPD and cold-start questions) is the same as the run's."""
     text = ";".join(f"{a}+{b}" for a, b in sorted(exclude))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def train_model(spec: ModelSpec, out: Path, exclude: set, log=print) -> Path:  # noqa: ANN001
+def train_model(
+    spec: ModelSpec,
+    out: Path,
+    exclude: set[tuple[int, int]],
+    log: Callable[[str], None] = print,
+) -> Path:
     """SFT a fresh model of `spec` on its own data (never a pair in `exclude`); save to out."""
     tokenizer = build_tokenizer()
     pad, eos = tokenizer.convert_tokens_to_ids(PAD), tokenizer.convert_tokens_to_ids(EOS)
@@ -119,6 +142,7 @@ def train_model(spec: ModelSpec, out: Path, exclude: set, log=print) -> Path:  #
     GenerationConfig(eos_token_id=eos, pad_token_id=pad, do_sample=False).save_pretrained(out)
     card = {
         **asdict(spec),
+        "recipe_version": RECIPE_VERSION,
         "held_out_digest": held_out_digest(exclude),
         "parameters": sum(p.numel() for p in model.parameters()),
         "examples": len(examples),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
@@ -67,8 +68,12 @@ def _data(plan: Plan, out: Path, seed: int) -> tuple[dict[str, Path], set[tuple[
     return paths, {*eval_pairs, *opd_pairs, *cold_pairs}
 
 
-def _models(plan: Plan, out: Path, exclude: set, reuse: bool, log) -> dict[str, Path]:  # noqa: ANN001
-    from opd.client.replication.models import held_out_digest, train_model
+def _models(
+    plan: Plan, out: Path, exclude: set[tuple[int, int]], reuse: bool, log: Callable[[str], None]
+) -> dict[str, Path]:
+    """Every model of the plan: reused from OUT/models when its card matches (same spec, recipe
+    version and held-out set), trained otherwise."""
+    from opd.client.replication.models import RECIPE_VERSION, held_out_digest, train_model
 
     digest = held_out_digest(exclude)
     dirs = {}
@@ -78,7 +83,8 @@ def _models(plan: Plan, out: Path, exclude: set, reuse: bool, log) -> dict[str, 
         if reuse and card.exists():
             saved = json.loads(card.read_text())
             same_recipe = {k: saved.get(k) for k in asdict(spec)} == asdict(spec)
-            if same_recipe and saved.get("held_out_digest") == digest:
+            same_version = saved.get("recipe_version") == RECIPE_VERSION
+            if same_recipe and same_version and saved.get("held_out_digest") == digest:
                 log(f"model {spec.name}: reusing {folder}")
                 dirs[spec.name] = folder
                 continue
@@ -119,14 +125,19 @@ def _train(plan: Plan, student: Path, url: str, run_dir: Path, data: dict, seed:
     return run_dir / "checkpoints" / f"step_{plan.opd_steps}" / "model"
 
 
-def _probe(plan: Plan, student: Path, teachers: dict[str, str], data: dict, out: Path, seed: int):  # noqa: ANN202
+def _probe(
+    plan: Plan, student: Path, teachers: dict[str, str], data: dict, out: Path, seed: int
+) -> dict[str, Any]:
+    """opd probe of `student` against `teachers`, with the depth curve, on held-out questions:
+    the after-OPD probe must not measure prompts the run trained on, and before and after
+    measure the same ones."""
     from opd.client.recipes.probe import ProbeConfig, run_probe
     from opd.client.train.pipeline import TeacherSpec
 
     config = ProbeConfig(
         student=str(student),
         teachers=[TeacherSpec(name=n, urls=[u]) for n, u in teachers.items()],
-        prompts=str(data["opd"]),
+        prompts=str(data["eval"]),
         answer_field="answer",
         verifier="numeric",
         num_prompts=plan.probe_prompts,
@@ -165,6 +176,7 @@ def _coldstart(plan: Plan, student: Path, url: str, data: dict, out: Path, seed:
             lr=plan.coldstart_lr,
             batch_size=plan.coldstart_batch,
             max_len=128,
+            seed=seed,
         ),
         opd_steps=0,
         out_dir=str(out),
@@ -196,7 +208,7 @@ def _evaluate(plan: Plan, students: dict[str, Path], data: dict, out: Path, seed
     }
 
 
-def run_replicate(config: ReplicateConfig, log=print) -> dict[str, Any]:  # noqa: ANN001
+def run_replicate(config: ReplicateConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Every stage in order; OUT/results.json and OUT/replication.md at the end."""
     from opd.client.replication.tables import write_tables
     from opd.client.report.build import build_report
@@ -271,8 +283,8 @@ def run_replicate(config: ReplicateConfig, log=print) -> dict[str, Any]:  # noqa
     timing["total_s"] = round(time.perf_counter() - started, 1)
     results["timing"] = timing
     results["plan"] = asdict(plan)
+    results["verdicts"] = write_tables(results, out / "replication.md")
     (out / "results.json").write_text(json.dumps(_finite(results), indent=1))
-    write_tables(results, out / "replication.md")
     log(f"wrote {out / 'replication.md'} in {timing['total_s']:.0f} s")
     return results
 

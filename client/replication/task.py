@@ -7,7 +7,8 @@ share with its teacher:
     style x ("a first, full column sums"):  347+285 -> 7+5=12|4+8+1=13|3+2+1=6|632
     style y ("b first, digit and carry"):   347+285 -> 5+7+0>2;8+4+1>3;2+3+1>6;=632
 
-The first completion token already differs (a's ones digit vs b's), and every separator does.
+The first completion token differs whenever a's and b's ones digits differ (nine problems in
+ten), and so does every separator but `+`.
 The answer is the last number of the completion in both, so opd's `numeric` verifier grades
 them.
 
@@ -34,6 +35,7 @@ RESTRICTED_FROM = 13
 
 
 def prompt(a: int, b: int) -> str:
+    """The user message for a + b: the bare sum, no instruction (the models know one task)."""
     return f"{a}+{b}"
 
 
@@ -65,13 +67,19 @@ def sample_pairs(
     n: int,
     rng: np.random.Generator,
     restricted: bool = False,
-    exclude: set | None = None,
+    exclude: set[tuple[int, int]] | None = None,
     only_restricted: bool = False,
 ) -> list[tuple[int, int]]:
     """n distinct (a, b) pairs, uniform over 3-digit operands, never one in `exclude`;
     `restricted`: only those a restricted pipeline sees; `only_restricted`: only those it
     does not."""
+    if restricted and only_restricted:
+        raise ValueError("sample_pairs: restricted and only_restricted exclude each other")
     seen = set(exclude or ())
+    # Rejection sampling: refuse a request the space cannot fill instead of looping forever.
+    space = (HIGH - LOW + 1) ** 2
+    if n + len(seen) > space:
+        raise ValueError(f"sample_pairs: n={n} with {len(seen)} excluded exceeds {space} pairs")
     pairs: list[tuple[int, int]] = []
     while len(pairs) < n:
         a, b = (int(v) for v in rng.integers(LOW, HIGH + 1, size=2))

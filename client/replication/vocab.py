@@ -3,7 +3,7 @@ tokenizer with a chat template, so `opd serve`, `opd train` and every recipe loa
 load any model's tokenizer (and fingerprint it: all the replication's models share it).
 
 Why characters and not SmolLM2's 49,152-token vocabulary: the models are trained from scratch
-in minutes on a CPU, and a 23-symbol vocabulary keeps their embedding and head tiny. The top-k
+in minutes on a CPU, and a 19-symbol vocabulary keeps their embedding and head tiny. The top-k
 diagnostics then use a small k (see `run.py`), since k = 16 would cover most of the vocabulary.
 """
 
@@ -26,6 +26,7 @@ CHAT_TEMPLATE = (
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
+    """The shared tokenizer: one id per character, the 4 specials first, built in memory."""
     vocab = {token: i for i, token in enumerate(SPECIAL + CHARS)}
     core = Tokenizer(models.WordLevel(vocab, unk_token=PAD))
     core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
@@ -42,6 +43,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def save_tokenizer(path: Path) -> PreTrainedTokenizerFast:
+    """build_tokenizer(), saved as an HF folder (tokenizer.json and its config) at `path`."""
     tokenizer = build_tokenizer()
     tokenizer.save_pretrained(path)
     return tokenizer
