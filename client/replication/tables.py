@@ -113,7 +113,7 @@ def compatible_vs_incompatible(r: dict) -> tuple[str, str]:
     y_fails = not _clearly_above(r, "opd-from-y", STUDENT)
     verdict = _verdict(
         order and x_works and y_fails and _clearly_above(r, "opd-from-x", "opd-from-y"),
-        partly=order and gains[TEACHER_X] > gains[TEACHER_Y],
+        partly=order and gains[TEACHER_X] > max(gains[TEACHER_Y], 0.0),
     )
     text = "\n".join([
         "## 1. Compatible vs incompatible teacher",
@@ -133,7 +133,7 @@ def compatible_vs_incompatible(r: dict) -> tuple[str, str]:
         "Rule: reproduces when teacher-x has the higher initial overlap, OPD from it ends "
         "clearly above the student (95% intervals apart) and above OPD from teacher-y, and OPD "
         "from teacher-y does not end clearly above the student; partly when teacher-x only has "
-        f"the higher overlap and the larger gain. Here: **{verdict}**.",
+        f"the higher overlap and a positive gain larger than teacher-y's. Here: **{verdict}**.",
     ])  # fmt: skip
     return text, verdict
 

@@ -31,7 +31,7 @@ def replicated(tmp_path_factory) -> Path:
         [str(opd), "replicate", "--tiny", "--out-dir", str(out)],
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=540,  # inside pytest's 600 s, so the command's own output is reported
     )
     assert done.returncode == 0, done.stderr[-4000:]
     assert "## 1. Compatible vs incompatible teacher" in done.stdout  # the tables are printed

@@ -1,0 +1,66 @@
+"""The replication's data: the eval, OPD and cold-start questions are disjoint, no model trains
+on any of them, and the same-pipeline teacher trains on the student's very examples."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from opd.client.replication import task
+from opd.client.replication.models import _examples
+from opd.client.replication.plan import SAME_PIPELINE, STUDENT, full_plan, tiny_plan
+from opd.client.replication.run import _data
+from opd.client.replication.vocab import build_tokenizer
+
+
+def _pairs(path) -> set[tuple[int, int]]:
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return {tuple(int(v) for v in row["prompt"].split("+")) for row in rows}
+
+
+def test_the_three_question_sets_are_disjoint_and_all_held_out(tmp_path):
+    plan = full_plan(0)
+    paths, held_out = _data(plan, tmp_path, seed=0)
+    sets = {name: _pairs(path) for name, path in paths.items()}
+    assert {n: len(s) for n, s in sets.items()} == {
+        "eval": plan.eval_prompts, "opd": plan.opd_prompts, "coldstart": plan.coldstart_prompts
+    }  # fmt: skip
+    assert not sets["eval"] & sets["opd"]
+    assert not sets["eval"] & sets["coldstart"]
+    assert not sets["opd"] & sets["coldstart"]
+    assert held_out == sets["eval"] | sets["opd"] | sets["coldstart"]
+
+
+def test_no_model_trains_on_a_held_out_question():
+    # Half the question space held out, so that ignoring `exclude` could not go unnoticed.
+    held_out = {(a, b) for a in range(task.LOW, 550) for b in range(task.LOW, task.HIGH + 1)}
+    tokenizer = build_tokenizer()
+    for spec in tiny_plan(0).models:
+        examples = _examples(spec, tokenizer, 2000, held_out)
+        prompts = [tokenizer.decode(e.prompt_ids) for e in examples]
+        firsts = {int(p.removeprefix("<q>").split("+")[0]) for p in prompts}
+        assert min(firsts) >= 550, spec.name
+        assert len(set(prompts)) == 2000  # distinct questions
+
+
+def test_the_same_pipeline_teacher_sees_exactly_the_students_examples():
+    specs = {spec.name: spec for spec in full_plan(0).models}
+    student, same = specs[STUDENT], specs[SAME_PIPELINE]
+    assert same.hidden > student.hidden and same.seed != student.seed  # larger, its own init
+    tokenizer = build_tokenizer()
+    n = 500
+    mine = _examples(student, tokenizer, n, set())
+    theirs = _examples(same, tokenizer, n, set())
+    assert [(e.prompt_ids, e.response_ids) for e in mine] == [
+        (e.prompt_ids, e.response_ids) for e in theirs
+    ]
+
+
+def test_sample_pairs_refuses_what_it_cannot_draw():
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError, match="exclude each other"):
+        task.sample_pairs(1, rng, restricted=True, only_restricted=True)
+    with pytest.raises(ValueError, match="exceeds"):
+        task.sample_pairs(900 * 900 + 1, rng)
