@@ -48,6 +48,9 @@ class ModelSpec:
     rare_facts: int = 0
     batch_size: int = 64
     lr: float = 3e-3
+    # Passes over the data: `steps` is the total number of SFT steps, so a spec draws
+    # steps x batch_size / epochs examples and sees each `epochs` times.
+    epochs: int = 1
     # The seed of the training data (None: `seed`). Two models with the same data seed, style,
     # restriction and budget see the very same examples, whatever their size and init.
     data_seed: int | None = None
@@ -80,6 +83,15 @@ def _examples(
         )
         for a, b in pairs
     ]
+
+
+def training_examples(
+    spec: ModelSpec, tokenizer: PreTrainedTokenizerFast, exclude: set[tuple[int, int]]
+) -> list[Example]:
+    """The spec's whole training set: steps x batch_size / epochs examples."""
+    if (spec.steps * spec.batch_size) % spec.epochs:
+        raise ValueError(f"{spec.name}: steps x batch_size must divide into {spec.epochs} epochs")
+    return _examples(spec, tokenizer, spec.steps * spec.batch_size // spec.epochs, exclude)
 
 
 def build_model(spec: ModelSpec, vocab_size: int, pad_id: int, eos_id: int) -> LlamaForCausalLM:
@@ -119,9 +131,9 @@ def train_model(
     tokenizer = build_tokenizer()
     pad, eos = tokenizer.convert_tokens_to_ids(PAD), tokenizer.convert_tokens_to_ids(EOS)
     model = build_model(spec, len(tokenizer), pad, eos)
-    examples = _examples(spec, tokenizer, spec.steps * spec.batch_size, exclude)
+    examples = training_examples(spec, tokenizer, exclude)
     config = SFTConfig(
-        epochs=1,
+        epochs=spec.epochs,
         lr=spec.lr,
         lr_schedule="cosine",
         warmup_ratio=0.05,

@@ -368,6 +368,13 @@ class _Retry:
         return wait
 
 
+def describe_error(exc: BaseException) -> str:
+    """The error for a log line: some transport errors (a dropped connection) have an empty
+    message, and "teacher URL: ; retry 1" tells an operator nothing, so name the type too."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 def _retry_delay(
     config: ClientConfig,
     replicas: ReplicaSet,
@@ -395,14 +402,14 @@ def _retry_delay(
     if _replica_down(exc) and not pinned:
         replicas.eject(url)
         if replicas.healthy() > 0:
-            logger.warning("teacher %s: %s; moving to another replica", url, exc)
+            logger.warning("teacher %s: %s; moving to another replica", url, describe_error(exc))
             return 0.0
     delay = base.backoff_delay(config, attempt, getattr(exc, "retry_after", None))
     delay = min(delay, remaining)
     logger.warning(
         "teacher %s: %s; retry %d in %.2fs (failing for %.0fs of max_wait_s %g)",
         url,
-        exc,
+        describe_error(exc),
         attempt + 1,
         delay,
         waited,

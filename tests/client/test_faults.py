@@ -326,3 +326,12 @@ def test_a_full_disk_at_a_checkpoint_is_a_clear_error_and_loses_nothing(
         _assert_loadable(checkpoints / "step_1")
         with Trainer(config.model_copy(update={"resume": "auto"})) as trainer:
             assert trainer.resume_from == checkpoints / "step_1" and trainer.step == 1
+
+
+def test_a_retry_log_line_names_an_error_whose_message_is_empty():
+    import httpx
+
+    from opd.client.teacher.client import describe_error
+
+    assert describe_error(httpx.RemoteProtocolError("")) == "RemoteProtocolError"
+    assert describe_error(httpx.ConnectError("refused")) == "ConnectError: refused"

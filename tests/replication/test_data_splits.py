@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from opd.client.replication import task
-from opd.client.replication.models import _examples
+from opd.client.replication.models import _examples, training_examples
 from opd.client.replication.plan import SAME_PIPELINE, STUDENT, full_plan, tiny_plan
 from opd.client.replication.run import _data
 from opd.client.replication.vocab import build_tokenizer
@@ -50,9 +50,10 @@ def test_the_same_pipeline_teacher_sees_exactly_the_students_examples():
     student, same = specs[STUDENT], specs[SAME_PIPELINE]
     assert same.hidden > student.hidden and same.seed != student.seed  # larger, its own init
     tokenizer = build_tokenizer()
-    n = 500
-    mine = _examples(student, tokenizer, n, set())
-    theirs = _examples(same, tokenizer, n, set())
+    held_out = {(a, b) for a in range(task.LOW, 200) for b in range(task.LOW, task.HIGH + 1)}
+    mine = training_examples(student, tokenizer, held_out)
+    theirs = training_examples(same, tokenizer, held_out)
+    assert len(mine) == student.steps * student.batch_size // student.epochs
     assert [(e.prompt_ids, e.response_ids) for e in mine] == [
         (e.prompt_ids, e.response_ids) for e in theirs
     ]
