@@ -13,7 +13,7 @@ import json
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +82,10 @@ def _models(
         card = folder / "opd_replication_model.json"
         if reuse and card.exists():
             saved = json.loads(card.read_text())
-            same_recipe = {k: saved.get(k) for k in asdict(spec)} == asdict(spec)
+            # A field missing from an older card had its default then: a new field's default
+            # must keep the old behaviour, or RECIPE_VERSION is bumped with it.
+            defaults = {f.name: f.default for f in fields(spec)}
+            same_recipe = {k: saved.get(k, defaults[k]) for k in asdict(spec)} == asdict(spec)
             same_version = saved.get("recipe_version") == RECIPE_VERSION
             if same_recipe and same_version and saved.get("held_out_digest") == digest:
                 log(f"model {spec.name}: reusing {folder}")
@@ -203,7 +206,12 @@ def _evaluate(plan: Plan, students: dict[str, Path], data: dict, out: Path, seed
     )
     rows = [s for s in report["sources"] if s["kind"] == "student"]
     return {
-        label: {"accuracy": s["summary"]["mean_at_n"], "ci": s["summary"]["mean_at_n_interval"]}
+        label: {
+            "accuracy": s["summary"]["mean_at_n"],
+            "ci": s["summary"]["mean_at_n_interval"],
+            # eval names a model by its folder ("model", "model-2", ...): say which file is whose
+            "per_prompt": f"eval/{s['per_prompt']}",
+        }
         for label, s in zip(labels, rows, strict=True)
     }
 

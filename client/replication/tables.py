@@ -225,7 +225,10 @@ def rescue(r: dict) -> tuple[str, str]:
     o_alone = r["runs"]["opd-from-y"]
     o_both = r["runs"]["coldstart+opd-from-y"]
     rescued = _clearly_above(r, "coldstart+opd-from-y", "opd-from-y")
-    verdict = _verdict(rescued and both > sft, partly=rescued)
+    # After the cold start, OPD from teacher-y must no longer destroy the student: it may add
+    # to the cold start or hold it (a cold start can already reach the teacher's level here).
+    holds = not _clearly_above(r, "coldstart-sft", "coldstart+opd-from-y")
+    verdict = _verdict(rescued and holds, partly=rescued)
     text = "\n".join([
         "## 4. Rescue: cold start on teacher-y's responses, then OPD from teacher-y",
         "",
@@ -242,8 +245,9 @@ def rescue(r: dict) -> tuple[str, str]:
         f"{_f(_window(o_both, 'overlap/ratio', False))} | {_acc_ci(r, 'coldstart+opd-from-y')} |",
         "",
         "Rule: reproduces when cold start + OPD ends clearly above OPD alone (95% intervals "
-        "apart) and above the cold start alone (OPD adds to it); partly when only the first "
-        f"holds ({_f(both)} vs {_f(alone)}; SFT alone {_f(sft)}). Here: **{verdict}**.",
+        "apart) and not clearly below the cold start alone (OPD from teacher-y adds to it or "
+        "holds it, instead of destroying the student as it does alone); partly when only the "
+        f"first holds ({_f(both)} vs {_f(alone)}; SFT alone {_f(sft)}). Here: **{verdict}**.",
     ])  # fmt: skip
     return text, verdict
 
