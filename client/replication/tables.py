@@ -300,11 +300,14 @@ def depth(
     header = " | ".join(f"{k} early | {k} late" for k in bucket_keys)
     lines += [f"| tokens | {header} |", "|---|" + "---|" * (2 * len(bucket_keys))]
     for b in buckets:
-        cells = " | ".join(
-            f"{_f(_window(run, key, True))} | {_f(_window(run, key, False))}"
+        values = [
+            _window(run, key, first)
             for key in (f"{k}@depth{b}" for k in bucket_keys)
-        )
-        lines.append(f"| {b} | {cells} |")
+            for first in (True, False)
+        ]
+        if all(math.isnan(v) for v in values):
+            continue  # a bucket only a few steps reached, in neither window
+        lines.append(f"| {b} | {' | '.join(_f(v) for v in values)} |")
     before = curves["probe_before"]
     shallow = before.get(prefixes[0], {}) if prefixes else {}
     deep = before.get(prefixes[-1], {}) if len(prefixes) > 1 else {}
