@@ -12,9 +12,11 @@ ten), and so does every separator but `+`.
 The answer is the last number of the completion in both, so opd's `numeric` verifier grades
 them.
 
-Knowledge is controlled by data. A "restricted" pipeline never sees a column whose two digits
-sum to 13 or more (7+8, 9+9, ...: 21 of the 100 digit pairs), so a model trained on it cannot know
-those facts however large it is; about half of all problems need at least one of them.
+Knowledge is controlled by data. The "restricted facts" are the columns whose two digits sum to
+13 or more (7+8, 9+9, ...: 21 of the 100 digit pairs); about half of all problems need at least
+one. A restricted pipeline (`sample_pairs(restricted=True)`) never sees them, apart from the
+few examples a model spec mixes in (`ModelSpec.rare_facts`), so what it knows of them depends on
+how much a model gets out of those few.
 """
 
 from __future__ import annotations
