@@ -12,6 +12,15 @@ from dataclasses import dataclass, replace
 from opd.client.replication.models import ModelSpec
 
 STUDENT, TEACHER_X, TEACHER_Y, SAME_PIPELINE = "student", "teacher-x", "teacher-y", "same-pipeline"
+# Every OPD run of the experiment, by the label its folder, metrics and tables use.
+OPD_RUNS = (
+    "opd-from-x",
+    "opd-from-y",
+    "opd-from-same-pipeline",
+    "opd-from-self",
+    "reverse",
+    "coldstart+opd-from-y",
+)
 
 
 @dataclass(frozen=True)

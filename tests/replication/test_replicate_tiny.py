@@ -11,16 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from opd.client.replication.tables import FINDINGS
+from opd.client.replication.plan import OPD_RUNS
+from opd.client.replication.tables import FINDINGS, INCONCLUSIVE, NOT, PARTLY, REPRODUCES
 
-RUNS = (
-    "opd-from-x",
-    "opd-from-y",
-    "opd-from-same-pipeline",
-    "opd-from-self",
-    "reverse",
-    "coldstart+opd-from-y",
-)
+VERDICTS = (REPRODUCES, PARTLY, NOT, INCONCLUSIVE)
 
 
 @pytest.fixture(scope="module")
@@ -46,19 +40,25 @@ def test_every_table_is_written_with_a_computed_verdict(replicated):
         assert "| --- |" not in section and "|---|" in section  # a markdown table
         assert "Here: **" in section  # the rule's verdict
     assert text.count("Here: **") == len(FINDINGS)
+    # results.json keeps the verdicts the tables printed, one per finding
+    verdicts = json.loads((replicated / "results.json").read_text())["verdicts"]
+    assert list(verdicts) == [finding.__name__ for finding in FINDINGS]
+    for verdict in verdicts.values():
+        assert verdict in VERDICTS
+        assert f"Here: **{verdict}**" in text
 
 
 def test_every_run_and_model_left_its_numbers(replicated):
     results = json.loads((replicated / "results.json").read_text())
-    assert set(results["runs"]) == set(RUNS)
-    for label in RUNS:
+    assert set(results["runs"]) == set(OPD_RUNS)
+    for label in OPD_RUNS:
         steps = results["runs"][label]
         assert [m["step"] for m in steps] == [1, 2]
         assert all("overlap/ratio" in m and "reward/seq_mean" in m for m in steps)
         assert any(k.startswith("overlap/ratio@depth") for k in steps[-1])
         assert "eval/accuracy" in steps[-1]
         assert (replicated / "runs" / label / "report" / "report.html").exists()
-    for label in (*RUNS, "student", "teacher-x", "teacher-y", "same-pipeline", "coldstart-sft"):
+    for label in (*OPD_RUNS, "student", "teacher-x", "teacher-y", "same-pipeline", "coldstart-sft"):
         entry = results["accuracy"][label]
         assert 0.0 <= entry["accuracy"] <= 1.0 and len(entry["ci"]) == 2
     names = {t["name"] for t in results["probe_before"]["teachers"]}

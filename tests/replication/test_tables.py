@@ -10,6 +10,7 @@ import math
 
 import pytest
 
+from opd.client.replication.plan import OPD_RUNS
 from opd.client.replication.tables import (
     INCONCLUSIVE,
     NOT,
@@ -95,17 +96,7 @@ def results() -> dict:
             "depth_probe": _depth({0: (0.20, 0.10, 0.30), 8: (0.10, 0.0, 0.2), 16: (0.05, 0, 0.1)}),
         },
         "probe_after": {"depth_probe": _depth({0: (0.01, 0.0, 0.03), 16: (0.0, 0.0, 0.0)})},
-        "runs": {
-            label: _run()
-            for label in (
-                "opd-from-x",
-                "opd-from-y",
-                "opd-from-same-pipeline",
-                "opd-from-self",
-                "reverse",
-                "coldstart+opd-from-y",
-            )
-        },
+        "runs": {label: _run() for label in OPD_RUNS},
         "plan": {
             "models": [
                 {"name": n, "role": n, "style": "x"}
