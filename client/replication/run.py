@@ -210,7 +210,7 @@ def _evaluate(plan: Plan, students: dict[str, Path], data: dict, out: Path, seed
             "accuracy": s["summary"]["mean_at_n"],
             "ci": s["summary"]["mean_at_n_interval"],
             # eval names a model by its folder ("model", "model-2", ...): say which file is whose
-            "per_prompt": f"eval/{s['per_prompt']}",
+            "per_prompt": f"{out.name}/{s['per_prompt']}",
         }
         for label, s in zip(labels, rows, strict=True)
     }
