@@ -3,38 +3,35 @@
     uvicorn opd.server.app:create_app --factory      # settings from OPD_* variables
     opd serve --model PATH                            # same app, with graceful draining
 
-Nothing happens at import time: `create_app(settings)` builds the app, its lifespan loads the
-model (off the event loop), warms it up and releases it. Routes are thin glue over
-opd.server.service.ScoringService; errors of every kind leave through the handlers registered
-in `_install_error_handlers` as one JSON shape (opd.shared.errors.ErrorBody).
+Nothing happens at import time: `create_app(settings)` composes the app from the settings, the
+lifespan (loads the model off the event loop, warms it up, drains and releases it), the error
+handlers, the per-request context (ids, deadlines, draining, request metrics), opd's own routes
+(opd.server.routes) and the drop-in ones (opd.server.dropin.routes). Errors of every kind leave
+through the handlers registered in `_install_error_handlers` as one JSON shape
+(opd.shared.errors.ErrorBody), or OpenAI's on the drop-in routes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import os
 import signal
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
-import orjson
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from opd.server.admission import (
     DEADLINE_HEADER,
     DeadlineExceeded,
-    KeyRateLimiter,
     RateLimited,
-    key_id,
     parse_deadline,
     request_deadline,
 )
@@ -42,32 +39,25 @@ from opd.server.backends import create_backend
 from opd.server.backends.base import Backend
 from opd.server.batcher import BatcherClosed, QueueFull
 from opd.server.dropin.errors import dropin_status, is_dropin_path, openai_error
-from opd.server.dropin.models import ModelCard, model_card, started_at
+from opd.server.dropin.models import started_at
 from opd.server.dropin.routes import DropInContext, dropin_router
 from opd.server.metrics import Metrics
-from opd.server.openapi_doc import install_openapi, request_body
-from opd.server.request_body import read_body
+from opd.server.openapi_doc import install_openapi
+from opd.server.routes import (
+    Draining,
+    Serving,
+    Unauthorized,
+    api_key_guard,
+    health_router,
+    native_router,
+    route_label,
+)
 from opd.server.service import ScoringService
 from opd.server.settings import Settings
 from opd.shared.errors import ContractError, ErrorBody, ErrorDetail
-from opd.shared.schemas import (
-    GenerateRequest,
-    GenerateResponse,
-    ModelInfo,
-    ScoreRequest,
-    ScoreResponseJSON,
-)
-from opd.shared.version import JSON_MEDIA_TYPE, MSGPACK_MEDIA_TYPE, PROTOCOL_VERSION
+from opd.shared.version import PROTOCOL_VERSION
 
 logger = logging.getLogger("opd.server")
-
-
-class Draining(Exception):
-    """The server is shutting down: new work is refused with 503 while in-flight work ends."""
-
-
-class Unauthorized(Exception):
-    pass
 
 
 def _error(
@@ -182,28 +172,50 @@ async def internal_error_response(request: Request, exc: Exception) -> Response:
     return _error(request, 500, detail)
 
 
-def _route_label(request: Request) -> str:
-    route = request.scope.get("route")
-    return getattr(route, "path", "unmatched")
+def _install_request_context(app: FastAPI, metrics: Metrics) -> None:
+    """Per request: an id, the deadline header, in-flight accounting, 503 while draining, and
+    the request counted by route and status (errors included), for every route."""
+
+    @app.middleware("http")
+    async def request_context(request: Request, call_next):  # type: ignore[no-untyped-def]
+        request.state.request_id = request.headers.get("x-request-id") or uuid.uuid4().hex[:16]
+        started = time.perf_counter()
+        app.state.in_flight += 1
+        metrics.in_flight.inc()
+        try:
+            path = request.url.path
+            if app.state.draining and (path.startswith("/v1/") or is_dropin_path(path)):
+                response = await _draining_response(request)
+            else:
+                # The batcher reads the deadline from this ContextVar (opd.server.admission).
+                request_deadline.set(parse_deadline(request.headers.get(DEADLINE_HEADER)))
+                response = await call_next(request)
+        except ContractError as exc:  # a malformed X-OPD-Deadline
+            response = _error(request, exc.status, exc.detail(_request_id(request)))
+        except Exception as exc:  # anything the specific handlers did not turn into a response
+            response = await internal_error_response(request, exc)
+        finally:
+            app.state.in_flight -= 1
+            metrics.in_flight.dec()
+        metrics.request_done(
+            route_label(request), response.status_code, time.perf_counter() - started
+        )
+        response.headers["X-Request-ID"] = request.state.request_id
+        return response
 
 
-def create_app(
-    settings: Settings | None = None,
-    backend_factory: Callable[[Settings], Backend] | None = None,
-) -> FastAPI:
-    """Build the app; with no arguments, settings come from OPD_* environment variables."""
-    settings = settings or Settings()
-    metrics = Metrics()
-    service = ScoringService(settings, backend_factory or create_backend, metrics)
-    secrets = [k.get_secret_value() for k in [settings.api_key, *settings.api_keys] if k]
-    api_keys = {k.encode(): key_id(k) for k in secrets}  # value -> the name logs may show
-    limiter = (
-        KeyRateLimiter(settings.rate_limit_rps, settings.rate_limit_burst)
-        if settings.rate_limit_rps
-        else None
+async def _draining_response(request: Request) -> Response:
+    detail = ErrorDetail(
+        type="unavailable", message="the server is draining", request_id=_request_id(request)
     )
+    return _error(request, 503, detail, {"Retry-After": "1", "Connection": "close"})
 
-    async def load() -> None:
+
+def _lifespan(service: ScoringService) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+    """Load the model in the background (so /healthz answers and /readyz says 503 meanwhile);
+    on shutdown, drain: new work gets 503 and the service stops."""
+
+    async def load(app: FastAPI) -> None:
         try:
             await service.start()
         except Exception as exc:
@@ -216,8 +228,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        # Load in the background so /healthz answers (and /readyz says 503) during the load.
-        loading = asyncio.get_running_loop().create_task(load(), name="opd-load")
+        loading = asyncio.get_running_loop().create_task(load(app), name="opd-load")
         try:
             yield
         finally:
@@ -228,12 +239,23 @@ def create_app(
                     await loading
             await service.stop()
 
+    return lifespan
+
+
+def create_app(
+    settings: Settings | None = None,
+    backend_factory: Callable[[Settings], Backend] | None = None,
+) -> FastAPI:
+    """Build the app; with no arguments, settings come from OPD_* environment variables."""
+    settings = settings or Settings()
+    metrics = Metrics()
+    service = ScoringService(settings, backend_factory or create_backend, metrics)
     app = FastAPI(
         title="opd teacher scoring service",
         version=PROTOCOL_VERSION,
         description="Scores token sequences with a teacher LLM for on-policy distillation. "
         "See docs/protocol.md.",
-        lifespan=lifespan,
+        lifespan=_lifespan(service),
     )
     app.state.settings = settings
     app.state.service = service
@@ -242,159 +264,14 @@ def create_app(
     app.state.in_flight = 0
     app.state.load_error = None
     _install_error_handlers(app)
+    _install_request_context(app, metrics)
 
-    @app.middleware("http")
-    async def request_context(request: Request, call_next):  # type: ignore[no-untyped-def]
-        request.state.request_id = request.headers.get("x-request-id") or uuid.uuid4().hex[:16]
-        started = time.perf_counter()
-        app.state.in_flight += 1
-        metrics.in_flight.inc()
-        try:
-            path = request.url.path
-            if app.state.draining and (path.startswith("/v1/") or is_dropin_path(path)):
-                response = await draining_response(request)
-            else:
-                # The batcher reads the deadline from this ContextVar (opd.server.admission).
-                request_deadline.set(parse_deadline(request.headers.get(DEADLINE_HEADER)))
-                response = await call_next(request)
-        except ContractError as exc:  # a malformed X-OPD-Deadline
-            response = _error(request, exc.status, exc.detail(_request_id(request)))
-        except Exception as exc:  # anything the specific handlers did not turn into a response
-            response = await internal_error_response(request, exc)
-        finally:
-            app.state.in_flight -= 1
-            metrics.in_flight.dec()
-        route = _route_label(request)
-        metrics.requests.labels(route, str(response.status_code)).inc()
-        metrics.latency.labels(route).observe(time.perf_counter() - started)
-        response.headers["X-Request-ID"] = request.state.request_id
-        return response
-
-    async def draining_response(request: Request) -> Response:
-        detail = ErrorDetail(
-            type="unavailable", message="the server is draining", request_id=_request_id(request)
-        )
-        return _error(request, 503, detail, {"Retry-After": "1", "Connection": "close"})
-
-    async def require_api_key(request: Request) -> None:
-        if not api_keys:
-            if limiter is not None:
-                limiter.take("anonymous")
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        sent = token.strip().encode()
-        # Compare against every key (constant time each), so timing does not say which matched.
-        matched = [name for key, name in api_keys.items() if hmac.compare_digest(sent, key)]
-        if scheme.lower() != "bearer" or not matched:
-            raise Unauthorized()
-        request.state.key_name = matched[0]
-        if limiter is not None:
-            limiter.take(matched[0])
-
-    @app.get("/healthz", tags=["health"])
-    async def healthz() -> dict[str, str]:
-        """The process is alive (liveness)."""
-        return {"status": "ok"}
-
-    @app.get("/readyz", tags=["health"])
-    async def readyz() -> Response:
-        """The model is loaded and warmed up and the server is not draining (readiness)."""
-        if service.ready and not app.state.draining:
-            return JSONResponse({"status": "ready"})
-        status = "draining" if app.state.draining else "loading"
-        if app.state.load_error:
-            status = "failed"
-        return JSONResponse({"status": status, "error": app.state.load_error}, status_code=503)
-
-    @app.get("/metrics", tags=["health"])
-    async def prometheus_metrics() -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-    created = started_at()
-
-    def ensure_ready() -> None:
-        if not service.ready:
-            raise Draining()
-
-    def served_name() -> str:
-        return settings.served_model_name or service.model_info().name
-
-    def served_models() -> list[ModelCard]:
-        ensure_ready()
-        info = service.model_info()
-        root = settings.model or info.name
-        return [model_card(served_name(), root, info.max_model_len, created)]
-
-    dropin = DropInContext(service, ensure_ready, served_name, served_models)
-    app.include_router(dropin_router(dropin, require_api_key))
-
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], tags=["v1"])
-
-    @v1.get("/model", response_model=ModelInfo)
-    async def model() -> ModelInfo:
-        """What the teacher is: name, revision, vocabulary, limits, tokenizer fingerprint."""
-        if not service.ready:
-            raise Draining()
-        return service.model_info()
-
-    @v1.post(
-        "/score",
-        response_model=ScoreResponseJSON,
-        openapi_extra=request_body(ScoreRequest, msgpack=True),
-        responses={
-            200: {"content": {MSGPACK_MEDIA_TYPE: {}}},
-            400: {"model": ErrorBody},
-            401: {"model": ErrorBody},
-            408: {"model": ErrorBody},
-            413: {"model": ErrorBody},
-            415: {"model": ErrorBody},
-            422: {"model": ErrorBody},
-            429: {"model": ErrorBody},
-            500: {"model": ErrorBody},
-            503: {"model": ErrorBody},
-        },
+    serving = Serving(service, metrics, app.state)
+    require_api_key = api_key_guard(settings)
+    app.include_router(health_router(serving))
+    app.include_router(
+        dropin_router(DropInContext(serving, settings, started_at()), require_api_key)
     )
-    async def score(request: Request) -> Response:
-        """Teacher log-probs of the actual tokens, at candidate ids, top-k and entropy.
-
-        JSON or msgpack by Content-Type; the answer's encoding follows Accept (default: the
-        request's). See docs/protocol.md for the binary layout.
-        """
-        if not service.ready:
-            raise Draining()
-        body = await read_body(request, service.limits.max_body_bytes)
-        metrics.bytes_in.labels("/v1/score").inc(len(body))
-        encoded = await service.score(
-            body, request.headers.get("content-type"), request.headers.get("accept")
-        )
-        if isinstance(encoded.body, dict):
-            payload = orjson.dumps(encoded.body, option=orjson.OPT_SERIALIZE_NUMPY)
-        else:
-            payload = encoded.body
-        metrics.bytes_out.labels("/v1/score").inc(len(payload))
-        return Response(payload, media_type=encoded.media_type)
-
-    @v1.post(
-        "/generate",
-        response_model=GenerateResponse,
-        openapi_extra=request_body(GenerateRequest),
-        responses={
-            s: {"model": ErrorBody} for s in (400, 401, 408, 413, 415, 422, 429, 500, 501, 503)
-        },
-    )
-    async def generate(request: Request) -> Response:
-        """Teacher completions for prompts (text rendered with the chat template, or token ids):
-        temperature, top-p, max_tokens, n, seed. Same auth, limits and errors as /v1/score."""
-        if not service.ready:
-            raise Draining()
-        body = await read_body(request, service.limits.max_body_bytes)
-        metrics.bytes_in.labels("/v1/generate").inc(len(body))
-        answer = await service.generate(body, request.headers.get("content-type"))
-        payload = answer.model_dump_json().encode()
-        metrics.bytes_out.labels("/v1/generate").inc(len(payload))
-        return Response(payload, media_type=JSON_MEDIA_TYPE)
-
-    app.include_router(v1)
+    app.include_router(native_router(serving, require_api_key))
     install_openapi(app)
     return app

@@ -1,7 +1,8 @@
 """The scoring service: decode, validate, batch, encode. Testable without HTTP.
 
-Routes in opd.server.app are glue around this class: they read the body, call `score` and send
-the bytes back. The service owns the backend and the batcher for the app's lifetime.
+Routes (opd.server.routes, opd.server.dropin) are glue around this class: they read the body,
+call `score` (the drop-in ones build a request, `check` it and `score_packed` it) and send the
+bytes back. The service owns the backend and the batcher for the app's lifetime.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from opd.server.backends.base import Backend, BackendInfo, ScoreItem
+from opd.modeling.eos import Generated
+from opd.server.backends.base import Backend, ScoreItem
 from opd.server.batcher import Batcher, QueueFull
-from opd.server.generation import Generated
 from opd.server.metrics import Metrics
 from opd.server.settings import Settings
 from opd.shared.chat import chat_prompt_ids
@@ -95,7 +96,7 @@ class ScoringService:
         self.metrics = metrics
         self._backend_factory = backend_factory
         self.backend: Backend | None = None
-        self.info: BackendInfo | None = None
+        self.info: ModelInfo | None = None  # what GET /v1/model says, from the backend
         self.limits: Limits = settings.effective_limits()
         self.batcher: Batcher | None = None
         self.ready = False
@@ -105,7 +106,7 @@ class ScoringService:
         # The model loads on its own thread; kept so that stop() can wait for a load that a
         # shutdown interrupted and then close what it started (vLLM's engine processes).
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="opd-load")
-        self._loading: Future[BackendInfo] | None = None
+        self._loading: Future[ModelInfo] | None = None
         self._stopping = False
 
     async def start(self) -> None:
@@ -115,7 +116,7 @@ class ScoringService:
         self.info = await asyncio.wrap_future(self._loading)
         if self._stopping:
             return  # stopped while loading: no warm-up, no calibration, stop() closes it
-        self.limits = self.settings.effective_limits(self.info.max_model_len)
+        self.limits = self.info.limits
         self.batcher = Batcher(
             self.backend,
             self.metrics,
@@ -200,28 +201,25 @@ class ScoringService:
     def model_info(self) -> ModelInfo:
         if self.info is None:
             raise RuntimeError("model not loaded")
-        i = self.info
-        return ModelInfo(
-            name=i.name,
-            revision=i.revision,
-            backend=i.backend,
-            vocab_size=i.vocab_size,
-            max_model_len=i.max_model_len,
-            dtype=i.dtype,
-            tokenizer_fingerprint=i.tokenizer_fingerprint,
-            limits=self.limits,
-        )
+        return self.info
+
+    def check(self, req: PackedRequest) -> None:
+        """The one validation of a score request, whichever route built it: a ContractError
+        naming the field and the limit (the drop-in routes rename the field to theirs)."""
+        assert self.info is not None
+        validate_request(req, self.limits, self.info.vocab_size)
 
     def decode(self, body: bytes, content_type: str | None) -> tuple[PackedRequest, str]:
         enc = request_encoding(content_type)
         req = decode_request_msgpack(body) if enc == "msgpack" else decode_request_json(body)
-        assert self.info is not None
-        validate_request(req, self.limits, self.info.vocab_size)
+        self.check(req)
         return req, enc
 
     async def score_packed(self, req: PackedRequest) -> PackedResult:
+        """Score a checked request through the batcher, counted here for every route."""
         assert self.batcher is not None
         result = await self.batcher.submit(req)
+        self.metrics.scored(result)
         return result.cast(req.options.logprob_dtype)
 
     async def score(self, body: bytes, content_type: str | None, accept: str | None) -> Encoded:
@@ -229,8 +227,6 @@ class ScoringService:
         result = await self.score_packed(req)
         out = response_encoding(accept, enc)
         scored = int(result.scored_offsets_n1[-1])
-        self.metrics.scored_tokens.inc(scored)
-        self.metrics.input_tokens.inc(result.input_tokens)
         if out == "msgpack":
             return Encoded(
                 encode_result_msgpack(result), MSGPACK_MEDIA_TYPE, scored, result.input_tokens

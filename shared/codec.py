@@ -172,9 +172,13 @@ def decode_request_msgpack(body: bytes) -> PackedRequest:
     offsets = _from_bin(obj, "seq_offsets", "int64", ())
     score_from = _from_bin(obj, "score_from", "int32", ()).astype(np.int64)
     n_cands = obj.get("n_candidates", 0)
-    if type(n_cands) is not int or n_cands < 0:  # bool is an int subclass: refuse it too
+    # bool is an int subclass: refuse it too; past int32 no candidate matrix can be that wide
+    # (and numpy's reshape of an empty one would fail with a ValueError, a 500)
+    if type(n_cands) is not int or not 0 <= n_cands < 2**31:
         raise ContractError(
-            f"n_candidates must be a non-negative integer, not {n_cands!r}", field="n_candidates"
+            f"n_candidates must be a non-negative int32, not {n_cands!r}",
+            field="n_candidates",
+            limit=2**31 - 1,
         )
     candidates = None
     if obj.get("candidate_ids") is not None:

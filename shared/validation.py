@@ -84,8 +84,9 @@ def _validate_options(req: PackedRequest, limits: Limits, vocab_size: int) -> No
     o = req.options
     top_cap = min(limits.max_top_k, vocab_size)
     if o.top_k < 0 or o.top_k > top_cap:
+        cap = f"max_top_k={top_cap}" if top_cap == limits.max_top_k else "the vocabulary size"
         raise ContractError(
-            f"top_k={o.top_k} is outside [0, {top_cap}] (max_top_k)", field="top_k", limit=top_cap
+            f"top_k={o.top_k} is outside [0, {top_cap}] ({cap})", field="top_k", limit=top_cap
         )
     if not (limits.min_temperature <= o.temperature <= limits.max_temperature):
         raise ContractError(

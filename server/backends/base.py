@@ -12,10 +12,10 @@ from typing import Protocol
 
 import numpy as np
 
-from opd.server.generation import Generated
-from opd.server.scoring import ScoredRows
+from opd.modeling.eos import Generated
+from opd.modeling.scoring import ScoredRows
 from opd.shared.packed import PackedRequest
-from opd.shared.schemas import GenerateOptions, ScoreOptions
+from opd.shared.schemas import GenerateOptions, ModelInfo, ScoreOptions
 
 
 @dataclass
@@ -50,25 +50,15 @@ def items_from_request(request: PackedRequest) -> list[ScoreItem]:
     ]
 
 
-@dataclass
-class BackendInfo:
-    name: str
-    revision: str
-    backend: str
-    vocab_size: int
-    max_model_len: int
-    dtype: str
-    tokenizer_fingerprint: str
-
-
 class Backend(Protocol):
     tokenizer: object | None  # set by load(): renders chat prompts and decodes completions
     device: object  # torch.device the model runs on
     streams: int  # CPU streams a pack is split across (opd.server.streams); 1 elsewhere
-    gemm: str  # BLAS of the streams' matmuls, "torch" or "numpy" (opd.server.cpu_gemm)
+    gemm: str  # BLAS of the streams' matmuls, "torch" or "numpy" (opd.modeling.cpu_gemm)
 
-    def load(self) -> BackendInfo:
-        """Load weights and tokenizer (blocking; called off the event loop)."""
+    def load(self) -> ModelInfo:
+        """Load weights and tokenizer (blocking; called off the event loop); return what
+        GET /v1/model publishes, limits clamped to the context (hf.describe_model)."""
         ...
 
     def score_pack(self, items: list[ScoreItem]) -> list[ScoredRows]:

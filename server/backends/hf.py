@@ -3,7 +3,7 @@
 One forward pass per pack: sequences are right-padded to the pack's longest with an attention
 mask (causal models never look right, so padding changes no real position), the *decoder* runs
 without the LM head, and only the hidden states of scored positions go through the head, in
-chunks, via opd.server.scoring. The batcher keeps padding small by packing similar lengths.
+chunks, via opd.modeling.scoring. The batcher keeps padding small by packing similar lengths.
 """
 
 from __future__ import annotations
@@ -17,16 +17,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from opd.modeling.cpu_gemm import choose_gemm, route_linears
+from opd.modeling.eos import Generated
+from opd.modeling.head import head_spec
+from opd.modeling.scoring import HeadSpec, ScoredRows, score_items
 from opd.server.allocator import retain_freed_memory
-from opd.server.backends.base import BackendInfo, ScoreItem
-from opd.server.backends.head_weights import logit_transforms
-from opd.server.cpu_gemm import choose_gemm, route_linears
-from opd.server.generation import Generated, HFGenerator
-from opd.server.scoring import HeadSpec, ScoredRows, score_items
+from opd.server.backends.base import ScoreItem
+from opd.server.generation import HFGenerator
 from opd.server.settings import Settings
 from opd.server.streams import CPUStreams, balanced_cuts, stream_layout
 from opd.shared.fingerprint import fingerprint_hf_tokenizer
-from opd.shared.schemas import GenerateOptions
+from opd.shared.schemas import GenerateOptions, ModelInfo
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ def resolve_model_path(settings: Settings) -> str:
     """settings.model, or the embedded SmolLM2 copy (converted once into the cache)."""
     if settings.model:
         return settings.model
-    from opd.server.embedded import embedded_model_dir
+    from opd.modeling.embedded import embedded_model_dir
 
     return str(embedded_model_dir(Path(settings.cache_dir) if settings.cache_dir else None))
 
@@ -74,18 +75,6 @@ def model_revision(path: str, config: object) -> str:
     return "sha256:" + digest.hexdigest()[:32]
 
 
-def head_spec_for(model: torch.nn.Module) -> HeadSpec:
-    """The model's LM head plus the logit transforms some families apply after it."""
-    head = model.get_output_embeddings()
-    scale, softcap = logit_transforms(model.config)
-    return HeadSpec(
-        weight_VH=head.weight,
-        bias_V=getattr(head, "bias", None),
-        logit_scale=scale,
-        final_softcap=softcap,
-    )
-
-
 def describe_model(
     path: str,
     cfg: object,
@@ -94,19 +83,23 @@ def describe_model(
     vocab_size: int,
     dtype: torch.dtype,
     settings: Settings,
-) -> BackendInfo:
-    """What GET /v1/model publishes about a loaded model, the same for every backend."""
-    from opd.server.embedded import EMBEDDED_NAME, is_embedded_copy
+    engine_len: int | None = None,
+) -> ModelInfo:
+    """What GET /v1/model publishes about a loaded model, the same for every backend: the
+    context is the smallest of the config's, OPD_MAX_MODEL_LEN and the engine's (`engine_len`,
+    vLLM), and the limits served are the configured ones clamped to it."""
+    from opd.modeling.embedded import EMBEDDED_NAME, is_embedded_copy
 
     context = int(getattr(cfg, "max_position_embeddings", 0) or 2048)
-    if settings.max_model_len:
-        context = min(context, settings.max_model_len)
+    for cap in (settings.max_model_len, engine_len):
+        if cap:
+            context = min(context, cap)
     name = getattr(cfg, "name_or_path", "") or path
     if name in ("", ".") or os.path.isabs(name):
         name = Path(path).name
     if is_embedded_copy(path):
         name = EMBEDDED_NAME
-    return BackendInfo(
+    return ModelInfo(
         name=str(name),
         revision=model_revision(path, cfg),
         backend=backend,
@@ -114,6 +107,7 @@ def describe_model(
         max_model_len=context,
         dtype=str(dtype).removeprefix("torch."),
         tokenizer_fingerprint=fingerprint_hf_tokenizer(tokenizer),
+        limits=settings.effective_limits(context),
     )
 
 
@@ -181,9 +175,9 @@ class HFBackend:
         self._share_prefixes = True  # off once a model's cache turns out not to be repeatable
         self._streams: CPUStreams | None = None
         self.streams = 1
-        self.gemm = "torch"  # or "numpy": the BLAS of the streams' matmuls (opd.server.cpu_gemm)
+        self.gemm = "torch"  # or "numpy": the BLAS of the streams' matmuls (opd.modeling.cpu_gemm)
 
-    def load(self) -> BackendInfo:
+    def load(self) -> ModelInfo:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -201,7 +195,7 @@ class HFBackend:
         model.requires_grad_(False)
         self.model = model
         self.decoder = model.get_decoder()
-        self.head = head_spec_for(model)
+        self.head = head_spec(model)
         self.tokenizer = tokenizer
         self._choose_gemm(self._start_streams(model.config))
         if self.settings.generate:
@@ -242,7 +236,7 @@ class HFBackend:
         return per_stream
 
     def _choose_gemm(self, threads_per_stream: int) -> None:
-        """torch's or numpy's BLAS for the streams' matmuls (opd.server.cpu_gemm)."""
+        """torch's or numpy's BLAS for the streams' matmuls (opd.modeling.cpu_gemm)."""
         assert self.decoder is not None and self.head is not None
         self.gemm = choose_gemm(
             self.settings.cpu_gemm,

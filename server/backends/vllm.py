@@ -5,7 +5,7 @@ Why not vLLM's own `prompt_logprobs`: it returns only the actual token and the e
 candidate ids. Instead the engine runs as a *pooling* model with token-wise ALL pooling and no
 activation, which hands back the final (post-norm) hidden state of every position. The server
 then applies the model's own LM head, read straight from the checkpoint, with
-opd.server.scoring in chunks: the same code path as the HF backend, so both serve the same
+opd.modeling.scoring in chunks: the same code path as the HF backend, so both serve the same
 contract and agree to float tolerance. No vLLM fork, only public API (LLM, PoolerConfig,
 TokensPrompt). Cost: hidden states cross from the engine process to ours (L x H floats per
 sequence) and the head matmul runs outside vLLM; docs/vllm.md has the measured numbers.
@@ -22,9 +22,11 @@ import os
 import numpy as np
 import torch
 
+from opd.modeling.eos import Generated, cut_at_eos, eos_ids
+from opd.modeling.head import load_head
+from opd.modeling.scoring import HeadSpec, ScoredRows, score_items
 from opd.server.allocator import retain_freed_memory
-from opd.server.backends.base import BackendInfo, ScoreItem
-from opd.server.backends.head_weights import load_head
+from opd.server.backends.base import ScoreItem
 from opd.server.backends.hf import describe_model, resolve_device, resolve_dtype, resolve_model_path
 from opd.server.backends.vllm_memory import (
     GiB,
@@ -32,10 +34,8 @@ from opd.server.backends.vllm_memory import (
     check_plan,
     plan_engines,
 )
-from opd.server.generation import Generated, cut_at_eos, eos_ids
-from opd.server.scoring import HeadSpec, ScoredRows, score_items
 from opd.server.settings import Settings
-from opd.shared.schemas import GenerateOptions
+from opd.shared.schemas import GenerateOptions, ModelInfo
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ class VLLMBackend:
         self.gen_llm: object | None = None  # runner "generate": serves POST /v1/generate
         self.head: HeadSpec | None = None
         self.tokenizer: object | None = None
-        self.eos: set[int] = set()
+        self.eos: frozenset[int] = frozenset()
         # Each engine's KV cache in bytes (vllm_memory); None: vLLM sizes it (GPU default).
         self.kv_cache_bytes: int | None = None
 
@@ -112,7 +112,7 @@ class VLLMBackend:
             kwargs["gpu_memory_utilization"] = s.gpu_memory_utilization * s.generate_memory_share
         return kwargs
 
-    def load(self) -> BackendInfo:
+    def load(self) -> ModelInfo:
         import vllm
         from transformers import AutoConfig, AutoTokenizer
 
@@ -146,11 +146,17 @@ class VLLMBackend:
                 )
         self.tokenizer = tokenizer
         self.eos = eos_ids(tokenizer, _generation_config(path))
-        info = describe_model(
-            path, config, tokenizer, self.name, self.head.vocab_size, self.dtype, self.settings
-        )
         engine_len = int(self.llm.llm_engine.model_config.max_model_len)  # type: ignore[attr-defined]
-        info.max_model_len = min(info.max_model_len, engine_len)
+        info = describe_model(
+            path,
+            config,
+            tokenizer,
+            self.name,
+            self.head.vocab_size,
+            self.dtype,
+            self.settings,
+            engine_len,
+        )
         logger.info(
             "loaded %s (%s, %s) on vLLM %s; LM head on %s",
             info.name,

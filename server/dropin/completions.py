@@ -29,10 +29,10 @@ import uuid
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, ConfigDict, Field
 
-from opd.server.dropin.errors import bad_request
-from opd.server.dropin.prompt_scores import PromptJob, PromptScores
+from opd.server.dropin.errors import Terms, bad_request
+from opd.server.dropin.prompt_scores import Int64, PromptJob, PromptScores
 from opd.server.dropin.vllm_shapes import (
     TokenTexts,
     completion_logprobs,
@@ -40,7 +40,7 @@ from opd.server.dropin.vllm_shapes import (
     prompt_logprobs,
 )
 
-PromptIds = list[StrictInt]
+PromptIds = list[Int64]
 
 
 class CompletionRequest(BaseModel):
@@ -50,19 +50,19 @@ class CompletionRequest(BaseModel):
 
     model: str | None = None
     prompt: PromptIds | list[PromptIds] | str | list[str]
-    max_tokens: int | None = Field(default=16, description="0 or 1 here (OpenAI default 16)")
+    max_tokens: Int64 | None = Field(default=16, description="0 or 1 here (OpenAI default 16)")
     temperature: float | None = None
-    prompt_logprobs: int | None = None
-    logprobs: int | None = None
-    n: int = 1
-    best_of: int | None = None
+    prompt_logprobs: Int64 | None = None
+    logprobs: Int64 | None = None
+    n: Int64 = 1
+    best_of: Int64 | None = None
     echo: bool = False
     stream: bool = False
     suffix: str | None = None
     logit_bias: dict[str, float] | None = None
     return_token_ids: bool = False
-    prompt_logprob_token_ids: list[list[StrictInt]] | list[list[list[StrictInt]]] | None = None
-    prompt_logprob_start: int | None = None
+    prompt_logprob_token_ids: list[list[Int64]] | list[list[list[Int64]]] | None = None
+    prompt_logprob_start: Int64 | None = None
 
 
 def refuse_unsupported(req: CompletionRequest) -> None:
@@ -109,6 +109,14 @@ def refuse_bad_logprob_fields(fields: Any, prefix: str) -> None:
             raise bad_request(
                 "prompt_logprob_start must be non-negative", f"{prefix}prompt_logprob_start"
             )
+
+
+def terms(req: CompletionRequest) -> Terms:
+    """The request's names for what the native request calls top_k and the sequences."""
+    top_k = "prompt_logprobs"
+    if req.max_tokens == 1 and (req.logprobs or 0) > (req.prompt_logprobs or 0):
+        top_k = "logprobs"
+    return Terms(prompts="prompt", top_k=top_k)
 
 
 def prompt_ids(req: CompletionRequest, tokenizer: Any) -> list[list[int]]:
@@ -166,7 +174,7 @@ def jobs_for(req: CompletionRequest, prompts: list[list[int]]) -> list[PromptJob
     for ids, cands in zip(prompts, candidate_matrices(req, len(prompts)), strict=True):
         first = 0 if k is not None else (start if cands is not None else None)
         if cands is not None:
-            cands = lined_up(cands, len(ids), start, first or 0)
+            cands = lined_up(cands, len(ids), start, first or 0, "prompt_logprob_token_ids")
         jobs.append(
             PromptJob(
                 token_ids=np.asarray(ids, dtype=np.int64),
@@ -180,15 +188,15 @@ def jobs_for(req: CompletionRequest, prompts: list[list[int]]) -> list[PromptJob
     return jobs
 
 
-def lined_up(cands: np.ndarray, prompt_len: int, start: int, first: int) -> np.ndarray:
+def lined_up(cands: np.ndarray, prompt_len: int, start: int, first: int, field: str) -> np.ndarray:
     """Candidate rows (exactly prompt_len - 1 - start of them, vLLM's rule) placed from row
-    `start` of a job whose rows begin at `first` <= start; rows above are padding."""
+    `start` of a job whose rows begin at `first` <= start; rows above are padding (-1)."""
     rows = max(prompt_len - 1 - start, 0)
     if cands.shape[0] != rows:
         raise bad_request(
-            f"prompt_logprob_token_ids has {cands.shape[0]} rows, but the prompt has {rows} "
+            f"{field} has {cands.shape[0]} rows, but the prompt has {rows} "
             f"scored rows (prompt_len - 1 - prompt_logprob_start = {prompt_len} - 1 - {start})",
-            "prompt_logprob_token_ids",
+            field,
             rows,
         )
     if first == start:

@@ -5,9 +5,17 @@ vLLM answers every error of its OpenAI routes as ``{"error": {"message", "type",
 reads exactly that. opd's own routes keep opd's shape (opd.shared.errors); the app's handlers
 ask `is_dropin_path` which one a request gets. Bad input is a 400 here, as vLLM answers it
 (opd's own routes say 422), and the message still names the field and the limit.
+
+The limits are not checked here: a drop-in route builds the native score request and the
+contract's validation (opd.shared.validation, through ScoringService.check) refuses it;
+`in_route_terms` only renames the refused field to what the route's caller sent.
 """
 
 from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 from pydantic import BaseModel
 
@@ -70,6 +78,49 @@ def openai_error(status: int, detail: ErrorDetail) -> dict:
         code=status,
     )
     return OpenAIErrorBody(error=info).model_dump()
+
+
+@dataclass(frozen=True)
+class Terms:
+    """What a drop-in route calls the parts of the native score request it builds."""
+
+    prompts: str  # the sequences: "prompt", "token_ids", "input_ids", "sequences"
+    top_k: str  # the count that became the request's top_k
+    temperature: str = "temperature"
+    candidates: str = "prompt_logprob_token_ids"  # the ids that became candidate_ids
+
+
+# A native field inside one sequence: sequences[i], sequences[i].token_ids[j], ...
+_IN_SEQUENCE = re.compile(r"sequences\[(\d+)\](?:\.(\w+))?(?:\[(\d+)\])?")
+
+
+def in_route_terms(exc: ContractError, terms: Terms, grown: Sequence[bool]) -> ContractError:
+    """The contract's refusal of a drop-in route's native request, in the route's terms.
+
+    The field becomes the route's own (with the prompt's index when it sent several), the
+    message starts with it and keeps the contract's limit; `grown[i]` says that prompt i was
+    sent with one more token than the caller's (the row of the token to generate)."""
+    field = exc.field or ""
+    message = exc.message
+    inside = _IN_SEQUENCE.fullmatch(field)
+    if field == "top_k":
+        param = terms.top_k
+    elif field == "temperature":
+        param = terms.temperature
+    elif "candidate_ids" in field:
+        param = terms.candidates
+    elif inside is not None:
+        i, part, position = int(inside[1]), inside[2], inside[3]
+        param = f"{terms.prompts}[{i}]" if len(grown) > 1 else terms.prompts
+        if part == "token_ids" and position is not None:
+            message += f" (position {position})"
+        elif part == "token_ids" and grown[i]:
+            message += " (the prompt and the one token to generate)"
+    else:  # the request as a whole: how many prompts, how many tokens
+        param = terms.prompts
+    return ContractError(
+        f"{param}: {message}", field=param, limit=exc.limit, status=exc.status, kind=exc.kind
+    )
 
 
 def bad_request(message: str, param: str, limit: float | int | str | None = None) -> ContractError:

@@ -20,11 +20,11 @@ import uuid
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, ConfigDict, Field
 
 from opd.server.dropin.completions import lined_up, padded, refuse_bad_logprob_fields, usage
-from opd.server.dropin.errors import bad_request
-from opd.server.dropin.prompt_scores import PromptJob, PromptScores
+from opd.server.dropin.errors import Terms, bad_request
+from opd.server.dropin.prompt_scores import Int64, PromptJob, PromptScores
 from opd.server.dropin.vllm_shapes import TokenTexts, clamp, npy_base64, prompt_logprobs
 
 
@@ -34,13 +34,13 @@ class SamplingParamsIn(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    max_tokens: int | None = 16
+    max_tokens: Int64 | None = 16
     temperature: float = 1.0
-    n: int = 1
-    prompt_logprobs: int | None = None
-    logprobs: int | None = None
-    prompt_logprob_token_ids: list[list[StrictInt]] | None = None
-    prompt_logprob_start: int | None = None
+    n: Int64 = 1
+    prompt_logprobs: Int64 | None = None
+    logprobs: Int64 | None = None
+    prompt_logprob_token_ids: list[list[Int64]] | None = None
+    prompt_logprob_start: Int64 | None = None
 
 
 class TokensRequest(BaseModel):
@@ -48,7 +48,7 @@ class TokensRequest(BaseModel):
 
     request_id: str | None = None
     model: str | None = None
-    token_ids: list[StrictInt] = Field(min_length=1)
+    token_ids: list[Int64] = Field(min_length=1)
     sampling_params: SamplingParamsIn = Field(default_factory=SamplingParamsIn)
     output_mode: Literal["tokens", "text"] = "tokens"
     stream: bool | None = False
@@ -71,8 +71,18 @@ def refuse_unsupported(req: TokensRequest) -> None:
             1,
         )
     refuse_bad_logprob_fields(sp, "sampling_params.")
-    if any(t < 0 for t in req.token_ids):
-        raise bad_request("token_ids must not contain negative values", "token_ids")
+
+
+_CANDIDATES = "sampling_params.prompt_logprob_token_ids"
+
+
+def terms(req: TokensRequest) -> Terms:
+    """The request's names for what the native request calls top_k, temperature, candidates."""
+    sp = req.sampling_params
+    top_k = "sampling_params.prompt_logprobs"
+    if sp.max_tokens == 1 and (sp.logprobs or 0) > (sp.prompt_logprobs or 0):
+        top_k = "sampling_params.logprobs"
+    return Terms("token_ids", top_k, "sampling_params.temperature", _CANDIDATES)
 
 
 def job_for(req: TokensRequest) -> PromptJob:
@@ -82,10 +92,10 @@ def job_for(req: TokensRequest) -> PromptJob:
     start = sp.prompt_logprob_start or 0
     cands = None
     if sp.prompt_logprob_token_ids is not None:
-        cands = padded(sp.prompt_logprob_token_ids, "sampling_params.prompt_logprob_token_ids")
+        cands = padded(sp.prompt_logprob_token_ids, _CANDIDATES)
     first = 0 if k is not None else (start if cands is not None else None)
     if cands is not None:
-        cands = lined_up(cands, len(req.token_ids), start, first or 0)
+        cands = lined_up(cands, len(req.token_ids), start, first or 0, _CANDIDATES)
     return PromptJob(
         token_ids=np.asarray(req.token_ids, dtype=np.int64),
         first_row=first,

@@ -3,8 +3,9 @@
 vLLM's, SGLang's and TRL's routes all ask the same three things of a prompt (token ids): per
 position, the actual token's log-prob and rank plus the top-k; per position, log-probs at
 caller-chosen ids; and, with `max_tokens: 1`, the token that comes next. `score_prompts` turns a
-request's prompts into one PackedRequest for the service's batcher, the same path as
-POST /v1/score, and slices the answer back per prompt; the route modules only change shapes.
+request's prompts into one PackedRequest, checked by the same validation as POST /v1/score's
+and scored by the same batcher, and slices the answer back per prompt; the route modules only
+change shapes and apply their own servers' rules (vLLM's, SGLang's, TRL's), never the limits.
 
 Positions, in vLLM's terms: prompt token p (1 <= p < L) is predicted by row p - 1 of the causal
 rows. With `first_row = r` the rows r .. L-2 are scored, so `PromptScores` row j is about prompt
@@ -16,15 +17,39 @@ costs one more position in the same forward pass rather than a second pass.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated
 
 import numpy as np
+from pydantic import AfterValidator, StrictInt
+from pydantic_core import PydanticCustomError
 
-from opd.server.dropin.errors import bad_request
+from opd.server.dropin.errors import Terms, in_route_terms
 from opd.shared.errors import ContractError
-from opd.shared.limits import Limits
 from opd.shared.packed import PackedRequest, offsets_from_lengths
 from opd.shared.schemas import ScoreOptions
-from opd.shared.validation import validate_request
+
+if TYPE_CHECKING:
+    from opd.server.service import ScoringService
+
+_INT64 = np.iinfo(np.int64)
+
+
+def _within_int64(value: int) -> int:
+    if not _INT64.min <= value <= _INT64.max:
+        raise PydanticCustomError(
+            "int64",
+            "Input should fit in 64 bits: {ge} .. {le}",
+            {"ge": _INT64.min, "le": _INT64.max},
+        )
+    return value
+
+
+# Integers of the drop-in request models: strict (no bool, no float, no "4") and within int64,
+# so that ids reach numpy as sent; JSON integers from 2**63 to 2**64 - 1 (which the parser
+# hands over) are refused naming their field, not met as an OverflowError in numpy. (A
+# validator rather than Field bounds: its name in a union's error path is one that
+# opd.shared.codec leaves out of the field it reports.)
+Int64 = Annotated[StrictInt, AfterValidator(_within_int64)]
 
 # Appended to a prompt so the row after its last token (the next-token distribution) is
 # scored; any valid id does, its own log-prob is never read.
@@ -48,11 +73,21 @@ class PromptJob:
     ranks: bool = False
     candidate_ids: np.ndarray | None = None
     next_token: bool = False
-    candidates_field: str = "prompt_logprob_token_ids"  # what the route calls them, for errors
 
     @property
     def n_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def grown(self) -> bool:
+        """Its native sequence holds one token more than the prompt: the placeholder after it
+        (for the next-token row, or to make a one-token prompt a sequence)."""
+        return self.next_token or self.n_tokens == 1
+
+    @property
+    def wanted(self) -> bool:
+        """Something is computed for it (else its answer is empty)."""
+        return self.n_rows > 0 or self.next_token
 
     @property
     def n_rows(self) -> int:
@@ -85,128 +120,66 @@ class PromptScores:
         return cls(job.first_row, np.zeros(0, np.float32), None, None, None, None, None, None)
 
 
-def check_jobs(jobs: list[PromptJob], limits: Limits, vocab_size: int, field: str) -> None:
-    """Refuse (400) what the service would refuse, naming the route's own field."""
-    if len(jobs) > limits.max_sequences:
-        raise bad_request(
-            f"{len(jobs)} prompts exceed max_sequences={limits.max_sequences}",
-            field,
-            limits.max_sequences,
-        )
-    total = 0
-    for i, job in enumerate(jobs):
-        name = f"{field}[{i}]" if len(jobs) > 1 else field
-        n = job.n_tokens + int(job.next_token)
-        if job.n_tokens < 1:
-            raise bad_request("a prompt needs at least one token", name, 1)
-        if n > limits.max_tokens_per_sequence:
-            extra = " (prompt + the one generated token)" if job.next_token else ""
-            raise bad_request(
-                f"{n} tokens{extra} exceed max_tokens_per_sequence="
-                f"{limits.max_tokens_per_sequence}",
-                name,
-                limits.max_tokens_per_sequence,
-            )
-        total += n
-        ids = job.token_ids
-        bad = np.flatnonzero((ids < 0) | (ids >= vocab_size))
-        if bad.size:
-            j = int(bad[0])
-            raise bad_request(
-                f"token id {int(ids[j])} at position {j} is outside the vocabulary "
-                f"[0, {vocab_size})",
-                name,
-                vocab_size,
-            )
-        if job.top_k > limits.max_top_k:
-            raise bad_request(
-                f"{job.top_k} log-probs per position exceed max_top_k={limits.max_top_k}",
-                "prompt_logprobs",
-                limits.max_top_k,
-            )
-        if job.candidate_ids is not None:
-            check_candidates(job, limits, vocab_size)
-    if total > limits.max_total_tokens:
-        raise bad_request(
-            f"the request holds {total} tokens, over max_total_tokens={limits.max_total_tokens}",
-            field,
-            limits.max_total_tokens,
-        )
-
-
-def check_candidates(job: PromptJob, limits: Limits, vocab_size: int) -> None:
-    """vLLM's rules for prompt_logprob_token_ids (and the routes' other candidate fields): a
-    2-D integer matrix, ids in [-1, V), exactly L - 1 - start rows, at most max_candidates
-    columns."""
-    field = job.candidates_field
-    ids = job.candidate_ids
-    assert ids is not None and job.first_row is not None
-    if ids.ndim != 2 or 0 in ids.shape:
-        raise bad_request(f"{field} must be a non-empty integer matrix [num_rows, num_ids]", field)
-    rows = job.n_tokens - 1 - job.first_row
-    if ids.shape[0] != rows:
-        raise bad_request(
-            f"{field} has {ids.shape[0]} rows, but the prompt has {rows} scored rows "
-            f"(prompt_len - 1 - prompt_logprob_start = {job.n_tokens} - 1 - {job.first_row})",
-            field,
-            rows,
-        )
-    if ids.shape[1] > limits.max_candidates:
-        raise bad_request(
-            f"{ids.shape[1]} ids per row exceed max_candidates={limits.max_candidates}",
-            field,
-            limits.max_candidates,
-        )
-    lo, hi = int(ids.min()), int(ids.max())
-    if lo < -1 or hi >= vocab_size:
-        raise bad_request(
-            f"{field} holds ids outside [-1, {vocab_size}) (-1 pads a row): min {lo}, max {hi}",
-            field,
-            vocab_size,
-        )
-
-
-def build_request(jobs: list[PromptJob], temperature: float) -> tuple[PackedRequest, list[int]]:
-    """One packed request for every job with something to score, and their indices.
+def native_request(jobs: list[PromptJob], temperature: float) -> PackedRequest:
+    """The POST /v1/score request that asks for what `jobs` want: one sequence per job, in
+    order, ids as int64 (as sent: validation sees them before any narrowing).
 
     A request has one top_k and one candidate width: the largest asked for; each prompt's
-    answer is trimmed back to its own in `slice_scores`.
+    answer is trimmed back to its own in `slice_scores`. A job with nothing to score is still
+    a sequence, so that the one validation sees all of the caller's prompts; it scores its last
+    row (its only token and a placeholder, when it has one token) and `score_prompts` leaves it
+    out of what it submits. Candidate ids -1 pad a row (vLLM's rule) and are sent as id 0, their
+    answers set to -inf afterwards; other negative ids go to validation as they are.
     """
-    scored = [i for i, j in enumerate(jobs) if j.n_rows > 0 or j.next_token]
-    top_k = max((max(jobs[i].top_k, int(jobs[i].next_token)) for i in scored), default=0)
-    width = max(
-        (jobs[i].candidate_ids.shape[1] for i in scored if jobs[i].candidate_ids is not None),
-        default=0,
-    )
+    for i, job in enumerate(jobs):
+        if job.n_tokens < 1:  # said in the route's terms by score_prompts
+            raise ContractError("a prompt needs at least one token", field=f"sequences[{i}]")
+    width = max((j.candidate_ids.shape[1] for j in jobs if j.candidate_ids is not None), default=0)
     seqs, score_from, cands = [], [], []
-    for i in scored:
-        job = jobs[i]
-        tokens = job.token_ids
-        if job.next_token:
-            tokens = np.append(tokens, _PLACEHOLDER_ID)
-        first = job.first_row if job.n_rows > 0 else job.n_tokens - 1
-        seqs.append(tokens.astype(np.int32))
+    for job in jobs:
+        tokens, first = _sequence(job)
+        seqs.append(tokens)
         score_from.append(first + 1)
         if width:
-            block = np.zeros((len(tokens) - 1 - first, width), dtype=np.int32)
+            block = np.zeros((len(tokens) - 1 - first, width), dtype=np.int64)
             if job.candidate_ids is not None:
                 m = job.candidate_ids
-                block[: m.shape[0], : m.shape[1]] = np.maximum(m, 0)
+                block[: m.shape[0], : m.shape[1]] = np.where(m == -1, 0, m)
             cands.append(block)
     options = ScoreOptions(
-        top_k=top_k,
-        token_rank=any(jobs[i].ranks for i in scored),
+        top_k=max(max(j.top_k, int(j.next_token)) for j in jobs),
+        token_rank=any(j.ranks for j in jobs),
         temperature=temperature,
     )
-    lengths = np.array([len(s) for s in seqs], dtype=np.int64)
-    req = PackedRequest(
-        token_ids_T=np.concatenate(seqs) if seqs else np.zeros(0, np.int32),
-        seq_offsets_n1=offsets_from_lengths(lengths),
+    return PackedRequest(
+        token_ids_T=np.concatenate(seqs),
+        seq_offsets_n1=offsets_from_lengths(np.array([len(t) for t in seqs], dtype=np.int64)),
         score_from_n=np.array(score_from, dtype=np.int64),
         candidate_ids_NK=np.concatenate(cands) if width else None,
         options=options,
     )
-    return req, scored
+
+
+def _sequence(job: PromptJob) -> tuple[np.ndarray, int]:
+    """A job's native token ids and its first causal row (score_from - 1)."""
+    tokens = np.append(job.token_ids, _PLACEHOLDER_ID) if job.grown else job.token_ids
+    if job.n_rows > 0:
+        return tokens, job.first_row  # type: ignore[return-value]
+    return tokens, len(tokens) - 2  # the next-token row, or the last row of the prompt
+
+
+def _narrowed(req: PackedRequest, keep: list[int]) -> PackedRequest:
+    """The sequences at `keep`, ids as the int32 the decoders give the batcher (safe once the
+    request passed validation: every id is inside the vocabulary)."""
+    out = req if len(keep) == req.n_sequences else req.subset(keep)
+    cands = out.candidate_ids_NK
+    return PackedRequest(
+        token_ids_T=out.token_ids_T.astype(np.int32),
+        seq_offsets_n1=out.seq_offsets_n1,
+        score_from_n=out.score_from_n,
+        candidate_ids_NK=None if cands is None else cands.astype(np.int32),
+        options=out.options,
+    )
 
 
 def slice_scores(job: PromptJob, rows: dict[str, np.ndarray | None]) -> PromptScores:
@@ -242,28 +215,26 @@ def slice_scores(job: PromptJob, rows: dict[str, np.ndarray | None]) -> PromptSc
 
 
 async def score_prompts(
-    service, jobs: list[PromptJob], temperature: float, field: str
+    service: ScoringService, jobs: list[PromptJob], temperature: float, terms: Terms
 ) -> list[PromptScores]:
     """Score every job through the service's batcher; one PromptScores per job, in order.
 
-    `service` is the app's ScoringService (typed loosely to keep this module free of its
-    imports); `field` names the prompts in error messages.
-    """
-    assert service.info is not None
-    check_jobs(jobs, service.limits, service.info.vocab_size, field)
-    req, scored = build_request(jobs, temperature)
-    out = [PromptScores.empty(j) for j in jobs]
-    if not scored:
-        return out
+    The native request is checked by the service's one validation, as POST /v1/score's is; a
+    refusal names the route's own field (`terms`). No prompts at all is an empty answer, as
+    the routes' own servers give one."""
+    if not jobs:
+        return []
     try:
-        validate_request(req, service.limits, service.info.vocab_size)
-    except ContractError as exc:  # said in the route's terms: its option names, its prompts
-        param = {"temperature": "temperature", "top_k": "prompt_logprobs"}.get(exc.field or "")
-        raise bad_request(exc.message, param or field, exc.limit) from None
-    result = await service.score_packed(req)
-    service.metrics.scored_tokens.inc(int(result.scored_offsets_n1[-1]))
-    service.metrics.input_tokens.inc(result.input_tokens)
-    for seq, i in enumerate(scored):
+        req = native_request(jobs, temperature)
+        service.check(req)
+    except ContractError as exc:
+        raise in_route_terms(exc, terms, [j.grown for j in jobs]) from None
+    out = [PromptScores.empty(j) for j in jobs]
+    wanted = [i for i, j in enumerate(jobs) if j.wanted]
+    if not wanted:
+        return out
+    result = await service.score_packed(_narrowed(req, wanted))
+    for seq, i in enumerate(wanted):
         s = result.sequence(seq)
         rows = {
             "token_logprobs": s.token_logprobs,

@@ -1,10 +1,10 @@
 """The drop-in routes on the app: health, model list and the scoring routes of other servers.
 
-Each handler reads the body within the size limit, parses it into its route's request model,
-turns it into PromptJobs, scores them through the service (the batcher of /v1/score) and writes
-the answer in its route's shape, off the event loop when it is large. Auth (where a key is set)
-and readiness are the app's; errors leave through the app's handlers in OpenAI's shape
-(opd.server.dropin.errors).
+Each handler reads the body as opd's own routes do (opd.server.routes.Serving: readiness, size
+limit, payload metrics), parses it into its route's request model, turns it into PromptJobs,
+scores them through the service (the validation and batcher of /v1/score) and writes the answer
+in its route's shape, off the event loop when it is large. Auth (where a key is set) is the
+app's; errors leave through the app's handlers in OpenAI's shape (opd.server.dropin.errors).
 """
 
 from __future__ import annotations
@@ -19,11 +19,14 @@ from fastapi import APIRouter, Depends, Request, Response
 
 from opd.server.dropin import completions, prime_generate, sglang_generate, trl_legacy
 from opd.server.dropin.errors import OpenAIErrorBody, bad_request, model_not_found
-from opd.server.dropin.models import ModelCard, ModelList
+from opd.server.dropin.models import ModelCard, ModelList, model_card
 from opd.server.dropin.prompt_scores import score_prompts
 from opd.server.dropin.vllm_shapes import TokenTexts
 from opd.server.openapi_doc import request_body
-from opd.server.request_body import parse_json, read_body
+from opd.server.request_body import parse_json
+from opd.server.routes import Serving
+from opd.server.service import ScoringService
+from opd.server.settings import Settings
 from opd.shared.version import JSON_MEDIA_TYPE
 
 # Answers larger than this are serialised in a worker thread, so the event loop keeps serving.
@@ -36,13 +39,17 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 
 @dataclass
 class DropInContext:
-    """What the routes need from the app: the service, its readiness, the served name."""
+    """What the routes need from the app: its Serving (service, readiness, counted bodies),
+    the settings that name the served model, and when the server started."""
 
-    service: Any  # opd.server.service.ScoringService
-    ensure_ready: Callable[[], None]  # raises the app's 503 while loading or draining
-    served_name: Callable[[], str]
-    models: Callable[[], list[ModelCard]]
+    serving: Serving
+    settings: Settings
+    created: int  # unix time, vLLM's `created` of the model card
     _texts: TokenTexts | None = None
+
+    @property
+    def service(self) -> ScoringService:
+        return self.serving.service
 
     @property
     def texts(self) -> TokenTexts:
@@ -64,16 +71,20 @@ class DropInContext:
         """system_fingerprint: the server and the weights' revision (vLLM: vllm-VERSION-hash)."""
         return f"opd-{self.service.info.revision[:12]}"
 
+    def served_name(self) -> str:
+        """OPD_SERVED_MODEL_NAME, else the model's own name."""
+        return self.settings.served_model_name or self.service.model_info().name
+
+    def models(self) -> list[ModelCard]:
+        self.serving.ensure_ready()
+        info = self.service.model_info()
+        root = self.settings.model or info.name
+        return [model_card(self.served_name(), root, info.max_model_len, self.created)]
+
     def check_model(self, name: str | None) -> None:
         """A request naming another model gets vLLM's 404; no name means the served one."""
         if name is not None and name != self.served_name():
             raise model_not_found(name)
-
-    async def body(self, request: Request) -> bytes:
-        self.ensure_ready()
-        body = await read_body(request, self.service.limits.max_body_bytes)
-        self.service.metrics.bytes_in.labels(request.url.path).inc(len(body))
-        return body
 
     async def answer(self, request: Request, build: Callable[[], Any], positions: int) -> Response:
         """The JSON answer; built in a thread when it holds many positions."""
@@ -82,8 +93,7 @@ class DropInContext:
             return orjson.dumps(build(), option=orjson.OPT_SERIALIZE_NUMPY)
 
         payload = encode() if positions < _INLINE_POSITIONS else await asyncio.to_thread(encode)
-        self.service.metrics.bytes_out.labels(request.url.path).inc(len(payload))
-        return Response(payload, media_type=JSON_MEDIA_TYPE)
+        return self.serving.reply(request, payload, JSON_MEDIA_TYPE)
 
 
 def score_temperature(temperature: float | None, field: str = "temperature") -> float:
@@ -120,14 +130,14 @@ def dropin_router(ctx: DropInContext, require_api_key: Callable[..., Any]) -> AP
     )
     async def v1_completions(request: Request) -> Response:
         """vLLM's /v1/completions for scoring: prompt_logprobs, max_tokens 0 or 1."""
-        body = await ctx.body(request)
+        body = await ctx.serving.receive(request)
         req = parse_json(body, completions.CompletionRequest)
         ctx.check_model(req.model)
         completions.refuse_unsupported(req)
         prompts = await asyncio.to_thread(completions.prompt_ids, req, ctx.tokenizer)
         jobs = completions.jobs_for(req, prompts)
         scores = await score_prompts(
-            ctx.service, jobs, score_temperature(req.temperature), "prompt"
+            ctx.service, jobs, score_temperature(req.temperature), completions.terms(req)
         )
         return await ctx.answer(
             request,
@@ -152,7 +162,7 @@ def dropin_router(ctx: DropInContext, require_api_key: Callable[..., Any]) -> AP
     )
     async def inference_generate(request: Request) -> Response:
         """vLLM's token-in/token-out route as prime-rl calls it for teacher prefill."""
-        body = await ctx.body(request)
+        body = await ctx.serving.receive(request)
         req = parse_json(body, prime_generate.TokensRequest)
         ctx.check_model(req.model)
         prime_generate.refuse_unsupported(req)
@@ -161,7 +171,7 @@ def dropin_router(ctx: DropInContext, require_api_key: Callable[..., Any]) -> AP
             ctx.service,
             [job],
             score_temperature(req.sampling_params.temperature, "sampling_params.temperature"),
-            "token_ids",
+            prime_generate.terms(req),
         )
         return await ctx.answer(
             request,
@@ -179,14 +189,14 @@ def dropin_router(ctx: DropInContext, require_api_key: Callable[..., Any]) -> AP
     )
     async def sglang_generate_route(request: Request) -> Response:
         """SGLang's native /generate as slime's on-policy distillation calls it."""
-        body = await ctx.body(request)
+        body = await ctx.serving.receive(request)
         req = parse_json(body, sglang_generate.GenerateReqInput)
         prompts = await asyncio.to_thread(sglang_generate.prompt_ids, req, ctx.tokenizer)
         jobs = sglang_generate.jobs_for(req, prompts)
         temperature = score_temperature(
             sglang_generate.temperature(req), "sampling_params.temperature"
         )
-        scores = await score_prompts(ctx.service, jobs, temperature, "input_ids")
+        scores = await score_prompts(ctx.service, jobs, temperature, sglang_generate.terms(req))
         return await ctx.answer(
             request,
             lambda: sglang_generate.response(req, prompts, jobs, scores, ctx.texts, ctx.eos_id),
@@ -201,11 +211,11 @@ def dropin_router(ctx: DropInContext, require_api_key: Callable[..., Any]) -> AP
     )
     async def get_sequence_logprobs(request: Request) -> Response:
         """TRL <= 1.10's `trl vllm-serve` scoring route (JSON and base64 binary answers)."""
-        body = await ctx.body(request)
+        body = await ctx.serving.receive(request)
         req = parse_json(body, trl_legacy.SequenceLogprobsRequest)
         jobs = trl_legacy.jobs_for(req)
         scores = await score_prompts(
-            ctx.service, jobs, score_temperature(req.temperature), "sequences"
+            ctx.service, jobs, score_temperature(req.temperature), trl_legacy.TERMS
         )
         return await ctx.answer(
             request,

@@ -27,10 +27,10 @@ import uuid
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, StrictInt
+from pydantic import BaseModel, ConfigDict
 
-from opd.server.dropin.errors import bad_request
-from opd.server.dropin.prompt_scores import PromptJob, PromptScores
+from opd.server.dropin.errors import Terms, bad_request
+from opd.server.dropin.prompt_scores import Int64, PromptJob, PromptScores
 from opd.server.dropin.vllm_shapes import TokenTexts, clamp
 
 
@@ -41,13 +41,13 @@ class GenerateReqInput(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     text: str | list[str] | None = None
-    input_ids: list[StrictInt] | list[list[StrictInt]] | None = None
+    input_ids: list[Int64] | list[list[Int64]] | None = None
     sampling_params: dict[str, Any] | list[dict[str, Any]] | None = None
     return_logprob: bool | list[bool] | None = None
-    logprob_start_len: int | list[int] | None = None
-    top_logprobs_num: int | list[int] | None = None
-    token_ids_logprob: list[StrictInt] | list[list[StrictInt]] | None = None
-    token_ids_logprob_positions: list[list[StrictInt]] | None = None
+    logprob_start_len: Int64 | list[Int64] | None = None
+    top_logprobs_num: Int64 | list[Int64] | None = None
+    token_ids_logprob: list[Int64] | list[list[Int64]] | None = None
+    token_ids_logprob_positions: list[list[Int64]] | None = None
     return_text_in_logprobs: bool = False
     stream: bool = False
     rid: str | list[str] | None = None
@@ -86,19 +86,33 @@ def per_prompt(value: Any, n: int, default: Any, field: str) -> list[Any]:
 
 
 def sampling(req: GenerateReqInput, n: int) -> list[dict[str, Any]]:
+    """Per-prompt sampling params; their integers as strict as the request's own (a bool or a
+    float is not a max_new_tokens)."""
     params = per_prompt(req.sampling_params, n, {}, "sampling_params")
     for p in params:
         new = p.get("max_new_tokens", 128)
-        if not isinstance(new, int) or not 0 <= new <= 1:
+        if type(new) is not int or not 0 <= new <= 1:
             raise bad_request(
-                f"sampling_params.max_new_tokens={new}: this route scores prompts and generates "
-                "at most one token; use POST /v1/generate for completions",
+                f"sampling_params.max_new_tokens={new!r}: this route scores prompts and "
+                "generates at most one token; use POST /v1/generate for completions",
                 "sampling_params.max_new_tokens",
                 1,
             )
-        if p.get("n", 1) != 1:
+        n_samples = p.get("n", 1)
+        if type(n_samples) is not int or n_samples != 1:
             raise bad_request("sampling_params.n must be 1", "sampling_params.n", 1)
     return params
+
+
+def terms(req: GenerateReqInput) -> Terms:
+    """The request's names for the parts of the native request it becomes."""
+    positions = req.token_ids_logprob_positions is not None
+    return Terms(
+        prompts="input_ids" if req.input_ids is not None else "text",
+        top_k="top_logprobs_num",
+        temperature="sampling_params.temperature",
+        candidates="token_ids_logprob_positions" if positions else "token_ids_logprob",
+    )
 
 
 def temperature(req: GenerateReqInput) -> float:
@@ -143,11 +157,11 @@ def jobs_for(req: GenerateReqInput, prompts: list[list[int]]) -> list[PromptJob]
                 len(ids),
             )
         first = start if want[i] and 0 <= start < len(ids) - 1 else None
-        cands, field = None, "token_ids_logprob"
+        cands = None
         if first is not None and flat[i] is not None:
             cands = np.tile(np.asarray(flat[i], dtype=np.int64), (len(ids) - 1 - first, 1))
         if first is not None and positions is not None:
-            cands, field = position_matrix(positions[first + 1 :]), "token_ids_logprob_positions"
+            cands = position_matrix(positions[first + 1 :])
         if ks[i] < 0:
             raise bad_request("top_logprobs_num must be non-negative", "top_logprobs_num")
         next_token = params[i].get("max_new_tokens", 128) == 1
@@ -163,7 +177,6 @@ def jobs_for(req: GenerateReqInput, prompts: list[list[int]]) -> list[PromptJob]
                 top_k=ks[i] if want[i] else 0,
                 candidate_ids=cands,
                 next_token=next_token,
-                candidates_field=field,
             )
         )
     return jobs

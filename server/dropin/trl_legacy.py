@@ -23,18 +23,21 @@ import math
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, StrictInt
+from pydantic import BaseModel, ConfigDict
 
-from opd.server.dropin.errors import bad_request
-from opd.server.dropin.prompt_scores import PromptJob, PromptScores
+from opd.server.dropin.errors import Terms, bad_request
+from opd.server.dropin.prompt_scores import Int64, PromptJob, PromptScores
+
+# What the native request's sequences and top_k are called here.
+TERMS = Terms(prompts="sequences", top_k="top_logprobs")
 
 
 class SequenceLogprobsRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    sequences: list[list[StrictInt]]
-    prompt_lengths: list[StrictInt]
-    top_logprobs: int = 100
+    sequences: list[list[Int64]]
+    prompt_lengths: list[Int64]
+    top_logprobs: Int64 = 100
     temperature: float = 1.0
     response_format: Literal["json", "binary"] = "json"
 

@@ -119,7 +119,8 @@ def test_candidate_row_count_is_vllms_rule(tiny_server):
     r = httpx.post(tiny_server + "/inference/v1/generate", json=body, timeout=60)
     assert r.status_code == 400
     err = r.json()["error"]
-    assert err["param"] == "prompt_logprob_token_ids" and "prompt_len - 1" in err["message"]
+    assert err["param"] == "sampling_params.prompt_logprob_token_ids"
+    assert "prompt_len - 1" in err["message"]
 
 
 @pytest.mark.parametrize("start", [0, 4])

@@ -213,6 +213,7 @@ def test_top_k_above_max_top_k() -> None:
     err = refused(make(top_k=9))
     assert err.field == "top_k"
     assert err.limit == LIMITS.max_top_k == 8
+    assert "max_top_k=8" in err.message  # the drop-in routes pass the message on as it is
 
 
 def test_top_k_above_vocab() -> None:
@@ -220,6 +221,7 @@ def test_top_k_above_vocab() -> None:
     err = refused(req, vocab=6)
     assert err.field == "top_k"
     assert err.limit == 6
+    assert "vocabulary" in err.message
     validate_request(make((3, 4), top_k=6), LIMITS, 6)
 
 
