@@ -90,6 +90,19 @@ def test_default_start_and_one_new_token(tiny_server):
         ({"input_ids": [1, 99999]}, "input_ids"),
         ({"stream": True}, "stream"),
         ({"token_ids_logprob_positions": [[1]]}, "token_ids_logprob_positions"),
+        # the contract's limits, in SGLang's names (tiny_server: max_top_k 64, 1,024 tokens)
+        ({"top_logprobs_num": 65}, "top_logprobs_num"),
+        ({"input_ids": [[1, 2], [3] * 1025]}, "input_ids[1]"),
+        ({"token_ids_logprob": [4, 49152]}, "token_ids_logprob"),
+        (
+            {"sampling_params": {"max_new_tokens": 0, "temperature": 1e6}},
+            "sampling_params.temperature",
+        ),
+        # strict integers: past int64, a bool, a float
+        ({"input_ids": [1, 2**63]}, "input_ids[1]"),
+        ({"sampling_params": {"max_new_tokens": True}}, "sampling_params.max_new_tokens"),
+        ({"sampling_params": {"max_new_tokens": 0, "n": 1.0}}, "sampling_params.n"),
+        ({"logprob_start_len": 0.0}, "logprob_start_len"),
     ],
 )
 def test_bad_input_is_a_400_naming_the_field(tiny_server, body, param):
@@ -99,3 +112,8 @@ def test_bad_input_is_a_400_naming_the_field(tiny_server, body, param):
     assert r.json()["error"]["param"] == param and r.json()["error"]["message"]
     ok = httpx.post(tiny_server + "/generate", json=slime_request(SEQ), timeout=60)
     assert ok.status_code == 200
+
+
+def test_no_prompts_is_an_empty_answer(tiny_server):
+    r = httpx.post(tiny_server + "/generate", json={"text": []}, timeout=60)
+    assert r.status_code == 200 and r.json() == [], r.text

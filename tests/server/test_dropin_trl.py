@@ -116,6 +116,30 @@ def _decode(payload: dict) -> dict:
     }
 
 
+@pytest.mark.parametrize(
+    ("change", "param", "says"),
+    [
+        ({"top_logprobs": 65}, "top_logprobs", "max_top_k=64"),
+        ({"sequences": [SEQS[0], [1, 2, 49152]]}, "sequences[1]", "vocabulary"),
+        ({"sequences": [SEQS[0], [1, 2**64 - 1]]}, "sequences[1][1]", "64 bits"),
+        ({"sequences": [[1] * 1025, SEQS[1]]}, "sequences[0]", "max_tokens_per_sequence=1024"),
+        ({"prompt_lengths": [3, 7]}, "prompt_lengths[1]", "outside"),
+        ({"prompt_lengths": [3, True]}, "prompt_lengths[1]", ""),
+        ({"temperature": 1e6}, "temperature", "100.0"),
+    ],
+)
+def test_legacy_route_refusals_name_its_fields(tiny_server, change, param, says):
+    """The contract's limits and TRL's own rules, each a 400 naming TRL's field."""
+    body = {"sequences": SEQS, "prompt_lengths": PROMPT_LENGTHS, "top_logprobs": 4, **change}
+    r = httpx.post(tiny_server + "/get_sequence_logprobs/", json=body, timeout=60)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and says in err["message"], err
+    empty = {"sequences": [], "prompt_lengths": []}
+    r = httpx.post(tiny_server + "/get_sequence_logprobs/", json=empty, timeout=60)
+    assert r.status_code == 200 and r.json() == {"logprobs": [], "logprob_token_ids": []}
+
+
 def test_async_distillation_mopd_sends_each_row_to_its_own_opd_teacher(
     tiny_server, tiny_student_dir, tmp_path
 ):

@@ -155,6 +155,25 @@ def test_binary_bad_input_names_the_same_fields(strict_server):
     assert err["field"] == "sequences[0].token_ids[2]"
 
 
+def test_integers_past_int64_are_refused_naming_the_field(strict_server):
+    """JSON integers up to 2**64 - 1 parse, but no id array holds them; msgpack's n_candidates
+    past int32 once reached numpy's reshape of an empty candidate matrix (a 500)."""
+    body = _ok_body(sequences=[{"token_ids": [1, 2**64 - 1, 3], "score_from": 1}])
+    err = _error(_post_json(strict_server, body), 422)
+    assert err["field"] == "sequences" and err["limit"] == 2**31 - 1
+    req = PackedRequest.from_arrays([[1, 2, 3]], [1], None, ScoreOptions())
+    envelope = msgpack.unpackb(encode_request_msgpack(req))
+    envelope.update(n_candidates=2**63, candidate_ids=b"")
+    r = httpx.post(
+        strict_server + "/v1/score",
+        content=msgpack.packb(envelope, use_bin_type=True),
+        headers={**AUTH, "Content-Type": MSGPACK_MEDIA_TYPE},
+    )
+    err = _error(r, 422)
+    assert err["field"] == "n_candidates" and err["limit"] == 2**31 - 1
+    _assert_still_serving(strict_server)
+
+
 @pytest.mark.parametrize(
     "content,ctype",
     [
