@@ -1,8 +1,10 @@
-"""One log call per step, to JSONL and TensorBoard (or nowhere), behind a tiny interface.
+"""One log call per step, behind a tiny interface: JSONL (always), TensorBoard, or nowhere.
 
 Keys are namespaced (`train/loss`, `overlap/ratio`, `time/score_s`). metrics.jsonl holds one
 JSON object per step with a "step" key; it is what `--resume` equality is checked on and what
-reports read.
+reports read. The experiment trackers (Weights & Biases, MLflow, Trackio) and the function that
+picks the loggers of a run live in loggers.py; this module stays import-light (no torch until a
+TensorBoardLogger is built) because the evaluation and report code import its helpers.
 """
 
 from __future__ import annotations
@@ -25,6 +27,20 @@ class NullLogger:
 
     def close(self) -> None:
         pass
+
+
+def scalars(metrics: dict[str, Any]) -> dict[str, float]:
+    """The numeric values of a step as floats, NaN dropped.
+
+    A NaN (a diagnostic with no positions this step, an outcome not measured) means "no value",
+    not a point to plot: the trackers would draw it as a gap or reject it, so every backend but
+    the JSONL (which keeps the key as null, for resume equality) leaves it out. Infinities stay:
+    a diverged loss should show."""
+    return {
+        key: float(value)
+        for key, value in metrics.items()
+        if isinstance(value, int | float) and not isinstance(value, bool) and not math.isnan(value)
+    }
 
 
 class JsonlLogger:
@@ -52,15 +68,35 @@ class JsonlLogger:
 
 
 class TensorBoardLogger:
-    def __init__(self, log_dir: Path) -> None:
-        from torch.utils.tensorboard import SummaryWriter
+    """Scalars to TensorBoard event files under `log_dir`.
 
-        self._writer = SummaryWriter(log_dir=str(log_dir))
+    `purge_step`: on resume, the first step that will be redone (checkpoint step + 1), so the
+    events the interrupted attempt wrote from there on are hidden and each step shows once.
+    `config`: shown once as text (TEXT tab), so the run's settings travel with its curves."""
+
+    def __init__(
+        self,
+        log_dir: Path,
+        *,
+        purge_step: int | None = None,
+        config: dict[str, Any] | None = None,
+    ) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as e:
+            raise ModuleNotFoundError(
+                "the tensorboard logger needs torch and tensorboard: pip install tensorboard"
+            ) from e
+
+        self._writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
+        if config is not None:
+            text = "```json\n" + json.dumps(finite_json(config), indent=2, default=str) + "\n```"
+            self._writer.add_text("config", text, global_step=purge_step or 0)
+            self._writer.flush()
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        for key, value in metrics.items():
-            if isinstance(value, int | float) and not math.isnan(value):
-                self._writer.add_scalar(key, value, step)
+        for key, value in scalars(metrics).items():
+            self._writer.add_scalar(key, value, step)
         self._writer.flush()
 
     def close(self) -> None:
@@ -68,6 +104,9 @@ class TensorBoardLogger:
 
 
 class MultiLogger:
+    """Several loggers as one. close() closes every one even if an earlier one fails (then
+    raises the first error), so a tracker's error never leaves metrics.jsonl unflushed."""
+
     def __init__(self, *loggers: MetricLogger) -> None:
         self.loggers = loggers
 
@@ -76,8 +115,14 @@ class MultiLogger:
             logger.log(step, metrics)
 
     def close(self) -> None:
+        first: BaseException | None = None
         for logger in self.loggers:
-            logger.close()
+            try:
+                logger.close()
+            except Exception as e:  # close the others, then report
+                first = first or e
+        if first is not None:
+            raise first
 
 
 def read_metrics(path: Path) -> list[dict]:
