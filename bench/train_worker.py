@@ -42,25 +42,22 @@ def _prompts(tokenizer: Any, count: int) -> list[tuple[int, list[int]]]:
 
 class Rollout:
     def __init__(self, cfg: dict[str, Any]) -> None:
-        from opd.client.train.engines import make_engine
-        from opd.client.train.rollouts import SamplingParams
-        from opd.client.train.student import load_student
-        from opd.client.train.student_math import StudentModule
+        from opd.client.configs.groups import SamplingGroup, StudentRuntime
+        from opd.client.train.factory import build_student
 
         torch.manual_seed(0)
-        model, tokenizer = load_student(cfg["student"], device=cfg.get("device", "cpu"))
-        self.student = StudentModule(model, chunk_tokens=int(cfg["head_chunk_tokens"]))
-        self.engine = make_engine(
-            cfg["engine"],
-            self.student,
-            model_dir=cfg["student"],
+        runtime = StudentRuntime(
+            device=cfg.get("device", "cpu"),
+            rollout_engine=cfg["engine"],
             hf_max_sequences=int(cfg["hf_max_sequences"]),
-            max_model_len=2048,
         )
-        self.prompts = _prompts(tokenizer, int(cfg["prompts"]))
-        self.params = SamplingParams.for_tokenizer(
-            tokenizer, int(cfg["n"]), 1.0, 1.0, int(cfg["max_new_tokens"])
+        built = build_student(
+            cfg["student"], runtime, head_chunk_tokens=int(cfg["head_chunk_tokens"])
         )
+        self.student, self.engine = built.module, built.engine
+        self.prompts = _prompts(built.tokenizer, int(cfg["prompts"]))
+        sampling = SamplingGroup(n=int(cfg["n"]), max_tokens=int(cfg["max_new_tokens"]))
+        self.params = built.sampling(sampling)
         self.top_k = 16
 
     def round(self) -> dict[str, Any]:
@@ -80,11 +77,13 @@ class Rollout:
 
 class Step:
     def __init__(self, cfg: dict[str, Any]) -> None:
-        from opd.client.train.config import TrainConfig
+        from opd.client.configs.train import TrainConfig
         from opd.client.train.trainer import Trainer
+        from opd.shared.config_cli import from_flags
 
         self.trainer = Trainer(
-            TrainConfig(
+            from_flags(
+                TrainConfig,
                 student=cfg["student"],
                 teacher_url=[cfg["teacher_url"]],
                 prompts="shipped",
@@ -100,7 +99,7 @@ class Step:
                 head_chunk_tokens=int(cfg["head_chunk_tokens"]),
                 micro_batch_size=int(cfg["micro_batch_size"]),
                 checkpoint_every=10_000,
-                tensorboard=False,
+                logger=["jsonl"],
                 device=cfg.get("device", "cpu"),
             )
         )
@@ -172,8 +171,8 @@ class Math:
         head.weight.grad = None
 
     def _stats(self, chunk: int) -> None:
-        from opd.client.train.student_math import head_spec
-        from opd.server.scoring import score_hidden
+        from opd.modeling.head import head_spec
+        from opd.modeling.scoring import score_hidden
 
         score_hidden(
             head_spec(self.model), self.h, self.batch.target_N, top_k=16, entropy=True,

@@ -174,7 +174,7 @@ class LongSeq:
     def __init__(self, cfg: dict[str, Any]) -> None:
         from transformers import AutoConfig
 
-        from opd.server.backends.head_weights import load_head
+        from opd.modeling.head import load_head
         from opd.server.settings import Settings
 
         config = AutoConfig.from_pretrained(cfg["model"])
@@ -199,7 +199,7 @@ class LongSeq:
 
     @torch.inference_mode()
     def round(self) -> dict[str, Any]:
-        from opd.server.scoring import score_hidden
+        from opd.modeling.scoring import score_hidden
 
         def chunked() -> None:
             score_hidden(

@@ -13,7 +13,7 @@ PORT=${PORT:-8123}
 export HF_HUB_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=1
 CACHE=${OPD_CACHE_DIR:-$HOME/.cache/opd}
 KEEP24=$CACHE/students/SmolLM2-135M-Instruct-keep24
-TEACHER_DIR=$(.venv/bin/python -c "from opd.server.embedded import embedded_model_dir; print(embedded_model_dir())")
+TEACHER_DIR=$(.venv/bin/python -c "from opd.modeling.embedded import embedded_model_dir; print(embedded_model_dir())")
 [ -d "$KEEP24" ] || .venv/bin/python -c "
 from opd.client.train.student import build_layer_subset_student
 build_layer_subset_student('$TEACHER_DIR', '$KEEP24', 24)"

@@ -30,10 +30,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from opd.modeling.scoring import ScoredRows
 from opd.server.admission import DeadlineExceeded, request_deadline
 from opd.server.backends.base import Backend, ScoreItem, items_from_request
 from opd.server.metrics import Metrics
-from opd.server.scoring import ScoredRows
 from opd.shared.packed import PackedRequest, PackedResult
 
 logger = logging.getLogger(__name__)

@@ -11,43 +11,11 @@ the request's seed and the prompt's index, never on what else was in flight.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
 
-import numpy as np
 import torch
 
+from opd.modeling.eos import Generated, cut_at_eos, eos_ids
 from opd.shared.schemas import GenerateOptions
-
-
-@dataclass
-class Generated:
-    """One completion: ids up to and including the first EOS, and why it ended."""
-
-    token_ids: list[int]
-    finish_reason: str  # "stop" | "length"
-
-
-def eos_ids(tokenizer: object, generation_config: object | None) -> set[int]:
-    """Every id that ends a turn: the tokenizer's EOS plus the model's generation-config EOS."""
-    ids: set[int] = set()
-    tok_eos = getattr(tokenizer, "eos_token_id", None)
-    if tok_eos is not None:
-        ids.add(int(tok_eos))
-    gen_eos = getattr(generation_config, "eos_token_id", None)
-    if isinstance(gen_eos, int):
-        ids.add(gen_eos)
-    elif gen_eos:
-        ids.update(int(i) for i in gen_eos)
-    return ids
-
-
-def cut_at_eos(row: np.ndarray | list[int], eos: set[int]) -> Generated:
-    """A generated row cut after its first EOS (kept); padding after it dropped."""
-    ids = [int(t) for t in row]
-    for j, t in enumerate(ids):
-        if t in eos:
-            return Generated(ids[: j + 1], "stop")
-    return Generated(ids, "length")
 
 
 class HFGenerator:

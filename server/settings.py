@@ -8,16 +8,20 @@ The request limits are declared once, in opd.shared.limits.Limits, and nested he
 from __future__ import annotations
 
 import os
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from opd.shared.config_cli import CliSpec
 from opd.shared.limits import Limits
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="OPD_", extra="ignore")
+    # `opd serve`'s flags: the limits flat (--max-sequences), the API key only from OPD_API_KEY
+    # (a command line is visible in `ps`).
+    cli: ClassVar[CliSpec] = CliSpec(nested={"limits": ""}, exclude=("api_key",), env_prefix="OPD_")
 
     # --- model and backend
     model: str | None = Field(
@@ -48,7 +52,7 @@ class Settings(BaseSettings):
     cpu_gemm: Literal["auto", "torch", "numpy"] = Field(
         default="auto",
         description="hf on CPU, float32: the BLAS of single-thread streams' matmuls; auto: "
-        "numpy's OpenBLAS on AMD CPUs, torch's MKL elsewhere (opd.server.cpu_gemm)",
+        "numpy's OpenBLAS on AMD CPUs, torch's MKL elsewhere (opd.modeling.cpu_gemm)",
     )
     retain_freed_memory: bool = Field(
         default=True,
@@ -168,7 +172,7 @@ class Settings(BaseSettings):
         return 1024 * streams if self.backend == "hf" and device.startswith("cpu") else 8192
 
     def scoring_tiles(self, device: str) -> tuple[int, int]:
-        """(rows, vocabulary columns; 0 = all) of one LM-head tile (opd.server.scoring).
+        """(rows, vocabulary columns; 0 = all) of one LM-head tile (opd.modeling.scoring).
 
         On CPU a 1,024 x 4,096 float32 tile (16 MB) stays in the last-level cache through the
         matmul and the passes that read it, which halved the scoring math against

@@ -24,7 +24,7 @@ from tests.support.keys import TEST_API_KEY  # noqa: E402
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """The real SmolLM2-135M-Instruct as a safetensors folder (converted once, cached)."""
-    from opd.server.embedded import embedded_model_dir
+    from opd.modeling.embedded import embedded_model_dir
 
     return embedded_model_dir()
 
@@ -188,3 +188,30 @@ def smol_student_server(
     teacher = _teacher(smol_student_dir, tmp_path_factory, "smol-student", OPD_DTYPE="float32")
     yield teacher.url
     teacher.stop()
+
+
+# --- the fast tier (`make test-fast`) ---------------------------------------------------------
+# A test is "heavy" when it needs a real model file, a server or any other child process: it
+# uses one of the fixtures above (each loads SmolLM2's files or starts `opd serve`), or its
+# module starts processes itself. Everything else is pure in-process code and runs in
+# `make test-fast`; `make test` (what CI runs) runs both tiers.
+_PROCESS_WORDS = ("subprocess", "Popen", "LocalTeacher", "start_child", "torchrun")
+_HEAVY_FIXTURES = {
+    name
+    for name, value in dict(globals()).items()
+    if hasattr(value, "_fixture_function_marker")  # what @pytest.fixture makes
+}
+
+
+def _module_spawns_processes(path: Path, cache: dict[Path, bool] = {}) -> bool:  # noqa: B006
+    if path not in cache:
+        text = path.read_text()
+        cache[path] = any(word in text for word in _PROCESS_WORDS)
+    return cache[path]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if fixtures & _HEAVY_FIXTURES or _module_spawns_processes(Path(item.fspath)):
+            item.add_marker(pytest.mark.heavy)

@@ -15,14 +15,15 @@ L = 0 is "from the prompt alone", the plain accuracy of each model on those prom
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from opd.client.evaluation.sources import CompletionSource, GenerationParams
+from opd.client.evaluation.sources import CompletionSource
 from opd.client.evaluation.stats import bootstrap_interval, wilson_interval
 from opd.client.evaluation.verifiers import Verifier
+from opd.shared.schemas import GenerateOptions
 
 
 def cut_prefixes(
@@ -70,7 +71,7 @@ def depth_cases(
 def _accuracies(
     cases: Sequence[DepthCase],
     source: CompletionSource,
-    params: GenerationParams,
+    params: GenerateOptions,
     verifier: Verifier,
     decode,  # noqa: ANN001
 ) -> np.ndarray:
@@ -81,7 +82,7 @@ def _accuracies(
         by_len.setdefault(case.prefix_len, []).append(i)
     for length, idx in sorted(by_len.items()):
         # the continuation keeps the rollout's total budget: max_tokens - L (at least 1)
-        p = replace(params, max_tokens=max(1, params.max_tokens - length))
+        p = params.model_copy(update={"max_tokens": max(1, params.max_tokens - length)})
         prompts = [cases[i].prompt_ids + cases[i].prefix_ids for i in idx]
         got = source.complete(prompts, p)
         for i, group in zip(idx, got, strict=True):
@@ -96,7 +97,7 @@ def run_depth_probe(
     student: CompletionSource,
     teachers: Mapping[str, CompletionSource],
     verifier: Verifier,
-    params: GenerationParams,
+    params: GenerateOptions,
     decode,  # noqa: ANN001
 ) -> dict[str, Any]:
     """The depth curve: per prefix length, the student's and each teacher's continuation
@@ -147,7 +148,7 @@ def probe_depth(
     student: CompletionSource,
     teachers: Mapping[str, CompletionSource],
     verifier: Verifier,
-    params: GenerationParams,
+    params: GenerateOptions,
     lengths: Sequence[int],
     max_rollouts: int,
     tokenizer: Any,

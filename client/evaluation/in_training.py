@@ -28,13 +28,13 @@ from typing import TYPE_CHECKING, Any
 
 from opd.client.evaluation.data import load_eval_set
 from opd.client.evaluation.run import evaluate
-from opd.client.evaluation.sources import EngineSource, GenerationParams, TeacherSource
+from opd.client.evaluation.sources import EngineSource, TeacherSource
 from opd.client.evaluation.stats import gap_recovery, wilson_interval
 from opd.client.evaluation.verifiers import load_verifier
 from opd.client.train.metric_log import finite_json
 
 if TYPE_CHECKING:
-    from opd.client.train.config import TrainConfig
+    from opd.client.configs.train import TrainConfig
     from opd.client.train.distributed import DistInfo
     from opd.client.train.engines import RolloutEngine
 
@@ -48,34 +48,29 @@ class TrainingEval:
         dist: DistInfo,
         run_dir: Path,
     ) -> None:
-        assert config.eval_set is not None
-        self.config, self.dist, self.run_dir = config, dist, run_dir
+        options = config.eval
+        assert options.data is not None
+        self.config, self.options, self.dist, self.run_dir = config, options, dist, run_dir
         self.items = load_eval_set(
-            config.eval_set,
-            config.eval_prompt_field,
-            config.eval_answer_field,
-            config.eval_limit,
+            options.data,
+            options.prompt_field,
+            options.answer_field,
+            options.limit,
             config.seed,
         )
-        self.verifier = load_verifier(config.eval_verifier)
-        self.params = GenerationParams(
-            n=config.eval_n,
-            temperature=config.eval_temperature,
-            top_p=config.top_p,
-            max_tokens=config.eval_max_new_tokens or config.max_new_tokens,
-            seed=config.seed,
-        )
+        self.verifier = load_verifier(options.verifier)
+        self.params = options.sampling.options(seed=config.seed)
         self.source = EngineSource(engine, tokenizer)
         self.path = run_dir / "eval.jsonl"
         self.before: float | None = None
         self.teacher: float | None = None
 
     def due(self, step: int, last: bool) -> bool:
-        return last or step % self.config.eval_every == 0
+        return last or step % self.options.every == 0
 
     def start(self, step: int, teacher_urls: list[str], api_key: str | None) -> None:
         """Before training (step 0) or on resume: acc_before and acc_teacher, measured or read."""
-        if self.dist.is_main and self.config.eval_teacher:
+        if self.dist.is_main and self.options.teacher:
             self.teacher = self._teacher_accuracy(teacher_urls, api_key)
         lines = self._read_lines()
         if step == 0:
@@ -144,10 +139,10 @@ class TrainingEval:
     def _teacher_accuracy(self, urls: list[str], api_key: str | None) -> float:
         cache = self.run_dir / "eval_teacher.json"
         key = {
-            "eval_set": self.config.eval_set,
+            "eval_set": self.options.data,
             "items": len(self.items),
-            "verifier": self.config.eval_verifier,
-            "params": self.params.__dict__,
+            "verifier": self.options.verifier,
+            "params": self.params.model_dump(),
             "teacher_url": urls,
         }
         if cache.is_file():

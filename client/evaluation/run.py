@@ -1,6 +1,7 @@
 """Evaluate one source on one set: sample, verify, summarise, and keep every per-prompt result.
 
-    result = evaluate(items, source, load_verifier("math"), GenerationParams(n=4, temperature=1))
+    options = GenerateOptions(n=4, temperature=1, seed=0)
+    result = evaluate(items, source, load_verifier("math"), options)
     result.summary["mean_at_n"], result.summary["pass_at_k"], result.summary["extraction_failures"]
 
 Prompts go to the source in chunks (progress, bounded memory); chunk c starts at seed + offset,
@@ -11,14 +12,15 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from opd.client.evaluation.data import EvalItem
-from opd.client.evaluation.sources import Completion, CompletionSource, GenerationParams
+from opd.client.evaluation.sources import Completion, CompletionSource
 from opd.client.evaluation.stats import PromptOutcome, summarize
 from opd.client.evaluation.verifiers import Verdict, Verifier
+from opd.shared.schemas import GenerateOptions
 
 # Prompts per source call: one engine batch (or one generate request, split under the limits).
 EVAL_CHUNK = 64
@@ -56,7 +58,7 @@ class PromptResult:
 @dataclass
 class EvalResult:
     source: str
-    params: GenerationParams
+    params: GenerateOptions
     prompts: list[PromptResult]
     summary: dict[str, Any]
 
@@ -81,7 +83,7 @@ def evaluate(
     items: Sequence[EvalItem],
     source: CompletionSource,
     verifier: Verifier,
-    params: GenerationParams,
+    params: GenerateOptions,
     *,
     k: int | None = None,
     interval: str = "bootstrap",
@@ -98,7 +100,7 @@ def evaluate(
     results: list[PromptResult] = []
     for a in range(0, len(items), EVAL_CHUNK):
         chunk = sent[a : a + EVAL_CHUNK]
-        got = source.complete(chunk, replace(params, seed=params.seed + a))
+        got = source.complete(chunk, params.model_copy(update={"seed": (params.seed or 0) + a}))
         if len(got) != len(chunk):
             raise RuntimeError(f"{source.name}: {len(got)} results for {len(chunk)} prompts")
         for item, completions in zip(items[a : a + EVAL_CHUNK], got, strict=True):

@@ -14,22 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from opd.client.configs.groups import StudentRuntime
+from opd.shared.schemas import GenerateOptions
+
 if TYPE_CHECKING:
     from opd.client.teacher import TeacherClient
     from opd.client.train.engines import RolloutEngine
 
 Prompt = str | list[int]
-
-
-@dataclass(frozen=True)
-class GenerationParams:
-    """n completions per prompt at temperature / top-p (temperature 0 = greedy)."""
-
-    n: int = 1
-    temperature: float = 0.0
-    top_p: float = 1.0
-    max_tokens: int = 256
-    seed: int = 0
 
 
 @dataclass
@@ -43,7 +35,7 @@ class CompletionSource(Protocol):
     name: str
 
     def complete(
-        self, prompts: Sequence[Prompt], params: GenerationParams
+        self, prompts: Sequence[Prompt], params: GenerateOptions
     ) -> list[list[Completion]]:
         """params.n completions of every prompt, in prompt order."""
         ...
@@ -84,34 +76,20 @@ class EngineSource:
     def from_model_dir(
         cls,
         path: str | Path,
-        engine: str = "hf",
-        dtype: str = "float32",
-        device: str = "cpu",
-        hf_max_sequences: int = 64,
+        runtime: StudentRuntime | None = None,
         seed: int = 0,
     ) -> EngineSource:
-        from opd.client.train.engines import make_engine
-        from opd.client.train.student import load_student
-        from opd.client.train.student_math import StudentModule
-        from opd.client.train.trainer import engine_max_len
+        """The student in `path` (folder, checkpoint or run dir), run as `runtime` says."""
+        from opd.client.train.factory import build_student
 
-        model_dir = resolve_model_dir(path)
-        model, tokenizer = load_student(str(model_dir), dtype, device)
-        model.eval()
-        made = make_engine(
-            engine,
-            StudentModule(model),
-            model_dir=str(model_dir),
-            hf_max_sequences=hf_max_sequences,
-            max_model_len=engine_max_len(model.config),
-            seed=seed,
-        )
-        source = cls(made, tokenizer, name=str(path))
-        source._owned.append(made)
+        runtime = runtime or StudentRuntime()
+        built = build_student(str(resolve_model_dir(path)), runtime, seed=seed)
+        source = cls(built.engine, built.tokenizer, name=str(path))
+        source._owned.append(built)
         return source
 
     def complete(
-        self, prompts: Sequence[Prompt], params: GenerationParams
+        self, prompts: Sequence[Prompt], params: GenerateOptions
     ) -> list[list[Completion]]:
         from opd.client.train.rollouts import SamplingParams
         from opd.shared.chat import chat_prompt_ids
@@ -122,7 +100,8 @@ class EngineSource:
         sampling = SamplingParams.for_tokenizer(
             self.tokenizer, params.n, params.temperature, params.top_p, params.max_tokens
         )
-        seeds = [params.seed + i for i in range(len(ids))]
+        seed = 0 if params.seed is None else params.seed
+        seeds = [seed + i for i in range(len(ids))]
         samples = self.engine.sample(ids, sampling, seeds) if ids else []
         return [
             [
@@ -137,8 +116,8 @@ class EngineSource:
         ]
 
     def close(self) -> None:
-        for engine in self._owned:
-            engine.close()  # type: ignore[attr-defined]
+        for owned in self._owned:
+            owned.close()  # type: ignore[attr-defined]
         self._owned.clear()
 
 
@@ -158,7 +137,7 @@ class TeacherSource:
         return cls(client, name=",".join(urls), owned=True)
 
     def complete(
-        self, prompts: Sequence[Prompt], params: GenerationParams
+        self, prompts: Sequence[Prompt], params: GenerateOptions
     ) -> list[list[Completion]]:
         from opd.shared.schemas import GenerateRequest
 

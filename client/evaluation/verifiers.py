@@ -231,8 +231,8 @@ def verify_exact(completion: str, answer: str) -> Verdict:
 # numeric: the last number, within a tolerance
 # --------------------------------------------------------------------------------------------
 
-# A number not glued to a word or another number (so "x2" and "v1.2.3" give none, and "5-3"
-# ends in 3, not -3): \frac{a}{b}, a/b, 1,234.5 (thousands separators), 1.5e-3, .5, 42.
+# A number not glued to a word or another number on either side (so "x2", "8lizzers", "101rom"
+# and "v1.2.3" give none, and "5-3" ends in 3, not -3): \frac{a}{b}, a/b, 1,234.5 (thousands separators), 1.5e-3, .5, 42.
 _NUMBER = re.compile(
     r"""
     (?P<frac>-?\\[dt]?frac\{\s*(?P<fn>-?\d+(?:\.\d+)?)\s*\}\{\s*(?P<fd>\d+(?:\.\d+)?)\s*\})
@@ -243,6 +243,7 @@ _NUMBER = re.compile(
         (?:\d{1,3}(?:,\d{3})+(?!\d)(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)
         (?:/\d+(?:\.\d+)?|[eE][-+]?\d+)?
     )
+    (?!\w|\.\w)
     """,
     re.VERBOSE,
 )

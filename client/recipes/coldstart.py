@@ -24,14 +24,13 @@ import shlex
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from opd.client.recipes.coldstart_filters import FilterConfig, filter_rows
-from opd.client.recipes.sft import SFTConfig
-from opd.client.train.config import OPDStage
+from opd.client.configs.coldstart import ColdstartConfig
+from opd.client.recipes.coldstart_filters import filter_rows
+from opd.shared.config_cli import from_flags
 
 COLDSTART_VERSION = 1
 # Prompts per generate call: progress is reported (and answers saved) between calls, and a
@@ -39,56 +38,6 @@ COLDSTART_VERSION = 1
 # timeout on a CPU teacher. The client splits further under the teacher's limits.
 _GENERATE_CHUNK = 32
 _GENERATE_TOKENS = 8192
-
-
-class ColdstartConfig(BaseModel):
-    """Every knob of `opd coldstart` (its flags are generated from these fields): the teacher's
-    sampling, the filters, the SFT stage (`--sft-*`), and the OPD stage (`--opd-*`, a typed
-    part of TrainConfig)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    student: str = Field(description="student model folder")
-    teacher_url: list[str] = Field(
-        min_length=1, description="teacher service URL; repeat for replicas of one teacher"
-    )
-    prompts: str = Field(default="shipped", description="JSONL, Parquet, HF folder, or 'shipped'")
-    prompt_field: str = Field(default="prompt", description="field holding the prompt text")
-    sft_fraction: float = Field(
-        default=0.5, gt=0, lt=1, description="share of prompts used for SFT (the rest: OPD)"
-    )
-    seed: int = Field(default=0, description="split and sampling seed")
-    # teacher sampling (the paper's values)
-    temperature: float = Field(default=0.7, gt=0, description="teacher temperature")
-    top_p: float = Field(default=0.95, gt=0, le=1, description="teacher top-p")
-    max_tokens: int = Field(default=1024, ge=1, description="teacher max new tokens")
-    n: int = Field(default=1, ge=1, description="teacher responses per prompt")
-    filters: FilterConfig = Field(default_factory=FilterConfig)
-    sft: SFTConfig = Field(default_factory=SFTConfig)
-    dataset_format: Literal["jsonl", "parquet"] = Field(
-        default="jsonl", description="format of the SFT data set"
-    )
-    dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        default="float32", description="student dtype"
-    )
-    device: str = Field(default="cpu", description="student device")
-    api_key: str | None = Field(default=None, description="teacher API key (OPD_API_KEY)")
-    out_dir: str = Field(default="runs/coldstart", description="data set, split, student, metrics")
-    # OPD afterwards, on the held-out prompts (0 = stop after SFT and print the command)
-    opd_steps: int = Field(
-        default=0, ge=0, description="then OPD steps on the held-out prompts (0: print the command)"
-    )
-    opd: OPDStage = Field(default_factory=OPDStage)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _sft_seed(cls, data: Any) -> Any:
-        """The SFT stage shuffles with the recipe's seed unless told otherwise."""
-        if isinstance(data, dict) and "seed" in data:
-            sft = data.get("sft") or {}
-            if isinstance(sft, dict) and "seed" not in sft:
-                data = {**data, "sft": {**sft, "seed": data["seed"]}}
-        return data
 
 
 def split_prompts(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -144,13 +93,14 @@ def run_coldstart(config: ColdstartConfig, log: Callable[[str], None] = print) -
     write_rows([{"prompt": prompts[i]} for i in opd_idx], out / "opd_prompts.jsonl")
     log(f"split: {len(sft_idx)} prompts for SFT, {len(opd_idx)} held out for OPD")
 
-    model, tokenizer = load_student(config.student, config.dtype, config.device)
+    runtime, sampling = config.student, config.sampling
+    model, tokenizer = load_student(runtime.model, runtime.dtype, runtime.device)
     eos = int(tokenizer.eos_token_id)
     rows: list[dict[str, Any]] = []
     refused: list[dict[str, Any]] = []
     raw_path = out / "teacher_responses.jsonl"  # every answer, appended as it arrives
     raw_path.write_text("")
-    with TeacherClient(config.teacher_url, api_key=config.api_key) as teacher:
+    with TeacherClient(config.teacher_url, api_key=config.connection.api_key) as teacher:
         info = teacher.connect()
         same_tokenizer = info.tokenizer_fingerprint == fingerprint_hf_tokenizer(tokenizer)
         # Prompts whose rendering + max_tokens cannot fit the teacher's context are not sent
@@ -161,13 +111,13 @@ def run_coldstart(config: ColdstartConfig, log: Callable[[str], None] = print) -
         position = {i: j for j, i in enumerate(sft_idx)}
         for i in sft_idx:
             n_prompt = len(chat_prompt_ids(tokenizer, prompts[i]))
-            if same_tokenizer and n_prompt + config.max_tokens > cap:
+            if same_tokenizer and n_prompt + sampling.max_tokens > cap:
                 refused.append(
-                    _refused_row(i, prompts[i], f"{n_prompt} + {config.max_tokens} > {cap}")
+                    _refused_row(i, prompts[i], f"{n_prompt} + {sampling.max_tokens} > {cap}")
                 )
             else:
                 sendable.append(i)
-        step = max(1, min(_GENERATE_CHUNK, _GENERATE_TOKENS // (config.max_tokens * config.n)))
+        step = max(1, min(_GENERATE_CHUNK, _GENERATE_TOKENS // (sampling.max_tokens * sampling.n)))
         for c in range(0, len(sendable), step):
             chunk = sendable[c : c + step]
             seeds = [config.seed + position[i] for i in chunk]  # prompt j of SFT: seed + j
@@ -241,19 +191,14 @@ def run_coldstart(config: ColdstartConfig, log: Callable[[str], None] = print) -
         "version": COLDSTART_VERSION,
         "teacher": info.name,
         "teacher_url": config.teacher_url,
-        "student_in": config.student,
+        "student_in": config.student.model,
         "student_out": str(student_out),
         "dataset": str(data_path),
         "same_tokenizer": same_tokenizer,
         "counts": counts,
         "split": {k: v for k, v in split.items() if not k.endswith("_indices")}
         | {"sft_prompts": len(sft_idx), "opd_prompts": len(opd_idx), "file": "split.json"},
-        "generation": {
-            "temperature": config.temperature,
-            "top_p": config.top_p,
-            "max_tokens": config.max_tokens,
-            "n": config.n,
-        },
+        "generation": config.sampling.model_dump(),
         "filters": config.filters.model_dump(),
         "sft": config.sft.model_dump()
         | {
@@ -295,14 +240,8 @@ def _generate_chunk(teacher, config, prompts, chunk, seeds, refused):  # noqa: A
     from opd.shared.schemas import GenerateRequest
 
     def request(idx: list[int], seed: int) -> GenerateRequest:
-        return GenerateRequest(
-            prompts=[prompts[i] for i in idx],
-            temperature=config.temperature,
-            top_p=config.top_p,
-            max_tokens=config.max_tokens,
-            n=config.n,
-            seed=seed,
-        )
+        options = config.sampling.options(seed=seed)
+        return GenerateRequest(prompts=[prompts[i] for i in idx], **options.model_dump())
 
     # consecutive SFT positions: one request keeps "prompt j samples with seed + j"
     if seeds == list(range(seeds[0], seeds[0] + len(seeds))):
@@ -326,10 +265,11 @@ def _generate_chunk(teacher, config, prompts, chunk, seeds, refused):  # noqa: A
 def _opd_command(config: ColdstartConfig, student: Path, out: Path) -> str:
     """The `opd train` invocation equivalent to --opd-steps, for running OPD later."""
     args = ["opd", "train", "--student", str(student)]
+    runtime = config.student
     for url in config.teacher_url:
         args += ["--teacher-url", url]
     args += ["--prompts", str(out / "opd_prompts.jsonl"), "--run-dir", str(out / "opd")]
-    args += ["--seed", str(config.seed), "--dtype", config.dtype, "--device", config.device]
+    args += ["--seed", str(config.seed), "--dtype", runtime.dtype, "--device", runtime.device]
     for key, value in config.opd.model_dump().items():
         flag = key.replace("_", "-")
         if isinstance(value, bool):
@@ -341,21 +281,23 @@ def _opd_command(config: ColdstartConfig, student: Path, out: Path) -> str:
 
 def _run_opd(config: ColdstartConfig, student: Path, out: Path) -> dict[str, float]:
     """OPD from the SFT-ed student on the held-out prompts; the last step's metrics."""
-    from opd.client.train.config import TrainConfig
+    from opd.client.configs.train import TrainConfig
     from opd.client.train.trainer import Trainer
 
     values: dict[str, Any] = {
         "student": str(student),
         "teacher_url": config.teacher_url,
-        "api_key": config.api_key,
+        "teacher.api_key": config.connection.api_key,
+        "allow_tokenizer_mismatch": config.connection.allow_tokenizer_mismatch,
+        "teacher_wait_s": config.connection.wait_s,
         "prompts": str(out / "opd_prompts.jsonl"),
         "run_dir": str(out / "opd"),
         "max_steps": config.opd_steps,
         "seed": config.seed,
-        "dtype": config.dtype,
-        "device": config.device,
+        "dtype": config.student.dtype,
+        "device": config.student.device,
         **config.opd.model_dump(),
     }
-    with Trainer(TrainConfig(**values)) as trainer:
+    with Trainer(from_flags(TrainConfig, **values)) as trainer:
         history = trainer.run()
     return history[-1] if history else {}

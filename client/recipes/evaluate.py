@@ -21,91 +21,31 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-
+from opd.client.configs.evaluate import EvalConfig
 from opd.client.train.metric_log import finite_json
-from opd.client.train.pipeline import TeacherSpec
+from opd.shared.config_cli import replayable
 
 EVAL_VERSION = 1
-
-
-class EvalConfig(BaseModel):
-    """Every knob of `opd eval` (its flags are generated from these fields)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    data: str = Field(
-        description="questions with answers: JSONL, Parquet, HF folder, or task:NAME "
-        "(generated; opd.client.evaluation.tasks)"
-    )
-    prompt_field: str = Field(default="prompt", description="field holding the question")
-    answer_field: str = Field(default="answer", description="field holding the gold answer")
-    verifier: str = Field(
-        default="math",
-        description="math (math-verify), exact, numeric, regex:PATTERN, regex-numeric:PATTERN "
-        "or module:function",
-    )
-    students: list[str] = Field(
-        default_factory=list,
-        description="student model folder, run checkpoint or run dir (repeat to compare; the "
-        "first is 'before' for the gap recovery rate)",
-        json_schema_extra={"cli_name": "student"},
-    )
-    teachers: list[TeacherSpec] = Field(
-        default_factory=list,
-        description="teacher service [NAME=]URL[,URL...], answering via /v1/generate (repeat)",
-        json_schema_extra={"cli_name": "teacher"},
-    )
-    limit: int | None = Field(default=None, ge=1, description="a seeded subset of this many")
-    n: int = Field(default=1, ge=1, description="samples per prompt")
-    k: int | None = Field(default=None, ge=1, description="pass@k (default: n)")
-    temperature: float = Field(default=0.0, ge=0, description="0 = greedy")
-    top_p: float = Field(default=1.0, gt=0, le=1, description="nucleus sampling mass")
-    max_tokens: int = Field(default=256, ge=1, description="max completion tokens")
-    seed: int = Field(default=0, description="subset and sampling seed (prompt i: seed + i)")
-    interval: Literal["bootstrap", "wilson"] = Field(
-        default="wilson", description="95% interval: Wilson (counts) or bootstrap over prompts"
-    )
-    rollout_engine: Literal["hf", "vllm"] = Field(
-        default="hf", description="how students sample: hf (batched generate) or vllm"
-    )
-    dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        default="float32", description="student dtype"
-    )
-    device: str = Field(default="cpu", description="student device")
-    api_key: str | None = Field(default=None, description="teacher API key (OPD_API_KEY)")
-    out_dir: str = Field(default="runs/eval", description="where eval.json and per-prompt files go")
-
-    @model_validator(mode="after")
-    def _check(self) -> EvalConfig:
-        if not self.students and not self.teachers:
-            raise ValueError("give at least one --student or --teacher to evaluate")
-        if self.n > 1 and self.temperature == 0:
-            raise ValueError("n > 1 samples need temperature > 0 (greedy samples are identical)")
-        if self.k is not None and self.k > self.n:
-            raise ValueError(f"k={self.k} must be <= n={self.n}")
-        return self
 
 
 def run_eval(config: EvalConfig, log=print) -> dict[str, Any]:  # noqa: ANN001
     """Evaluate every source on the same items; write eval.json and per-prompt files."""
     from opd.client.evaluation.data import load_eval_set
     from opd.client.evaluation.run import evaluate
-    from opd.client.evaluation.sources import EngineSource, GenerationParams, TeacherSource
+    from opd.client.evaluation.sources import EngineSource, TeacherSource
     from opd.client.evaluation.stats import gap_recovery
     from opd.client.evaluation.verifiers import load_verifier
     from opd.client.recipes.probe import safe_name
 
     started = time.perf_counter()
-    verifier = load_verifier(config.verifier)
+    options = config.eval
+    verifier = load_verifier(options.verifier)
     items = load_eval_set(
-        config.data, config.prompt_field, config.answer_field, config.limit, config.seed
+        config.data, options.prompt_field, options.answer_field, options.limit, config.seed
     )
-    params = GenerationParams(
-        config.n, config.temperature, config.top_p, config.max_tokens, config.seed
-    )
+    params = config.sampling.options(seed=config.seed)
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sources: list[dict[str, Any]] = []
@@ -118,13 +58,11 @@ def run_eval(config: EvalConfig, log=print) -> dict[str, Any]:  # noqa: ANN001
     ]
     for kind, label, what in plan:
         t0 = time.perf_counter()
-        log(f"{kind} {label}: {len(items)} prompts x {config.n}")
+        log(f"{kind} {label}: {len(items)} prompts x {params.n}")
         if kind == "student":
-            source = EngineSource.from_model_dir(
-                what, config.rollout_engine, config.dtype, config.device, seed=config.seed
-            )
+            source = EngineSource.from_model_dir(what, config.student, seed=config.seed)
         else:
-            source = TeacherSource.connect(what.urls, config.api_key)
+            source = TeacherSource.connect(what.urls, config.connection.api_key)
         try:
             result = evaluate(
                 items,
@@ -174,7 +112,7 @@ def run_eval(config: EvalConfig, log=print) -> dict[str, Any]:  # noqa: ANN001
         "sources": sources,
         "gap_recovery": recovery,
         "seconds": round(time.perf_counter() - started, 1),
-        "config": config.model_dump(mode="json", exclude={"api_key"}),
+        "config": replayable(config),
     }
     (out / "eval.json").write_text(json.dumps(finite_json(report), indent=1))
     return report
@@ -198,7 +136,7 @@ def print_eval(report: dict[str, Any], console) -> None:  # noqa: ANN001
     """The table: one row per source, then the gap recovery rates."""
     from rich.table import Table
 
-    n = report["config"]["n"]
+    n = report["config"]["sampling"]["n"]
     k = report["config"]["k"] or n
     table = Table(title=f"opd eval: {report['data']} ({report['items']} prompts, n={n})")
     for col in (

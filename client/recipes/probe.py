@@ -22,13 +22,13 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from opd.client.configs.probe import ProbeConfig
 from opd.client.train.metric_log import finite_json
-from opd.client.train.pipeline import TeacherSpec
+from opd.shared.config_cli import replayable
 
 logger = logging.getLogger(__name__)
 
@@ -67,90 +67,6 @@ SUMMARY_KEYS = (
     "entropy/student",
     "entropy/teacher",
 )
-
-
-class ProbeConfig(BaseModel):
-    """Every knob of `opd probe` (its flags are generated from these fields)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    student: str = Field(description="student model folder")
-    teachers: list[TeacherSpec] = Field(
-        min_length=1,
-        description="one teacher per flag, [NAME=]URL[,URL...] (replicas comma-separated); "
-        "repeat to compare",
-        json_schema_extra={"cli_name": "teacher"},
-    )
-    prompts: str = Field(default="shipped", description="JSONL, Parquet, HF folder, or 'shipped'")
-    prompt_field: str = Field(default="prompt", description="field holding the prompt text")
-    num_prompts: int = Field(default=256, ge=1, description="prompts sampled from the set")
-    n_rollouts: int = Field(default=1, ge=1, description="student rollouts per prompt")
-    max_new_tokens: int = Field(default=256, ge=1, description="max completion tokens")
-    temperature: float = Field(default=1.0, gt=0, description="rollout temperature")
-    rollout_engine: Literal["hf", "vllm"] = Field(
-        default="hf", description="who samples the student: hf (batched generate) or vllm"
-    )
-    save_rollouts: bool = Field(
-        default=True, description="write the scored rollouts to OUT_DIR/rollouts (Parquet)"
-    )
-    top_p: float = Field(default=1.0, gt=0, le=1, description="rollout top-p")
-    student_top_k: int = Field(default=16, ge=1, description="K: the student's top-k")
-    teacher_top_k: int = Field(default=16, ge=1, description="k: the teacher's top-k")
-    depth_bucket: int = Field(default=256, ge=1, description="completion tokens per depth bucket")
-    seed: int = Field(default=0, description="prompt subset and sampling seed")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        default="float32", description="student dtype"
-    )
-    device: str = Field(default="cpu", description="student device")
-    api_key: str | None = Field(default=None, description="teacher API key (OPD_API_KEY)")
-    out_dir: str = Field(default="runs/probe", description="where probe.json goes")
-    allow_tokenizer_mismatch: bool = Field(
-        default=False, description="skip the check that teachers and student share a tokenizer"
-    )
-    domain_field: str | None = Field(
-        default=None,
-        description="a prompt column naming each prompt's domain: teachers are also ranked per "
-        "domain, and opd train routing flags (--route DOMAIN=TEACHER) are suggested",
-    )
-    answer_field: str | None = Field(
-        default=None,
-        description="field holding the gold answer: adds the student's accuracy and each "
-        "teacher's reward AUROC (sequence mean reward against answer correctness)",
-    )
-    verifier: str = Field(
-        default="math",
-        description="with --answer-field: math, exact, numeric, regex:PATTERN, "
-        "regex-numeric:PATTERN or module:function",
-    )
-    depth: bool = Field(
-        default=False,
-        description="teacher-continuation depth probe: teacher and student continue student "
-        "prefixes; the teacher's accuracy advantage by prefix length (needs --answer-field)",
-    )
-    depth_prefixes: list[int] = Field(
-        default_factory=lambda: [0, 8, 16, 32],
-        description="depth probe: prefix lengths in completion tokens (repeat the flag)",
-        json_schema_extra={"cli_name": "depth_prefix"},
-    )
-    depth_samples: int = Field(
-        default=4, ge=1, description="depth probe: continuations per prefix and model"
-    )
-    depth_temperature: float | None = Field(
-        default=None,
-        ge=0,
-        description="depth probe: continuation temperature (default: --temperature; 0 = greedy)",
-    )
-    depth_rollouts: int = Field(
-        default=64, ge=1, description="depth probe: rollouts continued (a seeded subset)"
-    )
-
-    @model_validator(mode="after")
-    def _check(self) -> ProbeConfig:
-        if self.depth and self.answer_field is None:
-            raise ValueError("depth: the depth probe grades answers; give --answer-field")
-        if any(p < 0 for p in self.depth_prefixes) or not self.depth_prefixes:
-            raise ValueError("depth_prefixes: one or more lengths >= 0")
-        return self
 
 
 def verdict(metrics: dict[str, float]) -> dict[str, Any]:
@@ -243,76 +159,70 @@ def run_probe(config: ProbeConfig, log=print) -> dict[str, Any]:  # noqa: ANN001
     from opd.client.evaluation.sources import EngineSource
     from opd.client.train.bridge import ScoreSpec
     from opd.client.train.diagnostics import compute_diagnostics
-    from opd.client.train.engines import make_engine
-    from opd.client.train.pipeline import collect, connect_teachers
+    from opd.client.train.factory import build_student, connect
+    from opd.client.train.pipeline import collect
     from opd.client.train.positions import PositionStats
     from opd.client.train.prompts import load_prompts
     from opd.client.train.rollout_store import RolloutWriter, decode_pieces
-    from opd.client.train.rollouts import SamplingParams, chunk_sampler
-    from opd.client.train.student import chat_prompt_ids, load_student
-    from opd.client.train.student_math import StudentModule
-    from opd.shared.fingerprint import fingerprint_hf_tokenizer
+    from opd.client.train.rollouts import chunk_sampler
+    from opd.client.train.student import chat_prompt_ids
 
     started = time.perf_counter()
     torch.manual_seed(config.seed)
-    model, tokenizer = load_student(config.student, config.dtype, config.device)
-    model.eval()
-    student = StudentModule(model)
-    items = None
-    if config.answer_field is not None:
-        from opd.client.evaluation.data import load_eval_set
-        from opd.client.evaluation.verifiers import load_verifier
-
-        verifier = load_verifier(config.verifier)
-        items = load_eval_set(config.prompts, config.prompt_field, config.answer_field)
-        prompts = [it.prompt for it in items]
-    else:
-        prompts = load_prompts(config.prompts, config.prompt_field)
-    domain_of = None
-    if config.domain_field is not None:
-        from opd.client.recipes.probe_domains import prompt_domains
-        from opd.client.train.prompts import load_rows
-
-        rows, where = load_rows(config.prompts)  # the same rows, in the same order, as prompts
-        domain_of = prompt_domains(rows, config.domain_field, where)
-    indices = sample_prompt_indices(len(prompts), config.num_prompts, config.seed)
-    params = SamplingParams.for_tokenizer(
-        tokenizer, config.n_rollouts, config.temperature, config.top_p, config.max_new_tokens
-    )
-    # The diagnostics read every teacher field.
-    spec = ScoreSpec(top_k=config.teacher_top_k, candidates=True, entropy=True)
-    labels = [t.name or t.urls[0] for t in config.teachers]
-    connected = connect_teachers(
-        [(t.name, t.urls) for t in config.teachers],
-        spec,
-        config.student_top_k,
-        keep_going=True,
-        log=log,
-        api_key=config.api_key,
-        tokenizer_fingerprint=fingerprint_hf_tokenizer(tokenizer),
-        allow_tokenizer_mismatch=config.allow_tokenizer_mismatch,
-    )
-    entries: list[dict[str, Any]] = []
-    by_name: dict[str, dict[str, Any]] = {}
-    live = iter(connected.teachers)
-    for spec_t, label in zip(config.teachers, labels, strict=True):
-        entry: dict[str, Any] = {"url": ",".join(spec_t.urls)}
-        entries.append(entry)
-        if label in connected.errors:
-            entry.update(name=label, error=connected.errors[label])
-            continue
-        teacher = next(live)
-        entry["name"] = teacher.name
-        entry["model"] = teacher.info.model_dump(
-            mode="json", include={"name", "revision", "backend"}
-        )
-        by_name[teacher.name] = entry
-    positions = 0
-    out = Path(config.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    engine = make_engine(config.rollout_engine, student, model_dir=config.student, seed=config.seed)
+    built = build_student(config.student.model, config.student, seed=config.seed)
+    tokenizer, student, engine = built.tokenizer, built.module, built.engine
+    connected = None
     try:
-        log(f"sampling {config.n_rollouts} rollout(s) on {len(indices)} prompts")
+        items = None
+        if config.answer_field is not None:
+            from opd.client.evaluation.data import load_eval_set
+            from opd.client.evaluation.verifiers import load_verifier
+
+            verifier = load_verifier(config.verifier)
+            items = load_eval_set(config.prompts, config.prompt_field, config.answer_field)
+            prompts = [it.prompt for it in items]
+        else:
+            prompts = load_prompts(config.prompts, config.prompt_field)
+        domain_of = None
+        if config.domain_field is not None:
+            from opd.client.recipes.probe_domains import prompt_domains
+            from opd.client.train.prompts import load_rows
+
+            rows, where = load_rows(config.prompts)  # the same rows, in the same order, as prompts
+            domain_of = prompt_domains(rows, config.domain_field, where)
+        indices = sample_prompt_indices(len(prompts), config.num_prompts, config.seed)
+        params = built.sampling(config.sampling)
+        # The diagnostics read every teacher field.
+        spec = ScoreSpec(top_k=config.teacher_top_k, candidates=True, entropy=True)
+        labels = [t.name or t.urls[0] for t in config.teachers]
+        connected = connect(
+            [(t.name, t.urls) for t in config.teachers],
+            config.connection,
+            spec,
+            config.student_top_k,
+            fingerprint=built.fingerprint(),
+            keep_going=True,
+            log=log,
+        )
+        entries: list[dict[str, Any]] = []
+        by_name: dict[str, dict[str, Any]] = {}
+        live = iter(connected.teachers)
+        for spec_t, label in zip(config.teachers, labels, strict=True):
+            entry: dict[str, Any] = {"url": ",".join(spec_t.urls)}
+            entries.append(entry)
+            if label in connected.errors:
+                entry.update(name=label, error=connected.errors[label])
+                continue
+            teacher = next(live)
+            entry["name"] = teacher.name
+            entry["model"] = teacher.info.model_dump(
+                mode="json", include={"name", "revision", "backend"}
+            )
+            by_name[teacher.name] = entry
+        positions = 0
+        out = Path(config.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        log(f"sampling {config.sampling.n} rollout(s) on {len(indices)} prompts")
 
         sample = chunk_sampler(
             engine,
@@ -365,8 +275,8 @@ def run_probe(config: ProbeConfig, log=print) -> dict[str, Any]:  # noqa: ANN001
                 rank_teachers,
             )
         depth = None
-        if config.depth and outcome is not None and got.scored:
-            log(f"depth probe: continuing up to {config.depth_rollouts} rollouts")
+        if config.depth.enabled and outcome is not None and got.scored:
+            log(f"depth probe: continuing up to {config.depth.rollouts} rollouts")
             depth = run_depth(
                 config,
                 next(iter(got.scored.values())),
@@ -377,13 +287,14 @@ def run_probe(config: ProbeConfig, log=print) -> dict[str, Any]:  # noqa: ANN001
                 {name: by_name[name]["url"].split(",") for name in got.scored},
             )
     finally:
-        engine.close()
-        connected.close()
+        built.close()
+        if connected is not None:
+            connected.close()
     report = {
         "version": PROBE_VERSION,
-        "student": config.student,
+        "student": config.student.model,
         "prompts": len(indices),
-        "rollouts_per_prompt": config.n_rollouts,
+        "rollouts_per_prompt": config.sampling.n,
         "positions": positions,
         "prompt_indices": indices,
         "seconds": round(time.perf_counter() - started, 1),
@@ -394,7 +305,7 @@ def run_probe(config: ProbeConfig, log=print) -> dict[str, Any]:  # noqa: ANN001
             "large_entropy_gap": LARGE_ENTROPY_GAP,
             "negative_advantage": NEGATIVE_ADVANTAGE,
         },
-        "config": config.model_dump(mode="json", exclude={"api_key"}),
+        "config": replayable(config),
         "teachers": rank_teachers(entries),
     }
     if outcome is not None:
@@ -427,11 +338,13 @@ def run_depth(
 ) -> dict[str, Any]:
     """The depth probe: every live teacher and the student continue the same prefixes."""
     from opd.client.evaluation.depth import probe_depth
-    from opd.client.evaluation.sources import GenerationParams, TeacherSource
+    from opd.client.evaluation.sources import TeacherSource
 
-    teachers = {
-        name: TeacherSource.connect(urls, config.api_key) for name, urls in teacher_urls.items()
-    }
+    depth, sampling = config.depth, config.sampling
+    temperature = sampling.temperature if depth.temperature is None else depth.temperature
+    options = sampling.model_copy(update={"n": depth.samples, "temperature": temperature})
+    api_key = config.connection.api_key
+    teachers = {name: TeacherSource.connect(urls, api_key) for name, urls in teacher_urls.items()}
     try:
         return probe_depth(
             rollouts,
@@ -439,17 +352,9 @@ def run_depth(
             student,
             teachers,
             verifier,
-            GenerationParams(
-                config.depth_samples,
-                config.temperature
-                if config.depth_temperature is None
-                else config.depth_temperature,
-                config.top_p,
-                config.max_new_tokens,
-                config.seed,
-            ),
-            config.depth_prefixes,
-            config.depth_rollouts,
+            options.options(seed=config.seed),
+            depth.prefixes,
+            depth.rollouts,
             tokenizer,
         )
     finally:

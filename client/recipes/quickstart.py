@@ -22,13 +22,13 @@ import time
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from opd.client.configs.train import TrainConfig
 from opd.client.report.labels import MAIN_METRICS
 from opd.client.teacher.launch import LocalTeacher
-from opd.client.train.config import TrainConfig
 from opd.client.train.student import build_layer_subset_student
+from opd.shared.config_cli import from_flags
 
 STUDENT_LAYERS = 24
 # Shown before/after, with the direction that means "closer to the teacher".
@@ -41,7 +41,8 @@ def quickstart_engine() -> str:
 
 
 def quickstart_config(student: Path, teacher_url: str, run_dir: Path) -> TrainConfig:
-    return TrainConfig(
+    return from_flags(
+        TrainConfig,
         student=str(student),
         teacher_url=[teacher_url],
         prompts="shipped",
@@ -64,8 +65,9 @@ def quickstart_config(student: Path, teacher_url: str, run_dir: Path) -> TrainCo
 
 
 def run_quickstart() -> None:
-    from opd.client.train.trainer import Trainer, summary
-    from opd.server.embedded import cache_root, embedded_model_dir
+    from opd.client.train.progress import progress_bar, step_line
+    from opd.client.train.trainer import Trainer
+    from opd.modeling.embedded import cache_root, embedded_model_dir
 
     console = Console()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -98,7 +100,7 @@ def run_quickstart() -> None:
                 task = progress.add_task("opd", total=config.max_steps, info="")
 
                 def on_step(step: int, metrics: dict[str, float]) -> None:
-                    progress.update(task, completed=step, info=summary(metrics))
+                    progress.update(task, completed=step, info=step_line(metrics))
 
                 history = trainer.run(on_step=on_step)
             with console.status("diagnostics of the trained student on the same prompts"):
@@ -116,7 +118,7 @@ def run_quickstart() -> None:
         return sum(m.get(key, 0.0) for m in history)
 
     console.print(
-        f"time: sampling ({config.rollout_engine}) {total('time/engine_s'):.0f}s, student "
+        f"time: sampling ({config.student.rollout_engine}) {total('time/engine_s'):.0f}s, student "
         f"statistics {total('time/stats_s'):.0f}s, teacher scoring {total('time/score_s'):.0f}s "
         f"of which the student waited {total('time/score_wait_s'):.0f}s, update "
         f"{total('time/train_s'):.0f}s, weight sync {total('time/sync_s'):.0f}s; "
@@ -130,14 +132,3 @@ def run_quickstart() -> None:
         " config.json, quickstart.json; `opd report` makes a page of it)"
     )
 
-
-def progress_bar(console: Console) -> Progress:
-    """The OPD progress bar: step count, live metrics, elapsed time."""
-    return Progress(
-        TextColumn("[bold]OPD"),
-        BarColumn(),
-        TextColumn("step {task.completed}/{task.total}"),
-        TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(),
-        console=console,
-    )

@@ -27,7 +27,7 @@ ANSWERS = ("The capital of France is Paris.", "The capital of France is Berlin."
 def run_score_demo(prompt: str) -> None:
     from transformers import AutoTokenizer
 
-    from opd.server.embedded import embedded_model_dir
+    from opd.modeling.embedded import embedded_model_dir
 
     console = Console()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

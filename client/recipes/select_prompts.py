@@ -28,105 +28,28 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import typer
-from pydantic import BaseModel, ConfigDict, Field
 
-from opd.client.config_cli import config_command
+from opd.client.configs.select import SelectConfig
 from opd.client.recipes import prompt_selection as ps
-from opd.client.recipes.prompt_embeddings import DEFAULT_THRESHOLDS, EmbedderName, make_embedder
+from opd.client.recipes.prompt_embeddings import DEFAULT_THRESHOLDS, make_embedder
 from opd.client.teacher.client import TeacherClient
 from opd.client.train.bridge import ScoreSpec
 from opd.client.train.prompts import load_prompts
+from opd.shared.config_cli import replayable
 from opd.shared.packed import PackedRequest
 from opd.shared.schemas import ScoreOptions
 
 if TYPE_CHECKING:
+    from opd.client.train.factory import Student
     from opd.client.train.pipeline import Connected
 
-RankBy = Literal["likelihood", "overlap", "combined"]
 # Prompts per teacher request of the likelihood, and per chunk of student rollouts.
 _CHUNK = 64
 _ROLLOUT_CHUNK = 32
-
-
-class SelectConfig(BaseModel):
-    """Every knob of `opd select-prompts`, recorded whole in the summary (minus the API key)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    pool: str = Field(description="prompt pool: JSONL, Parquet or HF folder")
-    out: str = Field(description="output file, .jsonl or .parquet")
-    count: int | None = Field(
-        default=None, ge=1, description="prompts to select, aligned + OOD; default: all left"
-    )
-    teacher_url: list[str] = Field(
-        min_length=1, description="teacher service URL; repeat for replicas of one teacher"
-    )
-    api_key: str | None = Field(default=None, description="teacher API key (OPD_API_KEY)")
-    teacher_name: str | None = Field(
-        default=None,
-        description="multi-teacher OPD: write this teacher's name into every selected row's "
-        "--teacher-field column, so that opd train routes the set to it",
-    )
-    teacher_field: str = Field(
-        default="teacher", description="with --teacher-name: the column that names the teacher"
-    )
-    prompt_field: str = Field(default="prompt", description="field holding the prompt text")
-    student: str | None = Field(default=None, description="student folder: adds the overlap score")
-    tokenizer: str | None = Field(
-        default=None, description="tokenizer folder (default: the student's)"
-    )
-    dedupe_against: list[str] = Field(
-        default_factory=list, description="drop pool prompts found in this set (repeatable)"
-    )
-    ood: str | None = Field(
-        default=None, description="OOD prompts file; default: the pool's least aligned"
-    )
-    ood_fraction: float = Field(default=0.1, ge=0, le=1, description="share of OOD in --count")
-    rank_by: RankBy | None = Field(
-        default=None, description="ranking score (default: combined with --student)"
-    )
-    embedder: EmbedderName = Field(
-        default="auto", description="near-dup embedder (auto: minilm if installed)"
-    )
-    near_dup_threshold: float | None = Field(
-        default=None,
-        ge=-1,
-        le=1,
-        description="cosine >= this is a near duplicate (default: minilm 0.6, lexical 0.4)",
-    )
-    seed: int = Field(default=0, description="seed of OOD sampling and student rollouts")
-    max_prompt_tokens: int | None = Field(
-        default=None, ge=2, description="skip longer rendered prompts (default: teacher's limit)"
-    )
-    rollouts: int = Field(default=1, ge=1, description="student rollouts per prompt")
-    rollout_engine: Literal["hf", "vllm"] = Field(
-        default="hf", description="who samples the student: hf (batched generate) or vllm"
-    )
-    max_new_tokens: int = Field(default=48, ge=1, description="tokens per student rollout")
-    top_k: int = Field(default=16, ge=1, description="student and teacher top-k of the overlap")
-    temperature: float = Field(default=1.0, gt=0, description="student rollout temperature")
-    device: str = Field(default="cpu", description="student and embedder device")
-
-    def tokenizer_path(self) -> str:
-        """The teacher's chat template and vocabulary come from here: --tokenizer, else the
-        student (which must share the teacher's tokenizer anyway)."""
-        path = self.tokenizer or self.student
-        if not path:
-            raise ps.SelectionError(
-                "give --student or --tokenizer: the teacher's chat template comes from it"
-            )
-        return path
-
-    def resolved_rank_by(self) -> RankBy:
-        if self.rank_by is None:
-            return "combined" if self.student else "likelihood"
-        if self.rank_by != "likelihood" and not self.student:
-            raise ps.SelectionError(f"--rank-by {self.rank_by} needs --student (for the overlap)")
-        return self.rank_by
 
 
 # --------------------------------------------------------------------------------------------
@@ -175,38 +98,29 @@ def teacher_likelihood(client: TeacherClient, enc: EncodedPrompts) -> np.ndarray
 
 
 def student_overlap(
-    model: Any, tokenizer: Any, teachers: Connected, enc: EncodedPrompts, cfg: SelectConfig
+    built: Student, teachers: Connected, enc: EncodedPrompts, cfg: SelectConfig
 ) -> np.ndarray:
-    """Mean top-k overlap ratio of `cfg.rollouts` short student rollouts per prompt ([n]).
+    """Mean top-k overlap ratio of `--rollouts` short student rollouts per prompt ([n]).
 
     The ratio is the diagnostics' "overlap/ratio" (|S_t(p) & S_t(q)| / k, mean over the
     prompt's completion positions), computed by opd.client.train.diagnostics on the same arrays
     `opd train` logs. The teacher scores chunk c while the student samples chunk c + 1
     (opd.client.train.pipeline)."""
     from opd.client.train.diagnostics import compute_diagnostics
-    from opd.client.train.engines import make_engine
     from opd.client.train.pipeline import collect
     from opd.client.train.positions import PositionStats
-    from opd.client.train.rollouts import SamplingParams, chunk_sampler
-    from opd.client.train.student_math import StudentModule
+    from opd.client.train.rollouts import chunk_sampler
 
-    params = SamplingParams.for_tokenizer(
-        tokenizer, cfg.rollouts, cfg.temperature, 1.0, cfg.max_new_tokens
-    )
+    params = built.sampling(cfg.sampling)
     spec = ScoreSpec(top_k=cfg.top_k, candidates=True, entropy=True)
     chunks = [
         list(range(a, min(a + _ROLLOUT_CHUNK, len(enc.ids))))
         for a in range(0, len(enc.ids), _ROLLOUT_CHUNK)
     ]
 
-    student = StudentModule(model)
-    engine = make_engine(cfg.rollout_engine, student, model_dir=cfg.student, seed=cfg.seed)
-    try:
-        sample = chunk_sampler(engine, student, lambda i: enc.ids[i], params, cfg.top_k)
-        (teacher,) = teachers.teachers
-        scored = collect(teachers.teachers, chunks, sample, spec).scored[teacher.name]
-    finally:
-        engine.close()
+    sample = chunk_sampler(built.engine, built.module, lambda i: enc.ids[i], params, cfg.top_k)
+    (teacher,) = teachers.teachers
+    scored = collect(teachers.teachers, chunks, sample, spec).scored[teacher.name]
     out_n = np.full(len(enc.ids), np.nan)
     by_prompt: dict[int, list] = {}
     for r in scored:
@@ -238,33 +152,32 @@ class Scorer:
                 )
         # connect (protocol and tokenizer fingerprint checks) before loading a student
         self.client = TeacherClient(
-            cfg.teacher_url, api_key=cfg.api_key, tokenizer_fingerprint=fingerprint
+            cfg.teacher_url, api_key=cfg.connection.api_key, tokenizer_fingerprint=fingerprint
         )
         try:
             self.info = self.client.connect()
         except BaseException:
             self.client.close()
             raise
-        self.model = None
+        self.student: Student | None = None
         self.teachers: Connected | None = None
         if cfg.student:
-            from opd.client.train.pipeline import connect_teachers
-            from opd.client.train.student import load_student
+            from opd.client.train.factory import build_student, connect
 
-            self.model, _ = load_student(cfg.student, device=cfg.device)
-            self.teachers = connect_teachers(
+            self.student = build_student(cfg.student, cfg.student_options, seed=cfg.seed)
+            self.teachers = connect(
                 [(None, cfg.teacher_url)],
+                cfg.connection,
                 ScoreSpec(top_k=cfg.top_k, candidates=True, entropy=True),
                 cfg.top_k,
-                api_key=cfg.api_key,
-                tokenizer_fingerprint=fingerprint,
+                fingerprint=fingerprint,
             )
 
     def max_prompt_tokens(self) -> int:
         """The longest rendered prompt that can be scored (and continued by rollouts)."""
         limit = self.info.limits.max_tokens_per_sequence
-        if self.model is not None:
-            limit -= self.cfg.max_new_tokens
+        if self.student is not None:
+            limit -= self.cfg.sampling.max_tokens
         if self.cfg.max_prompt_tokens is not None:
             limit = min(limit, self.cfg.max_prompt_tokens)
         return limit
@@ -274,19 +187,20 @@ class Scorer:
 
     def scores(self, enc: EncodedPrompts) -> dict[str, np.ndarray]:
         out = {"teacher_logprob": teacher_likelihood(self.client, enc)}
-        if self.model is not None:
+        if self.student is not None:
             import torch
 
+            assert self.teachers is not None
             torch.manual_seed(self.cfg.seed)
-            out["student_overlap"] = student_overlap(
-                self.model, self.tokenizer, self.teachers, enc, self.cfg
-            )
+            out["student_overlap"] = student_overlap(self.student, self.teachers, enc, self.cfg)
         return out
 
     def close(self) -> None:
         self.client.close()
         if self.teachers is not None:
             self.teachers.close()
+        if self.student is not None:
+            self.student.close()
 
 
 # --------------------------------------------------------------------------------------------
@@ -390,7 +304,7 @@ def run_selection(
             ood, removed = ood.take(keep), removed + gone
 
         # --- embeddings of every set in one call; near dedupe against the other sets
-        embedder = make_embedder(cfg.embedder, cfg.device)
+        embedder = make_embedder(cfg.embedder, cfg.student_options.device)
         threshold = (
             cfg.near_dup_threshold
             if cfg.near_dup_threshold is not None
@@ -494,7 +408,7 @@ def run_selection(
         "near_dup_threshold": threshold,
         "max_prompt_tokens": limit,
         "teacher": teacher,
-        "settings": cfg.model_dump(exclude={"api_key"}),
+        "settings": replayable(cfg),
         "score_means": {
             source: {
                 k: _mean([r[k] for r in rows if r["source"] == source]) for k in _SCORE_COLUMNS
@@ -538,12 +452,3 @@ def run_select_prompts(cfg: SelectConfig) -> None:
         f"{c['pool_too_long']} prompts over {summary['max_prompt_tokens']} tokens"
     )
     console.print(f"wrote {summary['out']}, {summary['removed_file']}, {summary['summary_file']}")
-
-
-# The command's options are SelectConfig's fields (opd.client.config_cli); the key: OPD_API_KEY.
-select_prompts_command = config_command(
-    SelectConfig,
-    run_select_prompts,
-    doc=run_select_prompts.__doc__ or "",
-    env={"api_key": "OPD_API_KEY"},
-)

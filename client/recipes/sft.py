@@ -15,30 +15,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
-
-class SFTConfig(BaseModel):
-    """The SFT stage of a cold start (the paper's recipe: 1-2 epochs, lr 1e-5, cosine, 5%
-    warmup)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    epochs: int = Field(default=1, ge=1, description="SFT epochs")
-    lr: float = Field(default=1e-5, gt=0, description="SFT learning rate")
-    lr_schedule: Literal["cosine", "constant"] = Field(
-        default="cosine", description="SFT schedule after warmup"
-    )
-    warmup_ratio: float = Field(default=0.05, ge=0, lt=1, description="SFT warmup share of steps")
-    batch_size: int = Field(default=8, ge=1, description="SFT sequences per step")
-    max_len: int = Field(default=2048, ge=2, description="longest SFT example (tokens)")
-    weight_decay: float = Field(default=0.0, ge=0, description="SFT AdamW weight decay")
-    max_grad_norm: float = Field(default=1.0, gt=0, description="SFT gradient clipping")
-    seed: int = Field(default=0, description="SFT data order seed (default: the recipe's seed)")
+from opd.client.configs.coldstart import SFTConfig
 
 
 @dataclass

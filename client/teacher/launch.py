@@ -39,8 +39,12 @@ class LocalTeacher:
         log_path: Path | None = None,
         ready_timeout_s: float = 300.0,
         extra_args: list[str] | None = None,
+        opd_command: list[str] | None = None,
     ) -> None:
+        """opd_command: how to run `opd` (default: this interpreter's; the wheel test runs
+        the console script of a separately installed venv)."""
         self.model = model
+        self.opd_command = opd_command or [sys.executable, "-m", "opd.client.cli"]
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = dict(env or {})
@@ -51,7 +55,7 @@ class LocalTeacher:
         self._log = None
 
     def start(self) -> str:
-        cmd = [sys.executable, "-m", "opd.client.cli", "serve", "--port", str(self.port)]
+        cmd = [*self.opd_command, "serve", "--port", str(self.port)]
         if self.model:
             cmd += ["--model", self.model]
         cmd += self.extra_args

@@ -52,11 +52,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor
+
+from opd.client.configs.groups import OBJECTIVE_KNOBS, TOPK_VARIANTS, ObjectiveConfig
+from opd.client.configs.groups import OBJECTIVES as CONFIG_OBJECTIVES
 
 if TYPE_CHECKING:
     from opd.client.train.positions import TokenBatch
@@ -78,8 +81,6 @@ __all__ = [
     "teacher_topk_forward_kl",
     "teacher_topk_jsd",
 ]
-
-TOPK_VARIANTS = ("released", "renormalized")
 
 # Largest log-mass a top-k set may claim before its tail is computed: keeps
 # log(1 - sum) finite when the top-k covers (numerically) all of the mass. The same bound
@@ -349,60 +350,6 @@ def overlap_topk_loss(
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class ObjectiveConfig:
-    """Which objective the trainer optimises and its knobs (paper defaults).
-
-    name:         one of OBJECTIVES.
-    topk_variant: "released" (thunlp/OPD code) or "renormalized" (paper equation); student-topk.
-    discount:     gamma of discounted_advantages; sampled only; 0 = per-token reward.
-    clip_eps:     PPO clip for stale rollouts; policy-gradient objectives only (sampled,
-                  student-topk released, overlap-topk); None = no clipping.
-    tail:         add the tail bucket to teacher-topk / jsd.
-    jsd_beta:     beta of teacher_topk_jsd, in [0, 1] (0 forward KL, 1 reverse KL).
-    """
-
-    name: str = "student-topk"
-    topk_variant: str = "released"
-    discount: float = 0.0
-    clip_eps: float | None = None
-    tail: bool = True
-    jsd_beta: float = 0.5
-
-    def validate(self) -> ObjectiveConfig:
-        """Raise ValueError naming the offending field; return self so it can be chained.
-
-        Knobs that the chosen objective would silently ignore are errors too: a discount or a
-        clip that does nothing is a misconfigured run, not a harmless default.
-        """
-        entry = objective(self)
-        if self.topk_variant not in TOPK_VARIANTS:
-            raise ValueError(
-                f"topk_variant: must be one of {TOPK_VARIANTS}, got {self.topk_variant!r}"
-            )
-        if not 0.0 <= self.discount <= 1.0:
-            raise ValueError(f"discount: must be in [0, 1], got {self.discount}")
-        if self.clip_eps is not None and not 0.0 < self.clip_eps < 1.0:
-            raise ValueError(f"clip_eps: must be in (0, 1) or None, got {self.clip_eps}")
-        if not isinstance(self.tail, bool):
-            raise ValueError(f"tail: must be a bool, got {self.tail!r}")
-        if not 0.0 <= self.jsd_beta <= 1.0:
-            raise ValueError(f"jsd_beta: must be in [0, 1], got {self.jsd_beta}")
-        for f in fields(self):
-            if f.name == "name" or f.name in entry.knobs or getattr(self, f.name) == f.default:
-                continue
-            raise ValueError(
-                f"{f.name}: the {self.name!r} objective does not use {f.name} "
-                f"(its knobs: {', '.join(sorted(entry.knobs)) or 'none'})"
-            )
-        if self.clip_eps is not None and not entry.policy_gradient(self):
-            raise ValueError(
-                f"clip_eps: applies to policy-gradient objectives only, not {self.name!r}"
-                + (" (renormalized)" if self.name == "student-topk" else "")
-            )
-        return self
-
-
 # --------------------------------------------------------------------------------------------
 # The registry: one entry per objective
 # --------------------------------------------------------------------------------------------
@@ -416,10 +363,11 @@ class Objective:
     .positions.TokenBatch) and calls one of the pure functions above. The trainer's score request
     asks the teacher for candidate log-probs only when `needs_candidates`, for its top-k only
     when `needs_teacher_topk` (plus what the diagnostics need, when they are on). `knobs` are the
-    ObjectiveConfig fields it reads: setting any other knob away from its default is refused by
-    ObjectiveConfig.validate, since a knob the objective ignores is a misconfigured run.
-    `policy_gradient(config)` says whether the loss is a ratio surrogate, where PPO clipping
-    means something. Adding an objective = one entry in REGISTRY plus its test.
+    ObjectiveConfig fields it reads (declared with the config, OBJECTIVE_KNOBS): setting any
+    other knob away from its default is refused when the config is built, since a knob the
+    objective ignores is a misconfigured run; ObjectiveConfig.policy_gradient says whether the
+    loss is a ratio surrogate, where PPO clipping means something. Adding an objective = its
+    name and knobs in opd.client.configs.groups, one entry in REGISTRY, and its test.
     """
 
     name: str
@@ -427,7 +375,6 @@ class Objective:
     needs_candidates: bool
     needs_teacher_topk: bool
     knobs: frozenset[str]
-    policy_gradient: Callable[[ObjectiveConfig], bool]
     summary: str
 
 
@@ -482,13 +429,6 @@ def _overlap_topk(logp_NV: Tensor, b: TokenBatch, config: ObjectiveConfig) -> Te
     )
 
 
-def _always(_: ObjectiveConfig) -> bool:
-    return True
-
-
-def _never(_: ObjectiveConfig) -> bool:
-    return False
-
 
 REGISTRY: dict[str, Objective] = {
     o.name: o
@@ -498,8 +438,7 @@ REGISTRY: dict[str, Objective] = {
             _sampled,
             needs_candidates=False,
             needs_teacher_topk=False,
-            knobs=frozenset({"discount", "clip_eps"}),
-            policy_gradient=_always,
+            knobs=OBJECTIVE_KNOBS["sampled"],
             summary="sampled-token reverse KL (Tinker): one teacher number per token",
         ),
         Objective(
@@ -507,8 +446,7 @@ REGISTRY: dict[str, Objective] = {
             _student_topk,
             needs_candidates=True,
             needs_teacher_topk=False,
-            knobs=frozenset({"topk_variant", "clip_eps"}),
-            policy_gradient=lambda c: c.topk_variant == "released",
+            knobs=OBJECTIVE_KNOBS["student-topk"],
             summary="reverse KL on the student's top-K (the paper's default)",
         ),
         Objective(
@@ -516,8 +454,7 @@ REGISTRY: dict[str, Objective] = {
             _teacher_topk,
             needs_candidates=False,
             needs_teacher_topk=True,
-            knobs=frozenset({"tail"}),
-            policy_gradient=_never,
+            knobs=OBJECTIVE_KNOBS["teacher-topk"],
             summary="forward KL on the teacher's top-k, with a tail bucket",
         ),
         Objective(
@@ -525,8 +462,7 @@ REGISTRY: dict[str, Objective] = {
             _jsd,
             needs_candidates=False,
             needs_teacher_topk=True,
-            knobs=frozenset({"tail", "jsd_beta"}),
-            policy_gradient=_never,
+            knobs=OBJECTIVE_KNOBS["jsd"],
             summary="generalised JSD(beta) of GKD on the teacher's top-k",
         ),
         Objective(
@@ -534,13 +470,14 @@ REGISTRY: dict[str, Objective] = {
             _overlap_topk,
             needs_candidates=True,
             needs_teacher_topk=True,
-            knobs=frozenset({"clip_eps"}),
-            policy_gradient=_always,
+            knobs=OBJECTIVE_KNOBS["overlap-topk"],
             summary="the released student top-k loss on the overlap of both top sets",
         ),
     )
 }
 OBJECTIVES = tuple(REGISTRY)
+# The config's choices are declared without torch (opd.client.configs.groups); they must agree.
+assert OBJECTIVES == CONFIG_OBJECTIVES, (OBJECTIVES, CONFIG_OBJECTIVES)
 
 
 def objective(config: ObjectiveConfig) -> Objective:

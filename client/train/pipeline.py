@@ -24,37 +24,10 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-
 from opd.client.teacher.errors import IncompatibleTeacherError
 from opd.client.train.bridge import ScoreSpec, TeacherBridge
 from opd.client.train.rollouts import Rollout
 from opd.shared.schemas import ModelInfo
-
-
-class TeacherSpec(BaseModel):
-    """One teacher on the command line: `[NAME=]URL[,URL...]` (the URLs are its replicas).
-
-    `--teacher-url` always means replicas of one teacher; commands that compare or combine
-    separate teachers take `--teacher`, one per teacher, in this form."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    name: str | None = Field(default=None, description="display name; default: the model's")
-    urls: list[str] = Field(min_length=1, description="replica URLs of this teacher")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _parse(cls, value: Any) -> Any:
-        if not isinstance(value, str):
-            return value
-        name, sep, rest = value.partition("=")
-        if not sep or "://" in name:
-            name, rest = None, value
-        urls = [u.strip() for u in rest.split(",") if u.strip()]
-        if not urls:
-            raise ValueError(f"teacher {value!r}: expected [NAME=]URL[,URL...]")
-        return {"name": name.strip() if name else None, "urls": urls}
 
 
 @dataclass

@@ -23,6 +23,7 @@ import numpy as np
 
 from opd.client.train.engines import RolloutEngine, Sample, draw_seeds
 from opd.client.train.student_math import StudentModule, position_stats
+from opd.modeling.eos import eos_ids
 
 
 @dataclass
@@ -62,7 +63,7 @@ class SamplingParams:
     temperature: float
     top_p: float
     max_new_tokens: int
-    eos_token_id: int
+    eos_token_ids: tuple[int, ...]  # any of them ends a completion (opd.modeling.eos)
     pad_token_id: int
 
     def with_n(self, n: int) -> SamplingParams:
@@ -70,12 +71,20 @@ class SamplingParams:
 
     @classmethod
     def for_tokenizer(
-        cls, tokenizer, n: int, temperature: float, top_p: float, max_new_tokens: int
+        cls,
+        tokenizer,
+        n: int,
+        temperature: float,
+        top_p: float,
+        max_new_tokens: int,
+        generation_config: object | None = None,
     ) -> SamplingParams:
-        """The tokenizer's EOS ends a completion; padding falls back to it when unset."""
-        eos = int(tokenizer.eos_token_id)
+        """The tokenizer's EOS and the generation config's end a completion, as on the
+        teacher's side (opd.modeling.eos); padding falls back to the tokenizer's EOS."""
+        eos = eos_ids(tokenizer, generation_config)
         pad = tokenizer.pad_token_id
-        return cls(n, temperature, top_p, max_new_tokens, eos, int(pad if pad is not None else eos))
+        pad = int(pad if pad is not None else tokenizer.eos_token_id)
+        return cls(n, temperature, top_p, max_new_tokens, tuple(sorted(eos)), pad)
 
 
 def make_rollouts(

@@ -22,25 +22,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from opd.client.configs.groups import parse_pairs
+
 if TYPE_CHECKING:
-    from opd.client.train.config import TrainConfig
+    from opd.client.configs.train import TrainConfig
 
 
 class UnroutablePrompts(ValueError):
     """Prompts that no rule sends to a configured teacher; raised before training starts."""
-
-
-def parse_pairs(items: Sequence[str], what: str) -> dict[str, str]:
-    """`KEY=VALUE` items as a dict (`--route algebra=math`, `--teacher-prompts math=f.jsonl`)."""
-    out: dict[str, str] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip() or not value.strip():
-            raise ValueError(f"{what} {item!r}: expected KEY=VALUE")
-        if key.strip() in out:
-            raise ValueError(f"{what}: {key.strip()!r} given twice")
-        out[key.strip()] = value.strip()
-    return out
 
 
 @dataclass(frozen=True)
@@ -115,25 +104,26 @@ def training_prompts(config: TrainConfig) -> tuple[list[str], list[str] | None]:
     UnroutablePrompts before anything is trained."""
     from opd.client.train.prompts import SHIPPED, column_texts, load_rows
 
-    if not config.teacher:
-        rows, where = load_rows(config.prompts)
-        return column_texts(rows, config.prompt_field, where), None
-    files = parse_pairs(config.teacher_prompts, "--teacher-prompts")
+    data, teachers = config.data, config.teacher
+    if not teachers.named:
+        rows, where = load_rows(data.prompts)
+        return column_texts(rows, data.prompt_field, where), None
+    files = parse_pairs(teachers.prompts, "--teacher-prompts")
     sources: list[tuple[str, str | None]] = []
-    if not files or config.prompts != SHIPPED:
-        sources.append((config.prompts, None))
+    if not files or data.prompts != SHIPPED:
+        sources.append((data.prompts, None))
     sources += [(path, teacher) for teacher, path in files.items()]
     texts: list[str] = []
     rows_all: list[dict] = []
     file_teachers: list[str | None] = []
     for source, teacher in sources:
         rows, where = load_rows(source)
-        texts += column_texts(rows, config.prompt_field, where)
+        texts += column_texts(rows, data.prompt_field, where)
         rows_all += rows
         file_teachers += [teacher] * len(rows)
     router = Router(
-        tuple(name for name, _ in config.teacher_specs() if name is not None),
-        config.teacher_field,
-        tuple(parse_pairs(config.route, "--route").items()),
+        tuple(name for name, _ in teachers.specs() if name is not None),
+        teachers.field,
+        tuple(parse_pairs(teachers.route, "--route").items()),
     )
     return texts, router.assign(rows_all, file_teachers)

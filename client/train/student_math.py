@@ -7,7 +7,7 @@ vocabulary therefore work on a bounded number of positions at a time:
 
 - rollout statistics (`position_stats`, no gradient): the decoder runs once per micro-batch, the
   completion rows' final hidden states go through the LM head in tiles by the teacher service's
-  own scoring math (opd.server.scoring.score_hidden: online log-sum-exp, top-k merged across
+  own scoring math (opd.modeling.scoring.score_hidden: online log-sum-exp, top-k merged across
   tiles, exact entropy), so the student's numbers and the teacher's are computed the same way;
 - the loss (`StudentModule`, op "loss"): the decoder runs once per micro-batch, then the LM
   head, log_softmax and the objective run on `chunk_tokens` completion rows at a time under
@@ -34,23 +34,11 @@ from torch.utils.checkpoint import checkpoint
 
 from opd.client.train import objectives as obj
 from opd.client.train.positions import TokenBatch, pad_right
-from opd.server.backends.head_weights import logit_transforms
-from opd.server.scoring import HeadSpec, ScoredRows, score_hidden
+from opd.modeling.head import head_spec, logit_transforms
+from opd.modeling.scoring import ScoredRows, score_hidden
 
 # Completion rows per LM-head chunk: 512 x 49,152 float32 logits are 100 MB.
 DEFAULT_CHUNK_TOKENS = 512
-
-
-def head_spec(model: torch.nn.Module) -> HeadSpec:
-    """The model's LM head as the scoring math reads it (weight, bias, scale and softcap)."""
-    head = model.get_output_embeddings()
-    scale, softcap = logit_transforms(model.config)
-    return HeadSpec(head.weight.detach(), _bias(head), scale, softcap)
-
-
-def _bias(head: torch.nn.Module) -> torch.Tensor | None:
-    bias = getattr(head, "bias", None)
-    return None if bias is None else bias.detach()
 
 
 def final_hidden(model: torch.nn.Module, ids_BL: torch.Tensor, mask_BL: torch.Tensor):

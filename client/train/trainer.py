@@ -29,6 +29,7 @@ evaluate, checkpoint), then the helpers (score_spec, the engine agreement check,
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import time
@@ -38,6 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from opd.client.configs.train import TrainConfig
 from opd.client.evaluation.in_training import TrainingEval
 from opd.client.train import fsdp
 from opd.client.train import objectives as obj
@@ -48,7 +50,6 @@ from opd.client.train.checkpoint import (
     prune_checkpoints,
     save_checkpoint,
 )
-from opd.client.train.config import TrainConfig
 from opd.client.train.diagnostics import compute_diagnostics, sampled_kl
 from opd.client.train.distributed import (
     all_sum,
@@ -59,24 +60,22 @@ from opd.client.train.distributed import (
     mean_metrics,
     shutdown,
 )
-from opd.client.train.engines import make_engine
+from opd.client.train.factory import build_student, connect
+from opd.client.train.loggers import build_loggers
 from opd.client.train.metric_log import (
-    JsonlLogger,
     MetricLogger,
-    MultiLogger,
     NullLogger,
-    TensorBoardLogger,
 )
-from opd.client.train.pipeline import collect, connect_teachers
+from opd.client.train.pipeline import collect
 from opd.client.train.positions import PositionStats, TokenBatch
 from opd.client.train.prompts import PromptOrder
 from opd.client.train.rollout_store import RolloutWriter, decode_pieces
 from opd.client.train.rollouts import Rollout, SamplingParams, StepSampler, chunked
 from opd.client.train.routing import training_prompts
-from opd.client.train.student import chat_prompt_ids, load_student
+from opd.client.train.student import chat_prompt_ids
 from opd.client.train.student_math import StudentModule
 from opd.client.train.teacher_metrics import per_teacher_metrics
-from opd.shared.fingerprint import fingerprint_hf_tokenizer
+from opd.shared.config_cli import replayable
 
 logger = logging.getLogger(__name__)
 
@@ -86,47 +85,50 @@ class Trainer:
         self.config = config
         self.run_dir = Path(config.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.dist = init_from_env(config.device)
+        self.dist = init_from_env(config.student.device)
         # Each rank samples its own stream; rank 0 of a single-process run is the plain seed.
         torch.manual_seed(config.seed + self.dist.rank)
         np.random.seed(config.seed + self.dist.rank)
-        self.objective = config.objective_config()
+        self.objective = config.objective
         self.resume_from = self._resume_folder()
-        student_path = str(self.resume_from / "model") if self.resume_from else config.student
-        self.model, self.tokenizer = load_student(
+        student_path = str(self.resume_from / "model") if self.resume_from else config.student.model
+        self.built = build_student(
             student_path,
-            config.dtype,
-            device_for(config.device, self.dist),
-            config.gradient_checkpointing,
+            config.student,
+            train=True,
+            objective=self.objective,
+            head_chunk_tokens=config.optim.head_chunk_tokens,
+            gradient_checkpointing=config.optim.gradient_checkpointing,
+            device=device_for(config.student.device, self.dist),
+            seed=config.seed + self.dist.rank,
+            before_engine=self._shard if config.optim.fsdp else None,
         )
-        self.model.train()
+        self.model, self.tokenizer = self.built.model, self.built.tokenizer
         # Every pass over the student goes through this module's forward (student_math).
-        self.student = StudentModule(self.model, self.objective, config.head_chunk_tokens)
+        self.student, self.engine = self.built.module, self.built.engine
         # The module that takes gradients: DDP-wrapped under torchrun, sharded in place with
         # --fsdp, the student itself otherwise.
         self.train_model: torch.nn.Module = self.student
-        if config.fsdp:
-            if not self.dist.enabled and not torch.distributed.is_initialized():
-                raise ValueError("fsdp: run under torchrun (FSDP shards across its processes)")
-            fsdp.shard(self.student, config.device)
-        elif self.dist.enabled:
+        if self.dist.enabled and not config.optim.fsdp:
             from torch.nn.parallel import DistributedDataParallel
 
-            ids = [self.dist.local_rank] if config.device.startswith("cuda") else None
+            cuda = config.student.device.startswith("cuda")
+            ids = [self.dist.local_rank] if cuda else None
             self.train_model = DistributedDataParallel(self.student, device_ids=ids)
         # with named teachers, owners[i] is the teacher of prompt i (refused here if none)
         self.prompts, self.owners = training_prompts(config)
-        if config.holdout >= len(self.prompts):
+        holdout = config.data.holdout
+        if holdout >= len(self.prompts):
             raise ValueError(
-                f"holdout={config.holdout} leaves no training prompts (have {len(self.prompts)})"
+                f"holdout={holdout} leaves no training prompts (have {len(self.prompts)})"
             )
-        self.train_size = len(self.prompts) - config.holdout
-        self.order = PromptOrder(self.train_size, config.seed, config.shuffle)
+        self.train_size = len(self.prompts) - holdout
+        self.order = PromptOrder(self.train_size, config.seed, config.data.shuffle)
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(),
-            lr=config.lr,
-            betas=config.adam_betas,
-            weight_decay=config.weight_decay,
+            lr=config.optim.lr,
+            betas=config.optim.adam_betas,
+            weight_decay=config.optim.weight_decay,
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(config))
         self.step = 0
@@ -147,39 +149,21 @@ class Trainer:
         else:
             self.metrics = NullLogger()
         self.spec = score_spec(config)
-        self.teachers = connect_teachers(
-            config.teacher_specs(),
+        self.teachers = connect(
+            config.teacher.specs(),
+            config.teacher,  # a teacher restart is waited out (teacher_wait_s), not fatal
             self.spec,
             config.student_top_k,
-            api_key=config.api_key,
-            tokenizer_fingerprint=fingerprint_hf_tokenizer(self.tokenizer),
-            allow_tokenizer_mismatch=config.allow_tokenizer_mismatch,
-            max_wait_s=config.teacher_wait_s,  # a teacher restart is waited out, not fatal
+            fingerprint=self.built.fingerprint(),
         )
         self.teacher_info = self.teachers.teachers[0].info
         self.teacher_names = [t.name for t in self.teachers.teachers]
-        self.teacher_weights = config.teacher_weights()
-        self.sampling = SamplingParams.for_tokenizer(
-            self.tokenizer,
-            config.n_rollouts,
-            config.temperature,
-            config.top_p,
-            config.max_new_tokens,
-        )
+        self.teacher_weights = config.teacher.weights()
+        self.sampling = self.built.sampling(config.sampling)
         self._prompt_ids: dict[int, list[int]] = {}
-        self.engine = make_engine(
-            config.rollout_engine,
-            self.student,
-            model_dir=student_path,
-            hf_max_sequences=config.hf_max_sequences,
-            max_model_len=engine_max_len(self.model.config),
-            gpu_memory_utilization=config.vllm_gpu_memory_utilization,
-            sleep=config.vllm_sleep,
-            seed=config.seed + self.dist.rank,
-        )
         self.outcome = (
             TrainingEval(config, self.engine, self.tokenizer, self.dist, self.run_dir)
-            if config.eval_set is not None
+            if config.eval.data is not None
             else None
         )
         self.rollout_writer = (
@@ -188,16 +172,23 @@ class Trainer:
             else None
         )
 
+    def _shard(self, module: StudentModule) -> None:
+        """--fsdp: shard the student in place across the torchrun ranks (before its engine)."""
+        if not self.dist.enabled and not torch.distributed.is_initialized():
+            raise ValueError("fsdp: run under torchrun (FSDP shards across its processes)")
+        fsdp.shard(module, self.config.student.device)
+
     def run(self, on_step: Any = None) -> list[dict[str, float]]:
         """Train until max_steps (or epochs); returns the metrics of the steps run here."""
-        (self.run_dir / "config.json").write_text(self.config.model_dump_json(indent=2))
+        config_json = json.dumps(replayable(self.config), indent=2)
+        (self.run_dir / "config.json").write_text(config_json)
         how = f"resumed from {self.resume_from}" if self.resume_from else "started fresh"
-        logger.info("%s at step %d; config %s", how, self.step, self.config.model_dump_json())
+        logger.info("%s at step %d; config %s", how, self.step, config_json)
         history = []
         if self.outcome is not None:
             # the gap recovery rate's teacher: the first one (docs/training.md)
-            first_urls = self.config.teacher_specs()[0][1]
-            self.outcome.start(self.step, first_urls, self.config.api_key)
+            first_urls = self.config.teacher.specs()[0][1]
+            self.outcome.start(self.step, first_urls, self.config.teacher.api_key)
         while not self.done():
             metrics = self.train_step()
             self.step += 1
@@ -214,7 +205,8 @@ class Trainer:
     def done(self) -> bool:
         if self.step >= self.config.max_steps:
             return True
-        return self.config.epochs is not None and self.order.epoch >= self.config.epochs
+        epochs = self.config.data.epochs
+        return epochs is not None and self.order.epoch >= epochs
 
     def train_step(self) -> dict[str, float]:
         step_started = time.perf_counter()
@@ -261,7 +253,7 @@ class Trainer:
     def collect(self) -> tuple[list[Rollout], dict[str, float]]:
         """Sample and score one step's rollouts, scoring overlapping with sampling."""
         world, rank = self.dist.world_size, self.dist.rank
-        indices = self.order.take(self.config.prompts_per_step * world)[rank::world]
+        indices = self.order.take(self.config.data.prompts_per_step * world)[rank::world]
         return self._collect(indices, self.sampling, self.spec)
 
     def _collect(
@@ -285,12 +277,13 @@ class Trainer:
         (a no-op for the hf engine, which samples the trainer's module itself)."""
         if not self.engine.holds_weights:
             return 0.0
-        state = fsdp.full_model_state(self.student) if self.config.fsdp else self.model.state_dict()
+        fsdp_on = self.config.optim.fsdp
+        state = fsdp.full_model_state(self.student) if fsdp_on else self.model.state_dict()
         return self.engine.sync_weights(state)
 
     def update(self, rollouts: list[Rollout], stats: PositionStats) -> dict[str, float]:
         """`ppo_epochs` optimizer steps; each a token-mean over all completion tokens."""
-        c = self.config
+        c = self.config.optim
         device = next(self.model.parameters()).device
         # Token mean over every rank's tokens; DDP averages gradients, hence the world factor.
         total_tokens = all_sum(float(sum(r.completion_len for r in rollouts)), self.dist)
@@ -355,7 +348,7 @@ class Trainer:
 
     def _grad_sync(self, last: bool) -> contextlib.AbstractContextManager:
         """Gradients are reduced across ranks on the last micro-batch only."""
-        if self.config.fsdp:
+        if self.config.optim.fsdp:
             self.student.set_requires_gradient_sync(last)
             return contextlib.nullcontext()
         if last or not self.dist.enabled:
@@ -384,7 +377,9 @@ class Trainer:
         # Parameter-name keyed optimizer state, gathered whole (collective under FSDP).
         optimizer_state = fsdp.full_optimizer_state(self.student, self.optimizer)
         model_state = (
-            fsdp.full_model_state(self.student, cpu_offload=True) if self.config.fsdp else None
+            fsdp.full_model_state(self.student, cpu_offload=True)
+            if self.config.optim.fsdp
+            else None
         )
         if not self.dist.is_main:
             barrier(self.dist)
@@ -399,7 +394,7 @@ class Trainer:
                 "step": self.step,
                 "order": self.order.state(),
                 "world_size": self.dist.world_size,
-                "config": self.config.model_dump(mode="json"),
+                "config": replayable(self.config),
             },
             rng_states=rng_states,
             model_state=model_state,
@@ -428,13 +423,14 @@ class Trainer:
         return folder
 
     def _default_logger(self) -> MetricLogger:
-        truncate = self.step if self.resume_from else 0
-        loggers: list[MetricLogger] = [
-            JsonlLogger(self.run_dir / "metrics.jsonl", truncate_after_step=truncate)
-        ]
-        if self.config.tensorboard:
-            loggers.append(TensorBoardLogger(self.run_dir / "tensorboard"))
-        return MultiLogger(*loggers)
+        """metrics.jsonl always, plus the --logger backends (opd.client.train.loggers)."""
+        return build_loggers(
+            self.config.logger,
+            self.run_dir,
+            run_name=self.run_dir.name,
+            config=replayable(self.config),
+            resume_step=self.step if self.resume_from else None,
+        )
 
     def __enter__(self) -> Trainer:
         return self
@@ -458,7 +454,7 @@ class Trainer:
 def score_spec(config: TrainConfig) -> ScoreSpec:
     """What the teacher is asked for: the objective's needs (objectives.REGISTRY), and with
     diagnostics on, everything they read too (top-k, candidate log-probs, entropy)."""
-    entry = obj.objective(config.objective_config())
+    entry = obj.objective(config.objective)
     full = config.diagnostics
     return ScoreSpec(
         top_k=config.teacher_top_k if full or entry.needs_teacher_topk else 0,
@@ -494,32 +490,19 @@ def engine_agreement(rollouts: list[Rollout]) -> dict[str, float]:
     }
 
 
-def engine_max_len(model_config: Any) -> int:
-    """The vllm engine's context: the model's, capped at 8,192 (its KV cache is sized for it)."""
-    return int(min(getattr(model_config, "max_position_embeddings", 4096) or 4096, 8192))
-
-
 def lr_lambda(config: TrainConfig):
+    optim = config.optim
+
     def schedule(step: int) -> float:
-        if config.warmup_steps and step < config.warmup_steps:
-            return (step + 1) / config.warmup_steps
-        total = max(1, config.max_steps * config.ppo_epochs - config.warmup_steps)
-        progress = min(1.0, (step - config.warmup_steps) / total)
-        if config.lr_schedule == "cosine":
+        if optim.warmup_steps and step < optim.warmup_steps:
+            return (step + 1) / optim.warmup_steps
+        total = max(1, config.max_steps * optim.ppo_epochs - optim.warmup_steps)
+        progress = min(1.0, (step - optim.warmup_steps) / total)
+        if optim.lr_schedule == "cosine":
             return 0.5 * (1 + math.cos(math.pi * progress))
-        if config.lr_schedule == "linear":
+        if optim.lr_schedule == "linear":
             return 1.0 - progress
         return 1.0
 
     return schedule
 
-
-def summary(metrics: dict[str, float]) -> str:
-    """One line of live metrics for progress bars (diagnostics that were off are left out)."""
-    parts = [f"loss {metrics['train/loss']:+.4f}", f"kl {metrics['kl/sampled']:.3f}"]
-    if "overlap/ratio" in metrics:
-        parts.append(f"overlap {metrics['overlap/ratio']:.3f}")
-        parts.append(f"entropy gap {metrics['entropy/gap']:.2f}")
-    parts.append(f"gen {metrics['time/generate_s']:.1f}s")
-    parts.append(f"teacher wait {metrics['time/score_wait_s']:.1f}s")
-    return "  ".join(parts)

@@ -12,7 +12,7 @@ import typer.main
 
 from opd.bench.load import BenchLoadConfig
 from opd.client.cli import app
-from opd.client.config_cli import flags_of
+from opd.shared.config_cli import flags_of
 
 PHASE_FIELDS = {
     "sent",

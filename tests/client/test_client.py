@@ -82,7 +82,7 @@ def test_large_batch_is_split_under_the_servers_limits(strict_server, tiny_serve
         whole = client.score(request)
     # The pieces run in other packs than the whole: a one-sequence pack runs on all cores with
     # torch's BLAS, larger ones on the single-thread streams, possibly with numpy's BLAS
-    # (opd.server.cpu_gemm). float32 rounds differently on each path, so the bound is the
+    # (opd.modeling.cpu_gemm). float32 rounds differently on each path, so the bound is the
     # batch-invariance test's (tests/server/test_numerics.py).
     _assert_same(split, whole, atol=1e-4)
 

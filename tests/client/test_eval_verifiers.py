@@ -163,6 +163,10 @@ def test_exact_normalises_both_sides() -> None:
         (r"half: -\frac{1}{2}", r"-\frac{1}{2}"),
         ("5-3", "3"),
         ("version v1.2.3 of H2O", None),
+        ("8lizzers", None),  # glued on the right: a word, not a number
+        ("101rom and 3.5kg", None),
+        ("12apples, then 7.", "7"),
+        ("about 42%", "42"),
         ("no digits here", None),
         ("1,2345", "2345"),
     ],

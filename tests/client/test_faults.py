@@ -30,12 +30,13 @@ import pytest
 from safetensors.torch import load_file
 
 from opd.client import TeacherClient
+from opd.client.configs.train import TrainConfig
 from opd.client.teacher.errors import TeacherConnectionError
 from opd.client.teacher.launch import LocalTeacher, free_port
 from opd.client.train.checkpoint import checkpoint_step, latest_checkpoint
-from opd.client.train.config import TrainConfig
 from opd.client.train.metric_log import read_metrics
 from opd.client.train.trainer import Trainer
+from opd.shared.config_cli import replayable
 from tests.support.prom import score_requests
 from tests.support.train_config import train_config
 
@@ -134,24 +135,13 @@ def test_a_teacher_that_stays_down_fails_the_run_naming_the_setting(tiny_student
 # ---- 2. the trainer SIGKILLed while a checkpoint is being written ----------------------------
 
 
-def _flags(config: TrainConfig) -> list[str]:
-    """`opd train` flags for a TrainConfig (the fields that differ from the defaults), so the
-    process and an in-process resume run the very same configuration."""
-    defaults = TrainConfig(student=config.student, teacher_url=config.teacher_url)
-    args: list[str] = []
-    for name in TrainConfig.model_fields:
-        value = getattr(config, name)
-        if name not in ("student", "teacher_url") and value == getattr(defaults, name):
-            continue
-        flag = "--" + name.replace("_", "-")
-        if isinstance(value, bool):
-            args.append(flag if value else "--no-" + name.replace("_", "-"))
-        elif isinstance(value, list):
-            for item in value:
-                args += [flag, str(item)]
-        else:
-            args += [flag, str(value)]
-    return args
+def _flags(config: TrainConfig, folder: Path) -> list[str]:
+    """`opd train` options for a TrainConfig: the config written as a file and given with
+    --config (what a run's config.json replays), so the process and an in-process resume run
+    the very same configuration."""
+    path = folder / "train-config.json"
+    path.write_text(json.dumps(replayable(config)))
+    return ["--config", str(path)]
 
 
 def _leftovers(checkpoints: Path) -> list[str]:
@@ -162,7 +152,7 @@ def _kill_while_writing(config: TrainConfig, log: Path) -> list[str]:
     """Start `opd train`; once it has one complete checkpoint and is writing the next one
     (a `step_N.tmp` folder exists), SIGKILL it. Returns what it left beside the checkpoints."""
     checkpoints = Path(config.run_dir) / "checkpoints"
-    cmd = [sys.executable, "-m", "opd.client.cli", "train", *_flags(config)]
+    cmd = [sys.executable, "-m", "opd.client.cli", "train", *_flags(config, log.parent)]
     with open(log, "ab") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
     try:
@@ -248,7 +238,8 @@ def test_a_trainer_killed_mid_checkpoint_resumes_from_the_previous_one(
 # files it may write when that is how the disk is "full" (the kernel refuses with EFBIG).
 _TRAIN_CHILD = """
 import resource, signal, sys
-from opd.client.train.config import TrainConfig
+from opd.client.configs.train import TrainConfig
+from opd.shared.config_cli import replayable
 from opd.client.train.trainer import Trainer
 
 config = TrainConfig.model_validate_json(open(sys.argv[1]).read())

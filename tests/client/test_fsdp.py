@@ -27,7 +27,7 @@ def _train(student: Path, url: str, run_dir: Path, *extra: str, ranks: int = 1) 
         "train", "--student", str(student), "--teacher-url", url, "--run-dir", str(run_dir),
         "--max-steps", "2", "--prompts-per-step", str(2 // ranks), "--n-rollouts", "1",
         "--temperature", "0", "--max-new-tokens", "8", "--lr", "1e-3",
-        "--objective", "student-topk", "--checkpoint-every", "1", "--no-tensorboard", *extra,
+        "--objective", "student-topk", "--checkpoint-every", "1", "--logger", "jsonl", *extra,
     ]  # fmt: skip
     if ranks > 1:
         torchrun = Path(sys.executable).with_name("torchrun")

@@ -6,12 +6,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from opd.client.configs.groups import TeacherSpec
+from opd.client.configs.train import TrainConfig
 from opd.client.train.bridge import ScoreSpec
-from opd.client.train.config import TrainConfig
 from opd.client.train.objectives import OBJECTIVES, REGISTRY
-from opd.client.train.pipeline import TeacherSpec, collect, connect_teachers
+from opd.client.train.pipeline import collect, connect_teachers
 from opd.client.train.rollouts import Rollout
 from opd.client.train.trainer import score_spec
+from opd.shared.config_cli import from_flags
 
 DEAD = "http://127.0.0.1:9"  # discard port: nothing listens
 
@@ -28,14 +30,16 @@ def test_teacher_spec_parses_name_and_replicas():
 @pytest.mark.parametrize("objective", OBJECTIVES)
 def test_the_request_asks_for_what_the_objective_needs(objective):
     base = dict(student="s", teacher_url=["http://t"], objective=objective, teacher_top_k=5)
-    lean = score_spec(TrainConfig(**base, diagnostics=False))
+    lean = score_spec(from_flags(TrainConfig, **base, diagnostics=False))
     entry = REGISTRY[objective]
     assert lean == ScoreSpec(
         top_k=5 if entry.needs_teacher_topk else 0,
         candidates=entry.needs_candidates,
         entropy=False,
     )
-    assert score_spec(TrainConfig(**base)) == ScoreSpec(top_k=5, candidates=True, entropy=True)
+    assert score_spec(from_flags(TrainConfig, **base)) == ScoreSpec(
+        top_k=5, candidates=True, entropy=True
+    )
 
 
 def _fake_rollouts(chunk, vocab=49152):

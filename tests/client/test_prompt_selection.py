@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from opd.client.cli import app as opd_app
+from opd.client.configs.select import SelectConfig
 from opd.client.recipes import prompt_selection as ps
 from opd.client.recipes.prompt_embeddings import (
     DEFAULT_THRESHOLDS,
@@ -21,13 +23,9 @@ from opd.client.recipes.prompt_embeddings import (
     make_embedder,
     minilm_available,
 )
-from opd.client.recipes.select_prompts import (
-    EncodedPrompts,
-    SelectConfig,
-    run_selection,
-)
+from opd.client.recipes.select_prompts import EncodedPrompts, run_selection
 from opd.client.train.prompts import load_prompts
-from tests.support.cli import select_prompts_app
+from opd.shared.config_cli import from_flags
 
 # (a, b): paraphrases of each other; the MiniLM ones need meaning, the lexical ones share words.
 MINILM_PARAPHRASES = [
@@ -359,7 +357,7 @@ def _cfg(tmp_path: Path, **overrides) -> SelectConfig:
         ood_fraction=1 / 3,
     )
     values.update(overrides)
-    return SelectConfig(**values)
+    return from_flags(SelectConfig, **values)
 
 
 def _read(path) -> list[dict]:
@@ -460,23 +458,20 @@ def test_pipeline_bad_inputs_are_clear_errors(tmp_path):
         _cfg(tmp_path, ood_fraction=1.5)
 
 
-_app = select_prompts_app
-
-
 def test_cli_refuses_bad_options_before_any_work(tmp_path):
     pool = _write_jsonl(tmp_path / "pool.jsonl", POOL)
     base = ["select-prompts", "--pool", pool, "--teacher-url", "http://127.0.0.1:9"]
     runner = CliRunner()
     result = runner.invoke(
-        _app(), [*base, "--count", "5", "--out", "o.jsonl", "--ood-fraction", "1.5"]
+        opd_app, [*base, "--count", "5", "--out", "o.jsonl", "--ood-fraction", "1.5"]
     )
     assert result.exit_code == 2 and "--ood-fraction" in result.output
-    result = runner.invoke(_app(), [*base, "--count", "5", "--out", "o.jsonl", "--rank-by", "x"])
+    result = runner.invoke(opd_app, [*base, "--count", "5", "--out", "o.jsonl", "--rank-by", "x"])
     assert result.exit_code == 2 and "--rank-by" in result.output
     result = runner.invoke(
-        _app(),
+        opd_app,
         [*base, "--count", "5", "--out", "o.jsonl", "--tokenizer", "t", "--prompt-field", "q"],
     )
     assert result.exit_code == 2 and "no non-empty string field 'q'" in result.output
-    result = runner.invoke(_app(), [*base, "--count", "5", "--out", "o.jsonl"])
+    result = runner.invoke(opd_app, [*base, "--count", "5", "--out", "o.jsonl"])
     assert result.exit_code == 2 and "give --student or --tokenizer" in result.output

@@ -8,9 +8,9 @@ import threading
 import pytest
 
 from opd.client import IncompatibleTeacherError, TeacherClient
+from opd.client.configs.train import TrainConfig
 from opd.client.teacher.launch import LocalTeacher
 from opd.client.teacher.replicas import ReplicaSet, normalise_urls
-from opd.client.train.config import TrainConfig
 from opd.client.train.metric_log import read_metrics
 from opd.client.train.trainer import Trainer
 from opd.shared.packed import PackedRequest

@@ -28,7 +28,7 @@ def test_sampling_ignores_and_keeps_the_models_generation_config(tiny_model_dir)
     own = GenerationConfig(suppress_tokens=[top], repetition_penalty=5.0, eos_token_id=2)
     model.generation_config = own
     params = SamplingParams(
-        n=4, temperature=1.0, top_p=1.0, max_new_tokens=3, eos_token_id=2, pad_token_id=2
+        n=4, temperature=1.0, top_p=1.0, max_new_tokens=3, eos_token_ids=(2,), pad_token_id=2
     )
     (group,) = make_engine("hf", StudentModule(model)).sample([prompt], params, [0])
     assert len(group) == 4
@@ -40,7 +40,7 @@ def test_left_padded_batch_continues_each_prompt_as_alone(tiny_model_dir):
     model = _model(tiny_model_dir)
     engine = make_engine("hf", StudentModule(model))
     greedy = SamplingParams(
-        n=1, temperature=0.0, top_p=1.0, max_new_tokens=6, eos_token_id=2, pad_token_id=2
+        n=1, temperature=0.0, top_p=1.0, max_new_tokens=6, eos_token_ids=(2,), pad_token_id=2
     )
     together = engine.sample(PROMPTS, greedy, [0] * len(PROMPTS))
     for prompt, group in zip(PROMPTS, together, strict=True):
@@ -59,7 +59,7 @@ def test_seeds_make_rollouts_reproducible(tiny_model_dir):
     student = StudentModule(model)
     engine = make_engine("hf", student)
     params = SamplingParams(
-        n=3, temperature=1.5, top_p=1.0, max_new_tokens=8, eos_token_id=2, pad_token_id=2
+        n=3, temperature=1.5, top_p=1.0, max_new_tokens=8, eos_token_ids=(2,), pad_token_id=2
     )
     prompts = list(enumerate(PROMPTS))
     seeds = ([5] * 3, [5] * 3, [6] * 3)

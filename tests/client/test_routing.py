@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from opd.client.train.routing import Router, UnroutablePrompts, parse_pairs, share
+from opd.client.configs.groups import parse_pairs
+from opd.client.train.routing import Router, UnroutablePrompts, share
 
 
 def test_a_column_names_the_teacher_directly_or_through_a_rule() -> None:

@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from opd.client.cli import app as opd_app
+from opd.client.configs.train import TrainConfig
 from opd.client.recipes.select_prompts import EncodedPrompts
-from opd.client.train.config import TrainConfig
 from opd.client.train.prompts import load_prompts
 from opd.client.train.routing import training_prompts
-from tests.support.cli import select_prompts_app
+from opd.shared.config_cli import from_flags
 
 GIBBERISH = "xq7#Lp!zR2 vv09 ;;kf3 Qw== jjj8 zzk@@1 p0p0"
 POOL = [
@@ -44,11 +45,8 @@ def _write(path: Path, texts: list[str]) -> str:
     return str(path)
 
 
-_app = select_prompts_app
-
-
 def _run(args: list[str]) -> None:
-    result = CliRunner().invoke(_app(), ["select-prompts", *args])
+    result = CliRunner().invoke(opd_app, ["select-prompts", *args])
     assert result.exit_code == 0, result.output
 
 
@@ -116,7 +114,9 @@ def test_select_prompts_end_to_end_on_smollm2(smol_server, smollm2_dir, tmp_path
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["source"] for r in rows] == ["aligned", "aligned", "ood", "ood"]
     assert {r["teacher"] for r in rows} == {"math"}
-    routed = TrainConfig(student="s", teacher=["math=http://m", "code=http://c"], prompts=str(out))
+    routed = from_flags(
+        TrainConfig, student="s", teacher=["math=http://m", "code=http://c"], prompts=str(out)
+    )
     assert training_prompts(routed) == ([r["prompt"] for r in rows], ["math"] * 4)
     assert {r["prompt"] for r in rows[2:]} == {OOD[0], OOD[3]}
     assert all(r["origin"] == "ood-file" and r["rank"] is None for r in rows[2:])

@@ -71,13 +71,13 @@ def _batch(model, rng: np.random.Generator) -> tuple[list[Rollout], PositionStat
 @pytest.mark.parametrize(
     "objective",
     [
-        ObjectiveConfig("sampled"),
-        ObjectiveConfig("sampled", discount=0.9),
-        ObjectiveConfig("student-topk"),
-        ObjectiveConfig("student-topk", topk_variant="renormalized"),
-        ObjectiveConfig("teacher-topk"),
-        ObjectiveConfig("jsd", jsd_beta=0.3),
-        ObjectiveConfig("overlap-topk"),
+        ObjectiveConfig(name="sampled"),
+        ObjectiveConfig(name="sampled", discount=0.9),
+        ObjectiveConfig(name="student-topk"),
+        ObjectiveConfig(name="student-topk", topk_variant="renormalized"),
+        ObjectiveConfig(name="teacher-topk"),
+        ObjectiveConfig(name="jsd", jsd_beta=0.3),
+        ObjectiveConfig(name="overlap-topk"),
     ],
     ids=lambda o: f"{o.name}-{o.topk_variant}-{o.discount}",
 )

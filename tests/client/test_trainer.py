@@ -11,9 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from opd.client.train.config import TrainConfig
+from opd.client.configs.train import TrainConfig
 from opd.client.train.metric_log import read_metrics
 from opd.client.train.trainer import Trainer
+from opd.shared.config_cli import from_flags
 from tests.support.prom import score_requests
 from tests.support.train_config import train_config
 
@@ -170,15 +171,36 @@ def test_opd_train_cli(tiny_server, tiny_student_dir, tmp_path):
     assert len(read_metrics(run_dir / "metrics.jsonl")) == 2
     assert (run_dir / "checkpoints" / "step_2" / "model" / "model.safetensors").is_file()
     assert (run_dir / "tensorboard").is_dir()
-    assert json.loads((run_dir / "config.json").read_text())["objective"] == "sampled"
+    assert json.loads((run_dir / "config.json").read_text())["objective"]["name"] == "sampled"
+    assert (run_dir / "train.log").is_file()  # libraries' lines go to the run's log file
+    # The config the run wrote replays it: --config alone (plus a new run folder) gives the
+    # same first step, every computed metric (rel 1e-4: the teacher's batching, test_faults).
+    replay_dir = tmp_path / "replay"
+    replay = [*cmd[:4], "--config", str(run_dir / "config.json"), "--run-dir", str(replay_dir)]
+    out = subprocess.run(replay, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    first, again = (
+        read_metrics(run_dir / "metrics.jsonl")[0],
+        read_metrics(replay_dir / "metrics.jsonl")[0],
+    )
+    computed = [k for k, v in first.items() if not k.startswith(_TIMING) and v is not None]
+    assert computed and first["step"] == again["step"] == 1
+    for key in computed:
+        assert again[key] == pytest.approx(first[key], rel=1e-4, abs=1e-6), key
 
 
 def test_bad_config_is_refused_naming_the_field(tiny_student_dir):
     with pytest.raises(ValueError, match="objective"):
-        TrainConfig(student=str(tiny_student_dir), teacher_url=["http://x"], objective="nope")
+        from_flags(
+            TrainConfig, student=str(tiny_student_dir), teacher_url=["http://x"], objective="nope"
+        )
     with pytest.raises(ValueError, match="clip_eps"):
-        TrainConfig(
-            student=str(tiny_student_dir), teacher_url=["http://x"], objective="jsd", clip_eps=0.2
+        from_flags(
+            TrainConfig,
+            student=str(tiny_student_dir),
+            teacher_url=["http://x"],
+            objective="jsd",
+            clip_eps=0.2,
         )
 
 
@@ -239,7 +261,8 @@ def test_torchrun_two_processes_each_score_their_own_shard(tiny_server, tiny_stu
         "6",
         "--checkpoint-every",
         "2",
-        "--no-tensorboard",
+        "--logger",
+        "jsonl",
         "--save-rollouts",
     ]
     env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}

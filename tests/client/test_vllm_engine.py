@@ -63,7 +63,7 @@ def test_opd_train_with_the_vllm_engine(smol6_dir, tiny_server, tmp_path):
         "--rollout-engine", "vllm", "--save-rollouts",
         "--run-dir", str(run_dir), "--max-steps", "3", "--prompts-per-step", "2",
         "--n-rollouts", "2", "--max-new-tokens", "12", "--lr", "1e-4",
-        "--objective", "student-topk", "--checkpoint-every", "100", "--no-tensorboard",
+        "--objective", "student-topk", "--checkpoint-every", "100", "--logger", "jsonl",
     ]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_env(), cwd=ROOT)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -92,7 +92,7 @@ def test_fsdp_ranks_sync_their_engines_from_the_shards(smol6_dir, tiny_server, t
         "--fsdp", "--rollout-engine", "vllm", "--student", str(smol6_dir),
         "--teacher-url", tiny_server, "--run-dir", str(run_dir), "--max-steps", "2",
         "--prompts-per-step", "1", "--n-rollouts", "2", "--max-new-tokens", "8", "--lr", "1e-4",
-        "--checkpoint-every", "100", "--no-tensorboard",
+        "--checkpoint-every", "100", "--logger", "jsonl",
     ]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_env(), cwd=ROOT)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

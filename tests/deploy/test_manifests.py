@@ -192,7 +192,8 @@ def test_gpu_image_dockerfile_serves_the_vllm_backend():
 def test_multi_teacher_overlay_wires_two_teachers_to_one_trainer():
     """Two teachers, each selecting only its own pods, with its own model volume and served
     name; one trainer Job whose --teacher flags reach both Services and parse as opd train's."""
-    from opd.client.train.config import TrainConfig
+    from opd.client.configs.train import TrainConfig
+    from opd.shared.config_cli import from_flags
 
     docs = render("multi-teacher")
     for doc in docs:
@@ -239,9 +240,10 @@ def test_multi_teacher_overlay_wires_two_teachers_to_one_trainer():
         assert claim == f"opd-teacher-model-{teacher}"
         port = service["spec"]["ports"][0]["port"]
         assert flags[teacher] == f"http://{name}:{port}"
-    config = TrainConfig(
+    config = from_flags(
+        TrainConfig,
         student="/models/student",
         teacher=[f"{n}={u}" for n, u in flags.items()],
         teacher_field="domain",
     )
-    assert [n for n, _ in config.teacher_specs()] == ["math", "code"]
+    assert [n for n, _ in config.teacher.specs()] == ["math", "code"]

@@ -8,11 +8,11 @@ import json
 import numpy as np
 import pytest
 
-from opd.client.replication import task
-from opd.client.replication.models import _examples, training_examples
-from opd.client.replication.plan import SAME_PIPELINE, STUDENT, full_plan, tiny_plan
-from opd.client.replication.run import _data
-from opd.client.replication.vocab import build_tokenizer
+from experiments.replication import task
+from experiments.replication.models import _examples, training_examples
+from experiments.replication.plan import SAME_PIPELINE, STUDENT, full_plan, tiny_plan
+from experiments.replication.run import _data
+from experiments.replication.vocab import build_tokenizer
 
 
 def _pairs(path) -> set[tuple[int, int]]:

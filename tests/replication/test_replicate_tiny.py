@@ -1,6 +1,7 @@
-"""`opd replicate --tiny` as CI runs it: the real command, real `opd serve` teachers, every
-stage on toy budgets. It checks that the command completes and writes every table and every
-input the tables are computed from, not that the findings reproduce (docs/replication.md)."""
+"""`python -m experiments.replication --tiny` as CI runs it: the real command, real `opd serve`
+teachers, every stage on toy budgets. It checks that the command completes and writes every
+table and every input the tables are computed from, not that the findings reproduce
+(docs/replication.md)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from opd.client.replication.plan import OPD_RUNS
-from opd.client.replication.tables import FINDINGS, INCONCLUSIVE, NOT, PARTLY, REPRODUCES
+from experiments.replication.plan import OPD_RUNS
+from experiments.replication.tables import FINDINGS, INCONCLUSIVE, NOT, PARTLY, REPRODUCES
 
 VERDICTS = (REPRODUCES, PARTLY, NOT, INCONCLUSIVE)
 
@@ -20,9 +21,10 @@ VERDICTS = (REPRODUCES, PARTLY, NOT, INCONCLUSIVE)
 @pytest.fixture(scope="module")
 def replicated(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("replicate")
-    opd = Path(sys.executable).with_name("opd")
+    root = Path(__file__).resolve().parents[2]
     done = subprocess.run(
-        [str(opd), "replicate", "--tiny", "--out-dir", str(out)],
+        [sys.executable, "-m", "experiments.replication", "--tiny", "--out-dir", str(out)],
+        cwd=root,
         capture_output=True,
         text=True,
         timeout=540,  # inside pytest's 600 s, so the command's own output is reported

@@ -10,8 +10,8 @@ import math
 
 import pytest
 
-from opd.client.replication.plan import OPD_RUNS
-from opd.client.replication.tables import (
+from experiments.replication.plan import OPD_RUNS
+from experiments.replication.tables import (
     INCONCLUSIVE,
     NOT,
     PARTLY,

@@ -8,9 +8,9 @@ import json
 import numpy as np
 import pytest
 
+from experiments.replication import task
+from experiments.replication.vocab import save_tokenizer
 from opd.client.evaluation.verifiers import load_verifier
-from opd.client.replication import task
-from opd.client.replication.vocab import save_tokenizer
 from opd.shared.chat import chat_prompt_ids
 from opd.shared.fingerprint import fingerprint_hf_tokenizer
 

@@ -91,7 +91,7 @@ def test_shared_prompts_match_float64_and_the_unshared_path(smol_server, smollm2
     rows = unshared.score_pack(items_from_request(request))
     # The two paths multiply different shapes (the prompt once, or once per sequence), so their
     # float32 sums round differently: 2.1e-5 apart on one entropy with OpenBLAS in the streams
-    # (opd.server.cpu_gemm). Each is held to 1e-4 against float64 above.
+    # (opd.modeling.cpu_gemm). Each is held to 1e-4 against float64 above.
     for i, r in enumerate(rows):
         got = served.sequence(i)
         np.testing.assert_allclose(got.token_logprobs, r.token_logprobs_N, atol=5e-5, rtol=0)

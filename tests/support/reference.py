@@ -1,6 +1,6 @@
 """Independent float64 reference: the model's own full logits, log_softmax in float64.
 
-Nothing here shares code with opd.server.scoring: it runs the whole HF model (LM head
+Nothing here shares code with opd.modeling.scoring: it runs the whole HF model (LM head
 included) on one sequence at a time, unbatched, and derives every number from the [T, V]
 logits directly.
 """

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from opd.client.train.config import TrainConfig
+from opd.client.configs.train import TrainConfig
+from opd.shared.config_cli import from_flags
 
 
 def train_config(student: Path, url: str | list[str], run_dir: Path, **overrides) -> TrainConfig:
+    """The config from `opd train` flag names (overrides too: n_rollouts=2, lr=1e-3)."""
     values = dict(
         student=str(student),
         teacher_url=[url] if isinstance(url, str) else url,
@@ -21,7 +23,7 @@ def train_config(student: Path, url: str | list[str], run_dir: Path, **overrides
         lr=1e-3,
         checkpoint_every=2,
         depth_bucket=4,
-        tensorboard=False,
+        logger=["jsonl"],
     )
     values.update(overrides)
-    return TrainConfig(**values)
+    return from_flags(TrainConfig, **values)

@@ -1,4 +1,5 @@
-"""Load only a model's output head (LM head + logit transforms) from its checkpoint files.
+"""A model's output head (LM head + logit transforms): from a loaded model, or read alone from
+its checkpoint files.
 
 Engines that hand back final hidden states (vLLM's pooling runner) leave the LM head to us. We
 read the head straight from the safetensors shards instead of instantiating the whole model: the
@@ -15,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from opd.server.scoring import HeadSpec
+from opd.modeling.scoring import HeadSpec
 
 
 def _shard_for(folder: Path) -> dict[str, Path]:
@@ -40,6 +41,21 @@ def logit_transforms(config: object) -> tuple[float | None, float | None]:
         scale = (scale or 1.0) / float(scaling)
     softcap = getattr(config, "final_logit_softcapping", None)
     return (float(scale) if scale not in (None, 1.0) else None), softcap
+
+
+def head_spec(model: torch.nn.Module) -> HeadSpec:
+    """A loaded model's output head as the scoring math reads it: weight, bias, scale and
+    softcap. Detached: the teacher scores under inference mode and the student's statistics
+    pass needs no gradient (its loss pass runs the head itself, with gradients)."""
+    head = model.get_output_embeddings()
+    scale, softcap = logit_transforms(model.config)
+    bias = getattr(head, "bias", None)
+    return HeadSpec(
+        weight_VH=head.weight.detach(),
+        bias_V=None if bias is None else bias.detach(),
+        logit_scale=scale,
+        final_softcap=softcap,
+    )
 
 
 def head_param_names(config: object, trust_remote_code: bool = False) -> list[str]:

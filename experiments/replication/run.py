@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from opd.client.replication import task
-from opd.client.replication.plan import (
+from experiments.replication import task
+from experiments.replication.plan import (
     SAME_PIPELINE,
     STUDENT,
     TEACHER_X,
@@ -30,6 +30,7 @@ from opd.client.replication.plan import (
     full_plan,
     tiny_plan,
 )
+from opd.shared.config_cli import from_flags
 
 REPLICATE_VERSION = 1
 
@@ -73,7 +74,7 @@ def _models(
 ) -> dict[str, Path]:
     """Every model of the plan: reused from OUT/models when its card matches (same spec, recipe
     version and held-out set), trained otherwise."""
-    from opd.client.replication.models import RECIPE_VERSION, held_out_digest, train_model
+    from experiments.replication.models import RECIPE_VERSION, held_out_digest, train_model
 
     digest = held_out_digest(exclude)
     dirs = {}
@@ -98,10 +99,11 @@ def _models(
 
 def _train(plan: Plan, student: Path, url: str, run_dir: Path, data: dict, seed: int) -> Path:
     """One OPD run with the plan's shared budget; returns the final student's folder."""
-    from opd.client.train.config import TrainConfig
+    from opd.client.configs.train import TrainConfig
     from opd.client.train.trainer import Trainer
 
-    config = TrainConfig(
+    config = from_flags(
+        TrainConfig,
         student=str(student),
         teacher_url=[url],
         prompts=str(data["opd"]),
@@ -121,7 +123,7 @@ def _train(plan: Plan, student: Path, url: str, run_dir: Path, data: dict, seed:
         checkpoint_every=plan.opd_steps,
         keep_checkpoints=1,
         run_dir=str(run_dir),
-        tensorboard=False,
+        logger=["jsonl"],
     )
     with Trainer(config) as trainer:
         trainer.run()
@@ -134,12 +136,14 @@ def _probe(
     """opd probe of `student` against `teachers`, with the depth curve, on held-out questions:
     the after-OPD probe must not measure prompts the run trained on, and before and after
     measure the same ones."""
-    from opd.client.recipes.probe import ProbeConfig, run_probe
-    from opd.client.train.pipeline import TeacherSpec
+    from opd.client.configs.groups import TeacherSpec
+    from opd.client.configs.probe import ProbeConfig
+    from opd.client.recipes.probe import run_probe
 
-    config = ProbeConfig(
+    config = from_flags(
+        ProbeConfig,
         student=str(student),
-        teachers=[TeacherSpec(name=n, urls=[u]) for n, u in teachers.items()],
+        teacher=[TeacherSpec(name=n, urls=[u]) for n, u in teachers.items()],
         prompts=str(data["eval"]),
         answer_field="answer",
         verifier="numeric",
@@ -150,7 +154,7 @@ def _probe(
         teacher_top_k=plan.top_k,
         depth_bucket=plan.depth_bucket,
         depth=True,
-        depth_prefixes=list(plan.depth_prefixes),
+        depth_prefix=list(plan.depth_prefixes),
         depth_samples=1,
         depth_temperature=0.0,
         depth_rollouts=plan.depth_rollouts,
@@ -162,10 +166,11 @@ def _probe(
 
 def _coldstart(plan: Plan, student: Path, url: str, data: dict, out: Path, seed: int) -> Path:
     """SFT on teacher-y's own responses (the paper's recipe: T 0.7, top-p 0.95), no OPD yet."""
-    from opd.client.recipes.coldstart import ColdstartConfig, run_coldstart
-    from opd.client.recipes.sft import SFTConfig
+    from opd.client.configs.coldstart import ColdstartConfig
+    from opd.client.recipes.coldstart import run_coldstart
 
-    config = ColdstartConfig(
+    config = from_flags(
+        ColdstartConfig,
         student=str(student),
         teacher_url=[url],
         prompts=str(data["coldstart"]),
@@ -174,13 +179,10 @@ def _coldstart(plan: Plan, student: Path, url: str, data: dict, out: Path, seed:
         temperature=0.7,
         top_p=0.95,
         max_tokens=plan.max_new_tokens,
-        sft=SFTConfig(
-            epochs=plan.coldstart_epochs,
-            lr=plan.coldstart_lr,
-            batch_size=plan.coldstart_batch,
-            max_len=128,
-            seed=seed,
-        ),
+        sft_epochs=plan.coldstart_epochs,
+        sft_lr=plan.coldstart_lr,
+        sft_batch_size=plan.coldstart_batch,
+        sft_max_len=128,
         opd_steps=0,
         out_dir=str(out),
     )
@@ -190,14 +192,16 @@ def _coldstart(plan: Plan, student: Path, url: str, data: dict, out: Path, seed:
 
 def _evaluate(plan: Plan, students: dict[str, Path], data: dict, out: Path, seed: int) -> dict:
     """Greedy accuracy of every model on the same held-out questions, by label."""
-    from opd.client.recipes.evaluate import EvalConfig, run_eval
+    from opd.client.configs.evaluate import EvalConfig
+    from opd.client.recipes.evaluate import run_eval
 
     labels = list(students)
     report = run_eval(
-        EvalConfig(
+        from_flags(
+            EvalConfig,
             data=str(data["eval"]),
             verifier="numeric",
-            students=[str(students[k]) for k in labels],
+            student=[str(students[k]) for k in labels],
             max_tokens=plan.max_new_tokens,
             seed=seed,
             out_dir=str(out),
@@ -218,7 +222,7 @@ def _evaluate(plan: Plan, students: dict[str, Path], data: dict, out: Path, seed
 
 def run_replicate(config: ReplicateConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Every stage in order; OUT/results.json and OUT/replication.md at the end."""
-    from opd.client.replication.tables import write_tables
+    from experiments.replication.tables import write_tables
     from opd.client.report.build import build_report
     from opd.client.teacher.launch import LocalTeacher
 

@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from opd.client.replication.plan import SAME_PIPELINE, STUDENT, TEACHER_X, TEACHER_Y
+from experiments.replication.plan import SAME_PIPELINE, STUDENT, TEACHER_X, TEACHER_Y
 
 _DIAG = ("overlap/ratio", "overlap/token_advantage", "entropy/gap", "kl/sampled")
 

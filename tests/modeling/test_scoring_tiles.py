@@ -1,4 +1,4 @@
-"""The tiled scoring math (opd.server.scoring) against an independent float64 computation.
+"""The tiled scoring math (opd.modeling.scoring) against an independent float64 computation.
 
 The LM head runs in tiles of rows x vocabulary columns, carrying log-sum-exp and entropy across a
 row's tiles and merging each tile's top-k. These tests pick tile sizes that do not divide the
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from opd.server.scoring import HeadSpec, score_hidden
+from opd.modeling.scoring import HeadSpec, score_hidden
 from opd.server.settings import Settings
 
 VOCAB, HIDDEN = 1000, 24

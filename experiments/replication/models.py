@@ -25,9 +25,9 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from experiments.replication import task
+from experiments.replication.vocab import EOS, PAD, build_tokenizer
 from opd.client.recipes.sft import Example, SFTConfig, sft
-from opd.client.replication import task
-from opd.client.replication.vocab import EOS, PAD, build_tokenizer
 from opd.shared.chat import chat_prompt_ids
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from opd.client.replication.models import ModelSpec
+from experiments.replication.models import ModelSpec
 
 STUDENT, TEACHER_X, TEACHER_Y, SAME_PIPELINE = "student", "teacher-x", "teacher-y", "same-pipeline"
 # Every OPD run of the experiment, by the label its folder, metrics and tables use.

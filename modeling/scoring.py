@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from opd.server.cpu_gemm import head_matmul
+from opd.modeling.cpu_gemm import head_matmul
 
 # The running max starts at the lowest finite float32, not -inf, so that the first tile's
 # rescale factor exp(old - new) is 0 rather than nan (0 * -inf).
@@ -53,7 +53,7 @@ class HeadSpec:
     bias_V: torch.Tensor | None = None
     logit_scale: float | None = None
     final_softcap: float | None = None
-    # float32 CPU tiles on single-thread streams through numpy's BLAS (opd.server.cpu_gemm)
+    # float32 CPU tiles on single-thread streams through numpy's BLAS (opd.modeling.cpu_gemm)
     numpy_blas: bool = False
 
     @property

@@ -1,4 +1,4 @@
-"""numpy's BLAS for the CPU streams' matmuls (opd.server.cpu_gemm): when it is used, and that the
+"""numpy's BLAS for the CPU streams' matmuls (opd.modeling.cpu_gemm): when it is used, and that the
 numbers stay those of torch's BLAS and of the float64 reference."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from opd.server import cpu_gemm
+from opd.modeling import cpu_gemm
 from opd.server.backends.base import ScoreItem
 from opd.shared.schemas import ScoreOptions
 from tests.support.reference import ReferenceModel, assert_rows_match, chat_batch
@@ -32,7 +32,7 @@ def test_numpy_linear_equals_torch_linear() -> None:
 
 ROUTING_CHILD = """
 import torch
-from opd.server import cpu_gemm
+from opd.modeling import cpu_gemm
 calls = []
 real = cpu_gemm.numpy_linear
 cpu_gemm.numpy_linear = lambda *a: calls.append(1) or real(*a)
@@ -132,7 +132,7 @@ def test_forcing_numpy_without_a_numpy_blas_to_pin_is_a_clear_error(monkeypatch)
 
 PIN_CHILD = """
 from threadpoolctl import ThreadpoolController
-from opd.server import cpu_gemm
+from opd.modeling import cpu_gemm
 blas = cpu_gemm.numpy_blas_controller()
 print([lib.internal_api for lib in blas.lib_controllers])
 blas.limit(limits=1)

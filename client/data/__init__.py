@@ -1,0 +1,1 @@
+"""The shipped prompt set (prompts.jsonl), read with importlib.resources."""
