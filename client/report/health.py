@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Literal
 if TYPE_CHECKING:
     import numpy as np
 
-    from opd.client.report.build import Series
+    from opd.client.report.inputs import Series
 
 __all__ = ["Check", "Windows", "health_checks", "span", "window_slices", "windows"]
 

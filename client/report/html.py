@@ -7,25 +7,30 @@ script sets `data-images-ok` (images decoded, naturalWidth > 0) and `data-images
 
 Sections, each present only when its input is: health, training over steps, by depth, teacher
 probe, cold start, quickstart before/after, saved rollouts (rollout_view.py, with its CSS),
-run config. Every dynamic string goes through html.escape.
+run config. Every dynamic string goes through html.escape; the pieces the sections share
+(numbers, tables, embedded figures) are in html_parts.py.
 """
 
 from __future__ import annotations
 
-import base64
 import html
 import json
 import math
 import time
-from collections.abc import Iterable, Sequence
 from typing import Any
 
-from opd.client.report.build import INPUT_FILES, MAIN_METRICS, RunInputs
+from opd.client.configs.train import TrainConfig
+from opd.client.report.figures import Plot
 from opd.client.report.health import Check, windows
+from opd.client.report.html_parts import embed_figures, fmt, table
+from opd.client.report.inputs import INPUT_FILES, RunInputs
+from opd.client.report.labels import MAIN_METRICS
 from opd.client.report.outcome_view import outcome_section, probe_outcome_html
-from opd.client.report.plots import Plot, teachers_by_rank, verdict_color
+from opd.client.report.plots import teachers_by_rank, verdict_color
 from opd.client.report.rollout_view import CSS as _ROLLOUT_CSS
 from opd.client.report.rollout_view import rollouts_section
+from opd.client.report.teacher_view import teacher_names, teachers_section
+from opd.shared.config_cli import flag_values
 
 _CSS = """
 body { font: 15px/1.45 -apple-system, "Segoe UI", Roboto, "DejaVu Sans", sans-serif;
@@ -70,15 +75,13 @@ def render_page(inputs: RunInputs, checks: list[Check], plots: list[Plot], frac:
     if inputs.metrics is not None:
         sections.append(("health", "Health", _health(checks, frac)))
         sections.append(("steps", "Training over steps", _steps(inputs, plots, frac)))
-        depth = _figures(plots, "depth") or (
+        depth = embed_figures(plots, "depth") or (
             "<p>Every logged position falls in one depth bucket (or the run logged none), so "
             "there is no breakdown by depth. Lower <code>--depth-bucket</code> to get one.</p>"
         )
         sections.append(("depth", "By depth", depth))
-        from opd.client.report.teacher_view import teacher_names, teachers_section
-
         if teacher_names(inputs.metrics):
-            body = teachers_section(inputs.metrics, frac, _figures(plots, "teachers"))
+            body = teachers_section(inputs.metrics, frac, embed_figures(plots, "teachers"))
             sections.append(("teachers", "Teachers", body))
     if inputs.evals is not None or inputs.eval_summary is not None:
         sections.append(("outcome", "Outcome: accuracy", outcome_section(inputs, plots)))
@@ -125,43 +128,6 @@ def render_page(inputs: RunInputs, checks: list[Check], plots: list[Plot], frac:
 # --------------------------------------------------------------------------------------------
 
 
-def _fmt(v: Any) -> str:
-    if isinstance(v, bool) or not isinstance(v, int | float):
-        return "-" if v is None else html.escape(str(v))
-    if math.isnan(v):
-        return "-"
-    return f"{v:.4g}"
-
-
-def _table(headers: Sequence[str], rows: Iterable[Sequence[str]], numeric: set[int]) -> str:
-    """Cells are HTML already (escape before); columns in `numeric` are right-aligned."""
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
-    body = "".join(
-        "<tr>"
-        + "".join(
-            f'<td class="num">{c}</td>' if i in numeric else f"<td>{c}</td>"
-            for i, c in enumerate(row)
-        )
-        + "</tr>"
-        for row in rows
-    )
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-def _figures(plots: list[Plot], section: str) -> str:
-    out = []
-    for p in plots:
-        if p.section != section:
-            continue
-        data = base64.b64encode(p.path.read_bytes()).decode("ascii")
-        out.append(
-            f'<figure id="fig-{p.path.stem}"><h3>{html.escape(p.title)}</h3>'
-            f'<img src="data:image/png;base64,{data}" alt="{html.escape(p.title)}">'
-            f"<figcaption>{html.escape(p.caption)}</figcaption></figure>"
-        )
-    return "".join(out)
-
-
 def _badge(status: str, text: str | None = None) -> str:
     cls = _STATUS_CLASS.get(status, "na")
     return f'<span class="badge {cls}">{html.escape(text or status)}</span>'
@@ -200,7 +166,7 @@ def _health(checks: list[Check], frac: float) -> str:
         "positions. One warning on a short or noisy run is a reason to look at the plots below, "
         "not a verdict; several together are the signature of an incompatible pair or a "
         "teacher with nothing to teach. Thresholds: <code>client/report/health.py</code>."
-        "</p>" + _table(("status", "check", "finding", "numbers and rule"), rows, set())
+        "</p>" + table(("status", "check", "finding", "numbers and rule"), rows, set())
     )
 
 
@@ -217,8 +183,8 @@ def _steps(inputs: RunInputs, plots: list[Plot], frac: float) -> str:
         rows.append(
             (
                 f"{html.escape(label)}<br><code>{html.escape(key)}</code>",
-                _fmt(w.first),
-                _fmt(w.last),
+                fmt(w.first),
+                fmt(w.last),
                 f"{w.change:+.4g}",
                 html.escape(direction),
                 _moved_well(direction, w.first, w.last),
@@ -231,8 +197,8 @@ def _steps(inputs: RunInputs, plots: list[Plot], frac: float) -> str:
         "teacher.</p>"
     )
     headers = ("metric", "early", "late", "change", "better when", "")
-    table = _table(headers, rows, {1, 2, 3}) if rows else ""
-    return intro + table + _figures(plots, "steps")
+    steps_table = table(headers, rows, {1, 2, 3}) if rows else ""
+    return intro + steps_table + embed_figures(plots, "steps")
 
 
 def _probe(probe: dict[str, Any], plots: list[Plot]) -> str:
@@ -256,20 +222,20 @@ def _probe(probe: dict[str, Any], plots: list[Plot]) -> str:
             label = "not probed"
         rows.append(
             (
-                _fmt(t.get("rank")),
+                fmt(t.get("rank")),
                 f"<b>{html.escape(str(t.get('name', '?')))}</b><br>"
                 f"<small>{html.escape(str(t.get('url', '')))}</small>",
                 f'<span class="badge verdict" style="background:{color}">{label}</span>',
                 _yes_no(v.get("compatible")),
                 _yes_no(v.get("signal")),
-                *(_fmt(m.get(key)) for key, _ in shown),
+                *(fmt(m.get(key)) for key, _ in shown),
                 f'<ul class="reasons">{reasons}</ul>',
             )
         )
     headers = ("rank", "teacher", "verdict", "compatible", "signal", *(h for _, h in shown))
     numeric = set(range(5, 5 + len(shown)))
     facts = ", ".join(
-        f"{k.replace('_', ' ')} <b>{_fmt(probe.get(k))}</b>"
+        f"{k.replace('_', ' ')} <b>{fmt(probe.get(k))}</b>"
         for k in ("prompts", "rollouts_per_prompt", "positions")
         if k in probe
     )
@@ -279,9 +245,9 @@ def _probe(probe: dict[str, Any], plots: list[Plot]) -> str:
         "thinking patterns (high initial overlap, overlap-token advantage near 0) and a real "
         "signal (the teacher knows something the student does not: clear KL, negative "
         "reward).</p>"
-        + _table((*headers, "reasons"), rows, numeric)
+        + table((*headers, "reasons"), rows, numeric)
         + probe_outcome_html(probe)
-        + _figures(plots, "probe")
+        + embed_figures(plots, "probe")
         + _details("probe config", probe.get("config"))
         + _details("verdict thresholds", probe.get("thresholds"))
     )
@@ -303,16 +269,18 @@ def _coldstart(inputs: RunInputs, plots: list[Plot]) -> str:
     counts = cs.get("counts") or {}
     if counts.get("responses"):
         kept = counts.get("kept", 0) / counts["responses"]
-        rows.append(("kept", f"{_fmt(counts.get('kept'))} of {_fmt(counts['responses'])} "
+        rows.append(("kept", f"{fmt(counts.get('kept'))} of {fmt(counts['responses'])} "
                              f"responses ({kept:.0%})"))  # fmt: skip
     for k, v in (cs.get("sft") or {}).items():
-        rows.append((f"sft {html.escape(k.replace('_', ' '))}", _fmt(v)))
+        rows.append((f"sft {html.escape(k.replace('_', ' '))}", fmt(v)))
     intro = (
         "<p>The recovery for an incompatible pair: the teacher writes responses, the filtered "
         "ones fine-tune the student (SFT), and OPD then runs on prompts not used for SFT.</p>"
     )
-    table = _table(("", ""), rows, set()) if rows else ""
-    return intro + table + _figures(plots, "coldstart") + _details("split", cs.get("split"))
+    facts_table = table(("", ""), rows, set()) if rows else ""
+    return (
+        intro + facts_table + embed_figures(plots, "coldstart") + _details("split", cs.get("split"))
+    )
 
 
 def _quickstart(qs: dict[str, Any]) -> str:
@@ -326,8 +294,8 @@ def _quickstart(qs: dict[str, Any]) -> str:
         rows.append(
             (
                 f"{html.escape(label)}<br><code>{html.escape(key)}</code>",
-                _fmt(b),
-                _fmt(a),
+                fmt(b),
+                fmt(a),
                 change,
                 html.escape(direction),
                 _moved_well(direction, b, a),
@@ -336,7 +304,7 @@ def _quickstart(qs: dict[str, Any]) -> str:
     return (
         "<p>The same diagnostics of the student on the same held-out prompts before and after "
         "OPD; &#10003; marks a move toward the teacher. A healthy run moves most of them.</p>"
-        + _table(("metric", "before", "after", "change", "better when", ""), rows, {1, 2, 3})
+        + table(("metric", "before", "after", "change", "better when", ""), rows, {1, 2, 3})
     )
 
 
@@ -359,9 +327,8 @@ _CONFIG_SHOWN = (
 def _config_line(config: dict[str, Any] | None) -> str:
     if not config:
         return ""
-    parts = [
-        f"{k.replace('_', ' ')} <b>{_fmt(config[k])}</b>" for k in _CONFIG_SHOWN if k in config
-    ]
+    config = flag_values(TrainConfig, config)
+    parts = [f"{k.replace('_', ' ')} <b>{fmt(config[k])}</b>" for k in _CONFIG_SHOWN if k in config]
     student = html.escape(str(config.get("student", "?")))
     return f"<p class='meta'>Student <code>{student}</code>; {', '.join(parts)}.</p>"
 

@@ -14,10 +14,11 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from opd.client.report.plots import GREEN, GREY, RED, Plot, _figure, _save
+from opd.client.report.figures import GREEN, GREY, RED, Plot, figure, save
+from opd.client.report.html_parts import embed_figures, fmt, table
 
 if TYPE_CHECKING:
-    from opd.client.report.build import RunInputs, Series
+    from opd.client.report.inputs import RunInputs, Series
 
 
 def outcome_plots(inputs: RunInputs, out_dir: Path) -> list[Plot]:
@@ -39,9 +40,7 @@ def training_accuracy_plot(evals: Series, out_dir: Path) -> list[Plot]:
         return []
     steps = evals.steps_S
     recovery = evals.get("gap_recovery")
-    fig, axes = _figure(
-        1, 2 if recovery is not None else 1, 9.6 if recovery is not None else 5, 3.2
-    )
+    fig, axes = figure(1, 2 if recovery is not None else 1, 9.6 if recovery is not None else 5, 3.2)
     ax = axes[0, 0]
     lo, hi = evals.get("accuracy_lo"), evals.get("accuracy_hi")
     if lo is not None and hi is not None:
@@ -67,7 +66,7 @@ def training_accuracy_plot(evals: Series, out_dir: Path) -> list[Plot]:
         ax2.grid(alpha=0.3)
         ax2.legend(fontsize=7)
     return [
-        _save(
+        save(
             fig,
             out_dir,
             "eval_accuracy",
@@ -89,7 +88,7 @@ def eval_summary_plot(summary: dict[str, Any], out_dir: Path) -> list[Plot]:
     acc = [_num(s["summary"].get("mean_at_n")) for s in sources]
     err = _error_bars(acc, [s["summary"].get("mean_at_n_interval") for s in sources])
     colors = [GREEN if s["kind"] == "teacher" else "C0" for s in sources]
-    fig, axes = _figure(1, 1, max(4.0, 1.3 * len(sources) + 1.5), 3.2)
+    fig, axes = figure(1, 1, max(4.0, 1.3 * len(sources) + 1.5), 3.2)
     ax = axes[0, 0]
     ax.bar(range(len(names)), acc, yerr=err, color=colors, capsize=4)
     ax.set_xticks(range(len(names)), names, fontsize=7)
@@ -97,7 +96,7 @@ def eval_summary_plot(summary: dict[str, Any], out_dir: Path) -> list[Plot]:
     ax.set_ylim(0, 1.02)
     ax.grid(axis="y", alpha=0.3)
     return [
-        _save(
+        save(
             fig,
             out_dir,
             "eval_sources",
@@ -115,7 +114,7 @@ def depth_probe_plot(depth: dict[str, Any], out_dir: Path) -> list[Plot]:
         return []
     x = [r["prefix_tokens"] for r in rows]
     teachers = sorted({name for r in rows for name in r["teachers"]})
-    fig, axes = _figure(1, 2, 9.6, 3.2)
+    fig, axes = figure(1, 2, 9.6, 3.2)
     ax, ax2 = axes[0, 0], axes[0, 1]
     ax.plot(
         x,
@@ -141,7 +140,7 @@ def depth_probe_plot(depth: dict[str, Any], out_dir: Path) -> list[Plot]:
     ax2.grid(alpha=0.3)
     ax2.legend(fontsize=7)
     return [
-        _save(
+        save(
             fig,
             out_dir,
             "probe_depth_continuation",
@@ -160,8 +159,6 @@ def depth_probe_plot(depth: dict[str, Any], out_dir: Path) -> list[Plot]:
 
 def outcome_section(inputs: RunInputs, plots: list[Plot]) -> str:
     """The "Outcome" section: accuracy over training and `opd eval` results."""
-    from opd.client.report.html import _figures, _fmt, _table
-
     parts = []
     if inputs.evals is not None:
         ev = inputs.evals
@@ -171,18 +168,18 @@ def outcome_section(inputs: RunInputs, plots: list[Plot]) -> str:
             rows.append(
                 (
                     str(int(step)) + (" (before)" if step == 0 else ""),
-                    _fmt(col.get("accuracy")),
-                    f"[{_fmt(col.get('accuracy_lo'))}, {_fmt(col.get('accuracy_hi'))}]",
-                    _fmt(col.get("pass_at_n")),
-                    _fmt(col.get("extraction_failure_rate")),
-                    _fmt(col.get("teacher_accuracy")),
-                    _fmt(col.get("gap_recovery")),
+                    fmt(col.get("accuracy")),
+                    f"[{fmt(col.get('accuracy_lo'))}, {fmt(col.get('accuracy_hi'))}]",
+                    fmt(col.get("pass_at_n")),
+                    fmt(col.get("extraction_failure_rate")),
+                    fmt(col.get("teacher_accuracy")),
+                    fmt(col.get("gap_recovery")),
                 )
             )
         headers = ("step", "accuracy", "95% CI", "pass@n", "no answer", "teacher", "gap recovery")
         parts.append(
             "<p>The student's accuracy on held-out questions over training "
-            "(<code>eval.jsonl</code>).</p>" + _table(headers, rows, {1, 3, 4, 5, 6})
+            "(<code>eval.jsonl</code>).</p>" + table(headers, rows, {1, 3, 4, 5, 6})
         )
     if inputs.eval_summary is not None:
         s = inputs.eval_summary
@@ -194,48 +191,46 @@ def outcome_section(inputs: RunInputs, plots: list[Plot]) -> str:
             rows.append(
                 (
                     html.escape(f"{src['kind']} {src['label']}"),
-                    _fmt(m.get("mean_at_n")),
-                    f"[{_fmt(lo)}, {_fmt(hi)}]",
-                    _fmt(m.get("pass_at_k")),
-                    f"[{_fmt(plo)}, {_fmt(phi)}]",
-                    _fmt(m.get("extraction_failures")),
+                    fmt(m.get("mean_at_n")),
+                    f"[{fmt(lo)}, {fmt(hi)}]",
+                    fmt(m.get("pass_at_k")),
+                    f"[{fmt(plo)}, {fmt(phi)}]",
+                    fmt(m.get("extraction_failures")),
                 )
             )
         recovery = "".join(
             f"<li>gap recovery {html.escape(g['before'])} &rarr; {html.escape(g['after'])} "
-            f"(teacher {html.escape(g['teacher'])}): <b>{_fmt(g['gap_recovery'])}</b></li>"
+            f"(teacher {html.escape(g['teacher'])}): <b>{fmt(g['gap_recovery'])}</b></li>"
             for g in s.get("gap_recovery", [])
         )
         headers = ("source", "mean@n", "95% CI", "pass@k", "95% CI", "no answer")
         parts.append(
             f"<p><code>opd eval</code> on <code>{html.escape(str(s.get('data')))}</code>, "
-            f"{_fmt(s.get('items'))} questions.</p>"
-            + _table(headers, rows, {1, 3, 5})
+            f"{fmt(s.get('items'))} questions.</p>"
+            + table(headers, rows, {1, 3, 5})
             + (f"<ul>{recovery}</ul>" if recovery else "")
         )
-    return "".join(parts) + _figures(plots, "outcome")
+    return "".join(parts) + embed_figures(plots, "outcome")
 
 
 def probe_outcome_html(probe: dict[str, Any]) -> str:
     """The probe's outcome numbers: the student's accuracy on its own rollouts, each teacher's
     reward AUROC, and the depth-probe table."""
-    from opd.client.report.html import _fmt, _table
-
     parts = []
     student = probe.get("student_outcome")
     if student:
         lo, hi = (student.get("mean_at_n_interval") or [None, None])[:2]
         parts.append(
-            f"<p>Student accuracy on its probe rollouts: <b>{_fmt(student.get('mean_at_n'))}</b> "
-            f"[{_fmt(lo)}, {_fmt(hi)}] over {_fmt(student.get('prompts'))} prompts.</p>"
+            f"<p>Student accuracy on its probe rollouts: <b>{fmt(student.get('mean_at_n'))}</b> "
+            f"[{fmt(lo)}, {fmt(hi)}] over {fmt(student.get('prompts'))} prompts.</p>"
         )
     rows = [
         (
             html.escape(str(t.get("name", "?"))),
-            _fmt(t["outcome"].get("auroc"))
-            + " [{}, {}]".format(*map(_fmt, t["outcome"].get("auroc_interval") or [None, None])),
-            _fmt(t["outcome"].get("reward_mean_correct")),
-            _fmt(t["outcome"].get("reward_mean_wrong")),
+            fmt(t["outcome"].get("auroc"))
+            + " [{}, {}]".format(*map(fmt, t["outcome"].get("auroc_interval") or [None, None])),
+            fmt(t["outcome"].get("reward_mean_correct")),
+            fmt(t["outcome"].get("reward_mean_wrong")),
             f"{t['outcome'].get('correct')}/{t['outcome'].get('rollouts')}",
         )
         for t in probe.get("teachers", [])
@@ -246,7 +241,7 @@ def probe_outcome_html(probe: dict[str, Any]) -> str:
             "<p>Reward AUROC: how well each teacher's sequence mean reward r(y) ranks the "
             "student's right answers above its wrong ones (0.5 = no information; the paper "
             "reports 0.73 and 0.75).</p>"
-            + _table(("teacher", "AUROC", "r right", "r wrong", "right/rollouts"), rows, {1, 2, 3})
+            + table(("teacher", "AUROC", "r right", "r wrong", "right/rollouts"), rows, {1, 2, 3})
         )
     depth = probe.get("depth_probe")
     if depth:
@@ -259,9 +254,9 @@ def probe_outcome_html(probe: dict[str, Any]) -> str:
                         str(r["prefix_tokens"]),
                         html.escape(name),
                         str(r["rollouts"]),
-                        _fmt(r["student"]["accuracy"]),
-                        _fmt(t.get("accuracy")),
-                        f"{_fmt(t.get('advantage'))} [{_fmt(lo)}, {_fmt(hi)}]",
+                        fmt(r["student"]["accuracy"]),
+                        fmt(t.get("accuracy")),
+                        f"{fmt(t.get('advantage'))} [{fmt(lo)}, {fmt(hi)}]",
                     )
                 )
         headers = (
@@ -274,7 +269,7 @@ def probe_outcome_html(probe: dict[str, Any]) -> str:
         )
         parts.append(
             f"<p>Depth probe: {depth.get('samples')} continuations per prefix and model.</p>"
-            + _table(headers, rows, {2, 3, 4})
+            + table(headers, rows, {2, 3, 4})
         )
     return "".join(parts)
 

@@ -1,54 +1,44 @@
 """The plots of `opd report`: one PNG per figure, drawn by matplotlib's Agg backend.
 
-Figures are built with the object API (matplotlib.figure.Figure on a FigureCanvasAgg), not
-pyplot: no global state, no display, safe to call from any thread. matplotlib and numpy are
-imported inside the functions. Each figure is skipped when its keys are absent from the inputs,
-and returned as a Plot whose caption says how to read it (html.py shows it under the image).
-
-Series plots shade the early and late windows that the health checks compare; with more than
-SMOOTH_ABOVE steps the raw values are drawn faint under a rolling mean.
+Each figure is skipped when its keys are absent from the inputs, and returned as a Plot whose
+caption says how to read it (html.py shows it under the image). The figure primitives (Plot,
+Panel, matplotlib figures, series panels, colours) are in figures.py; the per-teacher and the
+outcome figures in teacher_view.py and outcome_view.py. matplotlib and numpy are imported
+inside the functions.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from opd.client.report.build import MAIN_METRICS, RunInputs, Series, depth_buckets
+from opd.client.report.figures import (
+    GREEN,
+    GREY,
+    ORANGE,
+    RED,
+    SMOOTH_ABOVE,
+    Panel,
+    Plot,
+    figure,
+    grid,
+    hide_unused,
+    save,
+    series_figure,
+)
 from opd.client.report.health import span, window_slices
+from opd.client.report.inputs import RunInputs, Series, depth_buckets
+from opd.client.report.labels import MAIN_METRICS
+from opd.client.report.outcome_view import outcome_plots
+from opd.client.report.teacher_view import teacher_plots
 
 if TYPE_CHECKING:
     import numpy as np
     from matplotlib.axes import Axes
-    from matplotlib.figure import Figure
 
-# Above this many steps, raw values are drawn faint and a rolling mean over ~1/25 of the run on
-# top: below it every step is visible on its own.
-SMOOTH_ABOVE = 30
-DPI = 100
 _LABELS = {key: label for key, label, _ in MAIN_METRICS}
-
-
-@dataclass(frozen=True)
-class Plot:
-    section: str  # "steps" | "depth" | "teachers" | "probe" | "coldstart" | "outcome"
-    path: Path
-    title: str
-    caption: str
-
-
-@dataclass(frozen=True)
-class Panel:
-    """One axes of a series figure: lines for `keys` ((key, legend label) pairs) over steps."""
-
-    title: str
-    keys: Sequence[tuple[str, str]]
-    zero_line: bool = False
-    log_y: bool = False
-    band: dict[str, str] = field(default_factory=dict)  # key -> key of its +-1 std band
 
 
 def all_plots(inputs: RunInputs, out_dir: Path, frac: float) -> list[Plot]:
@@ -56,121 +46,12 @@ def all_plots(inputs: RunInputs, out_dir: Path, frac: float) -> list[Plot]:
     if inputs.metrics is not None:
         plots += step_plots(inputs.metrics, out_dir, frac)
         plots += depth_plots(inputs.metrics, out_dir, frac)
-        from opd.client.report.teacher_view import teacher_plots
-
         plots += teacher_plots(inputs.metrics, out_dir, frac)
     if inputs.probe is not None:
         plots += probe_plots(inputs.probe, out_dir)
     plots += coldstart_plots(inputs.coldstart, inputs.sft, out_dir)
-    from opd.client.report.outcome_view import outcome_plots
-
     plots += outcome_plots(inputs, out_dir)
     return plots
-
-
-# --------------------------------------------------------------------------------------------
-# Figure plumbing
-# --------------------------------------------------------------------------------------------
-
-
-def _figure(nrows: int, ncols: int, width: float, height: float) -> tuple[Figure, Any]:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig, fig.subplots(nrows, ncols, squeeze=False)
-
-
-def _save(fig: Figure, out_dir: Path, name: str, section: str, title: str, caption: str) -> Plot:
-    path = out_dir / f"{name}.png"
-    fig.savefig(path, format="png", metadata={"Software": None})
-    return Plot(section, path, title, caption)
-
-
-def _grid(n: int, max_cols: int = 3) -> tuple[int, int]:
-    cols = min(n, max_cols)
-    return math.ceil(n / cols), cols
-
-
-def _hide_unused(axes: Any, used: int) -> None:
-    for ax in axes.flat[used:]:
-        ax.set_visible(False)
-
-
-def _rolling_mean(y: np.ndarray, w: int) -> np.ndarray:
-    """Centred mean over w steps, ignoring nan (nan where the whole window is nan)."""
-    import numpy as np
-
-    ok = np.isfinite(y)
-    kernel = np.ones(w)
-    sums = np.convolve(np.where(ok, y, 0.0), kernel, mode="same")
-    counts = np.convolve(ok.astype(float), kernel, mode="same")
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(counts > 0, sums / counts, np.nan)
-
-
-def _draw_series(ax: Axes, series: Series, panel: Panel, frac: float) -> bool:
-    """Draw one panel; False when none of its keys has data."""
-    import numpy as np
-
-    x = series.steps_S
-    drawn = False
-    smooth = len(series) > SMOOTH_ABOVE
-    for i, (key, label) in enumerate(panel.keys):
-        y = series.get(key)
-        if y is None:
-            continue
-        drawn = True
-        color = f"C{i}"
-        if smooth:
-            ax.plot(x, y, color=color, alpha=0.3, linewidth=0.8)
-            w = max(2, len(series) // 25)
-            ax.plot(x, _rolling_mean(y, w), color=color, label=f"{label} (mean of {w})")
-        else:
-            ax.plot(x, y, color=color, marker="o", markersize=3, label=label)
-        std = series.get(panel.band.get(key, ""))
-        if std is not None:
-            ax.fill_between(x, y - std, y + std, color=color, alpha=0.15, linewidth=0)
-    if not drawn:
-        return False
-    if len(series) >= 2:
-        a, b = window_slices(len(series), frac)
-        for s in (a, b):
-            ax.axvspan(x[s][0] - 0.5, x[s][-1] + 0.5, color="0.85", zorder=0, linewidth=0)
-    if panel.zero_line:
-        ax.axhline(0.0, color="0.4", linewidth=0.8, linestyle="--")
-    if panel.log_y and all(
-        np.nanmin(series.get(k)) > 0 for k, _ in panel.keys if series.get(k) is not None
-    ):
-        ax.set_yscale("log")
-    ax.set_title(panel.title, fontsize=10)
-    ax.set_xlabel("step", fontsize=9)
-    ax.tick_params(labelsize=8)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    return True
-
-
-def _series_figure(
-    series: Series,
-    out_dir: Path,
-    frac: float,
-    name: str,
-    title: str,
-    caption: str,
-    panels: Sequence[Panel],
-    section: str = "steps",
-) -> list[Plot]:
-    present = [p for p in panels if any(series.get(k) is not None for k, _ in p.keys)]
-    if not present:
-        return []
-    rows, cols = _grid(len(present))
-    fig, axes = _figure(rows, cols, 4.2 * cols if cols > 1 else 7.5, 3.0 * rows)
-    for ax, panel in zip(axes.flat, present, strict=False):
-        _draw_series(ax, series, panel, frac)
-    _hide_unused(axes, len(present))
-    return [_save(fig, out_dir, name, section, title, caption)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -323,7 +204,7 @@ def step_plots(series: Series, out_dir: Path, frac: float) -> list[Plot]:
     ]
     plots: list[Plot] = []
     for name, title, caption, panels in figures:
-        plots += _series_figure(series, out_dir, frac, name, title, caption + _WINDOWS_NOTE, panels)
+        plots += series_figure(series, out_dir, frac, name, title, caption + _WINDOWS_NOTE, panels)
     return plots
 
 
@@ -373,8 +254,8 @@ def depth_plots(series: Series, out_dir: Path, frac: float) -> list[Plot]:
     plots = []
     a, b = window_slices(len(series), frac) if len(series) >= 2 else (slice(0, 1), slice(0, 1))
     steps = series.steps_S
-    rows, cols = _grid(len(keys))
-    fig, axes = _figure(rows, cols, 4.2 * cols, 3.0 * rows)
+    rows, cols = grid(len(keys))
+    fig, axes = figure(rows, cols, 4.2 * cols, 3.0 * rows)
     for ax, key in zip(axes.flat, keys, strict=False):
         buckets, m_SB = series.depth_matrix(key)
         x = np.arange(len(buckets))
@@ -384,9 +265,9 @@ def depth_plots(series: Series, out_dir: Path, frac: float) -> list[Plot]:
         if key in ("overlap/token_advantage", "reward/seq_mean"):
             ax.axhline(0.0, color="0.4", linewidth=0.8, linestyle="--")
         _style_depth_axis(ax, key, buckets)
-    _hide_unused(axes, len(keys))
+    hide_unused(axes, len(keys))
     plots.append(
-        _save(
+        save(
             fig,
             out_dir,
             "depth_profile",
@@ -400,7 +281,7 @@ def depth_plots(series: Series, out_dir: Path, frac: float) -> list[Plot]:
     )
 
     keys = [k for k in HEATMAP_KEYS if len(series.depth_buckets(k)) >= 2]
-    fig, axes = _figure(len(keys), 1, 7.5, 2.4 * len(keys))
+    fig, axes = figure(len(keys), 1, 7.5, 2.4 * len(keys))
     for ax, key in zip(axes.flat, keys, strict=False):
         buckets, m_SB = series.depth_matrix(key)
         cmap = "viridis_r" if key in _LOWER_IS_BETTER else "viridis"  # bright = better
@@ -421,7 +302,7 @@ def depth_plots(series: Series, out_dir: Path, frac: float) -> list[Plot]:
         ax.tick_params(labelsize=8)
     axes.flat[-1].set_xlabel("step", fontsize=9)
     plots.append(
-        _save(
+        save(
             fig,
             out_dir,
             "depth_heatmap",
@@ -468,7 +349,6 @@ PROBE_BAR_KEYS = (
 PROBE_DEPTH_KEYS = ("overlap/ratio", "overlap/token_advantage", "entropy/gap", "kl/sampled")
 
 
-GREEN, ORANGE, RED, GREY = "#27ae60", "#e67e22", "#c0392b", "#9aa5b1"
 # `opd probe`'s verdict classes, where present; otherwise compatible / signal decide.
 _CLASS_COLORS = {"good": GREEN, "borderline": ORANGE, "no-signal": ORANGE, "incompatible": RED}
 
@@ -502,9 +382,9 @@ def probe_plots(probe: dict[str, Any], out_dir: Path) -> list[Plot]:
     plots = []
     keys = [k for k in PROBE_BAR_KEYS if any(k in _metrics(t) for t in teachers)]
     if keys:
-        rows, cols = _grid(len(keys))
+        rows, cols = grid(len(keys))
         longest = max(map(len, names))  # rotated tick labels need room below the bars
-        fig, axes = _figure(rows, cols, 4.2 * cols, 2.6 * rows + 0.05 * longest)
+        fig, axes = figure(rows, cols, 4.2 * cols, 2.6 * rows + 0.05 * longest)
         for ax, key in zip(axes.flat, keys, strict=False):
             values = [_num(_metrics(t).get(key)) for t in teachers]
             ax.bar(range(len(names)), values, color=colors)
@@ -513,9 +393,9 @@ def probe_plots(probe: dict[str, Any], out_dir: Path) -> list[Plot]:
             ax.set_title(_LABELS.get(key, key), fontsize=10)
             ax.tick_params(axis="y", labelsize=8)
             ax.grid(axis="y", alpha=0.3)
-        _hide_unused(axes, len(keys))
+        hide_unused(axes, len(keys))
         plots.append(
-            _save(
+            save(
                 fig,
                 out_dir,
                 "probe_metrics",
@@ -533,8 +413,8 @@ def probe_plots(probe: dict[str, Any], out_dir: Path) -> list[Plot]:
         if any(len(depth_buckets(_metrics(t), k)) >= 2 for t in teachers)
     ]
     if keys:
-        rows, cols = _grid(len(keys), 2)
-        fig, axes = _figure(rows, cols, 4.8 * cols, 3.0 * rows)
+        rows, cols = grid(len(keys), 2)
+        fig, axes = figure(rows, cols, 4.8 * cols, 3.0 * rows)
         for ax, key in zip(axes.flat, keys, strict=False):
             buckets = sorted({b for t in teachers for b in depth_buckets(_metrics(t), key)})
             for i, (t, name) in enumerate(zip(teachers, names, strict=True)):
@@ -542,9 +422,9 @@ def probe_plots(probe: dict[str, Any], out_dir: Path) -> list[Plot]:
                 y = [_num(m.get(f"{key}@depth{lo}-{hi}")) for lo, hi in buckets]
                 ax.plot(range(len(buckets)), y, marker="o", color=f"C{i}", label=name)
             _style_depth_axis(ax, key, buckets)
-        _hide_unused(axes, len(keys))
+        hide_unused(axes, len(keys))
         plots.append(
-            _save(
+            save(
                 fig,
                 out_dir,
                 "probe_depth",
@@ -575,7 +455,7 @@ def coldstart_plots(
     plots = []
     loss = sft.get("sft/loss") if sft is not None else None
     if sft is not None and loss is not None:
-        fig, axes = _figure(1, 1, 7.5, 3.0)
+        fig, axes = figure(1, 1, 7.5, 3.0)
         ax = axes[0, 0]
         ax.plot(sft.steps_S, loss, marker="o" if len(sft) <= SMOOTH_ABOVE else None, color="C0")
         ax.set_xlabel("optimizer step", fontsize=9)
@@ -590,7 +470,7 @@ def coldstart_plots(
         ax.tick_params(labelsize=8)
         ax.set_title("cold-start SFT on teacher responses", fontsize=10)
         plots.append(
-            _save(
+            save(
                 fig,
                 out_dir,
                 "sft_loss",
@@ -604,7 +484,7 @@ def coldstart_plots(
     counts = (coldstart or {}).get("counts") or {}
     keys = [k for k in COUNT_KEYS if k in counts] + sorted(set(counts) - set(COUNT_KEYS))
     if keys:
-        fig, axes = _figure(1, 1, 7.5, 0.5 + 0.35 * len(keys))
+        fig, axes = figure(1, 1, 7.5, 0.5 + 0.35 * len(keys))
         ax = axes[0, 0]
         values = [_num(counts[k]) for k in keys]
         total = ("prompts", "responses")
@@ -618,7 +498,7 @@ def coldstart_plots(
         ax.set_xlabel("responses", fontsize=9)
         ax.tick_params(labelsize=8)
         plots.append(
-            _save(
+            save(
                 fig,
                 out_dir,
                 "coldstart_counts",

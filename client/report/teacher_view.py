@@ -13,14 +13,10 @@ from __future__ import annotations
 
 import html
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from opd.client.report.build import Series
+from opd.client.report.figures import Panel, Plot, series_figure
 from opd.client.report.health import Check, health_checks
-from opd.client.train.teacher_metrics import PREFIX, teachers_in
-
-if TYPE_CHECKING:
-    from opd.client.report.plots import Plot
+from opd.client.report.inputs import Series
 
 # The checks that are the paper's failure signature of a pair (health.py's names); the others
 # (entropy blow-up, truncation) concern the student's sampling, not the pair.
@@ -34,12 +30,18 @@ PAIR_CHECKS = (
 
 def teacher_series(series: Series, name: str) -> Series:
     """The run's metrics as a single-teacher run of `name` would have logged them."""
+    # imported here: opd.client.train.teacher_metrics imports torch (through rollouts), which
+    # `import opd.client.report.*` must not
+    from opd.client.train.teacher_metrics import PREFIX
+
     prefix = f"{PREFIX}{name}/"
     columns = {k[len(prefix) :]: v for k, v in series.columns.items() if k.startswith(prefix)}
     return Series(series.steps_S, columns)
 
 
 def teacher_names(series: Series) -> list[str]:
+    from opd.client.train.teacher_metrics import teachers_in  # imports torch: see teacher_series
+
     return teachers_in(list(series.columns))
 
 
@@ -50,11 +52,9 @@ def pair_fails(checks: list[Check]) -> list[Check]:
 
 def teacher_plots(series: Series, out_dir: Path, frac: float) -> list[Plot]:
     """Per teacher: overlap, KL, entropy gap and token share over steps (section "teachers")."""
-    from opd.client.report.plots import Panel, _series_figure
-
     plots: list[Plot] = []
     for i, name in enumerate(teacher_names(series)):
-        plots += _series_figure(
+        plots += series_figure(
             teacher_series(series, name),
             out_dir,
             frac,

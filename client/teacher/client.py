@@ -30,7 +30,7 @@ from typing import Any
 
 import httpx
 
-from opd.client.teacher import base
+import opd.client.teacher.base as base
 from opd.client.teacher.base import ClientConfig, Encoding
 from opd.client.teacher.errors import (
     OPDClientError,

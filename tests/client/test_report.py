@@ -18,8 +18,9 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from opd.client.report.build import ReportError, Series, build_report, load_inputs, report_command
+from opd.client.report.build import build_report, report_command
 from opd.client.report.health import health_checks, window_slices
+from opd.client.report.inputs import ReportError, Series, load_inputs
 from opd.client.train.diagnostics import PositionStats, compute_diagnostics
 from opd.client.train.trainer import Trainer
 from tests.support.train_config import train_config
@@ -387,7 +388,7 @@ def test_quickstart_only_folder_gives_a_before_after_table(tmp_path):
 
 def test_importing_the_report_module_is_cheap():
     code = (
-        "import sys, opd.client.report.build; "
+        "import sys, opd.client.report.build, opd.client.report.html; "
         "print(sorted(m for m in ('matplotlib', 'torch', 'transformers') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

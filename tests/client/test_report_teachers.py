@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import json
 
-from opd.client.report.build import build_report, load_inputs
+from opd.client.report.build import build_report
 from opd.client.report.health import health_checks
+from opd.client.report.inputs import load_inputs
 from opd.client.report.teacher_view import PAIR_CHECKS, pair_fails, teacher_series
 
 

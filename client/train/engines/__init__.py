@@ -26,72 +26,20 @@ is reproducible from its checkpointed RNG state whichever engine samples.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
+from opd.client.train.engines.base import (
+    ENGINES,
+    EngineName,
+    RolloutEngine,
+    Sample,
+    draw_seeds,
+)
 
 if TYPE_CHECKING:
-    from opd.client.train.rollouts import SamplingParams
     from opd.client.train.student_math import StudentModule
 
-EngineName = Literal["hf", "vllm"]
-ENGINES: tuple[str, ...] = ("hf", "vllm")
-
-
-@dataclass
-class Sample:
-    """One sampled completion: its ids (through the first EOS, which is kept), whether it hit
-    max_new_tokens without EOS, and the engine's own log-probs of the ids (None when the
-    engine does not report them)."""
-
-    completion_ids: np.ndarray  # int64 [T]
-    truncated: bool
-    engine_logp_T: np.ndarray | None = None
-
-
-class RolloutEngine(Protocol):
-    """The interface every engine implements."""
-
-    name: str
-    # whether the engine samples its own copy of the weights (then sync_weights after updates)
-    holds_weights: bool
-
-    def sample(
-        self, prompts: list[list[int]], params: SamplingParams, seeds: list[int]
-    ) -> list[list[Sample]]:
-        """params.n completions of every prompt, in prompt order; seeds: one per prompt."""
-        ...
-
-    def sync_weights(self, state: Mapping[str, torch.Tensor]) -> float:
-        """Make the engine sample these weights (the student's full state dict, HF names);
-        returns seconds spent."""
-        ...
-
-    def sleep(self) -> None:
-        """Free what the engine holds on the accelerator while the trainer updates (GPU)."""
-        ...
-
-    def wake(self) -> None:
-        """Undo sleep() before the next sample()."""
-        ...
-
-    def close(self) -> None: ...
-
-
-def draw_seeds(count: int) -> list[int]:
-    """`count` seeds from torch's global RNG (63-bit, as vLLM's per-request seed accepts)."""
-    return [int(s) for s in torch.randint(0, 2**62, (count,), dtype=torch.int64)]
-
-
-def cut_at_eos(row: np.ndarray, eos_token_id: int) -> tuple[np.ndarray, bool]:
-    """(ids through the first EOS, truncated): a row without EOS ran out of tokens."""
-    stops = np.flatnonzero(row == eos_token_id)
-    if stops.size:
-        return row[: stops[0] + 1].astype(np.int64), False
-    return row.astype(np.int64), True
+__all__ = ["ENGINES", "EngineName", "RolloutEngine", "Sample", "draw_seeds", "make_engine"]
 
 
 def make_engine(

@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from opd.client.train.engines import Sample, cut_at_eos
+from opd.client.train.engines.base import Sample
+from opd.modeling.eos import cut_at_eos
 
 if TYPE_CHECKING:
     from opd.client.train.rollouts import SamplingParams
@@ -61,7 +62,7 @@ class HFEngine:
         common = dict(
             max_new_tokens=params.max_new_tokens,
             num_return_sequences=params.n,
-            eos_token_id=params.eos_token_id,
+            eos_token_id=list(params.eos_token_ids),
             pad_token_id=params.pad_token_id,
         )
         if params.temperature > 0:
@@ -96,7 +97,7 @@ class HFEngine:
         grouped = []
         for i in range(len(prompts)):
             mine = completions[i * params.n : (i + 1) * params.n]
-            grouped.append([Sample(*cut_at_eos(row, params.eos_token_id)) for row in mine])
+            grouped.append([Sample.of(cut_at_eos(row, params.eos_token_ids)) for row in mine])
         return grouped
 
     def sync_weights(self, state: Mapping[str, torch.Tensor]) -> float:

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from opd.client.train.engines import Sample
+from opd.client.train.engines.base import Sample
 
 if TYPE_CHECKING:
     from opd.client.train.rollouts import SamplingParams
@@ -119,7 +119,7 @@ class VLLMEngine:
                 max_tokens=params.max_new_tokens,
                 seed=seed,
                 logprobs=0,
-                stop_token_ids=[params.eos_token_id],
+                stop_token_ids=list(params.eos_token_ids),
                 detokenize=False,
             )
             for seed in seeds
