@@ -7,7 +7,6 @@ command's work (trainer, probe, ...) is imported inside its run function, when i
 
 from __future__ import annotations
 
-import logging
 from typing import Annotated, Any
 
 import typer
@@ -188,7 +187,6 @@ def quickstart_command() -> Any:
         student."""
         from opd.client.recipes.quickstart import run_quickstart
 
-        logging.basicConfig(level=logging.WARNING)
         run_quickstart()
 
     return quickstart

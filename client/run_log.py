@@ -12,7 +12,11 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
+
+# Set to 1 to send native stderr to the log file even when stderr is not a terminal (tests).
+NATIVE_STDERR_ENV = "OPD_NATIVE_STDERR_TO_LOG"
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -45,7 +49,28 @@ def console_and_file_logging(path: Path, console_level: int = logging.WARNING) -
         root.addHandler(handler)
     logging.captureWarnings(True)  # warnings.warn(...) -> the "py.warnings" logger -> the file
     _route_transformers()
+    # Progress bars of vLLM's and the hub's loaders (tqdm), here and in engine processes.
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    if os.isatty(2) or os.environ.get(NATIVE_STDERR_ENV) == "1":
+        _native_stderr_to(path)
     return path
+
+
+def _native_stderr_to(path: Path) -> None:
+    """What C++ code writes to file descriptor 2 (torch's NUMA-binding notice, vLLM's engine
+    processes, which inherit the descriptor) goes to the log file; Python's own sys.stderr
+    keeps the terminal, so tracebacks and opd's warnings are still seen. Only for a terminal
+    (or when asked): under a test runner the descriptor belongs to its capture."""
+    terminal = os.dup(2)
+    log_fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    sys.stderr.flush()
+    os.dup2(log_fd, 2)
+    os.close(log_fd)
+    sys.stderr = os.fdopen(terminal, "w", buffering=1, closefd=True)
+    for handler in logging.getLogger().handlers:
+        ours = getattr(handler, "opd_run_log", False)
+        if ours and type(handler) is logging.StreamHandler:  # the console one, not the file
+            handler.setStream(sys.stderr)
 
 
 def _route_transformers() -> None:

