@@ -7,6 +7,9 @@ command's work (trainer, probe, ...) is imported inside its run function, when i
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -17,38 +20,42 @@ from opd.shared.config_cli import config_command
 KEY_NOTE = "The teacher API key comes from OPD_API_KEY."
 
 
-def _doc(text: str) -> str:
-    return f"{text} {KEY_NOTE}"
+def _command(config: str, run: Callable[[Any], None], text: str) -> Any:
+    """The typer command of a config ("module:Class", imported now) and its run function."""
+    module, name = config.split(":")
+    model = getattr(importlib.import_module(module), name)
+    return config_command(model, run, doc=f"{text} {KEY_NOTE}")
+
+
+def _console(out_dir: str, log_name: str) -> tuple[Any, Callable[[str], None]]:
+    """The terminal for a recipe's own lines (and a dim progress logger), everything else
+    logged to OUT_DIR/LOG_NAME (opd.client.run_log)."""
+    from rich.console import Console
+
+    console_and_file_logging(Path(out_dir) / log_name)
+    console = Console()
+    return console, lambda msg: console.print(f"[dim]{msg}[/dim]")
 
 
 def train_command() -> Any:
-    from opd.client.configs.train import TrainConfig
-
-    return config_command(
-        TrainConfig,
+    return _command(
+        "opd.client.configs.train:TrainConfig",
         run_train,
-        doc=_doc(
-            "On-policy distillation: the student samples, the teacher service scores, the "
-            "student learns."
-        ),
+        "On-policy distillation: the student samples, the teacher service scores, the "
+        "student learns.",
     )
 
 
 def run_train(config: Any) -> None:
-    from pathlib import Path
-
-    from rich.console import Console
-
     from opd.client.train.progress import progress_bar, step_line
     from opd.client.train.trainer import Trainer
 
-    log_path = console_and_file_logging(Path(config.run_dir) / "train.log")
-    console = Console()
+    console, _ = _console(config.run_dir, "train.log")
     with Trainer(config) as trainer:
         console.print(
             f"{'resumed from ' + str(trainer.resume_from) if trainer.resume_from else 'fresh run'}"
             f" at step {trainer.step}; teacher {trainer.teacher_info.name}; "
-            f"run dir {config.run_dir} (log: {log_path.name})"
+            f"run dir {config.run_dir} (log: train.log)"
         )
         with progress_bar(console) as progress:
             task = progress.add_task("opd", total=config.max_steps, completed=trainer.step, info="")
@@ -64,57 +71,39 @@ def run_train(config: Any) -> None:
 
 
 def probe_command() -> Any:
-    from opd.client.configs.probe import ProbeConfig
-
-    return config_command(
-        ProbeConfig,
+    return _command(
+        "opd.client.configs.probe:ProbeConfig",
         run_probe_command,
-        doc=_doc(
-            "Pre-flight probe: student rollouts scored by each teacher (--teacher, repeat to "
-            "compare); overlap, advantage, entropy gap, KL (overall and by depth), a verdict per "
-            "teacher, and a ranking."
-        ),
+        "Pre-flight probe: student rollouts scored by each teacher (--teacher, repeat to "
+        "compare); overlap, advantage, entropy gap, KL (overall and by depth), a verdict per "
+        "teacher, and a ranking.",
     )
 
 
 def run_probe_command(config: Any) -> None:
-    from pathlib import Path
-
-    from rich.console import Console
-
     from opd.client.recipes.probe import run_probe
     from opd.client.recipes.probe_view import print_probe
 
-    console = Console()
-    console_and_file_logging(Path(config.out_dir) / "probe.log")
-    report = run_probe(config, log=lambda msg: console.print(f"[dim]{msg}[/dim]"))
+    console, log = _console(config.out_dir, "probe.log")
+    report = run_probe(config, log=log)
     print_probe(report, console)
     console.print(f"written: {config.out_dir}/probe.json (plots: opd report {config.out_dir})")
 
 
 def coldstart_command() -> Any:
-    from opd.client.configs.coldstart import ColdstartConfig
-
-    return config_command(
-        ColdstartConfig,
+    return _command(
+        "opd.client.configs.coldstart:ColdstartConfig",
         run_coldstart_command,
-        doc=_doc(
-            "Off-policy cold start: teacher responses, filtered, SFT the student on them "
-            "(--sft-*), then OPD (--opd-*) on prompts not used for SFT (split recorded)."
-        ),
+        "Off-policy cold start: teacher responses, filtered, SFT the student on them "
+        "(--sft-*), then OPD (--opd-*) on prompts not used for SFT (split recorded).",
     )
 
 
 def run_coldstart_command(config: Any) -> None:
-    from pathlib import Path
-
-    from rich.console import Console
-
     from opd.client.recipes.coldstart import run_coldstart
 
-    console = Console()
-    console_and_file_logging(Path(config.out_dir) / "coldstart.log")
-    summary = run_coldstart(config, log=lambda msg: console.print(f"[dim]{msg}[/dim]"))
+    console, log = _console(config.out_dir, "coldstart.log")
+    summary = run_coldstart(config, log=log)
     sft_info = summary["sft"]
     console.print(
         f"kept {summary['counts']['kept']}/{summary['counts']['responses']} teacher responses; "
@@ -129,15 +118,11 @@ def run_coldstart_command(config: Any) -> None:
 
 
 def select_prompts_command() -> Any:
-    from opd.client.configs.select import SelectConfig
-
-    return config_command(
-        SelectConfig,
+    return _command(
+        "opd.client.configs.select:SelectConfig",
         run_select_prompts,
-        doc=_doc(
-            "Rank a prompt pool by alignment with the teacher, dedupe it against other sets, "
-            "mix in out-of-distribution prompts, and write the selected set with its scores."
-        ),
+        "Rank a prompt pool by alignment with the teacher, dedupe it against other sets, "
+        "mix in out-of-distribution prompts, and write the selected set with its scores.",
     )
 
 
@@ -148,29 +133,20 @@ def run_select_prompts(config: Any) -> None:
 
 
 def eval_command() -> Any:
-    from opd.client.configs.evaluate import EvalConfig
-
-    return config_command(
-        EvalConfig,
+    return _command(
+        "opd.client.configs.evaluate:EvalConfig",
         run_eval_command,
-        doc=_doc(
-            "Accuracy on questions with answers: mean@n and pass@k with 95% intervals for "
-            "students (folders, checkpoints, run dirs) and teachers (POST /v1/generate), and the "
-            "gap recovery rate."
-        ),
+        "Accuracy on questions with answers: mean@n and pass@k with 95% intervals for "
+        "students (folders, checkpoints, run dirs) and teachers (POST /v1/generate), and the "
+        "gap recovery rate.",
     )
 
 
 def run_eval_command(config: Any) -> None:
-    from pathlib import Path
-
-    from rich.console import Console
-
     from opd.client.recipes.evaluate import print_eval, run_eval
 
-    console = Console()
-    console_and_file_logging(Path(config.out_dir) / "eval.log")
-    report = run_eval(config, log=lambda msg: console.print(f"[dim]{msg}[/dim]"))
+    console, log = _console(config.out_dir, "eval.log")
+    report = run_eval(config, log=log)
     print_eval(report, console)
     console.print(f"written: {config.out_dir}/eval.json and one per-prompt file per source")
 

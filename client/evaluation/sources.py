@@ -97,9 +97,7 @@ class EngineSource:
         ids = [
             chat_prompt_ids(self.tokenizer, p) if isinstance(p, str) else list(p) for p in prompts
         ]
-        sampling = SamplingParams.for_tokenizer(
-            self.tokenizer, params.n, params.temperature, params.top_p, params.max_tokens
-        )
+        sampling = SamplingParams.for_tokenizer(self.tokenizer, params)
         seed = 0 if params.seed is None else params.seed
         seeds = [seed + i for i in range(len(ids))]
         samples = self.engine.sample(ids, sampling, seeds) if ids else []
@@ -146,13 +144,7 @@ class TeacherSource:
         texts = [p for p in prompts if isinstance(p, str)]
         if texts and len(texts) != len(prompts):
             raise ValueError("teacher prompts: all user messages or all token ids, not a mix")
-        common = dict(
-            max_tokens=params.max_tokens,
-            temperature=params.temperature,
-            top_p=params.top_p,
-            n=params.n,
-            seed=params.seed,
-        )
+        common = params.model_dump()  # the request carries the options as they are
         if texts:
             request = GenerateRequest(prompts=texts, **common)
         else:

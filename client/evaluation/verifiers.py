@@ -232,7 +232,8 @@ def verify_exact(completion: str, answer: str) -> Verdict:
 # --------------------------------------------------------------------------------------------
 
 # A number not glued to a word or another number on either side (so "x2", "8lizzers", "101rom"
-# and "v1.2.3" give none, and "5-3" ends in 3, not -3): \frac{a}{b}, a/b, 1,234.5 (thousands separators), 1.5e-3, .5, 42.
+# and "v1.2.3" give none, and "5-3" ends in 3, not -3): \frac{a}{b}, a/b, 1,234.5 (thousands
+# separators), 1.5e-3, .5, 42.
 _NUMBER = re.compile(
     r"""
     (?P<frac>-?\\[dt]?frac\{\s*(?P<fn>-?\d+(?:\.\d+)?)\s*\}\{\s*(?P<fd>\d+(?:\.\d+)?)\s*\})

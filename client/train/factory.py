@@ -50,12 +50,7 @@ class Student:
     def sampling(self, group: SamplingGroup) -> SamplingParams:
         """The engine's sampling parameters: the group's, ended by the model's EOS ids."""
         return SamplingParams.for_tokenizer(
-            self.tokenizer,
-            group.n,
-            group.temperature,
-            group.top_p,
-            group.max_tokens,
-            getattr(self.model, "generation_config", None),
+            self.tokenizer, group.options(), getattr(self.model, "generation_config", None)
         )
 
     def fingerprint(self) -> str:

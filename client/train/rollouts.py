@@ -24,6 +24,7 @@ import numpy as np
 from opd.client.train.engines import RolloutEngine, Sample, draw_seeds
 from opd.client.train.student_math import StudentModule, position_stats
 from opd.modeling.eos import eos_ids
+from opd.shared.schemas import GenerateOptions
 
 
 @dataclass
@@ -57,34 +58,27 @@ class Rollout:
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How the student samples: n completions per prompt at temperature / top-p."""
+    """How an engine samples for one model: the wire's sampling options (n, temperature,
+    top-p, max tokens: the one sampling class, GenerateOptions, as /v1/generate takes them) and
+    the ids that end and pad this model's completions."""
 
-    n: int
-    temperature: float
-    top_p: float
-    max_new_tokens: int
+    options: GenerateOptions
     eos_token_ids: tuple[int, ...]  # any of them ends a completion (opd.modeling.eos)
     pad_token_id: int
 
     def with_n(self, n: int) -> SamplingParams:
-        return replace(self, n=n)
+        return replace(self, options=self.options.model_copy(update={"n": n}))
 
     @classmethod
     def for_tokenizer(
-        cls,
-        tokenizer,
-        n: int,
-        temperature: float,
-        top_p: float,
-        max_new_tokens: int,
-        generation_config: object | None = None,
+        cls, tokenizer, options: GenerateOptions, generation_config: object | None = None
     ) -> SamplingParams:
         """The tokenizer's EOS and the generation config's end a completion, as on the
         teacher's side (opd.modeling.eos); padding falls back to the tokenizer's EOS."""
         eos = eos_ids(tokenizer, generation_config)
         pad = tokenizer.pad_token_id
         pad = int(pad if pad is not None else tokenizer.eos_token_id)
-        return cls(n, temperature, top_p, max_new_tokens, tuple(sorted(eos)), pad)
+        return cls(options, tuple(sorted(eos)), pad)
 
 
 def make_rollouts(

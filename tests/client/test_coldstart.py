@@ -179,8 +179,8 @@ def test_coldstart_end_to_end_on_the_embedded_default(smol_server, smol_student_
 
     # OPD ran from the SFT-ed student on the held-out prompts only
     opd_cfg = json.loads((out / "opd" / "config.json").read_text())
-    assert opd_cfg["student"] == str(out / "student")
-    assert opd_cfg["prompts"] == str(out / "opd_prompts.jsonl")
+    assert opd_cfg["student"]["model"] == str(out / "student")
+    assert opd_cfg["data"]["prompts"] == str(out / "opd_prompts.jsonl")
     metrics = [json.loads(x) for x in (out / "opd" / "metrics.jsonl").open()]
     assert len(metrics) == 1 and np.isfinite(metrics[0]["kl/sampled"])
     # the report of a real cold start: SFT curve and filter counts

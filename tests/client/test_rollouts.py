@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM, GenerationConfig
 from opd.client.train.engines import make_engine
 from opd.client.train.rollouts import SamplingParams, make_rollouts
 from opd.client.train.student_math import StudentModule
+from opd.shared.schemas import GenerateOptions
 
 PROMPTS = [[1, 504, 3458, 30, 504], [1, 42], [1, 900, 901, 902, 903, 904, 905, 906, 17]]
 
@@ -27,9 +28,7 @@ def test_sampling_ignores_and_keeps_the_models_generation_config(tiny_model_dir)
     # suppressed argmax in generation_config.json would make it impossible.
     own = GenerationConfig(suppress_tokens=[top], repetition_penalty=5.0, eos_token_id=2)
     model.generation_config = own
-    params = SamplingParams(
-        n=4, temperature=1.0, top_p=1.0, max_new_tokens=3, eos_token_ids=(2,), pad_token_id=2
-    )
+    params = SamplingParams(GenerateOptions(n=4, temperature=1.0, max_tokens=3), (2,), 2)
     (group,) = make_engine("hf", StudentModule(model)).sample([prompt], params, [0])
     assert len(group) == 4
     assert sum(int(s.completion_ids[0]) == top for s in group) >= 2
@@ -39,9 +38,7 @@ def test_sampling_ignores_and_keeps_the_models_generation_config(tiny_model_dir)
 def test_left_padded_batch_continues_each_prompt_as_alone(tiny_model_dir):
     model = _model(tiny_model_dir)
     engine = make_engine("hf", StudentModule(model))
-    greedy = SamplingParams(
-        n=1, temperature=0.0, top_p=1.0, max_new_tokens=6, eos_token_ids=(2,), pad_token_id=2
-    )
+    greedy = SamplingParams(GenerateOptions(n=1, temperature=0.0, max_tokens=6), (2,), 2)
     together = engine.sample(PROMPTS, greedy, [0] * len(PROMPTS))
     for prompt, group in zip(PROMPTS, together, strict=True):
         with torch.no_grad():
@@ -58,9 +55,7 @@ def test_seeds_make_rollouts_reproducible(tiny_model_dir):
     model = _model(tiny_model_dir)
     student = StudentModule(model)
     engine = make_engine("hf", student)
-    params = SamplingParams(
-        n=3, temperature=1.5, top_p=1.0, max_new_tokens=8, eos_token_ids=(2,), pad_token_id=2
-    )
+    params = SamplingParams(GenerateOptions(n=3, temperature=1.5, max_tokens=8), (2,), 2)
     prompts = list(enumerate(PROMPTS))
     seeds = ([5] * 3, [5] * 3, [6] * 3)
     runs = [make_rollouts(engine, student, prompts, params, 4, seeds=s) for s in seeds]

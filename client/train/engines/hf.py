@@ -41,7 +41,7 @@ class HFEngine:
     def sample(
         self, prompts: list[list[int]], params: SamplingParams, seeds: list[int]
     ) -> list[list[Sample]]:
-        per_call = max(1, self.max_sequences // params.n)
+        per_call = max(1, self.max_sequences // params.options.n)
         out: list[list[Sample]] = []
         was_training = self.model.training
         self.model.eval()
@@ -60,16 +60,16 @@ class HFEngine:
         from transformers import GenerationConfig
 
         common = dict(
-            max_new_tokens=params.max_new_tokens,
-            num_return_sequences=params.n,
+            max_new_tokens=params.options.max_tokens,
+            num_return_sequences=params.options.n,
             eos_token_id=list(params.eos_token_ids),
             pad_token_id=params.pad_token_id,
         )
-        if params.temperature > 0:
+        if params.options.temperature > 0:
             config = GenerationConfig(
                 do_sample=True,
-                temperature=params.temperature,
-                top_p=params.top_p,
+                temperature=params.options.temperature,
+                top_p=params.options.top_p,
                 top_k=0,
                 **common,
             )
@@ -96,7 +96,7 @@ class HFEngine:
         completions = rows[:, width:].cpu().numpy()
         grouped = []
         for i in range(len(prompts)):
-            mine = completions[i * params.n : (i + 1) * params.n]
+            mine = completions[i * params.options.n : (i + 1) * params.options.n]
             grouped.append([Sample.of(cut_at_eos(row, params.eos_token_ids)) for row in mine])
         return grouped
 

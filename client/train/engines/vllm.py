@@ -112,11 +112,11 @@ class VLLMEngine:
         self.wake()
         requests = [
             VSamplingParams(
-                n=params.n,
-                temperature=params.temperature,
-                top_p=params.top_p,
+                n=params.options.n,
+                temperature=params.options.temperature,
+                top_p=params.options.top_p,
                 top_k=0,
-                max_tokens=params.max_new_tokens,
+                max_tokens=params.options.max_tokens,
                 seed=seed,
                 logprobs=0,
                 stop_token_ids=list(params.eos_token_ids),
