@@ -77,19 +77,20 @@ def refuse_unsupported(req: CompletionRequest) -> None:
         raise bad_request("suffix is not supported", "suffix")
     if req.logit_bias:
         raise bad_request("logit_bias is not supported", "logit_bias")
-    if req.max_tokens is None or not 0 <= req.max_tokens <= 1:
+    refuse_bad_counts(req, "")
+
+
+def refuse_bad_counts(fields: Any, prefix: str) -> None:
+    """max_tokens 0 or 1 and vLLM's rules for the log-prob counts and the candidate start,
+    shared with the token-in/token-out route (`fields` is its sampling_params there, `prefix`
+    its path)."""
+    if fields.max_tokens is None or not 0 <= fields.max_tokens <= 1:
         raise bad_request(
-            f"max_tokens={req.max_tokens}: this route scores prompts and generates at most one "
-            "token (send max_tokens 0 or 1); use POST /v1/generate for completions",
-            "max_tokens",
+            f"{prefix}max_tokens={fields.max_tokens}: this route scores prompts and generates at "
+            "most one token (send max_tokens 0 or 1); use POST /v1/generate for completions",
+            f"{prefix}max_tokens",
             1,
         )
-    refuse_bad_logprob_fields(req, "")
-
-
-def refuse_bad_logprob_fields(fields: Any, prefix: str) -> None:
-    """vLLM's rules for the log-prob counts and the candidate start, shared with the
-    token-in/token-out route (`fields` is its sampling_params there, `prefix` its path)."""
     for name in ("prompt_logprobs", "logprobs"):
         value = getattr(fields, name)
         if value is not None and value < 0:
@@ -113,10 +114,16 @@ def refuse_bad_logprob_fields(fields: Any, prefix: str) -> None:
 
 def terms(req: CompletionRequest) -> Terms:
     """The request's names for what the native request calls top_k and the sequences."""
-    top_k = "prompt_logprobs"
-    if req.max_tokens == 1 and (req.logprobs or 0) > (req.prompt_logprobs or 0):
-        top_k = "logprobs"
-    return Terms(prompts="prompt", top_k=top_k)
+    return Terms(prompts="prompt", top_k=top_k_field(req, ""))
+
+
+def top_k_field(fields: Any, prefix: str) -> str:
+    """Which of the counts became the native top_k: logprobs (the next token's) where it asks
+    for more than prompt_logprobs, else prompt_logprobs (`fields`, `prefix`: as for
+    refuse_bad_counts)."""
+    if fields.max_tokens == 1 and (fields.logprobs or 0) > (fields.prompt_logprobs or 0):
+        return f"{prefix}logprobs"
+    return f"{prefix}prompt_logprobs"
 
 
 def prompt_ids(req: CompletionRequest, tokenizer: Any) -> list[list[int]]:
@@ -164,28 +171,32 @@ def padded(rows: list[list[int]], field: str) -> np.ndarray:
 
 
 def jobs_for(req: CompletionRequest, prompts: list[list[int]]) -> list[PromptJob]:
-    """One PromptJob per prompt. With prompt_logprobs the rows start at 0, so candidate rows
-    that start at prompt_logprob_start are padded above to line up with them."""
-    k = req.prompt_logprobs
-    start = req.prompt_logprob_start or 0
-    next_token = req.max_tokens == 1
-    top_k = max(k or 0, (req.logprobs or 0) if next_token else 0)
-    jobs = []
-    for ids, cands in zip(prompts, candidate_matrices(req, len(prompts)), strict=True):
-        first = 0 if k is not None else (start if cands is not None else None)
-        if cands is not None:
-            cands = lined_up(cands, len(ids), start, first or 0, "prompt_logprob_token_ids")
-        jobs.append(
-            PromptJob(
-                token_ids=np.asarray(ids, dtype=np.int64),
-                first_row=first,
-                top_k=top_k,
-                ranks=k is not None,
-                candidate_ids=cands,
-                next_token=next_token,
-            )
-        )
-    return jobs
+    """One PromptJob per prompt."""
+    matrices = candidate_matrices(req, len(prompts))
+    return [
+        prompt_job(ids, cands, req, "prompt_logprob_token_ids")
+        for ids, cands in zip(prompts, matrices, strict=True)
+    ]
+
+
+def prompt_job(ids: list[int], cands: np.ndarray | None, fields: Any, field: str) -> PromptJob:
+    """The PromptJob of one prompt, by vLLM's sampling fields (`fields`: the request, or its
+    sampling_params; `field`: the candidates' path). With prompt_logprobs the rows start at 0,
+    so candidate rows that start at prompt_logprob_start are padded above to line up with them."""
+    k = fields.prompt_logprobs
+    start = fields.prompt_logprob_start or 0
+    next_token = fields.max_tokens == 1
+    first = 0 if k is not None else (start if cands is not None else None)
+    if cands is not None:
+        cands = lined_up(cands, len(ids), start, first or 0, field)
+    return PromptJob(
+        token_ids=np.asarray(ids, dtype=np.int64),
+        first_row=first,
+        top_k=max(k or 0, (fields.logprobs or 0) if next_token else 0),
+        ranks=k is not None,
+        candidate_ids=cands,
+        next_token=next_token,
+    )
 
 
 def lined_up(cands: np.ndarray, prompt_len: int, start: int, first: int, field: str) -> np.ndarray:

@@ -22,7 +22,13 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from opd.server.dropin.completions import lined_up, padded, refuse_bad_logprob_fields, usage
+from opd.server.dropin.completions import (
+    padded,
+    prompt_job,
+    refuse_bad_counts,
+    top_k_field,
+    usage,
+)
 from opd.server.dropin.errors import Terms, bad_request
 from opd.server.dropin.prompt_scores import Int64, PromptJob, PromptScores
 from opd.server.dropin.vllm_shapes import TokenTexts, clamp, npy_base64, prompt_logprobs
@@ -63,14 +69,7 @@ def refuse_unsupported(req: TokensRequest) -> None:
         raise bad_request('output_mode "text" is not supported; use "tokens"', "output_mode")
     if sp.n != 1:
         raise bad_request("sampling_params.n must be 1", "sampling_params.n", 1)
-    if sp.max_tokens is None or not 0 <= sp.max_tokens <= 1:
-        raise bad_request(
-            f"sampling_params.max_tokens={sp.max_tokens}: this route scores prompts and "
-            "generates at most one token; use POST /v1/generate for completions",
-            "sampling_params.max_tokens",
-            1,
-        )
-    refuse_bad_logprob_fields(sp, "sampling_params.")
+    refuse_bad_counts(sp, "sampling_params.")
 
 
 _CANDIDATES = "sampling_params.prompt_logprob_token_ids"
@@ -78,32 +77,16 @@ _CANDIDATES = "sampling_params.prompt_logprob_token_ids"
 
 def terms(req: TokensRequest) -> Terms:
     """The request's names for what the native request calls top_k, temperature, candidates."""
-    sp = req.sampling_params
-    top_k = "sampling_params.prompt_logprobs"
-    if sp.max_tokens == 1 and (sp.logprobs or 0) > (sp.prompt_logprobs or 0):
-        top_k = "sampling_params.logprobs"
+    top_k = top_k_field(req.sampling_params, "sampling_params.")
     return Terms("token_ids", top_k, "sampling_params.temperature", _CANDIDATES)
 
 
 def job_for(req: TokensRequest) -> PromptJob:
     sp = req.sampling_params
-    k = sp.prompt_logprobs
-    next_token = sp.max_tokens == 1
-    start = sp.prompt_logprob_start or 0
     cands = None
     if sp.prompt_logprob_token_ids is not None:
         cands = padded(sp.prompt_logprob_token_ids, _CANDIDATES)
-    first = 0 if k is not None else (start if cands is not None else None)
-    if cands is not None:
-        cands = lined_up(cands, len(req.token_ids), start, first or 0, _CANDIDATES)
-    return PromptJob(
-        token_ids=np.asarray(req.token_ids, dtype=np.int64),
-        first_row=first,
-        top_k=max(k or 0, (sp.logprobs or 0) if next_token else 0),
-        ranks=k is not None,
-        candidate_ids=cands,
-        next_token=next_token,
-    )
+    return prompt_job(req.token_ids, cands, sp, _CANDIDATES)
 
 
 def response(

@@ -10,17 +10,18 @@ app's; errors leave through the app's handlers in OpenAI's shape (opd.server.dro
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from fastapi import APIRouter, Depends, Request, Response
+from pydantic import BaseModel
 
 from opd.server.dropin import completions, prime_generate, sglang_generate, trl_legacy
-from opd.server.dropin.errors import OpenAIErrorBody, bad_request, model_not_found
+from opd.server.dropin.errors import OpenAIErrorBody, Terms, bad_request, model_not_found
 from opd.server.dropin.models import ModelCard, ModelList, model_card
-from opd.server.dropin.prompt_scores import score_prompts
+from opd.server.dropin.prompt_scores import PromptJob, PromptScores, score_prompts
 from opd.server.dropin.vllm_shapes import TokenTexts
 from opd.server.openapi_doc import request_body
 from opd.server.request_body import parse_json
@@ -31,6 +32,8 @@ from opd.shared.version import JSON_MEDIA_TYPE
 
 # Answers larger than this are serialised in a worker thread, so the event loop keeps serving.
 _INLINE_POSITIONS = 2048
+
+RequestModel = TypeVar("RequestModel", bound=BaseModel)
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     s: {"model": OpenAIErrorBody} for s in (400, 401, 404, 413, 429, 500, 503)
@@ -107,9 +110,41 @@ def score_temperature(temperature: float | None, field: str = "temperature") -> 
     return float(temperature)
 
 
+@dataclass
+class Scoring:
+    """A drop-in request as the scoring path takes it: the prompt jobs, at what temperature and
+    in whose terms, then how to answer with their scores and how many positions the answer
+    holds (large ones are serialised off the event loop)."""
+
+    jobs: list[PromptJob]
+    temperature: float
+    terms: Terms
+    respond: Callable[[list[PromptScores]], Any]
+    positions: int
+
+
 def dropin_router(ctx: DropInContext, require_api_key: Callable[..., Any]) -> APIRouter:
     router = APIRouter(tags=["drop-in"])
     auth = [Depends(require_api_key)]
+
+    def scoring_route(
+        path: str, model: type[RequestModel], plan: Callable[[RequestModel], Awaitable[Scoring]]
+    ) -> None:
+        """POST `path`: the body parsed into `model`, planned by `plan` (whose name and
+        docstring the route takes), scored through the service and answered."""
+
+        async def route(request: Request) -> Response:
+            body = await ctx.serving.receive(request)
+            s = await plan(parse_json(body, model))
+            scores = await score_prompts(ctx.service, s.jobs, s.temperature, s.terms)
+            return await ctx.answer(request, lambda: s.respond(scores), s.positions)
+
+        route.__name__ = route.__qualname__ = plan.__name__
+        route.__doc__ = plan.__doc__
+        post = router.post(
+            path, dependencies=auth, responses=_ERRORS, openapi_extra=request_body(model)
+        )
+        post(route)
 
     @router.get("/health")
     @router.get("/health/", include_in_schema=False)
@@ -122,26 +157,17 @@ def dropin_router(ctx: DropInContext, require_api_key: Callable[..., Any]) -> AP
         """The served model, in vLLM's list shape."""
         return ModelList(data=ctx.models())
 
-    @router.post(
-        "/v1/completions",
-        dependencies=auth,
-        responses=_ERRORS,
-        openapi_extra=request_body(completions.CompletionRequest),
-    )
-    async def v1_completions(request: Request) -> Response:
+    async def v1_completions(req: completions.CompletionRequest) -> Scoring:
         """vLLM's /v1/completions for scoring: prompt_logprobs, max_tokens 0 or 1."""
-        body = await ctx.serving.receive(request)
-        req = parse_json(body, completions.CompletionRequest)
         ctx.check_model(req.model)
         completions.refuse_unsupported(req)
         prompts = await asyncio.to_thread(completions.prompt_ids, req, ctx.tokenizer)
         jobs = completions.jobs_for(req, prompts)
-        scores = await score_prompts(
-            ctx.service, jobs, score_temperature(req.temperature), completions.terms(req)
-        )
-        return await ctx.answer(
-            request,
-            lambda: completions.response(
+        return Scoring(
+            jobs,
+            score_temperature(req.temperature),
+            completions.terms(req),
+            lambda scores: completions.response(
                 req,
                 ctx.served_name(),
                 prompts,
@@ -154,73 +180,53 @@ def dropin_router(ctx: DropInContext, require_api_key: Callable[..., Any]) -> AP
             sum(len(p) for p in prompts),
         )
 
-    @router.post(
-        "/inference/v1/generate",
-        dependencies=auth,
-        responses=_ERRORS,
-        openapi_extra=request_body(prime_generate.TokensRequest),
-    )
-    async def inference_generate(request: Request) -> Response:
+    async def inference_generate(req: prime_generate.TokensRequest) -> Scoring:
         """vLLM's token-in/token-out route as prime-rl calls it for teacher prefill."""
-        body = await ctx.serving.receive(request)
-        req = parse_json(body, prime_generate.TokensRequest)
         ctx.check_model(req.model)
         prime_generate.refuse_unsupported(req)
         job = prime_generate.job_for(req)
-        (scores,) = await score_prompts(
-            ctx.service,
+        return Scoring(
             [job],
             score_temperature(req.sampling_params.temperature, "sampling_params.temperature"),
             prime_generate.terms(req),
-        )
-        return await ctx.answer(
-            request,
-            lambda: prime_generate.response(
-                req, ctx.served_name(), job, scores, ctx.texts, ctx.eos_id
+            lambda scores: prime_generate.response(
+                req, ctx.served_name(), job, scores[0], ctx.texts, ctx.eos_id
             ),
             len(req.token_ids),
         )
 
-    @router.post(
-        "/generate",
-        dependencies=auth,
-        responses=_ERRORS,
-        openapi_extra=request_body(sglang_generate.GenerateReqInput),
-    )
-    async def sglang_generate_route(request: Request) -> Response:
+    async def sglang_generate_route(req: sglang_generate.GenerateReqInput) -> Scoring:
         """SGLang's native /generate as slime's on-policy distillation calls it."""
-        body = await ctx.serving.receive(request)
-        req = parse_json(body, sglang_generate.GenerateReqInput)
         prompts = await asyncio.to_thread(sglang_generate.prompt_ids, req, ctx.tokenizer)
         jobs = sglang_generate.jobs_for(req, prompts)
         temperature = score_temperature(
             sglang_generate.temperature(req), "sampling_params.temperature"
         )
-        scores = await score_prompts(ctx.service, jobs, temperature, sglang_generate.terms(req))
-        return await ctx.answer(
-            request,
-            lambda: sglang_generate.response(req, prompts, jobs, scores, ctx.texts, ctx.eos_id),
+        return Scoring(
+            jobs,
+            temperature,
+            sglang_generate.terms(req),
+            lambda scores: sglang_generate.response(
+                req, prompts, jobs, scores, ctx.texts, ctx.eos_id
+            ),
             sum(len(p) for p in prompts),
         )
 
-    @router.post(
-        "/get_sequence_logprobs/",
-        dependencies=auth,
-        responses=_ERRORS,
-        openapi_extra=request_body(trl_legacy.SequenceLogprobsRequest),
-    )
-    async def get_sequence_logprobs(request: Request) -> Response:
+    async def get_sequence_logprobs(req: trl_legacy.SequenceLogprobsRequest) -> Scoring:
         """TRL <= 1.10's `trl vllm-serve` scoring route (JSON and base64 binary answers)."""
-        body = await ctx.serving.receive(request)
-        req = parse_json(body, trl_legacy.SequenceLogprobsRequest)
         jobs = trl_legacy.jobs_for(req)
-        scores = await score_prompts(
-            ctx.service, jobs, score_temperature(req.temperature), trl_legacy.TERMS
-        )
-        return await ctx.answer(
-            request,
-            lambda: trl_legacy.response(req, jobs, scores),
+        return Scoring(
+            jobs,
+            score_temperature(req.temperature),
+            trl_legacy.TERMS,
+            lambda scores: trl_legacy.response(req, jobs, scores),
             sum(len(s) for s in req.sequences),
         )
 
+    scoring_route("/v1/completions", completions.CompletionRequest, v1_completions)
+    scoring_route("/inference/v1/generate", prime_generate.TokensRequest, inference_generate)
+    scoring_route("/generate", sglang_generate.GenerateReqInput, sglang_generate_route)
+    scoring_route(
+        "/get_sequence_logprobs/", trl_legacy.SequenceLogprobsRequest, get_sequence_logprobs
+    )
     return router
