@@ -50,3 +50,19 @@ lint: install
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache
+
+# deploy/gpu-check.sh runs on a GPU host with no network: what opd needs beyond that host's
+# packages (deploy/gpu_check/requirements.txt, ~4.5 MB) is downloaded here as wheels for its
+# platform and Python into deploy/gpu-wheels (git-ignored), to be carried along with the tree.
+# GPU_WHEELS_PYTHON=3.11 GPU_WHEELS_DIR=... fetches them for another Python (the CPU mode's test).
+GPU_WHEELS_DIR ?= deploy/gpu-wheels
+GPU_WHEELS_PYTHON ?= 3.12
+.PHONY: gpu-wheels
+gpu-wheels:
+	rm -rf $(GPU_WHEELS_DIR)
+	python3 -m pip download -q --no-deps --only-binary=:all: --implementation cp \
+	  --python-version $(GPU_WHEELS_PYTHON) --platform manylinux_2_28_x86_64 \
+	  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --dest $(GPU_WHEELS_DIR) \
+	  -r deploy/gpu_check/requirements.txt -r deploy/gpu_check/build-requirements.txt
+	@echo "wheels: $$(du -sh $(GPU_WHEELS_DIR) | cut -f1) in $(GPU_WHEELS_DIR); tree carried" \
+	  "with them: at most $$(du -sh --exclude=.git --exclude=.venv --exclude=.cache . | cut -f1) (limit 64 MiB)"
