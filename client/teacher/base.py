@@ -7,12 +7,14 @@ send and *how to read* the answer lives here, once.
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import httpx
 
 from opd.client.teacher.errors import RETRYABLE_STATUS, IncompatibleTeacherError, parse_error
+from opd.client.teacher.replicas import ReplicaSet, normalise_urls
 from opd.shared.codec import (
     decode_result_msgpack,
     encode_request_msgpack,
@@ -32,7 +34,13 @@ from opd.shared.version import JSON_MEDIA_TYPE, MSGPACK_MEDIA_TYPE, PROTOCOL_MAJ
 
 Encoding = Literal["msgpack", "json"]
 
-__all__ = ["DEFAULT_MAX_WAIT_S", "RETRYABLE_STATUS", "ClientConfig", "Encoding"]
+__all__ = [
+    "DEFAULT_MAX_WAIT_S",
+    "RETRYABLE_STATUS",
+    "BaseTeacherClient",
+    "ClientConfig",
+    "Encoding",
+]
 
 # Envelope overhead of one msgpack request (keys, scalars), generously rounded up.
 _MSGPACK_OVERHEAD = 512
@@ -90,6 +98,43 @@ class ClientConfig:
                 max_keepalive_connections=max(self.concurrency, 1) * 2,
             ),
         }
+
+
+class BaseTeacherClient:
+    """What TeacherClient and AsyncTeacherClient hold alike, as httpx's BaseClient is to Client
+    and AsyncClient: the config, the replicas and the teacher's model info once connected, and
+    the requests a batch is cut into. The two subclasses add the I/O (an httpx client and how
+    chunks go out concurrently)."""
+
+    def __init__(
+        self,
+        base_url: str | Sequence[str],
+        *,
+        api_key: str | None = None,
+        encoding: Encoding = "msgpack",
+        tokenizer_fingerprint: str | None = None,
+        allow_tokenizer_mismatch: bool = False,
+        **options: Any,
+    ) -> None:
+        self.config = ClientConfig(
+            urls=normalise_urls(base_url),
+            api_key=api_key,
+            encoding=encoding,
+            tokenizer_fingerprint=tokenizer_fingerprint,
+            allow_tokenizer_mismatch=allow_tokenizer_mismatch,
+            **options,
+        )
+        self.replicas = ReplicaSet(self.config.urls, self.config.replica_cooldown_s)
+        self._info: ModelInfo | None = None
+
+    def _score_requests(
+        self, request: ScoreRequest | PackedRequest, info: ModelInfo
+    ) -> list[PackedRequest]:
+        """The batch, validated whole, cut into requests under the teacher's limits."""
+        packed = to_packed(request)
+        validate_for(packed, info)
+        chunks = split_indices(packed, info.limits, self.config.encoding)
+        return [packed if len(chunks) == 1 else packed.subset(c) for c in chunks]
 
 
 def to_packed(request: ScoreRequest | PackedRequest) -> PackedRequest:

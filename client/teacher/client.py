@@ -31,24 +31,20 @@ from typing import Any
 import httpx
 
 import opd.client.teacher.base as base
-from opd.client.teacher.base import ClientConfig, Encoding
+from opd.client.teacher.base import ClientConfig
 from opd.client.teacher.errors import (
     OPDClientError,
     TeacherConnectionError,
     TeacherHTTPError,
     parse_error,
 )
-from opd.client.teacher.replicas import ReplicaSet, normalise_urls
+from opd.client.teacher.replicas import ReplicaSet
 from opd.shared.packed import PackedRequest, PackedResult
 from opd.shared.schemas import GenerateRequest, GenerateResponse, ModelInfo, ScoreRequest
 
 logger = logging.getLogger(__name__)
 
 _RETRYABLE_TRANSPORT = (httpx.TransportError,)
-
-
-def _config(base_url: str | Sequence[str], **kwargs: Any) -> ClientConfig:
-    return ClientConfig(urls=normalise_urls(base_url), **kwargs)
 
 
 def _should_retry(exc: Exception) -> bool:
@@ -112,31 +108,15 @@ def _connect_again(
     )
 
 
-class TeacherClient:
+class TeacherClient(base.BaseTeacherClient):
     """Blocking client; chunks of one batch go out concurrently on a small thread pool."""
 
-    def __init__(
-        self,
-        base_url: str | Sequence[str],
-        *,
-        api_key: str | None = None,
-        encoding: Encoding = "msgpack",
-        tokenizer_fingerprint: str | None = None,
-        allow_tokenizer_mismatch: bool = False,
-        **options: Any,
-    ) -> None:
-        self.config = _config(
-            base_url,
-            api_key=api_key,
-            encoding=encoding,
-            tokenizer_fingerprint=tokenizer_fingerprint,
-            allow_tokenizer_mismatch=allow_tokenizer_mismatch,
-            **options,
-        )
-        self.replicas = ReplicaSet(self.config.urls, self.config.replica_cooldown_s)
+    def __init__(self, base_url: str | Sequence[str], **kwargs: Any) -> None:
+        """`base_url`: one teacher URL or several replicas'; `kwargs`: api_key, encoding,
+        tokenizer_fingerprint, allow_tokenizer_mismatch and the other ClientConfig fields."""
+        super().__init__(base_url, **kwargs)
         self._http = httpx.Client(**self.config.httpx_kwargs())
         self._pool = ThreadPoolExecutor(max_workers=max(1, self.config.concurrency))
-        self._info: ModelInfo | None = None
 
     def __enter__(self) -> TeacherClient:
         return self
@@ -170,11 +150,7 @@ class TeacherClient:
         return self._info
 
     def score(self, request: ScoreRequest | PackedRequest) -> PackedResult:
-        info = self.connect()
-        packed = base.to_packed(request)
-        base.validate_for(packed, info)
-        chunks = base.split_indices(packed, info.limits, self.config.encoding)
-        subs = [packed if len(chunks) == 1 else packed.subset(c) for c in chunks]
+        subs = self._score_requests(request, self.connect())
         if len(subs) == 1:
             return self._score_one(subs[0])
         return base.merge(list(self._pool.map(self._score_one, subs)))
@@ -219,31 +195,14 @@ class TeacherClient:
                 time.sleep(retry.delay(exc, url))
 
 
-class AsyncTeacherClient:
+class AsyncTeacherClient(base.BaseTeacherClient):
     """asyncio client; chunks of one batch go out concurrently, bounded by `concurrency`."""
 
-    def __init__(
-        self,
-        base_url: str | Sequence[str],
-        *,
-        api_key: str | None = None,
-        encoding: Encoding = "msgpack",
-        tokenizer_fingerprint: str | None = None,
-        allow_tokenizer_mismatch: bool = False,
-        **options: Any,
-    ) -> None:
-        self.config = _config(
-            base_url,
-            api_key=api_key,
-            encoding=encoding,
-            tokenizer_fingerprint=tokenizer_fingerprint,
-            allow_tokenizer_mismatch=allow_tokenizer_mismatch,
-            **options,
-        )
-        self.replicas = ReplicaSet(self.config.urls, self.config.replica_cooldown_s)
+    def __init__(self, base_url: str | Sequence[str], **kwargs: Any) -> None:
+        """As TeacherClient's."""
+        super().__init__(base_url, **kwargs)
         self._http = httpx.AsyncClient(**self.config.httpx_kwargs())
         self._limit = asyncio.Semaphore(max(1, self.config.concurrency))
-        self._info: ModelInfo | None = None
 
     async def __aenter__(self) -> AsyncTeacherClient:
         return self
@@ -283,11 +242,7 @@ class AsyncTeacherClient:
         return self._info
 
     async def score(self, request: ScoreRequest | PackedRequest) -> PackedResult:
-        info = await self.connect()
-        packed = base.to_packed(request)
-        base.validate_for(packed, info)
-        chunks = base.split_indices(packed, info.limits, self.config.encoding)
-        subs = [packed if len(chunks) == 1 else packed.subset(c) for c in chunks]
+        subs = self._score_requests(request, await self.connect())
         parts = await asyncio.gather(*(self._score_one(s) for s in subs))
         return base.merge(list(parts))
 
