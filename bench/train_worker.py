@@ -165,7 +165,7 @@ class Math:
         head = self.model.get_output_embeddings()
         h = self.h.clone().requires_grad_(True)
         loss = chunked_head_loss(
-            h, head.weight, None, self.batch, ObjectiveConfig("student-topk"), chunk
+            h, head.weight, None, self.batch, ObjectiveConfig(name="student-topk"), chunk
         )
         loss.sum().backward()
         head.weight.grad = None

@@ -56,9 +56,7 @@ class EvalConfig(Group):
     def _check(self) -> EvalConfig:
         if not self.students and not self.teachers:
             raise ValueError("give at least one --student or --teacher to evaluate")
-        n = self.sampling.n
-        if n > 1 and self.sampling.temperature == 0:
-            raise ValueError("n > 1 samples need temperature > 0 (greedy samples are identical)")
+        n = self.sampling.n  # n > 1 at temperature 0 is refused by the sampling group
         if self.k is not None and self.k > n:
             raise ValueError(f"k={self.k} must be <= n={n}")
         return self

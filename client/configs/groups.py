@@ -22,7 +22,15 @@ from __future__ import annotations
 
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from opd.client.teacher.base import DEFAULT_MAX_WAIT_S
 from opd.shared.schemas import GenerateOptions
@@ -131,9 +139,24 @@ class SamplingGroup(Group):
     """Sampling: completions per prompt, temperature, top-p, length."""
 
     n: int = Field(default=1, ge=1, description="completions per prompt")
-    temperature: float = Field(default=1.0, ge=0, description="sampling temperature (0 = greedy)")
+    temperature: float = Field(
+        default=1.0,
+        ge=0,
+        description="sampling temperature (0 = greedy)",
+        validate_default=True,  # a greedy default with n > 1 is refused too
+    )
     top_p: float = Field(default=1.0, gt=0, le=1, description="nucleus sampling mass")
     max_tokens: int = Field(default=256, ge=1, description="max completion tokens")
+
+    @field_validator("temperature")
+    @classmethod
+    def _greedy_once(cls, temperature: float, info: ValidationInfo) -> float:
+        """n > 1 greedy samples are identical (and HF generate refuses them): refused here,
+        naming the temperature flag, before any model loads."""
+        n = info.data.get("n", 1)
+        if n > 1 and temperature == 0:
+            raise ValueError(f"n={n} samples need temperature > 0 (greedy samples are identical)")
+        return temperature
 
     def options(self, seed: int | None = None) -> GenerateOptions:
         """The wire's sampling options (POST /v1/generate and every rollout engine read it):
@@ -294,7 +317,6 @@ class ObjectiveConfig(Group):
             )
         return self
 
-
     def policy_gradient(self) -> bool:
         """Whether the loss is a ratio surrogate, where PPO clipping means something: sampled,
         overlap-topk, and student-topk in its released form (the paper's equation is not)."""
@@ -335,9 +357,3 @@ class InTrainingEval(EvalOptions):
         description="measure the teacher's accuracy once (POST /v1/generate) for the gap "
         "recovery rate",
     )
-
-    @model_validator(mode="after")
-    def _greedy_once(self) -> InTrainingEval:
-        if self.data is not None and self.sampling.n > 1 and self.sampling.temperature == 0:
-            raise ValueError("eval n > 1 needs eval temperature > 0 (greedy samples are identical)")
-        return self

@@ -45,6 +45,18 @@ def init_from_env(device: str) -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
 
 
+def join_single_rank(device: str) -> bool:
+    """Under `torchrun --nproc_per_node 1` (it sets MASTER_ADDR and friends), join the one-rank
+    process group that FSDP2 needs even alone (init_from_env joins only when WORLD_SIZE > 1,
+    where DDP needs it). Returns whether a process group is now there."""
+    if dist.is_initialized():
+        return True
+    if "MASTER_ADDR" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) != 1:
+        return False
+    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    return True
+
+
 def device_for(device: str, info: DistInfo) -> str:
     """cuda -> cuda:<local_rank> under torchrun; anything else unchanged."""
     return f"cuda:{info.local_rank}" if info.enabled and device == "cuda" else device

@@ -57,6 +57,7 @@ from opd.client.train.distributed import (
     device_for,
     gather_rng_states,
     init_from_env,
+    join_single_rank,
     mean_metrics,
     shutdown,
 )
@@ -174,7 +175,7 @@ class Trainer:
 
     def _shard(self, module: StudentModule) -> None:
         """--fsdp: shard the student in place across the torchrun ranks (before its engine)."""
-        if not self.dist.enabled and not torch.distributed.is_initialized():
+        if not self.dist.enabled and not join_single_rank(self.config.student.device):
             raise ValueError("fsdp: run under torchrun (FSDP shards across its processes)")
         fsdp.shard(module, self.config.student.device)
 
@@ -505,4 +506,3 @@ def lr_lambda(config: TrainConfig):
         return 1.0
 
     return schedule
-

@@ -1,4 +1,5 @@
-"""`opd train --fsdp` under torchrun with 2 CPU processes (gloo), against a real teacher.
+"""`opd train --fsdp` under torchrun with 2 CPU processes (gloo), and with 1, against a real
+teacher.
 
 Greedy rollouts (temperature 0) make the sampled tokens independent of how prompts are split
 over ranks, so one FSDP run of 2 x 1 prompt per step and one single-process run of 2 prompts
@@ -22,14 +23,16 @@ from opd.client.train.metric_log import read_metrics
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _train(student: Path, url: str, run_dir: Path, *extra: str, ranks: int = 1) -> None:
+def _train(
+    student: Path, url: str, run_dir: Path, *extra: str, ranks: int = 1, fsdp: bool = False
+) -> None:
     args = [
         "train", "--student", str(student), "--teacher-url", url, "--run-dir", str(run_dir),
         "--max-steps", "2", "--prompts-per-step", str(2 // ranks), "--n-rollouts", "1",
         "--temperature", "0", "--max-new-tokens", "8", "--lr", "1e-3",
         "--objective", "student-topk", "--checkpoint-every", "1", "--logger", "jsonl", *extra,
     ]  # fmt: skip
-    if ranks > 1:
+    if ranks > 1 or fsdp:
         torchrun = Path(sys.executable).with_name("torchrun")
         cmd = [str(torchrun), "--standalone", "--nproc_per_node", str(ranks), "-m"]
         cmd += ["opd.client.cli", *args, "--fsdp"]
@@ -58,6 +61,11 @@ def test_fsdp_matches_one_process_and_resumes(tiny_server, tiny_student_dir, tmp
     for name in w1:  # the checkpoint is a whole, plain HF model (gathered from the shards)
         assert w1[name].shape == w2[name].shape
         assert float((w1[name] - w2[name]).abs().max()) < 1e-4, name
+    # FSDP on one rank (one GPU): torchrun --nproc_per_node 1 joins a one-rank group.
+    alone = tmp_path / "fsdp-1"
+    _train(tiny_student_dir, tiny_server, alone, ranks=1, fsdp=True)
+    for a, b in zip(one, read_metrics(alone / "metrics.jsonl"), strict=True):
+        assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-5)
     # Resume under FSDP from step 1 (a copy: the run keeps only its last checkpoints).
     start = tmp_path / "step_1"
     shutil.copytree(sharded / "checkpoints" / "step_1", start)

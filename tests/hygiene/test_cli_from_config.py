@@ -95,7 +95,9 @@ def test_a_given_flag_reaches_its_field_and_bad_values_name_the_flag(monkeypatch
     runner = CliRunner()
     base = ["train", "--student", "s", "--teacher-url", "http://t"]
     result = runner.invoke(
-        app, [*base, "--objective", "sampled", "--n-rollouts", "3", "--eval-n", "2"]
+        app,
+        [*base, "--objective", "sampled", "--n-rollouts", "3", "--eval-n", "2"]
+        + ["--eval-temperature", "1"],
     )
     assert result.exit_code == 0, result.output
     (config,) = got
@@ -107,6 +109,9 @@ def test_a_given_flag_reaches_its_field_and_bad_values_name_the_flag(monkeypatch
         app, ["coldstart", "--student", "s", "--teacher-url", "http://t", "--sft-fraction", "1.5"]
     )
     assert result.exit_code == 2 and "--sft-fraction" in result.output
+    result = runner.invoke(app, [*base, "--temperature", "0", "--n-rollouts", "2"])
+    assert result.exit_code == 2 and "--temperature: " in result.output
+    assert "greedy samples are identical" in result.output
     result = runner.invoke(app, ["train", "--teacher-url", "http://t"])
     assert result.exit_code == 2 and "--student" in result.output  # required, from flags or file
 
