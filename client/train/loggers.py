@@ -29,6 +29,7 @@ import re
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -100,13 +101,8 @@ def build_loggers(
                 )
                 built.append(_Guarded(name, tb))
             else:
-                tracker = TRACKERS[name](
-                    run_dir,
-                    run_name=run_name,
-                    config=safe_config,
-                    project=project,
-                    state=old_state.get(name),
-                )
+                opened = TrackerRun(run_dir, run_name, safe_config, project, old_state.get(name))
+                tracker = TRACKERS[name](opened)
                 new_state[name] = tracker.state
                 built.append(_Guarded(name, tracker))
     except BaseException:
@@ -129,6 +125,18 @@ def build_loggers(
     return MultiLogger(*built)
 
 
+@dataclass(frozen=True)
+class TrackerRun:
+    """What every tracker is opened with: where the run lives, its name and config, the
+    project, and the ids a previous attempt kept in loggers.json (None: a fresh run)."""
+
+    run_dir: Path
+    run_name: str
+    config: dict[str, Any]
+    project: str = PROJECT
+    state: Mapping[str, Any] | None = None
+
+
 # ---- Weights & Biases ---------------------------------------------------------------------------
 
 
@@ -141,15 +149,9 @@ class WandbLogger:
     checkpoint keep their first values there (online, they are skipped here rather than sent to
     be dropped with a warning); the redone values are in metrics.jsonl."""
 
-    def __init__(
-        self,
-        run_dir: Path,
-        *,
-        run_name: str,
-        config: dict[str, Any],
-        project: str = PROJECT,
-        state: Mapping[str, Any] | None = None,
-    ) -> None:
+    def __init__(self, opened: TrackerRun) -> None:
+        run_dir, run_name, config = opened.run_dir, opened.run_name, opened.config
+        project, state = opened.project, opened.state
         wandb = _import("wandb", PACKAGES["wandb"])
         resumed = bool(state and state.get("id"))
         run_id = str(state["id"]) if state and resumed else None  # None: W&B makes one
@@ -203,15 +205,9 @@ class MlflowLogger:
     redone step is appended to the metric's history (MLflow keeps every value logged at a step).
     """
 
-    def __init__(
-        self,
-        run_dir: Path,
-        *,
-        run_name: str,
-        config: dict[str, Any],
-        project: str = PROJECT,
-        state: Mapping[str, Any] | None = None,
-    ) -> None:
+    def __init__(self, opened: TrackerRun) -> None:
+        run_dir, run_name, config = opened.run_dir, opened.run_name, opened.config
+        project, state = opened.project, opened.state
         _import("mlflow", PACKAGES["mlflow"])
         from mlflow.entities import Metric, Param, RunStatus
         from mlflow.tracking import MlflowClient
@@ -324,15 +320,9 @@ class TrackioLogger:
     Resume: Trackio resumes runs by name within a project (resume="allow"); the name is kept in
     loggers.json. A redone step is appended (both values stay in its store)."""
 
-    def __init__(
-        self,
-        run_dir: Path,
-        *,
-        run_name: str,
-        config: dict[str, Any],
-        project: str = PROJECT,
-        state: Mapping[str, Any] | None = None,
-    ) -> None:
+    def __init__(self, opened: TrackerRun) -> None:
+        run_dir, run_name, config = opened.run_dir, opened.run_name, opened.config
+        project, state = opened.project, opened.state
         user_dir = os.environ.get("TRACKIO_DIR")
         self.directory = Path(user_dir) if user_dir else (Path(run_dir) / "trackio").resolve()
         trackio = _import_trackio(None if user_dir else self.directory)
@@ -410,8 +400,8 @@ def _point_trackio_at(directory: Path) -> None:
             logger.warning("trackio writes to %s, not %s (could not re-point it)", where, directory)
 
 
-# The trackers by --logger name; each takes (run_dir, run_name=, config=, project=, state=) and
-# exposes .state, the ids kept in loggers.json for a resume.
+# The trackers by --logger name; each is opened with a TrackerRun and exposes .state, the ids
+# kept in loggers.json for a resume.
 TRACKERS: dict[str, Any] = {"wandb": WandbLogger, "mlflow": MlflowLogger, "trackio": TrackioLogger}
 
 
