@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from opd.modeling.cpu_gemm import head_matmul
+from opd.shared.packed import slice_row_arrays
 
 # The running max starts at the lowest finite float32, not -inf, so that the first tile's
 # rescale factor exp(old - new) is 0 rather than nan (0 * -inf).
@@ -331,14 +332,4 @@ def score_items(
 
 
 def slice_rows(rows: ScoredRows, a: int, b: int) -> ScoredRows:
-    def s(x: np.ndarray | None) -> np.ndarray | None:
-        return None if x is None else x[a:b]
-
-    return ScoredRows(
-        token_logprobs_N=rows.token_logprobs_N[a:b],
-        candidate_logprobs_NK=s(rows.candidate_logprobs_NK),
-        top_k_ids_Nk=s(rows.top_k_ids_Nk),
-        top_k_logprobs_Nk=s(rows.top_k_logprobs_Nk),
-        entropy_N=s(rows.entropy_N),
-        token_ranks_N=s(rows.token_ranks_N),
-    )
+    return ScoredRows(**slice_row_arrays(rows, a, b))

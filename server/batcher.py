@@ -28,13 +28,11 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from opd.modeling.scoring import ScoredRows
 from opd.server.admission import DeadlineExceeded, request_deadline
 from opd.server.backends.base import Backend, ScoreItem, items_from_request
 from opd.server.metrics import Metrics
-from opd.shared.packed import PackedRequest, PackedResult
+from opd.shared.packed import PackedRequest, PackedResult, concat_row_arrays
 
 logger = logging.getLogger(__name__)
 
@@ -299,19 +297,9 @@ class Batcher:
     def _assemble(self, job: _Job) -> PackedResult:
         rows = [r for r in job.results if r is not None]
         req = job.request
-
-        def cat(name: str) -> np.ndarray | None:
-            arrays = [getattr(r, name) for r in rows]
-            return None if arrays[0] is None else np.concatenate(arrays)
-
         return PackedResult(
             scored_offsets_n1=req.scored_offsets_n1,
-            token_logprobs_N=cat("token_logprobs_N"),
-            candidate_logprobs_NK=cat("candidate_logprobs_NK"),
-            top_k_ids_Nk=cat("top_k_ids_Nk"),
-            top_k_logprobs_Nk=cat("top_k_logprobs_Nk"),
-            entropy_N=cat("entropy_N"),
-            token_ranks_N=cat("token_ranks_N"),
+            **concat_row_arrays(rows),
             model=self.model_name,
             temperature=req.options.temperature,
             logprob_dtype=req.options.logprob_dtype,

@@ -54,15 +54,17 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+
+        def histogram(
+            name: str, doc: str, buckets: tuple[float, ...], labels: tuple[str, ...] = ()
+        ) -> Histogram:
+            return Histogram(name, doc, labels, buckets=buckets, registry=r)
+
         self.requests = Counter(
             REQUESTS, "HTTP requests by route and status", [ROUTE, STATUS], registry=r
         )
-        self.latency = Histogram(
-            REQUEST_LATENCY,
-            "request latency by route",
-            [ROUTE],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+        self.latency = histogram(
+            REQUEST_LATENCY, "request latency by route", _LATENCY_BUCKETS, (ROUTE,)
         )
         self.scored_tokens = Counter(SCORED_TOKENS, "positions scored", registry=r)
         self.input_tokens = Counter(INPUT_TOKENS, "tokens submitted for scoring", registry=r)
@@ -71,21 +73,14 @@ class Metrics:
         )
         self.bytes_in = Counter(PAYLOAD_BYTES_IN, "request body bytes", [ROUTE], registry=r)
         self.bytes_out = Counter(PAYLOAD_BYTES_OUT, "response body bytes", [ROUTE], registry=r)
-        self.batch_sequences = Histogram(
-            BATCH_SEQUENCES, "sequences per forward pass", buckets=_COUNT_BUCKETS, registry=r
+        self.batch_sequences = histogram(
+            BATCH_SEQUENCES, "sequences per forward pass", _COUNT_BUCKETS
         )
-        self.batch_tokens = Histogram(
-            BATCH_TOKENS, "real tokens per forward pass", buckets=_TOKEN_BUCKETS, registry=r
+        self.batch_tokens = histogram(BATCH_TOKENS, "real tokens per forward pass", _TOKEN_BUCKETS)
+        self.batch_fill = histogram(
+            BATCH_FILL, "real / padded tokens per forward pass (1 = no padding)", _FILL_BUCKETS
         )
-        self.batch_fill = Histogram(
-            BATCH_FILL,
-            "real / padded tokens per forward pass (1 = no padding)",
-            buckets=_FILL_BUCKETS,
-            registry=r,
-        )
-        self.forward_seconds = Histogram(
-            FORWARD_SECONDS, "model time per pack", buckets=_LATENCY_BUCKETS, registry=r
-        )
+        self.forward_seconds = histogram(FORWARD_SECONDS, "model time per pack", _LATENCY_BUCKETS)
         self.queue_tokens = Gauge(QUEUE_TOKENS, "tokens waiting or running", registry=r)
         self.queue_sequences = Gauge(QUEUE_SEQUENCES, "sequences waiting", registry=r)
         self.expected_wait = Gauge(
@@ -94,17 +89,15 @@ class Metrics:
             "max_queue_wait_s",
             registry=r,
         )
-        self.queue_wait = Histogram(
+        self.queue_wait = histogram(
             QUEUE_WAIT,
             "score requests: arrival to their first forward pass starting",
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+            _LATENCY_BUCKETS,
         )
-        self.first_pass = Histogram(
+        self.first_pass = histogram(
             TIME_TO_FIRST_PASS,
             "score requests: arrival to their first forward pass finishing",
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+            _LATENCY_BUCKETS,
         )
         self.deadline_dropped = Counter(
             DEADLINE_DROPPED,

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Any
 
 import numpy as np
 
@@ -29,6 +30,35 @@ def offsets_from_lengths(lengths: np.ndarray) -> np.ndarray:
     out = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=out[1:])
     return out
+
+
+# The per-position arrays of a result by PackedResult's names (which the backends' rows of one
+# item, opd.modeling.scoring.ScoredRows, share), each with its SequenceScores name.
+ROW_ARRAYS = {
+    "token_logprobs_N": "token_logprobs",
+    "candidate_logprobs_NK": "candidate_logprobs",
+    "top_k_ids_Nk": "top_k_ids",
+    "top_k_logprobs_Nk": "top_k_logprobs",
+    "entropy_N": "entropy",
+    "token_ranks_N": "token_ranks",
+}
+
+
+def slice_row_arrays(rows: Any, a: int, b: int) -> dict[str, Any]:
+    """Rows a:b of each per-position array of `rows` (a PackedResult, or anything with its
+    array names), by name; None where the array is None."""
+    arrays = {name: getattr(rows, name) for name in ROW_ARRAYS}
+    return {name: None if x is None else x[a:b] for name, x in arrays.items()}
+
+
+def concat_row_arrays(parts: Sequence[Any]) -> dict[str, Any]:
+    """Each per-position array of consecutive `parts` (PackedResults, or anything with their
+    array names) joined into one, by name; None where any part has none."""
+    arrays = {name: [getattr(p, name) for p in parts] for name in ROW_ARRAYS}
+    return {
+        name: None if any(x is None for x in xs) else np.concatenate(xs)
+        for name, xs in arrays.items()
+    }
 
 
 @dataclass
@@ -215,18 +245,8 @@ class PackedResult:
 
     def sequence(self, i: int) -> SequenceScores:
         a, b = int(self.scored_offsets_n1[i]), int(self.scored_offsets_n1[i + 1])
-
-        def rows(x: np.ndarray | None) -> np.ndarray | None:
-            return None if x is None else x[a:b]
-
-        return SequenceScores(
-            token_logprobs=self.token_logprobs_N[a:b],
-            candidate_logprobs=rows(self.candidate_logprobs_NK),
-            top_k_ids=rows(self.top_k_ids_Nk),
-            top_k_logprobs=rows(self.top_k_logprobs_Nk),
-            entropy=rows(self.entropy_N),
-            token_ranks=rows(self.token_ranks_N),
-        )
+        rows = slice_row_arrays(self, a, b)
+        return SequenceScores(**{ROW_ARRAYS[name]: x for name, x in rows.items()})
 
     def sequences(self) -> list[SequenceScores]:
         return [self.sequence(i) for i in range(self.n_sequences)]
@@ -259,22 +279,10 @@ class PackedResult:
         if not parts:
             raise ValueError("nothing to concatenate")
         first = parts[0]
-
-        def cat(name: str) -> np.ndarray | None:
-            arrays = [getattr(p, name) for p in parts]
-            if any(a is None for a in arrays):
-                return None
-            return np.concatenate(arrays)
-
         scored = offsets_from_lengths(np.concatenate([np.diff(p.scored_offsets_n1) for p in parts]))
         return PackedResult(
             scored_offsets_n1=scored,
-            token_logprobs_N=cat("token_logprobs_N"),
-            candidate_logprobs_NK=cat("candidate_logprobs_NK"),
-            top_k_ids_Nk=cat("top_k_ids_Nk"),
-            top_k_logprobs_Nk=cat("top_k_logprobs_Nk"),
-            entropy_N=cat("entropy_N"),
-            token_ranks_N=cat("token_ranks_N"),
+            **concat_row_arrays(parts),
             model=first.model,
             temperature=first.temperature,
             logprob_dtype=first.logprob_dtype,

@@ -147,25 +147,9 @@ def validate_generate(
             field=field,
             limit=limits.max_sequences,
         )
-    if options.n > limits.max_generate_n:
-        raise ContractError(
-            f"n={options.n} exceeds max_generate_n={limits.max_generate_n}",
-            field="n",
-            limit=limits.max_generate_n,
-        )
-    if options.max_tokens > limits.max_generate_tokens:
-        raise ContractError(
-            f"max_tokens={options.max_tokens} exceeds max_generate_tokens="
-            f"{limits.max_generate_tokens}",
-            field="max_tokens",
-            limit=limits.max_generate_tokens,
-        )
-    if options.temperature > limits.max_temperature:
-        raise ContractError(
-            f"temperature={options.temperature} exceeds {limits.max_temperature}",
-            field="temperature",
-            limit=limits.max_temperature,
-        )
+    _at_most("n", options.n, "max_generate_n", limits.max_generate_n)
+    _at_most("max_tokens", options.max_tokens, "max_generate_tokens", limits.max_generate_tokens)
+    _at_most("temperature", options.temperature, "max_temperature", limits.max_temperature)
     if 0 < options.temperature < limits.min_temperature:
         # logits / 5e-324 overflow to inf and sampling fails; below min_temperature sampling is
         # greedy in all but name, so the caller is told to ask for 0 (greedy) instead.
@@ -193,3 +177,9 @@ def validate_generate(
                 field=f"{field}[{i}]",
                 limit=vocab_size,
             )
+
+
+def _at_most(field: str, value: float, cap: str, limit: float) -> None:
+    """Refuse `field`=value over the limit named `cap`."""
+    if value > limit:
+        raise ContractError(f"{field}={value} exceeds {cap}={limit}", field=field, limit=limit)
