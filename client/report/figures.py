@@ -12,7 +12,7 @@ SMOOTH_ABOVE steps the raw values are drawn faint under a rolling mean.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -77,6 +77,17 @@ def grid(n: int, max_cols: int = 3) -> tuple[int, int]:
 def hide_unused(axes: Any, used: int) -> None:
     for ax in axes.flat[used:]:
         ax.set_visible(False)
+
+
+def panel_grid(
+    n: int, size: Callable[[int, int], tuple[float, float]], max_cols: int = 3
+) -> tuple[Figure, list[Axes]]:
+    """A figure of n panels in rows of at most max_cols, sized by size(rows, cols) -> (width,
+    height) in inches, the cells past n hidden; its n axes in reading order."""
+    rows, cols = grid(n, max_cols)
+    fig, axes = figure(rows, cols, *size(rows, cols))
+    hide_unused(axes, n)
+    return fig, list(axes.flat[:n])
 
 
 def _rolling_mean(y: np.ndarray, w: int) -> np.ndarray:
@@ -146,9 +157,9 @@ def series_figure(
     present = [p for p in panels if any(series.get(k) is not None for k, _ in p.keys)]
     if not present:
         return []
-    rows, cols = grid(len(present))
-    fig, axes = figure(rows, cols, 4.2 * cols if cols > 1 else 7.5, 3.0 * rows)
-    for ax, panel in zip(axes.flat, present, strict=False):
+    fig, axes = panel_grid(
+        len(present), lambda rows, cols: (4.2 * cols if cols > 1 else 7.5, 3.0 * rows)
+    )
+    for ax, panel in zip(axes, present, strict=True):
         _draw_series(ax, series, panel, frac)
-    hide_unused(axes, len(present))
     return [save(fig, out_dir, name, section, title, caption)]

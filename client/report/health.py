@@ -15,6 +15,7 @@ missing or there are fewer than 2 steps.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -71,6 +72,9 @@ class Check:
     numbers: str  # the values (first vs last window) and the rule that decided it
 
 
+CheckFn = Callable[["Series", float], Check]
+
+
 def window_slices(n: int, frac: float = WINDOW_FRAC) -> tuple[slice, slice]:
     """Rows of the first and the last `frac` of n steps: at least 1 each; disjoint for n >= 2."""
     w = max(1, min(round(frac * n), n // 2))
@@ -123,64 +127,73 @@ def _trend(w: Windows, key: str) -> str:
     return f"{key}: {_g(w.first)} -> {_g(w.last)} ({w.change:+.4g}; {w.label})"
 
 
-def _check_overlap(series: Series, frac: float) -> Check:
-    name = "overlap ratio rises"
-    w = windows(series, "overlap/ratio", frac)
-    if w is None:
-        return _na(name, "needs overlap/ratio over at least 2 steps")
-    rule = f"ok if change >= +{OVERLAP_MIN_RISE} or last >= {OVERLAP_HIGH}"
-    numbers = f"{_trend(w, 'overlap/ratio')}; {rule}"
+# What a windowed check finds: its status, the finding, and what its numbers add after the
+# trend (the rule that decided, and any further values).
+Verdict = tuple[Status, str, str]
+WindowedJudge = Callable[[Windows, "Series", float], Verdict]
+
+
+def _windowed(name: str, key: str) -> Callable[[WindowedJudge], CheckFn]:
+    """A check on the first and last windows of `key`: n/a without them, else the decorated
+    judge's verdict, with the trend of `key` leading its numbers."""
+
+    def wrap(judge: WindowedJudge) -> CheckFn:
+        def check(series: Series, frac: float) -> Check:
+            w = windows(series, key, frac)
+            if w is None:
+                return _na(name, f"needs {key} over at least 2 steps")
+            status, message, tail = judge(w, series, frac)
+            return Check(name, status, message, _trend(w, key) + tail)
+
+        return check
+
+    return wrap
+
+
+@_windowed("overlap ratio rises", "overlap/ratio")
+def _check_overlap(w: Windows, series: Series, frac: float) -> Verdict:
+    rule = f"; ok if change >= +{OVERLAP_MIN_RISE} or last >= {OVERLAP_HIGH}"
     if w.change >= OVERLAP_MIN_RISE:
-        return Check(
-            name, "ok", "The student puts more of its top-k where the teacher does.", numbers
-        )
+        return "ok", "The student puts more of its top-k where the teacher does.", rule
     if w.last >= OVERLAP_HIGH:
-        return Check(name, "ok", "Overlap is flat but already near the ceiling.", numbers)
+        return "ok", "Overlap is flat but already near the ceiling.", rule
     msg = (
         "Overlap is flat or falling: the student is not moving its top tokens toward the "
         "teacher's. This is the paper's main sign of an incompatible pair."
     )
-    return Check(name, "warning", msg, numbers)
+    return "warning", msg, rule
 
 
-def _check_advantage(series: Series, frac: float) -> Check:
-    name = "overlap-token advantage moves toward 0"
-    w = windows(series, "overlap/token_advantage", frac)
-    if w is None:
-        return _na(name, "needs overlap/token_advantage over at least 2 steps")
+@_windowed("overlap-token advantage moves toward 0", "overlap/token_advantage")
+def _check_advantage(w: Windows, series: Series, frac: float) -> Verdict:
     recovery = w.change / abs(w.first) if w.first < 0 else math.inf
     rule = (
-        f"ok if last >= {ADVANTAGE_NEAR_ZERO} or it recovers >= {ADVANTAGE_MIN_RECOVERY:.0%} "
+        f"; ok if last >= {ADVANTAGE_NEAR_ZERO} or it recovers >= {ADVANTAGE_MIN_RECOVERY:.0%} "
         f"of its first value toward 0 (here {recovery:.0%})"
     )
-    numbers = f"{_trend(w, 'overlap/token_advantage')}; {rule}"
     if w.last >= ADVANTAGE_NEAR_ZERO:
         msg = "On the shared top tokens the student and teacher agree (advantage near 0)."
-        return Check(name, "ok", msg, numbers)
+        return "ok", msg, rule
     if recovery >= ADVANTAGE_MIN_RECOVERY:
-        return Check(name, "ok", "Still negative, but moving toward 0.", numbers)
+        return "ok", "Still negative, but moving toward 0.", rule
     msg = (
         "Stuck negative: on the tokens both favour, the student stays over-confident relative "
         "to the teacher."
     )
-    return Check(name, "warning", msg, numbers)
+    return "warning", msg, rule
 
 
-def _check_gap(series: Series, frac: float) -> Check:
-    name = "entropy gap closes"
-    w = windows(series, "entropy/gap", frac)
-    if w is None:
-        return _na(name, "needs entropy/gap over at least 2 steps")
-    rule = f"ok if it shrinks >= {GAP_MIN_CLOSE:.0%} or last < {GAP_CLOSED} nats"
-    numbers = f"{_trend(w, 'entropy/gap')}; {rule}"
+@_windowed("entropy gap closes", "entropy/gap")
+def _check_gap(w: Windows, series: Series, frac: float) -> Verdict:
+    rule = f"; ok if it shrinks >= {GAP_MIN_CLOSE:.0%} or last < {GAP_CLOSED} nats"
     if w.last < GAP_CLOSED:
-        return Check(name, "ok", "The student's uncertainty matches the teacher's.", numbers)
+        return "ok", "The student's uncertainty matches the teacher's.", rule
     if w.last <= w.first * (1 - GAP_MIN_CLOSE):
-        return Check(name, "ok", "The student's entropy is converging to the teacher's.", numbers)
+        return "ok", "The student's entropy is converging to the teacher's.", rule
     msg = (
         "The entropy gap is not closing: the student is not becoming as (un)certain as the teacher."
     )
-    return Check(name, "warning", msg, numbers)
+    return "warning", msg, rule
 
 
 def _check_grad_norm(series: Series, frac: float) -> Check:
@@ -204,15 +217,12 @@ def _check_grad_norm(series: Series, frac: float) -> Check:
     return Check(name, "warning", msg, numbers)
 
 
-def _check_student_entropy(series: Series, frac: float) -> Check:
-    name = "student entropy neither blows up nor collapses"
-    w = windows(series, "entropy/student", frac)
-    if w is None:
-        return _na(name, "needs entropy/student over at least 2 steps")
+@_windowed("student entropy neither blows up nor collapses", "entropy/student")
+def _check_student_entropy(w: Windows, series: Series, frac: float) -> Verdict:
     teacher = windows(series, "entropy/teacher", frac)
     t_last = teacher.last if teacher else None
     ratio = w.last / w.first if w.first > 0 else math.inf
-    numbers = f"{_trend(w, 'entropy/student')}, x{ratio:.3g}"
+    numbers = f", x{ratio:.3g}"
     if teacher:
         numbers += f"; teacher entropy, last window {_g(teacher.last)}"
     numbers += (
@@ -224,27 +234,24 @@ def _check_student_entropy(series: Series, frac: float) -> Check:
             "Student entropy is blowing up: it flattens instead of matching the teacher "
             "(the failure the quickstart shows for student top-k on a distant pair)."
         )
-        return Check(name, "warning", msg, numbers)
+        return "warning", msg, numbers
     collapsing = ratio <= ENTROPY_COLLAPSE_RATIO and (t_last is None or w.last < t_last)
     if collapsing or w.last < ENTROPY_COLLAPSED:
         msg = "Student entropy is collapsing: it is becoming near-deterministic."
-        return Check(name, "warning", msg, numbers)
-    return Check(name, "ok", "Student entropy stays in a sane range.", numbers)
+        return "warning", msg, numbers
+    return "ok", "Student entropy stays in a sane range.", numbers
 
 
-def _check_truncation(series: Series, frac: float) -> Check:
-    name = "truncated rollouts do not rise"
-    w = windows(series, "rollout/truncated_frac", frac)
-    if w is None:
-        return _na(name, "needs rollout/truncated_frac over at least 2 steps")
-    numbers = f"{_trend(w, 'rollout/truncated_frac')}; ok if change < +{TRUNCATION_MAX_RISE}"
+@_windowed("truncated rollouts do not rise", "rollout/truncated_frac")
+def _check_truncation(w: Windows, series: Series, frac: float) -> Verdict:
+    rule = f"; ok if change < +{TRUNCATION_MAX_RISE}"
     if w.change < TRUNCATION_MAX_RISE:
-        return Check(name, "ok", "Rollout lengths are stable.", numbers)
+        return "ok", "Rollout lengths are stable.", rule
     msg = (
         "More rollouts hit --max-new-tokens: responses grow longer or loop, where OPD's "
         "token reward degrades."
     )
-    return Check(name, "warning", msg, numbers)
+    return "warning", msg, rule
 
 
 def _check_deep_overlap(series: Series, frac: float) -> Check:

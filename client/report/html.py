@@ -23,7 +23,7 @@ from opd.client.configs.train import TrainConfig
 from opd.client.report.figures import Plot
 from opd.client.report.health import Check, windows
 from opd.client.report.html_parts import embed_figures, fmt, table
-from opd.client.report.inputs import INPUT_FILES, RunInputs
+from opd.client.report.inputs import INPUT_FILES, RunInputs, num
 from opd.client.report.labels import MAIN_METRICS
 from opd.client.report.outcome_view import outcome_section, probe_outcome_html
 from opd.client.report.plots import teachers_by_rank, verdict_color
@@ -289,7 +289,7 @@ def _quickstart(qs: dict[str, Any]) -> str:
     for key, label, direction in MAIN_METRICS:
         if key not in before and key not in after:
             continue
-        b, a = _num(before.get(key)), _num(after.get(key))
+        b, a = num(before.get(key)), num(after.get(key))
         change = f"{a - b:+.4g}" if math.isfinite(a - b) else "-"
         rows.append(
             (
@@ -306,10 +306,6 @@ def _quickstart(qs: dict[str, Any]) -> str:
         "OPD; &#10003; marks a move toward the teacher. A healthy run moves most of them.</p>"
         + table(("metric", "before", "after", "change", "better when", ""), rows, {1, 2, 3})
     )
-
-
-def _num(v: Any) -> float:
-    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else math.nan
 
 
 _CONFIG_SHOWN = (

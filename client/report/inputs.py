@@ -27,6 +27,7 @@ __all__ = [
     "Series",
     "depth_buckets",
     "load_inputs",
+    "num",
 ]
 
 # The files looked for in RUN_DIR, in the order the page shows them.
@@ -104,9 +105,16 @@ def depth_buckets(metrics: Iterable[str], key: str) -> list[tuple[int, int]]:
 
 
 def _as_float(v: Any) -> float | None:
+    """A logged value as a float; None for anything but a number (a bool is not one)."""
     if isinstance(v, bool) or not isinstance(v, int | float):
         return None
     return float(v)
+
+
+def num(v: Any) -> float:
+    """A value read from a run's files as a float, nan for anything but a number."""
+    f = _as_float(v)
+    return math.nan if f is None else f
 
 
 @dataclass

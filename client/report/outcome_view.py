@@ -16,9 +16,16 @@ from typing import TYPE_CHECKING, Any
 
 from opd.client.report.figures import GREEN, GREY, RED, Plot, figure, save
 from opd.client.report.html_parts import embed_figures, fmt, table
+from opd.client.report.inputs import num
 
 if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+
     from opd.client.report.inputs import RunInputs, Series
+
+
+# The y range of an accuracy panel: [0, 1] with a margin, so points at 0 and 1 stay visible.
+_ACCURACY = (-0.02, 1.02)
 
 
 def outcome_plots(inputs: RunInputs, out_dir: Path) -> list[Plot]:
@@ -51,20 +58,13 @@ def training_accuracy_plot(evals: Series, out_dir: Path) -> list[Plot]:
         value = float(teacher[np.isfinite(teacher)][0])
         ax.axhline(value, color=GREEN, linestyle="--", label=f"teacher {value:.3f}")
     ax.axhline(float(acc[0]), color=GREY, linestyle=":", label=f"before {acc[0]:.3f}")
-    ax.set_xlabel("step")
-    ax.set_ylabel("accuracy (mean@n)")
-    ax.set_ylim(-0.02, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    _style(ax, "step", "accuracy (mean@n)", _ACCURACY)
     if recovery is not None:
         ax2 = axes[0, 1]
         ax2.plot(steps, recovery, marker="o", color="C1")
         ax2.axhline(0.0, color="0.4", linewidth=0.8)
         ax2.axhline(0.8, color=GREEN, linestyle="--", linewidth=0.8, label="0.8 (a good pair)")
-        ax2.set_xlabel("step")
-        ax2.set_ylabel("gap recovery rate")
-        ax2.grid(alpha=0.3)
-        ax2.legend(fontsize=7)
+        _style(ax2, "step", "gap recovery rate")
     return [
         save(
             fig,
@@ -85,7 +85,7 @@ def eval_summary_plot(summary: dict[str, Any], out_dir: Path) -> list[Plot]:
     if not sources:
         return []
     names = [f"{s['kind']}\n{s['label']}" for s in sources]
-    acc = [_num(s["summary"].get("mean_at_n")) for s in sources]
+    acc = [num(s["summary"].get("mean_at_n")) for s in sources]
     err = _error_bars(acc, [s["summary"].get("mean_at_n_interval") for s in sources])
     colors = [GREEN if s["kind"] == "teacher" else "C0" for s in sources]
     fig, axes = figure(1, 1, max(4.0, 1.3 * len(sources) + 1.5), 3.2)
@@ -118,27 +118,21 @@ def depth_probe_plot(depth: dict[str, Any], out_dir: Path) -> list[Plot]:
     ax, ax2 = axes[0, 0], axes[0, 1]
     ax.plot(
         x,
-        [_num(r["student"]["accuracy"]) for r in rows],
+        [num(r["student"]["accuracy"]) for r in rows],
         marker="o",
         color=GREY,
         label="student continues",
     )
     for i, name in enumerate(teachers):
-        ys = [_num(r["teachers"].get(name, {}).get("accuracy")) for r in rows]
+        ys = [num(r["teachers"].get(name, {}).get("accuracy")) for r in rows]
         ax.plot(x, ys, marker="o", color=f"C{i}", label=f"{name} continues")
-        adv = [_num(r["teachers"].get(name, {}).get("advantage")) for r in rows]
+        adv = [num(r["teachers"].get(name, {}).get("advantage")) for r in rows]
         err = _error_bars(adv, [r["teachers"].get(name, {}).get("advantage_ci") for r in rows])
         ax2.errorbar(x, adv, yerr=err, marker="o", color=f"C{i}", capsize=3, label=name)
-    ax.set_xlabel("prefix length (completion tokens)")
-    ax.set_ylabel("accuracy of the continuation")
-    ax.set_ylim(-0.02, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    prefix = "prefix length (completion tokens)"
+    _style(ax, prefix, "accuracy of the continuation", _ACCURACY)
     ax2.axhline(0.0, color=RED, linewidth=0.8)
-    ax2.set_xlabel("prefix length (completion tokens)")
-    ax2.set_ylabel("teacher advantage (acc_teacher - acc_student)")
-    ax2.grid(alpha=0.3)
-    ax2.legend(fontsize=7)
+    _style(ax2, prefix, "teacher advantage (acc_teacher - acc_student)")
     return [
         save(
             fig,
@@ -274,14 +268,20 @@ def probe_outcome_html(probe: dict[str, Any]) -> str:
     return "".join(parts)
 
 
+def _style(ax: Axes, xlabel: str, ylabel: str, ylim: tuple[float, float] | None = None) -> None:
+    """Labels, the y range where one is given, the light grid and the legend of a panel."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+
 def _error_bars(values: list[float], intervals: list[Any]) -> list[list[float]]:
     """matplotlib's yerr (below, above) from (lo, hi) intervals; a missing interval draws none."""
     spans = [iv if iv and len(iv) == 2 else [math.nan, math.nan] for iv in intervals]
     return [
-        [max(0.0, v - _num(iv[0])) for v, iv in zip(values, spans, strict=True)],
-        [max(0.0, _num(iv[1]) - v) for v, iv in zip(values, spans, strict=True)],
+        [max(0.0, v - num(iv[0])) for v, iv in zip(values, spans, strict=True)],
+        [max(0.0, num(iv[1]) - v) for v, iv in zip(values, spans, strict=True)],
     ]
-
-
-def _num(v: Any) -> float:
-    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else math.nan

@@ -23,13 +23,12 @@ from opd.client.report.figures import (
     Panel,
     Plot,
     figure,
-    grid,
-    hide_unused,
+    panel_grid,
     save,
     series_figure,
 )
 from opd.client.report.health import span, window_slices
-from opd.client.report.inputs import RunInputs, Series, depth_buckets
+from opd.client.report.inputs import RunInputs, Series, depth_buckets, num
 from opd.client.report.labels import MAIN_METRICS
 from opd.client.report.outcome_view import outcome_plots
 from opd.client.report.teacher_view import teacher_plots
@@ -254,9 +253,8 @@ def depth_plots(series: Series, out_dir: Path, frac: float) -> list[Plot]:
     plots = []
     a, b = window_slices(len(series), frac) if len(series) >= 2 else (slice(0, 1), slice(0, 1))
     steps = series.steps_S
-    rows, cols = grid(len(keys))
-    fig, axes = figure(rows, cols, 4.2 * cols, 3.0 * rows)
-    for ax, key in zip(axes.flat, keys, strict=False):
+    fig, axes = panel_grid(len(keys), lambda rows, cols: (4.2 * cols, 3.0 * rows))
+    for ax, key in zip(axes, keys, strict=True):
         buckets, m_SB = series.depth_matrix(key)
         x = np.arange(len(buckets))
         for rows_, label, color in ((a, "early", "C0"), (b, "late", "C3")):
@@ -265,7 +263,6 @@ def depth_plots(series: Series, out_dir: Path, frac: float) -> list[Plot]:
         if key in ("overlap/token_advantage", "reward/seq_mean"):
             ax.axhline(0.0, color="0.4", linewidth=0.8, linestyle="--")
         _style_depth_axis(ax, key, buckets)
-    hide_unused(axes, len(keys))
     plots.append(
         save(
             fig,
@@ -382,18 +379,18 @@ def probe_plots(probe: dict[str, Any], out_dir: Path) -> list[Plot]:
     plots = []
     keys = [k for k in PROBE_BAR_KEYS if any(k in _metrics(t) for t in teachers)]
     if keys:
-        rows, cols = grid(len(keys))
         longest = max(map(len, names))  # rotated tick labels need room below the bars
-        fig, axes = figure(rows, cols, 4.2 * cols, 2.6 * rows + 0.05 * longest)
-        for ax, key in zip(axes.flat, keys, strict=False):
-            values = [_num(_metrics(t).get(key)) for t in teachers]
+        fig, axes = panel_grid(
+            len(keys), lambda rows, cols: (4.2 * cols, 2.6 * rows + 0.05 * longest)
+        )
+        for ax, key in zip(axes, keys, strict=True):
+            values = [num(_metrics(t).get(key)) for t in teachers]
             ax.bar(range(len(names)), values, color=colors)
             ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=7)
             ax.axhline(0.0, color="0.4", linewidth=0.8)
             ax.set_title(_LABELS.get(key, key), fontsize=10)
             ax.tick_params(axis="y", labelsize=8)
             ax.grid(axis="y", alpha=0.3)
-        hide_unused(axes, len(keys))
         plots.append(
             save(
                 fig,
@@ -413,16 +410,14 @@ def probe_plots(probe: dict[str, Any], out_dir: Path) -> list[Plot]:
         if any(len(depth_buckets(_metrics(t), k)) >= 2 for t in teachers)
     ]
     if keys:
-        rows, cols = grid(len(keys), 2)
-        fig, axes = figure(rows, cols, 4.8 * cols, 3.0 * rows)
-        for ax, key in zip(axes.flat, keys, strict=False):
+        fig, axes = panel_grid(len(keys), lambda rows, cols: (4.8 * cols, 3.0 * rows), 2)
+        for ax, key in zip(axes, keys, strict=True):
             buckets = sorted({b for t in teachers for b in depth_buckets(_metrics(t), key)})
             for i, (t, name) in enumerate(zip(teachers, names, strict=True)):
                 m = _metrics(t)
-                y = [_num(m.get(f"{key}@depth{lo}-{hi}")) for lo, hi in buckets]
+                y = [num(m.get(f"{key}@depth{lo}-{hi}")) for lo, hi in buckets]
                 ax.plot(range(len(buckets)), y, marker="o", color=f"C{i}", label=name)
             _style_depth_axis(ax, key, buckets)
-        hide_unused(axes, len(keys))
         plots.append(
             save(
                 fig,
@@ -436,10 +431,6 @@ def probe_plots(probe: dict[str, Any], out_dir: Path) -> list[Plot]:
             )
         )
     return plots
-
-
-def _num(v: Any) -> float:
-    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else math.nan
 
 
 # --------------------------------------------------------------------------------------------
@@ -486,7 +477,7 @@ def coldstart_plots(
     if keys:
         fig, axes = figure(1, 1, 7.5, 0.5 + 0.35 * len(keys))
         ax = axes[0, 0]
-        values = [_num(counts[k]) for k in keys]
+        values = [num(counts[k]) for k in keys]
         total = ("prompts", "responses")
         colors = ["#34495e" if k in total else GREEN if k == "kept" else RED for k in keys]
         ax.barh(range(len(keys)), values, color=colors)
