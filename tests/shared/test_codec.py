@@ -7,6 +7,7 @@ from a numpy generator with a fixed seed so every run checks the same data.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import msgpack
@@ -151,6 +152,26 @@ def small_result_map() -> dict[str, Any]:
     return unpack(encode_result_msgpack(res))
 
 
+_DROP = object()
+
+
+def changed(obj: dict[str, Any], key: str, value: Any = _DROP) -> dict[str, Any]:
+    """A copy of obj with `key` set to `value`, or without `key` when no value is given."""
+    out = dict(obj)
+    if value is _DROP:
+        del out[key]
+    else:
+        out[key] = value
+    return out
+
+
+def refusal(decode: Callable[[bytes], Any], body: Any) -> ContractError:
+    """The ContractError `decode` raises on `body` (anything else: packed as msgpack first)."""
+    with pytest.raises(ContractError) as info:
+        decode(body if isinstance(body, bytes) else pack(body))
+    return info.value
+
+
 # ---- msgpack requests ------------------------------------------------------------------------
 
 
@@ -227,11 +248,8 @@ def test_msgpack_request_accepts_another_minor_version() -> None:
 
 def test_msgpack_request_without_protocol_version_is_refused() -> None:
     # as in JSON, where ScoreRequest requires it: a request must say which contract it speaks
-    obj = small_request_map()
-    del obj["protocol_version"]
-    with pytest.raises(ContractError) as info:
-        decode_request_msgpack(pack(obj))
-    assert (info.value.status, info.value.field) == (422, "protocol_version")
+    err = refusal(decode_request_msgpack, changed(small_request_map(), "protocol_version"))
+    assert (err.status, err.field) == (422, "protocol_version")
 
 
 # ---- JSON requests ---------------------------------------------------------------------------
@@ -266,10 +284,8 @@ def test_json_request_defaults() -> None:
 
 @pytest.mark.parametrize("body", [b"{", b"not json", b'{"sequences": [}', b"\xff\xfe\x00"])
 def test_json_request_malformed_is_400(body: bytes) -> None:
-    with pytest.raises(ContractError) as info:
-        decode_request_json(body)
-    assert info.value.status == 400
-    assert info.value.kind == "malformed_body"
+    err = refusal(decode_request_json, body)
+    assert (err.status, err.kind) == (400, "malformed_body")
 
 
 def _json_body(**top: Any) -> dict[str, Any]:
@@ -316,9 +332,7 @@ def _json_body(**top: Any) -> dict[str, Any]:
 def test_json_request_pydantic_invalid_is_422_with_readable_path(
     body: dict[str, Any], field: str, limit: Any
 ) -> None:
-    with pytest.raises(ContractError) as info:
-        decode_request_json(json.dumps(body).encode())
-    err = info.value
+    err = refusal(decode_request_json, json.dumps(body).encode())
     assert err.status == 422
     assert err.kind == "validation_error"
     assert err.field == field
@@ -329,11 +343,9 @@ def test_json_request_pydantic_invalid_is_422_with_readable_path(
 
 def test_json_request_token_id_beyond_int32_is_422() -> None:
     body = _json_body(sequences=[{"token_ids": [1, 2**31], "score_from": 1}])
-    with pytest.raises(ContractError) as info:
-        decode_request_json(json.dumps(body).encode())
-    assert info.value.status == 422
-    assert info.value.limit == 2**31 - 1
-    assert "token_ids" in (info.value.field or "")
+    err = refusal(decode_request_json, json.dumps(body).encode())
+    assert (err.status, err.limit) == (422, 2**31 - 1)
+    assert "token_ids" in (err.field or "")
 
 
 # BUG (shared/packed.py, PackedRequest.from_request, the np.fromiter / np.asarray calls with
@@ -351,9 +363,7 @@ def test_json_request_token_id_beyond_int32_is_422() -> None:
 )
 def test_BUG_json_request_integer_beyond_int64_is_contract_error(sequence: dict) -> None:
     body = json.dumps({"sequences": [sequence]}).encode()
-    with pytest.raises(ContractError) as info:
-        decode_request_json(body)
-    assert info.value.status == 422
+    assert refusal(decode_request_json, body).status == 422
 
 
 # ---- msgpack request errors ------------------------------------------------------------------
@@ -371,25 +381,20 @@ def test_BUG_json_request_integer_beyond_int64_is_contract_error(sequence: dict)
     ids=["empty", "reserved-byte", "truncated", "trailing", "int-key"],
 )
 def test_msgpack_request_undecodable_is_400(body: bytes) -> None:
-    with pytest.raises(ContractError) as info:
-        decode_request_msgpack(body)
-    assert info.value.status == 400
-    assert info.value.kind == "malformed_body"
+    err = refusal(decode_request_msgpack, body)
+    assert (err.status, err.kind) == (400, "malformed_body")
 
 
 def test_msgpack_request_truncated_real_body_is_400() -> None:
     body = pack(small_request_map())
-    with pytest.raises(ContractError) as info:
-        decode_request_msgpack(body[:-5])
-    assert info.value.status == 400
+    assert refusal(decode_request_msgpack, body[:-5]).status == 400
 
 
 @pytest.mark.parametrize("value", [[1, 2, 3], "a string", 5, None, b"bytes"])
 def test_msgpack_request_non_map_is_400(value: Any) -> None:
-    with pytest.raises(ContractError) as info:
-        decode_request_msgpack(pack(value))
-    assert info.value.status == 400
-    assert "map" in info.value.message
+    err = refusal(decode_request_msgpack, pack(value))
+    assert err.status == 400
+    assert "map" in err.message
 
 
 @pytest.mark.parametrize(
@@ -402,81 +407,53 @@ def test_msgpack_request_non_map_is_400(value: Any) -> None:
     ],
 )
 def test_msgpack_request_bin_length_not_matching_dtype_is_400(key: str, raw: bytes) -> None:
-    obj = small_request_map()
-    obj[key] = raw
-    with pytest.raises(ContractError) as info:
-        decode_request_msgpack(pack(obj))
-    assert info.value.status == 400
-    assert info.value.field == key
+    err = refusal(decode_request_msgpack, changed(small_request_map(), key, raw))
+    assert (err.status, err.field) == (400, key)
 
 
 @pytest.mark.parametrize("key", ["token_ids", "seq_offsets", "score_from", "candidate_ids"])
 def test_msgpack_request_array_not_bin_is_400(key: str) -> None:
-    obj = small_request_map()
-    obj[key] = [1, 2, 3]
-    with pytest.raises(ContractError) as info:
-        decode_request_msgpack(pack(obj))
-    assert info.value.status == 400
-    assert info.value.field == key
+    err = refusal(decode_request_msgpack, changed(small_request_map(), key, [1, 2, 3]))
+    assert (err.status, err.field) == (400, key)
 
 
 def test_msgpack_request_candidates_not_multiple_of_n_candidates_is_422() -> None:
-    obj = small_request_map()
-    obj["candidate_ids"] = np.arange(7, dtype="<i4").tobytes()  # n_candidates is 2
-    with pytest.raises(ContractError) as info:
-        decode_request_msgpack(pack(obj))
-    assert info.value.status == 422
-    assert info.value.field == "candidate_ids"
-    assert info.value.limit == 2
+    cands = np.arange(7, dtype="<i4").tobytes()  # n_candidates is 2
+    err = refusal(decode_request_msgpack, changed(small_request_map(), "candidate_ids", cands))
+    assert (err.status, err.field, err.limit) == (422, "candidate_ids", 2)
 
 
 @pytest.mark.parametrize("n_candidates", [0, -1, "2", 1.5])
 def test_msgpack_request_bad_n_candidates_is_422(n_candidates: Any) -> None:
-    obj = small_request_map()
-    obj["n_candidates"] = n_candidates
-    with pytest.raises(ContractError) as info:
-        decode_request_msgpack(pack(obj))
-    assert info.value.status == 422
-    assert info.value.field == "n_candidates"
+    obj = changed(small_request_map(), "n_candidates", n_candidates)
+    err = refusal(decode_request_msgpack, obj)
+    assert (err.status, err.field) == (422, "n_candidates")
 
 
 @pytest.mark.parametrize("key", ["token_ids", "seq_offsets", "score_from"])
 def test_msgpack_request_missing_required_key_is_422(key: str) -> None:
-    obj = small_request_map()
-    del obj[key]
-    with pytest.raises(ContractError) as info:
-        decode_request_msgpack(pack(obj))
-    assert info.value.status == 422
-    assert info.value.field == key
+    err = refusal(decode_request_msgpack, changed(small_request_map(), key))
+    assert (err.status, err.field) == (422, key)
 
 
 def test_msgpack_request_empty_map_names_first_missing_key() -> None:
-    with pytest.raises(ContractError) as info:
-        decode_request_msgpack(pack({}))
-    assert info.value.status == 422
-    assert info.value.field == "protocol_version"  # checked first: it says how to read the rest
+    err = refusal(decode_request_msgpack, {})
+    # protocol_version is checked first: it says how to read the rest
+    assert (err.status, err.field) == (422, "protocol_version")
 
 
 @pytest.mark.parametrize("unknown", ["tokens", "topk", "score_from_n"])
 def test_msgpack_request_unknown_key_is_422(unknown: str) -> None:
-    obj = small_request_map()
-    obj[unknown] = 1
-    with pytest.raises(ContractError) as info:
-        decode_request_msgpack(pack(obj))
-    assert info.value.status == 422
-    assert info.value.field == unknown
-    assert unknown in info.value.message
+    err = refusal(decode_request_msgpack, changed(small_request_map(), unknown, 1))
+    assert (err.status, err.field) == (422, unknown)
+    assert unknown in err.message
 
 
 @pytest.mark.parametrize("version", ["2.0", "0.9", "10.0", 2])
 def test_msgpack_request_wrong_major_version_is_422(version: Any) -> None:
-    obj = small_request_map()
-    obj["protocol_version"] = version
-    with pytest.raises(ContractError) as info:
-        decode_request_msgpack(pack(obj))
-    assert info.value.status == 422
-    assert info.value.field == "protocol_version"
-    assert info.value.limit == PROTOCOL_VERSION
+    obj = changed(small_request_map(), "protocol_version", version)
+    err = refusal(decode_request_msgpack, obj)
+    assert (err.status, err.field, err.limit) == (422, "protocol_version", PROTOCOL_VERSION)
 
 
 @pytest.mark.parametrize(
@@ -484,21 +461,13 @@ def test_msgpack_request_wrong_major_version_is_422(version: Any) -> None:
     [("top_k", -1), ("temperature", 0.0), ("logprob_dtype", "bfloat16"), ("entropy", "maybe")],
 )
 def test_msgpack_request_invalid_option_is_422(key: str, value: Any) -> None:
-    obj = small_request_map()
-    obj[key] = value
-    with pytest.raises(ContractError) as info:
-        decode_request_msgpack(pack(obj))
-    assert info.value.status == 422
-    assert info.value.field == key
+    err = refusal(decode_request_msgpack, changed(small_request_map(), key, value))
+    assert (err.status, err.field) == (422, key)
 
 
 def test_msgpack_request_empty_offsets_is_422() -> None:
-    obj = small_request_map()
-    obj["seq_offsets"] = b""
-    with pytest.raises(ContractError) as info:
-        decode_request_msgpack(pack(obj))
-    assert info.value.status == 422
-    assert info.value.field == "seq_offsets"
+    err = refusal(decode_request_msgpack, changed(small_request_map(), "seq_offsets", b""))
+    assert (err.status, err.field) == (422, "seq_offsets")
 
 
 # ---- results ---------------------------------------------------------------------------------
@@ -608,55 +577,36 @@ def test_msgpack_result_bin_length_not_matching_shape_is_400() -> None:
         ("entropy", 4),
     ]:
         obj = small_result_map()
-        obj[key] = obj[key][:-cut]
-        with pytest.raises(ContractError) as info:
-            decode_result_msgpack(pack(obj))
-        assert info.value.status == 400, key
-        assert info.value.field == key
+        err = refusal(decode_result_msgpack, changed(obj, key, obj[key][:-cut]))
+        assert (err.status, err.field) == (400, key)
 
 
 def test_msgpack_result_shape_mismatch_via_declared_top_k_is_400() -> None:
-    obj = small_result_map()
-    obj["top_k"] = 3  # the arrays hold 2 per position
-    with pytest.raises(ContractError) as info:
-        decode_result_msgpack(pack(obj))
-    assert info.value.status == 400
-    assert info.value.field == "top_k_ids"
+    # the arrays hold 2 per position
+    err = refusal(decode_result_msgpack, changed(small_result_map(), "top_k", 3))
+    assert (err.status, err.field) == (400, "top_k_ids")
 
 
 @pytest.mark.parametrize("key", ["scored_offsets", "token_logprobs"])
 def test_msgpack_result_missing_array_is_400(key: str) -> None:
-    obj = small_result_map()
-    del obj[key]
-    with pytest.raises(ContractError) as info:
-        decode_result_msgpack(pack(obj))
-    assert info.value.status == 400
-    assert info.value.field == key
+    err = refusal(decode_result_msgpack, changed(small_result_map(), key))
+    assert (err.status, err.field) == (400, key)
 
 
 @pytest.mark.parametrize(("key", "value"), [("logprob_dtype", "bfloat16"), ("ids_dtype", "u8")])
 def test_msgpack_result_unknown_dtype_is_400(key: str, value: str) -> None:
-    obj = small_result_map()
-    obj[key] = value
-    with pytest.raises(ContractError) as info:
-        decode_result_msgpack(pack(obj))
-    assert info.value.status == 400
+    assert refusal(decode_result_msgpack, changed(small_result_map(), key, value)).status == 400
 
 
 def test_msgpack_result_wrong_major_version_is_422() -> None:
-    obj = small_result_map()
-    obj["protocol_version"] = "2.1"
-    with pytest.raises(ContractError) as info:
-        decode_result_msgpack(pack(obj))
-    assert info.value.status == 422
-    assert info.value.field == "protocol_version"
+    obj = changed(small_result_map(), "protocol_version", "2.1")
+    err = refusal(decode_result_msgpack, obj)
+    assert (err.status, err.field) == (422, "protocol_version")
 
 
 def test_msgpack_result_undecodable_and_non_map_are_400() -> None:
     for body in (b"\xc1", pack([1, 2]), pack(small_result_map())[:-3]):
-        with pytest.raises(ContractError) as info:
-            decode_result_msgpack(body)
-        assert info.value.status == 400
+        assert refusal(decode_result_msgpack, body).status == 400
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
