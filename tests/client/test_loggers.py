@@ -24,6 +24,7 @@ import pytest
 from opd.client.train import loggers as lg
 from opd.client.train.loggers import MissingLoggerPackage, build_loggers, mlflow_params, redact
 from opd.client.train.metric_log import read_metrics
+from tests.support.fresh_import import heavy_modules_loaded
 
 NAN = float("nan")
 CONFIG = {
@@ -184,15 +185,8 @@ def test_light_import() -> None:
     """Importing the loggers pulls none of the trackers (nor torch): each is imported when its
     logger is built. A fresh interpreter is the only place that can be seen."""
     heavy = ("torch", "tensorboard", "wandb", "mlflow", "trackio", "sqlalchemy")
-    code = (
-        "import json, sys\n"
-        "import opd.client.train.loggers, opd.client.train.metric_log\n"
-        f"print(json.dumps([m for m in {heavy!r} if m in sys.modules]))\n"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
-    )
-    assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+    code = "import opd.client.train.loggers, opd.client.train.metric_log"
+    assert heavy_modules_loaded(code, heavy) == []
 
 
 # ---- TensorBoard --------------------------------------------------------------------------------

@@ -27,19 +27,12 @@ from opd.shared.limits import Limits
 from opd.shared.packed import PackedResult
 from opd.shared.schemas import GenerateRequest
 from opd.shared.validation import validate_generate, validate_request
-from tests.support.fuzz import (
-    examples,
-    mutated_bytes,
-    mutated_json,
-    mutated_msgpack,
-    valid_json,
-    valid_msgpack_score,
-)
+from tests.support import fuzz
 
 VOCAB = 49_152
 LIMITS = Limits(max_sequences=4, max_tokens_per_sequence=128, max_total_tokens=256, max_top_k=8)
 FAST = settings(
-    max_examples=examples(400),
+    max_examples=fuzz.examples(400),
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     derandomize=True,
@@ -57,7 +50,7 @@ def _decoded_or_refused(decode, body: bytes) -> None:
 
 
 @FAST
-@given(mutated_json("/v1/score"))
+@given(fuzz.mutated_json("/v1/score"))
 def test_score_json_structural(body):
     _decoded_or_refused(decode_request_json, body)
 
@@ -65,11 +58,12 @@ def test_score_json_structural(body):
 @FAST
 @given(st.data())
 def test_score_json_bytes(data):
-    _decoded_or_refused(decode_request_json, data.draw(mutated_bytes(valid_json("/v1/score"))))
+    body = data.draw(fuzz.mutated_bytes(fuzz.valid_json("/v1/score")))
+    _decoded_or_refused(decode_request_json, body)
 
 
 @FAST
-@given(mutated_msgpack())
+@given(fuzz.mutated_msgpack())
 def test_score_msgpack_fields(body):
     _decoded_or_refused(decode_request_msgpack, body)
 
@@ -77,12 +71,12 @@ def test_score_msgpack_fields(body):
 @FAST
 @given(st.data())
 def test_score_msgpack_bytes(data):
-    valid = msgpack.packb(valid_msgpack_score(), use_bin_type=True)
-    _decoded_or_refused(decode_request_msgpack, data.draw(mutated_bytes(valid)))
+    valid = msgpack.packb(fuzz.valid_msgpack_score(), use_bin_type=True)
+    _decoded_or_refused(decode_request_msgpack, data.draw(fuzz.mutated_bytes(valid)))
 
 
 @FAST
-@given(mutated_json("/v1/generate"))
+@given(fuzz.mutated_json("/v1/generate"))
 def test_generate_json_structural(body):
     try:
         req = validate_wire(GenerateRequest, json_object(body))
@@ -114,7 +108,7 @@ def _result() -> bytes:
 def test_client_reads_a_corrupt_answer_as_a_contract_error(data):
     """The client side too: a corrupt answer is a ContractError, never an IndexError."""
     try:
-        decode_result_msgpack(data.draw(mutated_bytes(_result())))
+        decode_result_msgpack(data.draw(fuzz.mutated_bytes(_result())))
     except ContractError as err:
         # 400 for bytes that do not decode; 422 for a well-formed answer of another protocol
         # major (a flipped digit of protocol_version), as the server answers such a request
