@@ -4,15 +4,12 @@ every field, with no request lost and only 200 or 429 answers."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
 import typer.main
 
 from opd.bench.load import BenchLoadConfig
 from opd.client.cli import app
 from opd.shared.config_cli import flags_of
+from tests.support.cli import only_json, run_opd
 
 PHASE_FIELDS = {
     "sent",
@@ -57,8 +54,8 @@ def test_every_field_is_a_flag() -> None:
 
 def test_opd_bench_load_tiny_model(tiny_model_dir, tmp_path) -> None:
     out_dir = tmp_path / "results"
-    cmd = [
-        sys.executable, "-m", "opd.client.cli", "bench-load",
+    args = [
+        "bench-load",
         "--model", str(tiny_model_dir),
         "--capacity-seconds", "2", "--capacity-clients", "2",
         "--seconds", "3", "--factors", "2", "--clients", "16",
@@ -66,12 +63,10 @@ def test_opd_bench_load_tiny_model(tiny_model_dir, tmp_path) -> None:
         "--server-env", "OPD_MAX_WAIT_MS=5", "--server-env", "OPD_WARMUP=false",
         "--out-dir", str(out_dir),
     ]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    done = run_opd(args, timeout=180)
     assert "opd bench-load" in done.stdout and "capacity" in done.stdout
 
-    (path,) = out_dir.glob("bench-load-*.json")
-    report = json.loads(path.read_text())
+    path, report = only_json(out_dir, "bench-load-*.json")
     assert report["server"]["own"] and report["server"]["pid"] > 0
     assert report["mix"]["requests_in_pool"] == 16
 

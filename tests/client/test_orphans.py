@@ -96,18 +96,27 @@ def _kill_parent_and_expect_gone(proc: subprocess.Popen[str], children: list[tup
     assert not left, f"alive {GONE_DEADLINE_S:.0f}s after their parent was SIGKILLed: {left}"
 
 
-def test_a_plain_child_dies_with_its_sigkilled_parent(tmp_path):
-    script = """
-        import time
-        from opd.client.teacher.child_process import start_child
+def _expect_children_die_with_parent(script: str, tmp_path: Path, *args: str) -> None:
+    """Run `script` as the parent, read the children it reports, SIGKILL it, and expect them
+    gone."""
+    with _parent(script, tmp_path, *args) as proc:
+        _kill_parent_and_expect_gone(proc, _read_pids(proc))
 
-        child = start_child(["sleep", "600"])
-        print("PIDS", child.pid, flush=True)
-        time.sleep(600)
-    """
-    with _parent(script, tmp_path) as proc:
-        children = _read_pids(proc)
-        _kill_parent_and_expect_gone(proc, children)
+
+# A parent that starts one `sleep` with start_child, after its SETUP line, and waits.
+_ONE_SLEEPING_CHILD = """
+    import signal, time
+    from opd.client.teacher.child_process import start_child
+
+    {setup}
+    child = start_child(["sleep", "600"])
+    print("PIDS", child.pid, flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_plain_child_dies_with_its_sigkilled_parent(tmp_path):
+    _expect_children_die_with_parent(_ONE_SLEEPING_CHILD.format(setup=""), tmp_path)
 
 
 def test_a_child_started_from_a_finished_thread_lives_until_its_parent_dies(tmp_path):
@@ -133,18 +142,8 @@ def test_a_child_started_from_a_finished_thread_lives_until_its_parent_dies(tmp_
 
 def test_a_parent_that_ignores_the_death_signal_cannot_pass_that_on(tmp_path):
     """SIG_IGN survives exec; the child resets the death signal so that it still dies."""
-    script = """
-        import signal, time
-        from opd.client.teacher.child_process import start_child
-
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        child = start_child(["sleep", "600"])
-        print("PIDS", child.pid, flush=True)
-        time.sleep(600)
-    """
-    with _parent(script, tmp_path) as proc:
-        children = _read_pids(proc)
-        _kill_parent_and_expect_gone(proc, children)
+    script = _ONE_SLEEPING_CHILD.format(setup="signal.signal(signal.SIGTERM, signal.SIG_IGN)")
+    _expect_children_die_with_parent(script, tmp_path)
 
 
 def test_stop_child_also_removes_what_a_killed_child_left_behind(tmp_path):
@@ -191,9 +190,7 @@ def test_the_local_teacher_dies_with_its_sigkilled_parent(tmp_path, tiny_model_d
         time.sleep(600)
     """
     log = tmp_path / "teacher.log"
-    with _parent(script, tmp_path, str(tiny_model_dir), str(log)) as proc:
-        children = _read_pids(proc)
-        _kill_parent_and_expect_gone(proc, children)
+    _expect_children_die_with_parent(script, tmp_path, str(tiny_model_dir), str(log))
     # it got the death signal (SIGTERM) and went through its orderly shutdown
     assert "Traceback" not in log.read_text()
 
@@ -224,6 +221,4 @@ def test_a_bench_worker_dies_with_its_sigkilled_bench_and_cleans_up(tmp_path):
         print("PIDS", worker.proc.pid, worker.setup["engine"], flush=True)
         time.sleep(600)
     """
-    with _parent(script, tmp_path, str(tmp_path / "worker.log"), str(tmp_path)) as proc:
-        children = _read_pids(proc)
-        _kill_parent_and_expect_gone(proc, children)
+    _expect_children_die_with_parent(script, tmp_path, str(tmp_path / "worker.log"), str(tmp_path))

@@ -15,8 +15,9 @@ from opd.client.configs.train import TrainConfig
 from opd.client.train.metric_log import read_metrics
 from opd.client.train.trainer import Trainer
 from opd.shared.config_cli import from_flags
+from tests.support.cli import run_opd
 from tests.support.prom import score_requests
-from tests.support.train_config import train_config
+from tests.support.train_config import train_args, train_config
 
 # Keys that depend on wall time, not on what was computed.
 _TIMING = ("time/", "throughput/")
@@ -138,36 +139,20 @@ def test_opd_train_cli(tiny_server, tiny_student_dir, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"q": f"Count to {i}."}) + "\n" for i in range(5)))
     run_dir = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "opd.client.cli",
-        "train",
-        "--student",
-        str(tiny_student_dir),
-        "--teacher-url",
+    args = train_args(
+        tiny_student_dir,
         tiny_server,
-        "--prompts",
-        str(prompts),
-        "--prompt-field",
-        "q",
-        "--run-dir",
-        str(run_dir),
-        "--max-steps",
-        "2",
-        "--prompts-per-step",
-        "1",
-        "--n-rollouts",
-        "2",
-        "--max-new-tokens",
-        "6",
-        "--objective",
-        "sampled",
-        "--checkpoint-every",
-        "1",
-    ]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stdout + out.stderr
+        run_dir,
+        prompts=prompts,
+        prompt_field="q",
+        max_steps=2,
+        prompts_per_step=1,
+        n_rollouts=2,
+        max_new_tokens=6,
+        objective="sampled",
+        checkpoint_every=1,
+    )
+    run_opd(args, timeout=300)
     assert len(read_metrics(run_dir / "metrics.jsonl")) == 2
     assert (run_dir / "checkpoints" / "step_2" / "model" / "model.safetensors").is_file()
     assert (run_dir / "tensorboard").is_dir()
@@ -176,9 +161,7 @@ def test_opd_train_cli(tiny_server, tiny_student_dir, tmp_path):
     # The config the run wrote replays it: --config alone (plus a new run folder) gives the
     # same first step, every computed metric (rel 1e-4: the teacher's batching, test_faults).
     replay_dir = tmp_path / "replay"
-    replay = [*cmd[:4], "--config", str(run_dir / "config.json"), "--run-dir", str(replay_dir)]
-    out = subprocess.run(replay, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stdout + out.stderr
+    run_opd(["train", "--config", str(run_dir / "config.json"), "--run-dir", str(replay_dir)], 300)
     first, again = (
         read_metrics(run_dir / "metrics.jsonl")[0],
         read_metrics(replay_dir / "metrics.jsonl")[0],
@@ -235,36 +218,20 @@ def test_torchrun_two_processes_each_score_their_own_shard(tiny_server, tiny_stu
     before = score_requests(tiny_server)
     run_dir = tmp_path / "ddp"
     torchrun = Path(sys.executable).with_name("torchrun")
-    cmd = [
-        str(torchrun),
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "opd.client.cli",
-        "train",
-        "--student",
-        str(tiny_student_dir),
-        "--teacher-url",
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "opd.client.cli"]
+    cmd += train_args(
+        tiny_student_dir,
         tiny_server,
-        "--prompts",
-        "shipped",
-        "--run-dir",
-        str(run_dir),
-        "--max-steps",
-        "2",
-        "--prompts-per-step",
-        "1",
-        "--n-rollouts",
-        "2",
-        "--max-new-tokens",
-        "6",
-        "--checkpoint-every",
-        "2",
-        "--logger",
-        "jsonl",
-        "--save-rollouts",
-    ]
+        run_dir,
+        prompts="shipped",
+        max_steps=2,
+        prompts_per_step=1,
+        n_rollouts=2,
+        max_new_tokens=6,
+        checkpoint_every=2,
+        logger="jsonl",
+        save_rollouts=True,
+    )
     env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

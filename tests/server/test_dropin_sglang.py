@@ -3,11 +3,11 @@
 
 from __future__ import annotations
 
-import httpx
 import numpy as np
 import pytest
 
 from tests.server.test_dropin_completions import TOL, score_reference
+from tests.support.http import post_json
 
 SEQ = [5, 17, 250, 31, 9, 77, 120, 4]
 
@@ -28,9 +28,7 @@ def slime_request(tokens: list[int], temperature: float = 1.0) -> dict:
 
 @pytest.mark.parametrize("temperature", [1.0, 0.6])
 def test_slime_request_reads_what_slime_reads(tiny_server, temperature):
-    r = httpx.post(tiny_server + "/generate", json=slime_request(SEQ, temperature), timeout=60)
-    assert r.status_code == 200, r.text
-    out = r.json()
+    out = post_json(tiny_server + "/generate", slime_request(SEQ, temperature))
     assert list(out) == ["text", "output_ids", "meta_info"]
     assert out["text"] == "" and out["output_ids"] == []
     meta = out["meta_info"]
@@ -55,9 +53,7 @@ def test_top_logprobs_text_start_and_batch(tiny_server):
         "top_logprobs_num": 3,
         "return_text_in_logprobs": True,
     }
-    r = httpx.post(tiny_server + "/generate", json=body, timeout=60)
-    assert r.status_code == 200, r.text
-    first, second = r.json()  # a batch answers a list, in input order
+    first, second = post_json(tiny_server + "/generate", body)  # a list, in input order
     refs = score_reference(tiny_server, [SEQ, SEQ[:5]], 3, 1.0)
     for out, seq, ref in ((first, SEQ, refs[0]), (second, SEQ[:5], refs[1])):
         meta = out["meta_info"]
@@ -75,7 +71,7 @@ def test_default_start_and_one_new_token(tiny_server):
     """logprob_start_len -1 (SGLang's default): no input positions; max_new_tokens 1: the
     greedy next token with its log-prob."""
     body = {"input_ids": SEQ, "sampling_params": {"max_new_tokens": 1}, "return_logprob": True}
-    meta = httpx.post(tiny_server + "/generate", json=body, timeout=60).json()["meta_info"]
+    meta = post_json(tiny_server + "/generate", body)["meta_info"]
     assert meta["input_token_logprobs"] == [] and meta["completion_tokens"] == 1
     ((lp, token, _),) = meta["output_token_logprobs"]
     assert isinstance(token, int) and lp <= 0
@@ -107,13 +103,10 @@ def test_default_start_and_one_new_token(tiny_server):
 )
 def test_bad_input_is_a_400_naming_the_field(tiny_server, body, param):
     full = {**slime_request(SEQ), **body}
-    r = httpx.post(tiny_server + "/generate", json=full, timeout=60)
-    assert r.status_code == 400, r.text
-    assert r.json()["error"]["param"] == param and r.json()["error"]["message"]
-    ok = httpx.post(tiny_server + "/generate", json=slime_request(SEQ), timeout=60)
-    assert ok.status_code == 200
+    error = post_json(tiny_server + "/generate", full, 400)["error"]
+    assert error["param"] == param and error["message"]
+    post_json(tiny_server + "/generate", slime_request(SEQ))
 
 
 def test_no_prompts_is_an_empty_answer(tiny_server):
-    r = httpx.post(tiny_server + "/generate", json={"text": []}, timeout=60)
-    assert r.status_code == 200 and r.json() == [], r.text
+    assert post_json(tiny_server + "/generate", {"text": []}) == []

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import asyncio
 
-import httpx
 import numpy as np
 import pytest
 
 from tests.server.test_dropin_completions import TOL, score_reference
+from tests.support.http import post_json
 
 SEQS = [[5, 17, 250, 31, 9, 77, 120, 4], [300, 2, 2, 41, 8, 19]]
 PROMPT_LENGTHS = [3, 2]
@@ -77,14 +77,13 @@ def test_legacy_get_sequence_logprobs(tiny_server, response_format):
         "temperature": 0.8,
         "response_format": response_format,
     }
-    r = httpx.post(tiny_server + "/get_sequence_logprobs/", json=body, timeout=60)
-    assert r.status_code == 200, r.text
+    answer = post_json(tiny_server + "/get_sequence_logprobs/", body)
     refs = score_reference(tiny_server, SEQS, 4, 0.8)
     if response_format == "binary":
-        out = _decode(r.json())
-        assert r.json()["shape"] == [2, 5, 4] and r.json()["completion_lengths"] == [5, 4]
+        out = _decode(answer)
+        assert answer["shape"] == [2, 5, 4] and answer["completion_lengths"] == [5, 4]
     else:
-        out = r.json()
+        out = answer
     for i, (seq, plen, ref) in enumerate(zip(SEQS, PROMPT_LENGTHS, refs, strict=True)):
         rows = slice(plen - 1, len(seq) - 1)
         top = [row[:4] for row in out["logprobs"][i]]
@@ -131,13 +130,11 @@ def _decode(payload: dict) -> dict:
 def test_legacy_route_refusals_name_its_fields(tiny_server, change, param, says):
     """The contract's limits and TRL's own rules, each a 400 naming TRL's field."""
     body = {"sequences": SEQS, "prompt_lengths": PROMPT_LENGTHS, "top_logprobs": 4, **change}
-    r = httpx.post(tiny_server + "/get_sequence_logprobs/", json=body, timeout=60)
-    assert r.status_code == 400, r.text
-    err = r.json()["error"]
+    err = post_json(tiny_server + "/get_sequence_logprobs/", body, 400)["error"]
     assert err["param"] == param and says in err["message"], err
     empty = {"sequences": [], "prompt_lengths": []}
-    r = httpx.post(tiny_server + "/get_sequence_logprobs/", json=empty, timeout=60)
-    assert r.status_code == 200 and r.json() == {"logprobs": [], "logprob_token_ids": []}
+    answer = post_json(tiny_server + "/get_sequence_logprobs/", empty)
+    assert answer == {"logprobs": [], "logprob_token_ids": []}
 
 
 def test_async_distillation_mopd_sends_each_row_to_its_own_opd_teacher(

@@ -1,4 +1,5 @@
-"""The small TrainConfig the trainer tests and the report tests build runs with (tiny models)."""
+"""The small TrainConfig the trainer tests and the report tests build runs with (tiny models),
+and the `opd train` command line of a run for the tests that start it as a process."""
 
 from __future__ import annotations
 
@@ -27,3 +28,13 @@ def train_config(student: Path, url: str | list[str], run_dir: Path, **overrides
     )
     values.update(overrides)
     return from_flags(TrainConfig, **values)
+
+
+def train_args(student: Path, url: str, run_dir: Path, **flags: object) -> list[str]:
+    """`opd train`'s arguments (from `train` on) from flag names: max_steps=2 gives
+    --max-steps 2, save_rollouts=True the bare --save-rollouts."""
+    args = ["train", "--student", str(student), "--teacher-url", url, "--run-dir", str(run_dir)]
+    for name, value in flags.items():
+        flag = "--" + name.replace("_", "-")
+        args += [flag] if value is True else [flag, str(value)]
+    return args
