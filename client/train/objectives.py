@@ -429,7 +429,6 @@ def _overlap_topk(logp_NV: Tensor, b: TokenBatch, config: ObjectiveConfig) -> Te
     )
 
 
-
 REGISTRY: dict[str, Objective] = {
     o.name: o
     for o in (

@@ -78,7 +78,7 @@ def test_training_survives_a_replica_dying_mid_run(tiny_model_dir, tiny_student_
 
 def _score_requests(trainer: Trainer) -> dict[str, float]:
     """How many score requests each replica answered (from its /metrics)."""
-    return {url: score_requests(url) for url in trainer.config.teacher_url}
+    return {url: score_requests(url) for url in trainer.config.teacher.url}
 
 
 def test_replicas_must_serve_the_same_model(tiny_server, smol_server):

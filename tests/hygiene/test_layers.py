@@ -122,4 +122,4 @@ def test_the_graph_sees_function_local_imports():
     """The test's own check: a lazy import inside a function is an edge like any other."""
     edges = graph()
     assert "opd.client.train.trainer" in edges["opd.client.commands"]  # run_train's import
-    assert "opd.client.configs.train" in edges["opd.client.commands"]
+    assert "opd.client.recipes.probe" in edges["opd.client.commands"]  # run_probe_command's
