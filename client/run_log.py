@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 
 # Set to 1 to send native stderr to the log file even when stderr is not a terminal (tests).
@@ -57,20 +58,28 @@ def console_and_file_logging(path: Path, console_level: int = logging.WARNING) -
 
 
 def _native_stderr_to(path: Path) -> None:
-    """What C++ code writes to file descriptor 2 (torch's NUMA-binding notice, vLLM's engine
-    processes, which inherit the descriptor) goes to the log file; Python's own sys.stderr
-    keeps the terminal, so tracebacks and opd's warnings are still seen. Only for a terminal
-    (or when asked): under a test runner the descriptor belongs to its capture."""
-    terminal = os.dup(2)
+    """Everything written to standard error goes to the log file: C++ code writing to file
+    descriptor 2 (torch's NUMA-binding notice), vLLM's engine processes (they inherit it) and
+    Python code writing to sys.stderr (vLLM's weight-loading bars, which ignore TQDM_DISABLE).
+    The terminal keeps what the user needs from stderr: opd's own warnings (the console
+    handler) and the traceback of an error that ends the command (sys.excepthook). Only for a
+    terminal, or when asked: under a test runner the descriptor belongs to its capture."""
+    terminal = os.fdopen(os.dup(2), "w", buffering=1)
     log_fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     sys.stderr.flush()
     os.dup2(log_fd, 2)
     os.close(log_fd)
-    sys.stderr = os.fdopen(terminal, "w", buffering=1, closefd=True)
+    sys.stderr = os.fdopen(2, "w", buffering=1, closefd=False)
     for handler in logging.getLogger().handlers:
         ours = getattr(handler, "opd_run_log", False)
         if ours and type(handler) is logging.StreamHandler:  # the console one, not the file
-            handler.setStream(sys.stderr)
+            handler.setStream(terminal)
+
+    def excepthook(kind: type[BaseException], error: BaseException, tb: object) -> None:
+        traceback.print_exception(kind, error, tb, file=terminal)  # type: ignore[arg-type]
+        traceback.print_exception(kind, error, tb, file=sys.stderr)  # type: ignore[arg-type]
+
+    sys.excepthook = excepthook
 
 
 def _route_transformers() -> None:
