@@ -134,4 +134,3 @@ def run_quickstart() -> None:
         f"run folder: [bold]{run_dir}[/] (metrics.jsonl, tensorboard/, checkpoints/, rollouts/,"
         " config.json, quickstart.json; `opd report` makes a page of it)"
     )
-
