@@ -221,13 +221,13 @@ def values_from(flags: Sequence[Flag], given: Mapping[str, Any]) -> dict[str, An
 def from_flags(model: type[BaseModel], **given: Any) -> Any:
     """The config from flag-named values (`TrainConfig` from student=..., n_rollouts=2), as the
     command line builds it: how recipes and tests write a config in the names users know."""
-    flags = flags_of(model)
-    known = {f.param for f in flags} | set(spec_of(model).env)
+    flags, env = flags_of(model), spec_of(model).env
+    known = {f.param for f in flags} | set(env)
     unknown = sorted(set(given) - known)
     if unknown:
         raise TypeError(f"{model.__name__}: no flag named {', '.join(unknown)}")
     values = values_from(flags, given)
-    for dotted in spec_of(model).env:
+    for dotted in env:
         if given.get(dotted) is not None:
             _set(values, tuple(dotted.split(".")), given[dotted])
     return model.model_validate(values)

