@@ -34,6 +34,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -290,8 +291,10 @@ def score_items(
 
     Items that share options (top_k, entropy, temperature, rank, number of candidates) go through
     the LM head together, one tiled pass per group, so one request's options never reach another's
-    numbers. Row j of an item's hidden states predicts token j + 1; only rows score_from-1 ..
-    n_tokens-2 are used. Shared by every backend, so they differ only in how hidden states are made.
+    numbers. Row j of an item's hidden states predicts token j + 1; only the rows p - 1 of the
+    item's scored positions p (`items[i].positions`: score_from .. n_tokens-1, or the positions of
+    its scored spans) go through the head, with targets token_ids[p]. Shared by every backend, so
+    they differ only in how hidden states are made.
     """
     groups: dict[tuple, list[int]] = defaultdict(list)
     for i, it in enumerate(items):
@@ -300,11 +303,11 @@ def score_items(
         groups[(o.top_k, o.entropy, o.temperature, o.token_rank, k)].append(i)
     results: list[ScoredRows | None] = [None] * len(items)
     for (top_k, entropy, temperature, rank, k), members in groups.items():
-        rows = torch.cat(
-            [hidden_per_item[i][items[i].score_from - 1 : items[i].n_tokens - 1] for i in members]
-        )
+        rows = torch.cat([scored_hidden(hidden_per_item[i], items[i]) for i in members])
         targets = torch.from_numpy(
-            np.concatenate([items[i].token_ids[items[i].score_from :] for i in members])
+            np.concatenate(
+                [np.asarray(items[i].token_ids)[items[i].positions] for i in members]
+            ).astype(np.int64)
         )
         cands = None
         if k:
@@ -329,6 +332,18 @@ def score_items(
             results[i] = slice_rows(scored, start, end)
             start = end
     return [r for r in results if r is not None]
+
+
+def scored_hidden(hidden: torch.Tensor, item: Any) -> torch.Tensor:
+    """The hidden-state rows that predict `item`'s (a ScoreItem's) scored positions: rows
+    p - 1, in order.
+
+    A contiguous tail (score_from .. n_tokens-1) is a slice; scored spans gather their rows, so
+    context between spans never reaches the LM head."""
+    if item.is_tail:
+        return hidden[item.score_from - 1 : item.n_tokens - 1]
+    index = torch.from_numpy(np.asarray(item.positions, dtype=np.int64) - 1)
+    return hidden.index_select(0, index.to(hidden.device))
 
 
 def slice_rows(rows: ScoredRows, a: int, b: int) -> ScoredRows:

@@ -8,7 +8,16 @@ Request map::
 
     protocol_version str, top_k int, entropy bool, token_rank bool, temperature float,
     logprob_dtype str, token_ids bin <i4 [T], seq_offsets bin <i8 [n+1], score_from bin <i4 [n],
-    n_candidates int, candidate_ids bin <i4 [N*K] or nil
+    n_candidates int, candidate_ids bin <i4 [N*K] or nil,
+    (1.3, optional, both or neither) span_offsets bin <i8 [n+1], spans bin <i4 [S*2]
+
+With spans, sequence i is scored at range(start, end) of its spans
+spans[span_offsets[i]:span_offsets[i+1]] (flattened start, end pairs), and score_from[i] must
+equal its first span's start: the decoder keeps score_from as sent and validation refuses a
+mismatch (422 naming sequences[i].score_from), it never derives one from the other. The encoder
+writes the two span keys only for a request with spans, so a request without spans is byte for
+byte what a 1.2 client sends, and a 1.2 server refuses spans (unknown field) instead of
+scoring the wrong positions.
 
 Response map::
 
@@ -117,6 +126,12 @@ def _unpack(body: bytes, *, require_version: bool) -> dict[str, Any]:
 
 def encode_request_msgpack(req: PackedRequest) -> bytes:
     o = req.options
+    spans: dict[str, bytes] = {}
+    if req.spans_S2 is not None and req.span_offsets_n1 is not None:
+        spans = {
+            "span_offsets": _to_bin(req.span_offsets_n1, "int64"),
+            "spans": _to_bin(req.spans_S2.reshape(-1), "int32"),
+        }
     return msgpack.packb(
         {
             "protocol_version": PROTOCOL_VERSION,
@@ -132,6 +147,7 @@ def encode_request_msgpack(req: PackedRequest) -> bytes:
             "candidate_ids": None
             if req.candidate_ids_NK is None
             else _to_bin(req.candidate_ids_NK, "int32"),
+            **spans,
         },
         use_bin_type=True,
     )
@@ -149,6 +165,8 @@ _REQUEST_KEYS = {
     "score_from",
     "n_candidates",
     "candidate_ids",
+    "span_offsets",
+    "spans",
 }
 
 
@@ -194,13 +212,36 @@ def decode_request_msgpack(body: bytes) -> PackedRequest:
         candidates = flat.reshape(-1, n_cands)
     if len(offsets) < 1:
         raise ContractError("seq_offsets needs n+1 entries", field="seq_offsets")
+    span_offsets, spans = _decode_spans(obj)
     return PackedRequest(
         token_ids_T=tokens,
         seq_offsets_n1=offsets,
         score_from_n=score_from,
         candidate_ids_NK=candidates,
         options=options,
+        span_offsets_n1=span_offsets,
+        spans_S2=spans,
     )
+
+
+def _decode_spans(obj: dict[str, Any]) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """span_offsets and spans (protocol 1.3): both or neither; nil is the same as absent.
+    Their content (ranges, order, score_from) is checked by opd.shared.validation."""
+    given = [key for key in ("span_offsets", "spans") if obj.get(key) is not None]
+    if not given:
+        return None, None
+    if len(given) == 1:
+        missing = "spans" if given == ["span_offsets"] else "span_offsets"
+        raise ContractError(f"{missing} is required with {given[0]}", field=missing)
+    span_offsets = _from_bin(obj, "span_offsets", "int64", ())
+    flat = _from_bin(obj, "spans", "int32", ())
+    if flat.size % 2:
+        raise ContractError(
+            f"spans holds {flat.size} numbers; it must be start, end pairs (an even count)",
+            field="spans",
+            limit=2,
+        )
+    return span_offsets, flat.astype(np.int64).reshape(-1, 2)
 
 
 def decode_request_json(body: bytes) -> PackedRequest:

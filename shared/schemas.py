@@ -5,6 +5,13 @@ Positions: a sequence holds prompt + completion token ids `x_0 .. x_{L-1}`. With
 tokens before it: row `i` of every per-position array is about token `x_{s+i}` and the teacher
 distribution q(. | x_{<s+i}). `n_scored = L - s`. Tokens before `s` are context only.
 
+Scored spans (protocol 1.3): instead of `score_from`, a sequence may name `score_spans`, sorted
+non-overlapping half-open ranges `[start, end)` with 1 <= start < end <= L (touching allowed).
+Its scored positions are range(start, end) of each span, in order; row `i` is about the i-th of
+them, p_i, given x_{<p_i}. Positions outside the spans are context only (they go through the
+decoder, never through the LM head). `score_from = s` is exactly `score_spans = [[s, L]]`.
+Exactly one of the two is given per sequence (opd.shared.packed checks it).
+
 All models share one base with extra="forbid" so a misspelt option is an error, never ignored.
 Bounds that depend on the server's configuration (lengths, top_k, ...) are checked by
 opd.shared.validation against `Limits`; the static ones sit in `Field` so OpenAPI shows them.
@@ -12,9 +19,9 @@ opd.shared.validation against `Limits`; the static ones sit in `Field` so OpenAP
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from opd.shared.limits import Limits
 from opd.shared.version import PROTOCOL_VERSION
@@ -26,10 +33,29 @@ class _Wire(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _pair(value: Any) -> Any:
+    """A JSON array [start, end] as the tuple the strict schema wants (JSON has no tuples)."""
+    return tuple(value) if isinstance(value, list) else value
+
+
+# A half-open range [start, end) of scored token positions.
+Span = Annotated[tuple[int, int], BeforeValidator(_pair)]
+
+
 class SequenceIn(_Wire):
     token_ids: list[int] = Field(description="prompt + completion token ids")
-    score_from: int = Field(
-        description="index of the first scored token; earlier tokens are context only", ge=1
+    score_from: int | None = Field(
+        default=None,
+        description="index of the first scored token; earlier tokens are context only. "
+        "Exactly one of score_from and score_spans is given.",
+        ge=1,
+    )
+    score_spans: list[Span] | None = Field(
+        default=None,
+        min_length=1,
+        description="scored ranges [start, end) of token positions, sorted, non-overlapping, "
+        "1 <= start < end <= len(token_ids); rows come back for range(start, end) of each span "
+        "in order, other positions are context only. score_from=s is score_spans=[[s, L]].",
     )
     candidate_ids: list[list[int]] | None = Field(
         default=None,

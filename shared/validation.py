@@ -10,7 +10,7 @@ import numpy as np
 
 from opd.shared.errors import ContractError
 from opd.shared.limits import Limits
-from opd.shared.packed import PackedRequest
+from opd.shared.packed import PackedRequest, score_from_range_error
 from opd.shared.schemas import GenerateOptions
 
 
@@ -68,16 +68,90 @@ def validate_request(req: PackedRequest, limits: Limits, vocab_size: int) -> Non
             field=f"sequences[{i}].token_ids[{j}]",
             limit=vocab_size,
         )
-    sf = req.score_from_n
-    for i in np.flatnonzero((sf < 1) | (sf > lens - 1))[:1]:
-        raise ContractError(
-            f"score_from={int(sf[i])} is out of range: it must lie in [1, len(token_ids) - 1] "
-            f"= [1, {int(lens[i]) - 1}]",
-            field=f"sequences[{i}].score_from",
-            limit=int(lens[i]) - 1,
-        )
+    if req.spans_S2 is None and req.span_offsets_n1 is None:
+        sf = req.score_from_n
+        for i in np.flatnonzero((sf < 1) | (sf > lens - 1))[:1]:
+            raise score_from_range_error(int(i), int(sf[i]), int(lens[i]))
+    else:
+        _validate_spans(req)
     _validate_options(req, limits, vocab_size)
     _validate_candidates(req, limits, vocab_size)
+
+
+def _validate_spans(req: PackedRequest) -> None:
+    """Scored spans (protocol 1.3): per sequence at least one [start, end) with
+    1 <= start < end <= L, sorted and non-overlapping (touching allowed), the first start equal
+    to score_from. Checked before anything counts scored positions from them."""
+    n = req.n_sequences
+    so, spans = req.span_offsets_n1, req.spans_S2
+    if so is None or spans is None:
+        missing = "span_offsets" if so is None else "spans"
+        raise ContractError(
+            "span_offsets and spans are given together or not at all", field=missing
+        )
+    if spans.ndim != 2 or spans.shape[1] != 2:
+        raise ContractError(
+            f"spans must be [S, 2] rows [start, end); got shape {list(spans.shape)}",
+            field="spans",
+        )
+    if len(so) != n + 1 or so[0] != 0 or np.any(np.diff(so) < 0) or so[-1] != len(spans):
+        raise ContractError(
+            f"span_offsets must hold n+1 = {n + 1} entries, start at 0, never decrease and end "
+            f"at the number of spans ({len(spans)})",
+            field="span_offsets",
+            limit=n + 1,
+        )
+    counts = np.diff(so)
+    for i in np.flatnonzero(counts < 1)[:1]:
+        raise ContractError(
+            "score_spans holds no span; at least one is needed",
+            field=f"sequences[{i}].score_spans",
+            limit=1,
+        )
+    owner = np.repeat(np.arange(n), counts)  # sequence of each span
+    index = np.arange(len(spans)) - so[owner]  # its index within the sequence
+    start, end = spans[:, 0], spans[:, 1]
+    length = req.seq_lens_n[owner]
+    prev_end = np.concatenate([[0], end[:-1]])
+    low, high = start < 1, end > length
+    empty = end <= start
+    overlaps = (index > 0) & (start < prev_end)
+    bad = np.flatnonzero(low | high | empty | overlaps)
+    if bad.size:
+        s = int(bad[0])
+        i, j = int(owner[s]), int(index[s])
+        a, b, L = int(start[s]), int(end[s]), int(length[s])
+        where = f"sequences[{i}].score_spans[{j}]"
+        if low[s]:
+            raise ContractError(
+                f"span [{a}, {b}) starts before position 1 (position 0 has no context)",
+                field=where,
+                limit=1,
+            )
+        if high[s]:
+            raise ContractError(
+                f"span [{a}, {b}) ends past len(token_ids) = {L}", field=where, limit=L
+            )
+        if empty[s]:
+            raise ContractError(
+                f"span [{a}, {b}) is empty: its end must be greater than its start",
+                field=where,
+                limit=a + 1,
+            )
+        raise ContractError(
+            f"span [{a}, {b}) starts before the previous span's end {int(prev_end[s])}: spans "
+            "must be sorted and must not overlap",
+            field=where,
+            limit=int(prev_end[s]),
+        )
+    first = start[so[:-1]]
+    for i in np.flatnonzero(req.score_from_n != first)[:1]:
+        raise ContractError(
+            f"score_from={int(req.score_from_n[i])} differs from the first span's start "
+            f"{int(first[i])}; with spans, score_from is the first scored position",
+            field=f"sequences[{i}].score_from",
+            limit=int(first[i]),
+        )
 
 
 def _validate_options(req: PackedRequest, limits: Limits, vocab_size: int) -> None:

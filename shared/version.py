@@ -5,7 +5,7 @@ refuses a server whose major differs (see opd.client), the server reports its ve
 GET /v1/model and in every score response.
 """
 
-PROTOCOL_VERSION = "1.2"  # 1.1: POST /v1/generate; 1.2: token_rank
+PROTOCOL_VERSION = "1.3"  # 1.1: POST /v1/generate; 1.2: token_rank; 1.3: score_spans
 PROTOCOL_MAJOR = PROTOCOL_VERSION.split(".")[0]
 
 # Content-Type / Accept values. JSON is for humans and curl; msgpack carries raw arrays.

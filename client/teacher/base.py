@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import httpx
+import numpy as np
 
 from opd.client.teacher.errors import RETRYABLE_STATUS, IncompatibleTeacherError, parse_error
 from opd.client.teacher.replicas import ReplicaSet, normalise_urls
@@ -184,32 +185,42 @@ def check_model_info(info: ModelInfo, config: ClientConfig) -> None:
 
 
 def _body_bytes(encoding: Encoding, n_seqs: int, ints: int, n_scored: int) -> int:
-    """Upper estimate of an encoded request's size from its counts."""
+    """Upper estimate of an encoded request's size from its counts (`ints`: token ids,
+    candidate ids and span bounds; a span offset per sequence is in the per-sequence term)."""
     if encoding == "msgpack":
-        return _MSGPACK_OVERHEAD + 4 * ints + 12 * n_seqs + 8
+        return _MSGPACK_OVERHEAD + 4 * ints + 20 * n_seqs + 16
     return 256 + _JSON_BYTES_PER_INT * ints + 64 * n_seqs + 4 * n_scored
 
 
 def split_indices(req: PackedRequest, limits: Limits, encoding: Encoding) -> list[list[int]]:
-    """Cut a batch into consecutive chunks that respect every request-level limit, greedily."""
+    """Cut a batch into consecutive chunks that respect every request-level limit, greedily.
+
+    Whole sequences only: a sequence's scored spans and its candidate rows (one per scored
+    position) go with it."""
     lens, n_scored = req.seq_lens_n, req.n_scored_n
+    n_spans = (
+        np.diff(req.span_offsets_n1)
+        if req.span_offsets_n1 is not None
+        else np.zeros(req.n_sequences, dtype=np.int64)
+    )
     k = req.n_candidates
     chunks: list[list[int]] = []
     current: list[int] = []
     tokens = ints = scored = 0
     for i in range(req.n_sequences):
         n, m = int(lens[i]), int(n_scored[i])
+        own = n + m * k + 2 * int(n_spans[i])
         too_big = (
             len(current) + 1 > limits.max_sequences
             or tokens + n > limits.max_total_tokens
-            or _body_bytes(encoding, len(current) + 1, ints + n + m * k, scored + m)
+            or _body_bytes(encoding, len(current) + 1, ints + own, scored + m)
             > limits.max_body_bytes
         )
         if current and too_big:
             chunks.append(current)
             current, tokens, ints, scored = [], 0, 0, 0
         current.append(i)
-        tokens, ints, scored = tokens + n, ints + n + m * k, scored + m
+        tokens, ints, scored = tokens + n, ints + own, scored + m
     if current:
         chunks.append(current)
     return chunks
@@ -235,10 +246,11 @@ def _json_body(req: PackedRequest) -> bytes:
 
     sequences = []
     for i in range(req.n_sequences):
-        seq: dict[str, Any] = {
-            "token_ids": req.tokens(i).tolist(),
-            "score_from": int(req.score_from_n[i]),
-        }
+        seq: dict[str, Any] = {"token_ids": req.tokens(i).tolist()}
+        if req.has_spans:  # exactly one of the two (protocol 1.3)
+            seq["score_spans"] = req.spans(i).tolist()
+        else:
+            seq["score_from"] = int(req.score_from_n[i])
         cands = req.candidates(i)
         if cands is not None:
             seq["candidate_ids"] = cands.tolist()

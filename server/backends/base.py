@@ -20,12 +20,23 @@ from opd.shared.schemas import GenerateOptions, ModelInfo, ScoreOptions
 
 @dataclass
 class ScoreItem:
-    """One sequence to score: tokens x_0..x_{L-1}, rows for x_s..x_{L-1}."""
+    """One sequence to score: tokens x_0..x_{L-1}, one row per scored position p in
+    `positions` (absolute, increasing), about x_p given x_{<p}.
+
+    `positions` left out is x_s..x_{L-1} (s = score_from); with scored spans it is what
+    PackedRequest.scored_positions gives, and `score_from` is its first entry: every token
+    before it is context shared by all rows (the HF backend's shared-context groups key on it).
+    """
 
     token_ids: np.ndarray
     score_from: int
     candidate_ids: np.ndarray | None
     options: ScoreOptions
+    positions: np.ndarray = None  # type: ignore[assignment]  # filled in __post_init__
+
+    def __post_init__(self) -> None:
+        if self.positions is None:
+            self.positions = np.arange(self.score_from, len(self.token_ids), dtype=np.int64)
 
     @property
     def n_tokens(self) -> int:
@@ -33,7 +44,12 @@ class ScoreItem:
 
     @property
     def n_scored(self) -> int:
-        return len(self.token_ids) - self.score_from
+        return len(self.positions)
+
+    @property
+    def is_tail(self) -> bool:
+        """Whether the rows are the contiguous tail score_from..L-1 (no gaps)."""
+        return self.n_scored == self.n_tokens - self.score_from
 
 
 def items_from_request(request: PackedRequest) -> list[ScoreItem]:
@@ -45,6 +61,7 @@ def items_from_request(request: PackedRequest) -> list[ScoreItem]:
             score_from=int(request.score_from_n[i]),
             candidate_ids=request.candidates(i),
             options=request.options,
+            positions=request.scored_positions(i) if request.has_spans else None,  # type: ignore[arg-type]
         )
         for i in range(request.n_sequences)
     ]

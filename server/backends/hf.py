@@ -132,7 +132,9 @@ def shared_context_groups(
     items: list[ScoreItem], min_prefix: int
 ) -> tuple[list[list[int]], list[int]]:
     """Indices of items with an identical context (token_ids[:score_from], at least min_prefix
-    tokens long, two or more items), and the indices of all other items. 0 turns sharing off."""
+    tokens long, two or more items), and the indices of all other items. 0 turns sharing off.
+    score_from is an item's first scored position, with scored spans too: context between or
+    after its spans runs in the per-item part of the pass, like the completion does."""
     by_context: dict[bytes, list[int]] = defaultdict(list)
     for i, it in enumerate(items):
         if min_prefix and it.score_from >= min_prefix:

@@ -179,6 +179,8 @@ def _narrowed(req: PackedRequest, keep: list[int]) -> PackedRequest:
         score_from_n=out.score_from_n,
         candidate_ids_NK=None if cands is None else cands.astype(np.int32),
         options=out.options,
+        span_offsets_n1=out.span_offsets_n1,
+        spans_S2=out.spans_S2,
     )
 
 
