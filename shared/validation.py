@@ -104,7 +104,7 @@ def _validate_spans(req: PackedRequest) -> None:
     counts = np.diff(so)
     for i in np.flatnonzero(counts < 1)[:1]:
         raise ContractError(
-            "score_spans holds no span; at least one is needed",
+            "score_spans holds no span; at least 1 is needed",
             field=f"sequences[{i}].score_spans",
             limit=1,
         )
@@ -134,7 +134,7 @@ def _validate_spans(req: PackedRequest) -> None:
             )
         if empty[s]:
             raise ContractError(
-                f"span [{a}, {b}) is empty: its end must be greater than its start",
+                f"span [{a}, {b}) is empty: its end must be at least start + 1 = {a + 1}",
                 field=where,
                 limit=a + 1,
             )

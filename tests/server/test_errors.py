@@ -131,6 +131,87 @@ CASES = [
     ),
     ("unknown option", _ok_body(topk=3), "topk", None),
     ("wrong type", _ok_body(top_k="many"), "top_k", None),
+    # scored spans (protocol 1.3): [start, end) ranges of a 6-token sequence
+    (
+        "overlapping spans",
+        _ok_body(sequences=[{"token_ids": [1] * 6, "score_spans": [[1, 4], [3, 5]]}]),
+        "sequences[0].score_spans[1]",
+        4,
+    ),
+    (
+        "unsorted spans",
+        _ok_body(sequences=[{"token_ids": [1] * 6, "score_spans": [[4, 5], [1, 2]]}]),
+        "sequences[0].score_spans[1]",
+        5,
+    ),
+    (
+        "empty span",
+        _ok_body(sequences=[{"token_ids": [1] * 6, "score_spans": [[1, 2], [3, 3]]}]),
+        "sequences[0].score_spans[1]",
+        4,
+    ),
+    (
+        "no span",
+        _ok_body(sequences=[{"token_ids": [1] * 6, "score_spans": []}]),
+        "sequences[0].score_spans",
+        1,
+    ),
+    (
+        "span starting at 0",
+        _ok_body(sequences=[{"token_ids": [1] * 6, "score_spans": [[0, 2]]}]),
+        "sequences[0].score_spans[0]",
+        1,
+    ),
+    (
+        "span past the end",
+        _ok_body(
+            sequences=[
+                {"token_ids": [1, 2], "score_from": 1},
+                {"token_ids": [1] * 6, "score_spans": [[1, 2], [5, 7]]},
+            ]
+        ),
+        "sequences[1].score_spans[1]",
+        6,
+    ),
+    (
+        "span not a pair",
+        _ok_body(sequences=[{"token_ids": [1] * 6, "score_spans": [[1, 2, 3]]}]),
+        "sequences[0].score_spans[0]",
+        2,
+    ),
+    (
+        "both score_from and score_spans",
+        _ok_body(sequences=[{"token_ids": [1] * 6, "score_from": 1, "score_spans": [[1, 2]]}]),
+        "sequences[0].score_spans",
+        None,
+    ),
+    (
+        "neither score_from nor score_spans",
+        _ok_body(sequences=[{"token_ids": [1] * 6}]),
+        "sequences[0].score_from",
+        None,
+    ),
+    (
+        "candidate rows != span positions",
+        _ok_body(
+            sequences=[
+                {"token_ids": [1] * 6, "score_spans": [[1, 2], [4, 6]], "candidate_ids": [[1]] * 2}
+            ]
+        ),
+        "sequences[0].candidate_ids",
+        3,
+    ),
+    (
+        "score_from out of range beside spans",
+        _ok_body(
+            sequences=[
+                {"token_ids": [1] * 6, "score_spans": [[1, 2]]},
+                {"token_ids": [1, 2, 3], "score_from": 3},
+            ]
+        ),
+        "sequences[1].score_from",
+        2,
+    ),
 ]
 
 
@@ -153,6 +234,51 @@ def test_binary_bad_input_names_the_same_fields(strict_server):
     )
     err = _error(r, 422)
     assert err["field"] == "sequences[0].token_ids[2]"
+
+
+def _post_msgpack(url, envelope):
+    return httpx.post(
+        url + "/v1/score",
+        content=msgpack.packb(envelope, use_bin_type=True),
+        headers={**AUTH, "Content-Type": MSGPACK_MEDIA_TYPE},
+    )
+
+
+def test_binary_spans_are_checked_like_json_ones(strict_server):
+    """The binary form's span keys: the same rules and field names as JSON's score_spans, and
+    the keys' own shape (both or neither, start/end pairs, score_from = first start)."""
+    req = PackedRequest.from_arrays(
+        [[1, 2, 3, 4, 5, 6], [7, 8, 9]],
+        None,
+        None,
+        ScoreOptions(),
+        spans=[[(1, 3), (2, 4)], [(2, 3)]],
+    )
+    err = _error(_post_msgpack(strict_server, msgpack.unpackb(encode_request_msgpack(req))), 422)
+    assert err["field"] == "sequences[0].score_spans[1]" and err["limit"] == 3
+    ok = PackedRequest.from_arrays(
+        [[1, 2, 3, 4, 5, 6], [7, 8, 9]],
+        None,
+        None,
+        ScoreOptions(),
+        spans=[[(1, 3), (4, 6)], [(2, 3)]],
+    )
+    envelope = msgpack.unpackb(encode_request_msgpack(ok))
+    r = _post_msgpack(strict_server, envelope)
+    assert r.status_code == 200, r.text
+    cases = [
+        ({"spans": None}, "spans", None),
+        ({"span_offsets": None}, "span_offsets", None),
+        ({"spans": np.array([1, 3, 4], "<i4").tobytes()}, "spans", 2),
+        ({"span_offsets": np.array([0, 3], "<i8").tobytes()}, "span_offsets", 3),
+        ({"score_from": np.array([2, 2], "<i4").tobytes()}, "sequences[0].score_from", 1),
+    ]
+    for change, field, limit in cases:
+        err = _error(_post_msgpack(strict_server, {**envelope, **change}), 422)
+        assert err["field"] == field, (change, err)
+        if limit is not None:
+            assert err["limit"] == limit, (change, err)
+    _assert_still_serving(strict_server)
 
 
 def test_integers_past_int64_are_refused_naming_the_field(strict_server):

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import numpy as np
 import pytest
 
 from opd.client import TeacherClient
-from opd.shared.packed import PackedRequest
+from opd.shared.codec import result_from_json_dict
+from opd.shared.packed import ROW_ARRAYS, PackedRequest
 from opd.shared.schemas import ScoreOptions
-from tests.support.reference import ReferenceModel, assert_matches, chat_batch
+from tests.support.reference import ReferenceModel, assert_matches, chat_batch, span_positions
 
 
 def _random_batch(rng: np.random.Generator, n: int, vocab: int, max_len: int, k: int):
@@ -146,3 +148,100 @@ def test_bfloat16_teacher_is_close_to_the_float32_reference(tiny_model_dir, tmp_
         err = np.abs(scores.candidate_logprobs - ref.at(cands[i])).max()
         max_err = max(max_err, float(err))
     assert 0 < max_err < 0.5, max_err
+
+
+# ---- scored spans (protocol 1.3) --------------------------------------------------------------
+
+
+def _span_layouts(rng: np.random.Generator, vocab: int):
+    """Sequences with their scored spans: two multi-turn-shaped ones sharing a 20-token context
+    (the HF backend runs it once: a shared-context group keyed on the first scored position),
+    gaps between spans, a span at position 1, spans ending at L, touching and one-token spans;
+    1 to 4 spans per sequence."""
+    shared = rng.integers(0, vocab, 20)
+    layouts = [
+        (np.concatenate([shared, rng.integers(0, vocab, 40)]), [(20, 30), (41, 52)]),
+        (np.concatenate([shared, rng.integers(0, vocab, 28)]), [(20, 25), (33, 48)]),
+        (rng.integers(0, vocab, 30), [(1, 2), (2, 3), (10, 11), (29, 30)]),
+        (rng.integers(0, vocab, 5), [(1, 5)]),
+        (rng.integers(0, vocab, 40), [(39, 40)]),
+        (rng.integers(0, vocab, 50), [(7, 8), (12, 13), (20, 21)]),
+    ]
+    return [s for s, _ in layouts], [sp for _, sp in layouts]
+
+
+@pytest.mark.parametrize("encoding", ["msgpack", "json"])
+def test_scored_spans_match_float64_reference_at_exactly_their_positions(
+    tiny_server, tiny_model_dir, encoding
+):
+    """Every row of a spans request equals the float64 recompute of the whole sequence at
+    exactly the spans' positions (candidates, top-k, entropy and ranks), in both encodings,
+    with two option sets in flight together."""
+    rng = np.random.default_rng(31)
+    ref_model = ReferenceModel(tiny_model_dir)
+    vocab = ref_model.model.config.vocab_size
+    seqs, spans = _span_layouts(rng, vocab)
+    positions = [span_positions(sp) for sp in spans]
+    cands = [rng.integers(0, vocab, (len(p), 5)) for p in positions]
+    option_sets = [
+        ScoreOptions(top_k=8, entropy=True, token_rank=True),
+        ScoreOptions(top_k=3, temperature=0.7, token_rank=True),
+    ]
+    requests = [PackedRequest.from_arrays(seqs, None, cands, o, spans=spans) for o in option_sets]
+    with TeacherClient(tiny_server, encoding=encoding) as client, ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(client.score, requests))
+    for request, result in zip(requests, results, strict=True):
+        o = request.options
+        assert np.diff(result.scored_offsets_n1).tolist() == [len(p) for p in positions]
+        for i, scores in enumerate(result.sequences()):
+            ref = ref_model.reference(seqs[i], None, o.temperature, positions=positions[i])
+            assert_matches(
+                scores, ref, seqs[i], None, cands[i], o.top_k, atol=1e-4, positions=positions[i]
+            )
+            assert (scores.entropy is not None) == o.entropy
+            assert scores.token_ranks is not None
+
+
+def test_score_from_is_one_span_to_the_end_bit_for_bit(tiny_server, tiny_model_dir):
+    """score_from=s and score_spans=[[s, L]] are the same request: every number is equal bit
+    for bit. A JSON body mixing both forms is read sequence by sequence, and usage counts all
+    tokens as input and the spans' positions as scored."""
+    rng = np.random.default_rng(32)
+    seqs, sf, cands = _random_batch(rng, 5, 49152, 80, 4)
+    options = ScoreOptions(top_k=6, entropy=True, token_rank=True)
+    tail = PackedRequest.from_arrays(seqs, sf, cands, options)
+    spans = [[(s, len(x))] for s, x in zip(sf, seqs, strict=True)]
+    one_span = PackedRequest.from_arrays(seqs, None, cands, options, spans=spans)
+    assert one_span.has_spans and not tail.has_spans
+    with TeacherClient(tiny_server) as client:
+        a, b = client.score(tail), client.score(one_span)
+    np.testing.assert_array_equal(a.scored_offsets_n1, b.scored_offsets_n1)
+    for name in ROW_ARRAYS:
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+
+    ref_model = ReferenceModel(tiny_model_dir)
+    gapped = [(2, 4), (6, 7), (len(seqs[1]) - 1, len(seqs[1]))]
+    body = {
+        "top_k": 4,
+        "entropy": True,
+        "sequences": [
+            {"token_ids": seqs[0].tolist(), "score_from": sf[0]},
+            {"token_ids": seqs[1].tolist(), "score_spans": [list(p) for p in gapped]},
+        ],
+    }
+    r = httpx.post(tiny_server + "/v1/score", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    data = r.json()
+    n0, n1 = len(seqs[0]) - sf[0], len(span_positions(gapped))
+    assert data["usage"] == {
+        "sequences": 2,
+        "input_tokens": len(seqs[0]) + len(seqs[1]),
+        "scored_tokens": n0 + n1,
+    }
+    got = result_from_json_dict(data)
+    assert np.diff(got.scored_offsets_n1).tolist() == [n0, n1]
+    s0 = got.sequence(0)
+    assert_matches(s0, ref_model.reference(seqs[0], sf[0]), seqs[0], sf[0], None, 4, atol=1e-4)
+    pos = span_positions(gapped)
+    ref = ref_model.reference(seqs[1], None, positions=pos)
+    assert_matches(got.sequence(1), ref, seqs[1], None, None, 4, atol=1e-4, positions=pos)

@@ -32,6 +32,14 @@ class Reference:
     def top_values(self, k: int) -> np.ndarray:
         return -np.sort(-self.logprobs_TV, axis=1)[:, :k]
 
+    def rank_bounds(self, targets: np.ndarray, tol: float) -> tuple[np.ndarray, np.ndarray]:
+        """The vocabulary rank of each target (1 = top, ties against it) lies in [lo, hi]:
+        ids within `tol` of the target's log-prob may fall either way in float32."""
+        lp = self.token(targets)[:, None]
+        lo = 1 + (self.logprobs_TV > lp + tol).sum(-1)
+        hi = (self.logprobs_TV >= lp - tol).sum(-1)
+        return lo, hi
+
 
 class ReferenceModel:
     def __init__(self, path: Path) -> None:
@@ -40,16 +48,39 @@ class ReferenceModel:
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
     @torch.no_grad()
-    def reference(self, token_ids: np.ndarray, score_from: int, temperature: float = 1.0):
+    def reference(
+        self,
+        token_ids: np.ndarray,
+        score_from: int | None,
+        temperature: float = 1.0,
+        positions: np.ndarray | None = None,
+    ):
+        """The whole sequence through the model once; the log-probs of the rows that predict
+        tokens score_from .. L-1, or exactly the tokens at `positions` (scored spans)."""
         ids = torch.as_tensor(np.asarray(token_ids, dtype=np.int64))[None]
         logits = self.model(ids).logits[0].double()  # [T, V]
-        scored = logits[score_from - 1 : len(token_ids) - 1] / temperature
-        return Reference(torch.log_softmax(scored, dim=-1).numpy())
+        if positions is None:
+            scored = logits[score_from - 1 : len(token_ids) - 1]
+        else:
+            scored = logits[torch.as_tensor(np.asarray(positions, dtype=np.int64) - 1)]
+        return Reference(torch.log_softmax(scored / temperature, dim=-1).numpy())
 
 
-def assert_matches(result, ref: Reference, token_ids, score_from, candidates, top_k, atol):
-    """Every returned number equals the float64 reference within `atol`."""
-    targets = np.asarray(token_ids[score_from:], dtype=np.int64)
+def span_positions(spans) -> np.ndarray:
+    """The scored positions of [start, end) spans, in order (written out, not opd's helper)."""
+    return np.array([p for a, b in spans for p in range(a, b)], dtype=np.int64)
+
+
+def assert_matches(
+    result, ref: Reference, token_ids, score_from, candidates, top_k, atol, positions=None
+):
+    """Every returned number equals the float64 reference within `atol`; the rows are about
+    tokens score_from .. L-1, or the tokens at `positions` when given."""
+    if positions is None:
+        targets = np.asarray(token_ids[score_from:], dtype=np.int64)
+    else:
+        targets = np.asarray(token_ids, dtype=np.int64)[np.asarray(positions, dtype=np.int64)]
+    assert len(result.token_logprobs) == len(targets)
     np.testing.assert_allclose(result.token_logprobs, ref.token(targets), atol=atol, rtol=0)
     if candidates is not None:
         np.testing.assert_allclose(result.candidate_logprobs, ref.at(candidates), atol=atol, rtol=0)
@@ -63,6 +94,10 @@ def assert_matches(result, ref: Reference, token_ids, score_from, candidates, to
         assert all(len(set(row)) == top_k for row in result.top_k_ids.tolist())
     if result.entropy is not None:
         np.testing.assert_allclose(result.entropy, ref.entropy(), atol=atol, rtol=0)
+    ranks = getattr(result, "token_ranks", None)
+    if ranks is not None:
+        lo, hi = ref.rank_bounds(targets, atol)
+        assert np.all((lo <= ranks) & (ranks <= hi)), (ranks, lo, hi)
 
 
 def chat_batch(tokenizer, pairs, rng: np.random.Generator, random_len: int, k: int = 16):
