@@ -24,8 +24,10 @@ from opd.shared.codec import (
     result_to_json_dict,
 )
 from opd.shared.errors import ContractError
+from opd.shared.limits import Limits
 from opd.shared.packed import PackedRequest, PackedResult
-from opd.shared.schemas import ScoreOptions, ScoreRequest, ScoreResponseJSON
+from opd.shared.schemas import ScoreOptions, ScoreRequest, ScoreResponseJSON, SequenceIn
+from opd.shared.validation import validate_request
 from opd.shared.version import PROTOCOL_VERSION
 
 VOCAB = 49_152
@@ -72,6 +74,13 @@ def assert_packed_request_equal(a: PackedRequest, b: PackedRequest) -> None:
         assert a.candidate_ids_NK.dtype == b.candidate_ids_NK.dtype == np.int32
         np.testing.assert_array_equal(a.candidate_ids_NK, b.candidate_ids_NK)
     assert a.options == b.options
+    assert a.has_spans == b.has_spans
+    if a.has_spans:
+        np.testing.assert_array_equal(a.span_offsets_n1, b.span_offsets_n1)
+        np.testing.assert_array_equal(a.spans_S2, b.spans_S2)
+        assert a.spans_S2.dtype == b.spans_S2.dtype == np.int64
+    else:
+        assert a.span_offsets_n1 is None and b.span_offsets_n1 is None
 
 
 def random_result(
@@ -715,9 +724,9 @@ def fake_score(req: PackedRequest) -> PackedResult:
     targets, contexts = [], []
     for i in range(req.n_sequences):
         toks = req.tokens(i)
-        sf = int(req.score_from_n[i])
-        targets.append(toks[sf:])
-        contexts.append(toks[sf - 1 : -1])
+        pos = req.scored_positions(i)
+        targets.append(toks[pos])
+        contexts.append(toks[pos - 1])
     target = np.concatenate(targets).astype(np.int64)
     context = np.concatenate(contexts).astype(np.int64)
     k = req.options.top_k
@@ -788,3 +797,208 @@ def test_concat_drops_an_array_missing_from_any_part() -> None:
     np.testing.assert_array_equal(
         joined.token_logprobs_N, np.concatenate([a.token_logprobs_N, b.token_logprobs_N])
     )
+
+
+# ---- scored spans (protocol 1.3) -------------------------------------------------------------
+
+
+def random_spans(rng: np.random.Generator, length: int) -> list[tuple[int, int]]:
+    """1..4 sorted, non-overlapping (sometimes touching) [start, end) spans in [1, length]."""
+    cuts = np.sort(rng.choice(np.arange(1, length + 1), size=min(length, 8), replace=False))
+    pairs = [(int(a), int(b)) for a, b in zip(cuts[::2], cuts[1::2], strict=False)]
+    return pairs[: int(rng.integers(1, 5))] or [(length - 1, length)]
+
+
+def random_spans_request(
+    rng: np.random.Generator, n: int, n_candidates: int = 0, **options: Any
+) -> ScoreRequest:
+    sequences = []
+    for _ in range(n):
+        length = int(rng.integers(2, 41))
+        spans = random_spans(rng, length)
+        n_scored = sum(b - a for a, b in spans)
+        seq: dict[str, Any] = {
+            "token_ids": rng.integers(0, VOCAB, size=length).tolist(),
+            "score_spans": [list(p) for p in spans],
+        }
+        if n_candidates:
+            seq["candidate_ids"] = rng.integers(0, VOCAB, (n_scored, n_candidates)).tolist()
+        sequences.append(seq)
+    return ScoreRequest.model_validate({"sequences": sequences, **options}, strict=True)
+
+
+def spans_request_map() -> dict[str, Any]:
+    req = PackedRequest.from_arrays(
+        [[1, 2, 3, 4, 5, 6], [7, 8, 9]],
+        None,
+        None,
+        ScoreOptions(),
+        spans=[[(1, 2), (4, 6)], [(2, 3)]],
+    )
+    return unpack(encode_request_msgpack(req))
+
+
+def test_spans_pack_their_positions_in_order() -> None:
+    req = PackedRequest.from_arrays(
+        [np.arange(10), np.arange(6), np.arange(4)],
+        None,
+        [np.zeros((5, 2)), np.ones((1, 2)), np.full((3, 2), 2)],
+        spans=[[(1, 3), (5, 6), (8, 10)], [(5, 6)], [(1, 4)]],
+    )
+    assert req.has_spans
+    assert req.score_from_n.tolist() == [1, 5, 1]
+    assert req.n_scored_n.tolist() == [5, 1, 3]
+    assert req.scored_offsets_n1.tolist() == [0, 5, 6, 9]
+    assert req.scored_positions(0).tolist() == [1, 2, 5, 8, 9]
+    assert req.scored_positions(1).tolist() == [5]
+    assert req.scored_positions(2).tolist() == [1, 2, 3]
+    assert req.scored_positions(0).dtype == np.int64
+    assert req.spans(0).tolist() == [[1, 3], [5, 6], [8, 10]]
+    assert req.candidates(1).tolist() == [[1, 1]]
+    plain = PackedRequest.from_arrays([np.arange(10)], [7])
+    assert not plain.has_spans and plain.span_offsets_n1 is None
+    assert plain.scored_positions(0).tolist() == [7, 8, 9]
+    assert plain.spans(0).tolist() == [[7, 10]]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("n_candidates", [0, 3])
+def test_msgpack_request_round_trip_with_spans(seed: int, n_candidates: int) -> None:
+    rng = np.random.default_rng(300 + seed)
+    request = random_spans_request(rng, int(rng.integers(1, 9)), n_candidates, top_k=2)
+    packed = PackedRequest.from_request(request)
+    body = encode_request_msgpack(packed)
+    obj = unpack(body)
+    np.testing.assert_array_equal(np.frombuffer(obj["span_offsets"], "<i8"), packed.span_offsets_n1)
+    np.testing.assert_array_equal(np.frombuffer(obj["spans"], "<i4"), packed.spans_S2.reshape(-1))
+    np.testing.assert_array_equal(  # score_from is still sent: each sequence's first start
+        np.frombuffer(obj["score_from"], "<i4"), [s.score_spans[0][0] for s in request.sequences]
+    )
+    decoded = decode_request_msgpack(body)
+    assert_packed_request_equal(packed, decoded)
+    validate_request(decoded, Limits(), VOCAB)
+    for i, seq in enumerate(request.sequences):
+        want = [p for a, b in seq.score_spans for p in range(a, b)]
+        assert decoded.scored_positions(i).tolist() == want
+        if n_candidates:
+            assert decoded.candidates(i).tolist() == seq.candidate_ids
+
+
+def test_json_request_with_spans_matches_from_request() -> None:
+    rng = np.random.default_rng(310)
+    request = random_spans_request(rng, 6, 2, top_k=3)
+    decoded = decode_request_json(request.model_dump_json(exclude_none=True).encode())
+    assert_packed_request_equal(PackedRequest.from_request(request), decoded)
+
+
+def test_old_client_bytes_decode_as_before() -> None:
+    """A request without spans (a 1.2 client's bytes) carries no span keys and decodes to a
+    request without spans, scored from score_from as before."""
+    obj = small_request_map()
+    assert "span_offsets" not in obj and "spans" not in obj
+    obj["protocol_version"] = "1.2"
+    decoded = decode_request_msgpack(pack(obj))
+    assert not decoded.has_spans
+    assert decoded.scored_positions(0).tolist() == [2, 3]
+    assert decoded.n_scored_n.tolist() == [2, 2]
+    nil_spans = decode_request_msgpack(pack({**obj, "span_offsets": None, "spans": None}))
+    assert not nil_spans.has_spans
+
+
+def test_score_from_is_one_span_in_the_packed_form() -> None:
+    seqs = [np.arange(9), np.arange(4)]
+    tail = PackedRequest.from_arrays(seqs, [3, 1])
+    spans = PackedRequest.from_arrays(seqs, None, spans=[[(3, 9)], [(1, 4)]])
+    np.testing.assert_array_equal(tail.score_from_n, spans.score_from_n)
+    np.testing.assert_array_equal(tail.scored_offsets_n1, spans.scored_offsets_n1)
+    for i in range(2):
+        np.testing.assert_array_equal(tail.scored_positions(i), spans.scored_positions(i))
+
+
+@pytest.mark.parametrize(
+    ("change", "field", "limit"),
+    [
+        ({"spans": None}, "spans", None),
+        ({"span_offsets": None}, "span_offsets", None),
+        ({"spans": np.array([1, 2, 4], "<i4").tobytes()}, "spans", 2),
+        ({"spans": [1, 2]}, "spans", None),
+    ],
+)
+def test_msgpack_request_malformed_spans_are_refused(
+    change: dict[str, Any], field: str, limit: Any
+) -> None:
+    err = refusal(decode_request_msgpack, {**spans_request_map(), **change})
+    assert err.field == field
+    if limit is not None:
+        assert err.limit == limit
+
+
+def test_msgpack_request_spans_bin_of_wrong_byte_count_is_400() -> None:
+    err = refusal(decode_request_msgpack, {**spans_request_map(), "spans": b"\x01\x02\x03"})
+    assert (err.status, err.field) == (400, "spans")
+
+
+def test_from_request_spans_need_exactly_one_form() -> None:
+    both = ScoreRequest(
+        sequences=[SequenceIn(token_ids=[1, 2, 3], score_from=1, score_spans=[(1, 2)])]
+    )
+    with pytest.raises(ContractError) as info:
+        PackedRequest.from_request(both)
+    assert info.value.field == "sequences[0].score_spans"
+    neither = ScoreRequest(sequences=[SequenceIn(token_ids=[1, 2, 3])])
+    with pytest.raises(ContractError) as info:
+        PackedRequest.from_request(neither)
+    assert info.value.field == "sequences[0].score_from"
+
+
+def test_from_request_mixes_score_from_and_spans_per_sequence() -> None:
+    request = ScoreRequest(
+        sequences=[
+            SequenceIn(token_ids=[1, 2, 3, 4], score_from=2, candidate_ids=[[1], [2]]),
+            SequenceIn(
+                token_ids=[5, 6, 7, 8, 9],
+                score_spans=[(1, 2), (3, 5)],
+                candidate_ids=[[3], [4], [5]],
+            ),
+        ]
+    )
+    packed = PackedRequest.from_request(request)
+    assert packed.spans_S2.tolist() == [[2, 4], [1, 2], [3, 5]]
+    assert packed.span_offsets_n1.tolist() == [0, 1, 3]
+    assert packed.score_from_n.tolist() == [2, 1]
+    assert packed.candidate_ids_NK.tolist() == [[1], [2], [3], [4], [5]]
+    validate_request(packed, Limits(), VOCAB)
+
+
+def test_from_request_candidate_rows_count_span_positions() -> None:
+    request = ScoreRequest(
+        sequences=[
+            SequenceIn(token_ids=[1] * 8, score_spans=[(1, 3), (6, 8)], candidate_ids=[[1]] * 3)
+        ]
+    )
+    with pytest.raises(ContractError) as info:
+        PackedRequest.from_request(request)
+    assert info.value.field == "sequences[0].candidate_ids"
+    assert info.value.limit == 4
+
+
+@pytest.mark.parametrize("n_candidates", [0, 3])
+@pytest.mark.parametrize("chunk", [1, 2, 100])
+def test_subset_and_concat_carry_spans(n_candidates: int, chunk: int) -> None:
+    rng = np.random.default_rng(320 + chunk)
+    request = random_spans_request(rng, 9, n_candidates, top_k=4, entropy=True)
+    packed = PackedRequest.from_request(request)
+    whole = fake_score(packed)
+    parts = []
+    for start in range(0, packed.n_sequences, chunk):
+        indices = list(range(start, min(start + chunk, packed.n_sequences)))
+        sub = decode_request_msgpack(encode_request_msgpack(packed.subset(indices)))
+        for new, old in enumerate(indices):
+            np.testing.assert_array_equal(sub.spans(new), packed.spans(old))
+            np.testing.assert_array_equal(sub.scored_positions(new), packed.scored_positions(old))
+        validate_request(sub, Limits(), VOCAB)
+        parts.append(fake_score(sub))
+    assert_result_equal(whole, PackedResult.concat(parts))
+    reordered = packed.subset([2, 0])
+    np.testing.assert_array_equal(reordered.spans(0), packed.spans(2))
+    np.testing.assert_array_equal(reordered.candidates(1), packed.candidates(0))

@@ -337,3 +337,92 @@ def test_error_detail_carries_field_and_limit() -> None:
     assert detail.limit == 16
     assert detail.request_id == "abc"
     assert detail.message == err.message
+
+
+# ---- score_spans (protocol 1.3) --------------------------------------------------------------
+
+
+def spans_req(spans: list[list[tuple[int, int]]], lengths: Sequence[int] = (8, 6), k: int = 0):
+    """Valid-token sequences of `lengths` scored at `spans`; k candidates per scored position."""
+    seqs = [np.arange(1, n + 1) % VOCAB for n in lengths]
+    cands = None
+    if k:
+        cands = [np.ones((sum(max(b - a, 0) for a, b in sp), k), np.int64) for sp in spans]
+    return PackedRequest.from_arrays(seqs, None, cands, spans=spans)
+
+
+def test_spans_at_the_edges_pass() -> None:
+    # a span at position 1, touching spans, one-token spans, a span ending at L
+    req = spans_req([[(1, 2), (2, 3), (5, 6), (7, 8)], [(5, 6)]], k=2)
+    validate_request(req, LIMITS, VOCAB)
+    assert req.n_scored_n.tolist() == [4, 1]
+
+
+@pytest.mark.parametrize(
+    ("spans", "field", "limit"),
+    [
+        ([[(1, 4), (3, 6)], [(1, 2)]], "sequences[0].score_spans[1]", 4),  # overlapping
+        ([[(5, 6), (1, 3)], [(1, 2)]], "sequences[0].score_spans[1]", 6),  # unsorted
+        ([[(1, 2)], [(3, 3)]], "sequences[1].score_spans[0]", 4),  # empty
+        ([[(1, 2)], [(4, 2)]], "sequences[1].score_spans[0]", 5),  # end before start
+        ([[(0, 2)], [(1, 2)]], "sequences[0].score_spans[0]", 1),  # starts at 0
+        ([[(-3, 2)], [(1, 2)]], "sequences[0].score_spans[0]", 1),
+        ([[(1, 2), (7, 9)], [(1, 2)]], "sequences[0].score_spans[1]", 8),  # past the end
+        ([[(1, 2)], []], "sequences[1].score_spans", 1),  # no span
+    ],
+)
+def test_bad_spans_name_the_span_and_the_limit(spans, field: str, limit: int) -> None:
+    err = refused(spans_req(spans))
+    assert err.field == field
+    assert err.limit == limit
+    assert str(limit) in err.message
+
+
+def test_the_first_broken_span_is_named() -> None:
+    err = refused(spans_req([[(1, 2), (2, 3)], [(1, 9), (0, 1)]]))
+    assert err.field == "sequences[1].score_spans[0]"
+    assert err.limit == 6
+
+
+def test_spans_score_from_must_be_the_first_start() -> None:
+    req = spans_req([[(2, 4)], [(3, 5)]])
+    req.score_from_n = np.array([2, 1], dtype=np.int64)
+    err = refused(req)
+    assert err.field == "sequences[1].score_from"
+    assert err.limit == 3
+
+
+def test_span_candidates_count_scored_positions() -> None:
+    req = spans_req([[(1, 3), (5, 8)], [(2, 3)]], k=2)
+    assert req.candidate_ids_NK is not None and req.candidate_ids_NK.shape == (6, 2)
+    validate_request(req, LIMITS, VOCAB)
+    req.candidate_ids_NK = req.candidate_ids_NK[:5]
+    err = refused(req)
+    assert err.field == "candidate_ids"
+    assert err.limit == 6
+
+
+@pytest.mark.parametrize(
+    ("mutate", "field"),
+    [
+        (lambda r: setattr(r, "spans_S2", None), "spans"),
+        (lambda r: setattr(r, "span_offsets_n1", None), "span_offsets"),
+        (lambda r: setattr(r, "span_offsets_n1", np.array([0, 1], np.int64)), "span_offsets"),
+        (lambda r: setattr(r, "span_offsets_n1", np.array([0, 2, 1], np.int64)), "span_offsets"),
+        (lambda r: setattr(r, "span_offsets_n1", np.array([1, 1, 2], np.int64)), "span_offsets"),
+        (lambda r: setattr(r, "spans_S2", np.zeros((2, 3), np.int64)), "spans"),
+    ],
+)
+def test_malformed_span_arrays(mutate, field: str) -> None:
+    req = spans_req([[(1, 2)], [(1, 2)]])
+    mutate(req)
+    assert refused(req).field == field
+
+
+def test_spans_survive_the_wire_and_keep_their_errors() -> None:
+    req = spans_req([[(1, 3), (2, 4)], [(1, 2)]])
+    err = refused(decode_request_msgpack(encode_request_msgpack(req)))
+    assert err.field == "sequences[0].score_spans[1]"
+    body = {"sequences": [{"token_ids": [1, 2, 3, 4], "score_spans": [[1, 2], [5, 6]]}]}
+    err = refused(decode_request_json(json.dumps(body).encode()))
+    assert (err.field, err.limit) == ("sequences[0].score_spans[1]", 4)
