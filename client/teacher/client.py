@@ -8,11 +8,16 @@
             SequenceIn(token_ids=[1, 2, 3, 4], score_from=2)]))
         result.sequence(0).token_logprobs        # numpy [n_scored]
 
+        # scored spans (protocol 1.3), e.g. each assistant turn: rows for positions 1, 2, 5
+        teacher.score(ScoreRequest(sequences=[
+            SequenceIn(token_ids=[1, 2, 3, 4, 5, 6], score_spans=[(1, 3), (5, 6)])]))
+
 Both classes pool connections (httpx), fetch GET /v1/model once on connect (protocol and
-tokenizer-fingerprint check), cut a large batch into requests under the server's limits, send
-them concurrently, retry 429/503/connection errors with exponential backoff and jitter (honoring
-Retry-After), and return one PackedResult in the caller's sequence order. Scoring is a pure
-function of the request, so a retried request can never be counted twice.
+tokenizer-fingerprint check), cut a large batch into requests under the server's limits (a
+sequence's scored spans and candidate rows stay with it), send them concurrently, retry
+429/503/connection errors with exponential backoff and jitter (honoring Retry-After), and
+return one PackedResult in the caller's sequence order. Scoring is a pure function of the
+request, so a retried request can never be counted twice.
 
 Retries are bounded in time (ClientConfig.max_wait_s, 10 minutes by default), not by a count:
 a teacher that is killed and restarted, here or as a rescheduled pod, is simply waited for, and
