@@ -27,6 +27,7 @@ import tempfile
 import time
 from typing import Any
 
+import numpy as np
 import torch
 
 from opd.bench.worker import peak_extra_bytes, serve
@@ -141,8 +142,7 @@ class Math:
         self.batch = TokenBatch(
             ids_BL=torch.zeros(1, 1, dtype=torch.long),
             mask_BL=torch.ones(1, 1, dtype=torch.long),
-            prompt_lens=[1],
-            lengths=[n + 1],
+            positions=[np.arange(1, n + 1)],
             seq_offsets=torch.tensor([0, n], device=self.device),
             target_N=ids(n),
             student_token_logp_N=logps(n),

@@ -14,7 +14,8 @@ Groups:
   teachers with their routing;
 - ObjectiveConfig: the OPD objective and its knobs (the trainer reads it as it is);
 - EvalOptions: the questions-with-answers options `opd eval`, `opd probe` and in-training
-  evaluation share.
+  evaluation share;
+- EpisodeGroup: multi-turn episodes with an environment (opd.client.episodes) and their limits.
 Nothing here imports torch: `opd train --help` builds its flags from these without it.
 """
 
@@ -196,6 +197,43 @@ def parse_pairs(items: list[str], what: str) -> dict[str, str]:
             raise ValueError(f"{what}: {key.strip()!r} given twice")
         out[key.strip()] = value.strip()
     return out
+
+
+class EpisodeGroup(Group):
+    """Episodes: the student talks to an environment turn by turn (docs/environments.md).
+
+    Unset `env`: one completion per prompt, as always. The per-turn token cap is the sampling
+    group's max tokens (--max-new-tokens); a turn that hits it, the turn cap or the episode's
+    token budget ends its episode, counted as truncated."""
+
+    env: str | None = Field(
+        default=None,
+        description="environment: calculator, followup, module:Class (unset: single completions)",
+    )
+    env_args: list[str] = Field(
+        default_factory=list,
+        description="KEY=VALUE for the environment's constructor (repeatable; VALUE read as "
+        "JSON when it parses, else as a string)",
+    )
+    max_turns: int = Field(default=8, ge=1, description="assistant turns per episode, at most")
+    max_episode_tokens: int = Field(
+        default=2048,
+        ge=1,
+        description="tokens an episode may add after its opening prompt (assistant turns and "
+        "observations), at most",
+    )
+
+    def kwargs(self) -> dict[str, Any]:
+        """--env-arg items as constructor keyword arguments (JSON values where they parse)."""
+        import json
+
+        out: dict[str, Any] = {}
+        for key, value in parse_pairs(self.env_args, "--env-arg").items():
+            try:
+                out[key] = json.loads(value)
+            except ValueError:
+                out[key] = value
+        return out
 
 
 class TrainTeachers(TeacherConnection):

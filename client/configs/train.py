@@ -20,6 +20,7 @@ from pydantic import Field, model_validator
 
 from opd.client.configs.groups import (
     PROMPTS_HELP,
+    EpisodeGroup,
     Group,
     InTrainingEval,
     ObjectiveConfig,
@@ -87,8 +88,10 @@ class TrainConfig(Group):
             "optim": "",
             "eval": "eval_",
             "eval.sampling": "eval_",
+            "episodes": "",
         },
         rename={
+            "episodes.env_args": "env_arg",
             "teacher.named": "teacher",
             "teacher.route": "route",
             "teacher.allow_tokenizer_mismatch": "allow_tokenizer_mismatch",
@@ -107,6 +110,7 @@ class TrainConfig(Group):
     objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
     optim: OptimGroup = Field(default_factory=OptimGroup)
     eval: InTrainingEval = Field(default_factory=InTrainingEval)
+    episodes: EpisodeGroup = Field(default_factory=EpisodeGroup)
 
     student_top_k: int = Field(default=16, ge=1, description="K: candidate ids per position")
     teacher_top_k: int = Field(default=16, ge=1, description="teacher top-k for diagnostics")

@@ -39,12 +39,18 @@ class ScoreSpec:
 
 
 def rollouts_request(rollouts: list[Rollout], spec: ScoreSpec) -> PackedRequest:
-    """The score request for rollouts: the prompt as context, the completion scored."""
+    """The score request for rollouts: the prompt as context, the completion scored; an
+    episode's assistant turns as scored spans (protocol 1.3), its tool results and user turns
+    context only, so the teacher's rows are exactly the student's trained positions."""
+    spans = None
+    if any(r.spans is not None for r in rollouts):
+        spans = [[(int(a), int(b)) for a, b in r.scored_spans] for r in rollouts]
     return PackedRequest.from_arrays(
         [r.token_ids for r in rollouts],
-        [r.prompt_len for r in rollouts],
+        [int(r.scored_spans[0, 0]) for r in rollouts],
         [r.student_topk_ids_TK for r in rollouts] if spec.candidates else None,
         ScoreOptions(top_k=spec.top_k, entropy=spec.entropy),
+        spans=spans,
     )
 
 

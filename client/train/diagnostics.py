@@ -7,7 +7,10 @@ whose PositionStats is the bundle read here, and:
     p_t, q_t        student and teacher next-token distributions at position t (full vocabulary).
     S_t(p), S_t(q)  their top-k id sets; I_t = S_t(p) intersect S_t(q).
     y_t             the sampled (student's own) token at t.
-    depth(t)        t - seq_offsets[seq(t)]: 0 for the first completion token of each sequence.
+    depth(t)        t - seq_offsets[seq(t)]: 0 for the first completion token of each sequence;
+                    in episodes (stats.depth_N set) the absolute token depth: tokens since the
+                    episode's first assistant token, tool results and user turns included.
+    turn(t)         episodes only (stats.turn_N): the assistant turn t belongs to, 0 first.
 
 Metrics, keys as returned by `compute_diagnostics` (means over positions t unless said):
     overlap/ratio             mean_t |I_t| / min(K, k)
@@ -32,6 +35,9 @@ Metrics, keys as returned by `compute_diagnostics` (means over positions t unles
     tokens/mean_completion_len  N / n
     <key>@depth{a}-{b}        every key but tokens/* on the positions with a <= depth <= b; the
                               reward uses, per sequence, the mean over its positions in the bucket
+    <key>@turn{j}             episodes: every key but tokens/* on the positions of assistant turn
+                              j (reward/*: per episode, the mean over its turn-j positions), plus
+                              tokens/count@turn{j}
 
 Choices where the definition leaves room:
     * K != k: both top sets are cut to k' = min(K, k) (highest log-probs first) before
@@ -297,14 +303,24 @@ def compute_diagnostics(stats: PositionStats, depth_bucket: int | None = 1024) -
     out["tokens/mean_completion_len"] = stats.n_positions / n if n else float("nan")
 
     if depth_bucket is not None and stats.n_positions:
-        bucket_N = _depths(offs) // depth_bucket
-        # Rows grouped by bucket once, so each bucket costs its own size (not N).
-        order_N = np.argsort(bucket_N, kind="stable")
-        buckets_b, starts_b = np.unique(bucket_N[order_N], return_index=True)
-        ends_b = np.r_[starts_b[1:], order_N.size]
-        for b, lo, hi in zip(buckets_b, starts_b, ends_b, strict=True):
-            start = int(b) * depth_bucket
+        depth_N = _depths(offs) if stats.depth_N is None else stats.depth_N.astype(np.int64)
+        for b, rows in _groups(depth_N // depth_bucket):
+            start = b * depth_bucket
             label = f"depth{start}-{start + depth_bucket - 1}"
-            sub = _aggregate(per_pos, tok_reward_N, seq_N, n, order_N[lo:hi])
+            sub = _aggregate(per_pos, tok_reward_N, seq_N, n, rows)
             out.update({f"{key}@{label}": v for key, v in sub.items()})
+    if stats.turn_N is not None and stats.n_positions:
+        for j, rows in _groups(stats.turn_N.astype(np.int64)):
+            sub = _aggregate(per_pos, tok_reward_N, seq_N, n, rows)
+            out.update({f"{key}@turn{j}": v for key, v in sub.items()})
+            out[f"tokens/count@turn{j}"] = float(rows.size)
     return out
+
+
+def _groups(label_N: np.ndarray) -> list[tuple[int, np.ndarray]]:
+    """(label, its row indices) per distinct label, ascending; rows grouped once by a stable
+    sort, so each group costs its own size (not N)."""
+    order_N = np.argsort(label_N, kind="stable")
+    labels, starts = np.unique(label_N[order_N], return_index=True)
+    ends = np.r_[starts[1:], order_N.size]
+    return [(int(b), order_N[lo:hi]) for b, lo, hi in zip(labels, starts, ends, strict=True)]

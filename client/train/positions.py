@@ -65,6 +65,7 @@ ROLLOUT_SUFFIX = {
 }
 FLAT_SUFFIX = {name: "_N" + s[2:] for name, s in ROLLOUT_SUFFIX.items()}
 _ID_FIELDS = ("student_topk_ids_NK", "teacher_topk_ids_Nk", "seq_offsets")
+_EPISODE_FIELDS = ("depth_N", "turn_N")
 
 
 def pad_right(sequences: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -107,6 +108,11 @@ class PositionStats:
     teacher_topk_ids_Nk: np.ndarray | None = None
     teacher_topk_logp_Nk: np.ndarray | None = None
     teacher_entropy_N: np.ndarray | None = None
+    # Episodes only (None for single completions, where both follow from seq_offsets): the
+    # absolute token depth of each position (tokens since its episode's first assistant
+    # token, context included) and its turn index (0 = first assistant turn).
+    depth_N: np.ndarray | None = None
+    turn_N: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -124,6 +130,9 @@ class PositionStats:
                 None if any(p is None for p in parts) else np.concatenate(parts)
             )
         kw["seq_offsets"] = offsets_of([r.completion_len for r in rollouts])
+        if any(r.spans is not None for r in rollouts):
+            kw["depth_N"] = np.concatenate([r.depth_T for r in rollouts])
+            kw["turn_N"] = np.concatenate([r.turn_T for r in rollouts])
         return PositionStats(**kw)
 
     @property
@@ -183,6 +192,10 @@ class PositionStats:
                 raise ValueError(
                     f"{name} has shape {getattr(self, name).shape}, expected ({n_pos},)"
                 )
+        for name in _EPISODE_FIELDS:
+            value = getattr(self, name)
+            if value is not None and (value.shape != (n_pos,) or value.dtype.kind not in "iu"):
+                raise ValueError(f"{name} must be integers of shape ({n_pos},), got {value.shape}")
         offs = self.seq_offsets
         if offs.ndim != 1 or offs.shape[0] < 1:
             raise ValueError(f"seq_offsets must be 1-D [n+1], got shape {offs.shape}")
@@ -235,8 +248,7 @@ class TokenBatch:
 
     ids_BL: torch.Tensor
     mask_BL: torch.Tensor
-    prompt_lens: list[int]
-    lengths: list[int]
+    positions: list[np.ndarray]  # per sequence, the trained positions (Rollout.positions)
     seq_offsets: torch.Tensor | None  # [n+1] over N; None in a row slice (`rows`)
     target_N: torch.Tensor
     student_token_logp_N: torch.Tensor
@@ -277,8 +289,7 @@ class TokenBatch:
         return TokenBatch(
             ids_BL=torch.from_numpy(ids_BL).to(device),
             mask_BL=torch.from_numpy(mask_BL).to(device),
-            prompt_lens=[r.prompt_len for r in rollouts],
-            lengths=[len(r.token_ids) for r in rollouts],
+            positions=[r.positions for r in rollouts],
             seq_offsets=torch.from_numpy(stats.seq_offsets).to(device),
             target_N=torch.from_numpy(np.concatenate([r.completion for r in rollouts])).to(device),
             student_token_logp_N=tensor(stats.student_token_logp_N, torch.float32),

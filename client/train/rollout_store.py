@@ -29,6 +29,23 @@ Columns (field names and shape suffixes: opd.client.train.positions):
                                      array as list<dtype>, a [T,K] / [T,k] array as
                                      list<fixed_size_list<dtype, K>>
 
+Episodes (opd.client.train.episodes) add, null for single completions (format version 2; a
+step without episodes is still written as version 1):
+
+    spans                            list<fixed_size_list<int64, 2>>: the trained [start, end)
+                                     ranges of token_ids, one per assistant turn; the
+                                     per-position arrays and token_pieces cover exactly their
+                                     positions, in order
+    context_roles                    list<string>: per assistant turn, the roles of the
+                                     messages appended after it, comma-joined ("" after the last)
+    context_texts                    list<string>: per assistant turn, the decoded ids appended
+                                     after it (tool results, user turns); null without
+                                     token_text
+    ended                            string: done, max_turns, turn_tokens or episode_tokens
+    reward                           float64: the environment's, null if it gave none
+    turn_correct                     list<bool>: per-turn grades, where the environment keeps
+                                     them
+
 Each array keeps its own dtype (float32 log-probs and entropies, int64 student ids, int32 teacher
 ids from the wire). [T,K] arrays are lists of fixed-size rows rather than a flat list plus a
 width column: the width lives in the schema, so every reader sees rows of K values, and an
@@ -68,7 +85,7 @@ __all__ = [
 ]
 
 ROLLOUTS_DIR = "rollouts"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: episodes (spans and the episode columns)
 _VERSION_KEY = b"opd.rollouts.version"
 _STEP_FILE = re.compile(r"^step_(\d+)\.parquet$")
 TokenText = Callable[[list[int]], list[str]]
@@ -124,6 +141,7 @@ class SavedRollout:
     rollout: Rollout
     completion_text: str | None
     token_pieces: list[str] | None
+    context_texts: list[str] | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -194,8 +212,51 @@ class RolloutWriter:
             columns["token_pieces"] = pa.array(pieces, pa.list_(pa.string()))
         for name, attr in arrays.items():
             columns[name] = _list_column(name, [getattr(r, attr) for r in rollouts])
+        version = 1
+        if any(r.episode is not None for r in rollouts):
+            columns.update(self._episode_columns(rollouts))
+            version = FORMAT_VERSION
         table = pa.table(columns)
-        return table.replace_schema_metadata({_VERSION_KEY: str(FORMAT_VERSION).encode()})
+        return table.replace_schema_metadata({_VERSION_KEY: str(version).encode()})
+
+    def _episode_columns(self, rollouts: Sequence[Rollout]) -> dict[str, pa.Array]:
+        import pyarrow as pa
+
+        eps = [r.episode for r in rollouts]
+        spans = [r.spans if r.episode is not None else None for r in rollouts]
+        texts = None
+        if self.token_text is not None:
+            texts = [
+                None
+                if r.episode is None
+                else [
+                    "".join(self.token_text([int(t) for t in r.token_ids[a:b]]))
+                    for a, b in _context_ranges(r)
+                ]
+                for r in rollouts
+            ]
+        return {
+            "spans": _list_column("spans", spans),
+            "context_roles": pa.array(
+                [None if e is None else [",".join(x) for x in e.context_roles] for e in eps],
+                pa.list_(pa.string()),
+            ),
+            "context_texts": pa.array(texts or [None] * len(eps), pa.list_(pa.string())),
+            "ended": pa.array([None if e is None else e.ended for e in eps], pa.string()),
+            "reward": pa.array([None if e is None else e.reward for e in eps], pa.float64()),
+            "turn_correct": pa.array(
+                [None if e is None else list(e.turn_correct) for e in eps], pa.list_(pa.bool_())
+            ),
+        }
+
+
+def _context_ranges(r: Rollout) -> list[tuple[int, int]]:
+    """Per assistant turn, the [start, end) of the ids after it up to the next turn (the last
+    turn's range runs to the end of token_ids: empty for an episode that ends on a turn)."""
+    spans = r.scored_spans
+    ends = [int(b) for _, b in spans]
+    nexts = [int(a) for a, _ in spans[1:]] + [len(r.token_ids)]
+    return list(zip(ends, nexts, strict=True))
 
 
 def _check_shapes(i: int, r: Rollout, arrays: dict[str, str]) -> None:
@@ -263,7 +324,9 @@ def read_step(
     table = pq.read_table(path, columns=columns)
     version = (table.schema.metadata or {}).get(_VERSION_KEY, b"1")
     if int(version) > FORMAT_VERSION:
-        raise ValueError(f"{path}: rollout format {int(version)}; this opd reads up to 1")
+        raise ValueError(
+            f"{path}: rollout format {int(version)}; this opd reads up to {FORMAT_VERSION}"
+        )
     return {name: _column_rows(table.column(name)) for name in table.column_names}
 
 
@@ -304,7 +367,7 @@ def read_rollouts(run_dir: Path | str, steps: list[int] | None = None) -> list[S
 
     Each comes back as the Rollout the trainer had: the same arrays, dtypes and shapes, teacher
     fields None where they were not asked for (and arrays a file predates None)."""
-    from opd.client.train.rollouts import Rollout
+    from opd.client.train.rollouts import EpisodeInfo, Rollout
 
     arrays = rollout_arrays()
     out: list[SavedRollout] = []
@@ -313,16 +376,30 @@ def read_rollouts(run_dir: Path | str, steps: list[int] | None = None) -> list[S
         n = len(cols["step"])
         texts = cols.get("completion_text", [None] * n)
         pieces = cols.get("token_pieces", [None] * n)
+        spans = cols.get("spans", [None] * n)
+        context_texts = cols.get("context_texts", [None] * n)
         for i in range(n):
             per_position = {
                 attr: cols[name][i] if name in cols else None for name, attr in arrays.items()
             }
+            episode = None
+            if spans[i] is not None:
+                episode = EpisodeInfo(
+                    context_roles=[
+                        [x for x in roles.split(",") if x] for roles in cols["context_roles"][i]
+                    ],
+                    reward=cols["reward"][i],
+                    ended=cols["ended"][i],
+                    turn_correct=list(cols["turn_correct"][i] or []),
+                )
             rollout = Rollout(
                 prompt_index=int(cols["prompt_index"][i]),
                 token_ids=cols["token_ids"][i],
                 prompt_len=int(cols["prompt_len"][i]),
                 truncated=bool(cols["truncated"][i]),
                 **per_position,
+                spans=spans[i],
+                episode=episode,
             )
             out.append(
                 SavedRollout(
@@ -330,6 +407,7 @@ def read_rollouts(run_dir: Path | str, steps: list[int] | None = None) -> list[S
                     rollout=rollout,
                     completion_text=texts[i],
                     token_pieces=pieces[i],
+                    context_texts=context_texts[i],
                 )
             )
     return out

@@ -17,13 +17,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 
 from opd.client.train.engines import RolloutEngine, Sample, draw_seeds
 from opd.client.train.student_math import StudentModule, position_stats
 from opd.modeling.eos import eos_ids
+from opd.shared.packed import positions_of_spans
 from opd.shared.schemas import GenerateOptions
 
 
@@ -46,14 +48,69 @@ class Rollout:
     # the rollout engine's own log p of the sampled tokens (a check that it samples the
     # trainer's weights); None for engines that do not report them
     engine_token_logp_T: np.ndarray | None = None
+    # An episode's trained spans: int64 [S, 2] half-open [start, end) ranges of token_ids, one
+    # per assistant turn, the student's own sampled tokens. None: one span [prompt_len, L), a
+    # single completion. Tokens outside the spans (tool results, user turns) are context.
+    spans: np.ndarray | None = None
+    # What the episode's environment said (roles between turns, reward); None outside episodes
+    episode: EpisodeInfo | None = None
+
+    @property
+    def scored_spans(self) -> np.ndarray:
+        """The trained spans, int64 [S, 2] (one [prompt_len, L) span for a single completion)."""
+        if self.spans is None:
+            return np.array([[self.prompt_len, len(self.token_ids)]], dtype=np.int64)
+        return self.spans
+
+    @property
+    def positions(self) -> np.ndarray:
+        """Absolute indices into token_ids of the trained positions, in order (the T rows)."""
+        return positions_of_spans(self.scored_spans)
+
+    @property
+    def turn_T(self) -> np.ndarray:
+        """Turn index (0 = the first assistant turn) of every trained position."""
+        spans = self.scored_spans
+        return np.repeat(np.arange(len(spans), dtype=np.int64), spans[:, 1] - spans[:, 0])
+
+    @property
+    def depth_T(self) -> np.ndarray:
+        """Absolute token depth of every trained position: tokens since the first assistant
+        token, context included (so depth grows through tool results and user turns too)."""
+        return self.positions - self.prompt_len
 
     @property
     def completion_len(self) -> int:
-        return len(self.token_ids) - self.prompt_len
+        """Trained positions (the T of the per-position arrays)."""
+        spans = self.scored_spans
+        return int((spans[:, 1] - spans[:, 0]).sum())
 
     @property
     def completion(self) -> np.ndarray:
-        return self.token_ids[self.prompt_len :]
+        """The student's sampled ids at the trained positions."""
+        if self.spans is None:
+            return self.token_ids[self.prompt_len :]
+        return self.token_ids[self.positions]
+
+
+@dataclass
+class EpisodeInfo:
+    """What a multi-turn episode adds to its Rollout (opd.client.train.episodes).
+
+    context_roles[j]: the roles of the messages appended after assistant turn j ("tool",
+    "user", ...; empty after the last turn). reward: the environment's, None if it gives none.
+    ended: why the episode stopped ("done": the environment ended it; "max_turns",
+    "turn_tokens" (a turn hit --max-new-tokens), "episode_tokens" (--max-episode-tokens)).
+    turn_correct: per-turn grades where the environment keeps them (else empty)."""
+
+    context_roles: list[list[str]]
+    reward: float | None
+    ended: str
+    turn_correct: list[bool] = field(default_factory=list)
+
+    @property
+    def truncated(self) -> bool:
+        return self.ended != "done"
 
 
 @dataclass(frozen=True)
@@ -121,36 +178,44 @@ class StepSampler:
     forward runs on chunk c + 1. Chunks must come in the order of `prompts`.
 
     engine_s / stats_s: seconds in the engine and in the statistics pass (the step's split).
-    Seeds are drawn at construction, one per prompt, from torch's global RNG."""
+    Seeds are drawn at construction, one per prompt, from torch's global RNG. Subclasses
+    (opd.client.train.episodes.EpisodeSampler) change what one prompt's sampling produces
+    (`_sample_all`) and how it becomes rollouts (`_rollouts`)."""
 
     def __init__(
         self,
         engine: RolloutEngine,
         student: StudentModule,
-        prompts: Sequence[tuple[int, list[int]]],
+        prompts: Sequence[tuple[int, Any]],
         params: SamplingParams,
         top_k: int,
     ) -> None:
         self.engine, self.student, self.params, self.top_k = engine, student, params, top_k
         self.prompts = list(prompts)
         self.seeds = draw_seeds(len(self.prompts))
-        self.pending: list[tuple[tuple[int, list[int]], list[Sample]]] | None = None
+        self.pending: list[tuple[tuple[int, Any], Any]] | None = None
         self.engine_s = 0.0
         self.stats_s = 0.0
 
     def __call__(self, chunk: Sequence[int]) -> list[Rollout]:
         if self.pending is None:
             t0 = time.perf_counter()
-            samples = self.engine.sample([ids for _, ids in self.prompts], self.params, self.seeds)
+            self.pending = list(zip(self.prompts, self._sample_all(), strict=True))
             self.engine_s += time.perf_counter() - t0
-            self.pending = list(zip(self.prompts, samples, strict=True))
         mine, self.pending = self.pending[: len(chunk)], self.pending[len(chunk) :]
         if [index for (index, _), _ in mine] != list(chunk):
             raise RuntimeError("StepSampler: chunks must come in the order of its prompts")
         t0 = time.perf_counter()
-        rollouts = with_statistics(self.student, mine, self.top_k)
+        rollouts = self._rollouts(mine)
         self.stats_s += time.perf_counter() - t0
         return rollouts
+
+    def _sample_all(self) -> list[Any]:
+        """params.n samples of every prompt (prompt ids), in one engine call."""
+        return self.engine.sample([ids for _, ids in self.prompts], self.params, self.seeds)
+
+    def _rollouts(self, sampled: list[tuple[tuple[int, Any], Any]]) -> list[Rollout]:
+        return with_statistics(self.student, sampled, self.top_k)
 
 
 def chunk_sampler(

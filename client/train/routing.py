@@ -102,28 +102,51 @@ def training_prompts(config: TrainConfig) -> tuple[list[str], list[str] | None]:
     Prompts come from --prompts and from each --teacher-prompts file, in that order; --prompts
     is left out when it is the default shipped set and files are given. Raises
     UnroutablePrompts before anything is trained."""
-    from opd.client.train.prompts import SHIPPED, column_texts, load_rows
+    from opd.client.train.prompts import column_texts
+
+    sources = _sources(config)
+    texts = [
+        text
+        for rows, where, _ in sources
+        for text in column_texts(rows, config.data.prompt_field, where)
+    ]
+    return texts, _owners(config, sources)
+
+
+def training_rows(config: TrainConfig) -> tuple[list[dict], list[str] | None]:
+    """The data rows of a run (what an environment's reset reads, --env) and, with named
+    teachers, each row's teacher; same sources and order as training_prompts."""
+    sources = _sources(config)
+    return [row for rows, _, _ in sources for row in rows], _owners(config, sources)
+
+
+def _sources(config: TrainConfig) -> list[tuple[list[dict], str, str | None]]:
+    """(rows, where, the teacher its file names or None) per prompt source, in order."""
+    from opd.client.train.prompts import SHIPPED, load_rows
 
     data, teachers = config.data, config.teacher
     if not teachers.named:
-        rows, where = load_rows(data.prompts)
-        return column_texts(rows, data.prompt_field, where), None
+        return [(*load_rows(data.prompts), None)]
     files = parse_pairs(teachers.prompts, "--teacher-prompts")
     sources: list[tuple[str, str | None]] = []
     if not files or data.prompts != SHIPPED:
         sources.append((data.prompts, None))
     sources += [(path, teacher) for teacher, path in files.items()]
-    texts: list[str] = []
-    rows_all: list[dict] = []
-    file_teachers: list[str | None] = []
-    for source, teacher in sources:
-        rows, where = load_rows(source)
-        texts += column_texts(rows, data.prompt_field, where)
-        rows_all += rows
-        file_teachers += [teacher] * len(rows)
+    return [(*load_rows(source), teacher) for source, teacher in sources]
+
+
+def _owners(
+    config: TrainConfig, sources: list[tuple[list[dict], str, str | None]]
+) -> list[str] | None:
+    """Each row's teacher with named teachers (None without); raises UnroutablePrompts."""
+    teachers = config.teacher
+    if not teachers.named:
+        return None
     router = Router(
         tuple(name for name, _ in teachers.specs() if name is not None),
         teachers.field,
         tuple(parse_pairs(teachers.route, "--route").items()),
     )
-    return texts, router.assign(rows_all, file_teachers)
+    rows_all = [row for rows, _, _ in sources for row in rows]
+    file_teachers = [teacher for rows, _, teacher in sources for _ in rows]
+    return router.assign(rows_all, file_teachers)

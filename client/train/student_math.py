@@ -48,29 +48,36 @@ def final_hidden(model: torch.nn.Module, ids_BL: torch.Tensor, mask_BL: torch.Te
 
 
 def completion_rows(
-    prompt_lens: Sequence[int], lengths: Sequence[int], width: int, device: torch.device
+    positions: Sequence[np.ndarray], width: int, device: torch.device
 ) -> torch.Tensor:
-    """Flat indices into a [B * L] view of the rows that predict each completion token: row
-    p - 1 .. n - 2 of sequence b (prompt length p, total length n), in order."""
-    index = [
-        np.arange(b * width + p - 1, b * width + n - 1, dtype=np.int64)
-        for b, (p, n) in enumerate(zip(prompt_lens, lengths, strict=True))
-    ]
+    """Flat indices into a [B * L] view of the rows that predict each trained token: row t - 1
+    of sequence b for every trained position t of it (its completion, or its episode's
+    assistant turns), in order."""
+    index = [b * width + np.asarray(pos, dtype=np.int64) - 1 for b, pos in enumerate(positions)]
     flat = np.concatenate(index) if index else np.zeros(0, dtype=np.int64)
     return torch.from_numpy(flat).to(device)
+
+
+def as_positions(scored: int | np.ndarray, length: int) -> np.ndarray:
+    """Trained positions of a sequence of `length` tokens: an int p is the tail p .. length-1
+    (a single completion after a p-token prompt); an array is taken as the positions."""
+    if isinstance(scored, (int, np.integer)):
+        return np.arange(int(scored), length, dtype=np.int64)
+    return np.asarray(scored, dtype=np.int64)
 
 
 @torch.no_grad()
 def position_stats(
     student: StudentModule,
     sequences: Sequence[np.ndarray],
-    prompt_lens: Sequence[int],
+    scored: Sequence[int | np.ndarray],
     top_k: int,
     *,
     batch_tokens: int = 8192,
 ) -> list[dict[str, np.ndarray]]:
-    """The student's rollout-time numbers per completion position of each sequence: log p of
+    """The student's rollout-time numbers per trained position of each sequence: log p of
     the sampled token, top-K ids and log-probs, full-vocabulary entropy (positions.py names).
+    scored[i]: sequence i's prompt length, or its trained positions (as_positions).
 
     Sequences run through the decoder in right-padded micro-batches of at most `batch_tokens`
     padded tokens (one sequence at least), and through the LM head `chunk_tokens` rows at a time.
@@ -83,28 +90,28 @@ def position_stats(
     try:
         for group in _token_groups([len(s) for s in sequences], batch_tokens):
             seqs = [sequences[i] for i in group]
-            lens = [prompt_lens[i] for i in group]
+            positions = [as_positions(scored[i], len(sequences[i])) for i in group]
             ids_BL, mask_BL = pad_right(seqs)
-            completions = [s[p:] for s, p in zip(seqs, lens, strict=True)]
-            targets = torch.from_numpy(np.concatenate(completions))
-            scored = student(
+            targets = torch.from_numpy(
+                np.concatenate([s[pos] for s, pos in zip(seqs, positions, strict=True)])
+            )
+            rows = student(
                 "stats",
                 torch.from_numpy(ids_BL).to(device),
                 torch.from_numpy(mask_BL).to(device),
-                lens,
-                [len(s) for s in seqs],
+                positions,
                 targets,
                 top_k,
             )
             start = 0
-            for seq, p in zip(seqs, lens, strict=True):
-                end = start + len(seq) - p
+            for pos in positions:
+                end = start + len(pos)
                 stats.append(
                     {
-                        "student_token_logp_T": scored.token_logprobs_N[start:end],
-                        "student_topk_ids_TK": scored.top_k_ids_Nk[start:end].astype(np.int64),
-                        "student_topk_logp_TK": scored.top_k_logprobs_Nk[start:end],
-                        "student_entropy_T": scored.entropy_N[start:end],
+                        "student_token_logp_T": rows.token_logprobs_N[start:end],
+                        "student_topk_ids_TK": rows.top_k_ids_Nk[start:end].astype(np.int64),
+                        "student_topk_logp_TK": rows.top_k_logprobs_Nk[start:end],
+                        "student_entropy_T": rows.entropy_N[start:end],
                     }
                 )
                 start = end
@@ -186,13 +193,12 @@ class StudentModule(torch.nn.Module):
         self,
         ids_BL: torch.Tensor,
         mask_BL: torch.Tensor,
-        prompt_lens: list[int],
-        lengths: list[int],
+        positions: list[np.ndarray],
         targets_N: torch.Tensor,
         top_k: int,
     ) -> ScoredRows:
         hidden = final_hidden(self.model, ids_BL, mask_BL)
-        rows = completion_rows(prompt_lens, lengths, hidden.shape[1], hidden.device)
+        rows = completion_rows(positions, hidden.shape[1], hidden.device)
         h_NH = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
         chunk = self.chunk_tokens if self.chunk_tokens > 0 else max(1, int(h_NH.shape[0]))
         return score_hidden(
@@ -204,7 +210,7 @@ class StudentModule(torch.nn.Module):
             raise ValueError("objective: the loss needs an objective")
         batch = obj.prepare_batch(self.objective, batch)
         hidden = final_hidden(self.model, batch.ids_BL, batch.mask_BL)
-        rows = completion_rows(batch.prompt_lens, batch.lengths, hidden.shape[1], hidden.device)
+        rows = completion_rows(batch.positions, hidden.shape[1], hidden.device)
         h_NH = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
         head = self.model.get_output_embeddings()
         return chunked_head_loss(

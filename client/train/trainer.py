@@ -61,6 +61,7 @@ from opd.client.train.distributed import (
     mean_metrics,
     shutdown,
 )
+from opd.client.train.episodes import EpisodeSetup, episode_metrics
 from opd.client.train.factory import build_student, connect
 from opd.client.train.loggers import build_loggers
 from opd.client.train.metric_log import (
@@ -72,7 +73,7 @@ from opd.client.train.positions import PositionStats, TokenBatch
 from opd.client.train.prompts import PromptOrder
 from opd.client.train.rollout_store import RolloutWriter, decode_pieces
 from opd.client.train.rollouts import Rollout, SamplingParams, StepSampler, chunked
-from opd.client.train.routing import training_prompts
+from opd.client.train.routing import training_prompts, training_rows
 from opd.client.train.student import chat_prompt_ids
 from opd.client.train.student_math import StudentModule
 from opd.client.train.teacher_metrics import per_teacher_metrics
@@ -117,7 +118,11 @@ class Trainer:
             ids = [self.dist.local_rank] if cuda else None
             self.train_model = DistributedDataParallel(self.student, device_ids=ids)
         # with named teachers, owners[i] is the teacher of prompt i (refused here if none)
-        self.prompts, self.owners = training_prompts(config)
+        self.episodes = EpisodeSetup.of(config.episodes, self.tokenizer)
+        if self.episodes is not None:  # the environment reads whole rows
+            self.prompts, self.owners = training_rows(config)
+        else:
+            self.prompts, self.owners = training_prompts(config)
         holdout = config.data.holdout
         if holdout >= len(self.prompts):
             raise ValueError(
@@ -220,6 +225,7 @@ class Trainer:
         metrics["time/train_s"] = time.perf_counter() - t0
         metrics["time/sync_s"] = self.sync_engine()
         metrics.update(engine_agreement(rollouts))
+        metrics.update(episode_metrics(rollouts))
         metrics.update(step_diagnostics(self.stats, self.config))
         if len(self.teacher_names) > 1:
             owners = [self.owners[r.prompt_index] for r in rollouts]  # type: ignore[index]
@@ -261,8 +267,15 @@ class Trainer:
         self, indices: list[int], params: SamplingParams, spec: ScoreSpec
     ) -> tuple[list[Rollout], dict[str, float]]:
         """All `indices` sampled in one engine call; statistics and scoring overlapped."""
-        prompts = [(i, self.prompt_ids(i)) for i in indices]
-        sampler = StepSampler(self.engine, self.student, prompts, params, self.config.student_top_k)
+        top_k = self.config.student_top_k
+        if self.episodes is not None:
+            rows = [(i, self.prompts[i]) for i in indices]
+            sampler: StepSampler = self.episodes.sampler(
+                self.engine, self.student, rows, params, top_k
+            )
+        else:
+            prompts = [(i, self.prompt_ids(i)) for i in indices]
+            sampler = StepSampler(self.engine, self.student, prompts, params, top_k)
         owners = self.owners
         route = None if owners is None else (lambda r: owners[r.prompt_index])
         got = collect(self.teachers.teachers, chunked(indices), sampler, spec, route=route)

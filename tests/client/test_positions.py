@@ -52,7 +52,8 @@ def test_slices_of_the_flattened_step_equal_flattening_each_slice():
         for name in vars(direct):
             np.testing.assert_array_equal(getattr(part, name), getattr(direct, name), name)
     batch = TokenBatch.build(rollouts[1:3], whole.sequences(1, 3), torch.device("cpu"))
-    assert batch.ids_BL.shape == (2, 8) and batch.lengths == [4, 8]
+    assert batch.ids_BL.shape == (2, 8)
+    assert [p.tolist() for p in batch.positions] == [[3], [4, 5, 6, 7]]
     assert batch.target_N.tolist() == [*rollouts[1].completion, *rollouts[2].completion]
     assert batch.teacher_cand_logp_NK.shape == (5, 3)
 

@@ -1,0 +1,336 @@
+"""Multi-turn episodes: the student's turns sampled in batches, the environment's answers
+appended as tokens, one Rollout per episode with its assistant turns as trained spans.
+
+    opd train --env calculator --prompts task:addition:train --max-turns 4 ...
+
+One step runs every episode of its prompts (params.n per prompt) turn by turn: turn j of all
+live episodes is one engine call (opd.client.train.engines, hf or vllm), then each episode's
+environment (opd.client.episodes) reads the parsed assistant message and answers with tool
+results / a user turn, or ends the episode. Token-in, token-out: an episode's ids are its
+opening prompt, then exactly the ids the student sampled, then the renderer's ids of the
+environment's messages (opd.client.episodes.render.TurnRenderer.observation_ids), and so on.
+Earlier turns are never re-rendered through the chat template (templates are not
+prefix-stable), so the sequence the teacher scores is the one the student conditioned on.
+
+Trained positions are the student's sampled ids, its end-of-turn token included (the spans of
+Rollout); tool results and user turns are context for both models (protocol 1.3 score_spans).
+
+Limits (opd.client.configs.groups.EpisodeGroup), each ending the episode as truncated:
+- a turn that hits --max-new-tokens without an end-of-turn token ("turn_tokens"): the
+  environment still sees it (AssistantTurn.truncated, so it can grade it), then the episode
+  ends whatever it answers;
+- --max-turns assistant turns without the environment ending it ("max_turns");
+- --max-episode-tokens after the opening prompt ("episode_tokens"): a turn that crosses the
+  budget is cut at it; an observation that would leave no room for one more token ends it.
+An environment that raises stops the step with an EpisodeError naming the episode and turn:
+a step is never silently trained on fewer episodes than it sampled.
+
+Seeds: each episode has its own (drawn from torch's global RNG, so resume replays it); turn j
+samples with a seed derived from it and j, so an episode's turns do not depend on how the
+engine batched the others.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from opd.client.episodes import Environment, EpisodeError, TurnRenderer, load_environment
+from opd.client.train.engines import RolloutEngine
+from opd.client.train.rollouts import EpisodeInfo, Rollout, SamplingParams, StepSampler
+from opd.client.train.student_math import position_stats
+from opd.shared.packed import positions_of_spans
+
+if TYPE_CHECKING:
+    from opd.client.configs.groups import EpisodeGroup
+    from opd.client.train.student_math import StudentModule
+
+# odd 64-bit constant (the golden ratio's), mixing the turn index into an episode's seed
+_TURN_MIX = 0x9E3779B97F4A7C15
+
+
+@dataclass(frozen=True)
+class EpisodeLimits:
+    """The caps an episode runs under (turn tokens are the sampling params' max_tokens)."""
+
+    max_turns: int
+    max_episode_tokens: int
+
+
+@dataclass
+class Episode:
+    """One finished episode: its ids, opening prompt length, trained spans, what the engine
+    said about the sampled ids, and what the environment said (EpisodeInfo)."""
+
+    token_ids: np.ndarray  # int64 [L]
+    prompt_len: int
+    spans: np.ndarray  # int64 [S, 2], one per assistant turn
+    info: EpisodeInfo
+    engine_logp_T: np.ndarray | None  # over the trained positions, None if not reported
+
+    @property
+    def truncated(self) -> bool:
+        return self.info.truncated
+
+
+@dataclass
+class _Live:
+    """An episode while it runs."""
+
+    number: int  # in the step, for error messages
+    env: Environment
+    renderer: TurnRenderer
+    ids: list[int]
+    prompt_len: int
+    seed: int
+    spans: list[tuple[int, int]] = field(default_factory=list)
+    roles: list[list[str]] = field(default_factory=list)
+    logps: list[np.ndarray | None] = field(default_factory=list)
+    ended: str | None = None
+    reward: float | None = None
+
+    def end(self, why: str, reward: float | None = None) -> None:
+        self.ended, self.reward = why, reward
+        self.roles.append([])
+
+    def finished(self) -> Episode:
+        logps = None if any(x is None for x in self.logps) else np.concatenate(self.logps)
+        return Episode(
+            token_ids=np.asarray(self.ids, dtype=np.int64),
+            prompt_len=self.prompt_len,
+            spans=np.asarray(self.spans, dtype=np.int64).reshape(-1, 2),
+            info=EpisodeInfo(
+                context_roles=self.roles,
+                reward=self.reward,
+                ended=self.ended or "done",
+                turn_correct=list(getattr(self.env, "turn_correct", []) or []),
+            ),
+            engine_logp_T=logps,
+        )
+
+
+def turn_seed(seed: int, turn: int) -> int:
+    """The seed of an episode's turn: fixed by the episode's seed and the turn index."""
+    return (seed + turn * _TURN_MIX) % 2**62
+
+
+class Renderers:
+    """One TurnRenderer per tool set (environments of one class share theirs), built once."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self._by_tools: dict[tuple[str, ...], TurnRenderer] = {}
+
+    def __call__(self, env: Environment) -> TurnRenderer:
+        tools = list(getattr(env, "tools", None) or [])
+        key = tuple(getattr(t, "__qualname__", repr(t)) for t in tools)
+        if key not in self._by_tools:
+            self._by_tools[key] = TurnRenderer(self.tokenizer, tools=tools)
+        return self._by_tools[key]
+
+
+def run_episodes(
+    engine: RolloutEngine,
+    renderers: Renderers,
+    make_env: Callable[[], Environment],
+    rows: Sequence[dict],
+    params: SamplingParams,
+    limits: EpisodeLimits,
+    seeds: Sequence[int],
+) -> list[list[Episode]]:
+    """params.n episodes of every row, turn by turn, all live episodes of a turn in one engine
+    call; returned grouped per row, in row order. seeds: one per row (episode r of a row
+    uses seed + r)."""
+    n = params.options.n
+    live: list[_Live] = []
+    for row, seed in zip(rows, seeds, strict=True):
+        for r in range(n):
+            number = len(live)
+            env = make_env()
+            opening = _call(env, "reset", number, 0, lambda e=env, row=row: e.reset(row))
+            renderer = renderers(env)
+            ids = list(renderer.opening_ids(opening))
+            live.append(_Live(number, env, renderer, ids, len(ids), (seed + r) % 2**62))
+    if not live:
+        return []
+    # One completion per call and episode; any end-of-turn token ends a turn.
+    stops = tuple(sorted(set(params.eos_token_ids) | set(live[0].renderer.end_of_turn_ids)))
+    one = replace(params.with_n(1), eos_token_ids=stops)
+    turn = 0
+    while active := [e for e in live if e.ended is None]:
+        samples = engine.sample(
+            [e.ids for e in active], one, [turn_seed(e.seed, turn) for e in active]
+        )
+        for e, (sample,) in zip(active, samples, strict=True):
+            _take_turn(e, sample, turn, limits)
+        turn += 1
+    finished = [e.finished() for e in live]
+    return [finished[i * n : (i + 1) * n] for i in range(len(rows))]
+
+
+def _take_turn(e: _Live, sample: Any, turn: int, limits: EpisodeLimits) -> None:
+    """Append a sampled turn to its episode, then the environment's answer (or end it)."""
+    budget = limits.max_episode_tokens - (len(e.ids) - e.prompt_len)
+    ids = np.asarray(sample.completion_ids, dtype=np.int64)
+    logp = sample.engine_logp_T
+    cut = len(ids) > budget
+    if cut:
+        ids = ids[:budget]
+        logp = None if logp is None else logp[:budget]
+    start = len(e.ids)
+    e.ids.extend(int(t) for t in ids)
+    e.spans.append((start, len(e.ids)))
+    e.logps.append(logp)
+    truncated = cut or bool(sample.truncated)
+    message = e.renderer.parse(ids.tolist(), truncated=truncated)
+    # A cut turn is still shown to the environment (it may grade it, e.g. as wrong), but
+    # nothing can follow it: it has no end-of-turn token.
+    obs = _call(e.env, "step", e.number, turn + 1, lambda: e.env.step(message))
+    if truncated:
+        return e.end("episode_tokens" if cut else "turn_tokens", obs.reward)
+    if obs.done:
+        return e.end("done", obs.reward)
+    if turn + 1 >= limits.max_turns:
+        return e.end("max_turns", obs.reward)
+    more = e.renderer.observation_ids(obs.messages)
+    if len(e.ids) + len(more) - e.prompt_len >= limits.max_episode_tokens:
+        return e.end("episode_tokens", obs.reward)
+    e.ids.extend(int(t) for t in more)
+    e.roles.append([str(m.get("role", "")) for m in obs.messages])
+    return None
+
+
+def _call(env: Environment, what: str, episode: int, turn: int, fn: Callable[[], Any]) -> Any:
+    """Run an environment method; anything it raises becomes an EpisodeError naming where."""
+    try:
+        return fn()
+    except EpisodeError:
+        raise
+    except Exception as exc:
+        raise EpisodeError(f"{type(env).__name__}.{what}", episode, turn, exc) from exc
+
+
+def episode_rollouts(
+    student: StudentModule,
+    sampled: Sequence[tuple[tuple[int, dict], list[Episode]]],
+    top_k: int,
+) -> list[Rollout]:
+    """Rollouts of finished episodes, with the student's numbers at every trained position
+    from one teacher-forced pass (opd.client.train.student_math.position_stats)."""
+    entries = [(index, ep) for (index, _), group in sampled for ep in group]
+    positions = [positions_of_spans(ep.spans) for _, ep in entries]
+    stats = position_stats(student, [ep.token_ids for _, ep in entries], positions, top_k)
+    return [
+        Rollout(
+            index,
+            ep.token_ids,
+            ep.prompt_len,
+            ep.truncated,
+            **st,
+            engine_token_logp_T=ep.engine_logp_T,
+            spans=ep.spans,
+            episode=ep.info,
+        )
+        for (index, ep), st in zip(entries, stats, strict=True)
+    ]
+
+
+class EpisodeSampler(StepSampler):
+    """StepSampler over episodes: `prompts` are (prompt index, data row) pairs; the first chunk
+    runs every episode of the step (engine_s includes the environments' time), then each chunk's
+    statistics are computed while the teacher scores the one before."""
+
+    def __init__(
+        self,
+        engine: RolloutEngine,
+        student: StudentModule,
+        rows: Sequence[tuple[int, dict]],
+        params: SamplingParams,
+        top_k: int,
+        *,
+        renderers: Renderers,
+        make_env: Callable[[], Environment],
+        limits: EpisodeLimits,
+    ) -> None:
+        super().__init__(engine, student, rows, params, top_k)
+        self.renderers, self.make_env, self.limits = renderers, make_env, limits
+
+    def _sample_all(self) -> list[Any]:
+        rows = [row for _, row in self.prompts]
+        return run_episodes(
+            self.engine, self.renderers, self.make_env, rows, self.params, self.limits, self.seeds
+        )
+
+    def _rollouts(self, sampled: list[tuple[tuple[int, Any], Any]]) -> list[Rollout]:
+        return episode_rollouts(self.student, sampled, self.top_k)
+
+
+@dataclass(frozen=True)
+class EpisodeSetup:
+    """What a command with --env needs to run episodes: the environment factory, the
+    renderers over the student's tokenizer, the limits."""
+
+    make_env: Callable[[], Environment]
+    renderers: Renderers
+    limits: EpisodeLimits
+
+    @classmethod
+    def of(cls, group: EpisodeGroup, tokenizer: Any) -> EpisodeSetup | None:
+        """None without --env (single completions)."""
+        if group.env is None:
+            return None
+        return cls(
+            load_environment(group.env, group.kwargs()),
+            Renderers(tokenizer),
+            EpisodeLimits(group.max_turns, group.max_episode_tokens),
+        )
+
+    def sampler(
+        self,
+        engine: RolloutEngine,
+        student: StudentModule,
+        rows: Sequence[tuple[int, dict]],
+        params: SamplingParams,
+        top_k: int,
+    ) -> EpisodeSampler:
+        return EpisodeSampler(
+            engine,
+            student,
+            rows,
+            params,
+            top_k,
+            renderers=self.renderers,
+            make_env=self.make_env,
+            limits=self.limits,
+        )
+
+    def run(
+        self, engine: RolloutEngine, rows: Sequence[dict], params: SamplingParams, seeds: list[int]
+    ) -> list[list[Episode]]:
+        """Episodes without statistics (evaluation, teacher episodes)."""
+        return run_episodes(engine, self.renderers, self.make_env, rows, params, self.limits, seeds)
+
+
+def episode_metrics(rollouts: Sequence[Rollout]) -> dict[str, float]:
+    """Per-step episode figures: turns, length, how episodes ended, reward (where given)."""
+    eps = [r.episode for r in rollouts if r.episode is not None]
+    if not eps:
+        return {}
+    turns = [len(r.scored_spans) for r in rollouts if r.episode is not None]
+    out = {
+        "episode/turns_mean": float(np.mean(turns)),
+        "episode/turns_max": float(np.max(turns)),
+        "episode/tokens_mean": float(
+            np.mean([len(r.token_ids) - r.prompt_len for r in rollouts if r.episode])
+        ),
+        "episode/truncated_frac": float(np.mean([e.truncated for e in eps])),
+    }
+    for why in ("max_turns", "turn_tokens", "episode_tokens"):
+        out[f"episode/ended_{why}_frac"] = float(np.mean([e.ended == why for e in eps]))
+    rewards = [e.reward for e in eps if e.reward is not None]
+    if rewards:
+        out["episode/reward_mean"] = float(np.mean(rewards))
+    return out
