@@ -97,7 +97,7 @@ def test_episodes_train_and_every_span_is_the_students_sampled_ids(
         spans = r.scored_spans
         assert spans[0, 0] == r.prompt_len
         assert (spans[1:, 0] > spans[:-1, 1]).all()  # context between every two turns
-        for j, (a, b) in enumerate(spans[:-1]):
+        for j, (_, b) in enumerate(spans[:-1]):
             assert int(r.token_ids[b - 1]) in eot  # a turn that goes on ended with its token
             nxt = spans[j + 1, 0]
             context = renderer.tokenizer.decode(r.token_ids[b:nxt].tolist())
