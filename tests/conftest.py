@@ -191,6 +191,43 @@ def smol_student_server(
     teacher.stop()
 
 
+@pytest.fixture(scope="session")
+def turn_taking_student_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    """The tiny Llama with an MLP bias in its last layer that dominates the final hidden
+    state, and an LM head that gives the end-of-turn token about 1/4 of the mass there: a real
+    model whose turns end after a few tokens (a random 49k-vocabulary model almost never
+    samples its end-of-turn token)."""
+    import math
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("turn-taking-student")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    config = base.config
+    config.mlp_bias = True
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(base.state_dict(), strict=False)
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        direction = torch.randn(config.hidden_size, generator=generator)
+        direction /= direction.norm()
+        for layer in model.model.layers:
+            layer.mlp.gate_proj.bias.zero_()
+            layer.mlp.up_proj.bias.zero_()
+            layer.mlp.down_proj.bias.zero_()
+        model.model.layers[-1].mlp.down_proj.bias.copy_(direction * 50.0)
+        model.lm_head.weight.mul_(1 / 40.0)  # undo the teacher's peaky head: near-uniform
+        # after the final RMSNorm, h ~ direction * sqrt(H); logit(eos) ~ log(V / 3)
+        eos = tokenizer.eos_token_id
+        target = math.log(len(tokenizer) / 3)
+        model.lm_head.weight[eos] = direction * target / math.sqrt(config.hidden_size)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
 # --- the fast tier (`make test-fast`) ---------------------------------------------------------
 # A test is "heavy" when it needs a real model file, a server or any other child process: it
 # uses one of the fixtures above (each loads SmolLM2's files or starts `opd serve`), or its

@@ -7,6 +7,7 @@ from typing import ClassVar, Literal
 from pydantic import Field, model_validator
 
 from opd.client.configs.groups import (
+    EpisodeGroup,
     EvalOptions,
     EvalSampling,
     Group,
@@ -21,8 +22,8 @@ class EvalConfig(Group):
     """Every knob of `opd eval` (its flags are generated from these fields)."""
 
     cli: ClassVar[CliSpec] = CliSpec(
-        nested={"eval": "", "sampling": "", "student": "", "connection": ""},
-        rename={"connection.wait_s": "teacher_wait_s"},
+        nested={"eval": "", "sampling": "", "student": "", "connection": "", "episodes": ""},
+        rename={"connection.wait_s": "teacher_wait_s", "episodes.env_args": "env_arg"},
         env={"connection.api_key": "OPD_API_KEY"},
     )
 
@@ -45,6 +46,7 @@ class EvalConfig(Group):
     student: StudentRuntime = Field(default_factory=StudentRuntime)
     connection: TeacherConnection = Field(default_factory=TeacherConnection)
     sampling: EvalSampling = Field(default_factory=EvalSampling)  # type: ignore[valid-type]
+    episodes: EpisodeGroup = Field(default_factory=EpisodeGroup)
     k: int | None = Field(default=None, ge=1, description="pass@k (default: n)")
     seed: int = Field(default=0, description="subset and sampling seed (prompt i: seed + i)")
     interval: Literal["bootstrap", "wilson"] = Field(
@@ -59,4 +61,9 @@ class EvalConfig(Group):
         n = self.sampling.n  # n > 1 at temperature 0 is refused by the sampling group
         if self.k is not None and self.k > n:
             raise ValueError(f"k={self.k} must be <= n={n}")
+        if self.episodes.env is not None and not self.students:
+            raise ValueError(
+                "env: episodes are rendered with a student's tokenizer; give a --student "
+                "(teachers must share it)"
+            )
         return self

@@ -52,6 +52,7 @@ class PromptResult:
             "completions": [c.text for c in self.completions],
             "truncated": [c.truncated for c in self.completions],
             "completion_tokens": [len(c.token_ids) for c in self.completions],
+            **_episode_record(self.completions),
         }
 
 
@@ -75,8 +76,53 @@ class EvalResult:
                 f.write(json.dumps(p.record()) + "\n")
 
 
+def _episode_record(completions: Sequence[Completion]) -> dict[str, Any]:
+    """The episode fields of a per-prompt line (none for single completions)."""
+    if all(c.turns is None for c in completions):
+        return {}
+    return {
+        "rewards": [c.reward for c in completions],
+        "turns": [c.turns for c in completions],
+        "turn_correct": [c.turn_correct for c in completions],
+    }
+
+
+# An episode is a success when the environment gives it full reward (rewards lie in [0, 1]).
+FULL_REWARD = 1.0
+
+
 def verify_all(completions: Sequence[Completion], answer: str, verifier: Verifier) -> list[Verdict]:
-    return [verifier(c.text, answer) for c in completions]
+    """Each completion's grade: an episode with a reward by its environment (correct = full
+    reward), anything else by the verifier against the gold answer."""
+    return [
+        verifier(c.text, answer)
+        if c.reward is None
+        else Verdict(correct=c.reward >= FULL_REWARD, extracted=f"reward {c.reward:g}")
+        for c in completions
+    ]
+
+
+def episode_summary(results: Sequence[PromptResult]) -> dict[str, Any]:
+    """Episode figures beside the accuracy: mean reward, turns, and accuracy per turn index
+    (the share of episodes that reached turn j and got it right, where the environment grades
+    turns), so an evaluation shows where along an episode the student fails."""
+    done = [c for r in results for c in r.completions if c.turns is not None]
+    if not done:
+        return {}
+    rewards = [c.reward for c in done if c.reward is not None]
+    out: dict[str, Any] = {
+        "episodes": len(done),
+        "turns_mean": sum(c.turns or 0 for c in done) / len(done),
+        "reward_mean": sum(rewards) / len(rewards) if rewards else None,
+    }
+    graded = [c.turn_correct for c in done if c.turn_correct]
+    if graded:
+        depth = max(len(g) for g in graded)
+        out["turn_accuracy"] = [
+            sum(g[j] for g in graded if len(g) > j) / sum(len(g) > j for g in graded)
+            for j in range(depth)
+        ]
+    return out
 
 
 def evaluate(
@@ -87,13 +133,13 @@ def evaluate(
     *,
     k: int | None = None,
     interval: str = "bootstrap",
-    prompts: Sequence[str | list[int]] | None = None,
+    prompts: Sequence[str | list[int] | dict] | None = None,
     on_chunk: Callable[[int, int], None] | None = None,
 ) -> EvalResult:
     """Every item answered params.n times by `source` and verified against its gold answer.
 
-    `prompts` overrides what is sent for each item (token ids, for instance); by default the
-    item's user message. pass@k uses k = params.n unless given."""
+    `prompts` overrides what is sent for each item (token ids, or data rows for an episode
+    source); by default the item's user message. pass@k uses k = params.n unless given."""
     sent = list(prompts) if prompts is not None else [it.prompt for it in items]
     if len(sent) != len(items):
         raise ValueError(f"prompts: {len(sent)} given for {len(items)} items")
@@ -116,4 +162,5 @@ def evaluate(
     )
     truncated = [c.truncated for r in results for c in r.completions]
     summary["truncated_rate"] = sum(truncated) / len(truncated) if truncated else 0.0
+    summary.update(episode_summary(results))
     return EvalResult(source.name, params, results, summary)

@@ -26,9 +26,14 @@ Prompt = str | list[int]
 
 @dataclass
 class Completion:
-    text: str  # special tokens removed
-    token_ids: list[int]  # through the EOS when there is one
-    truncated: bool  # max_tokens reached without EOS
+    text: str  # special tokens removed (an episode's: its last assistant turn)
+    token_ids: list[int]  # through the EOS when there is one (an episode's: all after its prompt)
+    truncated: bool  # max_tokens reached without EOS (an episode's: a limit ended it)
+    # episodes only (opd.client.evaluation.episode_source): the environment's reward (None if
+    # it gives none), the assistant turns played, the per-turn grades where it keeps them
+    reward: float | None = None
+    turns: int | None = None
+    turn_correct: list[bool] | None = None
 
 
 class CompletionSource(Protocol):

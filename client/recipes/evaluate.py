@@ -46,6 +46,7 @@ def run_eval(config: EvalConfig, log=print) -> dict[str, Any]:  # noqa: ANN001
         config.data, options.prompt_field, options.answer_field, options.limit, config.seed
     )
     params = config.sampling.options(seed=config.seed)
+    episodes = _Episodes(config, items) if config.episodes.env is not None else None
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sources: list[dict[str, Any]] = []
@@ -63,6 +64,8 @@ def run_eval(config: EvalConfig, log=print) -> dict[str, Any]:  # noqa: ANN001
             source = EngineSource.from_model_dir(what, config.student, seed=config.seed)
         else:
             source = TeacherSource.connect(what.urls, config.connection.api_key)
+        if episodes is not None:
+            source = episodes.source(source, label)
         try:
             result = evaluate(
                 items,
@@ -71,6 +74,7 @@ def run_eval(config: EvalConfig, log=print) -> dict[str, Any]:  # noqa: ANN001
                 params,
                 k=config.k,
                 interval=config.interval,
+                prompts=None if episodes is None else episodes.rows,
                 on_chunk=lambda done, total: log(f"  {done}/{total}"),
             )
         finally:
@@ -116,6 +120,44 @@ def run_eval(config: EvalConfig, log=print) -> dict[str, Any]:  # noqa: ANN001
     }
     (out / "eval.json").write_text(json.dumps(finite_json(report), indent=1))
     return report
+
+
+class _Episodes:
+    """--env: every source plays the environment on the items' data rows; episodes are
+    rendered with the first student's tokenizer (each teacher's must match it)."""
+
+    def __init__(self, config: EvalConfig, items: list[Any]) -> None:
+        from transformers import AutoTokenizer
+
+        from opd.client.evaluation.sources import resolve_model_dir
+        from opd.client.train.episodes import EpisodeSetup
+        from opd.client.train.prompts import load_rows
+        from opd.shared.fingerprint import fingerprint_hf_tokenizer
+
+        rows, _ = load_rows(config.data)
+        self.rows = [rows[it.index] for it in items]
+        self.tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(config.students[0]))
+        self.fingerprint = fingerprint_hf_tokenizer(self.tokenizer)
+        setup = EpisodeSetup.of(config.episodes, self.tokenizer)
+        assert setup is not None
+        self.setup = setup
+
+    def source(self, inner: Any, label: str) -> Any:
+        from opd.client.evaluation.episode_source import EpisodeSource, TeacherEngine
+        from opd.client.evaluation.sources import EngineSource
+
+        if isinstance(inner, EngineSource):
+            return EpisodeSource(inner.engine, inner.tokenizer, self.setup, label, [inner])
+        info = inner.client.connect()
+        if info.tokenizer_fingerprint != self.fingerprint:
+            inner.close()
+            raise ValueError(
+                f"teacher {label}: its tokenizer differs from the student's, and episodes are "
+                "token-in, token-out in the student's tokenizer"
+            )
+        return EpisodeSource(
+            TeacherEngine(inner.client), self.tokenizer, self.setup, label, [inner]
+        )
 
 
 def _labels(config: EvalConfig) -> dict[str, list[str]]:

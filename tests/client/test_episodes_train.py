@@ -2,9 +2,9 @@
 teacher's numbers per span against a float64 recompute, zero gradient outside the spans,
 tool calls fed back, an environment that raises, resume.
 
-The student is a tiny random Llama built to end its turns early (about one token in four is
-its end-of-turn token), so that its episodes run several turns; the teacher is the session's
-tiny server. Both use SmolLM2's real tokenizer and chat template.
+The student is the `turn_taking_student_dir` fixture (tests/conftest.py): a tiny random Llama
+that ends its turns early, so that its episodes run several turns; the teacher is the
+session's tiny server. Both use SmolLM2's real tokenizer and chat template.
 """
 
 from __future__ import annotations
@@ -38,48 +38,16 @@ EPISODE_FLAGS = dict(
 )
 
 
-@pytest.fixture(scope="module")
-def turn_taking_student(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
-    """The tiny Llama with an MLP bias in its last layer that dominates the final hidden
-    state, and an LM head that gives the end-of-turn token about 1/4 of the mass there: a real
-    model whose turns end after a few tokens (a random 49k-vocabulary model almost never
-    samples its end-of-turn token)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
-
-    out = tmp_path_factory.mktemp("turn-taking-student")
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    config = base.config
-    config.mlp_bias = True
-    model = LlamaForCausalLM(config)
-    model.load_state_dict(base.state_dict(), strict=False)
-    generator = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        direction = torch.randn(config.hidden_size, generator=generator)
-        direction /= direction.norm()
-        for layer in model.model.layers:
-            layer.mlp.gate_proj.bias.zero_()
-            layer.mlp.up_proj.bias.zero_()
-            layer.mlp.down_proj.bias.zero_()
-        model.model.layers[-1].mlp.down_proj.bias.copy_(direction * 50.0)
-        model.lm_head.weight.mul_(1 / 40.0)  # undo the teacher's peaky head: near-uniform
-        # after the final RMSNorm, h ~ direction * sqrt(H); logit(eos) ~ log(V / 3)
-        eos = tokenizer.eos_token_id
-        target = math.log(len(tokenizer) / 3)
-        model.lm_head.weight[eos] = direction * target / math.sqrt(config.hidden_size)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
-
-
 def _config(student: Path, url: str, run_dir: Path, **overrides):
     return train_config(student, url, run_dir, **{**EPISODE_FLAGS, **overrides})
 
 
 def test_episodes_train_and_every_span_is_the_students_sampled_ids(
-    tiny_server, turn_taking_student, tiny_model_dir, tmp_path
+    tiny_server, turn_taking_student_dir, tiny_model_dir, tmp_path
 ):
-    config = _config(turn_taking_student, tiny_server, tmp_path, max_steps=1, save_rollouts=True)
+    config = _config(
+        turn_taking_student_dir, tiny_server, tmp_path, max_steps=1, save_rollouts=True
+    )
     with Trainer(config) as trainer:
         rollouts, _ = trainer.collect()
         history = trainer.run()
@@ -124,9 +92,9 @@ def test_episodes_train_and_every_span_is_the_students_sampled_ids(
 
 @pytest.mark.parametrize("objective", ["sampled", "student-topk", "teacher-topk", "jsd"])
 def test_positions_outside_the_spans_get_zero_gradient(
-    tiny_server, turn_taking_student, tmp_path, objective
+    tiny_server, turn_taking_student_dir, tmp_path, objective
 ):
-    config = _config(turn_taking_student, tiny_server, tmp_path, objective=objective)
+    config = _config(turn_taking_student_dir, tiny_server, tmp_path, objective=objective)
     with Trainer(config) as trainer:
         rollouts, _ = trainer.collect()
         multi = [r for r in rollouts if len(r.scored_spans) >= 2] or rollouts
@@ -171,10 +139,10 @@ class RaisesAtSecondStep:
 
 
 def test_an_environment_that_raises_names_the_episode_and_turn(
-    tiny_server, turn_taking_student, tmp_path
+    tiny_server, turn_taking_student_dir, tmp_path
 ):
     config = _config(
-        turn_taking_student,
+        turn_taking_student_dir,
         tiny_server,
         tmp_path,
         env=f"{__name__}:RaisesAtSecondStep",
@@ -234,14 +202,16 @@ def test_tool_calls_are_executed_and_fed_back_token_in_token_out(smollm2_dir):
     assert b1 == len(ids)
 
 
-def test_resume_matches_the_uninterrupted_episode_run(tiny_server, turn_taking_student, tmp_path):
-    with Trainer(_config(turn_taking_student, tiny_server, tmp_path / "full")) as trainer:
+def test_resume_matches_the_uninterrupted_episode_run(
+    tiny_server, turn_taking_student_dir, tmp_path
+):
+    with Trainer(_config(turn_taking_student_dir, tiny_server, tmp_path / "full")) as trainer:
         trainer.run()
     full = read_metrics(tmp_path / "full" / "metrics.jsonl")
     part = tmp_path / "part"
-    with Trainer(_config(turn_taking_student, tiny_server, part, max_steps=2)) as trainer:
+    with Trainer(_config(turn_taking_student_dir, tiny_server, part, max_steps=2)) as trainer:
         trainer.run()
-    with Trainer(_config(turn_taking_student, tiny_server, part, resume="latest")) as trainer:
+    with Trainer(_config(turn_taking_student_dir, tiny_server, part, resume="latest")) as trainer:
         assert trainer.step == 2
         trainer.run()
     resumed = read_metrics(part / "metrics.jsonl")

@@ -1,0 +1,132 @@
+"""Episodes as an evaluation source: a student engine or a teacher service plays an environment.
+
+    opd eval --env followup --data task:addition:eval --student runs/opd --teacher URL
+
+`EpisodeSource` is a CompletionSource (opd.client.evaluation.sources) whose prompts are data
+rows: every row's params.n episodes run turn by turn (opd.client.train.episodes.run_episodes)
+on a rollout engine, and each comes back as one Completion whose text is the episode's last
+assistant turn (what a verifier reads for the final answer) and whose reward, turns and
+per-turn grades are the environment's. An episode is graded by the environment's reward where
+it gives one (correct = full reward, 1.0), else by the verifier on that last turn
+(opd.client.evaluation.run.verify_all).
+
+`TeacherEngine` lets a teacher play: the RolloutEngine interface over POST /v1/generate with
+token-id prompts, so the teacher continues the exact ids of the episode so far, turn after
+turn, as the student does. It needs the student's tokenizer (the episode's ids are rendered
+with it), so the teacher must share it; callers check the fingerprint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from opd.client.evaluation.sources import Completion
+from opd.shared.schemas import GenerateOptions
+
+if TYPE_CHECKING:
+    from opd.client.teacher import TeacherClient
+    from opd.client.train.engines import RolloutEngine, Sample
+    from opd.client.train.episodes import Episode, EpisodeSetup
+    from opd.client.train.rollouts import SamplingParams
+
+
+class TeacherEngine:
+    """A teacher service as a rollout engine: one /v1/generate request per call, every prompt
+    given as token ids. The service's seed rule applies: prompt i samples with seeds[0] + i
+    (the call's first seed), which keeps a call reproducible for the same prompts and seeds."""
+
+    name = "teacher"
+    holds_weights = False
+
+    def __init__(self, client: TeacherClient) -> None:
+        self.client = client
+
+    def sample(
+        self, prompts: list[list[int]], params: SamplingParams, seeds: list[int]
+    ) -> list[list[Sample]]:
+        from opd.client.train.engines import Sample
+        from opd.shared.schemas import GenerateRequest
+
+        if not prompts:
+            return []
+        o = params.options
+        request = GenerateRequest(
+            prompt_token_ids=[list(map(int, p)) for p in prompts],
+            n=o.n,
+            temperature=o.temperature,
+            top_p=o.top_p,
+            max_tokens=o.max_tokens,
+            seed=int(seeds[0]),
+        )
+        stops = set(params.eos_token_ids)
+        out = []
+        for result in self.client.generate(request).results:
+            group = []
+            for c in result.completions:
+                ids = list(c.token_ids)
+                cut = next((i + 1 for i, t in enumerate(ids) if t in stops), None)
+                if cut is not None:  # an end-of-turn token the teacher's EOS set lacks
+                    ids = ids[:cut]
+                truncated = cut is None and c.finish_reason == "length"
+                group.append(Sample(np.asarray(ids, dtype=np.int64), truncated))
+            out.append(group)
+        return out
+
+    def sync_weights(self, state: Mapping[str, Any]) -> float:
+        raise RuntimeError("a teacher engine samples the teacher's own weights")
+
+    def sleep(self) -> None:
+        return None
+
+    def wake(self) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+class EpisodeSource:
+    """A CompletionSource over episodes: prompts are data rows (dicts), each row's params.n
+    episodes are played by `engine` with the environment of `setup`."""
+
+    def __init__(
+        self,
+        engine: RolloutEngine,
+        tokenizer: Any,
+        setup: EpisodeSetup,
+        name: str,
+        owned: Sequence[Any] = (),
+    ) -> None:
+        self.engine, self.tokenizer, self.setup, self.name = engine, tokenizer, setup, name
+        self._owned = list(owned)
+
+    def complete(self, prompts: Sequence[Any], params: GenerateOptions) -> list[list[Completion]]:
+        from opd.client.train.rollouts import SamplingParams
+
+        rows = list(prompts)
+        if any(not isinstance(r, dict) for r in rows):
+            raise ValueError("an episode source takes data rows (objects), one per prompt")
+        sampling = SamplingParams.for_tokenizer(self.tokenizer, params)
+        seed = 0 if params.seed is None else params.seed
+        seeds = [seed + i for i in range(len(rows))]
+        played = self.setup.run(self.engine, rows, sampling, seeds) if rows else []
+        return [[self._completion(ep) for ep in group] for group in played]
+
+    def _completion(self, ep: Episode) -> Completion:
+        a, b = (int(x) for x in ep.spans[-1])
+        return Completion(
+            text=self.tokenizer.decode(ep.token_ids[a:b].tolist(), skip_special_tokens=True),
+            token_ids=[int(t) for t in ep.token_ids[ep.prompt_len :]],
+            truncated=ep.truncated,
+            reward=ep.info.reward,
+            turns=len(ep.spans),
+            turn_correct=list(ep.info.turn_correct),
+        )
+
+    def close(self) -> None:
+        for owned in self._owned:
+            owned.close()
+        self._owned.clear()
