@@ -105,6 +105,11 @@ COMMANDS: dict[str, Entry] = {
         "The service under overload: capacity, 429s, latency, lost requests.",
         BENCH,
     ),
+    "bench-spans": Entry(
+        "opd.bench.commands:bench_spans_command",
+        "Multi-turn scoring: assistant-turn spans vs one tail; positions, bytes, time.",
+        BENCH,
+    ),
 }
 
 

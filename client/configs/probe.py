@@ -9,6 +9,7 @@ from pydantic import Field, model_validator
 from opd.client.configs.groups import (
     PROMPTS_HELP,
     VERIFIER_HELP,
+    EpisodeGroup,
     Group,
     SamplingGroup,
     StudentGroup,
@@ -29,7 +30,8 @@ class DepthProbe(Group):
     )
     prefixes: list[int] = Field(
         default_factory=lambda: [0, 8, 16, 32],
-        description="depth probe: prefix lengths in completion tokens (repeat the flag)",
+        description="depth probe: prefix lengths in completion tokens, or with --env turn "
+        "indices (continue from turn j) (repeat the flag)",
         json_schema_extra={"cli_name": "prefix"},
     )
     samples: int = Field(
@@ -55,8 +57,15 @@ class ProbeConfig(Group):
     """Every knob of `opd probe` (its flags are generated from these fields)."""
 
     cli: ClassVar[CliSpec] = CliSpec(
-        nested={"student": "", "connection": "", "sampling": "", "depth": "depth_"},
+        nested={
+            "student": "",
+            "connection": "",
+            "sampling": "",
+            "depth": "depth_",
+            "episodes": "",
+        },
         rename={
+            "episodes.env_args": "env_arg",
             "connection.wait_s": "teacher_wait_s",
             "sampling.n": "n_rollouts",
             "sampling.max_tokens": "max_new_tokens",
@@ -75,6 +84,7 @@ class ProbeConfig(Group):
     connection: TeacherConnection = Field(default_factory=TeacherConnection)
     sampling: SamplingGroup = Field(default_factory=SamplingGroup)
     depth: DepthProbe = Field(default_factory=DepthProbe)
+    episodes: EpisodeGroup = Field(default_factory=EpisodeGroup)
     prompts: str = Field(default="shipped", description=PROMPTS_HELP)
     prompt_field: str = Field(default="prompt", description="field holding the prompt text")
     num_prompts: int = Field(default=256, ge=1, description="prompts sampled from the set")
@@ -100,6 +110,9 @@ class ProbeConfig(Group):
 
     @model_validator(mode="after")
     def _check(self) -> ProbeConfig:
-        if self.depth.enabled and self.answer_field is None:
-            raise ValueError("depth: the depth probe grades answers; give --answer-field")
+        if self.depth.enabled and self.answer_field is None and self.episodes.env is None:
+            raise ValueError(
+                "depth: the depth probe grades answers; give --answer-field (or --env, whose "
+                "rewards grade episodes)"
+            )
         return self

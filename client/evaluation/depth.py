@@ -174,3 +174,85 @@ def probe_depth(
     out["rollouts"] = len(take)
     out["prefix_lengths"] = sorted(set(lengths))
     return out
+
+
+def probe_depth_turns(
+    rollouts: Sequence[Any],
+    rows: Sequence[dict],
+    student: Any,
+    teachers: Mapping[str, Any],
+    setup: Any,
+    params: Any,
+    turns: Sequence[int],
+    max_rollouts: int,
+    seed: int,
+    grade: Any,
+) -> dict[str, Any]:
+    """`opd probe --depth --env`: the depth probe across turns. For an episode and a turn index
+    j, the environment is replayed through the episode's first j assistant turns (the
+    student's own), then the student and each teacher play on from turn j (rollout engines:
+    the student's, opd.client.evaluation.episode_source.TeacherEngine for a teacher; the same
+    seeds), and each continued episode is scored by `grade(rollout, episode)` (the
+    environment's reward, or the verifier on the last turn). The teacher's advantage at j is
+    its mean score minus the student's on the same starts (paired per episode, bootstrap
+    interval): whether, j turns deep, the teacher would still do better from where the
+    student stands.
+
+    rows[i]: the data row of rollouts[i] (what the environment was reset with); params: the
+    student's SamplingParams with n = continuations per start."""
+    rng = np.random.default_rng(seed)
+    take = sorted(rng.permutation(len(rollouts))[:max_rollouts].tolist())
+    starts = [
+        (rows[i], rollouts[i], j)
+        for j in sorted(set(turns))
+        for i in take
+        if j < len(rollouts[i].scored_spans)
+    ]
+    if any(j < 0 for j in turns):
+        raise ValueError(f"depth turns must be >= 0, got {sorted(turns)}")
+
+    def scores(engine: Any) -> np.ndarray:
+        played = setup.continue_from(engine, starts, params, seed)
+        pairs = zip(starts, played, strict=True)
+        return np.array([[grade(r, ep) for ep in group] for (_, r, _), group in pairs])
+
+    student_s = scores(student)
+    teacher_s = {name: scores(engine) for name, engine in teachers.items()}
+    rows_out = []
+    for j in sorted({turn for _, _, turn in starts}):
+        idx = [k for k, (_, _, turn) in enumerate(starts) if turn == j]
+        s = student_s[idx]
+        row: dict[str, Any] = {
+            "turn": j,
+            "rollouts": len(idx),
+            "student": _mean_score(s),
+            "teachers": {},
+        }
+        for name, t_all in teacher_s.items():
+            t = t_all[idx]
+            diff = t.mean(axis=1) - s.mean(axis=1)
+            lo, hi = bootstrap_interval(diff.tolist())
+            row["teachers"][name] = {
+                **_mean_score(t),
+                "advantage": float(diff.mean()),
+                "advantage_ci": [lo, hi],
+            }
+        rows_out.append(row)
+    o = params.options
+    return {
+        "samples": o.n,
+        "temperature": o.temperature,
+        "max_tokens": o.max_tokens,
+        "seed": seed,
+        "rollouts": len(take),
+        "turns": sorted(set(turns)),
+        "by_turn": rows_out,
+    }
+
+
+def _mean_score(x: np.ndarray) -> dict[str, Any]:
+    """Mean score (reward or correctness) with a bootstrap interval over starts."""
+    if not x.size:
+        return {"score": float("nan"), "ci": [float("nan"), float("nan")]}
+    lo, hi = bootstrap_interval(x.mean(axis=1).tolist())
+    return {"score": float(x.mean()), "ci": [lo, hi]}

@@ -23,16 +23,31 @@ if TYPE_CHECKING:
 
 
 def student_outcome(
-    rollouts: Sequence[Rollout], items: Sequence[EvalItem], verifier: Verifier, tokenizer: Any
+    rollouts: Sequence[Rollout],
+    items: Sequence[EvalItem] | None,
+    verifier: Verifier | None,
+    tokenizer: Any,
 ) -> dict[str, Any]:
     """Each rollout's correctness (by its prompt's gold answer) and the student's accuracy
-    summary over prompts (mean@n, pass@n, extraction failures)."""
+    summary over prompts (mean@n, pass@n, extraction failures). An episode with a reward from
+    its environment is graded by it (correct = full reward), any other by the verifier on its
+    completion (an episode's: its last assistant turn)."""
+    from opd.client.evaluation.run import FULL_REWARD
+    from opd.client.evaluation.verifiers import Verdict
+
     correct: list[bool] = []
     per_prompt: dict[int, list[bool]] = {}
     failures: dict[int, int] = {}
     for r in rollouts:
-        text = tokenizer.decode(r.completion, skip_special_tokens=True)
-        v = verifier(text, items[r.prompt_index].answer)
+        if r.episode is not None and r.episode.reward is not None:
+            reward = r.episode.reward
+            v = Verdict(correct=reward >= FULL_REWARD, extracted=f"reward {reward:g}")
+        elif items is None or verifier is None:
+            raise ValueError("an episode without a reward needs --answer-field to be graded")
+        else:
+            a, b = (int(x) for x in r.scored_spans[-1])
+            text = tokenizer.decode(r.token_ids[a:b], skip_special_tokens=True)
+            v = verifier(text, items[r.prompt_index].answer)
         correct.append(bool(v.correct))
         per_prompt.setdefault(r.prompt_index, []).append(bool(v.correct))
         failures[r.prompt_index] = failures.get(r.prompt_index, 0) + (v.extracted is None)

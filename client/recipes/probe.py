@@ -159,6 +159,7 @@ def run_probe(config: ProbeConfig, log=print) -> dict[str, Any]:  # noqa: ANN001
     from opd.client.evaluation.sources import EngineSource
     from opd.client.train.bridge import ScoreSpec
     from opd.client.train.diagnostics import compute_diagnostics
+    from opd.client.train.episodes import EpisodeSetup
     from opd.client.train.factory import build_student, connect
     from opd.client.train.pipeline import collect
     from opd.client.train.positions import PositionStats
@@ -183,6 +184,12 @@ def run_probe(config: ProbeConfig, log=print) -> dict[str, Any]:  # noqa: ANN001
             prompts = [it.prompt for it in items]
         else:
             prompts = load_prompts(config.prompts, config.prompt_field)
+        episodes = EpisodeSetup.of(config.episodes, tokenizer)
+        rows: list[dict] = []
+        if episodes is not None:  # environments read whole rows (the same rows, same order)
+            from opd.client.train.prompts import load_rows
+
+            rows, _ = load_rows(config.prompts)
         domain_of = None
         if config.domain_field is not None:
             from opd.client.recipes.probe_domains import prompt_domains
@@ -224,13 +231,20 @@ def run_probe(config: ProbeConfig, log=print) -> dict[str, Any]:  # noqa: ANN001
         out.mkdir(parents=True, exist_ok=True)
         log(f"sampling {config.sampling.n} rollout(s) on {len(indices)} prompts")
 
-        sample = chunk_sampler(
-            engine,
-            student,
-            lambda index: chat_prompt_ids(tokenizer, prompts[index]),
-            params,
-            config.student_top_k,
-        )
+        if episodes is not None:
+            setup = episodes
+
+            def sample(chunk: list[int]) -> list[Any]:
+                pairs = [(i, rows[i]) for i in chunk]
+                return setup.sampler(engine, student, pairs, params, config.student_top_k)(chunk)
+        else:
+            sample = chunk_sampler(
+                engine,
+                student,
+                lambda index: chat_prompt_ids(tokenizer, prompts[index]),
+                params,
+                config.student_top_k,
+            )
         chunks = [indices[a : a + _PROBE_CHUNK] for a in range(0, len(indices), _PROBE_CHUNK)]
 
         def progress(done: int) -> None:
@@ -248,9 +262,11 @@ def run_probe(config: ProbeConfig, log=print) -> dict[str, Any]:  # noqa: ANN001
             by_name[name]["error"] = error
             log(f"teacher {by_name[name]['url']}: failed while scoring ({error})")
         outcome = None
-        if items is not None and got.scored:
+        if (items is not None or episodes is not None) and got.scored:
             first = next(iter(got.scored.values()))
-            outcome = student_outcome(first, items, verifier, tokenizer)
+            outcome = student_outcome(
+                first, items, verifier if items is not None else None, tokenizer
+            )
             log(f"student accuracy {outcome['summary']['mean_at_n']:.3f} on its rollouts")
         for position, (name, scored) in enumerate(got.scored.items()):
             if config.save_rollouts:  # the first teacher's in out_dir/rollouts, as opd train's
@@ -275,7 +291,20 @@ def run_probe(config: ProbeConfig, log=print) -> dict[str, Any]:  # noqa: ANN001
                 rank_teachers,
             )
         depth = None
-        if config.depth.enabled and outcome is not None and got.scored:
+        if config.depth.enabled and episodes is not None and got.scored:
+            log(f"depth probe across turns: continuing up to {config.depth.rollouts} episodes")
+            depth = run_depth_turns(
+                config,
+                next(iter(got.scored.values())),
+                rows,
+                items,
+                verifier if items is not None else None,
+                engine,
+                tokenizer,
+                episodes,
+                {name: by_name[name]["url"].split(",") for name in got.scored},
+            )
+        elif config.depth.enabled and outcome is not None and got.scored:
             log(f"depth probe: continuing up to {config.depth.rollouts} rollouts")
             depth = run_depth(
                 config,
@@ -360,6 +389,79 @@ def run_depth(
     finally:
         for t in teachers.values():
             t.close()
+
+
+def run_depth_turns(
+    config: ProbeConfig,
+    rollouts: list[Any],
+    rows: list[dict],
+    items: list[Any] | None,
+    verifier: Any,
+    engine: Any,
+    tokenizer: Any,
+    setup: Any,
+    teacher_urls: dict[str, list[str]],
+) -> dict[str, Any]:
+    """The depth probe across turns (--env): every live teacher (through /v1/generate on the
+    episode's ids) and the student continue the same episodes from the same turns."""
+    from opd.client.evaluation.depth import probe_depth_turns
+    from opd.client.evaluation.episode_source import TeacherEngine
+    from opd.client.teacher import TeacherClient
+    from opd.client.train.rollouts import SamplingParams
+
+    depth, sampling = config.depth, config.sampling
+    temperature = sampling.temperature if depth.temperature is None else depth.temperature
+    options = sampling.model_copy(update={"n": depth.samples, "temperature": temperature})
+    params = SamplingParams.for_tokenizer(tokenizer, options.options())
+    grade = episode_grader(items, verifier, tokenizer)
+    clients = {
+        name: TeacherClient(urls, api_key=config.connection.api_key)
+        for name, urls in teacher_urls.items()
+    }
+    try:
+        return probe_depth_turns(
+            rollouts,
+            [rows[r.prompt_index] for r in rollouts],
+            engine,
+            {name: TeacherEngine(client) for name, client in clients.items()},
+            setup,
+            params,
+            depth.prefixes,
+            depth.rollouts,
+            config.seed,
+            grade,
+        )
+    finally:
+        for client in clients.values():
+            client.close()
+
+
+def episode_grader(items: list[Any] | None, verifier: Any, tokenizer: Any):
+    """grade(rollout, episode): the environment's reward, else 1.0 / 0.0 by the verifier on the
+    episode's last assistant turn against the rollout's gold answer (needs --answer-field)."""
+
+    def grade(rollout: Any, episode: Any) -> float:
+        if episode.info.reward is not None:
+            return float(episode.info.reward)
+        if items is None:
+            raise ValueError(
+                "depth: this environment gives no reward; give --answer-field to grade episodes"
+            )
+        a, b = (int(x) for x in episode.spans[-1])
+        text = tokenizer.decode(episode.token_ids[a:b].tolist(), skip_special_tokens=True)
+        return float(verifier(text, items[rollout.prompt_index].answer).correct)
+
+    return grade
+
+
+def turn_rows(metrics: dict[str, float]) -> list[tuple[int, dict[str, float]]]:
+    """(turn index, {key: value}) of the per-turn diagnostics (`<key>@turn{j}`), by turn."""
+    by_turn: dict[int, dict[str, float]] = {}
+    for key, value in metrics.items():
+        base, sep, label = key.rpartition("@turn")
+        if sep and label.isdigit():
+            by_turn.setdefault(int(label), {})[base] = value
+    return sorted(by_turn.items())
 
 
 def depth_rows(metrics: dict[str, float], key: str) -> list[tuple[str, float]]:

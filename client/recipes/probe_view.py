@@ -7,7 +7,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from opd.client.recipes.probe import SUMMARY_KEYS, depth_rows
+from opd.client.recipes.probe import SUMMARY_KEYS, depth_rows, turn_rows
 
 _LABELS = {
     "overlap/ratio": "overlap",
@@ -61,6 +61,20 @@ def print_probe(report: dict[str, Any], console: Console) -> None:
         for label in columns["overlap/ratio"]:
             depth.add_row(label, *(_fmt(columns[k].get(label)) for k in keys))
         console.print(depth)
+        turns = turn_rows(t["metrics"])
+        if turns:  # episodes (--env): the teacher's signal turn by turn
+            by_turn = Table(title=f"{t['name']} by assistant turn")
+            by_turn.add_column("turn")
+            by_turn.add_column("tokens", justify="right")
+            for key in keys:
+                by_turn.add_column(_LABELS[key], justify="right")
+            for j, values in turns:
+                by_turn.add_row(
+                    str(j),
+                    f"{values.get('tokens/count', 0):.0f}",
+                    *(_fmt(values.get(k)) for k in keys),
+                )
+            console.print(by_turn)
     if "domains" in report:
         _print_domains(report, console)
     print_outcome(report, console)
@@ -92,7 +106,26 @@ def print_outcome(report: dict[str, Any], console: Console) -> None:
                     + (f": undefined, {o['undefined']}" if o.get("undefined") else "")
                 )
     depth = report.get("depth_probe")
-    if depth:
+    if depth and "by_turn" in depth:
+        table = Table(
+            title=f"depth probe across turns: {depth['samples']} continuations per start and "
+            "model (score: the environment's reward, or correctness)"
+        )
+        for col in ("from turn", "episodes", "student", "teacher", "teacher score", "advantage"):
+            table.add_column(col, justify="right")
+        for row in depth["by_turn"]:
+            for name, t in row["teachers"].items():
+                lo, hi = t["advantage_ci"]
+                table.add_row(
+                    str(row["turn"]),
+                    str(row["rollouts"]),
+                    _fmt(row["student"]["score"]),
+                    name,
+                    _fmt(t["score"]),
+                    f"{_fmt(t['advantage'])} [{_fmt(lo)}, {_fmt(hi)}]",
+                )
+        console.print(table)
+    elif depth:
         table = Table(title=f"depth probe: {depth['samples']} continuations per prefix and model")
         for col in (
             "prefix tokens",

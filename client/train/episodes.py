@@ -148,27 +148,101 @@ def run_episodes(
     live: list[_Live] = []
     for row, seed in zip(rows, seeds, strict=True):
         for r in range(n):
-            number = len(live)
-            env = make_env()
-            opening = _call(env, "reset", number, 0, lambda e=env, row=row: e.reset(row))
-            renderer = renderers(env)
-            ids = list(renderer.opening_ids(opening))
-            live.append(_Live(number, env, renderer, ids, len(ids), (seed + r) % 2**62))
-    if not live:
-        return []
-    # One completion per call and episode; any end-of-turn token ends a turn.
-    stops = tuple(sorted(set(params.eos_token_ids) | set(live[0].renderer.end_of_turn_ids)))
-    one = replace(params.with_n(1), eos_token_ids=stops)
-    turn = 0
-    while active := [e for e in live if e.ended is None]:
-        samples = engine.sample(
-            [e.ids for e in active], one, [turn_seed(e.seed, turn) for e in active]
-        )
-        for e, (sample,) in zip(active, samples, strict=True):
-            _take_turn(e, sample, turn, limits)
-        turn += 1
+            live.append(_open(renderers, make_env, row, len(live), (seed + r) % 2**62))
+    play(engine, live, params, limits)
     finished = [e.finished() for e in live]
     return [finished[i * n : (i + 1) * n] for i in range(len(rows))]
+
+
+def _open(
+    renderers: Renderers, make_env: Callable[[], Environment], row: dict, number: int, seed: int
+) -> _Live:
+    """A new episode of `row`: its environment reset, its opening prompt rendered."""
+    env = make_env()
+    opening = _call(env, "reset", number, 0, lambda: env.reset(row))
+    renderer = renderers(env)
+    ids = list(renderer.opening_ids(opening))
+    return _Live(number, env, renderer, ids, len(ids), seed)
+
+
+def play(
+    engine: RolloutEngine, live: Sequence[_Live], params: SamplingParams, limits: EpisodeLimits
+) -> None:
+    """Run live episodes to their end: each round, one engine call samples the next turn of
+    every episode still running (one completion each; any end-of-turn token ends a turn)."""
+    if not live:
+        return
+    stops = tuple(sorted(set(params.eos_token_ids) | set(live[0].renderer.end_of_turn_ids)))
+    one = replace(params.with_n(1), eos_token_ids=stops)
+    while active := [e for e in live if e.ended is None]:
+        seeds = [turn_seed(e.seed, len(e.spans)) for e in active]
+        samples = engine.sample([e.ids for e in active], one, seeds)
+        for e, (sample,) in zip(active, samples, strict=True):
+            _take_turn(e, sample, len(e.spans), limits)
+
+
+def continue_episodes(
+    engine: RolloutEngine,
+    renderers: Renderers,
+    make_env: Callable[[], Environment],
+    starts: Sequence[tuple[dict, Rollout, int]],
+    params: SamplingParams,
+    limits: EpisodeLimits,
+    seed: int,
+) -> list[list[Episode]]:
+    """params.n continuations of recorded episodes from a turn: for each (row, rollout, j) the
+    environment is replayed through the rollout's first j turns (their exact ids), then
+    `engine` plays on from turn j. Grouped per start; continuation r of start i samples with
+    seed + i * n + r. The teacher-continuation depth probe across turns (opd probe --depth)."""
+    n = params.options.n
+    live: list[_Live] = []
+    for row, rollout, turn in starts:
+        for _ in range(n):
+            number = len(live)
+            live.append(_replay(renderers, make_env, row, rollout, turn, number, seed + number))
+    play(engine, live, params, limits)
+    finished = [e.finished() for e in live]
+    return [finished[i * n : (i + 1) * n] for i in range(len(starts))]
+
+
+def _replay(
+    renderers: Renderers,
+    make_env: Callable[[], Environment],
+    row: dict,
+    rollout: Rollout,
+    turn: int,
+    number: int,
+    seed: int,
+) -> _Live:
+    """The episode of `rollout` as it stood before its turn `turn`: the environment stepped
+    with the recorded turns. The environment must answer as it did: its observations are
+    checked against the recorded ids (an EpisodeError names the first difference)."""
+    e = _open(renderers, make_env, row, number, seed)
+    ids = rollout.token_ids
+    if e.ids != ids[: rollout.prompt_len].tolist():
+        raise EpisodeError(
+            f"{type(e.env).__name__}.reset", number, 0, ValueError("replayed opening differs")
+        )
+    spans = rollout.scored_spans
+    for j in range(turn):
+        a, b = (int(x) for x in spans[j])
+        e.ids.extend(ids[a:b].tolist())
+        e.spans.append((a, b))
+        e.logps.append(None)
+        message = e.renderer.parse(ids[a:b].tolist(), truncated=False)
+        obs = _call(e.env, "step", number, j + 1, lambda m=message: e.env.step(m))
+        more = e.renderer.observation_ids(obs.messages)
+        nxt = int(spans[j + 1, 0]) if j + 1 < len(spans) else len(ids)
+        if obs.done or more != ids[b:nxt].tolist():
+            raise EpisodeError(
+                f"{type(e.env).__name__}.step",
+                number,
+                j + 1,
+                ValueError("the replayed observation differs from the recorded one"),
+            )
+        e.ids.extend(more)
+        e.roles.append([str(m.get("role", "")) for m in obs.messages])
+    return e
 
 
 def _take_turn(e: _Live, sample: Any, turn: int, limits: EpisodeLimits) -> None:
@@ -312,6 +386,18 @@ class EpisodeSetup:
     ) -> list[list[Episode]]:
         """Episodes without statistics (evaluation, teacher episodes)."""
         return run_episodes(engine, self.renderers, self.make_env, rows, params, self.limits, seeds)
+
+    def continue_from(
+        self,
+        engine: RolloutEngine,
+        starts: Sequence[tuple[dict, Rollout, int]],
+        params: SamplingParams,
+        seed: int,
+    ) -> list[list[Episode]]:
+        """Recorded episodes continued from a turn (continue_episodes)."""
+        return continue_episodes(
+            engine, self.renderers, self.make_env, starts, params, self.limits, seed
+        )
 
 
 def episode_metrics(rollouts: Sequence[Rollout]) -> dict[str, float]:
