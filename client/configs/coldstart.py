@@ -10,6 +10,7 @@ from pydantic import ConfigDict, Field, model_validator
 
 from opd.client.configs.groups import (
     PROMPTS_HELP,
+    EpisodeGroup,
     Group,
     SamplingGroup,
     StudentGroup,
@@ -57,8 +58,9 @@ class ColdstartConfig(Group):
             "filters": "",
             "sft": "sft_",
             "opd": "opd_",
+            "episodes": "",
         },
-        rename={"connection.wait_s": "teacher_wait_s"},
+        rename={"connection.wait_s": "teacher_wait_s", "episodes.env_args": "env_arg"},
         env={"connection.api_key": "OPD_API_KEY"},
         exclude=("sft.seed",),
     )
@@ -86,6 +88,7 @@ class ColdstartConfig(Group):
         default=0, ge=0, description="then OPD steps on the held-out prompts (0: print the command)"
     )
     opd: OPDStage = Field(default_factory=OPDStage)  # type: ignore[valid-type]
+    episodes: EpisodeGroup = Field(default_factory=EpisodeGroup)
 
     @model_validator(mode="before")
     @classmethod

@@ -79,7 +79,17 @@ def run_coldstart(config: ColdstartConfig, log: Callable[[str], None] = print) -
     started = time.perf_counter()
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    prompts = load_prompts(config.prompts, config.prompt_field)
+    data_rows: list[dict[str, Any]] = []
+    if config.episodes.env is not None:  # the environment reads whole rows
+        from opd.client.train.prompts import load_rows
+
+        data_rows, _ = load_rows(config.prompts)
+        prompts = [
+            str(r.get(config.prompt_field) or json.dumps(r, sort_keys=True, default=str))
+            for r in data_rows
+        ]
+    else:
+        prompts = load_prompts(config.prompts, config.prompt_field)
     sft_idx, opd_idx = split_prompts(len(prompts), config.sft_fraction, config.seed)
     split = {
         "seed": config.seed,
@@ -90,7 +100,8 @@ def run_coldstart(config: ColdstartConfig, log: Callable[[str], None] = print) -
         "opd_digest": _digest([prompts[i] for i in opd_idx]),
     }
     (out / "split.json").write_text(json.dumps(split, indent=1))
-    write_rows([{"prompt": prompts[i]} for i in opd_idx], out / "opd_prompts.jsonl")
+    held_out = [data_rows[i] if data_rows else {"prompt": prompts[i]} for i in opd_idx]
+    write_rows(held_out, out / "opd_prompts.jsonl")
     log(f"split: {len(sft_idx)} prompts for SFT, {len(opd_idx)} held out for OPD")
 
     runtime, sampling = config.student, config.sampling
@@ -103,13 +114,19 @@ def run_coldstart(config: ColdstartConfig, log: Callable[[str], None] = print) -
     with TeacherClient(config.teacher_url, api_key=config.connection.api_key) as teacher:
         info = teacher.connect()
         same_tokenizer = info.tokenizer_fingerprint == fingerprint_hf_tokenizer(tokenizer)
+        single = sft_idx
+        if config.episodes.env is not None:
+            rows = _teacher_episodes(
+                config, teacher, tokenizer, same_tokenizer, data_rows, sft_idx, log
+            )
+            single = []  # every SFT prompt was played as an episode
         # Prompts whose rendering + max_tokens cannot fit the teacher's context are not sent
         # (the teacher renders with the same template; with another tokenizer it may still
         # refuse one, which then costs only that prompt: see _generate_chunk).
         cap = info.limits.max_tokens_per_sequence
         sendable = []
         position = {i: j for j, i in enumerate(sft_idx)}
-        for i in sft_idx:
+        for i in single:
             n_prompt = len(chat_prompt_ids(tokenizer, prompts[i]))
             if same_tokenizer and n_prompt + sampling.max_tokens > cap:
                 refused.append(
@@ -146,6 +163,8 @@ def run_coldstart(config: ColdstartConfig, log: Callable[[str], None] = print) -
     kept, rejected, counts = filter_rows(rows, config.filters)
 
     def example(row: dict[str, Any]) -> Example:
+        if "opening_ids" in row:  # an episode: the teacher's turns trained, the rest context
+            return Example(row["opening_ids"], row["token_ids"], row["trained"])
         p_ids = chat_prompt_ids(tokenizer, row["prompt"])
         if same_tokenizer:  # the teacher's own ids, EOS included: exact
             return Example(p_ids, list(row["token_ids"]))
@@ -169,7 +188,12 @@ def run_coldstart(config: ColdstartConfig, log: Callable[[str], None] = print) -
     log("filters: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     data_path = out / f"sft_data.{config.dataset_format}"
     public = ("prompt_index", "completion_index", "prompt", "response", "token_ids")
-    write_rows([{k: r[k] for k in (*public, "finish_reason")} for r in kept], data_path)
+    # an episode's row also keeps its opening ids, its trained mask and the environment's grade
+    episode_keys = ("opening_ids", "trained", "reward", "turns", "ended")
+    write_rows(
+        [{k: r[k] for k in (*public, "finish_reason", *episode_keys) if k in r} for r in kept],
+        data_path,
+    )
     write_rows(
         [{k: r.get(k) for k in (*public, "finish_reason", "reason", "detail")} for r in rejected],
         out / "rejected.jsonl",
@@ -218,6 +242,39 @@ def run_coldstart(config: ColdstartConfig, log: Callable[[str], None] = print) -
         summary["seconds"] = round(time.perf_counter() - started, 1)
         (out / "coldstart.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def _teacher_episodes(
+    config: ColdstartConfig,
+    teacher: Any,
+    tokenizer: Any,
+    same_tokenizer: bool,
+    data_rows: list[dict[str, Any]],
+    sft_idx: list[int],
+    log: Callable[[str], None],
+) -> list[dict[str, Any]]:
+    """--env: the teacher plays the environment on every SFT row (coldstart_episodes)."""
+    from opd.client.recipes.coldstart_episodes import teacher_episode_rows
+    from opd.client.train.episodes import EpisodeSetup
+
+    if not same_tokenizer:
+        raise ValueError(
+            "env: teacher episodes continue the student's token ids turn by turn, so the "
+            "teacher must share the student's tokenizer (this one does not)"
+        )
+    setup = EpisodeSetup.of(config.episodes, tokenizer)
+    assert setup is not None
+    return teacher_episode_rows(
+        teacher,
+        setup,
+        data_rows,
+        sft_idx,
+        config.sampling.options(),
+        config.seed,
+        tokenizer,
+        Path(config.out_dir) / "teacher_responses.jsonl",
+        log,
+    )
 
 
 def _refused_row(i: int, prompt: str, why: str) -> dict[str, Any]:
@@ -270,13 +327,30 @@ def _opd_command(config: ColdstartConfig, student: Path, out: Path) -> str:
         args += ["--teacher-url", url]
     args += ["--prompts", str(out / "opd_prompts.jsonl"), "--run-dir", str(out / "opd")]
     args += ["--seed", str(config.seed), "--dtype", runtime.dtype, "--device", runtime.device]
-    for key, value in config.opd.model_dump().items():
+    for key, value in {**config.opd.model_dump(), **_episode_flags(config)}.items():
+        if isinstance(value, list):
+            for item in value:
+                args += [f"--{key.replace('_', '-')}", str(item)]
+            continue
         flag = key.replace("_", "-")
         if isinstance(value, bool):
             args.append(f"--{flag}" if value else f"--no-{flag}")
         else:
             args += [f"--{flag}", str(value)]
     return shlex.join(args)
+
+
+def _episode_flags(config: ColdstartConfig) -> dict[str, Any]:
+    """The OPD stage plays the same environment with the same limits (flag names)."""
+    e = config.episodes
+    if e.env is None:
+        return {}
+    return {
+        "env": e.env,
+        "env_arg": list(e.env_args),
+        "max_turns": e.max_turns,
+        "max_episode_tokens": e.max_episode_tokens,
+    }
 
 
 def _run_opd(config: ColdstartConfig, student: Path, out: Path) -> dict[str, float]:
@@ -297,6 +371,7 @@ def _run_opd(config: ColdstartConfig, student: Path, out: Path) -> dict[str, flo
         "dtype": config.student.dtype,
         "device": config.student.device,
         **config.opd.model_dump(),
+        **_episode_flags(config),
     }
     with Trainer(from_flags(TrainConfig, **values)) as trainer:
         history = trainer.run()

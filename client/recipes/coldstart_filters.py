@@ -11,6 +11,8 @@ pair"). A response is rejected for the first of these reasons that applies, chec
                  >= min_loop_tokens, or (long responses) fewer than min_distinct_ratio of its
                  n-grams are distinct
     no_answer    an answer pattern (regex) is required and the text does not contain it
+    low_reward   episodes (--env): a minimum reward is required and the environment gave less
+                 (or none)
 
 Works on token ids (any language, any tokenizer) except the answer pattern, which reads text.
 """
@@ -23,7 +25,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-REASONS = ("empty", "truncated", "repetition", "no_answer")
+REASONS = ("empty", "truncated", "repetition", "no_answer", "low_reward")
 
 
 class FilterConfig(BaseModel):
@@ -49,6 +51,11 @@ class FilterConfig(BaseModel):
     )
     answer_pattern: str | None = Field(
         default=None, description="regex a kept response must contain, e.g. '\\boxed'"
+    )
+    min_reward: float | None = Field(
+        default=None,
+        description="episodes (--env): the environment's reward a kept episode reaches, at "
+        "least (rejection sampling)",
     )
 
     @field_validator("answer_pattern")
@@ -92,7 +99,11 @@ def distinct_ngram_ratio(ids: list[int], n: int) -> float:
 
 
 def rejection_reason(
-    text: str, token_ids: list[int], finish_reason: str, config: FilterConfig
+    text: str,
+    token_ids: list[int],
+    finish_reason: str,
+    config: FilterConfig,
+    reward: float | None = None,
 ) -> str | None:
     """The first reason (REASONS order) to drop this response, or None to keep it.
 
@@ -111,6 +122,8 @@ def rejection_reason(
         return "repetition"
     if config.answer_pattern is not None and not re.search(config.answer_pattern, text):
         return "no_answer"
+    if config.min_reward is not None and (reward is None or reward < config.min_reward):
+        return "low_reward"
     return None
 
 
@@ -122,7 +135,9 @@ def filter_rows(
     kept, rejected = [], []
     counts = dict.fromkeys((*REASONS, "kept"), 0)
     for row in rows:
-        reason = rejection_reason(row["text"], row["content_ids"], row["finish_reason"], config)
+        reason = rejection_reason(
+            row["text"], row["content_ids"], row["finish_reason"], config, row.get("reward")
+        )
         if reason is None:
             kept.append(row)
             counts["kept"] += 1

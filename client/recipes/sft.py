@@ -24,10 +24,13 @@ from opd.client.configs.coldstart import SFTConfig
 
 @dataclass
 class Example:
-    """prompt ids (context) + response ids (learned), one training sequence."""
+    """prompt ids (context) + response ids (learned), one training sequence. An episode's
+    response holds context too (tool results, user turns): `trained[i]` says whether
+    response_ids[i] is learned (None: all of it)."""
 
     prompt_ids: list[int]
     response_ids: list[int]
+    trained: list[bool] | None = None
 
     @property
     def n_tokens(self) -> int:
@@ -45,7 +48,8 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
 
 
 def _batch(examples: list[Example], device: torch.device) -> tuple[torch.Tensor, ...]:
-    """Right-padded ids, attention mask and labels (-100 on prompt and padding)."""
+    """Right-padded ids, attention mask and labels (-100 on prompt, padding and untrained
+    response positions)."""
     longest = max(e.n_tokens for e in examples)
     ids = torch.zeros((len(examples), longest), dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -54,7 +58,10 @@ def _batch(examples: list[Example], device: torch.device) -> tuple[torch.Tensor,
         seq = e.prompt_ids + e.response_ids
         ids[b, : len(seq)] = torch.tensor(seq)
         mask[b, : len(seq)] = 1
-        labels[b, len(e.prompt_ids) : len(seq)] = torch.tensor(e.response_ids)
+        response = torch.tensor(e.response_ids)
+        if e.trained is not None:
+            response = torch.where(torch.tensor(e.trained), response, -100)
+        labels[b, len(e.prompt_ids) : len(seq)] = response
     return ids.to(device), mask.to(device), labels.to(device)
 
 

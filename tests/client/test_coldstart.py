@@ -189,3 +189,55 @@ def test_coldstart_end_to_end_on_the_embedded_default(smol_server, smol_student_
     html = build_report(out)
     assert len(list(html.parent.glob("*.png"))) >= 2
     assert "truncated" in html.read_text()
+
+
+def test_coldstart_with_an_environment_sfts_on_the_teachers_turns_only(
+    smol_server, smol_student_dir, tmp_path
+):
+    # the teacher plays the follow-up environment; SFT learns its assistant turns and nothing
+    # of the user turns; the OPD stage plays the same environment
+    out = tmp_path / "cs-env"
+    args = [
+        "coldstart",
+        "--student", str(smol_student_dir),
+        "--teacher-url", smol_server,
+        "--prompts", "task:addition:eval",
+        "--sft-fraction", "0.05",
+        "--env", "followup", "--env-arg", "turns=2", "--max-turns", "2",
+        "--out-dir", str(out),
+        "--max-tokens", "12",
+        "--temperature", "0",
+        "--sft-batch-size", "4",
+        "--opd-steps", "1",
+        "--opd-max-new-tokens", "8",
+        "--opd-n-rollouts", "2",
+        "--opd-prompts-per-step", "2",
+    ]  # fmt: skip
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "coldstart.json").read_text())
+    counts = summary["counts"]
+    raw = [json.loads(x) for x in (out / "teacher_responses.jsonl").open()]
+    assert counts["responses"] == len(raw) == counts["prompts"] >= 2
+    assert counts["kept"] >= 1
+    from transformers import AutoTokenizer
+
+    from opd.client.recipes.sft import Example, _batch
+
+    tokenizer = AutoTokenizer.from_pretrained(smol_student_dir)
+    data = [json.loads(x) for x in (out / "sft_data.jsonl").open()]
+    for row in data:
+        assert row["turns"] >= 1 and len(row["trained"]) == len(row["token_ids"])
+        ids, trained = np.array(row["token_ids"]), np.array(row["trained"])
+        # trained runs are the teacher's turns, each closed by its end-of-turn token; the rest
+        # is the environment's user turns
+        assert ids[trained][-1] == tokenizer.eos_token_id
+        context = tokenizer.decode(ids[~trained].tolist())
+        assert row["turns"] == 1 or "<|im_start|>user" in context
+        _, _, labels = _batch(
+            [Example(row["opening_ids"], row["token_ids"], row["trained"])], "cpu"
+        )
+        learned = labels[0, len(row["opening_ids"]) :]
+        assert ((learned != -100).numpy() == trained).all()
+    metrics = [json.loads(x) for x in (out / "opd" / "metrics.jsonl").open()]
+    assert metrics[-1]["episode/turns_mean"] >= 1
