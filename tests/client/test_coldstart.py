@@ -81,7 +81,15 @@ def test_reason_order_and_answer_pattern():
     kept, rejected, counts = filter_rows(rows, CFG)
     assert [r["text"] for r in kept] == ["ok"]
     assert [r["reason"] for r in rejected] == ["truncated", "empty", "repetition"]
-    assert counts == {"empty": 1, "truncated": 1, "repetition": 1, "no_answer": 0, "kept": 1}
+    assert counts == {
+        "empty": 1, "truncated": 1, "repetition": 1, "no_answer": 0, "low_reward": 0, "kept": 1
+    }  # fmt: skip
+    # episodes: a reward below --min-reward (or none) is rejected, after the other reasons
+    need = FilterConfig(min_reward=1.0)
+    assert rejection_reason("12", NATURAL, "stop", need, reward=0.5) == "low_reward"
+    assert rejection_reason("12", NATURAL, "stop", need, reward=None) == "low_reward"
+    assert rejection_reason("12", NATURAL, "stop", need, reward=1.0) is None
+    assert rejection_reason("12", NATURAL, "length", need, reward=0.0) == "truncated"
 
 
 def test_split_is_disjoint_seeded_and_never_empty():
