@@ -193,36 +193,45 @@ def smol_student_server(
 
 @pytest.fixture(scope="session")
 def turn_taking_student_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
-    """The tiny Llama with an MLP bias in its last layer that dominates the final hidden
-    state, and an LM head that gives the end-of-turn token about 1/4 of the mass there: a real
-    model whose turns end after a few tokens (a random 49k-vocabulary model almost never
-    samples its end-of-turn token)."""
+    """A tiny random Llama (SmolLM2's tokenizer, head_dim 64 as vLLM's CPU attention needs)
+    with an MLP bias in its last layer that dominates the final hidden state, and an LM head
+    that gives the end-of-turn token about 1/4 of the mass there: a real model whose turns end
+    after a few tokens (a random 49k-vocabulary model almost never samples its end-of-turn
+    token), so that its episodes run several turns."""
     import math
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     out = tmp_path_factory.mktemp("turn-taking-student")
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    config = base.config
-    config.mlp_bias = True
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+        mlp_bias=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(2)
     model = LlamaForCausalLM(config)
-    model.load_state_dict(base.state_dict(), strict=False)
-    generator = torch.Generator().manual_seed(2)
     with torch.no_grad():
-        direction = torch.randn(config.hidden_size, generator=generator)
+        direction = torch.randn(config.hidden_size)
         direction /= direction.norm()
         for layer in model.model.layers:
             layer.mlp.gate_proj.bias.zero_()
             layer.mlp.up_proj.bias.zero_()
             layer.mlp.down_proj.bias.zero_()
         model.model.layers[-1].mlp.down_proj.bias.copy_(direction * 50.0)
-        model.lm_head.weight.mul_(1 / 40.0)  # undo the teacher's peaky head: near-uniform
-        # after the final RMSNorm, h ~ direction * sqrt(H); logit(eos) ~ log(V / 3)
-        eos = tokenizer.eos_token_id
+        # after the final RMSNorm, h ~ direction * sqrt(H): every other logit is near 0 (init
+        # std 0.02), the end-of-turn token's ~ log(V / 3)
         target = math.log(len(tokenizer) / 3)
-        model.lm_head.weight[eos] = direction * target / math.sqrt(config.hidden_size)
+        model.lm_head.weight[tokenizer.eos_token_id] = direction * target / math.sqrt(128)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out

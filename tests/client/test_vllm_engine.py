@@ -5,10 +5,11 @@
   seeds make sampling reproducible; after an optimizer update the engine is measurably stale
   until `sync_weights`, and after it agrees again (log-probs and greedy output), on a copy with
   an LM head untied from the embeddings;
-- `opd train --rollout-engine vllm` end to end (one process, and 2 FSDP ranks under torchrun):
-  the logged agreement metric stays at float noise
-  on every step (each step samples the weights the previous step produced), and the saved
-  rollouts hold exactly the numbers the step used.
+- `opd train --rollout-engine vllm` end to end (one process playing multi-turn episodes of the
+  follow-up environment, and 2 FSDP ranks under torchrun on single completions): the logged
+  agreement metric stays at float noise on every step (each step samples the weights the
+  previous step produced), and the saved rollouts hold exactly the numbers the step used; an
+  episode's engine log-probs cover exactly its trained turns.
 """
 
 from __future__ import annotations
@@ -55,15 +56,18 @@ def test_engine_samples_the_trainers_current_weights(smol6_dir):
     assert r["big_seeded_batch"] == [64, 256]
 
 
-def test_opd_train_with_the_vllm_engine(smol6_dir, tiny_server, tmp_path):
+def test_opd_train_with_the_vllm_engine(turn_taking_student_dir, tiny_server, tmp_path):
+    # the tiny student that ends its turns early (tests/conftest.py): several turns per episode
     run_dir = tmp_path / "run"
     cmd = [
         sys.executable, "-m", "opd.client.cli", "train",
-        "--student", str(smol6_dir), "--teacher-url", tiny_server,
+        "--student", str(turn_taking_student_dir), "--teacher-url", tiny_server,
         "--rollout-engine", "vllm", "--save-rollouts",
         "--run-dir", str(run_dir), "--max-steps", "3", "--prompts-per-step", "2",
         "--n-rollouts", "2", "--max-new-tokens", "12", "--lr", "1e-4",
         "--objective", "student-topk", "--checkpoint-every", "100", "--logger", "jsonl",
+        "--env", "followup", "--env-arg", "turns=3", "--max-turns", "3",
+        "--prompts", "task:addition:train",
     ]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_env(), cwd=ROOT)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -77,8 +81,10 @@ def test_opd_train_with_the_vllm_engine(smol6_dir, tiny_server, tmp_path):
     assert all(s.rollout.teacher_cand_logp_TK is not None for s in saved)
     for s in saved:
         r = s.rollout
+        assert r.episode is not None and len(r.scored_spans) >= 1
         assert r.completion_len == len(r.student_token_logp_T) == len(r.teacher_token_logp_T)
         np.testing.assert_allclose(r.engine_token_logp_T, r.student_token_logp_T, atol=1e-3)
+    assert max(len(s.rollout.scored_spans) for s in saved) >= 2  # vLLM played several turns
 
 
 def test_fsdp_ranks_sync_their_engines_from_the_shards(smol6_dir, tiny_server, tmp_path):
