@@ -7,6 +7,15 @@ GET /v1/model and in every score response.
 
 PROTOCOL_VERSION = "1.3"  # 1.1: POST /v1/generate; 1.2: token_rank; 1.3: score_spans
 PROTOCOL_MAJOR = PROTOCOL_VERSION.split(".")[0]
+# The first version that serves score_spans: a client checks a teacher before sending spans.
+SCORE_SPANS_SINCE = (1, 3)
+
+
+def at_least(version: str, since: tuple[int, int]) -> bool:
+    """Whether a "MAJOR.MINOR" protocol version is `since` or later."""
+    major, _, minor = version.partition(".")
+    return (int(major), int(minor or 0)) >= since
+
 
 # Content-Type / Accept values. JSON is for humans and curl; msgpack carries raw arrays.
 JSON_MEDIA_TYPE = "application/json"

@@ -31,7 +31,13 @@ from opd.shared.schemas import (
     ScoreRequest,
 )
 from opd.shared.validation import validate_request
-from opd.shared.version import JSON_MEDIA_TYPE, MSGPACK_MEDIA_TYPE, PROTOCOL_MAJOR
+from opd.shared.version import (
+    JSON_MEDIA_TYPE,
+    MSGPACK_MEDIA_TYPE,
+    PROTOCOL_MAJOR,
+    SCORE_SPANS_SINCE,
+    at_least,
+)
 
 Encoding = Literal["msgpack", "json"]
 
@@ -133,6 +139,11 @@ class BaseTeacherClient:
     ) -> list[PackedRequest]:
         """The batch, validated whole, cut into requests under the teacher's limits."""
         packed = to_packed(request)
+        if packed.has_spans and not at_least(info.protocol_version, SCORE_SPANS_SINCE):
+            raise IncompatibleTeacherError(
+                f"score_spans (episodes) needs protocol {'.'.join(map(str, SCORE_SPANS_SINCE))}; "
+                f"teacher {info.name} speaks {info.protocol_version}: upgrade the teacher"
+            )
         validate_for(packed, info)
         chunks = split_indices(packed, info.limits, self.config.encoding)
         return [packed if len(chunks) == 1 else packed.subset(c) for c in chunks]
