@@ -355,8 +355,17 @@ def _episode_flags(config: ColdstartConfig) -> dict[str, Any]:
 
 def _run_opd(config: ColdstartConfig, student: Path, out: Path) -> dict[str, float]:
     """OPD from the SFT-ed student on the held-out prompts; the last step's metrics."""
-    from opd.client.configs.train import TrainConfig
     from opd.client.train.trainer import Trainer
+
+    with Trainer(opd_stage_config(config, student, out)) as trainer:
+        history = trainer.run()
+    return history[-1] if history else {}
+
+
+def opd_stage_config(config: ColdstartConfig, student: Path, out: Path) -> Any:
+    """The TrainConfig of the OPD stage: the recipe's teacher, seed and runtime, the held-out
+    prompts, the OPD stage's own options, and the environment with its limits (--env)."""
+    from opd.client.configs.train import TrainConfig
 
     values: dict[str, Any] = {
         "student": str(student),
@@ -373,6 +382,4 @@ def _run_opd(config: ColdstartConfig, student: Path, out: Path) -> dict[str, flo
         **config.opd.model_dump(),
         **_episode_flags(config),
     }
-    with Trainer(from_flags(TrainConfig, **values)) as trainer:
-        history = trainer.run()
-    return history[-1] if history else {}
+    return from_flags(TrainConfig, **values)

@@ -203,7 +203,8 @@ def test_coldstart_with_an_environment_sfts_on_the_teachers_turns_only(
     smol_server, smol_student_dir, tmp_path
 ):
     # the teacher plays the follow-up environment; SFT learns its assistant turns and nothing
-    # of the user turns; the OPD stage plays the same environment
+    # of the user turns; the OPD stage would play the same environment (its config and printed
+    # command; the stage itself runs in the test above, and episodes in opd train's tests)
     out = tmp_path / "cs-env"
     args = [
         "coldstart",
@@ -216,14 +217,18 @@ def test_coldstart_with_an_environment_sfts_on_the_teachers_turns_only(
         "--max-tokens", "12",
         "--temperature", "0",
         "--sft-batch-size", "4",
-        "--opd-steps", "1",
-        "--opd-max-new-tokens", "8",
-        "--opd-n-rollouts", "2",
-        "--opd-prompts-per-step", "2",
     ]  # fmt: skip
     result = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "coldstart.json").read_text())
+    assert "--env followup --env-arg turns=2 --max-turns 2" in summary["opd"]["command"]
+    from opd.client.recipes.coldstart import opd_stage_config
+
+    config = _coldstart_config(smol_student_dir, smol_server, out)
+    stage = opd_stage_config(config, out / "student", out)
+    assert stage.episodes.env == "followup" and stage.episodes.kwargs() == {"turns": 2}
+    held_out = [json.loads(x) for x in (out / "opd_prompts.jsonl").open()]
+    assert all("answer" in row for row in held_out)  # whole rows: the environment reads them
     counts = summary["counts"]
     raw = [json.loads(x) for x in (out / "teacher_responses.jsonl").open()]
     assert counts["responses"] == len(raw) == counts["prompts"] >= 2
@@ -247,5 +252,13 @@ def test_coldstart_with_an_environment_sfts_on_the_teachers_turns_only(
         )
         learned = labels[0, len(row["opening_ids"]) :]
         assert ((learned != -100).numpy() == trained).all()
-    metrics = [json.loads(x) for x in (out / "opd" / "metrics.jsonl").open()]
-    assert metrics[-1]["episode/turns_mean"] >= 1
+
+
+def _coldstart_config(student, url, out):
+    from opd.client.configs.coldstart import ColdstartConfig
+    from opd.shared.config_cli import from_flags
+
+    return from_flags(
+        ColdstartConfig, student=str(student), teacher_url=[url], prompts="task:addition:eval",
+        env="followup", env_arg=["turns=2"], max_turns=2, out_dir=str(out), opd_steps=1,
+    )  # fmt: skip
