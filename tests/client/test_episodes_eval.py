@@ -21,7 +21,7 @@ TURNS = 3
 def test_opd_eval_plays_episodes_as_student_and_as_teacher(smol_server, smollm2_dir, tmp_path):
     out = tmp_path / "eval"
     args = [
-        "eval", "--data", "task:addition:eval", "--limit", "6", "--verifier", "numeric",
+        "eval", "--data", "task:addition:eval", "--limit", "4", "--verifier", "numeric",
         "--student", str(smollm2_dir), "--teacher", f"teacher={smol_server}",
         "--env", "followup", "--env-arg", f"turns={TURNS}", "--max-turns", str(TURNS),
         "--max-tokens", "16", "--out-dir", str(out),
@@ -32,7 +32,7 @@ def test_opd_eval_plays_episodes_as_student_and_as_teacher(smol_server, smollm2_
     episodes = {}
     for source in report["sources"]:
         m = source["summary"]
-        assert m["episodes"] == 6 and 1 <= m["turns_mean"] <= TURNS
+        assert m["episodes"] == 4 and 1 <= m["turns_mean"] <= TURNS
         assert len(m["turn_accuracy"]) <= TURNS
         lines = [json.loads(x) for x in (out / source["per_prompt"]).read_text().splitlines()]
         rewards = [r["rewards"][0] for r in lines]
@@ -49,4 +49,4 @@ def test_opd_eval_plays_episodes_as_student_and_as_teacher(smol_server, smollm2_
     assert max(r for r in report["sources"][0]["summary"]["turn_accuracy"]) > 0  # it can play
     # the same weights, greedy: the same episodes through the engine and through the service
     agree = sum(a == b for a, b in zip(episodes["student"], episodes["teacher"], strict=True))
-    assert agree >= 5, episodes
+    assert agree >= 3, episodes
