@@ -1,5 +1,6 @@
-"""The benchmark commands `opd bench`, `opd bench-train` and `opd bench-load`, built on demand
-from their configs (the `opd` CLI loads this module only to run or describe one of them)."""
+"""The benchmark commands `opd bench`, `opd bench-train`, `opd bench-load` and `opd bench-spans`,
+built on demand from their configs (the `opd` CLI loads this module only to run or describe one
+of them)."""
 
 from __future__ import annotations
 
@@ -38,6 +39,17 @@ def bench_load_command() -> Any:
         doc="Benchmark the service under overload: capacity, then open-loop phases at factor "
         "x capacity; throughput, latency of 200s and 429s, 429 share, peak RSS, lost requests. "
         "The API key comes from OPD_API_KEY.",
+    )
+
+
+def bench_spans_command() -> Any:
+    from opd.bench.spans import BenchSpansConfig
+
+    return config_command(
+        BenchSpansConfig,
+        run_bench_spans_command,
+        doc="Benchmark scored spans: multi-turn episodes scored on their assistant turns only "
+        "vs from the first assistant token on; scored positions, bytes, wall time, ratios.",
     )
 
 
@@ -113,4 +125,24 @@ def run_bench_load_command(cfg: Any) -> None:
     lost = sum(p["lost"] for p in report["phases"])
     if lost:
         console.print(f"[red]{lost} requests lost[/red] (see lost_by_kind in the JSON)")
+    console.print(f"results: {report['path']}")
+
+
+def run_bench_spans_command(cfg: Any) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from opd.bench.spans import COLUMNS, run_bench_spans, table_rows
+
+    console = Console()
+    report = run_bench_spans(cfg, log=lambda msg: console.print(f"[dim]{msg}[/dim]"))
+    # one column per case: fourteen measures side by side do not fit a terminal
+    rows = table_rows(report)
+    table = Table(title=f"opd bench-spans: {report['model']}")
+    table.add_column(COLUMNS[0])
+    for row in rows:
+        table.add_column(row[0], justify="right")
+    for i, name in enumerate(COLUMNS[1:], 1):
+        table.add_row(name, *(row[i] for row in rows))
+    console.print(table)
     console.print(f"results: {report['path']}")
