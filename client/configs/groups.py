@@ -208,7 +208,8 @@ class EpisodeGroup(Group):
 
     env: str | None = Field(
         default=None,
-        description="environment: calculator, followup, module:Class (unset: single completions)",
+        description="environment: calculator, followup, module:Class, trl:module:Class or "
+        "tools:module:fn1,fn2 (unset: single completions)",
     )
     env_args: list[str] = Field(
         default_factory=list,

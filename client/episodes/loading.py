@@ -9,7 +9,9 @@ SPEC is one of:
   Without the prefix, a class that has `reset` but no `step` is taken as one too: no opd
   environment lacks `step`, and every TRL environment does, so the shape decides safely. The
   prefix is for saying so explicitly (and fails if the class has no `reset`).
-  `max_tool_calling_iterations` in kwargs goes to the wrapper, the rest to the class.
+  `max_tool_calling_iterations` in kwargs goes to the wrapper, the rest to the class;
+- "tools:module.path:fn1,fn2,...", plain tool functions as TRL's `tools=[...]` takes them,
+  unchanged, wrapped in `FunctionToolsEnv` (kwargs: `max_tool_calling_iterations`).
 
 The kwargs are checked against the constructor's signature here, so a misspelt `--env-arg`
 fails before the first episode, with the spec in the message. All errors are ValueError.
@@ -25,11 +27,14 @@ from typing import Any
 from opd.client.episodes.base import Environment
 from opd.client.episodes.calculator import CalculatorEnv
 from opd.client.episodes.followup import FollowupEnv
-from opd.client.episodes.trl_adapters import TRLEnvironment
+from opd.client.episodes.trl_adapters import FunctionToolsEnv, TRLEnvironment
 
 BUILTIN: dict[str, type] = {"calculator": CalculatorEnv, "followup": FollowupEnv}
 TRL_PREFIX = "trl:"
-_SPEC_HELP = "calculator, followup, module.path:Class or trl:module.path:Class"
+TOOLS_PREFIX = "tools:"
+_SPEC_HELP = (
+    "calculator, followup, module.path:Class, trl:module.path:Class or tools:module.path:fn1,fn2"
+)
 
 
 class EnvironmentFactory:
@@ -65,6 +70,24 @@ def _import_class(spec: str, path: str) -> type:
     return obj
 
 
+def _import_functions(spec: str, path: str) -> list[Callable]:
+    """The functions "module.path:fn1,fn2" names (TRL's tools=[...], as they are)."""
+    module_name, sep, names = path.partition(":")
+    if not sep or not module_name or not names:
+        raise ValueError(f"environment {spec!r}: expected tools:module.path:fn1,fn2")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:
+        raise ValueError(f"environment {spec!r}: cannot import {module_name!r}: {e}") from e
+    tools = []
+    for name in (n.strip() for n in names.split(",")):
+        fn = getattr(module, name, None)
+        if not callable(fn):
+            raise ValueError(f"environment {spec!r}: {module_name!r} has no function {name!r}")
+        tools.append(fn)
+    return tools
+
+
 def _check_kwargs(spec: str, cls: type, kwargs: dict) -> None:
     try:
         inspect.signature(cls).bind(**kwargs)
@@ -75,6 +98,10 @@ def _check_kwargs(spec: str, cls: type, kwargs: dict) -> None:
 def load_environment(spec: str, kwargs: dict | None = None) -> Callable[[], Environment]:
     """The factory SPEC names (see the module docstring), built with `kwargs`."""
     kwargs = dict(kwargs or {})
+    if spec.startswith(TOOLS_PREFIX):
+        tools = _import_functions(spec, spec[len(TOOLS_PREFIX) :])
+        _check_kwargs(spec, FunctionToolsEnv, {"tools": tools, **kwargs})
+        return EnvironmentFactory(spec, lambda: FunctionToolsEnv(tools, **kwargs))
     if spec in BUILTIN:
         cls = BUILTIN[spec]
         _check_kwargs(spec, cls, kwargs)

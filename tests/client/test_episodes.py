@@ -569,10 +569,20 @@ def test_load_environment_takes_trl_factories_by_prefix_or_shape():
         assert env.max_tool_calling_iterations == 2
 
 
+def test_load_environment_takes_trl_tool_functions_unchanged():
+    factory = load_environment(f"tools:{__name__}:add,explode", {"max_tool_calling_iterations": 3})
+    env = factory()
+    assert isinstance(env, FunctionToolsEnv) and env.max_tool_calling_iterations == 3
+    assert [t.__name__ for t in env.tools] == ["add", "explode"]
+    assert env.tools[0] is add  # the user's own function, not a copy
+
+
 @pytest.mark.parametrize(
     ("spec", "kwargs", "why"),
     [
         ("calc", None, "expected calculator, followup"),
+        (f"tools:{__name__}:add,nope", None, "has no function 'nope'"),
+        ("tools:no_such_module_xyz:f", None, "cannot import"),
         ("no_such_module_xyz:Env", None, "cannot import 'no_such_module_xyz'"),
         ("opd.client.episodes.followup:Nope", None, "has no attribute 'Nope'"),
         ("opd.client.episodes.calculator:calculator", None, "is not a class"),
