@@ -37,7 +37,7 @@ GREEN, ORANGE, RED, GREY = "#27ae60", "#e67e22", "#c0392b", "#9aa5b1"
 
 @dataclass(frozen=True)
 class Plot:
-    section: str  # "steps" | "depth" | "teachers" | "probe" | "coldstart" | "outcome"
+    section: str  # "steps" | "depth" | "turn" | "teachers" | "probe" | "coldstart" | "outcome"
     path: Path
     title: str
     caption: str

@@ -5,10 +5,11 @@ loads nothing from anywhere, so it can be mailed, attached to a ticket or opened
 script sets `data-images-ok` (images decoded, naturalWidth > 0) and `data-images-total` on
 <body> after load, so a headless browser can check that every plot displays.
 
-Sections, each present only when its input is: health, training over steps, by depth, teacher
-probe, cold start, quickstart before/after, saved rollouts (rollout_view.py, with its CSS),
-run config. Every dynamic string goes through html.escape; the pieces the sections share
-(numbers, tables, embedded figures) are in html_parts.py.
+Sections, each present only when its input is: health, training over steps, by depth, by turn
+(episodes: `key@turn{j}` metrics), teacher probe, cold start, quickstart before/after, saved
+rollouts (rollout_view.py, with its CSS), run config. Every dynamic string goes through
+html.escape; the pieces the sections share (numbers, tables, embedded figures) are in
+html_parts.py.
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ from opd.client.configs.train import TrainConfig
 from opd.client.report.figures import Plot
 from opd.client.report.health import Check, windows
 from opd.client.report.html_parts import embed_figures, fmt, table
-from opd.client.report.inputs import INPUT_FILES, RunInputs, num
+from opd.client.report.inputs import INPUT_FILES, TURN, RunInputs, Series, num
 from opd.client.report.labels import MAIN_METRICS
 from opd.client.report.outcome_view import outcome_section, probe_outcome_html
-from opd.client.report.plots import teachers_by_rank, verdict_color
+from opd.client.report.plots import TURN_KEYS, teachers_by_rank, verdict_color
 from opd.client.report.rollout_view import CSS as _ROLLOUT_CSS
 from opd.client.report.rollout_view import rollouts_section
 from opd.client.report.teacher_view import teacher_names, teachers_section
@@ -80,6 +81,8 @@ def render_page(inputs: RunInputs, checks: list[Check], plots: list[Plot], frac:
             "there is no breakdown by depth. Lower <code>--depth-bucket</code> to get one.</p>"
         )
         sections.append(("depth", "By depth", depth))
+        if _turns(inputs.metrics):
+            sections.append(("turn", "By turn", _by_turn(inputs.metrics, plots, frac)))
         if teacher_names(inputs.metrics):
             body = teachers_section(inputs.metrics, frac, embed_figures(plots, "teachers"))
             sections.append(("teachers", "Teachers", body))
@@ -175,6 +178,8 @@ def _steps(inputs: RunInputs, plots: list[Plot], frac: float) -> str:
     assert series is not None
     keys = [*MAIN_METRICS, ("train/grad_norm", "gradient norm (pre-clip)", "")]
     keys.append(("rollout/truncated_frac", "truncated rollouts", "down"))
+    keys.append(("episode/truncated_frac", "truncated episodes (--env)", "down"))
+    keys.append(("episode/reward_mean", "environment reward per episode (--env)", "up"))
     rows = []
     for key, label, direction in keys:
         w = windows(series, key, frac)
@@ -201,15 +206,68 @@ def _steps(inputs: RunInputs, plots: list[Plot], frac: float) -> str:
     return intro + steps_table + embed_figures(plots, "steps")
 
 
+# Short column names of the main diagnostics, for tables with several of them.
+_SHORT = {
+    "overlap/ratio": "overlap",
+    "overlap/token_advantage": "overlap adv.",
+    "entropy/gap": "entropy gap",
+    "kl/sampled": "reverse KL",
+    "overlap/mass_teacher": "mass q",
+}
+
+
+def _turns(series: Series) -> list[tuple[int, ...]]:
+    """The assistant turns (as TURN labels) with any per-turn diagnostic logged."""
+    return sorted(
+        {j for key in (*TURN_KEYS, "tokens/count") for j in TURN.labels(series.columns, key)}
+    )
+
+
+def _by_turn(series: Series, plots: list[Plot], frac: float) -> str:
+    """Episodes (--env): per assistant turn, its positions per step and the early and late
+    means of TURN_KEYS (as in "Training over steps"), then the by-turn figures."""
+    import numpy as np
+
+    turns = _turns(series)
+    directions = {key: direction for key, _, direction in MAIN_METRICS}
+    rows = []
+    for label in turns:
+        counts = series.get(TURN.column("tokens/count", label))
+        cells = []
+        for key in TURN_KEYS:
+            w = windows(series, TURN.column(key, label), frac)
+            cells.append(
+                "-"
+                if w is None
+                else f"{fmt(w.first)} &rarr; {fmt(w.last)} "
+                + _moved_well(directions.get(key, ""), w.first, w.last)
+            )
+        rows.append(
+            (
+                TURN.tick(label),
+                "-" if counts is None else fmt(float(np.nanmean(counts))),
+                "-" if counts is None else str(int(np.isfinite(counts).sum())),
+                *cells,
+            )
+        )
+    headers = ("turn", "positions/step", "steps", *(_SHORT[k] for k in TURN_KEYS))
+    figures = embed_figures(plots, "turn") or (
+        "<p>Every logged episode has one assistant turn, so there is no breakdown by turn to "
+        "plot.</p>"
+    )
+    return (
+        "<p>Episodes (<code>--env</code>): the diagnostics on the positions of each assistant "
+        "turn (0: the first reply; tool results and user turns between them are not scored). "
+        "Positions/step: the mean number of scored positions in that turn per step; steps: "
+        f"how many steps had an episode that long. Each metric: early &rarr; late, the means "
+        f"over the first and the last {frac:.0%} of the steps; &#10003; marks a move toward "
+        "the teacher.</p>" + table(headers, rows, set(range(1, len(headers)))) + figures
+    )
+
+
 def _probe(probe: dict[str, Any], plots: list[Plot]) -> str:
     teachers = teachers_by_rank(probe)
-    shown = (
-        ("overlap/ratio", "overlap"),
-        ("overlap/token_advantage", "overlap adv."),
-        ("entropy/gap", "entropy gap"),
-        ("kl/sampled", "reverse KL"),
-        ("overlap/mass_teacher", "mass q"),
-    )
+    shown = tuple(_SHORT.items())
     rows = []
     for t in teachers:
         v = t.get("verdict") or {}

@@ -3,6 +3,8 @@
 `load_inputs(RUN_DIR)` reads whatever of INPUT_FILES (and config.json, and the list of saved
 rollout steps) the folder holds; the JSONL logs become `Series` (columns over steps, nan where
 a step did not log a key). ReportError when there is nothing to report or a file cannot be read.
+A metric broken down by depth (`key@depth{a}-{b}`) or by assistant turn (`key@turn{j}`) is read
+through one `Breakdown` each, DEPTH and TURN.
 build.py lists what each file is; health.py, plots.py and html.py read what this module loads.
 Importing it is cheap: numpy is imported inside the functions.
 """
@@ -21,7 +23,10 @@ if TYPE_CHECKING:
     import numpy as np
 
 __all__ = [
+    "DEPTH",
     "INPUT_FILES",
+    "TURN",
+    "Breakdown",
     "ReportError",
     "RunInputs",
     "Series",
@@ -41,7 +46,40 @@ INPUT_FILES = (
     "eval.json",
 )
 
-_DEPTH_KEY = re.compile(r"^(?P<key>.+)@depth(?P<a>\d+)-(?P<b>\d+)$")
+
+@dataclass(frozen=True)
+class Breakdown:
+    """How a metric is split into parts, each logged as its own key `<key>@<name><label>`: by
+    depth bucket (`@depth{a}-{b}`, label (a, b)) or by assistant turn (`@turn{j}`, label (j,)).
+    Labels are tuples of ints, ordered as the parts are (shallow first, first turn first)."""
+
+    name: str  # "depth" | "turn": the word in the key, and the report section of its figures
+    axis: str  # what the parts are, for an axis label
+    suffix: re.Pattern[str]  # the label after "@<name>"
+
+    def labels(self, metrics: Iterable[str], key: str) -> list[tuple[int, ...]]:
+        """The label of every `key@<name><label>` among the names in `metrics`, in order."""
+        found = set()
+        marker = f"{key}@{self.name}"
+        for name in metrics:
+            if name.startswith(marker):
+                m = self.suffix.fullmatch(name, len(marker))
+                if m:
+                    found.add(tuple(int(g) for g in m.groups()))
+        return sorted(found)
+
+    def column(self, key: str, label: tuple[int, ...]) -> str:
+        """The logged key of `key`'s part `label`."""
+        return f"{key}@{self.name}{self.tick(label)}"
+
+    @staticmethod
+    def tick(label: tuple[int, ...]) -> str:
+        """The label as text: "0-1023" for a depth bucket, "2" for a turn."""
+        return "-".join(map(str, label))
+
+
+DEPTH = Breakdown("depth", "completion position (depth bucket)", re.compile(r"(\d+)-(\d+)"))
+TURN = Breakdown("turn", "assistant turn", re.compile(r"(\d+)"))
 
 
 class ReportError(ValueError):
@@ -87,21 +125,21 @@ class Series:
 
     def depth_matrix(self, key: str) -> tuple[list[tuple[int, int]], np.ndarray]:
         """The buckets of `key` and its [S, B] values (nan where a step had no such position)."""
+        return self.matrix(key, DEPTH)
+
+    def matrix(self, key: str, by: Breakdown) -> tuple[list[tuple[int, ...]], np.ndarray]:
+        """The parts of `key` under `by` and its [S, L] values (nan where a step had no
+        position in that part: no such depth, or no episode that long)."""
         import numpy as np
 
-        buckets = self.depth_buckets(key)
-        cols = [self.columns[f"{key}@depth{a}-{b}"] for a, b in buckets]
-        return buckets, (np.stack(cols, axis=1) if cols else np.empty((len(self), 0)))
+        labels = by.labels(self.columns, key)
+        cols = [self.columns[by.column(key, label)] for label in labels]
+        return labels, (np.stack(cols, axis=1) if cols else np.empty((len(self), 0)))
 
 
 def depth_buckets(metrics: Iterable[str], key: str) -> list[tuple[int, int]]:
     """(a, b) of every `key@depth{a}-{b}` among the names in `metrics`, by depth."""
-    found = set()
-    for name in metrics:
-        m = _DEPTH_KEY.match(name)
-        if m and m["key"] == key:
-            found.add((int(m["a"]), int(m["b"])))
-    return sorted(found)
+    return DEPTH.labels(metrics, key)
 
 
 def _as_float(v: Any) -> float | None:

@@ -1,5 +1,6 @@
 """The report's outcome parts: accuracy over training, `opd eval` summaries, and the probe's
-reward AUROC and teacher-continuation depth curve.
+reward AUROC and teacher-continuation depth curve, along a response (by prefix length) and
+across an episode's turns (by start turn): DEPTH_FORMS.
 
 Inputs (any subset): RUN_DIR/eval.jsonl (`opd train --eval-set`: one line per evaluation, step 0
 is before training), RUN_DIR/eval.json (`opd eval`), and the "student_outcome", per-teacher
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import html
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -108,44 +110,107 @@ def eval_summary_plot(summary: dict[str, Any], out_dir: Path) -> list[Plot]:
     ]
 
 
+@dataclass(frozen=True)
+class DepthForm:
+    """One form of probe.json's "depth_probe": its rows and how they read. `opd probe --depth`
+    cuts single responses at prefix lengths ("by_prefix", accuracy of the continuation);
+    `opd probe --depth --env` replays episodes through their first j assistant turns ("by_turn",
+    the continued episode's score: the environment's reward, or correctness). Each row:
+    {x, "rollouts", "student": {score, ...}, "teachers": {name: {score, "advantage",
+    "advantage_ci"}}}."""
+
+    rows: str  # the key of the rows in depth_probe
+    x: str  # a row's position field
+    score: str  # the student's and a teacher's score field
+    x_label: str  # the plot's x axis
+    y_label: str  # the plot's left y axis
+    advantage_label: str  # the plot's right y axis
+    headers: tuple[str, ...]  # the table's: x, teacher, rollouts, student, teacher, advantage
+    intro: str  # the table's, with {samples}
+    name: str  # the PNG
+    title: str
+    caption: str
+    y_range: tuple[float, float] | None = None
+    ticks_at_x: bool = False  # one tick per row (discrete starts)
+    score_ci: bool = False  # the table shows the scores' intervals too
+
+
+DEPTH_FORMS = (
+    DepthForm(
+        rows="by_prefix",
+        x="prefix_tokens",
+        score="accuracy",
+        x_label="prefix length (completion tokens)",
+        y_label="accuracy of the continuation",
+        advantage_label="teacher advantage (acc_teacher - acc_student)",
+        headers=("prefix tokens", "teacher", "rollouts", "student acc", "teacher acc", "advantage"),
+        intro="Depth probe: {samples} continuations per prefix and model.",
+        name="probe_depth_continuation",
+        title="Teacher-continuation depth probe",
+        caption="Left: accuracy when the teacher (colours) or the student (grey) continues the "
+        "same student prefixes, by prefix length. Right: the teacher's advantage with a "
+        "bootstrap 95% interval over rollouts. The method's long-horizon finding: the advantage "
+        "falls as the prefix grows (the teacher's dense reward matters less deep in a "
+        "response).",
+        y_range=_ACCURACY,
+    ),
+    DepthForm(
+        rows="by_turn",
+        x="turn",
+        score="score",
+        x_label="start turn (assistant turns the student played first)",
+        y_label="score of the continued episode",
+        advantage_label="teacher advantage (teacher - student)",
+        headers=("from turn", "teacher", "episodes", "student score", "teacher score", "advantage"),
+        intro="Depth probe across turns: {samples} continuations per start and model; the "
+        "score is the environment's reward, or the correctness of the final answer.",
+        name="probe_depth_turns",
+        title="Teacher-continuation depth probe across turns",
+        caption="Left: the score of the episode when the teacher (colours) or the student "
+        "(grey) plays on from assistant turn j of the same student episodes (the first j "
+        "turns are the student's own; 0: from the start). Right: the teacher's advantage with "
+        "a bootstrap 95% interval over episodes. An advantage that falls toward 0 as j grows "
+        "means the teacher helps less once the student has steered the episode: its signal "
+        "matters most on the early turns.",
+        ticks_at_x=True,
+        score_ci=True,
+    ),
+)
+
+
 def depth_probe_plot(depth: dict[str, Any], out_dir: Path) -> list[Plot]:
-    rows = depth.get("by_prefix") or []
+    """The depth curve of every form in `depth` (DEPTH_FORMS), in section "probe"."""
+    return [plot for form in DEPTH_FORMS for plot in _depth_form_plot(depth, form, out_dir)]
+
+
+def _depth_form_plot(depth: dict[str, Any], form: DepthForm, out_dir: Path) -> list[Plot]:
+    rows = depth.get(form.rows) or []
     if not rows:
         return []
-    x = [r["prefix_tokens"] for r in rows]
+    x = [r[form.x] for r in rows]
     teachers = sorted({name for r in rows for name in r["teachers"]})
     fig, axes = figure(1, 2, 9.6, 3.2)
     ax, ax2 = axes[0, 0], axes[0, 1]
     ax.plot(
         x,
-        [num(r["student"]["accuracy"]) for r in rows],
+        [num(r["student"][form.score]) for r in rows],
         marker="o",
         color=GREY,
         label="student continues",
     )
     for i, name in enumerate(teachers):
-        ys = [num(r["teachers"].get(name, {}).get("accuracy")) for r in rows]
+        ys = [num(r["teachers"].get(name, {}).get(form.score)) for r in rows]
         ax.plot(x, ys, marker="o", color=f"C{i}", label=f"{name} continues")
         adv = [num(r["teachers"].get(name, {}).get("advantage")) for r in rows]
         err = _error_bars(adv, [r["teachers"].get(name, {}).get("advantage_ci") for r in rows])
         ax2.errorbar(x, adv, yerr=err, marker="o", color=f"C{i}", capsize=3, label=name)
-    prefix = "prefix length (completion tokens)"
-    _style(ax, prefix, "accuracy of the continuation", _ACCURACY)
+    _style(ax, form.x_label, form.y_label, form.y_range)
     ax2.axhline(0.0, color=RED, linewidth=0.8)
-    _style(ax2, prefix, "teacher advantage (acc_teacher - acc_student)")
-    return [
-        save(
-            fig,
-            out_dir,
-            "probe_depth_continuation",
-            "probe",
-            "Teacher-continuation depth probe",
-            "Left: accuracy when the teacher (colours) or the student (grey) continues the same "
-            "student prefixes, by prefix length. Right: the teacher's advantage with a bootstrap "
-            "95% interval over rollouts. The method's long-horizon finding: the advantage falls "
-            "as the prefix grows (the teacher's dense reward matters less deep in a response).",
-        )
-    ]
+    _style(ax2, form.x_label, form.advantage_label)
+    if form.ticks_at_x:
+        for a in (ax, ax2):
+            a.set_xticks(x)
+    return [save(fig, out_dir, form.name, "probe", form.title, form.caption)]
 
 
 # ---- HTML -------------------------------------------------------------------------------------
@@ -239,33 +304,38 @@ def probe_outcome_html(probe: dict[str, Any]) -> str:
         )
     depth = probe.get("depth_probe")
     if depth:
-        rows = []
-        for r in depth.get("by_prefix", []):
-            for name, t in r["teachers"].items():
-                lo, hi = (t.get("advantage_ci") or [None, None])[:2]
-                rows.append(
-                    (
-                        str(r["prefix_tokens"]),
-                        html.escape(name),
-                        str(r["rollouts"]),
-                        fmt(r["student"]["accuracy"]),
-                        fmt(t.get("accuracy")),
-                        f"{fmt(t.get('advantage'))} [{fmt(lo)}, {fmt(hi)}]",
-                    )
-                )
-        headers = (
-            "prefix tokens",
-            "teacher",
-            "rollouts",
-            "student acc",
-            "teacher acc",
-            "advantage",
-        )
-        parts.append(
-            f"<p>Depth probe: {depth.get('samples')} continuations per prefix and model.</p>"
-            + table(headers, rows, {2, 3, 4})
-        )
+        parts += [_depth_form_table(depth, form) for form in DEPTH_FORMS if depth.get(form.rows)]
     return "".join(parts)
+
+
+def _depth_form_table(depth: dict[str, Any], form: DepthForm) -> str:
+    """One row per position and teacher: rollouts, both scores, the advantage [95% CI]."""
+    rows = []
+    for r in depth[form.rows]:
+        student = r["student"]
+        for name, t in r["teachers"].items():
+            lo, hi = (t.get("advantage_ci") or [None, None])[:2]
+            rows.append(
+                (
+                    str(r[form.x]),
+                    html.escape(name),
+                    str(r["rollouts"]),
+                    _score(student, form),
+                    _score(t, form),
+                    f"{fmt(t.get('advantage'))} [{fmt(lo)}, {fmt(hi)}]",
+                )
+            )
+    intro = html.escape(form.intro.format(samples=depth.get("samples")))
+    return f"<p>{intro}</p>" + table(form.headers, rows, {2, 3, 4})
+
+
+def _score(entry: dict[str, Any], form: DepthForm) -> str:
+    """A student's or teacher's score, with its interval where the form shows one."""
+    text = fmt(entry.get(form.score))
+    if form.score_ci and entry.get("ci"):
+        lo, hi = (entry["ci"] + [None, None])[:2]
+        text += f" [{fmt(lo)}, {fmt(hi)}]"
+    return text
 
 
 def _style(ax: Axes, xlabel: str, ylabel: str, ylim: tuple[float, float] | None = None) -> None:

@@ -28,7 +28,7 @@ from opd.client.report.figures import (
     series_figure,
 )
 from opd.client.report.health import span, window_slices
-from opd.client.report.inputs import RunInputs, Series, depth_buckets, num
+from opd.client.report.inputs import DEPTH, TURN, Breakdown, RunInputs, Series, num
 from opd.client.report.labels import MAIN_METRICS
 from opd.client.report.outcome_view import outcome_plots
 from opd.client.report.teacher_view import teacher_plots
@@ -45,6 +45,7 @@ def all_plots(inputs: RunInputs, out_dir: Path, frac: float) -> list[Plot]:
     if inputs.metrics is not None:
         plots += step_plots(inputs.metrics, out_dir, frac)
         plots += depth_plots(inputs.metrics, out_dir, frac)
+        plots += turn_plots(inputs.metrics, out_dir, frac)
         plots += teacher_plots(inputs.metrics, out_dir, frac)
     if inputs.probe is not None:
         plots += probe_plots(inputs.probe, out_dir)
@@ -61,6 +62,11 @@ _WINDOWS_NOTE = " Grey bands: the early and late windows that the health checks 
 
 
 def step_plots(series: Series, out_dir: Path, frac: float) -> list[Plot]:
+    """The figures over steps (section "steps"), each where its keys were logged. The episodes'
+    own figure (episode/*: turns, endings, reward) is one of them, not in "By turn": these are
+    one number per step like the others, not one per turn; they are logged for episodes of a
+    single turn too, which have no by-turn breakdown; and they extend the rollout length and
+    truncation figure next to them."""
     figures = [
         (
             "kl",
@@ -182,6 +188,34 @@ def step_plots(series: Series, out_dir: Path, frac: float) -> list[Plot]:
             ],
         ),
         (
+            "episodes",
+            "Episodes: turns, endings, reward",
+            "Multi-turn episodes (--env): assistant turns per episode (mean and longest), how "
+            "episodes ended and the environment's mean reward where it gives one. Truncated is "
+            "the share stopped by a limit rather than by the environment, split into "
+            "--max-turns, a turn that hit --max-new-tokens and --max-episode-tokens. Rising "
+            "truncation or turn counts at the limit mean episodes run long or loop; the "
+            "environment's reward is the outcome the teacher's per-token signal should "
+            "raise.",
+            [
+                Panel(
+                    "assistant turns",
+                    [("episode/turns_mean", "mean"), ("episode/turns_max", "longest")],
+                ),
+                Panel(
+                    "share of episodes",
+                    [
+                        ("episode/truncated_frac", "truncated"),
+                        ("episode/ended_max_turns_frac", "at --max-turns"),
+                        ("episode/ended_turn_tokens_frac", "turn hit --max-new-tokens"),
+                        ("episode/ended_episode_tokens_frac", "at --max-episode-tokens"),
+                    ],
+                ),
+                Panel("episode length", [("episode/tokens_mean", "tokens/episode")]),
+                Panel("environment reward", [("episode/reward_mean", "mean over episodes")]),
+            ],
+        ),
+        (
             "time",
             "Time and throughput",
             "Seconds per step spent sampling (generate), waiting for the teacher (score_wait) "
@@ -208,7 +242,7 @@ def step_plots(series: Series, out_dir: Path, frac: float) -> list[Plot]:
 
 
 # --------------------------------------------------------------------------------------------
-# metrics.jsonl: by depth
+# metrics.jsonl: by depth and by assistant turn
 # --------------------------------------------------------------------------------------------
 
 DEPTH_KEYS = (
@@ -223,31 +257,99 @@ HEATMAP_KEYS = ("overlap/ratio", "overlap/token_advantage", "entropy/gap")
 _LOWER_IS_BETTER = frozenset({"entropy/gap", "kl/sampled"})
 
 
-def _style_depth_axis(ax: Axes, key: str, buckets: Sequence[tuple[int, int]]) -> None:
-    """Title, depth-bucket ticks, grid and legend of one by-depth panel."""
+TURN_KEYS = ("overlap/ratio", "overlap/token_advantage", "kl/sampled", "entropy/gap")
+_ZERO_LINE = frozenset({"overlap/token_advantage", "reward/seq_mean"})
+
+
+def _style_parts_axis(ax: Axes, key: str, labels: Sequence[tuple[int, ...]], by: Breakdown) -> None:
+    """Title, ticks of the parts (depth buckets, turns), grid and legend of one panel."""
     ax.set_title(_LABELS.get(key, key), fontsize=10)
-    _bucket_axis(ax, buckets)
+    _parts_axis(ax, labels, by)
     ax.tick_params(labelsize=8)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
 
 
-def _bucket_axis(ax: Axes, buckets: Sequence[tuple[int, int]]) -> None:
-    step = max(1, math.ceil(len(buckets) / 8))  # at most 8 tick labels
-    ticks = list(range(0, len(buckets), step))
-    labels = [f"{buckets[i][0]}-{buckets[i][1]}" for i in ticks]
-    long = max(map(len, labels)) * len(labels) > 40  # would run into each other: slant them
+def _parts_axis(ax: Axes, labels: Sequence[tuple[int, ...]], by: Breakdown) -> None:
+    step = max(1, math.ceil(len(labels) / 8))  # at most 8 tick labels
+    ticks = list(range(0, len(labels), step))
+    texts = [by.tick(labels[i]) for i in ticks]
+    long = max(map(len, texts)) * len(texts) > 40  # would run into each other: slant them
     ax.set_xticks(
-        ticks, labels, fontsize=7, rotation=30 if long else 0, ha="right" if long else "center"
+        ticks, texts, fontsize=7, rotation=30 if long else 0, ha="right" if long else "center"
     )
-    ax.set_xlabel("completion position (depth bucket)", fontsize=9)
+    ax.set_xlabel(by.axis, fontsize=9)
 
 
 def depth_plots(series: Series, out_dir: Path, frac: float) -> list[Plot]:
     """Early vs late profile over depth, and a steps x depth heatmap; needs >= 2 buckets."""
+    return breakdown_plots(
+        series,
+        out_dir,
+        frac,
+        DEPTH,
+        DEPTH_KEYS,
+        (
+            "Diagnostics by depth: early vs late steps",
+            "Each metric per bucket of completion positions, averaged over the early and the "
+            "late window of steps. Healthy: the late line is better than the early one at every "
+            "depth. The paper sees instability start at the end of long responses and move "
+            "toward the start: watch the right-hand buckets first.",
+        ),
+        (
+            "Diagnostics over steps x depth",
+            "Rows are depth buckets (start of the response at the bottom), columns are steps; "
+            "blank cells had no positions at that depth. In every panel brighter is better: "
+            "higher overlap, advantage nearer 0, smaller entropy gap. A healthy run brightens "
+            "from left to right in every row; a failing one darkens first in the top (deepest) "
+            "rows.",
+        ),
+    )
+
+
+def turn_plots(series: Series, out_dir: Path, frac: float) -> list[Plot]:
+    """Episodes (--env): early vs late profile over the assistant turn, and a steps x turn
+    heatmap, from the `key@turn{j}` columns; needs episodes of >= 2 turns."""
+    return breakdown_plots(
+        series,
+        out_dir,
+        frac,
+        TURN,
+        TURN_KEYS,
+        (
+            "Diagnostics by assistant turn: early vs late steps",
+            "Each metric on the positions of assistant turn j of the episodes (0: the first "
+            "reply), averaged over the early and the late window of steps. Healthy: the late "
+            "line is better than the early one at every turn. A teacher whose signal holds on "
+            "the first turn but fades on later ones (overlap falling, KL or entropy gap "
+            "growing with j) teaches little about acting on tool results and follow-ups.",
+        ),
+        (
+            "Diagnostics over steps x turn",
+            "Rows are assistant turns (the first at the bottom), columns are steps; blank cells "
+            "had no episode that long. In every panel brighter is better: higher overlap, "
+            "advantage nearer 0, smaller entropy gap. A healthy run brightens from left to "
+            "right in every row; a teacher that only helps early in an episode leaves the top "
+            "(late-turn) rows dark.",
+        ),
+    )
+
+
+def breakdown_plots(
+    series: Series,
+    out_dir: Path,
+    frac: float,
+    by: Breakdown,
+    keys: Sequence[str],
+    profile: tuple[str, str],
+    heatmap: tuple[str, str],
+) -> list[Plot]:
+    """The figures of one breakdown (DEPTH or TURN), section `by.name`: each key of `keys` with
+    >= 2 parts averaged over the early and the late window ("{name}_profile"), and HEATMAP_KEYS
+    over steps x parts ("{name}_heatmap"); profile and heatmap are (title, caption)."""
     import numpy as np
 
-    keys = [k for k in DEPTH_KEYS if len(series.depth_buckets(k)) >= 2]
+    keys = [k for k in keys if len(by.labels(series.columns, k)) >= 2]
     if not keys or len(series) < 1:
         return []
     plots = []
@@ -255,63 +357,40 @@ def depth_plots(series: Series, out_dir: Path, frac: float) -> list[Plot]:
     steps = series.steps_S
     fig, axes = panel_grid(len(keys), lambda rows, cols: (4.2 * cols, 3.0 * rows))
     for ax, key in zip(axes, keys, strict=True):
-        buckets, m_SB = series.depth_matrix(key)
-        x = np.arange(len(buckets))
+        labels, m_SL = series.matrix(key, by)
+        x = np.arange(len(labels))
         for rows_, label, color in ((a, "early", "C0"), (b, "late", "C3")):
-            y = _nanmean_rows(m_SB[rows_])
+            y = _nanmean_rows(m_SL[rows_])
             ax.plot(x, y, marker="o", color=color, label=f"{label}: steps {span(steps[rows_])}")
-        if key in ("overlap/token_advantage", "reward/seq_mean"):
+        if key in _ZERO_LINE:
             ax.axhline(0.0, color="0.4", linewidth=0.8, linestyle="--")
-        _style_depth_axis(ax, key, buckets)
-    plots.append(
-        save(
-            fig,
-            out_dir,
-            "depth_profile",
-            "depth",
-            "Diagnostics by depth: early vs late steps",
-            "Each metric per bucket of completion positions, averaged over the early and the "
-            "late window of steps. Healthy: the late line is better than the early one at every "
-            "depth. The paper sees instability start at the end of long responses and move toward "
-            "the start: watch the right-hand buckets first.",
-        )
-    )
+        _style_parts_axis(ax, key, labels, by)
+    plots.append(save(fig, out_dir, f"{by.name}_profile", by.name, *profile))
 
-    keys = [k for k in HEATMAP_KEYS if len(series.depth_buckets(k)) >= 2]
+    keys = [k for k in HEATMAP_KEYS if len(by.labels(series.columns, k)) >= 2]
+    if not keys:
+        return plots
     fig, axes = figure(len(keys), 1, 7.5, 2.4 * len(keys))
     for ax, key in zip(axes.flat, keys, strict=False):
-        buckets, m_SB = series.depth_matrix(key)
+        labels, m_SL = series.matrix(key, by)
         cmap = "viridis_r" if key in _LOWER_IS_BETTER else "viridis"  # bright = better
         image = ax.imshow(
-            np.ma.masked_invalid(m_SB.T),
+            np.ma.masked_invalid(m_SL.T),
             aspect="auto",
             origin="lower",
             interpolation="nearest",
             cmap=cmap,
-            extent=(steps[0] - 0.5, steps[-1] + 0.5, -0.5, len(buckets) - 0.5),
+            extent=(steps[0] - 0.5, steps[-1] + 0.5, -0.5, len(labels) - 0.5),
         )
         fig.colorbar(image, ax=ax, shrink=0.9)
-        ax.set_yticks(range(len(buckets)), [f"{lo}-{hi}" for lo, hi in buckets], fontsize=7)
-        if len(buckets) > 10:
+        ax.set_yticks(range(len(labels)), [by.tick(label) for label in labels], fontsize=7)
+        if len(labels) > 10:
             ax.yaxis.set_major_locator(_max_n_locator(10))
-        ax.set_ylabel("depth", fontsize=9)
+        ax.set_ylabel(by.name, fontsize=9)
         ax.set_title(_LABELS.get(key, key), fontsize=10)
         ax.tick_params(labelsize=8)
     axes.flat[-1].set_xlabel("step", fontsize=9)
-    plots.append(
-        save(
-            fig,
-            out_dir,
-            "depth_heatmap",
-            "depth",
-            "Diagnostics over steps x depth",
-            "Rows are depth buckets (start of the response at the bottom), columns are steps; "
-            "blank cells had no positions at that depth. In every panel brighter is better: "
-            "higher overlap, advantage nearer 0, smaller entropy gap. A healthy run brightens "
-            "from left to right in every row; a failing one darkens first in the top (deepest) "
-            "rows.",
-        )
-    )
+    plots.append(save(fig, out_dir, f"{by.name}_heatmap", by.name, *heatmap))
     return plots
 
 
@@ -404,33 +483,54 @@ def probe_plots(probe: dict[str, Any], out_dir: Path) -> list[Plot]:
                 "knows something the student does not).",
             )
         )
-    keys = [
-        k
-        for k in PROBE_DEPTH_KEYS
-        if any(len(depth_buckets(_metrics(t), k)) >= 2 for t in teachers)
-    ]
-    if keys:
-        fig, axes = panel_grid(len(keys), lambda rows, cols: (4.8 * cols, 3.0 * rows), 2)
-        for ax, key in zip(axes, keys, strict=True):
-            buckets = sorted({b for t in teachers for b in depth_buckets(_metrics(t), key)})
-            for i, (t, name) in enumerate(zip(teachers, names, strict=True)):
-                m = _metrics(t)
-                y = [num(m.get(f"{key}@depth{lo}-{hi}")) for lo, hi in buckets]
-                ax.plot(range(len(buckets)), y, marker="o", color=f"C{i}", label=name)
-            _style_depth_axis(ax, key, buckets)
-        plots.append(
-            save(
-                fig,
-                out_dir,
-                "probe_depth",
-                "probe",
-                "Teachers by depth",
-                "The main diagnostics per bucket of completion positions, one line per teacher. "
-                "A teacher whose overlap falls or whose KL grows toward the end of the responses "
-                "gives a weaker signal on long responses.",
-            )
-        )
+    plots += _teachers_by(
+        teachers,
+        names,
+        out_dir,
+        DEPTH,
+        "Teachers by depth",
+        "The main diagnostics per bucket of completion positions, one line per teacher. "
+        "A teacher whose overlap falls or whose KL grows toward the end of the responses "
+        "gives a weaker signal on long responses.",
+    )
+    plots += _teachers_by(
+        teachers,
+        names,
+        out_dir,
+        TURN,
+        "Teachers by turn",
+        "Episodes (--env): the main diagnostics on the positions of each assistant turn of the "
+        "student's episodes (0: the first reply), one line per teacher. A teacher whose "
+        "overlap falls or whose KL grows on later turns, after tool results and follow-ups, "
+        "gives a weaker signal deep in an episode.",
+    )
     return plots
+
+
+def _teachers_by(
+    teachers: list[dict[str, Any]],
+    names: list[str],
+    out_dir: Path,
+    by: Breakdown,
+    title: str,
+    caption: str,
+) -> list[Plot]:
+    """PROBE_DEPTH_KEYS per part of `by`, one line per teacher ("probe_{by.name}"); nothing
+    when no teacher has a key in 2 or more parts."""
+    keys = [
+        k for k in PROBE_DEPTH_KEYS if any(len(by.labels(_metrics(t), k)) >= 2 for t in teachers)
+    ]
+    if not keys:
+        return []
+    fig, axes = panel_grid(len(keys), lambda rows, cols: (4.8 * cols, 3.0 * rows), 2)
+    for ax, key in zip(axes, keys, strict=True):
+        labels = sorted({label for t in teachers for label in by.labels(_metrics(t), key)})
+        for i, (t, name) in enumerate(zip(teachers, names, strict=True)):
+            m = _metrics(t)
+            y = [num(m.get(by.column(key, label))) for label in labels]
+            ax.plot(range(len(labels)), y, marker="o", color=f"C{i}", label=name)
+        _style_parts_axis(ax, key, labels, by)
+    return [save(fig, out_dir, f"probe_{by.name}", "probe", title, caption)]
 
 
 # --------------------------------------------------------------------------------------------
