@@ -2,6 +2,7 @@
 
     opd serve [--model PATH_OR_ID] [--dtype ...] [--device ...] [--port 8000]
     opd train --student PATH --teacher-url http://HOST:8000 --prompts FILE [options]
+    opd train ... --env followup|calculator|module:Class   # multi-turn / tool-use episodes
     opd quickstart          # OPD end to end on the embedded SmolLM2, no flags
     opd score-demo          # the teacher service scoring an example
     opd probe --student PATH --teacher a=URL [--teacher b=URL2 ...]      # will OPD work?
@@ -12,6 +13,7 @@
     opd bench               # scoring throughput/latency/memory/payload vs naive HF and vLLM
     opd bench-train         # student side: rollout engines, OPD steps, student-math memory
     opd bench-load          # the service at 2x and 10x its capacity: 429s, latency, lost
+    opd bench-spans         # what multi-turn scoring costs: scored spans vs one scored tail
 
 Why lazy: `opd --help` lists the commands from this table alone, and `opd train --help` imports
 only TrainConfig (opd.client.configs), so neither loads torch, transformers or vLLM, which take
