@@ -60,7 +60,21 @@ class TrainingEval:
         )
         self.verifier = load_verifier(options.verifier)
         self.params = options.sampling.options(seed=config.seed)
-        self.source = EngineSource(engine, tokenizer)
+        self.source: Any = EngineSource(engine, tokenizer)
+        # --env: the questions are played as episodes of the run's environment, graded by its
+        # reward (opd.client.evaluation.episode_source), the teacher through /v1/generate
+        from opd.client.train.episodes import EpisodeSetup
+
+        self.episodes = EpisodeSetup.of(config.episodes, tokenizer)
+        self.rows: list[dict] | None = None
+        if self.episodes is not None:
+            from opd.client.evaluation.episode_source import EpisodeSource
+            from opd.client.train.prompts import load_rows
+
+            rows, _ = load_rows(options.data)
+            self.rows = [rows[it.index] for it in self.items]
+            self.source = EpisodeSource(engine, tokenizer, self.episodes, "student")
+        self.tokenizer = tokenizer
         self.path = run_dir / "eval.jsonl"
         self.before: float | None = None
         self.teacher: float | None = None
@@ -91,7 +105,13 @@ class TrainingEval:
         share = list(range(rank, len(self.items), world))
         width = -(-len(self.items) // world)
         padded = share + share[:1] * (width - len(share))  # equal calls on every rank
-        result = evaluate([self.items[i] for i in padded], self.source, self.verifier, self.params)
+        result = evaluate(
+            [self.items[i] for i in padded],
+            self.source,
+            self.verifier,
+            self.params,
+            prompts=None if self.rows is None else [self.rows[i] for i in padded],
+        )
         counted = result.prompts[: len(share)]
         from opd.client.train.distributed import all_sum
 
@@ -144,14 +164,20 @@ class TrainingEval:
             "verifier": self.options.verifier,
             "params": self.params.model_dump(),
             "teacher_url": urls,
+            "episodes": self.config.episodes.model_dump(),
         }
         if cache.is_file():
             saved = json.loads(cache.read_text())
             if saved.get("key") == key:
                 return float(saved["accuracy"])
-        source = TeacherSource.connect(urls, api_key)
+        source: Any = TeacherSource.connect(urls, api_key)
+        if self.episodes is not None:
+            from opd.client.evaluation.episode_source import EpisodeSource, TeacherEngine
+
+            engine = TeacherEngine(source.client)
+            source = EpisodeSource(engine, self.tokenizer, self.episodes, "teacher", [source])
         try:
-            result = evaluate(self.items, source, self.verifier, self.params)
+            result = evaluate(self.items, source, self.verifier, self.params, prompts=self.rows)
         except Exception as exc:
             raise RuntimeError(
                 f"eval_teacher: measuring the teacher's accuracy through POST /v1/generate "

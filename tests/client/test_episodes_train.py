@@ -9,6 +9,7 @@ session's tiny server. Both use SmolLM2's real tokenizer and chat template.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -205,20 +206,27 @@ def test_tool_calls_are_executed_and_fed_back_token_in_token_out(smollm2_dir):
 def test_resume_matches_the_uninterrupted_episode_run(
     tiny_server, turn_taking_student_dir, tmp_path
 ):
-    with Trainer(_config(turn_taking_student_dir, tiny_server, tmp_path / "full")) as trainer:
+    # with in-training evaluation played as episodes (student and teacher), every 2 steps
+    evals = dict(eval_set="task:addition:eval", eval_every=2, eval_limit=3, eval_verifier="numeric")
+    student = turn_taking_student_dir
+    with Trainer(_config(student, tiny_server, tmp_path / "full", **evals)) as trainer:
         trainer.run()
     full = read_metrics(tmp_path / "full" / "metrics.jsonl")
     part = tmp_path / "part"
-    with Trainer(_config(turn_taking_student_dir, tiny_server, part, max_steps=2)) as trainer:
+    with Trainer(_config(student, tiny_server, part, max_steps=2, **evals)) as trainer:
         trainer.run()
-    with Trainer(_config(turn_taking_student_dir, tiny_server, part, resume="latest")) as trainer:
+    with Trainer(_config(student, tiny_server, part, resume="latest", **evals)) as trainer:
         assert trainer.step == 2
         trainer.run()
     resumed = read_metrics(part / "metrics.jsonl")
     assert [m["step"] for m in resumed] == [1, 2, 3, 4]
+    assert "eval/accuracy" in full[1] and "eval/teacher_accuracy" in full[1]
     for a, b in zip(full, resumed, strict=True):
         for key, value in a.items():
             if key.startswith(_TIMING) or value is None:  # None: nan in JSON
                 assert value is None or key.startswith(_TIMING) or b[key] is None, key
                 continue
             assert b[key] == pytest.approx(value, rel=1e-5, abs=1e-6), (a["step"], key)
+    played = [json.loads(x) for x in (part / "eval" / "step_4.jsonl").read_text().splitlines()]
+    assert len(played) == 3 and all(line["turns"][0] >= 1 for line in played)
+    assert all(line["rewards"][0] is not None for line in played)  # graded by the environment
