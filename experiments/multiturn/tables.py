@@ -267,7 +267,13 @@ def write_tables(r: dict, path: Path) -> dict[str, Any]:
         "",
         *training_table(r),
         "",
-        f"Wall time: {_f(r['timing']['total_s'], 0)} s "
+        f"Teacher SFT: {_f(card['seconds'], 0)} s"
+        + (
+            " (reused from OUT/models, trained with the same recipe by an earlier run)"
+            if r["timing"]["models_s"] < card["seconds"]
+            else ""
+        )
+        + f". Wall time of this run: {_f(r['timing']['total_s'], 0)} s "
         + "("
         + ", ".join(f"{k[:-2]} {_f(v, 0)} s" for k, v in r["timing"].items() if k != "total_s")
         + ").",
