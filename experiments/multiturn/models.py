@@ -129,8 +129,8 @@ def sft_teacher(
 
 def _train_top_layers(model: Any, n: int) -> None:
     """Train the top `n` decoder layers and the final norm only: the backward pass then stops
-    there, which halves the cost of a step on CPU. The embeddings (tied to the LM head) and
-    the lower layers keep their weights."""
+    there, which saves CPU time. The embeddings (tied to the LM head) and the lower layers keep
+    their weights."""
     layers = model.get_decoder().layers
     for p in model.parameters():
         p.requires_grad_(False)

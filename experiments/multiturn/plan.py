@@ -21,7 +21,7 @@ class Plan:
     sft_steps: int  # one epoch of sft_steps x sft_batch scripted episodes
     sft_batch: int
     sft_lr: float
-    sft_train_layers: int  # only the top layers (and the final norm) are trained: half the cost
+    sft_train_layers: int  # only the top layers and the final norm are trained (CPU time)
     # FollowupEnv's seed for the SFT episodes; evaluation, probes and OPD play seed 0 on other
     # rows: no SFT episode is an evaluated one (their first steps can coincide: "Start with 7.
     # Add 5." has few variants; the skill is the running arithmetic)
