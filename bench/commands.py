@@ -104,7 +104,6 @@ def run_bench_train_command(cfg: Any) -> None:
 
 def run_bench_load_command(cfg: Any) -> None:
     from rich.console import Console
-    from rich.table import Table
 
     from opd.bench.load import run_bench_load
     from opd.bench.load_report import COLUMNS, table_rows
@@ -112,14 +111,7 @@ def run_bench_load_command(cfg: Any) -> None:
     console = Console()
     report = run_bench_load(cfg, log=lambda msg: console.print(f"[dim]{msg}[/dim]"))
     # one column per phase: thirteen measures side by side do not fit a terminal
-    rows = table_rows(report)
-    table = Table(title=f"opd bench-load: {report['model']}")
-    table.add_column(COLUMNS[0])
-    for row in rows:
-        table.add_column(row[0], justify="right")
-    for i, name in enumerate(COLUMNS[1:], 1):
-        table.add_row(name, *(row[i] for row in rows))
-    console.print(table)
+    console.print(_transposed(f"opd bench-load: {report['model']}", COLUMNS, table_rows(report)))
     for warning in report["warnings"]:
         console.print(f"[yellow]note:[/yellow] {warning}")
     lost = sum(p["lost"] for p in report["phases"])
@@ -130,19 +122,25 @@ def run_bench_load_command(cfg: Any) -> None:
 
 def run_bench_spans_command(cfg: Any) -> None:
     from rich.console import Console
-    from rich.table import Table
 
     from opd.bench.spans import COLUMNS, run_bench_spans, table_rows
 
     console = Console()
     report = run_bench_spans(cfg, log=lambda msg: console.print(f"[dim]{msg}[/dim]"))
     # one column per case: fourteen measures side by side do not fit a terminal
-    rows = table_rows(report)
-    table = Table(title=f"opd bench-spans: {report['model']}")
-    table.add_column(COLUMNS[0])
+    console.print(_transposed(f"opd bench-spans: {report['model']}", COLUMNS, table_rows(report)))
+    console.print(f"results: {report['path']}")
+
+
+def _transposed(title: str, columns: Any, rows: list[list[str]]) -> Any:
+    """A rich table with one column per row of `rows` (a phase, a case) and one line per
+    measure: `columns[0]` heads the measures' column, `columns[1:]` name the measures."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column(columns[0])
     for row in rows:
         table.add_column(row[0], justify="right")
-    for i, name in enumerate(COLUMNS[1:], 1):
+    for i, name in enumerate(columns[1:], 1):
         table.add_row(name, *(row[i] for row in rows))
-    console.print(table)
-    console.print(f"results: {report['path']}")
+    return table

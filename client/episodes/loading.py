@@ -19,15 +19,14 @@ fails before the first episode, with the spec in the message. All errors are Val
 
 from __future__ import annotations
 
-import importlib
 import inspect
 from collections.abc import Callable
-from typing import Any
 
 from opd.client.episodes.base import Environment
 from opd.client.episodes.calculator import CalculatorEnv
 from opd.client.episodes.followup import FollowupEnv
 from opd.client.episodes.trl_adapters import FunctionToolsEnv, TRLEnvironment
+from opd.client.user_code import import_module_for, import_named
 
 BUILTIN: dict[str, type] = {"calculator": CalculatorEnv, "followup": FollowupEnv}
 TRL_PREFIX = "trl:"
@@ -56,15 +55,7 @@ def _import_class(spec: str, path: str) -> type:
     module_name, sep, attr = path.partition(":")
     if not sep or not module_name or not attr:
         raise ValueError(f"environment {spec!r}: expected {_SPEC_HELP}")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as e:
-        raise ValueError(f"environment {spec!r}: cannot import {module_name!r}: {e}") from e
-    obj: Any = module
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ValueError(f"environment {spec!r}: {module_name!r} has no attribute {attr!r}")
-        obj = getattr(obj, part)
+    obj = import_named(f"environment {spec!r}", module_name, attr)
     if not inspect.isclass(obj):
         raise ValueError(f"environment {spec!r}: {attr!r} is not a class")
     return obj
@@ -75,10 +66,7 @@ def _import_functions(spec: str, path: str) -> list[Callable]:
     module_name, sep, names = path.partition(":")
     if not sep or not module_name or not names:
         raise ValueError(f"environment {spec!r}: expected tools:module.path:fn1,fn2")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as e:
-        raise ValueError(f"environment {spec!r}: cannot import {module_name!r}: {e}") from e
+    module = import_module_for(f"environment {spec!r}", module_name)
     tools = []
     for name in (n.strip() for n in names.split(",")):
         fn = getattr(module, name, None)

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from opd.client.evaluation.sources import Completion
+from opd.modeling.eos import cut_at_eos
 from opd.shared.schemas import GenerateOptions
 
 if TYPE_CHECKING:
@@ -61,17 +62,14 @@ class TeacherEngine:
             max_tokens=o.max_tokens,
             seed=int(seeds[0]),
         )
-        stops = set(params.eos_token_ids)
         out = []
         for result in self.client.generate(request).results:
             group = []
             for c in result.completions:
-                ids = list(c.token_ids)
-                cut = next((i + 1 for i, t in enumerate(ids) if t in stops), None)
-                if cut is not None:  # an end-of-turn token the teacher's EOS set lacks
-                    ids = ids[:cut]
-                truncated = cut is None and c.finish_reason == "length"
-                group.append(Sample(np.asarray(ids, dtype=np.int64), truncated))
+                # cut at an end-of-turn token the teacher's own EOS set may lack
+                cut = cut_at_eos(c.token_ids, params.eos_token_ids)
+                truncated = cut.truncated and c.finish_reason == "length"
+                group.append(Sample(np.asarray(cut.token_ids, dtype=np.int64), truncated))
             out.append(group)
         return out
 
@@ -116,9 +114,10 @@ class EpisodeSource:
         return [[self._completion(ep) for ep in group] for group in played]
 
     def _completion(self, ep: Episode) -> Completion:
-        a, b = (int(x) for x in ep.spans[-1])
+        from opd.client.train.rollouts import last_turn_text
+
         return Completion(
-            text=self.tokenizer.decode(ep.token_ids[a:b].tolist(), skip_special_tokens=True),
+            text=last_turn_text(self.tokenizer, ep.token_ids, ep.spans),
             token_ids=[int(t) for t in ep.token_ids[ep.prompt_len :]],
             truncated=ep.truncated,
             reward=ep.info.reward,

@@ -34,6 +34,7 @@ def student_outcome(
     completion (an episode's: its last assistant turn)."""
     from opd.client.evaluation.run import FULL_REWARD
     from opd.client.evaluation.verifiers import Verdict
+    from opd.client.train.rollouts import last_turn_text
 
     correct: list[bool] = []
     per_prompt: dict[int, list[bool]] = {}
@@ -45,8 +46,7 @@ def student_outcome(
         elif items is None or verifier is None:
             raise ValueError("an episode without a reward needs --answer-field to be graded")
         else:
-            a, b = (int(x) for x in r.scored_spans[-1])
-            text = tokenizer.decode(r.token_ids[a:b], skip_special_tokens=True)
+            text = last_turn_text(tokenizer, r.token_ids, r.scored_spans)
             v = verifier(text, items[r.prompt_index].answer)
         correct.append(bool(v.correct))
         per_prompt.setdefault(r.prompt_index, []).append(bool(v.correct))

@@ -22,7 +22,6 @@ Built-ins, resolved by `load_verifier`:
 from __future__ import annotations
 
 import functools
-import importlib
 import re
 import threading
 from collections.abc import Callable
@@ -31,6 +30,8 @@ from fractions import Fraction
 from typing import Any, Literal, Protocol
 
 import numpy as np
+
+from opd.client.user_code import import_named
 
 VERIFIERS: tuple[str, ...] = ("math", "exact", "numeric", "regex", "regex-numeric")
 """The built-in verifier names (regex and regex-numeric take a pattern: `regex:PATTERN`)."""
@@ -429,15 +430,7 @@ def load_verifier(spec: str) -> Verifier:
         raise ValueError(f"unknown verifier {spec!r}: expected {_SPEC_HELP}")
     if not module_name or not attr:
         raise ValueError(f"verifier {spec!r}: expected module.path:function")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as e:
-        raise ValueError(f"verifier {spec!r}: cannot import {module_name!r}: {e}") from e
-    fn: Any = module
-    for part in attr.split("."):
-        if not hasattr(fn, part):
-            raise ValueError(f"verifier {spec!r}: {module_name!r} has no attribute {attr!r}")
-        fn = getattr(fn, part)
+    fn = import_named(f"verifier {spec!r}", module_name, attr)
     if not callable(fn):
         raise ValueError(f"verifier {spec!r}: {attr!r} is not callable")
     return _UserVerifier(spec, fn)

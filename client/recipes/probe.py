@@ -159,7 +159,7 @@ def run_probe(config: ProbeConfig, log=print) -> dict[str, Any]:  # noqa: ANN001
     from opd.client.evaluation.sources import EngineSource
     from opd.client.train.bridge import ScoreSpec
     from opd.client.train.diagnostics import compute_diagnostics
-    from opd.client.train.episodes import EpisodeSetup
+    from opd.client.train.episodes import EpisodeSampler, EpisodeSetup
     from opd.client.train.factory import build_student, connect
     from opd.client.train.pipeline import collect
     from opd.client.train.positions import PositionStats
@@ -236,7 +236,8 @@ def run_probe(config: ProbeConfig, log=print) -> dict[str, Any]:  # noqa: ANN001
 
             def sample(chunk: list[int]) -> list[Any]:
                 pairs = [(i, rows[i]) for i in chunk]
-                return setup.sampler(engine, student, pairs, params, config.student_top_k)(chunk)
+                top_k = config.student_top_k
+                return EpisodeSampler(engine, student, pairs, params, top_k, setup)(chunk)
         else:
             sample = chunk_sampler(
                 engine,
@@ -369,9 +370,7 @@ def run_depth(
     from opd.client.evaluation.depth import probe_depth
     from opd.client.evaluation.sources import TeacherSource
 
-    depth, sampling = config.depth, config.sampling
-    temperature = sampling.temperature if depth.temperature is None else depth.temperature
-    options = sampling.model_copy(update={"n": depth.samples, "temperature": temperature})
+    depth, options = config.depth, continuation_sampling(config)
     api_key = config.connection.api_key
     teachers = {name: TeacherSource.connect(urls, api_key) for name, urls in teacher_urls.items()}
     try:
@@ -389,6 +388,14 @@ def run_depth(
     finally:
         for t in teachers.values():
             t.close()
+
+
+def continuation_sampling(config: ProbeConfig) -> Any:
+    """How the depth probe's continuations sample: --depth-samples each, at --depth-temperature
+    (default: the rollouts' temperature), otherwise as the rollouts."""
+    depth, sampling = config.depth, config.sampling
+    temperature = sampling.temperature if depth.temperature is None else depth.temperature
+    return sampling.model_copy(update={"n": depth.samples, "temperature": temperature})
 
 
 def run_depth_turns(
@@ -409,10 +416,8 @@ def run_depth_turns(
     from opd.client.teacher import TeacherClient
     from opd.client.train.rollouts import SamplingParams
 
-    depth, sampling = config.depth, config.sampling
-    temperature = sampling.temperature if depth.temperature is None else depth.temperature
-    options = sampling.model_copy(update={"n": depth.samples, "temperature": temperature})
-    params = SamplingParams.for_tokenizer(tokenizer, options.options())
+    depth = config.depth
+    params = SamplingParams.for_tokenizer(tokenizer, continuation_sampling(config).options())
     grade = episode_grader(items, verifier, tokenizer)
     clients = {
         name: TeacherClient(urls, api_key=config.connection.api_key)
@@ -439,6 +444,7 @@ def run_depth_turns(
 def episode_grader(items: list[Any] | None, verifier: Any, tokenizer: Any):
     """grade(rollout, episode): the environment's reward, else 1.0 / 0.0 by the verifier on the
     episode's last assistant turn against the rollout's gold answer (needs --answer-field)."""
+    from opd.client.train.rollouts import last_turn_text
 
     def grade(rollout: Any, episode: Any) -> float:
         if episode.info.reward is not None:
@@ -447,8 +453,7 @@ def episode_grader(items: list[Any] | None, verifier: Any, tokenizer: Any):
             raise ValueError(
                 "depth: this environment gives no reward; give --answer-field to grade episodes"
             )
-        a, b = (int(x) for x in episode.spans[-1])
-        text = tokenizer.decode(episode.token_ids[a:b].tolist(), skip_special_tokens=True)
+        text = last_turn_text(tokenizer, episode.token_ids, episode.spans)
         return float(verifier(text, items[rollout.prompt_index].answer).correct)
 
     return grade

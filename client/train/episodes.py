@@ -324,19 +324,14 @@ class EpisodeSampler(StepSampler):
         rows: Sequence[tuple[int, dict]],
         params: SamplingParams,
         top_k: int,
-        *,
-        renderers: Renderers,
-        make_env: Callable[[], Environment],
-        limits: EpisodeLimits,
+        setup: EpisodeSetup,
     ) -> None:
         super().__init__(engine, student, rows, params, top_k)
-        self.renderers, self.make_env, self.limits = renderers, make_env, limits
+        self.setup = setup
 
     def _sample_all(self) -> list[Any]:
         rows = [row for _, row in self.prompts]
-        return run_episodes(
-            self.engine, self.renderers, self.make_env, rows, self.params, self.limits, self.seeds
-        )
+        return self.setup.run(self.engine, rows, self.params, self.seeds)
 
     def _rollouts(self, sampled: list[tuple[tuple[int, Any], Any]]) -> list[Rollout]:
         return episode_rollouts(self.student, sampled, self.top_k)
@@ -360,25 +355,6 @@ class EpisodeSetup:
             load_environment(group.env, group.kwargs()),
             Renderers(tokenizer),
             EpisodeLimits(group.max_turns, group.max_episode_tokens),
-        )
-
-    def sampler(
-        self,
-        engine: RolloutEngine,
-        student: StudentModule,
-        rows: Sequence[tuple[int, dict]],
-        params: SamplingParams,
-        top_k: int,
-    ) -> EpisodeSampler:
-        return EpisodeSampler(
-            engine,
-            student,
-            rows,
-            params,
-            top_k,
-            renderers=self.renderers,
-            make_env=self.make_env,
-            limits=self.limits,
         )
 
     def run(

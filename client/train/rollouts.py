@@ -171,6 +171,13 @@ def with_statistics(
     ]
 
 
+def last_turn_text(tokenizer: Any, token_ids: np.ndarray, spans: np.ndarray) -> str:
+    """The text of the last trained span (an episode's last assistant turn, a completion's
+    whole answer), special tokens removed: what a verifier grades as the final answer."""
+    a, b = (int(x) for x in spans[-1])
+    return tokenizer.decode(np.asarray(token_ids[a:b]).tolist(), skip_special_tokens=True)
+
+
 class StepSampler:
     """A `sample(chunk)` for opd.client.train.pipeline.collect that samples *all* `prompts` in
     one engine call (on the first chunk: the engine's throughput comes from the batch), then

@@ -61,7 +61,7 @@ from opd.client.train.distributed import (
     mean_metrics,
     shutdown,
 )
-from opd.client.train.episodes import EpisodeSetup, episode_metrics
+from opd.client.train.episodes import EpisodeSampler, EpisodeSetup, episode_metrics
 from opd.client.train.factory import build_student, connect
 from opd.client.train.loggers import build_loggers
 from opd.client.train.metric_log import (
@@ -270,8 +270,8 @@ class Trainer:
         top_k = self.config.student_top_k
         if self.episodes is not None:
             rows = [(i, self.prompts[i]) for i in indices]
-            sampler: StepSampler = self.episodes.sampler(
-                self.engine, self.student, rows, params, top_k
+            sampler: StepSampler = EpisodeSampler(
+                self.engine, self.student, rows, params, top_k, self.episodes
             )
         else:
             prompts = [(i, self.prompt_ids(i)) for i in indices]

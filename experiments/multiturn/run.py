@@ -13,12 +13,12 @@ import json
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from experiments.harness import run_metrics, write_results
 from experiments.multiturn.plan import Plan, full_plan, tiny_plan
 from opd.shared.config_cli import from_flags
 
@@ -292,26 +292,8 @@ def run_multiturn(config: MultiturnConfig, log: Callable[[str], None] = print) -
             plan, {"before": student, "after": after}, url, data, engine, out / "eval", seed
         )
         lap("eval", t0)
-    results["run"] = _read_metrics(out / "runs" / "opd")
+    results["run"] = run_metrics(out / "runs" / "opd")
     t0 = time.perf_counter()
     build_report(out / "runs" / "opd")
     lap("report", t0)
-    timing["total_s"] = round(time.perf_counter() - started, 1)
-    results["timing"] = timing
-    results["plan"] = asdict(plan)
-    results["verdicts"] = write_tables(results, out / "multiturn.md")
-    (out / "results.json").write_text(json.dumps(_finite(results), indent=1))
-    log(f"wrote {out / 'multiturn.md'} in {timing['total_s']:.0f} s")
-    return results
-
-
-def _read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    from opd.client.train.metric_log import read_metrics
-
-    return read_metrics(run_dir / "metrics.jsonl")
-
-
-def _finite(obj: Any) -> Any:
-    from opd.client.train.metric_log import finite_json
-
-    return finite_json(obj)
+    return write_results(results, timing, plan, started, write_tables, out / "multiturn.md", log)

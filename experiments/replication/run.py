@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from experiments.harness import run_metrics, write_results
 from experiments.replication import task
 from experiments.replication.plan import (
     SAME_PIPELINE,
@@ -284,7 +285,7 @@ def run_replicate(config: ReplicateConfig, log: Callable[[str], None] = print) -
     t0 = time.perf_counter()
     results["accuracy"] = _evaluate(plan, {**models, **finals}, data, out / "eval", seed)
     results["runs"] = {
-        label: _read_metrics(runs / label) for label in finals if label != "coldstart-sft"
+        label: run_metrics(runs / label) for label in finals if label != "coldstart-sft"
     }
     timing["eval_s"] = round(time.perf_counter() - t0, 1)
     t0 = time.perf_counter()
@@ -292,22 +293,4 @@ def run_replicate(config: ReplicateConfig, log: Callable[[str], None] = print) -
         build_report(runs / label)
     build_report(out / "probe-before")
     timing["reports_s"] = round(time.perf_counter() - t0, 1)
-    timing["total_s"] = round(time.perf_counter() - started, 1)
-    results["timing"] = timing
-    results["plan"] = asdict(plan)
-    results["verdicts"] = write_tables(results, out / "replication.md")
-    (out / "results.json").write_text(json.dumps(_finite(results), indent=1))
-    log(f"wrote {out / 'replication.md'} in {timing['total_s']:.0f} s")
-    return results
-
-
-def _read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    from opd.client.train.metric_log import read_metrics
-
-    return read_metrics(run_dir / "metrics.jsonl")
-
-
-def _finite(obj: Any) -> Any:
-    from opd.client.train.metric_log import finite_json
-
-    return finite_json(obj)
+    return write_results(results, timing, plan, started, write_tables, out / "replication.md", log)
