@@ -237,6 +237,91 @@ class EpisodeGroup(Group):
         return out
 
 
+class HorizonGroup(Group):
+    """Horizon: how deep into a completion (or an episode) the teacher scores and the student
+    trains (opd.client.train.horizon; docs/training.md, "Long horizons").
+
+    `none` trains every position. `fixed:N` keeps positions at depth < N (tokens since the
+    first completion token, an episode's context included); `fixed:Nturns` keeps the first N
+    assistant turns. `adaptive` keeps what the running per-depth top-k overlap says still
+    carries the teacher's signal: a depth bucket is faded when its smoothed overlap falls below
+    `fade` times the first bucket's, and the horizon is the start of the first bucket from
+    which every deeper bucket is faded; while none is, it grows one bucket per step."""
+
+    rule: str = Field(
+        default="none", description="none, fixed:N (tokens), fixed:Nturns or adaptive"
+    )
+    bucket: int = Field(
+        default=128, ge=1, description="adaptive: depth tokens per bucket the rule reads"
+    )
+    fade: float = Field(
+        default=0.8,
+        gt=0,
+        lt=1,
+        description="adaptive: a bucket is faded below this share of the first bucket's overlap",
+    )
+    smoothing: float = Field(
+        default=0.3,
+        gt=0,
+        le=1,
+        description="adaptive: weight of the newest step in each bucket's moving average",
+    )
+    warmup_steps: int = Field(
+        default=3, ge=0, description="adaptive: steps scored at full depth before any cut"
+    )
+    min_tokens: int = Field(
+        default=32, ge=1, description="adaptive: positions a bucket needs in a step to count"
+    )
+
+    @field_validator("rule")
+    @classmethod
+    def _rule(cls, value: str) -> str:
+        parse_horizon(value)  # raises naming the rule and the forms it takes
+        return value
+
+    def parsed(self) -> tuple[str, int | None, int | None]:
+        """(kind, tokens, turns): the rule's kind ("none", "fixed", "adaptive") and its bound."""
+        return parse_horizon(self.rule)
+
+
+def parse_horizon(rule: str) -> tuple[str, int | None, int | None]:
+    """`none`, `fixed:N`, `fixed:Nturns`, `adaptive` -> (kind, tokens, turns); ValueError
+    naming the rule otherwise."""
+    if rule in ("none", "adaptive"):
+        return rule, None, None
+    kind, _, bound = rule.partition(":")
+    turns = bound.endswith("turns")
+    number = bound.removesuffix("turns")
+    if kind != "fixed" or not number.isdigit() or int(number) < 1:
+        raise ValueError(
+            f"horizon: expected none, fixed:N, fixed:Nturns or adaptive (N >= 1), got {rule!r}"
+        )
+    return ("fixed", None, int(number)) if turns else ("fixed", int(number), None)
+
+
+class ReanchorGroup(Group):
+    """Teacher re-anchoring in episodes: from the second assistant turn on, the teacher writes
+    a turn (POST /v1/generate on the exact ids so far) with a probability that decays linearly
+    to 0 over `decay_steps` (docs/training.md, "Long horizons")."""
+
+    prob: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="probability that the teacher writes a turn, at step 0 (0: off)",
+    )
+    decay_steps: int | None = Field(
+        default=None,
+        ge=1,
+        description="steps over which the probability falls to 0 (default: max_steps)",
+    )
+    written_as: Literal["context", "target"] = Field(
+        default="context",
+        description="teacher-written turns are context only, or off-policy targets trained "
+        "with their log-likelihood (never as student samples)",
+    )
+
+
 class TrainTeachers(TeacherConnection):
     """Teacher: the run's teachers, their routing, and how they are reached."""
 

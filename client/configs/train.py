@@ -22,8 +22,10 @@ from opd.client.configs.groups import (
     PROMPTS_HELP,
     EpisodeGroup,
     Group,
+    HorizonGroup,
     InTrainingEval,
     ObjectiveConfig,
+    ReanchorGroup,
     SamplingGroup,
     StudentGroup,
     TrainTeachers,
@@ -89,8 +91,12 @@ class TrainConfig(Group):
             "eval": "eval_",
             "eval.sampling": "eval_",
             "episodes": "",
+            "horizon": "horizon_",
+            "reanchor": "reanchor_",
         },
         rename={
+            "horizon.rule": "horizon",
+            "reanchor.written_as": "reanchor_as",
             "episodes.env_args": "env_arg",
             "teacher.named": "teacher",
             "teacher.route": "route",
@@ -111,6 +117,8 @@ class TrainConfig(Group):
     optim: OptimGroup = Field(default_factory=OptimGroup)
     eval: InTrainingEval = Field(default_factory=InTrainingEval)
     episodes: EpisodeGroup = Field(default_factory=EpisodeGroup)
+    horizon: HorizonGroup = Field(default_factory=HorizonGroup)
+    reanchor: ReanchorGroup = Field(default_factory=ReanchorGroup)
 
     student_top_k: int = Field(default=16, ge=1, description="K: candidate ids per position")
     teacher_top_k: int = Field(default=16, ge=1, description="teacher top-k for diagnostics")
@@ -139,6 +147,13 @@ class TrainConfig(Group):
         description="metric loggers (repeatable): jsonl (always on: resume and reports read "
         "it), tensorboard, wandb, mlflow, trackio",
     )
+
+    @model_validator(mode="after")
+    def _reanchor_needs_episodes(self) -> TrainConfig:
+        """Re-anchoring has the teacher write turns: only episodes have turns to write."""
+        if self.reanchor.prob > 0 and self.episodes.env is None:
+            raise ValueError("reanchor_prob: the teacher writes turns of episodes; set --env")
+        return self
 
     @model_validator(mode="after")
     def _eval_follows_rollouts(self) -> TrainConfig:

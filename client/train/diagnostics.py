@@ -63,7 +63,9 @@ __all__ = [
     "PositionStats",
     "compute_diagnostics",
     "overlap_mask",
+    "overlap_ratio",
     "overlap_token_advantage",
+    "position_depths",
     "per_position_metrics",
     "sampled_kl",
     "sequence_rewards",
@@ -222,6 +224,26 @@ def sequence_rewards(stats: PositionStats) -> np.ndarray:
     return _mean_per_sequence(_token_rewards(stats), _seq_ids(offs), stats.n_sequences)
 
 
+def position_depths(stats: PositionStats) -> np.ndarray:
+    """depth_N: each position's depth (episodes: absolute, context included; else its index
+    in its completion)."""
+    if stats.depth_N is not None:
+        return stats.depth_N.astype(np.int64)
+    return _depths(stats.seq_offsets.astype(np.int64))
+
+
+def overlap_ratio(stats: PositionStats) -> np.ndarray:
+    """overlap/ratio per position, |I_t| / min(K, k), from the two top sets alone (what
+    the adaptive horizon reads: it needs no candidate log-probs or entropies)."""
+    ids_NK, ids_Nk = stats.student_topk_ids_NK, stats.teacher_topk_ids_Nk
+    if ids_Nk is None or stats.teacher_topk_logp_Nk is None:
+        raise ValueError("teacher_topk_ids_Nk is missing: the overlap needs the teacher's top-k")
+    k_eff = min(ids_NK.shape[1], ids_Nk.shape[1])
+    _, o_ids_NK = _topk_by_logp(k_eff, _floor_log(stats.student_topk_logp_NK), ids_NK)
+    _, o_ids_Nk = _topk_by_logp(k_eff, _floor_log(stats.teacher_topk_logp_Nk), ids_Nk)
+    return overlap_mask(o_ids_NK, o_ids_Nk).sum(axis=1) / k_eff
+
+
 def per_position_metrics(stats: PositionStats) -> dict[str, np.ndarray]:
     """Each position-mean metric as its [N] per-position value, keyed like compute_diagnostics.
 
@@ -303,7 +325,7 @@ def compute_diagnostics(stats: PositionStats, depth_bucket: int | None = 1024) -
     out["tokens/mean_completion_len"] = stats.n_positions / n if n else float("nan")
 
     if depth_bucket is not None and stats.n_positions:
-        depth_N = _depths(offs) if stats.depth_N is None else stats.depth_N.astype(np.int64)
+        depth_N = position_depths(stats)
         for b, rows in _groups(depth_N // depth_bucket):
             start = b * depth_bucket
             label = f"depth{start}-{start + depth_bucket - 1}"

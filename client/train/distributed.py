@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -68,6 +69,15 @@ def all_sum(value: float, info: DistInfo) -> float:
     t = torch.tensor([value], dtype=torch.float64)
     dist.all_reduce(t)
     return float(t.item())
+
+
+def all_sum_array(values: np.ndarray, info: DistInfo) -> np.ndarray:
+    """Element-wise sum of a float64 vector over ranks (every rank passes the same length)."""
+    if not info.enabled:
+        return values
+    t = torch.from_numpy(np.asarray(values, dtype=np.float64).copy())
+    dist.all_reduce(t)
+    return t.numpy()
 
 
 def mean_metrics(metrics: dict[str, float], info: DistInfo) -> dict[str, float]:

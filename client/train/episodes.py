@@ -14,6 +14,9 @@ prefix-stable), so the sequence the teacher scores is the one the student condit
 
 Trained positions are the student's sampled ids, its end-of-turn token included (the spans of
 Rollout); tool results and user turns are context for both models (protocol 1.3 score_spans).
+With re-anchoring (opd.client.train.reanchor) the teacher writes some turns: they are context
+(or off-policy targets), never trained spans. --horizon (opd.client.train.horizon) cuts what
+is trained after the episodes ran.
 
 Limits (opd.client.configs.groups.EpisodeGroup), each ending the episode as truncated:
 - a turn that hits --max-new-tokens without an end-of-turn token ("turn_tokens"): the
@@ -40,6 +43,8 @@ import numpy as np
 
 from opd.client.episodes import Environment, EpisodeError, TurnRenderer, load_environment
 from opd.client.train.engines import RolloutEngine
+from opd.client.train.horizon import UNBOUNDED, Horizon
+from opd.client.train.reanchor import Reanchoring, teacher_writes
 from opd.client.train.rollouts import EpisodeInfo, Rollout, SamplingParams, StepSampler
 from opd.client.train.student_math import position_stats
 from opd.shared.packed import positions_of_spans
@@ -86,11 +91,27 @@ class _Live:
     ids: list[int]
     prompt_len: int
     seed: int
+    # re-anchoring: the teacher that may write this episode's turns, and how likely it is
+    teacher: RolloutEngine | None = None
+    prob: float = 0.0
     spans: list[tuple[int, int]] = field(default_factory=list)
+    span_turns: list[int] = field(default_factory=list)
+    teacher_spans: list[tuple[int, int]] = field(default_factory=list)
     roles: list[list[str]] = field(default_factory=list)
     logps: list[np.ndarray | None] = field(default_factory=list)
     ended: str | None = None
     reward: float | None = None
+
+    @property
+    def turns(self) -> int:
+        """Assistant turns so far, whoever wrote them."""
+        return len(self.spans) + len(self.teacher_spans)
+
+    def writer(self, student: RolloutEngine) -> RolloutEngine:
+        """Who writes the next turn: the teacher with probability `prob` (re-anchoring)."""
+        if self.teacher is not None and teacher_writes(self.seed, self.turns, self.prob):
+            return self.teacher
+        return student
 
     def end(self, why: str, reward: float | None = None) -> None:
         self.ended, self.reward = why, reward
@@ -107,6 +128,8 @@ class _Live:
                 reward=self.reward,
                 ended=self.ended or "done",
                 turn_correct=list(getattr(self.env, "turn_correct", []) or []),
+                span_turns=list(self.span_turns) if self.teacher_spans else None,
+                teacher_spans=list(self.teacher_spans),
             ),
             engine_logp_T=logps,
         )
@@ -140,15 +163,20 @@ def run_episodes(
     params: SamplingParams,
     limits: EpisodeLimits,
     seeds: Sequence[int],
+    reanchor: Reanchoring | None = None,
 ) -> list[list[Episode]]:
     """params.n episodes of every row, turn by turn, all live episodes of a turn in one engine
     call; returned grouped per row, in row order. seeds: one per row (episode r of a row
-    uses seed + r)."""
+    uses seed + r). With `reanchor`, row i's teacher engine may write turns from the second
+    on (opd.client.train.reanchor)."""
     n = params.options.n
     live: list[_Live] = []
-    for row, seed in zip(rows, seeds, strict=True):
+    for i, (row, seed) in enumerate(zip(rows, seeds, strict=True)):
         for r in range(n):
-            live.append(_open(renderers, make_env, row, len(live), (seed + r) % 2**62))
+            e = _open(renderers, make_env, row, len(live), (seed + r) % 2**62)
+            if reanchor is not None and reanchor.prob > 0:
+                e.teacher, e.prob = reanchor.engines[i], reanchor.prob
+            live.append(e)
     play(engine, live, params, limits)
     finished = [e.finished() for e in live]
     return [finished[i * n : (i + 1) * n] for i in range(len(rows))]
@@ -169,16 +197,24 @@ def play(
     engine: RolloutEngine, live: Sequence[_Live], params: SamplingParams, limits: EpisodeLimits
 ) -> None:
     """Run live episodes to their end: each round, one engine call samples the next turn of
-    every episode still running (one completion each; any end-of-turn token ends a turn)."""
+    every episode still running (one completion each; any end-of-turn token ends a turn), and
+    one call per teacher writes the turns re-anchoring gave it."""
     if not live:
         return
     stops = tuple(sorted(set(params.eos_token_ids) | set(live[0].renderer.end_of_turn_ids)))
     one = replace(params.with_n(1), eos_token_ids=stops)
     while active := [e for e in live if e.ended is None]:
-        seeds = [turn_seed(e.seed, len(e.spans)) for e in active]
-        samples = engine.sample([e.ids for e in active], one, seeds)
-        for e, (sample,) in zip(active, samples, strict=True):
-            _take_turn(e, sample, len(e.spans), limits)
+        by_writer: dict[int, tuple[RolloutEngine, list[_Live]]] = {id(engine): (engine, [])}
+        for e in active:
+            writer = e.writer(engine)
+            by_writer.setdefault(id(writer), (writer, []))[1].append(e)
+        for writer, group in by_writer.values():
+            if not group:
+                continue
+            seeds = [turn_seed(e.seed, e.turns) for e in group]
+            samples = writer.sample([e.ids for e in group], one, seeds)
+            for e, (sample,) in zip(group, samples, strict=True):
+                _take_turn(e, sample, e.turns, limits, by_teacher=writer is not engine)
 
 
 def continue_episodes(
@@ -228,6 +264,7 @@ def _replay(
         a, b = (int(x) for x in spans[j])
         e.ids.extend(ids[a:b].tolist())
         e.spans.append((a, b))
+        e.span_turns.append(j)
         e.logps.append(None)
         message = e.renderer.parse(ids[a:b].tolist(), truncated=False)
         obs = _call(e.env, "step", number, j + 1, lambda m=message: e.env.step(m))
@@ -245,8 +282,11 @@ def _replay(
     return e
 
 
-def _take_turn(e: _Live, sample: Any, turn: int, limits: EpisodeLimits) -> None:
-    """Append a sampled turn to its episode, then the environment's answer (or end it)."""
+def _take_turn(
+    e: _Live, sample: Any, turn: int, limits: EpisodeLimits, by_teacher: bool = False
+) -> None:
+    """Append a sampled turn to its episode (a trained span, or a teacher-written one), then
+    the environment's answer (or end it)."""
     budget = limits.max_episode_tokens - (len(e.ids) - e.prompt_len)
     ids = np.asarray(sample.completion_ids, dtype=np.int64)
     logp = sample.engine_logp_T
@@ -256,8 +296,12 @@ def _take_turn(e: _Live, sample: Any, turn: int, limits: EpisodeLimits) -> None:
         logp = None if logp is None else logp[:budget]
     start = len(e.ids)
     e.ids.extend(int(t) for t in ids)
-    e.spans.append((start, len(e.ids)))
-    e.logps.append(logp)
+    if by_teacher:
+        e.teacher_spans.append((start, len(e.ids)))
+    else:
+        e.spans.append((start, len(e.ids)))
+        e.span_turns.append(turn)
+        e.logps.append(logp)
     truncated = cut or bool(sample.truncated)
     message = e.renderer.parse(ids.tolist(), truncated=truncated)
     # A cut turn is still shown to the environment (it may grade it, e.g. as wrong), but
@@ -325,13 +369,15 @@ class EpisodeSampler(StepSampler):
         params: SamplingParams,
         top_k: int,
         setup: EpisodeSetup,
+        horizon: Horizon = UNBOUNDED,
+        reanchor: Reanchoring | None = None,
     ) -> None:
-        super().__init__(engine, student, rows, params, top_k)
-        self.setup = setup
+        super().__init__(engine, student, rows, params, top_k, horizon)
+        self.setup, self.reanchor = setup, reanchor
 
     def _sample_all(self) -> list[Any]:
         rows = [row for _, row in self.prompts]
-        return self.setup.run(self.engine, rows, self.params, self.seeds)
+        return self.setup.run(self.engine, rows, self.params, self.seeds, self.reanchor)
 
     def _rollouts(self, sampled: list[tuple[tuple[int, Any], Any]]) -> list[Rollout]:
         return episode_rollouts(self.student, sampled, self.top_k)
@@ -358,10 +404,18 @@ class EpisodeSetup:
         )
 
     def run(
-        self, engine: RolloutEngine, rows: Sequence[dict], params: SamplingParams, seeds: list[int]
+        self,
+        engine: RolloutEngine,
+        rows: Sequence[dict],
+        params: SamplingParams,
+        seeds: list[int],
+        reanchor: Reanchoring | None = None,
     ) -> list[list[Episode]]:
-        """Episodes without statistics (evaluation, teacher episodes)."""
-        return run_episodes(engine, self.renderers, self.make_env, rows, params, self.limits, seeds)
+        """Episodes of rows (without statistics: evaluation and teacher episodes call it
+        directly, the EpisodeSampler adds them)."""
+        return run_episodes(
+            engine, self.renderers, self.make_env, rows, params, self.limits, seeds, reanchor
+        )
 
     def continue_from(
         self,
@@ -381,7 +435,7 @@ def episode_metrics(rollouts: Sequence[Rollout]) -> dict[str, float]:
     eps = [r.episode for r in rollouts if r.episode is not None]
     if not eps:
         return {}
-    turns = [len(r.scored_spans) for r in rollouts if r.episode is not None]
+    turns = [len(r.scored_spans) + len(r.episode.teacher_spans) for r in rollouts if r.episode]
     out = {
         "episode/turns_mean": float(np.mean(turns)),
         "episode/turns_max": float(np.max(turns)),

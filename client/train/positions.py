@@ -261,6 +261,11 @@ class TokenBatch:
     # A cross-row quantity computed over the whole micro-batch before it is cut into row chunks
     # (opd.client.train.objectives.prepare_batch); None when the objective needs none.
     advantages_N: torch.Tensor | None = None
+    # Off-policy target rows (re-anchoring with --reanchor-as target): per sequence the
+    # positions of its teacher-written turns, and their ids (M rows over the batch); the loss
+    # appends their negative log-likelihood after the N objective rows. None: no targets.
+    target_positions: list[np.ndarray] | None = None
+    target_ids_M: torch.Tensor | None = None
 
     def rows(self, start: int, stop: int) -> TokenBatch:
         """Rows [start, stop) of the per-position tensors, for the loss's LM-head chunks.
@@ -276,12 +281,22 @@ class TokenBatch:
 
     @staticmethod
     def build(
-        rollouts: Sequence[Rollout], stats: PositionStats, device: torch.device
+        rollouts: Sequence[Rollout],
+        stats: PositionStats,
+        device: torch.device,
+        targets: Sequence[np.ndarray] | None = None,
     ) -> TokenBatch:
-        """`stats` holds exactly the rows of `rollouts` (PositionStats.sequences)."""
+        """`stats` holds exactly the rows of `rollouts` (PositionStats.sequences); `targets`:
+        per rollout, the positions of its off-policy target rows (None or all empty: none)."""
         import torch
 
         ids_BL, mask_BL = pad_right([r.token_ids for r in rollouts])
+        if targets is not None and not any(len(t) for t in targets):
+            targets = None
+        target_ids = None
+        if targets is not None:
+            ids = np.concatenate([r.token_ids[t] for r, t in zip(rollouts, targets, strict=True)])
+            target_ids = torch.from_numpy(ids).to(device)
 
         def tensor(x: np.ndarray | None, dtype: torch.dtype) -> torch.Tensor | None:
             return None if x is None else torch.from_numpy(x).to(device=device, dtype=dtype)
@@ -299,6 +314,8 @@ class TokenBatch:
             teacher_cand_logp_NK=tensor(stats.teacher_cand_logp_NK, torch.float32),
             teacher_topk_ids_Nk=tensor(stats.teacher_topk_ids_Nk, torch.long),
             teacher_topk_logp_Nk=tensor(stats.teacher_topk_logp_Nk, torch.float32),
+            target_positions=None if targets is None else list(targets),
+            target_ids_M=target_ids,
         )
 
 

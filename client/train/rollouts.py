@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from opd.client.train.engines import RolloutEngine, Sample, draw_seeds
+from opd.client.train.horizon import UNBOUNDED, Horizon, HorizonCounts, count_cut
 from opd.client.train.student_math import StudentModule, position_stats
 from opd.modeling.eos import eos_ids
 from opd.shared.packed import positions_of_spans
@@ -69,9 +70,12 @@ class Rollout:
 
     @property
     def turn_T(self) -> np.ndarray:
-        """Turn index (0 = the first assistant turn) of every trained position."""
+        """Turn index (0 = the first assistant turn) of every trained position (turns the
+        teacher wrote are counted: they are not trained, so no position has their index)."""
         spans = self.scored_spans
-        return np.repeat(np.arange(len(spans), dtype=np.int64), spans[:, 1] - spans[:, 0])
+        turns = self.episode.span_turns if self.episode is not None else None
+        index = np.arange(len(spans)) if turns is None else np.asarray(turns)
+        return np.repeat(index.astype(np.int64), spans[:, 1] - spans[:, 0])
 
     @property
     def depth_T(self) -> np.ndarray:
@@ -101,12 +105,18 @@ class EpisodeInfo:
     "user", ...; empty after the last turn). reward: the environment's, None if it gives none.
     ended: why the episode stopped ("done": the environment ended it; "max_turns",
     "turn_tokens" (a turn hit --max-new-tokens), "episode_tokens" (--max-episode-tokens)).
-    turn_correct: per-turn grades where the environment keeps them (else empty)."""
+    turn_correct: per-turn grades where the environment keeps them (else empty).
+    span_turns: the turn index of each trained span (None: span j is turn j, as when the
+    student wrote every turn). teacher_spans: [start, end) of the turns the teacher wrote
+    (re-anchoring, opd.client.train.reanchor): context, or off-policy targets, never trained
+    as student samples."""
 
     context_roles: list[list[str]]
     reward: float | None
     ended: str
     turn_correct: list[bool] = field(default_factory=list)
+    span_turns: list[int] | None = None
+    teacher_spans: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def truncated(self) -> bool:
@@ -185,6 +195,8 @@ class StepSampler:
     forward runs on chunk c + 1. Chunks must come in the order of `prompts`.
 
     engine_s / stats_s: seconds in the engine and in the statistics pass (the step's split).
+    Samples are cut to `horizon` (opd.client.train.horizon) before the statistics pass, so
+    nothing past it is scored or trained; `counts` holds the positions before and after.
     Seeds are drawn at construction, one per prompt, from torch's global RNG. Subclasses
     (opd.client.train.episodes.EpisodeSampler) change what one prompt's sampling produces
     (`_sample_all`) and how it becomes rollouts (`_rollouts`)."""
@@ -196,8 +208,11 @@ class StepSampler:
         prompts: Sequence[tuple[int, Any]],
         params: SamplingParams,
         top_k: int,
+        horizon: Horizon = UNBOUNDED,
     ) -> None:
         self.engine, self.student, self.params, self.top_k = engine, student, params, top_k
+        self.horizon = horizon
+        self.counts = HorizonCounts()  # positions sampled and kept within the horizon
         self.prompts = list(prompts)
         self.seeds = draw_seeds(len(self.prompts))
         self.pending: list[tuple[tuple[int, Any], Any]] | None = None
@@ -212,6 +227,7 @@ class StepSampler:
         mine, self.pending = self.pending[: len(chunk)], self.pending[len(chunk) :]
         if [index for (index, _), _ in mine] != list(chunk):
             raise RuntimeError("StepSampler: chunks must come in the order of its prompts")
+        mine = [(p, count_cut(group, self.horizon, self.counts)) for p, group in mine]
         t0 = time.perf_counter()
         rollouts = self._rollouts(mine)
         self.stats_s += time.perf_counter() - t0

@@ -213,7 +213,7 @@ class StudentModule(torch.nn.Module):
         rows = completion_rows(batch.positions, hidden.shape[1], hidden.device)
         h_NH = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
         head = self.model.get_output_embeddings()
-        return chunked_head_loss(
+        loss_N = chunked_head_loss(
             h_NH,
             head.weight,
             getattr(head, "bias", None),
@@ -223,6 +223,21 @@ class StudentModule(torch.nn.Module):
             self.scale,
             self.softcap,
         )
+        if batch.target_positions is None:
+            return loss_N
+        # off-policy target rows (re-anchoring): -log p of the teacher's ids, same forward
+        targets = completion_rows(batch.target_positions, hidden.shape[1], hidden.device)
+        h_MH = hidden.reshape(-1, hidden.shape[-1]).index_select(0, targets)
+        nll_M = chunked_nll(
+            h_MH,
+            head.weight,
+            getattr(head, "bias", None),
+            batch.target_ids_M,
+            self.chunk_tokens,
+            self.scale,
+            self.softcap,
+        )
+        return torch.cat([loss_N, nll_M])
 
 
 def chunked_head_loss(
@@ -257,5 +272,39 @@ def chunked_head_loss(
             use_reentrant=False,
         )
         for a in range(0, n, step)
+    ]
+    return torch.cat(parts)
+
+
+def chunked_nll(
+    h_MH: torch.Tensor,
+    weight_VH: torch.Tensor,
+    bias_V: torch.Tensor | None,
+    target_M: torch.Tensor,
+    chunk_tokens: int,
+    scale: float | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """-log p(target) per row [M], the head run `chunk_tokens` rows at a time under activation
+    checkpointing like the objective's (off-policy targets: teacher-written turns)."""
+    m = h_MH.shape[0]
+    step = m if chunk_tokens <= 0 else chunk_tokens
+
+    def chunk_nll(h_RH: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, t: torch.Tensor):
+        logp_RV = head_log_softmax(h_RH, w, b, scale, softcap)
+        return -logp_RV.gather(1, t[:, None])[:, 0]
+
+    if step >= m:
+        return chunk_nll(h_MH, weight_VH, bias_V, target_M)
+    parts = [
+        checkpoint(
+            chunk_nll,
+            h_MH[a : a + step],
+            weight_VH,
+            bias_V,
+            target_M[a : a + step],
+            use_reentrant=False,
+        )
+        for a in range(0, m, step)
     ]
     return torch.cat(parts)

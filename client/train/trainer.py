@@ -53,6 +53,7 @@ from opd.client.train.checkpoint import (
 from opd.client.train.diagnostics import compute_diagnostics, sampled_kl
 from opd.client.train.distributed import (
     all_sum,
+    all_sum_array,
     barrier,
     device_for,
     gather_rng_states,
@@ -63,6 +64,7 @@ from opd.client.train.distributed import (
 )
 from opd.client.train.episodes import EpisodeSampler, EpisodeSetup, episode_metrics
 from opd.client.train.factory import build_student, connect
+from opd.client.train.horizon import UNBOUNDED, Horizon, HorizonControl
 from opd.client.train.loggers import build_loggers
 from opd.client.train.metric_log import (
     MetricLogger,
@@ -71,6 +73,7 @@ from opd.client.train.metric_log import (
 from opd.client.train.pipeline import collect
 from opd.client.train.positions import PositionStats, TokenBatch
 from opd.client.train.prompts import PromptOrder
+from opd.client.train.reanchor import Reanchoring, probability, reanchor_metrics, target_positions
 from opd.client.train.rollout_store import RolloutWriter, decode_pieces
 from opd.client.train.rollouts import Rollout, SamplingParams, StepSampler, chunked
 from opd.client.train.routing import training_prompts, training_rows
@@ -138,6 +141,10 @@ class Trainer:
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(config))
         self.step = 0
+        max_depth = (
+            config.episodes.max_episode_tokens if self.episodes else config.sampling.max_tokens
+        )
+        self.horizon = HorizonControl(config.horizon, max_depth)
         if self.resume_from:
             state = load_checkpoint(
                 self.resume_from,
@@ -148,6 +155,7 @@ class Trainer:
             )
             self.step = int(state["step"])
             self.order.load_state(state["order"])
+            self.horizon.load_state(state.get("horizon"))
         if logger_ is not None:
             self.metrics: MetricLogger = logger_
         elif self.dist.is_main:
@@ -166,6 +174,7 @@ class Trainer:
         self.teacher_names = [t.name for t in self.teachers.teachers]
         self.teacher_weights = config.teacher.weights()
         self.sampling = self.built.sampling(config.sampling)
+        self.writers = self._teacher_writers() if config.reanchor.prob > 0 else {}
         self._prompt_ids: dict[int, list[int]] = {}
         self.outcome = (
             TrainingEval(config, self.engine, self.tokenizer, self.dist, self.run_dir)
@@ -219,6 +228,9 @@ class Trainer:
         rollouts, metrics = self.collect()
         # Flattened once: the loss's micro-batches are slices of it, the diagnostics read it.
         self.stats = PositionStats.from_rollouts(rollouts)
+        if self.horizon.adaptive is not None:  # the next step's horizon, from all ranks' sums
+            sums, counts = self.horizon.step_sums(self.stats)
+            self.horizon.observe(all_sum_array(sums, self.dist), all_sum_array(counts, self.dist))
         self.engine.sleep()  # GPU: the engine's memory is the trainer's while it updates
         t0 = time.perf_counter()
         metrics.update(self.update(rollouts, self.stats))
@@ -226,6 +238,8 @@ class Trainer:
         metrics["time/sync_s"] = self.sync_engine()
         metrics.update(engine_agreement(rollouts))
         metrics.update(episode_metrics(rollouts))
+        if self.writers:
+            metrics.update(reanchor_metrics(rollouts, self._reanchor_prob()))
         metrics.update(step_diagnostics(self.stats, self.config))
         if len(self.teacher_names) > 1:
             owners = [self.owners[r.prompt_index] for r in rollouts]  # type: ignore[index]
@@ -261,21 +275,34 @@ class Trainer:
         """Sample and score one step's rollouts, scoring overlapping with sampling."""
         world, rank = self.dist.world_size, self.dist.rank
         indices = self.order.take(self.config.data.prompts_per_step * world)[rank::world]
-        return self._collect(indices, self.sampling, self.spec)
+        horizon = self.horizon.horizon
+        rollouts, metrics = self._collect(
+            indices, self.sampling, self.spec, horizon, self._reanchoring(indices)
+        )
+        if self.horizon.active:
+            metrics.update(self._last_counts.metrics(horizon))
+        return rollouts, metrics
 
     def _collect(
-        self, indices: list[int], params: SamplingParams, spec: ScoreSpec
+        self,
+        indices: list[int],
+        params: SamplingParams,
+        spec: ScoreSpec,
+        horizon: Horizon = UNBOUNDED,
+        reanchor: Reanchoring | None = None,
     ) -> tuple[list[Rollout], dict[str, float]]:
-        """All `indices` sampled in one engine call; statistics and scoring overlapped."""
+        """All `indices` sampled in one engine call, cut to `horizon`; statistics and scoring
+        overlapped. Episodes are re-anchored by the teacher with `reanchor`."""
         top_k = self.config.student_top_k
         if self.episodes is not None:
             rows = [(i, self.prompts[i]) for i in indices]
             sampler: StepSampler = EpisodeSampler(
-                self.engine, self.student, rows, params, top_k, self.episodes
+                self.engine, self.student, rows, params, top_k, self.episodes, horizon, reanchor
             )
         else:
             prompts = [(i, self.prompt_ids(i)) for i in indices]
-            sampler = StepSampler(self.engine, self.student, prompts, params, top_k)
+            sampler = StepSampler(self.engine, self.student, prompts, params, top_k, horizon)
+        self._last_counts = sampler.counts
         owners = self.owners
         route = None if owners is None else (lambda r: owners[r.prompt_index])
         got = collect(self.teachers.teachers, chunked(indices), sampler, spec, route=route)
@@ -285,6 +312,28 @@ class Trainer:
         if got.routed is not None:
             return got.routed, timings
         return got.scored[self.teachers.teachers[0].name], timings
+
+    def _teacher_writers(self) -> dict[str | None, Any]:
+        """Re-anchoring: each teacher as a rollout engine over its /v1/generate, by name."""
+        from opd.client.evaluation.episode_source import TeacherEngine
+        from opd.client.teacher import TeacherClient
+
+        return {
+            name: TeacherEngine(TeacherClient(urls, api_key=self.config.teacher.api_key))
+            for name, urls in self.config.teacher.specs()
+        }
+
+    def _reanchor_prob(self) -> float:
+        return probability(self.config.reanchor, self.step, self.config.max_steps)
+
+    def _reanchoring(self, indices: list[int]) -> Reanchoring | None:
+        """This step's re-anchoring: its probability, each prompt's own teacher as writer."""
+        if not self.writers:
+            return None
+        first = next(iter(self.writers.values()))
+        owners = self.owners
+        engines = [first if owners is None else self.writers[owners[i]] for i in indices]
+        return Reanchoring(self._reanchor_prob(), engines)
 
     def sync_engine(self) -> float:
         """After the optimizer steps: the engine samples the new weights from the next step on
@@ -299,14 +348,24 @@ class Trainer:
         """`ppo_epochs` optimizer steps; each a token-mean over all completion tokens."""
         c = self.config.optim
         device = next(self.model.parameters()).device
+        # off-policy targets (re-anchoring --reanchor-as target): teacher-written turns' ids
+        targets = (
+            [target_positions(r) for r in rollouts]
+            if self.config.reanchor.written_as == "target" and self.writers
+            else None
+        )
+        n_targets = 0 if targets is None else sum(len(t) for t in targets)
         # Token mean over every rank's tokens; DDP averages gradients, hence the world factor.
-        total_tokens = all_sum(float(sum(r.completion_len for r in rollouts)), self.dist)
+        total_tokens = all_sum(
+            float(sum(r.completion_len for r in rollouts) + n_targets), self.dist
+        )
         scale = self.dist.world_size / total_tokens
         micro = [
             TokenBatch.build(
                 rollouts[i : i + c.micro_batch_size],
                 stats.sequences(i, min(i + c.micro_batch_size, len(rollouts))),
                 device,
+                None if targets is None else targets[i : i + c.micro_batch_size],
             )
             for i in range(0, len(rollouts), c.micro_batch_size)
         ]
@@ -339,8 +398,8 @@ class Trainer:
     def _token_weights(
         self, rollouts: list[Rollout], start: int, batch: TokenBatch
     ) -> torch.Tensor | None:
-        """Per-position loss weights of one micro-batch from --teacher-weight (each position
-        weighs as its rollout's teacher); None when every weight is 1."""
+        """Per-row loss weights of one micro-batch from --teacher-weight (each row weighs as its
+        rollout's teacher: the objective's rows, then any target rows); None when all are 1."""
         if not self.teacher_weights or self.owners is None:
             return None
         assert batch.seq_offsets is not None
@@ -350,6 +409,10 @@ class Trainer:
             for r in rollouts[start : start + len(counts)]
         ]
         w = torch.tensor(per_seq, dtype=torch.float32, device=counts.device)
+        if batch.target_positions is not None:
+            target_counts = [len(t) for t in batch.target_positions]
+            counts = torch.cat([counts, torch.tensor(target_counts, device=counts.device)])
+            w = torch.cat([w, w])
         return torch.repeat_interleave(w, counts)
 
     def _load_optimizer(self, state: dict[str, Any]) -> None:
@@ -409,6 +472,7 @@ class Trainer:
                 "order": self.order.state(),
                 "world_size": self.dist.world_size,
                 "config": replayable(self.config),
+                "horizon": self.horizon.state(),
             },
             rng_states=rng_states,
             model_state=model_state,
@@ -457,6 +521,8 @@ class Trainer:
             return
         self._closed = True
         self.engine.close()
+        for writer in self.writers.values():
+            writer.client.close()
         self.metrics.close()
         self.teachers.close()
         shutdown(self.dist)
@@ -470,8 +536,9 @@ def score_spec(config: TrainConfig) -> ScoreSpec:
     diagnostics on, everything they read too (top-k, candidate log-probs, entropy)."""
     entry = obj.objective(config.objective)
     full = config.diagnostics
+    adaptive = config.horizon.parsed()[0] == "adaptive"  # reads the top-k overlap
     return ScoreSpec(
-        top_k=config.teacher_top_k if full or entry.needs_teacher_topk else 0,
+        top_k=config.teacher_top_k if full or entry.needs_teacher_topk or adaptive else 0,
         candidates=full or entry.needs_candidates,
         entropy=full,
     )
