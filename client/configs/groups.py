@@ -21,6 +21,7 @@ Nothing here imports torch: `opd train --help` builds its flags from these witho
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal, TypeVar
 
 from pydantic import (
@@ -246,7 +247,8 @@ class HorizonGroup(Group):
     assistant turns. `adaptive` keeps what the running per-depth top-k overlap says still
     carries the teacher's signal: a depth bucket is faded when its smoothed overlap falls below
     `fade` times the first bucket's, and the horizon is the start of the first bucket from
-    which every deeper bucket is faded; while none is, it grows one bucket per step."""
+    which every deeper bucket is faded; while none is, it grows one bucket every
+    `regrow_steps` steps."""
 
     rule: str = Field(
         default="none", description="none, fixed:N (tokens), fixed:Nturns or adaptive"
@@ -272,6 +274,11 @@ class HorizonGroup(Group):
     min_tokens: int = Field(
         default=32, ge=1, description="adaptive: positions a bucket needs in a step to count"
     )
+    regrow_steps: int = Field(
+        default=5,
+        ge=0,
+        description="adaptive: steps a bound holds before it may grow one bucket deeper",
+    )
 
     @field_validator("rule")
     @classmethod
@@ -292,7 +299,7 @@ def parse_horizon(rule: str) -> tuple[str, int | None, int | None]:
     kind, _, bound = rule.partition(":")
     turns = bound.endswith("turns")
     number = bound.removesuffix("turns")
-    if kind != "fixed" or not number.isdigit() or int(number) < 1:
+    if kind != "fixed" or not re.fullmatch(r"[0-9]+", number) or int(number) < 1:
         raise ValueError(
             f"horizon: expected none, fixed:N, fixed:Nturns or adaptive (N >= 1), got {rule!r}"
         )

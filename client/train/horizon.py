@@ -23,10 +23,12 @@ Per depth bucket of `bucket` tokens it keeps a moving average (weight `smoothing
 step; a bucket counts in a step only with at least `min_tokens` positions). Bucket b is *faded*
 when its average is below `fade` times bucket 0's. The horizon is the start of the first bucket
 b >= 1 from which every observed deeper bucket is faded: a single noisy dip with live buckets
-after it does not cut. While no bucket is faded and the horizon is bounded, it grows by one
-bucket per step (the only way to see whether deeper positions came back to life). For the
-first `warmup_steps` steps every depth is scored. The state is a few floats, saved in
-checkpoints, and every rank of a torchrun job updates it from the same all-reduced sums.
+after it does not cut. While no bucket inside a bounded horizon is faded and the bound has
+held for `regrow_steps` steps, it grows by one bucket (the only way to see whether deeper
+positions came back to life); a bucket outside the bound forgets its average, so a regrown
+bucket is judged on fresh scores. For the first `warmup_steps` steps every depth is scored.
+The state is a few floats, saved in checkpoints, and every rank of a torchrun job updates it
+from the same all-reduced sums.
 """
 
 from __future__ import annotations
@@ -74,33 +76,41 @@ def cut_sample(sample: Sample, horizon: Horizon) -> Sample:
 
 
 def cut_episode(episode: Episode, horizon: Horizon) -> Episode:
-    """An episode's trained spans within the horizon; its ids end at the last kept position
-    (context after it would be scored for nothing). Teacher-written turns past the cut go too;
-    the environment's reward and grades stay (it saw the whole episode)."""
+    """An episode's turns within the horizon (the student's trained spans and the teacher's
+    written ones alike); its ids end at the last kept position (context after it would be
+    scored for nothing). The environment's reward and grades stay: it saw the whole episode."""
     if not horizon.bounded:
         return episode
     info = episode.info
-    turn_of = info.span_turns or list(range(len(episode.spans)))
     limit = episode.prompt_len + (horizon.tokens if horizon.tokens is not None else 1 << 62)
-    kept: list[tuple[int, int]] = []
-    turns: list[int] = []
-    for (a, b), turn in zip(episode.spans.tolist(), turn_of, strict=True):
+    # every turn in order, whoever wrote it: (start, end, written by the teacher)
+    turns = sorted(
+        [(int(a), int(b), False) for a, b in episode.spans.tolist()]
+        + [(int(a), int(b), True) for a, b in info.teacher_spans]
+    )
+    spans: list[tuple[int, int]] = []
+    span_turns: list[int] = []
+    teacher: list[tuple[int, int]] = []
+    for turn, (a, b, by_teacher) in enumerate(turns):
         if (horizon.turns is not None and turn >= horizon.turns) or a >= limit:
             break
-        kept.append((a, min(b, limit)))
-        turns.append(turn)
-    if len(kept) == len(episode.spans) and kept[-1][1] == int(episode.spans[-1, 1]):
+        kept = (a, min(b, limit))
+        if by_teacher:
+            teacher.append(kept)
+        else:
+            spans.append(kept)
+            span_turns.append(turn)
+    end = max(b for _, b in spans + teacher)
+    if end == len(episode.token_ids):
         return episode  # nothing past the horizon
-    end = kept[-1][1]
-    n_kept = sum(b - a for a, b in kept)
+    n_kept = sum(b - a for a, b in spans)
     logp = episode.engine_logp_T
-    teacher = [(a, b) for a, b in (info.teacher_spans or []) if b <= end]
     return replace(
         episode,
         token_ids=episode.token_ids[:end],
-        spans=np.asarray(kept, dtype=np.int64).reshape(-1, 2),
+        spans=np.asarray(spans, dtype=np.int64).reshape(-1, 2),
         engine_logp_T=None if logp is None else logp[:n_kept],
-        info=replace(info, span_turns=turns, teacher_spans=teacher),
+        info=replace(info, span_turns=span_turns, teacher_spans=teacher),
     )
 
 
@@ -193,6 +203,7 @@ class AdaptiveHorizon:
     average: dict[int, float] = field(default_factory=dict)
     buckets: int | None = None
     steps: int = 0
+    held: int = 0  # steps since the bound last changed
 
     @property
     def horizon(self) -> Horizon:
@@ -211,12 +222,25 @@ class AdaptiveHorizon:
         self.steps += 1
         if self.steps <= g.warmup_steps:
             return
+        before = self.buckets
         faded = faded_from(self._within(), g.fade)
         if faded is not None:
             self.buckets = max(1, faded)
-        elif self.buckets is not None and (self.buckets - 1) in seen:
+        elif (
+            self.buckets is not None and (self.buckets - 1) in seen and self.held >= g.regrow_steps
+        ):
             grown = self.buckets + 1
             self.buckets = None if grown >= self.n_buckets else grown
+        self.held = self.held + 1 if self.buckets == before else 0
+        if self.buckets is not None:  # unscored from now on: a regrown bucket starts afresh
+            for b in range(self.buckets, self.n_buckets):
+                self.average.pop(b, None)
+
+    def _may_grow(self, seen: list[int]) -> bool:
+        """Bounded, its deepest bucket scored this step, and the bound held long enough."""
+        if self.buckets is None or (self.buckets - 1) not in seen:
+            return False
+        return self.held >= self.group.regrow_steps
 
     def _within(self) -> dict[int, float]:
         """The averages the rule may read: buckets inside the current bound (deeper ones are
@@ -230,12 +254,14 @@ class AdaptiveHorizon:
             "average": {str(b): v for b, v in self.average.items()},
             "buckets": self.buckets,
             "steps": self.steps,
+            "held": self.held,
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.average = {int(b): float(v) for b, v in state["average"].items()}
         self.buckets = state["buckets"]
         self.steps = int(state["steps"])
+        self.held = int(state["held"])
 
 
 class HorizonControl:
