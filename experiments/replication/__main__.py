@@ -1,5 +1,6 @@
-"""`python -m experiments.replication [--tiny] [--out-dir DIR]` (or `make replicate`): the
-method's findings reproduced on this machine, from a clone of the repository.
+"""`python -m experiments.replication [--tiny] [--out-dir DIR] [--seeds 0,1,2]` (or `make
+replicate`): the method's findings reproduced on this machine, from a clone of the repository;
+with --seeds, over several seeds, judged by the spread (seeds.py).
 
 The harness is research code, not part of the installed `opd` package: it trains its own tiny
 models with its own tokenizer, so it lives beside the package and runs with the clone's venv.
@@ -21,10 +22,12 @@ def _run(config: ReplicateConfig) -> None:
     from rich.console import Console
 
     from experiments.replication.run import run_replicate
+    from experiments.replication.seeds import run_seeds
 
     console = Console()
     logging.basicConfig(level=logging.WARNING)
-    run_replicate(config, log=lambda msg: console.print(f"[dim]{msg}[/dim]"))
+    run = run_seeds if config.seeds is not None else run_replicate
+    run(config, log=lambda msg: console.print(f"[dim]{msg}[/dim]"))
     typer.echo((Path(config.out_dir) / "replication.md").read_text())
 
 
@@ -36,7 +39,8 @@ def main() -> None:
             _run,
             doc="The method's findings reproduced on this machine: trains a student and three "
             "teachers on 3-digit addition, runs probe / train / coldstart / eval on them and "
-            "writes one table per finding to OUT/replication.md (docs/replication.md).",
+            "writes one table per finding to OUT/replication.md (docs/replication.md); with "
+            "--seeds, one run per seed in OUT/seed{S}/ and the tables over the seeds.",
         )
     )
     app()

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from experiments.harness import run_metrics, write_results
 from experiments.replication import task
@@ -51,6 +51,54 @@ class ReplicateConfig(BaseModel):
         default=True,
         description="reuse models in OUT/models trained with the same recipe and held-out set",
     )
+    # A comma string, not a list: the generated CLI repeats a list field's flag (--seeds 0
+    # --seeds 1), where `--seeds 0,1,2` is what a person types.
+    seeds: str | None = Field(
+        default=None,
+        description="several seeds, comma-separated (0,1,2): each runs as --seed into "
+        "OUT/seed{S}/ (reused when finished with the same plan), then the tables over the "
+        "seeds with every figure's spread (experiments/replication/seeds.py)",
+    )
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, value: str | None) -> str | None:
+        """At least two distinct non-negative integer seeds: one seed is --seed, and a seed
+        given twice would count one run twice in the spread."""
+        if value is None:
+            return None
+        try:
+            seeds = [int(part) for part in value.split(",")]
+        except ValueError:
+            raise ValueError(
+                f"seeds: expected comma-separated integers such as 0,1,2, got {value!r}"
+            ) from None
+        if len(seeds) < 2:
+            raise ValueError(f"seeds: give at least 2 seeds for a spread (got {value!r}); "
+                             "one seed is --seed")  # fmt: skip
+        twice = sorted({s for s in seeds if seeds.count(s) > 1})
+        if twice:
+            raise ValueError(f"seeds: {', '.join(map(str, twice))} given more than once")
+        if any(s < 0 for s in seeds):
+            raise ValueError(f"seeds: must be >= 0 (got {value!r})")
+        return ",".join(map(str, seeds))
+
+    @model_validator(mode="after")
+    def _seed_or_seeds(self) -> ReplicateConfig:
+        """--seed with --seeds would leave one of them ignored."""
+        if self.seeds is not None and "seed" in self.model_fields_set:
+            raise ValueError("give --seed (one run) or --seeds (several), not both")
+        return self
+
+    @property
+    def seed_list(self) -> list[int]:
+        """The seeds to run: --seeds, or the one --seed."""
+        return [int(s) for s in self.seeds.split(",")] if self.seeds else [self.seed]
+
+
+def plan_for(config: ReplicateConfig) -> Plan:
+    """The plan of a single-seed run: what it runs, and what a reused run must have run."""
+    return tiny_plan(config.seed) if config.tiny else full_plan(config.seed)
 
 
 def _data(plan: Plan, out: Path, seed: int) -> tuple[dict[str, Path], set[tuple[int, int]]]:
@@ -222,13 +270,16 @@ def _evaluate(plan: Plan, students: dict[str, Path], data: dict, out: Path, seed
 
 
 def run_replicate(config: ReplicateConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Every stage in order; OUT/results.json and OUT/replication.md at the end."""
+    """Every stage in order; OUT/results.json and OUT/replication.md at the end. One seed:
+    several (config.seeds) are seeds.run_seeds, which calls this once per seed."""
     from experiments.replication.tables import write_tables
     from opd.client.report.build import build_report
     from opd.client.teacher.launch import LocalTeacher
 
+    if config.seeds is not None:
+        raise ValueError("run_replicate runs one seed; --seeds is seeds.run_seeds")
     started = time.perf_counter()
-    plan = tiny_plan(config.seed) if config.tiny else full_plan(config.seed)
+    plan = plan_for(config)
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     seed = config.seed

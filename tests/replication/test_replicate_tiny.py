@@ -8,23 +8,26 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 
-from experiments.replication.plan import OPD_RUNS
+from experiments.replication.plan import OPD_RUNS, tiny_plan
 from experiments.replication.tables import FINDINGS, INCONCLUSIVE, NOT, PARTLY, REPRODUCES
 
 VERDICTS = (REPRODUCES, PARTLY, NOT, INCONCLUSIVE)
 
 
+ROOT = Path(__file__).resolve().parents[2]
+
+
 @pytest.fixture(scope="module")
 def replicated(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("replicate")
-    root = Path(__file__).resolve().parents[2]
     done = subprocess.run(
         [sys.executable, "-m", "experiments.replication", "--tiny", "--out-dir", str(out)],
-        cwd=root,
+        cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=540,  # inside pytest's 600 s, so the command's own output is reported
@@ -44,7 +47,7 @@ def test_every_table_is_written_with_a_computed_verdict(replicated):
     assert text.count("Here: **") == len(FINDINGS)
     # results.json keeps the verdicts the tables printed, one per finding
     verdicts = json.loads((replicated / "results.json").read_text())["verdicts"]
-    assert list(verdicts) == [finding.__name__ for finding in FINDINGS]
+    assert list(verdicts) == [finding.name for finding in FINDINGS]
     for verdict in verdicts.values():
         assert verdict in VERDICTS
         assert f"Here: **{verdict}**" in text
@@ -86,3 +89,33 @@ def test_the_models_share_one_tokenizer_and_load_as_hf_folders(replicated):
         card = json.loads((folder / "opd_replication_model.json").read_text())
         assert card["name"] == name and card["parameters"] > 0
     assert len(prints) == 1
+
+
+def test_seeds_reuse_finished_runs_and_tabulate_their_spread(replicated, tmp_path):
+    """`--seeds 0,1` over two finished seeds: neither is rerun, and the tables over the seeds
+    are computed from real results.json files. Seed 1 is the tiny run again under seed 1's
+    plan (so no model trains here): this checks the plumbing, not a spread."""
+    saved = json.loads((replicated / "results.json").read_text())
+    for seed in (0, 1):
+        plan = json.loads(json.dumps(asdict(tiny_plan(seed))))
+        (tmp_path / f"seed{seed}").mkdir()
+        results = dict(saved, seed=seed, plan=plan)
+        (tmp_path / f"seed{seed}" / "results.json").write_text(json.dumps(results))
+    done = subprocess.run(
+        [sys.executable, "-m", "experiments.replication", "--tiny", "--seeds", "0,1"]
+        + ["--out-dir", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "seed 0: reusing" in done.stdout and "seed 1: reusing" in done.stdout
+    text = (tmp_path / "replication.md").read_text()
+    assert text.startswith("# Replication over seeds 0, 1 (tiny mode")
+    assert "| finding | seed 0 | seed 1 | across seeds |" in text
+    assert text.count("Here: **") == len(FINDINGS)
+    summary = json.loads((tmp_path / "results.json").read_text())
+    assert list(summary["verdicts"]) == [finding.name for finding in FINDINGS]
+    for verdict in summary["verdicts"].values():
+        assert verdict in VERDICTS
