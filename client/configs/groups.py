@@ -238,21 +238,12 @@ class EpisodeGroup(Group):
         return out
 
 
-class HorizonGroup(Group):
-    """Horizon: how deep into a completion (or an episode) the teacher scores and the student
-    trains (opd.client.train.horizon; docs/training.md, "Long horizons").
+class HorizonKnobs(Group):
+    """Horizon: the knobs the adaptive horizon rule reads from one batch's per-depth top-k
+    overlap (opd.client.train.horizon.recommend). Their own group so that `opd probe`, which
+    applies the rule once to its rollouts to recommend a horizon, takes exactly these flags and
+    not the training-only ones (the rule, smoothing, warm-up, regrowth)."""
 
-    `none` trains every position. `fixed:N` keeps positions at depth < N (tokens since the
-    first completion token, an episode's context included); `fixed:Nturns` keeps the first N
-    assistant turns. `adaptive` keeps what the running per-depth top-k overlap says still
-    carries the teacher's signal: a depth bucket is faded when its smoothed overlap falls below
-    `fade` times the first bucket's, and the horizon is the start of the first bucket from
-    which every deeper bucket is faded; while none is, it grows one bucket every
-    `regrow_steps` steps."""
-
-    rule: str = Field(
-        default="none", description="none, fixed:N (tokens), fixed:Nturns or adaptive"
-    )
     bucket: int = Field(
         default=128, ge=1, description="adaptive: depth tokens per bucket the rule reads"
     )
@@ -262,6 +253,26 @@ class HorizonGroup(Group):
         lt=1,
         description="adaptive: a bucket is faded below this share of the first bucket's overlap",
     )
+    min_tokens: int = Field(
+        default=32, ge=1, description="adaptive: positions a bucket needs in a step to count"
+    )
+
+
+class HorizonGroup(HorizonKnobs):
+    """Horizon: how deep into a completion (or an episode) the teacher scores and the student
+    trains (opd.client.train.horizon; docs/training.md, "Long horizons").
+
+    `none` trains every position. `fixed:N` keeps positions at depth < N (tokens since the
+    first completion token, an episode's context included); `fixed:Nturns` keeps the first N
+    assistant turns. `adaptive` keeps what the running per-depth top-k overlap says still
+    carries the teacher's signal: a depth bucket is faded when its smoothed overlap falls below
+    `fade` times the first bucket's, and the horizon is the start of the first bucket from
+    which every deeper bucket is faded; while none is, it grows one bucket every
+    `regrow_steps` steps. bucket, fade and min_tokens come from HorizonKnobs."""
+
+    rule: str = Field(
+        default="none", description="none, fixed:N (tokens), fixed:Nturns or adaptive"
+    )
     smoothing: float = Field(
         default=0.3,
         gt=0,
@@ -270,9 +281,6 @@ class HorizonGroup(Group):
     )
     warmup_steps: int = Field(
         default=3, ge=0, description="adaptive: steps scored at full depth before any cut"
-    )
-    min_tokens: int = Field(
-        default=32, ge=1, description="adaptive: positions a bucket needs in a step to count"
     )
     regrow_steps: int = Field(
         default=5,

@@ -11,6 +11,7 @@ from opd.client.configs.groups import (
     VERIFIER_HELP,
     EpisodeGroup,
     Group,
+    HorizonKnobs,
     SamplingGroup,
     StudentGroup,
     TeacherConnection,
@@ -63,6 +64,7 @@ class ProbeConfig(Group):
             "sampling": "",
             "depth": "depth_",
             "episodes": "",
+            "horizon": "horizon_",
         },
         rename={
             "episodes.env_args": "env_arg",
@@ -85,6 +87,9 @@ class ProbeConfig(Group):
     sampling: SamplingGroup = Field(default_factory=SamplingGroup)
     depth: DepthProbe = Field(default_factory=DepthProbe)
     episodes: EpisodeGroup = Field(default_factory=EpisodeGroup)
+    # The adaptive horizon rule's knobs (as `opd train --horizon adaptive` reads them): the
+    # probe applies the rule once to its rollouts and recommends a horizon per teacher.
+    horizon: HorizonKnobs = Field(default_factory=HorizonKnobs)
     prompts: str = Field(default="shipped", description=PROMPTS_HELP)
     prompt_field: str = Field(default="prompt", description="field holding the prompt text")
     num_prompts: int = Field(default=256, ge=1, description="prompts sampled from the set")

@@ -14,6 +14,11 @@ numbers that decided it ranks the teachers.
 With --answer-field the rollouts are graded too (opd.client.evaluation): the student's accuracy,
 and per teacher the AUROC of its sequence mean reward against correctness; --depth adds the
 teacher-continuation depth curve (opd.client.evaluation.depth).
+
+Per teacher the probe also recommends a training horizon (`recommend_horizon`): the adaptive
+rule of `opd train --horizon adaptive` (opd.client.train.horizon.recommend, the one rule, not a
+copy) applied once to the scored rollouts' per-position top-k overlap by depth, so a pair whose
+teacher signal fades with depth can be trained on a prefix (`--horizon fixed:N`) from the start.
 """
 
 from __future__ import annotations
@@ -22,13 +27,17 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from opd.client.configs.groups import HorizonGroup, HorizonKnobs
 from opd.client.configs.probe import ProbeConfig
 from opd.client.train.metric_log import finite_json
 from opd.shared.config_cli import replayable
+
+if TYPE_CHECKING:
+    from opd.client.train.positions import PositionStats
 
 logger = logging.getLogger(__name__)
 
@@ -142,6 +151,68 @@ def rank_teachers(teachers: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for rank, t in enumerate(ordered, 1):
         t["rank"] = rank
     return ordered
+
+
+def recommend_horizon(stats: PositionStats, knobs: HorizonKnobs) -> dict[str, Any]:
+    """The training horizon the adaptive rule recommends on these scored positions.
+
+    Why here: the rule training would apply step by step (opd.client.train.horizon.recommend)
+    read once on the probe's rollouts says, before any training, whether the teacher's signal
+    fades with depth and from where, so `opd train --horizon fixed:N` can start at that depth.
+
+    Returns `recommended` ("fixed:N", or None when no cut is needed or it cannot be judged),
+    `tokens` (N or None), `status` ("fixed", "none" or "undetermined"), the knobs, each bucket's
+    mean overlap keyed "lo-hi" (buckets with at least min_tokens positions only), `holds_to`
+    (status "none": the depth the overlap was seen to hold to, the end of the deepest counted
+    bucket), `display` (the table's cell) and `reason` (one plain sentence)."""
+    from opd.client.train.diagnostics import overlap_ratio, position_depths
+    from opd.client.train.horizon import recommend
+
+    group = HorizonGroup(rule="adaptive", **knobs.model_dump())
+    depth_N = position_depths(stats)
+    tokens, signal = recommend(depth_N, overlap_ratio(stats), group)
+    bucket = group.bucket
+    labels = {b: f"{b * bucket}-{(b + 1) * bucket - 1}" for b in signal}
+    out: dict[str, Any] = {
+        "recommended": None if tokens is None else f"fixed:{tokens}",
+        "tokens": tokens,
+        "bucket": bucket,
+        "fade": group.fade,
+        "min_tokens": group.min_tokens,
+        "overlap_by_bucket": {labels[b]: float(signal[b]) for b in sorted(signal)},
+        "holds_to": None,
+    }
+    rule = f"{group.fade:g} x its first-bucket value"
+    first = (  # the rule's reference (a fixed:N or none verdict always has bucket 0)
+        f"{labels[0]}: {signal[0]:.3f}, floor {group.fade * signal[0]:.3f}" if 0 in signal else ""
+    )
+    if tokens is not None:
+        out.update(
+            status="fixed",
+            display=f"fixed:{tokens}",
+            reason=f"overlap falls below {rule} from depth {tokens:,} on ({first})",
+        )
+    elif 0 not in signal or len(signal) < 2:
+        out.update(
+            status="undetermined",
+            display="undetermined",
+            reason=f"too few positions to judge: the rule needs {group.min_tokens} or more in "
+            f"the first {bucket}-token depth bucket and in at least one deeper one; sample "
+            "longer or more rollouts, or lower --horizon-bucket / --horizon-min-tokens",
+        )
+    else:
+        deepest = max(signal)
+        in_deepest = depth_N[depth_N // bucket == deepest]
+        holds_to = int(in_deepest.max()) + 1
+        out.update(
+            status="none",
+            holds_to=holds_to,
+            display=f"none needed (to {holds_to:,})",
+            reason=f"overlap holds to depth {holds_to:,}: its deepest bucket with "
+            f"{group.min_tokens} positions or more ({labels[deepest]}: {signal[deepest]:.3f}) "
+            f"is not below {rule} ({first})",
+        )
+    return out
 
 
 def sample_prompt_indices(n_available: int, num_prompts: int, seed: int) -> list[int]:
@@ -278,6 +349,7 @@ def run_probe(config: ProbeConfig, log=print) -> dict[str, Any]:  # noqa: ANN001
             metrics = compute_diagnostics(stats, depth_bucket=config.depth_bucket)
             by_name[name]["metrics"] = metrics
             by_name[name]["verdict"] = verdict(metrics)
+            by_name[name]["horizon"] = recommend_horizon(stats, config.horizon)
             if outcome is not None:
                 by_name[name]["outcome"] = reward_auroc(scored, outcome["correct"])
         domains = None

@@ -35,16 +35,18 @@ def print_probe(report: dict[str, Any], console: Console) -> None:
     table.add_column("teacher")
     for key in SUMMARY_KEYS:
         table.add_column(_LABELS[key], justify="right")
+    table.add_column("horizon")
     table.add_column("verdict")
     for t in report["teachers"]:
         if "error" in t:
-            table.add_row(str(t["rank"]), t["name"], *["-"] * len(SUMMARY_KEYS), t["error"])
+            table.add_row(str(t["rank"]), t["name"], *["-"] * (len(SUMMARY_KEYS) + 1), t["error"])
             continue
         v = t["verdict"]
         table.add_row(
             str(t["rank"]),
             t["name"],
             *(_fmt(t["metrics"].get(k)) for k in SUMMARY_KEYS),
+            t["horizon"]["display"] if "horizon" in t else "-",
             f"[{_STYLE[v['class']]}]{v['label']}[/]",
         )
     console.print(table)
@@ -52,6 +54,8 @@ def print_probe(report: dict[str, Any], console: Console) -> None:
         if "error" in t:
             continue
         console.print(f"[bold]{t['rank']}. {t['name']}[/]: " + "; ".join(t["verdict"]["reasons"]))
+        if "horizon" in t:
+            print_horizon(t["horizon"], console)
         depth = Table(title=f"{t['name']} by depth (completion tokens)")
         depth.add_column("depth")
         keys = ("overlap/ratio", "overlap/token_advantage", "entropy/gap", "kl/sampled")
@@ -78,6 +82,23 @@ def print_probe(report: dict[str, Any], console: Console) -> None:
     if "domains" in report:
         _print_domains(report, console)
     print_outcome(report, console)
+
+
+def print_horizon(h: dict[str, Any], console: Console) -> None:
+    """A teacher's recommended horizon, why, the overlap by bucket it read, and how to train
+    with it: the adaptive rule's one-batch answer is only useful with the flags that act on it."""
+    console.print(f"  horizon: {h['display']}: {h['reason']}")
+    if h["overlap_by_bucket"]:
+        console.print(
+            f"  overlap by {h['bucket']}-token bucket: "
+            + ", ".join(f"{k} {v:.3f}" for k, v in h["overlap_by_bucket"].items())
+        )
+    if h["recommended"] is not None:
+        console.print(
+            f"  train with: opd train --horizon {h['recommended']} (or --horizon adaptive "
+            f"--horizon-bucket {h['bucket']} --horizon-fade {h['fade']:g} "
+            f"--horizon-min-tokens {h['min_tokens']})"
+        )
 
 
 def print_outcome(report: dict[str, Any], console: Console) -> None:

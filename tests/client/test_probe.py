@@ -13,13 +13,16 @@ import numpy as np
 from typer.testing import CliRunner
 
 from opd.client.cli import app
+from opd.client.configs.groups import HorizonKnobs
 from opd.client.recipes.probe import (
     COMPATIBLE_OVERLAP,
     NO_SIGNAL_KL,
     rank_teachers,
+    recommend_horizon,
     sample_prompt_indices,
     verdict,
 )
+from opd.client.train.positions import PositionStats
 
 
 def _metrics(overlap: float, kl: float, adv: float = -0.01, gap: float = 0.2) -> dict:
@@ -68,6 +71,77 @@ def test_prompt_subset_is_seeded():
     assert a == sample_prompt_indices(100, 10, seed=3) and len(set(a)) == 10
     assert a != sample_prompt_indices(100, 10, seed=4)
     assert sample_prompt_indices(5, 10, seed=0) == [0, 1, 2, 3, 4]
+
+
+def _stats_with_overlap(overlap_of_depth, lengths, depth_N=None) -> PositionStats:
+    """Hand-made positions whose top-4 overlap is exactly overlap_of_depth(depth) (1.0 or
+    0.25): the student's top set is always ids 0-3; the teacher shares all four, or only id 0."""
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    depths = (
+        np.concatenate([np.arange(n) for n in lengths]) if depth_N is None else np.asarray(depth_N)
+    )
+    full = np.asarray([overlap_of_depth(int(d)) == 1.0 for d in depths])
+    n = len(depths)
+    logp_NK = np.tile(np.log([0.4, 0.3, 0.2, 0.1]), (n, 1))
+    teacher_NK = np.where(full[:, None], [[0, 1, 2, 3]], [[0, 5, 6, 7]])
+    return PositionStats(
+        student_topk_ids_NK=np.tile([0, 1, 2, 3], (n, 1)),
+        student_topk_logp_NK=logp_NK,
+        student_token_logp_N=logp_NK[:, 0],
+        student_entropy_N=np.ones(n),
+        seq_offsets=offsets,
+        teacher_token_logp_N=logp_NK[:, 0],
+        teacher_cand_logp_NK=logp_NK,
+        teacher_topk_ids_Nk=teacher_NK,
+        teacher_topk_logp_Nk=logp_NK,
+        teacher_entropy_N=np.ones(n),
+        depth_N=depth_N,
+    ).validate()
+
+
+def test_recommend_horizon_fixed_where_the_overlap_fades_none_where_it_holds():
+    knobs = HorizonKnobs(bucket=8, fade=0.8, min_tokens=4)
+    # the overlap falls from 1.0 to 0.25 at depth 24 (bucket 3) and stays there
+    fading = recommend_horizon(
+        _stats_with_overlap(lambda d: 1.0 if d < 24 else 0.25, [64, 64, 40]), knobs
+    )
+    assert (fading["recommended"], fading["tokens"], fading["status"]) == ("fixed:24", 24, "fixed")
+    assert fading["display"] == "fixed:24" and fading["bucket"] == 8
+    assert fading["overlap_by_bucket"] == {
+        f"{8 * b}-{8 * b + 7}": (1.0 if b < 3 else 0.25) for b in range(8)
+    }
+    assert fading["reason"] == (
+        "overlap falls below 0.8 x its first-bucket value from depth 24 on "
+        "(0-7: 1.000, floor 0.800)"
+    )
+    # a dip with live buckets after it does not cut (the rule's trailing run)
+    dip = recommend_horizon(
+        _stats_with_overlap(lambda d: 0.25 if 16 <= d < 24 else 1.0, [64, 64]), knobs
+    )
+    assert dip["recommended"] is None and dip["status"] == "none"
+    # flat: none needed, held to the end of the deepest bucket with >= 4 positions (depth 63:
+    # a lone 65-token rollout's positions 56-64 fill bucket 7 but 64 alone is bucket 8, < 4)
+    flat = recommend_horizon(_stats_with_overlap(lambda d: 1.0, [64, 65]), knobs)
+    assert (flat["recommended"], flat["tokens"], flat["status"]) == (None, None, "none")
+    assert flat["holds_to"] == 64 and flat["display"] == "none needed (to 64)"
+    assert flat["reason"] == (
+        "overlap holds to depth 64: its deepest bucket with 4 positions or more (56-63: 1.000) "
+        "is not below 0.8 x its first-bucket value (0-7: 1.000, floor 0.800)"
+    )
+    # episodes: the absolute depths (context included) decide, not the index in the sequence
+    # (two assistant turns of 32 tokens with a 20-token tool result between them: depths 0-31
+    # and 52-83; the fade at depth 56 is index 36 of each episode's trained positions)
+    turns = np.concatenate([np.arange(32), np.arange(52, 84)])
+    depth_N = np.concatenate([turns, turns])
+    episode = recommend_horizon(
+        _stats_with_overlap(lambda d: 1.0 if d < 56 else 0.25, [64, 64], depth_N), knobs
+    )
+    assert episode["recommended"] == "fixed:56"
+    assert "32-39" not in episode["overlap_by_bucket"]  # the tool result is not scored
+    # too short to judge: one bucket with enough positions
+    short = recommend_horizon(_stats_with_overlap(lambda d: 1.0, [6, 6]), knobs)
+    assert (short["recommended"], short["status"]) == (None, "undetermined")
+    assert short["display"] == "undetermined"
 
 
 def test_probe_end_to_end_real_teacher_versus_twin(

@@ -10,6 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 from opd.client.cli import app
+from opd.client.configs.groups import HorizonKnobs
+from opd.client.recipes.probe import recommend_horizon
 from opd.client.recipes.probe_domains import prompt_domains, suggest_routing
 from opd.client.teacher.launch import LocalTeacher
 from opd.client.train.diagnostics import compute_diagnostics
@@ -57,6 +59,8 @@ def test_probe_ranks_teachers_per_domain_and_suggests_a_routing(
             "--num-prompts", "8",
             "--max-new-tokens", "8",
             "--depth-bucket", "4",
+            "--horizon-bucket", "2",
+            "--horizon-min-tokens", "4",
             "--save-rollouts",
             "--out-dir", str(out),
         ]  # fmt: skip
@@ -80,3 +84,13 @@ def test_probe_ranks_teachers_per_domain_and_suggests_a_routing(
         for key, value in expected.items():
             np.testing.assert_allclose(twin["metrics"][key], value, rtol=1e-9, err_msg=key)
         assert report["suggested_routing"]["routes"][domain] == "tiny"
+    # the recommended horizon: per teacher in probe.json, the adaptive rule on the same saved
+    # rollouts with the same knobs; the twin's overlap never fades; printed with its reason
+    horizons = {t["name"]: t["horizon"] for t in report["teachers"]}
+    knobs = HorizonKnobs(bucket=2, min_tokens=4)
+    assert horizons["twin"] == recommend_horizon(PositionStats.from_rollouts(saved), knobs)
+    assert horizons["twin"]["status"] == "none" and horizons["twin"]["recommended"] is None
+    for h in horizons.values():
+        assert h["bucket"] == 2 and h["overlap_by_bucket"]
+        assert h["recommended"] == (None if h["tokens"] is None else f"fixed:{h['tokens']}")
+        assert f"horizon: {h['display']}: {h['reason']}" in " ".join(result.output.split())
