@@ -249,11 +249,15 @@ def _episode(cols: dict[str, list[Any]], i: int, n: int) -> str:
     student = cols["student_token_logp"][i]
     teacher = cols.get("teacher_token_logp", [None] * n)[i]
     pieces = cols.get("token_pieces", [None] * n)[i]
-    roles = cols.get("context_roles", [None] * n)[i] or []
+    roles = roles_all = cols.get("context_roles", [None] * n)[i] or []
     texts = cols.get("context_texts", [None] * n)[i]
     ended = cols.get("ended", [None] * n)[i]
     reward = cols.get("reward", [None] * n)[i]
     correct = cols.get("turn_correct", [None] * n)[i] or []
+    # re-anchored episodes (format 3): span j is turn span_turns[j]; the teacher's turns
+    # between two spans are shown in the context after the first, labelled "teacher"
+    turn_of = cols.get("span_turns", [None] * n)[i] or list(range(len(spans)))
+    roles = _span_roles(roles, [int(t) for t in turn_of])
     # the ids after each turn up to the next one (after the last: to the end of token_ids)
     nexts = [int(a) for a, _ in spans[1:]] + [len(ids)]
     context = [(int(b), nxt) for (_, b), nxt in zip(spans, nexts, strict=True)]
@@ -293,8 +297,8 @@ def _episode(cols: dict[str, list[Any]], i: int, n: int) -> str:
         turn = [f"{length} tokens"]
         if teacher is not None and length:
             turn.append(f"mean log q/p {ratio[start : start + length].mean():+.3f}")
-        if j < len(correct):
-            turn.append("correct" if correct[j] else "not correct")
+        if turn_of[j] < len(correct):
+            turn.append("correct" if correct[turn_of[j]] else "not correct")
         shown = min(length, budget)
         if shown < length:
             turn.append(f"{shown} shown")
@@ -302,7 +306,7 @@ def _episode(cols: dict[str, list[Any]], i: int, n: int) -> str:
         toks = _tokens(completion, pieces, student, teacher, ratio, range(start, start + shown))
         parts.append(
             f'<div class="turn" data-turn="{j}"><p class="turn-head">'
-            f"assistant &middot; turn {j + 1} of {len(lengths)}: "
+            f"assistant &middot; turn {turn_of[j] + 1} of {len(roles_all)}: "
             f'{html.escape(", ".join(turn))}</p><div class="tokens">{"".join(toks)}</div></div>'
         )
         start += length
@@ -316,6 +320,20 @@ def _episode(cols: dict[str, list[Any]], i: int, n: int) -> str:
         f'<div class="rollout episode" data-row="{i}"><p class="meta">{head}</p>'
         f"{''.join(parts)}{cut}</div>"
     )
+
+
+def _span_roles(roles: list[str], turn_of: list[int]) -> list[str]:
+    """Per trained span, the comma-joined roles of everything after it up to the next span:
+    the roles after its turn and, for each teacher-written turn in between, "teacher" and the
+    roles after that turn."""
+    out = []
+    for j, turn in enumerate(turn_of):
+        nxt = turn_of[j + 1] if j + 1 < len(turn_of) else len(roles)
+        labels = [roles[turn] if turn < len(roles) else ""]
+        for t in range(turn + 1, nxt):
+            labels.append(f"teacher,{roles[t]}" if t < len(roles) else "teacher")
+        out.append(",".join(x for x in ",".join(labels).split(",") if x))
+    return out
 
 
 def _context(

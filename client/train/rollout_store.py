@@ -45,6 +45,11 @@ step without episodes is still written as version 1):
     reward                           float64: the environment's, null if it gave none
     turn_correct                     list<bool>: per-turn grades, where the environment keeps
                                      them
+    span_turns                       list<int64>: the turn index of each trained span (format
+                                     3; re-anchored episodes, null otherwise: span j is turn j)
+    teacher_spans                    list<fixed_size_list<int64, 2>>: [start, end) of the
+                                     turns the teacher wrote (format 3, re-anchoring); context
+                                     of the spans around them, never trained as samples
 
 Each array keeps its own dtype (float32 log-probs and entropies, int64 student ids, int32 teacher
 ids from the wire). [T,K] arrays are lists of fixed-size rows rather than a flat list plus a
@@ -85,7 +90,7 @@ __all__ = [
 ]
 
 ROLLOUTS_DIR = "rollouts"
-FORMAT_VERSION = 2  # 2: episodes (spans and the episode columns)
+FORMAT_VERSION = 3  # 2: episodes (spans and the episode columns); 3: teacher-written turns
 _VERSION_KEY = b"opd.rollouts.version"
 _STEP_FILE = re.compile(r"^step_(\d+)\.parquet$")
 TokenText = Callable[[list[int]], list[str]]
@@ -215,7 +220,10 @@ class RolloutWriter:
         version = 1
         if any(r.episode is not None for r in rollouts):
             columns.update(self._episode_columns(rollouts))
-            version = FORMAT_VERSION
+            version = 2
+            if any(r.episode is not None and r.episode.teacher_spans for r in rollouts):
+                columns.update(_reanchor_columns(rollouts))
+                version = FORMAT_VERSION
         table = pa.table(columns)
         return table.replace_schema_metadata({_VERSION_KEY: str(version).encode()})
 
@@ -248,6 +256,25 @@ class RolloutWriter:
                 [None if e is None else list(e.turn_correct) for e in eps], pa.list_(pa.bool_())
             ),
         }
+
+
+def _reanchor_columns(rollouts: Sequence[Rollout]) -> dict[str, pa.Array]:
+    """span_turns and teacher_spans (format 3): which turns the teacher wrote."""
+    import pyarrow as pa
+
+    eps = [r.episode for r in rollouts]
+    turns = [
+        None if e is None else (e.span_turns or list(range(len(r.scored_spans))))
+        for r, e in zip(rollouts, eps, strict=True)
+    ]
+    teacher = [
+        None if e is None else np.asarray(e.teacher_spans, dtype=np.int64).reshape(-1, 2)
+        for e in eps
+    ]
+    return {
+        "span_turns": pa.array(turns, pa.list_(pa.int64())),
+        "teacher_spans": _list_column("teacher_spans", teacher),
+    }
 
 
 def _context_ranges(r: Rollout) -> list[tuple[int, int]]:
@@ -391,6 +418,8 @@ def read_rollouts(run_dir: Path | str, steps: list[int] | None = None) -> list[S
                     reward=cols["reward"][i],
                     ended=cols["ended"][i],
                     turn_correct=list(cols["turn_correct"][i] or []),
+                    span_turns=_optional(cols, "span_turns", i),
+                    teacher_spans=_pairs(_optional(cols, "teacher_spans", i)),
                 )
             rollout = Rollout(
                 prompt_index=int(cols["prompt_index"][i]),
@@ -411,3 +440,17 @@ def read_rollouts(run_dir: Path | str, steps: list[int] | None = None) -> list[S
                 )
             )
     return out
+
+
+def _optional(cols: dict[str, Any], name: str, i: int) -> Any:
+    """Row i of a column older formats lack (None when absent or null)."""
+    column = cols.get(name)
+    if column is None or column[i] is None:
+        return None
+    value = column[i]
+    return [int(x) for x in value] if name == "span_turns" else value
+
+
+def _pairs(rows: Any) -> list[tuple[int, int]]:
+    """[start, end) pairs from a [S, 2] column row (none for a null row)."""
+    return [] if rows is None else [(int(a), int(b)) for a, b in np.asarray(rows).reshape(-1, 2)]

@@ -23,11 +23,13 @@ import numpy as np
 import pytest
 import torch
 
+from opd.client.report.build import build_report
 from opd.client.train.bridge import rollouts_request
 from opd.client.train.metric_log import read_metrics
 from opd.client.train.objectives import OBJECTIVES
 from opd.client.train.positions import PositionStats, TokenBatch
 from opd.client.train.reanchor import target_positions
+from opd.client.train.rollout_store import read_rollouts
 from opd.client.train.trainer import Trainer
 from tests.support.reference import ReferenceModel
 from tests.support.train_config import train_args, train_config
@@ -142,6 +144,7 @@ def test_reanchored_turns_are_the_teachers_exact_output_and_only_targets(
         reanchor_prob=1.0,
         reanchor_as="target",
         max_steps=2,
+        save_rollouts=True,
         **EPISODES,
     )
     with Trainer(config) as trainer:
@@ -181,6 +184,36 @@ def test_reanchored_turns_are_the_teachers_exact_output_and_only_targets(
     assert history[0]["reanchor/prob"] == 1.0 and history[1]["reanchor/prob"] == 0.5
     assert history[0]["reanchor/teacher_turn_frac"] > 0
     assert history[1]["reanchor/teacher_tokens"] >= 0
+    # saved rollouts keep who wrote which turn; the report labels the teacher's turns
+    saved = [s.rollout for s in read_rollouts(tmp_path) if s.step == 1]
+    assert any(r.episode.teacher_spans for r in saved)
+    for r in saved:
+        if r.episode.teacher_spans:
+            assert r.episode.span_turns == [0]
+            assert all(b <= len(r.token_ids) for _, b in r.episode.teacher_spans)
+    page = build_report(tmp_path).read_text()
+    assert '<span class="role">teacher</span>' in page
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_reanchoring_as_targets_trains_with_every_objective(
+    tiny_server, turn_taking_student_dir, tmp_path, objective
+):
+    config = train_config(
+        turn_taking_student_dir,
+        tiny_server,
+        tmp_path,
+        objective=objective,
+        reanchor_prob=1.0,
+        reanchor_as="target",
+        horizon="fixed:2turns",  # turn 1, the teacher's, is kept as a target
+        max_steps=1,
+        **EPISODES,
+    )
+    with Trainer(config) as trainer:
+        (metrics,) = trainer.run()
+    assert math.isfinite(metrics["train/loss"]) and math.isfinite(metrics["train/grad_norm"])
+    assert metrics["reanchor/teacher_turn_frac"] > 0 and "horizon/cut_frac" in metrics
 
 
 def test_with_several_teachers_the_episodes_own_teacher_writes(
