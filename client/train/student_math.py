@@ -25,7 +25,8 @@ pass as one forward.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -253,27 +254,12 @@ def chunked_head_loss(
     """Per-token loss [N] from the completion rows' final hidden states: LM head, log_softmax
     and objective on `chunk_tokens` rows at a time (0: all at once), each chunk under
     non-reentrant activation checkpointing. `batch` must be prepared (prepare_batch)."""
-    n = h_NH.shape[0]
-    step = n if chunk_tokens <= 0 else chunk_tokens
 
     def chunk_loss(h_RH: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, rows: TokenBatch):
         logp_RV = head_log_softmax(h_RH, w, b, scale, softcap)
         return obj.per_token_loss(objective, logp_RV, rows)
 
-    if step >= n:
-        return chunk_loss(h_NH, weight_VH, bias_V, batch)
-    parts = [
-        checkpoint(
-            chunk_loss,
-            h_NH[a : a + step],
-            weight_VH,
-            bias_V,
-            batch.rows(a, min(n, a + step)),
-            use_reentrant=False,
-        )
-        for a in range(0, n, step)
-    ]
-    return torch.cat(parts)
+    return _in_chunks(chunk_loss, h_NH, weight_VH, bias_V, batch, batch.rows, chunk_tokens)
 
 
 def chunked_nll(
@@ -287,24 +273,41 @@ def chunked_nll(
 ) -> torch.Tensor:
     """-log p(target) per row [M], the head run `chunk_tokens` rows at a time under activation
     checkpointing like the objective's (off-policy targets: teacher-written turns)."""
-    m = h_MH.shape[0]
-    step = m if chunk_tokens <= 0 else chunk_tokens
 
     def chunk_nll(h_RH: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, t: torch.Tensor):
         logp_RV = head_log_softmax(h_RH, w, b, scale, softcap)
         return -logp_RV.gather(1, t[:, None])[:, 0]
 
-    if step >= m:
-        return chunk_nll(h_MH, weight_VH, bias_V, target_M)
+    return _in_chunks(
+        chunk_nll, h_MH, weight_VH, bias_V, target_M, lambda a, b: target_M[a:b], chunk_tokens
+    )
+
+
+def _in_chunks(
+    fn: Callable[..., torch.Tensor],
+    h_NH: torch.Tensor,
+    weight_VH: torch.Tensor,
+    bias_V: torch.Tensor | None,
+    whole: Any,
+    rows: Callable[[int, int], Any],
+    chunk_tokens: int,
+) -> torch.Tensor:
+    """fn(h, weight, bias, rows(a, b)) over `chunk_tokens` rows at a time (0: all at once, on
+    `whole`), each chunk under non-reentrant activation checkpointing, so only one chunk's
+    [rows, vocab] log-probs are alive at a time, in the forward and in the backward."""
+    n = h_NH.shape[0]
+    step = n if chunk_tokens <= 0 else chunk_tokens
+    if step >= n:
+        return fn(h_NH, weight_VH, bias_V, whole)
     parts = [
         checkpoint(
-            chunk_nll,
-            h_MH[a : a + step],
+            fn,
+            h_NH[a : a + step],
             weight_VH,
             bias_V,
-            target_M[a : a + step],
+            rows(a, min(n, a + step)),
             use_reentrant=False,
         )
-        for a in range(0, m, step)
+        for a in range(0, n, step)
     ]
     return torch.cat(parts)

@@ -26,6 +26,7 @@ from opd.client.train.rollout_store import read_rollouts
 from opd.client.train.rollouts import SamplingParams
 from opd.client.train.trainer import Trainer
 from opd.shared.schemas import GenerateOptions
+from tests.support.gradients import hidden_row_grad
 from tests.support.reference import ReferenceModel
 from tests.support.train_config import train_config
 
@@ -101,19 +102,7 @@ def test_positions_outside_the_spans_get_zero_gradient(
         multi = [r for r in rollouts if len(r.scored_spans) >= 2] or rollouts
         stats = PositionStats.from_rollouts(multi)
         batch = TokenBatch.build(multi, stats, torch.device("cpu"))
-        captured: dict[str, torch.Tensor] = {}
-
-        def keep(_module, _inputs, out: torch.Tensor) -> None:
-            out.retain_grad()
-            captured["h"] = out
-
-        handle = trainer.model.get_decoder().norm.register_forward_hook(keep)
-        try:
-            loss = trainer.student("loss", batch)
-            loss.sum().backward()
-        finally:
-            handle.remove()
-        grad_BL = captured["h"].grad.abs().sum(-1)  # [B, L]: which rows reached the loss
+        _, grad_BL = hidden_row_grad(trainer, batch)  # [B, L]: which rows reached the loss
     for b, r in enumerate(multi):
         rows = set((r.positions - 1).tolist())
         nonzero = set(torch.nonzero(grad_BL[b]).flatten().tolist())

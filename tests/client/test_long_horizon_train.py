@@ -31,6 +31,7 @@ from opd.client.train.positions import PositionStats, TokenBatch
 from opd.client.train.reanchor import target_positions
 from opd.client.train.rollout_store import read_rollouts
 from opd.client.train.trainer import Trainer
+from tests.support.gradients import hidden_row_grad
 from tests.support.reference import ReferenceModel
 from tests.support.train_config import train_args, train_config
 
@@ -62,20 +63,7 @@ class Recording:
 def _row_grad(trainer: Trainer, rollouts, targets=None) -> tuple[torch.Tensor, torch.Tensor]:
     """The loss of `rollouts` and which [B, L] rows of the final hidden state got gradient."""
     stats = PositionStats.from_rollouts(rollouts)
-    batch = TokenBatch.build(rollouts, stats, torch.device("cpu"), targets)
-    captured: dict[str, torch.Tensor] = {}
-
-    def keep(_module, _inputs, out: torch.Tensor) -> None:
-        out.retain_grad()
-        captured["h"] = out
-
-    handle = trainer.model.get_decoder().norm.register_forward_hook(keep)
-    try:
-        loss = trainer.student("loss", batch)
-        loss.sum().backward()
-    finally:
-        handle.remove()
-    return loss.detach(), captured["h"].grad.abs().sum(-1)
+    return hidden_row_grad(trainer, TokenBatch.build(rollouts, stats, torch.device("cpu"), targets))
 
 
 def _assert_rows_within(grad_BL: torch.Tensor, rollouts, extra=None) -> None:
