@@ -221,6 +221,11 @@ def test_with_several_teachers_the_episodes_own_teacher_writes(
         teacher=[f"left={tiny_server}", f"right={tiny_server}"],
         reanchor_prob=1.0,
         prompts_per_step=4,
+        horizon="adaptive",  # one horizon over every teacher's rollouts
+        horizon_bucket=4,
+        horizon_warmup_steps=0,
+        horizon_min_tokens=1,
+        max_steps=2,
         **flags,
     )
     with Trainer(config) as trainer:
@@ -235,6 +240,8 @@ def test_with_several_teachers_the_episodes_own_teacher_writes(
                 assert any(p == prefix for p, _ in owner.calls)
                 assert not any(p == prefix for p, _ in other.calls)
         assert any(r.episode.teacher_spans for r in rollouts)
+        history = trainer.run()
+    assert all("horizon/cut_frac" in m and "teacher/left/token_share" in m for m in history)
 
 
 def test_adaptive_horizon_and_reanchoring_resume_exactly(
