@@ -298,6 +298,9 @@ def compute_summary(run: list[dict], wall_s: float) -> dict[str, float]:
         "cut_frac": cut / (scored + cut) if scored + cut else 0.0,
         "teacher_score_s": _sum(run, "time/score_s"),
         "score_wait_s": _sum(run, "time/score_wait_s"),
+        # the student's sampling, and with re-anchoring the teacher's written turns too: the
+        # trainer logs no separate time for those (they are /v1/generate calls inside a turn)
+        "generate_s": _sum(run, "time/generate_s"),
         "step_s": _sum(run, "time/step_s"),
         "run_wall_s": wall_s,
         "teacher_written_tokens": _sum(run, "reanchor/teacher_tokens"),

@@ -271,10 +271,21 @@ _COMPUTE = (
     ("sampled_positions", "positions the student sampled", 0),
     ("cut_frac", "share cut by the horizon", 3),
     ("teacher_written_tokens", "tokens the teacher wrote (re-anchoring)", 0),
-    ("teacher_score_s", "teacher request time, s (sum of time/score_s)", 1),
+    ("teacher_score_s", "teacher scoring time, s (sum of time/score_s)", 1),
+    ("generate_s", "sampling time, s, the teacher's written turns included (time/generate_s)", 1),
     ("step_s", "wall time of the steps, s (sum of time/step_s)", 1),
     ("run_wall_s", "wall time of the whole run, s", 1),
 )
+
+
+def compute_value(seed: dict, arm: str, key: str) -> float:
+    """An arm's compute figure (run.compute_summary), summed from its per-step metrics where
+    the seed's summary predates the figure."""
+    summary = seed["compute"][arm]
+    if key in summary:
+        return summary[key]
+    metric = {"generate_s": "time/generate_s"}[key]
+    return float(sum(m.get(metric, 0.0) for m in seed["runs"][arm]))
 
 
 def compute_rows(seeds: list[dict], a: str, b: str, keys: Sequence[str]) -> list[str]:
@@ -282,8 +293,8 @@ def compute_rows(seeds: list[dict], a: str, b: str, keys: Sequence[str]) -> list
     for key, label, digits in _COMPUTE:
         if key not in keys:
             continue
-        xa = [s["compute"][a][key] for s in seeds]
-        xb = [s["compute"][b][key] for s in seeds]
+        xa = [compute_value(s, a, key) for s in seeds]
+        xb = [compute_value(s, b, key) for s in seeds]
         rows.append(
             f"| {label} | {cell(xa, digits)} | {cell(xb, digits)} | {_diff_cell(xb, xa, digits)} |"
         )
@@ -369,8 +380,8 @@ def reanchor_table(seeds: list[dict], plan: dict) -> tuple[list[str], str]:
     ]
     lines += compute_rows(
         seeds, PLAIN, REANCHOR,
-        ("teacher_positions", "teacher_written_tokens", "teacher_score_s", "step_s",
-         "run_wall_s"),
+        ("teacher_positions", "teacher_written_tokens", "teacher_score_s", "generate_s",
+         "step_s", "run_wall_s"),
     )  # fmt: skip
     verdict = reanchor_verdict(late_p, late_r)
     lines += [
