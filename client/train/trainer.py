@@ -11,6 +11,9 @@ One step:
      chunk goes to the teacher at once (opd.client.train.pipeline), so teacher scoring overlaps
      with the next chunk's statistics; the request asks for what the objective needs
      (objectives.REGISTRY) and, with diagnostics on, what they read;
+     with --horizon (opd.client.train.horizon) the samples are cut to the step's horizon before
+     the statistics, so nothing past it is scored or trained; with --reanchor-prob
+     (opd.client.train.reanchor) the teacher writes some of an episode's turns;
   3. wait for the remaining scores (`time/score_wait_s` is what the student really waited);
   4. `ppo_epochs` optimizer steps over the batch, each accumulating gradients over micro-batches
      of `micro_batch_size` sequences (LM head and objective in chunks); token-mean loss over all
