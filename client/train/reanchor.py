@@ -23,9 +23,10 @@ checkpoints restore), so a resumed run re-anchors the same turns.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -44,6 +45,22 @@ class Reanchoring:
 
     prob: float
     engines: Sequence[RolloutEngine]
+
+
+class TimedWriter:
+    """A teacher's rollout engine that adds up the seconds its turns take (the step logs them
+    as time/reanchor_s: inside time/engine_s otherwise, mixed with the student's sampling)."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine, self.client = engine, engine.client
+        self.seconds = 0.0
+
+    def sample(self, prompts: list[list[int]], params: Any, seeds: list[int]) -> Any:
+        started = time.perf_counter()
+        try:
+            return self.engine.sample(prompts, params, seeds)
+        finally:
+            self.seconds += time.perf_counter() - started
 
 
 def probability(group: ReanchorGroup, step: int, max_steps: int) -> float:
@@ -67,11 +84,18 @@ def target_positions(rollout: Rollout) -> np.ndarray:
     return np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in spans])
 
 
-def reanchor_metrics(rollouts: Sequence[Rollout], prob: float) -> dict[str, float]:
-    """reanchor/*: this step's probability, the share of turns the teacher wrote, their ids."""
+def reanchor_metrics(
+    rollouts: Sequence[Rollout], prob: float, writers: Sequence[TimedWriter]
+) -> dict[str, float]:
+    """reanchor/*: this step's probability, the share of turns the teacher wrote, their ids;
+    time/reanchor_s: the teacher's writing time this step (the writers' clocks are reset)."""
     teacher = sum(len(r.episode.teacher_spans) for r in rollouts if r.episode is not None)
     student = sum(len(r.scored_spans) for r in rollouts)
+    seconds = sum(w.seconds for w in writers)
+    for w in writers:
+        w.seconds = 0.0
     return {
+        "time/reanchor_s": seconds,
         "reanchor/prob": prob,
         "reanchor/teacher_turn_frac": teacher / (teacher + student) if teacher + student else 0.0,
         "reanchor/teacher_tokens": float(sum(len(target_positions(r)) for r in rollouts)),

@@ -76,7 +76,13 @@ from opd.client.train.metric_log import (
 from opd.client.train.pipeline import collect
 from opd.client.train.positions import PositionStats, TokenBatch
 from opd.client.train.prompts import PromptOrder
-from opd.client.train.reanchor import Reanchoring, probability, reanchor_metrics, target_positions
+from opd.client.train.reanchor import (
+    Reanchoring,
+    TimedWriter,
+    probability,
+    reanchor_metrics,
+    target_positions,
+)
 from opd.client.train.rollout_store import RolloutWriter, decode_pieces
 from opd.client.train.rollouts import Rollout, SamplingParams, StepSampler, chunked
 from opd.client.train.routing import training_prompts, training_rows
@@ -242,7 +248,9 @@ class Trainer:
         metrics.update(engine_agreement(rollouts))
         metrics.update(episode_metrics(rollouts))
         if self.writers:
-            metrics.update(reanchor_metrics(rollouts, self._reanchor_prob()))
+            metrics.update(
+                reanchor_metrics(rollouts, self._reanchor_prob(), list(self.writers.values()))
+            )
         metrics.update(step_diagnostics(self.stats, self.config))
         if len(self.teacher_names) > 1:
             owners = [self.owners[r.prompt_index] for r in rollouts]  # type: ignore[index]
@@ -316,13 +324,15 @@ class Trainer:
             return got.routed, timings
         return got.scored[self.teachers.teachers[0].name], timings
 
-    def _teacher_writers(self) -> dict[str | None, Any]:
+    def _teacher_writers(self) -> dict[str | None, TimedWriter]:
         """Re-anchoring: each teacher as a rollout engine over its /v1/generate, by name."""
         from opd.client.evaluation.episode_source import TeacherEngine
         from opd.client.teacher import TeacherClient
 
         return {
-            name: TeacherEngine(TeacherClient(urls, api_key=self.config.teacher.api_key))
+            name: TimedWriter(
+                TeacherEngine(TeacherClient(urls, api_key=self.config.teacher.api_key))
+            )
             for name, urls in self.config.teacher.specs()
         }
 

@@ -136,8 +136,8 @@ def test_reanchored_turns_are_the_teachers_exact_output_and_only_targets(
         **EPISODES,
     )
     with Trainer(config) as trainer:
-        recorder = Recording(trainer.writers[None], "tiny")
-        trainer.writers[None] = recorder
+        recorder = Recording(trainer.writers[None].engine, "tiny")
+        trainer.writers[None].engine = recorder
         rollouts, metrics = trainer.collect()
         written: dict[tuple, list] = {}  # two episodes may share a prefix (the same turn 0)
         for p, out in recorder.calls:
@@ -171,6 +171,7 @@ def test_reanchored_turns_are_the_teachers_exact_output_and_only_targets(
         history = trainer.run()
     assert history[0]["reanchor/prob"] == 1.0 and history[1]["reanchor/prob"] == 0.5
     assert history[0]["reanchor/teacher_turn_frac"] > 0
+    assert history[0]["time/reanchor_s"] > 0  # the teacher's writing, timed on its own
     assert history[1]["reanchor/teacher_tokens"] >= 0
     # saved rollouts keep who wrote which turn; the report labels the teacher's turns
     saved = [s.rollout for s in read_rollouts(tmp_path) if s.step == 1]
@@ -230,11 +231,11 @@ def test_with_several_teachers_the_episodes_own_teacher_writes(
     )
     with Trainer(config) as trainer:
         for name in ("left", "right"):
-            trainer.writers[name] = Recording(trainer.writers[name], name)
+            trainer.writers[name].engine = Recording(trainer.writers[name].engine, name)
         rollouts, _ = trainer.collect()
         for r in rollouts:
-            owner = trainer.writers[trainer.owners[r.prompt_index]]
-            other = trainer.writers["right" if owner.name == "left" else "left"]
+            owner = trainer.writers[trainer.owners[r.prompt_index]].engine
+            other = trainer.writers["right" if owner.name == "left" else "left"].engine
             for a, _ in r.episode.teacher_spans:
                 prefix = r.token_ids[:a].tolist()
                 assert any(p == prefix for p, _ in owner.calls)
