@@ -1,5 +1,6 @@
-"""What the research harnesses (experiments.replication, experiments.multiturn) share: reading a
-run's metrics and writing the study's results (tables and results.json) with its timing."""
+"""What the research harnesses (experiments.replication, experiments.multiturn,
+experiments.longhorizon) share: reading a run's metrics, the per-turn accuracy of graded
+episodes, and writing the study's results (tables and results.json) with its timing."""
 
 from __future__ import annotations
 
@@ -38,3 +39,33 @@ def write_results(
     (tables_path.parent / "results.json").write_text(json.dumps(finite_json(results), indent=1))
     log(f"wrote {tables_path} in {timing['total_s']:.0f} s")
     return results
+
+
+def turn_accuracy(graded: list[list[bool]], turns: int) -> dict[str, Any]:
+    """Per turn index j: the share of all episodes that answered turn j right (a turn never
+    reached, after a truncated one, counts as wrong, as in the environment's reward), with a
+    Wilson 95% interval; the episode success (every turn right, Wilson) and the reward (the
+    share of turns right, bootstrap over episodes). `graded`: per episode, its turns' grades."""
+    from opd.client.evaluation.stats import bootstrap_interval, wilson_interval
+
+    n = len(graded)
+    by_turn = []
+    for j in range(turns):
+        right = sum(1 for g in graded if len(g) > j and g[j])
+        by_turn.append(
+            {"turn": j, "right": right, "episodes": n,
+             "accuracy": right / n if n else float("nan"), "ci": list(wilson_interval(right, n))}
+        )  # fmt: skip
+    full = sum(1 for g in graded if len(g) == turns and all(g))
+    return {
+        "by_turn": by_turn,
+        "episode_success": {
+            "right": full,
+            "episodes": n,
+            "accuracy": full / n if n else float("nan"),
+            "ci": list(wilson_interval(full, n)),
+        },  # fmt: skip
+        "reward_mean": sum(sum(g) for g in graded) / (n * turns) if n else float("nan"),
+        # bootstrap over episodes: an episode's turns are not independent draws
+        "reward_ci": list(bootstrap_interval([sum(g) / turns for g in graded])),
+    }

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from experiments.harness import run_metrics, write_results
+from experiments.harness import run_metrics, turn_accuracy, write_results
 from experiments.longhorizon import task
 from experiments.longhorizon.plan import (
     ADAPTIVE,
@@ -216,34 +216,6 @@ def _probe(plan: Plan, student: Path, url: str, data: dict, out: Path, seed: int
         **env_flags(plan),
     )
     return run_probe(config, log=lambda _: None)
-
-
-def turn_accuracy(graded: list[list[bool]], turns: int) -> dict[str, Any]:
-    """Per turn j: the share of all episodes that answered turn j right (a turn never reached
-    counts as wrong, as in the reward), with a Wilson 95% interval; the episode success (every
-    turn right, Wilson) and the reward (share of turns right, bootstrap over episodes)."""
-    from opd.client.evaluation.stats import bootstrap_interval, wilson_interval
-
-    n = len(graded)
-    by_turn = []
-    for j in range(turns):
-        right = sum(1 for g in graded if len(g) > j and g[j])
-        by_turn.append({"turn": j, "right": right, "episodes": n,
-                        "accuracy": right / n if n else float("nan"),
-                        "ci": list(wilson_interval(right, n))})  # fmt: skip
-    full = sum(1 for g in graded if len(g) == turns and all(g))
-    return {
-        "by_turn": by_turn,
-        "episode_success": {
-            "right": full,
-            "episodes": n,
-            "accuracy": full / n if n else float("nan"),
-            "ci": list(wilson_interval(full, n)),
-        },  # fmt: skip
-        "reward_mean": sum(sum(g) for g in graded) / (n * turns) if n else float("nan"),
-        # bootstrap over episodes: an episode's turns are not independent draws
-        "reward_ci": list(bootstrap_interval([sum(g) / turns for g in graded])),
-    }
 
 
 def _evaluate(plan: Plan, models: dict[str, Path], data: dict, out: Path, seed: int) -> dict:

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from experiments.harness import run_metrics, write_results
+from experiments.harness import run_metrics, turn_accuracy, write_results
 from experiments.multiturn.plan import Plan, full_plan, tiny_plan
 from opd.shared.config_cli import from_flags
 
@@ -188,35 +188,6 @@ def _evaluate(
             "per_prompt": f"{out.name}/{source['per_prompt']}",
         }
     return result
-
-
-def turn_accuracy(graded: list[list[bool]], turns: int) -> dict[str, Any]:
-    """Per turn index j: the share of all episodes that answered turn j right (a turn never
-    reached, after a truncated one, counts as wrong, as in the environment's reward), with a
-    Wilson 95% interval; and the episode success (every turn right)."""
-    from opd.client.evaluation.stats import bootstrap_interval, wilson_interval
-
-    n = len(graded)
-    by_turn = []
-    for j in range(turns):
-        right = sum(1 for g in graded if len(g) > j and g[j])
-        by_turn.append(
-            {"turn": j, "right": right, "episodes": n,
-             "accuracy": right / n if n else float("nan"), "ci": list(wilson_interval(right, n))}
-        )  # fmt: skip
-    full = sum(1 for g in graded if len(g) == turns and all(g))
-    return {
-        "by_turn": by_turn,
-        "episode_success": {
-            "right": full,
-            "episodes": n,
-            "accuracy": full / n if n else float("nan"),
-            "ci": list(wilson_interval(full, n)),
-        },  # fmt: skip
-        "reward_mean": sum(sum(g) for g in graded) / (n * turns) if n else float("nan"),
-        # bootstrap over episodes: an episode's turns are not independent draws
-        "reward_ci": list(bootstrap_interval([sum(g) / turns for g in graded])),
-    }
 
 
 def _engine(config: MultiturnConfig) -> str:
