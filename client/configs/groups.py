@@ -16,6 +16,9 @@ Groups:
 - EvalOptions: the questions-with-answers options `opd eval`, `opd probe` and in-training
   evaluation share;
 - EpisodeGroup: multi-turn episodes with an environment (opd.client.episodes) and their limits.
+- HorizonKnobs / HorizonGroup: how deep the teacher scores and the student trains (--horizon;
+  the probe takes the knobs of the adaptive rule only); ReanchorGroup: the teacher writes some
+  episode turns on a decaying schedule (--reanchor-prob).
 Nothing here imports torch: `opd train --help` builds its flags from these without it.
 """
 
