@@ -19,6 +19,40 @@ def run_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return read_metrics(run_dir / "metrics.jsonl")
 
 
+def train_opd(
+    plan: Any, student: Path, url: str, prompts: Path, run_dir: Path, seed: int, **flags: Any
+) -> Path:
+    """One `opd train` run with a study's shared budget (the plan's steps, prompts per step,
+    rollouts, tokens, k and lr; one checkpoint at the end, metrics.jsonl only) and the study's
+    own `flags`; returns the final student's folder."""
+    from opd.client.configs.train import TrainConfig
+    from opd.client.train.trainer import Trainer
+    from opd.shared.config_cli import from_flags
+
+    config = from_flags(
+        TrainConfig,
+        student=str(student),
+        teacher_url=[url],
+        prompts=str(prompts),
+        seed=seed,
+        max_steps=plan.opd_steps,
+        prompts_per_step=plan.prompts_per_step,
+        n_rollouts=plan.n_rollouts,
+        max_new_tokens=plan.max_new_tokens,
+        student_top_k=plan.top_k,
+        teacher_top_k=plan.top_k,
+        lr=plan.lr,
+        checkpoint_every=plan.opd_steps,
+        keep_checkpoints=1,
+        run_dir=str(run_dir),
+        logger=["jsonl"],
+        **flags,
+    )
+    with Trainer(config) as trainer:
+        trainer.run()
+    return run_dir / "checkpoints" / f"step_{plan.opd_steps}" / "model"
+
+
 def write_results(
     results: dict[str, Any],
     timing: dict[str, float],

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from experiments.harness import run_metrics, turn_accuracy, write_results
+from experiments.harness import run_metrics, train_opd, turn_accuracy, write_results
 from experiments.longhorizon import task
 from experiments.longhorizon.plan import (
     ADAPTIVE,
@@ -155,33 +155,17 @@ def _train(
 ) -> Path:
     """One arm's `opd train --env`: the shared budget and objective (student-topk, k = 4),
     the arm's flags; returns the final student's folder."""
-    from opd.client.configs.train import TrainConfig
-    from opd.client.train.trainer import Trainer
-
-    config = from_flags(
-        TrainConfig,
-        student=str(student),
-        teacher_url=[url],
-        prompts=str(data["opd"]),
-        seed=seed,
-        max_steps=plan.opd_steps,
-        prompts_per_step=plan.prompts_per_step,
-        n_rollouts=plan.n_rollouts,
-        max_new_tokens=plan.max_new_tokens,
-        student_top_k=plan.top_k,
-        teacher_top_k=plan.top_k,
-        lr=plan.lr,
+    return train_opd(
+        plan,
+        student,
+        url,
+        data["opd"],
+        run_dir,
+        seed,
         depth_bucket=plan.depth_bucket,
-        checkpoint_every=plan.opd_steps,
-        keep_checkpoints=1,
-        run_dir=str(run_dir),
-        logger=["jsonl"],
         **env_flags(plan),
         **arm_flags(plan, arm),
     )
-    with Trainer(config) as trainer:
-        trainer.run()
-    return run_dir / "checkpoints" / f"step_{plan.opd_steps}" / "model"
 
 
 def _probe(plan: Plan, student: Path, url: str, data: dict, out: Path, seed: int) -> dict:

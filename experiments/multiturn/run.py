@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from experiments.harness import run_metrics, turn_accuracy, write_results
+from experiments.harness import run_metrics, train_opd, turn_accuracy, write_results
 from experiments.multiturn.plan import Plan, full_plan, tiny_plan
 from opd.shared.config_cli import from_flags
 
@@ -120,33 +120,17 @@ def _probe(plan: Plan, student: Path, url: str, data: dict, engine: str, out: Pa
 def _train(plan: Plan, student: Path, url: str, data: dict, engine: str, run_dir: Path, seed: int):
     """opd train --env followup with the sampled objective (the quickstart's); returns the final
     student's folder."""
-    from opd.client.configs.train import TrainConfig
-    from opd.client.train.trainer import Trainer
-
-    config = from_flags(
-        TrainConfig,
-        student=str(student),
-        teacher_url=[url],
-        prompts=str(data["opd"]),
-        seed=seed,
-        max_steps=plan.opd_steps,
+    return train_opd(
+        plan,
+        student,
+        url,
+        data["opd"],
+        run_dir,
+        seed,
         objective="sampled",
-        prompts_per_step=plan.prompts_per_step,
-        n_rollouts=plan.n_rollouts,
-        max_new_tokens=plan.max_new_tokens,
-        student_top_k=plan.top_k,
-        teacher_top_k=plan.top_k,
-        lr=plan.lr,
-        checkpoint_every=plan.opd_steps,
-        keep_checkpoints=1,
         rollout_engine=engine,
-        run_dir=str(run_dir),
-        logger=["jsonl"],
         **_env_flags(plan),
     )
-    with Trainer(config) as trainer:
-        trainer.run()
-    return run_dir / "checkpoints" / f"step_{plan.opd_steps}" / "model"
 
 
 def _evaluate(

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from experiments.harness import run_metrics, write_results
+from experiments.harness import run_metrics, train_opd, write_results
 from experiments.replication import task
 from experiments.replication.plan import (
     SAME_PIPELINE,
@@ -147,36 +147,21 @@ def _models(
 
 
 def _train(plan: Plan, student: Path, url: str, run_dir: Path, data: dict, seed: int) -> Path:
-    """One OPD run with the plan's shared budget; returns the final student's folder."""
-    from opd.client.configs.train import TrainConfig
-    from opd.client.train.trainer import Trainer
-
-    config = from_flags(
-        TrainConfig,
-        student=str(student),
-        teacher_url=[url],
-        prompts=str(data["opd"]),
-        seed=seed,
-        max_steps=plan.opd_steps,
-        prompts_per_step=plan.prompts_per_step,
-        n_rollouts=plan.n_rollouts,
-        max_new_tokens=plan.max_new_tokens,
-        student_top_k=plan.top_k,
-        teacher_top_k=plan.top_k,
-        lr=plan.lr,
+    """One OPD run with the plan's shared budget, evaluated in training every eval_every
+    steps; returns the final student's folder."""
+    return train_opd(
+        plan,
+        student,
+        url,
+        data["opd"],
+        run_dir,
+        seed,
         eval_set=str(data["eval"]),
         eval_every=plan.eval_every,
         eval_verifier="numeric",
         eval_max_new_tokens=plan.max_new_tokens,
         depth_bucket=plan.depth_bucket,
-        checkpoint_every=plan.opd_steps,
-        keep_checkpoints=1,
-        run_dir=str(run_dir),
-        logger=["jsonl"],
     )
-    with Trainer(config) as trainer:
-        trainer.run()
-    return run_dir / "checkpoints" / f"step_{plan.opd_steps}" / "model"
 
 
 def _probe(
