@@ -57,6 +57,8 @@ def run_train(config: Any) -> None:
             f" at step {trainer.step}; teacher {trainer.teacher_info.name}; "
             f"run dir {config.run_dir} (log: train.log)"
         )
+        for line in trainer.notices:
+            console.print(line)
         with progress_bar(console) as progress:
             task = progress.add_task("opd", total=config.max_steps, completed=trainer.step, info="")
 

@@ -1,4 +1,5 @@
-"""opd's own routes: health, readiness, metrics, GET /v1/model, POST /v1/score, POST /v1/generate.
+"""opd's own routes: health, readiness, metrics, GET /v1/model, GET /v1/tokenizer, POST
+/v1/score, POST /v1/generate.
 
 Thin glue over opd.server.service.ScoringService. `Serving` is what every route needs from the
 app, these and the drop-in ones (opd.server.dropin.routes) alike: readiness, a body read within
@@ -32,6 +33,7 @@ from opd.shared.schemas import (
     ModelInfo,
     ScoreRequest,
     ScoreResponseJSON,
+    TokenizerFiles,
 )
 from opd.shared.version import JSON_MEDIA_TYPE, MSGPACK_MEDIA_TYPE
 
@@ -143,6 +145,17 @@ def native_router(serving: Serving, require_api_key: Callable[..., Any]) -> APIR
         """What the teacher is: name, revision, vocabulary, limits, tokenizer fingerprint."""
         serving.ensure_ready()
         return service.model_info()
+
+    @v1.get(
+        "/tokenizer",
+        response_model=TokenizerFiles,
+        responses={s: {"model": ErrorBody} for s in (401, 501, 503)},
+    )
+    async def tokenizer(request: Request) -> Response:
+        """The teacher's tokenizer as text files (tokenizer.json, its config, chat template),
+        so a student of another family renders and tokenizes text as the teacher does."""
+        serving.ensure_ready()
+        return serving.reply(request, await service.tokenizer_files(), JSON_MEDIA_TYPE)
 
     @v1.post(
         "/score",

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from opd.modeling.eos import Generated
+from opd.modeling.tokenizer_files import tokenizer_files
 from opd.server.backends.base import Backend, ScoreItem
 from opd.server.batcher import Batcher, QueueFull
 from opd.server.metrics import Metrics
@@ -42,6 +43,7 @@ from opd.shared.schemas import (
     GenerateUsage,
     ModelInfo,
     ScoreOptions,
+    TokenizerFiles,
 )
 from opd.shared.validation import validate_generate, validate_request
 from opd.shared.version import JSON_MEDIA_TYPE, MSGPACK_MEDIA_TYPE
@@ -97,6 +99,7 @@ class ScoringService:
         self._backend_factory = backend_factory
         self.backend: Backend | None = None
         self.info: ModelInfo | None = None  # what GET /v1/model says, from the backend
+        self._tokenizer_json: bytes | None = None  # GET /v1/tokenizer's answer, once built
         self.limits: Limits = settings.effective_limits()
         self.batcher: Batcher | None = None
         self.ready = False
@@ -202,6 +205,23 @@ class ScoringService:
         if self.info is None:
             raise RuntimeError("model not loaded")
         return self.info
+
+    async def tokenizer_files(self) -> bytes:
+        """GET /v1/tokenizer's JSON, built once (saving a 262k-token tokenizer takes a while,
+        and it never changes while the model is loaded); 501 for a slow tokenizer."""
+        if self._tokenizer_json is None:
+            assert self.backend is not None and self.info is not None
+            try:
+                files = await asyncio.to_thread(tokenizer_files, self.backend.tokenizer)
+            except ValueError as exc:
+                raise ContractError(
+                    str(exc), field="tokenizer", status=501, kind="not_implemented"
+                ) from None
+            answer = TokenizerFiles(
+                tokenizer_fingerprint=self.info.tokenizer_fingerprint, files=files
+            )
+            self._tokenizer_json = answer.model_dump_json().encode()
+        return self._tokenizer_json
 
     def check(self, req: PackedRequest) -> None:
         """The one validation of a score request, whichever route built it: a ContractError

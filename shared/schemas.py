@@ -134,6 +134,16 @@ class ModelInfo(_Wire):
     limits: Limits
 
 
+class TokenizerFiles(_Wire):
+    """GET /v1/tokenizer: the teacher's tokenizer as the text files transformers saves
+    (tokenizer.json, tokenizer_config.json, ...), so a student of another family can render
+    and tokenize its text as the teacher does (cross-tokenizer OPD). Text only: no pickle."""
+
+    protocol_version: str = PROTOCOL_VERSION
+    tokenizer_fingerprint: str = Field(description="as in GET /v1/model")
+    files: dict[str, str] = Field(description="file name -> its text")
+
+
 # ---- POST /v1/generate ------------------------------------------------------------------------
 
 

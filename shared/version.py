@@ -5,10 +5,12 @@ refuses a server whose major differs (see opd.client), the server reports its ve
 GET /v1/model and in every score response.
 """
 
-PROTOCOL_VERSION = "1.3"  # 1.1: POST /v1/generate; 1.2: token_rank; 1.3: score_spans
+PROTOCOL_VERSION = "1.4"  # 1.1: /v1/generate; 1.2: token_rank; 1.3: score_spans; 1.4: /v1/tokenizer
 PROTOCOL_MAJOR = PROTOCOL_VERSION.split(".")[0]
 # The first version that serves score_spans: a client checks a teacher before sending spans.
 SCORE_SPANS_SINCE = (1, 3)
+# The first version that hands out its tokenizer (GET /v1/tokenizer), for cross-tokenizer OPD.
+TOKENIZER_ROUTE_SINCE = (1, 4)
 
 
 def at_least(version: str, since: tuple[int, int]) -> bool:

@@ -182,6 +182,13 @@ class TeacherConnection(Group):
     allow_tokenizer_mismatch: bool = Field(
         default=False, description="skip the check that teachers and student share a tokenizer"
     )
+    cross_tokenizer: Literal["off", "auto", "always"] = Field(
+        default="off",
+        description="teachers of another tokenizer: off = refused; auto = scored across "
+        "tokenizers (text rendered and re-tokenized by the teacher, log-probs compared per "
+        "aligned chunk), a teacher of the student's own tokenizer natively; always = every "
+        "teacher through the cross-tokenizer path",
+    )
     wait_s: float = Field(
         default=DEFAULT_MAX_WAIT_S,
         gt=0,

@@ -101,6 +101,7 @@ class TrainConfig(Group):
             "teacher.named": "teacher",
             "teacher.route": "route",
             "teacher.allow_tokenizer_mismatch": "allow_tokenizer_mismatch",
+            "teacher.cross_tokenizer": "cross_tokenizer",
             "sampling.n": "n_rollouts",
             "sampling.max_tokens": "max_new_tokens",
             "eval.data": "eval_set",

@@ -130,8 +130,16 @@ class TurnRenderer:
     def opening_messages(self, messages: list[dict]) -> list[dict]:
         """The opening messages as rendered: with the tool instructions in the system message
         when the template has no tool format (see the class docstring). Not modified in place."""
+        if self.has_tool_format:
+            return [dict(m) for m in messages]
+        return self.text_opening(messages)
+
+    def text_opening(self, messages: list[dict]) -> list[dict]:
+        """The opening messages as plain text for another model's template (a teacher of
+        another tokenizer): the tool instructions always in the system message, since the
+        other template may have no tool format, or another one."""
         messages = [dict(m) for m in messages]
-        if not self.tool_schemas or self.has_tool_format:
+        if not self.tool_schemas:
             return messages
         instructions = tag_format_instructions(self.tool_schemas)
         if messages and messages[0].get("role") == "system":

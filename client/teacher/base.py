@@ -190,8 +190,9 @@ def check_model_info(info: ModelInfo, config: ClientConfig) -> None:
         raise IncompatibleTeacherError(
             f"tokenizer fingerprint mismatch: teacher {info.name} has "
             f"{info.tokenizer_fingerprint[:16]}..., the student's is {expected[:16]}...; token ids "
-            "would mean different text. Use the teacher's tokenizer, or pass "
-            "allow_tokenizer_mismatch=True if you know the vocabularies agree."
+            "would mean different text. Use the teacher's tokenizer, train across tokenizers "
+            "(opd train --cross-tokenizer auto), or pass allow_tokenizer_mismatch=True if you "
+            "know the vocabularies agree."
         )
 
 

@@ -38,6 +38,7 @@ import httpx
 import opd.client.teacher.base as base
 from opd.client.teacher.base import ClientConfig
 from opd.client.teacher.errors import (
+    IncompatibleTeacherError,
     OPDClientError,
     TeacherConnectionError,
     TeacherHTTPError,
@@ -45,7 +46,14 @@ from opd.client.teacher.errors import (
 )
 from opd.client.teacher.replicas import ReplicaSet
 from opd.shared.packed import PackedRequest, PackedResult
-from opd.shared.schemas import GenerateRequest, GenerateResponse, ModelInfo, ScoreRequest
+from opd.shared.schemas import (
+    GenerateRequest,
+    GenerateResponse,
+    ModelInfo,
+    ScoreRequest,
+    TokenizerFiles,
+)
+from opd.shared.version import TOKENIZER_ROUTE_SINCE, at_least
 
 logger = logging.getLogger(__name__)
 
@@ -154,6 +162,15 @@ class TeacherClient(base.BaseTeacherClient):
             self._info = _connected(infos, errors, self.config)
         return self._info
 
+    def tokenizer(self) -> TokenizerFiles:
+        """GET /v1/tokenizer: the teacher's tokenizer files (cross-tokenizer OPD)."""
+        info = self.connect()
+        _check_tokenizer_route(info)
+        response = self._with_retries(
+            lambda u: _raise_retryable(self._http.get(u + "/v1/tokenizer"))
+        )
+        return _tokenizer_files(response, info)
+
     def score(self, request: ScoreRequest | PackedRequest) -> PackedResult:
         subs = self._score_requests(request, self.connect())
         if len(subs) == 1:
@@ -245,6 +262,16 @@ class AsyncTeacherClient(base.BaseTeacherClient):
                 logger.warning("no teacher replica answered (%s); trying them again", errors[0])
             self._info = _connected(infos, errors, self.config)
         return self._info
+
+    async def tokenizer(self) -> TokenizerFiles:
+        """GET /v1/tokenizer: the teacher's tokenizer files (cross-tokenizer OPD)."""
+        info = await self.connect()
+        _check_tokenizer_route(info)
+
+        async def get(u: str) -> httpx.Response:
+            return _raise_retryable(await self._http.get(u + "/v1/tokenizer"))
+
+        return _tokenizer_files(await self._with_retries(get), info)
 
     async def score(self, request: ScoreRequest | PackedRequest) -> PackedResult:
         subs = self._score_requests(request, await self.connect())
@@ -385,6 +412,26 @@ def _generate_timeout(timeout_s: float) -> TeacherConnectionError:
         f"POST /v1/generate timed out after {timeout_s:.0f}s and is not retried; raise the "
         "client's timeout_s, or send fewer prompts or a smaller max_tokens per call"
     )
+
+
+def _tokenizer_files(response: httpx.Response, info: ModelInfo) -> TokenizerFiles:
+    if response.status_code >= 300:
+        raise parse_error(response.status_code, response.content)
+    files = TokenizerFiles.model_validate_json(response.content)
+    if files.tokenizer_fingerprint != info.tokenizer_fingerprint:
+        raise IncompatibleTeacherError(
+            "GET /v1/tokenizer answered for another tokenizer than GET /v1/model describes "
+            "(replicas serving different models?)"
+        )
+    return files
+
+
+def _check_tokenizer_route(info: ModelInfo) -> None:
+    if not at_least(info.protocol_version, TOKENIZER_ROUTE_SINCE):
+        raise IncompatibleTeacherError(
+            f"teacher {info.name} speaks protocol {info.protocol_version}; handing out its "
+            "tokenizer (GET /v1/tokenizer, for cross-tokenizer OPD) needs 1.4 or later"
+        )
 
 
 def _model_info(response: httpx.Response) -> ModelInfo:

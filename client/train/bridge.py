@@ -14,14 +14,17 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from opd.client.teacher.client import AsyncTeacherClient
 from opd.client.train.rollouts import Rollout
 from opd.shared.packed import PackedRequest, PackedResult
-from opd.shared.schemas import ModelInfo, ScoreOptions
+from opd.shared.schemas import ModelInfo, ScoreOptions, TokenizerFiles
+
+if TYPE_CHECKING:
+    from opd.client.train.cross_tokenizer import CrossTokenizer
 
 
 @dataclass(frozen=True)
@@ -69,12 +72,18 @@ def attach_scores(rollouts: list[Rollout], result: PackedResult) -> None:
 
 
 class TeacherBridge:
+    """One teacher's connection on its own event loop. For a teacher of another tokenizer,
+    `cross` (set after connecting) renders, aligns and translates each request
+    (opd.client.train.cross_tokenizer); `align_s` sums the time that takes."""
+
     def __init__(self, urls: list[str] | str, **client_kwargs: Any) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._thread.start()
         self._client: AsyncTeacherClient = self._call(self._make_client(urls, client_kwargs))
         self.busy_s = 0.0  # summed wall time of teacher requests
+        self.cross: CrossTokenizer | None = None
+        self.align_s = 0.0
 
     async def _make_client(
         self, urls: list[str] | str, kwargs: dict[str, Any]
@@ -87,15 +96,31 @@ class TeacherBridge:
     def connect(self) -> ModelInfo:
         return self._call(self._client.connect())
 
+    def tokenizer(self) -> TokenizerFiles:
+        """The teacher's tokenizer files (GET /v1/tokenizer)."""
+        return self._call(self._client.tokenizer())
+
     def submit(self, rollouts: list[Rollout], spec: ScoreSpec) -> Future:
         """Start scoring; the future resolves (to the rollouts, now scored) when done."""
-        request = rollouts_request(rollouts, spec)
+        cross, views = self.cross, None
+        if cross is None:
+            request = rollouts_request(rollouts, spec)
+        else:
+            started = time.perf_counter()
+            options = ScoreOptions(top_k=spec.top_k, entropy=spec.entropy)
+            request, views = cross.request(rollouts, options, spec.candidates)
+            self.align_s += time.perf_counter() - started
 
         async def run() -> list[Rollout]:
             started = time.perf_counter()
             result = await self._client.score(request)
             self.busy_s += time.perf_counter() - started
-            attach_scores(rollouts, result)
+            if cross is None:
+                attach_scores(rollouts, result)
+            else:
+                t0 = time.perf_counter()
+                cross.attach(rollouts, views, result)
+                self.align_s += time.perf_counter() - t0
             return rollouts
 
         return asyncio.run_coroutine_threadsafe(run(), self._loop)

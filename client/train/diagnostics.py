@@ -33,6 +33,15 @@ Metrics, keys as returned by `compute_diagnostics` (means over positions t unles
     reward/seq_std            their standard deviation (ddof 0)
     tokens/count              N
     tokens/mean_completion_len  N / n
+    Across tokenizers (stats.one_to_one_N set; opd.client.train.cross_tokenizer):
+    kl/sampled                per student token: the aligned chunks' log-ratios, split evenly
+                              over their tokens, so the mean is sum over chunks / N
+    kl/sampled_per_chunk      mean over chunks of log p(c) - log q(c)
+    overlap/*, entropy/*, kl/student_topk*  on positions whose chunk is one token on both
+                              sides only (elsewhere neither model's next-token distribution is
+                              about the other's token), over teacher ids that map
+    xtok/chunks, xtok/student_tokens_per_chunk, xtok/one_to_one_frac (student tokens in
+                              one-to-one chunks), xtok/candidates_mapped_frac
     <key>@depth{a}-{b}        every key but tokens/* on the positions with a <= depth <= b; the
                               reward uses, per sequence, the mean over its positions in the bucket
     <key>@turn{j}             episodes: every key but tokens/* on the positions of assistant turn
@@ -154,15 +163,19 @@ def student_topk_kl(student_logp_NK: Any, teacher_cand_logp_NK: Any, renorm: boo
     renorm=False: sum_{v in S(p)} p(v) (log p(v) - log q(v)) with full-vocab p, q (the top-K
     share of KL(p || q), what the released code's per-candidate reward sums to, up to p vs pb).
     renorm=True:  KL(pb || qb), p and q renormalised on S(p) (the paper's equation).
+    A candidate the teacher has no number for (NaN: across tokenizers, an id that does not
+    map) leaves S(p); a row with none left is nan.
     """
     lp_NK = _floor_log(student_logp_NK)
     lq_NK = _floor_log(teacher_cand_logp_NK)
+    have_NK = ~np.isnan(lq_NK)
     if renorm:
-        all_NK = np.ones(lp_NK.shape, dtype=bool)
         # log pb = log p - log sum_{S(p)} p, same for q
-        lp_NK = lp_NK - _masked_logsumexp(lp_NK, all_NK)[:, None]
-        lq_NK = lq_NK - _masked_logsumexp(lq_NK, all_NK)[:, None]
-    return (np.exp(lp_NK) * (lp_NK - lq_NK)).sum(axis=1)
+        lp_NK = lp_NK - _masked_logsumexp(lp_NK, have_NK)[:, None]
+        lq_NK = lq_NK - _masked_logsumexp(lq_NK, have_NK)[:, None]
+    with np.errstate(invalid="ignore"):
+        terms_NK = np.where(have_NK, np.exp(lp_NK) * (lp_NK - lq_NK), 0.0)
+    return np.where(have_NK.any(axis=1), terms_NK.sum(axis=1), np.nan)
 
 
 def _topk_by_logp(k: int, logp_NK: np.ndarray, *cols_NK: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -283,6 +296,9 @@ def per_position_metrics(stats: PositionStats) -> dict[str, np.ndarray]:
 
 # Metrics averaged only over positions where they are defined (nan = undefined, not an error).
 _MEAN_OVER_DEFINED = frozenset({"overlap/token_advantage"})
+# Metrics of the two next-token distributions: across tokenizers defined only on positions
+# whose chunk is one token on both sides (PositionStats.one_to_one_N), nan elsewhere.
+_DISTRIBUTION_KEYS = ("overlap/", "entropy/", "kl/student_topk")
 
 
 def _aggregate(
@@ -291,12 +307,14 @@ def _aggregate(
     seq_N: np.ndarray,
     n: int,
     rows: np.ndarray | slice,
+    cross: bool = False,
 ) -> dict[str, float]:
     """Position means over `rows`, plus reward/* over the sequences that have rows there."""
     out: dict[str, float] = {}
     for key, x_N in per_pos.items():
         x = x_N[rows]
-        out[key] = _mean(x[~np.isnan(x)]) if key in _MEAN_OVER_DEFINED else _mean(x)
+        defined_only = key in _MEAN_OVER_DEFINED or (cross and key.startswith(_DISTRIBUTION_KEYS))
+        out[key] = _mean(x[~np.isnan(x)]) if defined_only else _mean(x)
     r_n = _mean_per_sequence(tok_reward_N[rows], seq_N[rows], n)
     r_n = r_n[~np.isnan(r_n)]
     out["reward/seq_mean"] = _mean(r_n)
@@ -319,23 +337,51 @@ def compute_diagnostics(stats: PositionStats, depth_bucket: int | None = 1024) -
     seq_N = _seq_ids(offs)
     per_pos = per_position_metrics(stats)
     tok_reward_N = _token_rewards(stats)
+    cross = stats.one_to_one_N is not None
+    if cross:
+        for key in per_pos:
+            if key.startswith(_DISTRIBUTION_KEYS):
+                per_pos[key] = np.where(stats.one_to_one_N, per_pos[key], np.nan)
 
-    out = _aggregate(per_pos, tok_reward_N, seq_N, n, slice(None))
+    out = _aggregate(per_pos, tok_reward_N, seq_N, n, slice(None), cross)
     out["tokens/count"] = float(stats.n_positions)
     out["tokens/mean_completion_len"] = stats.n_positions / n if n else float("nan")
+    if cross:
+        out.update(chunk_metrics(stats, seq_N))
 
     if depth_bucket is not None and stats.n_positions:
         depth_N = position_depths(stats)
         for b, rows in _groups(depth_N // depth_bucket):
             start = b * depth_bucket
             label = f"depth{start}-{start + depth_bucket - 1}"
-            sub = _aggregate(per_pos, tok_reward_N, seq_N, n, rows)
+            sub = _aggregate(per_pos, tok_reward_N, seq_N, n, rows, cross)
             out.update({f"{key}@{label}": v for key, v in sub.items()})
     if stats.turn_N is not None and stats.n_positions:
         for j, rows in _groups(stats.turn_N.astype(np.int64)):
-            sub = _aggregate(per_pos, tok_reward_N, seq_N, n, rows)
+            sub = _aggregate(per_pos, tok_reward_N, seq_N, n, rows, cross)
             out.update({f"{key}@turn{j}": v for key, v in sub.items()})
             out[f"tokens/count@turn{j}"] = float(rows.size)
+    return out
+
+
+def chunk_metrics(stats: PositionStats, seq_N: np.ndarray) -> dict[str, float]:
+    """Across tokenizers: the sampled KL per aligned chunk (kl/sampled is per student token),
+    and how the two tokenizations met (xtok/*)."""
+    assert stats.chunk_N is not None and stats.one_to_one_N is not None
+    if not stats.n_positions:
+        return {}
+    key_N = seq_N.astype(np.int64) * (int(stats.chunk_N.max()) + 1) + stats.chunk_N
+    _, chunk_of_N = np.unique(key_N, return_inverse=True)
+    kl_C = np.bincount(chunk_of_N, weights=-_token_rewards(stats))
+    out = {
+        "kl/sampled_per_chunk": _mean(kl_C),
+        "xtok/chunks": float(kl_C.size),
+        "xtok/student_tokens_per_chunk": stats.n_positions / kl_C.size,
+        "xtok/one_to_one_frac": _mean(stats.one_to_one_N.astype(np.float64)),
+    }
+    if stats.teacher_cand_logp_NK is not None and stats.one_to_one_N.any():
+        have = ~np.isnan(stats.teacher_cand_logp_NK[stats.one_to_one_N])
+        out["xtok/candidates_mapped_frac"] = _mean(have.astype(np.float64))
     return out
 
 

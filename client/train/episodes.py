@@ -98,6 +98,10 @@ class _Live:
     span_turns: list[int] = field(default_factory=list)
     teacher_spans: list[tuple[int, int]] = field(default_factory=list)
     roles: list[list[str]] = field(default_factory=list)
+    # the conversation as text, for a teacher of another tokenizer: the opening messages and,
+    # after each assistant turn, the environment's messages
+    opening: list[dict] = field(default_factory=list)
+    messages: list[list[dict]] = field(default_factory=list)
     logps: list[np.ndarray | None] = field(default_factory=list)
     ended: str | None = None
     reward: float | None = None
@@ -116,6 +120,12 @@ class _Live:
     def end(self, why: str, reward: float | None = None) -> None:
         self.ended, self.reward = why, reward
         self.roles.append([])
+        self.messages.append([])
+
+    def observed(self, messages: list[dict]) -> None:
+        """The environment's messages after a turn (their ids are appended by the caller)."""
+        self.roles.append([str(m.get("role", "")) for m in messages])
+        self.messages.append([dict(m) for m in messages])
 
     def finished(self) -> Episode:
         logps = None if any(x is None for x in self.logps) else np.concatenate(self.logps)
@@ -130,6 +140,8 @@ class _Live:
                 turn_correct=list(getattr(self.env, "turn_correct", []) or []),
                 span_turns=list(self.span_turns) if self.teacher_spans else None,
                 teacher_spans=list(self.teacher_spans),
+                opening=self.opening,
+                context_messages=self.messages,
             ),
             engine_logp_T=logps,
         )
@@ -190,7 +202,9 @@ def _open(
     opening = _call(env, "reset", number, 0, lambda: env.reset(row))
     renderer = renderers(env)
     ids = list(renderer.opening_ids(opening))
-    return _Live(number, env, renderer, ids, len(ids), seed)
+    live = _Live(number, env, renderer, ids, len(ids), seed)
+    live.opening = renderer.text_opening(opening)
+    return live
 
 
 def play(
@@ -278,7 +292,7 @@ def _replay(
                 ValueError("the replayed observation differs from the recorded one"),
             )
         e.ids.extend(more)
-        e.roles.append([str(m.get("role", "")) for m in obs.messages])
+        e.observed(obs.messages)
     return e
 
 
@@ -317,7 +331,7 @@ def _take_turn(
     if len(e.ids) + len(more) - e.prompt_len >= limits.max_episode_tokens:
         return e.end("episode_tokens", obs.reward)
     e.ids.extend(int(t) for t in more)
-    e.roles.append([str(m.get("role", "")) for m in obs.messages])
+    e.observed(obs.messages)
     return None
 
 

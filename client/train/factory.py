@@ -18,6 +18,7 @@ import torch
 
 from opd.client.configs.groups import SamplingGroup, StudentRuntime, TeacherConnection
 from opd.client.train.bridge import ScoreSpec
+from opd.client.train.cross_tokenizer import CrossSetup, cross_connect
 from opd.client.train.engines import RolloutEngine, make_engine
 from opd.client.train.pipeline import Connected, connect_teachers
 from opd.client.train.rollouts import SamplingParams
@@ -121,18 +122,35 @@ def connect(
     fingerprint: str | None,
     keep_going: bool = False,
     log: Callable[[str], None] = lambda _: None,
+    cross: CrossSetup | None = None,
 ) -> Connected:
     """Connect each (name, replica URLs) teacher with the command's connection options: the
     API key, the tokenizer check against the student's `fingerprint` (unless the user allowed a
-    mismatch) and how long a restarting teacher is waited for."""
-    return connect_teachers(
+    mismatch) and how long a restarting teacher is waited for.
+
+    With `cross` (its mode not off), a teacher of another tokenizer is not refused: its
+    tokenizer is fetched and its requests go through the cross-tokenizer path
+    (opd.client.train.cross_tokenizer), said up front through `log`."""
+    crossing = cross is not None and cross.mode != "off"
+    connected = connect_teachers(
         teachers,
         spec,
         n_candidates,
         keep_going=keep_going,
         log=log,
         api_key=connection.api_key,
-        tokenizer_fingerprint=fingerprint,
+        tokenizer_fingerprint=None if crossing else fingerprint,
         allow_tokenizer_mismatch=connection.allow_tokenizer_mismatch,
         max_wait_s=connection.wait_s,
     )
+    if crossing:
+        assert cross is not None and fingerprint is not None
+        try:
+            for teacher in connected.teachers:
+                line = cross_connect(teacher.bridge, teacher.info, cross, fingerprint)
+                if line is not None:
+                    log(line)
+        except Exception:
+            connected.close()
+            raise
+    return connected

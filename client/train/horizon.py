@@ -289,9 +289,10 @@ class HorizonControl:
         """This rank's per-bucket overlap sums and counts (adaptive only), to all-reduce."""
         assert self.adaptive is not None
         a = self.adaptive
-        return bucket_sums(
-            position_depths(stats), overlap_ratio(stats), a.group.bucket, a.n_buckets
-        )
+        depth_N, overlap_N = position_depths(stats), overlap_ratio(stats)
+        if stats.one_to_one_N is not None:  # across tokenizers: where the overlap is defined
+            depth_N, overlap_N = depth_N[stats.one_to_one_N], overlap_N[stats.one_to_one_N]
+        return bucket_sums(depth_N, overlap_N, a.group.bucket, a.n_buckets)
 
     def observe(self, sums: np.ndarray, counts: np.ndarray) -> None:
         """A step's all-ranks sums: the adaptive rule moves the horizon for the next step."""

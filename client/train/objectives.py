@@ -129,6 +129,52 @@ def _kl_rows(log_a_NM: Tensor, log_b_NM: Tensor) -> Tensor:
     return (log_a_NM.exp() * (log_a_NM - log_b_NM)).sum(dim=-1)
 
 
+def _usable(valid_NK: Tensor) -> tuple[Tensor, Tensor]:
+    """(valid entries, rows with any), where a row with none counts every entry as valid: its
+    numbers are placeholders and its loss is zeroed afterwards (`any_N`), and computing it on
+    finite placeholders keeps NaN out of the gradient (a softmax over an all -inf row, or
+    0 * inf in a where's unselected branch, would put NaN there)."""
+    any_N1 = valid_NK.any(dim=-1, keepdim=True)
+    return valid_NK | ~any_N1, any_N1[:, 0]
+
+
+def _equalised(log_a_NM: Tensor, log_b_NM: Tensor, valid_NM: Tensor) -> tuple[Tensor, Tensor]:
+    """Both log-prob rows with their invalid entries set to one shared finite value, so each
+    such entry's KL term a (log a - log b) is exactly 0 and carries no gradient."""
+    zero = torch.zeros((), dtype=log_a_NM.dtype, device=log_a_NM.device)
+    return torch.where(valid_NM, log_a_NM, zero), torch.where(valid_NM, log_b_NM, zero)
+
+
+def _support(logp_Nk: Tensor, logq_Nk: Tensor, valid_Nk: Tensor | None, tail: bool):
+    """The outcomes both distributions are compared on: the k ids (+ the tail bucket). With
+    `valid_Nk` (a teacher of another tokenizer: ids that map to the student's vocabulary) only
+    the valid ids are outcomes, and the mass of the others falls into the tail on both sides.
+    Returns (log p, log q, valid outcomes or None, rows with any valid id or None); without
+    a tail the k ids are renormalised over the valid ones."""
+    if valid_Nk is None:
+        if tail:
+            return _with_tail(logp_Nk), _with_tail(logq_Nk), None, None
+        return torch.log_softmax(logp_Nk, -1), torch.log_softmax(logq_Nk, -1), None, None
+    valid_Nk, any_N = _usable(valid_Nk)
+    ninf = torch.full_like(logp_Nk, float("-inf"))
+    masked_p, masked_q = torch.where(valid_Nk, logp_Nk, ninf), torch.where(valid_Nk, logq_Nk, ninf)
+    if tail:
+        log_p = torch.cat([logp_Nk, _log_tail(masked_p)], dim=-1)
+        log_q = torch.cat([logq_Nk, _log_tail(masked_q)], dim=-1)
+        ones = torch.ones_like(valid_Nk[:, :1])
+        valid_NM = torch.cat([valid_Nk, ones], dim=-1)
+    else:
+        log_p, log_q = torch.log_softmax(masked_p, -1), torch.log_softmax(masked_q, -1)
+        valid_NM = valid_Nk
+    log_p, log_q = _equalised(log_p, log_q, valid_NM)
+    return log_p, log_q, valid_NM, any_N
+
+
+def _where_rows(any_N: Tensor | None, loss_N: Tensor) -> Tensor:
+    """The loss where a row had any teacher number, 0 on rows of placeholders only."""
+    return loss_N if any_N is None else torch.where(any_N, loss_N, torch.zeros_like(loss_N))
+
+
 # --------------------------------------------------------------------------------------------
 # Advantages
 # --------------------------------------------------------------------------------------------
@@ -213,6 +259,7 @@ def student_topk_loss(
     *,
     variant: Literal["released", "renormalized"] = "released",
     clip_eps: float | None = None,
+    cand_valid_NK: Tensor | None = None,
 ) -> Tensor:
     """Student top-k objective (the paper's default): reverse KL on the student's candidates.
 
@@ -229,18 +276,32 @@ def student_topk_loss(
     "renormalized" (the paper's equation): the exact KL(p_bar || q_bar) on S_t, with p_bar the
     *current* student renormalised on S_t (gradient flows through it) and q_bar the teacher's.
     It is a divergence, not a surrogate, so clip_eps does not apply and is ignored.
+
+    cand_valid_NK (a teacher of another tokenizer): the candidates the teacher has a number
+    for (their ids map to its vocabulary); S_t shrinks to them, both renormalisations
+    included, and a row with none has loss 0.
     """
     logp_NK = logp_NV.gather(-1, cand_ids_NK)
+    teacher_NK = teacher_cand_logp_NK.detach()
+    old_NK = old_cand_logp_NK.detach()
+    valid_NK, any_N = (None, None) if cand_valid_NK is None else _usable(cand_valid_NK)
     if variant == "renormalized":
-        log_pbar_NK = torch.log_softmax(logp_NK, dim=-1)
-        log_qbar_NK = torch.log_softmax(teacher_cand_logp_NK.detach(), dim=-1)
-        return _kl_rows(log_pbar_NK, log_qbar_NK)
+        if valid_NK is None:
+            return _kl_rows(torch.log_softmax(logp_NK, -1), torch.log_softmax(teacher_NK, -1))
+        ninf = torch.full_like(logp_NK, float("-inf"))
+        log_pbar_NK = torch.log_softmax(torch.where(valid_NK, logp_NK, ninf), -1)
+        log_qbar_NK = torch.log_softmax(torch.where(valid_NK, teacher_NK, ninf), -1)
+        return _where_rows(any_N, _kl_rows(*_equalised(log_pbar_NK, log_qbar_NK, valid_NK)))
     if variant != "released":
         raise ValueError(f"variant must be one of {TOPK_VARIANTS}, got {variant!r}")
-    old_NK = old_cand_logp_NK.detach()
-    pbar_old_NK = torch.softmax(old_NK, dim=-1)
-    adv_NK = pbar_old_NK * (teacher_cand_logp_NK.detach() - old_NK)
-    return _policy_gradient(logp_NK - old_NK, adv_NK, clip_eps).sum(dim=-1)
+    if valid_NK is None:
+        pbar_old_NK = torch.softmax(old_NK, dim=-1)
+    else:
+        ninf = torch.full_like(old_NK, float("-inf"))
+        pbar_old_NK = torch.softmax(torch.where(valid_NK, old_NK, ninf), -1)
+    adv_NK = pbar_old_NK * (teacher_NK - old_NK)
+    loss_N = _policy_gradient(logp_NK - old_NK, adv_NK, clip_eps).sum(dim=-1)
+    return _where_rows(any_N, loss_N)
 
 
 def teacher_topk_forward_kl(
@@ -249,6 +310,7 @@ def teacher_topk_forward_kl(
     teacher_logp_Nk: Tensor,
     *,
     tail: bool = True,
+    valid_Nk: Tensor | None = None,
 ) -> Tensor:
     """Forward KL(q || p) on the teacher's top-k ids, made exact in distribution by a tail bucket.
 
@@ -262,13 +324,27 @@ def teacher_topk_forward_kl(
     With tail=False it is the plain restricted sum, deliberately *not* renormalised: its
     gradient is -sum_T q(v) grad log p(v), the forward-KL gradient on T_t, but its value can be
     negative (p may put more mass on T_t than q does).
+
+    valid_Nk (a teacher of another tokenizer): the teacher ids that map to student ids; the
+    others leave the support and their mass joins the tail on both sides (without a tail
+    they are dropped); a row with none has loss 0.
     """
     logp_Nk = logp_NV.gather(-1, teacher_ids_Nk)
     logq_Nk = teacher_logp_Nk.detach()
+    if valid_Nk is None:
+        if tail:
+            logp_Nk = _with_tail(logp_Nk)
+            logq_Nk = _with_tail(logq_Nk)
+        return _kl_rows(logq_Nk, logp_Nk)
+    valid, any_N = _usable(valid_Nk)
+    logp_NM, logq_NM = logp_Nk, logq_Nk
     if tail:
-        logp_Nk = _with_tail(logp_Nk)
-        logq_Nk = _with_tail(logq_Nk)
-    return _kl_rows(logq_Nk, logp_Nk)
+        ninf = torch.full_like(logp_Nk, float("-inf"))
+        logp_NM = torch.cat([logp_Nk, _log_tail(torch.where(valid, logp_Nk, ninf))], -1)
+        logq_NM = torch.cat([logq_Nk, _log_tail(torch.where(valid, logq_Nk, ninf))], -1)
+        valid = torch.cat([valid, torch.ones_like(valid[:, :1])], -1)
+    logq_NM, logp_NM = _equalised(logq_NM, logp_NM, valid)
+    return _where_rows(any_N, _kl_rows(logq_NM, logp_NM))
 
 
 def teacher_topk_jsd(
@@ -278,6 +354,7 @@ def teacher_topk_jsd(
     *,
     beta: float = 0.5,
     tail: bool = True,
+    valid_Nk: Tensor | None = None,
 ) -> Tensor:
     """Generalised JSD(beta) of GKD (Agarwal et al. 2024) on the teacher's top-k ids.
 
@@ -293,24 +370,24 @@ def teacher_topk_jsd(
     bucket, so both p and q are proper distributions over k + 1 outcomes. Without tail both are
     renormalised over the k ids (softmax), as TRL does for its top-k support: a JSD needs two
     distributions on one support, unlike teacher_topk_forward_kl's plain restricted sum.
+
+    valid_Nk: as teacher_topk_forward_kl's (the unmapped ids' mass joins the tail, or they
+    leave the renormalised support); a row with none has loss 0.
     """
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must be in [0, 1], got {beta}")
     logp_Nk = logp_NV.gather(-1, teacher_ids_Nk)
     logq_Nk = teacher_logp_Nk.detach()
-    if tail:
-        logp_NM = _with_tail(logp_Nk)
-        logq_NM = _with_tail(logq_Nk)
-    else:
-        logp_NM = torch.log_softmax(logp_Nk, dim=-1)
-        logq_NM = torch.log_softmax(logq_Nk, dim=-1)
+    logp_NM, logq_NM, _, any_N = _support(logp_Nk, logq_Nk, valid_Nk, tail)
     if beta == 0.0:
-        return _kl_rows(logq_NM, logp_NM)
+        return _where_rows(any_N, _kl_rows(logq_NM, logp_NM))
     if beta == 1.0:
-        return _kl_rows(logp_NM, logq_NM)
-    # Python-float logs: no host-to-device copy of beta inside the loss path.
+        return _where_rows(any_N, _kl_rows(logp_NM, logq_NM))
+    # Python-float logs: no host-to-device copy of beta inside the loss path. Entries the
+    # support left out hold one shared value on both sides, so m equals it and they add 0.
     logm_NM = torch.logaddexp(logq_NM + math.log(beta), logp_NM + math.log1p(-beta))
-    return beta * _kl_rows(logq_NM, logm_NM) + (1.0 - beta) * _kl_rows(logp_NM, logm_NM)
+    loss_N = beta * _kl_rows(logq_NM, logm_NM) + (1.0 - beta) * _kl_rows(logp_NM, logm_NM)
+    return _where_rows(any_N, loss_N)
 
 
 def overlap_topk_loss(
@@ -321,6 +398,7 @@ def overlap_topk_loss(
     teacher_ids_Nk: Tensor,
     *,
     clip_eps: float | None = None,
+    teacher_valid_Nk: Tensor | None = None,
 ) -> Tensor:
     """The released student top-k loss restricted to I_t = S_t(p) intersect S_t(q).
 
@@ -333,8 +411,12 @@ def overlap_topk_loss(
 
     and l_t = -sum_v rho(v) A_t(v) (PPO min/clip per candidate with clip_eps). A row with an
     empty overlap has all-zero advantages: loss 0 and no gradient, never NaN.
+    teacher_valid_Nk (a teacher of another tokenizer): only teacher ids that map count.
     """
-    member_NK = (cand_ids_NK.unsqueeze(-1) == teacher_ids_Nk.unsqueeze(-2)).any(dim=-1)
+    same_NKk = cand_ids_NK.unsqueeze(-1) == teacher_ids_Nk.unsqueeze(-2)
+    if teacher_valid_Nk is not None:
+        same_NKk = same_NKk & teacher_valid_Nk.unsqueeze(-2)
+    member_NK = same_NKk.any(dim=-1)
     old_NK = old_cand_logp_NK.detach()
     masked_NK = old_NK.masked_fill(~member_NK, float("-inf"))
     log_norm_N1 = torch.logsumexp(masked_NK, dim=-1, keepdim=True)
@@ -391,42 +473,63 @@ def _sampled(logp_NV: Tensor, b: TokenBatch, config: ObjectiveConfig) -> Tensor:
     )
 
 
+def _chunk_rows(loss_N: Tensor, logp_NV: Tensor, b: TokenBatch, config: ObjectiveConfig) -> Tensor:
+    """A top-k objective's loss on the rows where the teacher's next-token distribution is
+    about the student's (a teacher of another tokenizer: chunks of one token on both sides),
+    the sampled-token loss on the chunk's reward elsewhere (opd.client.train
+    .cross_tokenizer); natively scored batches are returned as they are."""
+    if b.one_to_one_N is None:
+        return loss_N
+    return torch.where(b.one_to_one_N, loss_N, _sampled(logp_NV, b, config))
+
+
 def _student_topk(logp_NV: Tensor, b: TokenBatch, config: ObjectiveConfig) -> Tensor:
-    return student_topk_loss(
+    loss_N = student_topk_loss(
         logp_NV,
         b.student_topk_ids_NK,
         b.student_topk_logp_NK,
         b.teacher_cand_logp_NK,
         variant=config.topk_variant,  # type: ignore[arg-type]
         clip_eps=config.clip_eps,
+        cand_valid_NK=b.teacher_cand_valid_NK,
     )
+    return _chunk_rows(loss_N, logp_NV, b, config)
 
 
 def _teacher_topk(logp_NV: Tensor, b: TokenBatch, config: ObjectiveConfig) -> Tensor:
-    return teacher_topk_forward_kl(
-        logp_NV, b.teacher_topk_ids_Nk, b.teacher_topk_logp_Nk, tail=config.tail
+    loss_N = teacher_topk_forward_kl(
+        logp_NV,
+        b.teacher_topk_ids_Nk,
+        b.teacher_topk_logp_Nk,
+        tail=config.tail,
+        valid_Nk=b.teacher_topk_valid_Nk,
     )
+    return _chunk_rows(loss_N, logp_NV, b, config)
 
 
 def _jsd(logp_NV: Tensor, b: TokenBatch, config: ObjectiveConfig) -> Tensor:
-    return teacher_topk_jsd(
+    loss_N = teacher_topk_jsd(
         logp_NV,
         b.teacher_topk_ids_Nk,
         b.teacher_topk_logp_Nk,
         beta=config.jsd_beta,
         tail=config.tail,
+        valid_Nk=b.teacher_topk_valid_Nk,
     )
+    return _chunk_rows(loss_N, logp_NV, b, config)
 
 
 def _overlap_topk(logp_NV: Tensor, b: TokenBatch, config: ObjectiveConfig) -> Tensor:
-    return overlap_topk_loss(
+    loss_N = overlap_topk_loss(
         logp_NV,
         b.student_topk_ids_NK,
         b.student_topk_logp_NK,
         b.teacher_cand_logp_NK,
         b.teacher_topk_ids_Nk,
         clip_eps=config.clip_eps,
+        teacher_valid_Nk=b.teacher_topk_valid_Nk,
     )
+    return _chunk_rows(loss_N, logp_NV, b, config)
 
 
 REGISTRY: dict[str, Objective] = {

@@ -138,6 +138,7 @@ def collect(
     time/collect_s (the whole call)."""
     started = time.perf_counter()
     busy_before = sum(t.bridge.busy_s for t in teachers)
+    align_before = sum(t.bridge.align_s for t in teachers)
     pending: dict[str, list[Future]] = {t.name: [] for t in teachers}
     owners: list[str] = []
     generate_s = 0.0
@@ -182,6 +183,8 @@ def collect(
             "time/score_s": sum(t.bridge.busy_s for t in teachers) - busy_before,
             "time/score_wait_s": wait_s,
             "time/collect_s": time.perf_counter() - started,
+            # teachers of another tokenizer: rendering, aligning and translating back
+            "time/align_s": sum(t.bridge.align_s for t in teachers) - align_before,
         },
         routed,
         owners if route is not None else None,

@@ -65,7 +65,7 @@ ROLLOUT_SUFFIX = {
 }
 FLAT_SUFFIX = {name: "_N" + s[2:] for name, s in ROLLOUT_SUFFIX.items()}
 _ID_FIELDS = ("student_topk_ids_NK", "teacher_topk_ids_Nk", "seq_offsets")
-_EPISODE_FIELDS = ("depth_N", "turn_N")
+_EPISODE_FIELDS = ("depth_N", "turn_N", "chunk_N")
 
 
 def pad_right(sequences: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -113,6 +113,12 @@ class PositionStats:
     # token, context included) and its turn index (0 = first assistant turn).
     depth_N: np.ndarray | None = None
     turn_N: np.ndarray | None = None
+    # A teacher of another tokenizer (opd.client.train.cross_tokenizer): each position's
+    # aligned chunk within its rollout, and whether that chunk is one token on both sides
+    # (where the teacher's top-k, candidate and entropy fields are defined; NaN / -1
+    # elsewhere). None when every rollout was scored natively.
+    chunk_N: np.ndarray | None = None
+    one_to_one_N: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -133,6 +139,21 @@ class PositionStats:
         if any(r.spans is not None for r in rollouts):
             kw["depth_N"] = np.concatenate([r.depth_T for r in rollouts])
             kw["turn_N"] = np.concatenate([r.turn_T for r in rollouts])
+        if any(r.chunk_T is not None for r in rollouts):  # natively scored: a chunk per token
+            kw["chunk_N"] = np.concatenate(
+                [
+                    r.chunk_T if r.chunk_T is not None else np.arange(r.completion_len)
+                    for r in rollouts
+                ]
+            ).astype(np.int64)
+            kw["one_to_one_N"] = np.concatenate(
+                [
+                    r.one_to_one_T
+                    if r.one_to_one_T is not None
+                    else np.ones(r.completion_len, dtype=bool)
+                    for r in rollouts
+                ]
+            ).astype(bool)
         return PositionStats(**kw)
 
     @property
@@ -196,6 +217,8 @@ class PositionStats:
             value = getattr(self, name)
             if value is not None and (value.shape != (n_pos,) or value.dtype.kind not in "iu"):
                 raise ValueError(f"{name} must be integers of shape ({n_pos},), got {value.shape}")
+        if self.one_to_one_N is not None and self.one_to_one_N.shape != (n_pos,):
+            raise ValueError(f"one_to_one_N must have shape ({n_pos},)")
         offs = self.seq_offsets
         if offs.ndim != 1 or offs.shape[0] < 1:
             raise ValueError(f"seq_offsets must be 1-D [n+1], got shape {offs.shape}")
@@ -266,6 +289,13 @@ class TokenBatch:
     # appends their negative log-likelihood after the N objective rows. None: no targets.
     target_positions: list[np.ndarray] | None = None
     target_ids_M: torch.Tensor | None = None
+    # A teacher of another tokenizer: which rows are chunks of one token on both sides (the
+    # top-k objectives' rows; the others train on the chunk's sampled-token reward), and
+    # which teacher numbers exist (candidates that map, teacher ids that map; their NaN / -1
+    # are stored as 0 in the tensors above). None: scored natively, every number exists.
+    one_to_one_N: torch.Tensor | None = None
+    teacher_cand_valid_NK: torch.Tensor | None = None
+    teacher_topk_valid_Nk: torch.Tensor | None = None
 
     def rows(self, start: int, stop: int) -> TokenBatch:
         """Rows [start, stop) of the per-position tensors, for the loss's LM-head chunks.
@@ -301,6 +331,21 @@ class TokenBatch:
         def tensor(x: np.ndarray | None, dtype: torch.dtype) -> torch.Tensor | None:
             return None if x is None else torch.from_numpy(x).to(device=device, dtype=dtype)
 
+        cand, ids_k, logp_k = (
+            stats.teacher_cand_logp_NK,
+            stats.teacher_topk_ids_Nk,
+            stats.teacher_topk_logp_Nk,
+        )
+        cross: dict[str, torch.Tensor | None] = {}
+        if stats.one_to_one_N is not None:  # missing numbers: masks, and 0 in their place
+            cross["one_to_one_N"] = tensor(stats.one_to_one_N, torch.bool)
+            if cand is not None:
+                cross["teacher_cand_valid_NK"] = tensor(~np.isnan(cand), torch.bool)
+                cand = np.nan_to_num(cand, nan=0.0)
+            if ids_k is not None and logp_k is not None:
+                cross["teacher_topk_valid_Nk"] = tensor(ids_k >= 0, torch.bool)
+                ids_k, logp_k = np.maximum(ids_k, 0), np.nan_to_num(logp_k, nan=0.0)
+
         return TokenBatch(
             ids_BL=torch.from_numpy(ids_BL).to(device),
             mask_BL=torch.from_numpy(mask_BL).to(device),
@@ -311,11 +356,12 @@ class TokenBatch:
             student_topk_ids_NK=tensor(stats.student_topk_ids_NK, torch.long),
             student_topk_logp_NK=tensor(stats.student_topk_logp_NK, torch.float32),
             teacher_token_logp_N=tensor(stats.teacher_token_logp_N, torch.float32),
-            teacher_cand_logp_NK=tensor(stats.teacher_cand_logp_NK, torch.float32),
-            teacher_topk_ids_Nk=tensor(stats.teacher_topk_ids_Nk, torch.long),
-            teacher_topk_logp_Nk=tensor(stats.teacher_topk_logp_Nk, torch.float32),
+            teacher_cand_logp_NK=tensor(cand, torch.float32),
+            teacher_topk_ids_Nk=tensor(ids_k, torch.long),
+            teacher_topk_logp_Nk=tensor(logp_k, torch.float32),
             target_positions=None if targets is None else list(targets),
             target_ids_M=target_ids,
+            **cross,
         )
 
 

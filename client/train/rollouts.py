@@ -55,6 +55,11 @@ class Rollout:
     spans: np.ndarray | None = None
     # What the episode's environment said (roles between turns, reward); None outside episodes
     episode: EpisodeInfo | None = None
+    # A teacher of another tokenizer (opd.client.train.cross_tokenizer): the aligned chunk of
+    # every trained position (numbered over the rollout), and whether that chunk is one token
+    # on both sides. None: the teacher shares the student's tokenizer.
+    chunk_T: np.ndarray | None = None
+    one_to_one_T: np.ndarray | None = None
 
     @property
     def scored_spans(self) -> np.ndarray:
@@ -117,10 +122,28 @@ class EpisodeInfo:
     turn_correct: list[bool] = field(default_factory=list)
     span_turns: list[int] | None = None
     teacher_spans: list[tuple[int, int]] = field(default_factory=list)
+    # The conversation as text, for a teacher of another tokenizer to render with its own
+    # template: the opening messages (tool instructions in the system message) and the
+    # environment's messages after each assistant turn. Not saved with the rollouts.
+    opening: list[dict] = field(default_factory=list)
+    context_messages: list[list[dict]] = field(default_factory=list)
 
     @property
     def truncated(self) -> bool:
         return self.ended != "done"
+
+    def conversation(self, turns: int) -> list[dict]:
+        """The opening, then per student turn (the first `turns`: a horizon may have cut the
+        rest) an assistant message without content and the environment's messages after it,
+        none after the last (opd.client.train.cross_tokenizer fills the turns in)."""
+        if self.teacher_spans:
+            raise ValueError("a re-anchored episode cannot be rendered for another tokenizer")
+        out = [dict(m) for m in self.opening]
+        for j, after in enumerate(self.context_messages[:turns]):
+            out.append({"role": "assistant"})
+            if j + 1 < turns:
+                out.extend(dict(m) for m in after)
+        return out
 
 
 @dataclass(frozen=True)

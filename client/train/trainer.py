@@ -53,6 +53,7 @@ from opd.client.train.checkpoint import (
     prune_checkpoints,
     save_checkpoint,
 )
+from opd.client.train.cross_tokenizer import CrossSetup, single_prompt_messages
 from opd.client.train.diagnostics import compute_diagnostics, sampled_kl
 from opd.client.train.distributed import (
     all_sum,
@@ -172,13 +173,25 @@ class Trainer:
         else:
             self.metrics = NullLogger()
         self.spec = score_spec(config)
+        # What the run's terminal says up front about its teachers (a cross-tokenizer one).
+        self.notices: list[str] = []
         self.teachers = connect(
             config.teacher.specs(),
             config.teacher,  # a teacher restart is waited out (teacher_wait_s), not fatal
             self.spec,
             config.student_top_k,
             fingerprint=self.built.fingerprint(),
+            log=self.notices.append,
+            cross=CrossSetup(config.teacher.cross_tokenizer, self.tokenizer, self.messages),
         )
+        for line in self.notices:
+            logger.info("%s", line)
+        if config.reanchor.prob > 0 and any(t.bridge.cross for t in self.teachers.teachers):
+            raise ValueError(
+                "reanchor_prob: re-anchoring continues the student's exact token ids on the "
+                "teacher, which a teacher of another tokenizer cannot read; use one of the "
+                "student's tokenizer or --reanchor-prob 0"
+            )
         self.teacher_info = self.teachers.teachers[0].info
         self.teacher_names = [t.name for t in self.teachers.teachers]
         self.teacher_weights = config.teacher.weights()
@@ -494,6 +507,13 @@ class Trainer:
         prune_checkpoints(self.run_dir / "checkpoints", self.config.keep_checkpoints)
         barrier(self.dist)
         return folder
+
+    def messages(self, rollout: Rollout) -> list[dict]:
+        """A rollout's conversation without its assistant contents, for a teacher of another
+        tokenizer to render with its own template (opd.client.train.cross_tokenizer)."""
+        if rollout.episode is not None:
+            return rollout.episode.conversation(len(rollout.scored_spans))
+        return single_prompt_messages(self.prompts[rollout.prompt_index])
 
     def prompt_ids(self, index: int) -> list[int]:
         if index not in self._prompt_ids:
