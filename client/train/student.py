@@ -57,10 +57,15 @@ def build_layer_subset_student(teacher_dir: str | Path, out_dir: str | Path, kee
 
 
 def load_student(path: str, dtype: str = "float32", device: str = "cpu", grad_ckpt: bool = False):
-    """(model, tokenizer) for training; gradient checkpointing trades compute for memory."""
+    """(model, tokenizer) for training; gradient checkpointing trades compute for memory.
+    A `.gguf` path loads its copy, converted once into the cache (opd.modeling.gguf)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if str(path).lower().endswith(".gguf"):
+        from opd.modeling.gguf import gguf_model_dir
+
+        path = str(gguf_model_dir(path))
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype]).to(device)
     if grad_ckpt:
