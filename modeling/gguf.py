@@ -21,8 +21,9 @@ The tokenizer's BOS and EOS follow the file. A GGUF says whether text starts wit
 with EOS (`tokenizer.ggml.add_bos_token`, `add_eos_token`), but the tokenizer transformers
 (5.19) builds from it adds neither, whatever the flags say. Gemma needs its `<bos>`: greedy,
 gemma-3-270m continued "The capital of France is" with " France. The The The The" without it and
-with " the capital of the country of France." with it. So where the built tokenizer does not do what the flags say, its
-post-processor is rewritten before it is saved, and the saved folder is reloaded and checked.
+with " the capital of the country of France." with it. So where the built tokenizer does not
+do what the flags say, its post-processor is rewritten before it is saved, and the saved
+folder is reloaded and checked.
 Where the file has no flag the tokenizer is kept as transformers built it; SmolLM2's says
 add_bos_token = false and its tokenizer adds nothing, so its copy is unchanged.
 """
@@ -85,6 +86,14 @@ def model_name(gguf_path: str | Path) -> str:
 def is_converted(path: str | Path) -> bool:
     """True for a finished folder of this module's (it holds the marker file)."""
     return (Path(path) / DONE_MARKER).is_file()
+
+
+def model_folder(path: str, cache_dir: Path | None = None) -> str:
+    """A model path as a folder transformers and vLLM load: a `.gguf` file's converted copy
+    (once, cached), any other path as it is. Every command that takes a model path calls it."""
+    if str(path).lower().endswith(".gguf"):
+        return str(gguf_model_dir(path, cache_dir))
+    return path
 
 
 def gguf_model_dir(gguf_path: str | Path, cache_dir: Path | None = None) -> Path:

@@ -165,12 +165,12 @@ def recommend_horizon(stats: PositionStats, knobs: HorizonKnobs) -> dict[str, An
     mean overlap keyed "lo-hi" (buckets with at least min_tokens positions only), `holds_to`
     (status "none": the depth the overlap was seen to hold to, the end of the deepest counted
     bucket), `display` (the table's cell) and `reason` (one plain sentence)."""
-    from opd.client.train.diagnostics import overlap_ratio, position_depths
+    from opd.client.train.diagnostics import overlap_by_depth
     from opd.client.train.horizon import recommend
 
     group = HorizonGroup(rule="adaptive", **knobs.model_dump())
-    depth_N = position_depths(stats)
-    tokens, signal = recommend(depth_N, overlap_ratio(stats), group)
+    depth_N, overlap_N = overlap_by_depth(stats)
+    tokens, signal = recommend(depth_N, overlap_N, group)
     bucket = group.bucket
     labels = {b: f"{b * bucket}-{(b + 1) * bucket - 1}" for b in signal}
     out: dict[str, Any] = {
@@ -229,6 +229,7 @@ def run_probe(config: ProbeConfig, log=print) -> dict[str, Any]:  # noqa: ANN001
     from opd.client.evaluation.rewards import reward_auroc, student_outcome
     from opd.client.evaluation.sources import EngineSource
     from opd.client.train.bridge import ScoreSpec
+    from opd.client.train.cross_tokenizer import CrossSetup, conversations
     from opd.client.train.diagnostics import compute_diagnostics
     from opd.client.train.episodes import EpisodeSampler, EpisodeSetup
     from opd.client.train.factory import build_student, connect
@@ -281,6 +282,11 @@ def run_probe(config: ProbeConfig, log=print) -> dict[str, Any]:  # noqa: ANN001
             fingerprint=built.fingerprint(),
             keep_going=True,
             log=log,
+            cross=CrossSetup(
+                config.connection.cross_tokenizer,
+                tokenizer,
+                conversations(rows if episodes is not None else prompts),
+            ),
         )
         entries: list[dict[str, Any]] = []
         by_name: dict[str, dict[str, Any]] = {}
@@ -296,6 +302,7 @@ def run_probe(config: ProbeConfig, log=print) -> dict[str, Any]:  # noqa: ANN001
             entry["model"] = teacher.info.model_dump(
                 mode="json", include={"name", "revision", "backend"}
             )
+            entry["cross_tokenizer"] = teacher.bridge.cross is not None
             by_name[teacher.name] = entry
         positions = 0
         out = Path(config.out_dir)
@@ -364,6 +371,15 @@ def run_probe(config: ProbeConfig, log=print) -> dict[str, Any]:  # noqa: ANN001
                 rank_teachers,
             )
         depth = None
+        # The depth probe continues the student's exact ids on each teacher: a teacher of
+        # another tokenizer cannot read them, so it is left out of that curve (said here).
+        continuing = {
+            name: by_name[name]["url"].split(",")
+            for name in got.scored
+            if not by_name[name].get("cross_tokenizer")
+        }
+        if config.depth.enabled and len(continuing) < len(got.scored):
+            log("depth probe: teachers of another tokenizer are left out (it continues ids)")
         if config.depth.enabled and episodes is not None and got.scored:
             log(f"depth probe across turns: continuing up to {config.depth.rollouts} episodes")
             depth = run_depth_turns(
@@ -375,7 +391,7 @@ def run_probe(config: ProbeConfig, log=print) -> dict[str, Any]:  # noqa: ANN001
                 engine,
                 tokenizer,
                 episodes,
-                {name: by_name[name]["url"].split(",") for name in got.scored},
+                continuing,
             )
         elif config.depth.enabled and outcome is not None and got.scored:
             log(f"depth probe: continuing up to {config.depth.rollouts} rollouts")
@@ -386,7 +402,7 @@ def run_probe(config: ProbeConfig, log=print) -> dict[str, Any]:  # noqa: ANN001
                 verifier,
                 EngineSource(engine, tokenizer),
                 tokenizer,
-                {name: by_name[name]["url"].split(",") for name in got.scored},
+                continuing,
             )
     finally:
         built.close()

@@ -44,7 +44,7 @@ def print_probe(report: dict[str, Any], console: Console) -> None:
         v = t["verdict"]
         table.add_row(
             str(t["rank"]),
-            t["name"],
+            t["name"] + (" (x-tok)" if t.get("cross_tokenizer") else ""),
             *(_fmt(t["metrics"].get(k)) for k in SUMMARY_KEYS),
             t["horizon"]["display"] if "horizon" in t else "-",
             f"[{_STYLE[v['class']]}]{v['label']}[/]",
@@ -54,6 +54,8 @@ def print_probe(report: dict[str, Any], console: Console) -> None:
         if "error" in t:
             continue
         console.print(f"[bold]{t['rank']}. {t['name']}[/]: " + "; ".join(t["verdict"]["reasons"]))
+        if t.get("cross_tokenizer"):
+            print_cross(t["metrics"], console)
         if "horizon" in t:
             print_horizon(t["horizon"], console)
         depth = Table(title=f"{t['name']} by depth (completion tokens)")
@@ -82,6 +84,16 @@ def print_probe(report: dict[str, Any], console: Console) -> None:
     if "domains" in report:
         _print_domains(report, console)
     print_outcome(report, console)
+
+
+def print_cross(m: dict[str, Any], console: Console) -> None:
+    """How a teacher of another tokenizer met the student's text (x-tok in the table)."""
+    console.print(
+        f"  another tokenizer: {_fmt(m.get('xtok/one_to_one_frac'))} of the student's tokens "
+        f"in chunks of one token on both sides (overlap, entropy and top-k KL are read there), "
+        f"{_fmt(m.get('xtok/candidates_mapped_frac'))} of its candidates map; KL per chunk "
+        f"{_fmt(m.get('kl/sampled_per_chunk'))}"
+    )
 
 
 def print_horizon(h: dict[str, Any], console: Console) -> None:

@@ -143,6 +143,11 @@ class Scorer:
         self.cfg = cfg
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_path())
         fingerprint = fingerprint_hf_tokenizer(self.tokenizer)
+        if cfg.connection.cross_tokenizer != "off":
+            raise ps.SelectionError(
+                "cross_tokenizer: opd select-prompts scores prompts as the student's token ids, "
+                "so its teacher must share the student's tokenizer (leave --cross-tokenizer off)"
+            )
         if cfg.student and cfg.tokenizer:
             student_tok = AutoTokenizer.from_pretrained(cfg.student)
             if fingerprint_hf_tokenizer(student_tok) != fingerprint:

@@ -349,6 +349,19 @@ def single_prompt_messages(prompt: str) -> list[dict]:
     return [{"role": "user", "content": prompt}, {"role": "assistant"}]
 
 
+def conversations(prompts: Sequence[Any]) -> Callable[[Rollout], list[dict]]:
+    """CrossTokenizer's `messages` for rollouts of `prompts` (indexed by prompt_index): an
+    episode's own conversation, up to the turns it kept (a horizon may have cut the rest), or
+    a prompt's single user turn."""
+
+    def messages(rollout: Rollout) -> list[dict]:
+        if rollout.episode is not None:
+            return rollout.episode.conversation(len(rollout.scored_spans))
+        return single_prompt_messages(prompts[rollout.prompt_index])
+
+    return messages
+
+
 @dataclass
 class CrossTokenizer:
     """What TeacherBridge uses in place of the native request/attach for a teacher of another

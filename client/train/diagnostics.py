@@ -71,6 +71,7 @@ from opd.client.train.positions import PositionStats
 __all__ = [
     "PositionStats",
     "compute_diagnostics",
+    "overlap_by_depth",
     "overlap_mask",
     "overlap_ratio",
     "overlap_token_advantage",
@@ -255,6 +256,16 @@ def overlap_ratio(stats: PositionStats) -> np.ndarray:
     _, o_ids_NK = _topk_by_logp(k_eff, _floor_log(stats.student_topk_logp_NK), ids_NK)
     _, o_ids_Nk = _topk_by_logp(k_eff, _floor_log(stats.teacher_topk_logp_Nk), ids_Nk)
     return overlap_mask(o_ids_NK, o_ids_Nk).sum(axis=1) / k_eff
+
+
+def overlap_by_depth(stats: PositionStats) -> tuple[np.ndarray, np.ndarray]:
+    """(depth, overlap/ratio) of the positions where the overlap is defined: all of them, or
+    across tokenizers those whose chunk is one token on both sides (what the adaptive
+    horizon and the probe's recommendation read)."""
+    depth_N, overlap_N = position_depths(stats), overlap_ratio(stats)
+    if stats.one_to_one_N is None:
+        return depth_N, overlap_N
+    return depth_N[stats.one_to_one_N], overlap_N[stats.one_to_one_N]
 
 
 def per_position_metrics(stats: PositionStats) -> dict[str, np.ndarray]:

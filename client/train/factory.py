@@ -24,6 +24,7 @@ from opd.client.train.pipeline import Connected, connect_teachers
 from opd.client.train.rollouts import SamplingParams
 from opd.client.train.student import load_student
 from opd.client.train.student_math import StudentModule
+from opd.modeling.gguf import model_folder
 from opd.shared.fingerprint import fingerprint_hf_tokenizer
 
 # The vllm engine's KV cache is sized for its context; longer than this is not needed here.
@@ -87,6 +88,7 @@ def build_student(
     device: overrides runtime.device (a torchrun rank's own device).
     before_engine: called with the module before the engine starts (the trainer shards it
     with FSDP there, so the engine sees the module it will train)."""
+    model_dir = model_folder(model_dir)  # a .gguf: its converted folder, for the engine too
     model, tokenizer = load_student(
         model_dir,
         runtime.dtype,

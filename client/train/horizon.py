@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from opd.client.configs.groups import HorizonGroup
-from opd.client.train.diagnostics import overlap_ratio, position_depths
+from opd.client.train.diagnostics import overlap_by_depth
 from opd.client.train.engines import Sample
 from opd.client.train.positions import PositionStats
 
@@ -289,10 +289,7 @@ class HorizonControl:
         """This rank's per-bucket overlap sums and counts (adaptive only), to all-reduce."""
         assert self.adaptive is not None
         a = self.adaptive
-        depth_N, overlap_N = position_depths(stats), overlap_ratio(stats)
-        if stats.one_to_one_N is not None:  # across tokenizers: where the overlap is defined
-            depth_N, overlap_N = depth_N[stats.one_to_one_N], overlap_N[stats.one_to_one_N]
-        return bucket_sums(depth_N, overlap_N, a.group.bucket, a.n_buckets)
+        return bucket_sums(*overlap_by_depth(stats), a.group.bucket, a.n_buckets)
 
     def observe(self, sums: np.ndarray, counts: np.ndarray) -> None:
         """A step's all-ranks sums: the adaptive rule moves the horizon for the next step."""

@@ -61,11 +61,10 @@ def load_student(path: str, dtype: str = "float32", device: str = "cpu", grad_ck
     A `.gguf` path loads its copy, converted once into the cache (opd.modeling.gguf)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if str(path).lower().endswith(".gguf"):
-        from opd.modeling.gguf import gguf_model_dir
+    from opd.modeling.gguf import model_folder
 
-        path = str(gguf_model_dir(path))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    path = model_folder(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype]).to(device)
     if grad_ckpt:

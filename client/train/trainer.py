@@ -53,7 +53,7 @@ from opd.client.train.checkpoint import (
     prune_checkpoints,
     save_checkpoint,
 )
-from opd.client.train.cross_tokenizer import CrossSetup, single_prompt_messages
+from opd.client.train.cross_tokenizer import CrossSetup, conversations
 from opd.client.train.diagnostics import compute_diagnostics, sampled_kl
 from opd.client.train.distributed import (
     all_sum,
@@ -182,7 +182,9 @@ class Trainer:
             config.student_top_k,
             fingerprint=self.built.fingerprint(),
             log=self.notices.append,
-            cross=CrossSetup(config.teacher.cross_tokenizer, self.tokenizer, self.messages),
+            cross=CrossSetup(
+                config.teacher.cross_tokenizer, self.tokenizer, conversations(self.prompts)
+            ),
         )
         for line in self.notices:
             logger.info("%s", line)
@@ -507,13 +509,6 @@ class Trainer:
         prune_checkpoints(self.run_dir / "checkpoints", self.config.keep_checkpoints)
         barrier(self.dist)
         return folder
-
-    def messages(self, rollout: Rollout) -> list[dict]:
-        """A rollout's conversation without its assistant contents, for a teacher of another
-        tokenizer to render with its own template (opd.client.train.cross_tokenizer)."""
-        if rollout.episode is not None:
-            return rollout.episode.conversation(len(rollout.scored_spans))
-        return single_prompt_messages(self.prompts[rollout.prompt_index])
 
     def prompt_ids(self, index: int) -> list[int]:
         if index not in self._prompt_ids:

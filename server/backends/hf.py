@@ -50,12 +50,10 @@ def resolve_model_path(settings: Settings) -> str:
     """settings.model (a `.gguf` file: its copy, converted once into the cache), or the embedded
     SmolLM2 copy (likewise)."""
     cache_dir = Path(settings.cache_dir) if settings.cache_dir else None
-    if settings.model and settings.model.lower().endswith(".gguf"):
-        from opd.modeling.gguf import gguf_model_dir
-
-        return str(gguf_model_dir(settings.model, cache_dir))
     if settings.model:
-        return settings.model
+        from opd.modeling.gguf import model_folder
+
+        return model_folder(settings.model, cache_dir)
     from opd.modeling.embedded import embedded_model_dir
 
     return str(embedded_model_dir(cache_dir))

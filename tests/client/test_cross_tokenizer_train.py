@@ -275,3 +275,87 @@ def test_a_routed_run_mixes_a_native_and_a_cross_tokenizer_teacher(
     for m in history:
         assert np.isfinite(m["train/loss"]) and 0 < m["xtok/one_to_one_frac"] < 1
         assert "teacher/other/kl/sampled" in m or any(k.startswith("teacher/other/") for k in m)
+
+
+def test_episodes_across_tokenizers_are_rendered_by_the_teachers_template(
+    gpt2_server, gpt2_teacher_dir, turn_taking_student_dir, tmp_path
+):
+    from transformers import AutoTokenizer
+
+    from opd.client.train.cross_tokenizer import TeacherRenderer, conversations
+
+    flags = dict(
+        env="followup",
+        env_arg=["turns=3"],
+        max_turns=3,
+        max_new_tokens=6,
+        prompts="task:addition:train",
+        cross_tokenizer="auto",
+        max_steps=1,
+    )
+    config = train_config(turn_taking_student_dir, gpt2_server, tmp_path / "ep", **flags)
+    teacher_tok = AutoTokenizer.from_pretrained(gpt2_teacher_dir)
+    ref_model = ReferenceModel(gpt2_teacher_dir)
+    with Trainer(config) as trainer:
+        rollouts, _ = trainer.collect()
+        renderer = TeacherRenderer(trainer.tokenizer, teacher_tok)
+        messages = conversations(trainer.prompts)
+        history = trainer.run()
+    assert np.isfinite(history[0]["train/loss"]) and "kl/sampled@turn1" in history[0]
+    assert any(len(r.scored_spans) >= 2 for r in rollouts)
+    for r in rollouts:
+        view = renderer.view(r, messages(r))
+        turns = renderer.turns(r)
+        # the teacher's ids spell the conversation exactly as its template writes it
+        filled, j = [], 0
+        for m in messages(r):
+            if m["role"] == "assistant":
+                m = {**m, "content": turns[j].text}
+                j += 1
+            filled.append(m)
+        text = teacher_tok.apply_chat_template(filled, tokenize=False)
+        if not turns[-1].ended:  # a cut last turn: nothing after it is sent
+            text = text[: text.rindex(turns[-1].text) + len(turns[-1].text)]
+        elif text.endswith("\n"):  # after the last end-of-turn token nothing is scored
+            text = text[:-1]
+        assert teacher_tok.decode(view.token_ids.tolist()) == text
+        # each chunk's teacher log-prob is the float64 sum over its teacher tokens
+        positions = np.concatenate([np.arange(a, b) for a, b in view.spans])
+        ref = ref_model.reference(view.token_ids, 0, positions=positions)
+        want_C = np.bincount(
+            view.teacher_chunk_U, ref.token(view.token_ids[positions]), view.n_chunks
+        )
+        got_C = np.bincount(r.chunk_T, r.teacher_token_logp_T.astype(np.float64), view.n_chunks)
+        np.testing.assert_allclose(got_C, want_C, atol=2e-4, rtol=0)
+
+
+def test_probe_ranks_a_teacher_of_another_tokenizer_beside_one_of_the_students(
+    tiny_server, gpt2_server, tiny_student_dir, tmp_path
+):
+    from typer.testing import CliRunner
+
+    from opd.client.cli import app
+
+    out = tmp_path / "probe"
+    args = [
+        "probe",
+        "--student", str(tiny_student_dir),
+        "--teacher", f"same={tiny_server}",
+        "--teacher", f"gpt2={gpt2_server}",
+        "--cross-tokenizer", "auto",
+        "--num-prompts", "4",
+        "--max-new-tokens", "12",
+        "--depth-bucket", "4",
+        "--out-dir", str(out),
+    ]  # fmt: skip
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    assert "gpt2 (x-tok)" in result.output and "another tokenizer:" in result.output
+    report = json.loads((out / "probe.json").read_text())
+    by_name = {t["name"]: t for t in report["teachers"]}
+    assert by_name["gpt2"]["cross_tokenizer"] and not by_name["same"]["cross_tokenizer"]
+    crossed, native = by_name["gpt2"]["metrics"], by_name["same"]["metrics"]
+    assert 0 < crossed["xtok/one_to_one_frac"] < 1 and "xtok/one_to_one_frac" not in native
+    for m in (crossed, native):
+        assert np.isfinite(m["kl/sampled"]) and np.isfinite(m["overlap/ratio"])
+    assert "horizon" in by_name["gpt2"]
