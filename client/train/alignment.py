@@ -128,25 +128,54 @@ def decoded_spans(tokenizer: Any, ids: list[int] | np.ndarray) -> tuple[str, np.
 
     An id that completes no character yet (the first bytes of a multi-byte character) gets a
     span of no width where its character will start; the id that completes it spans the whole
-    character. Bytes still incomplete at the end (a completion cut inside a character) add no
-    text. The text is the concatenation of the pieces, so the spans are exact by construction."""
+    character. The text is the tokenizer's own decoding of the ids: what the stream holds back
+    at the end (bytes of an unfinished character, a final U+FFFD) joins the last id's span.
+    Where the stream gives up (Gemma's byte fallback turns a run of bytes with an invalid one
+    into U+FFFD after the fact, and DecodeStream raises), the spans come from decoding each
+    prefix instead (`_prefix_spans`)."""
     from tokenizers.decoders import DecodeStream
 
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         raise TypeError("cross-tokenizer alignment needs a fast tokenizer (tokenizer.json)")
+    ids = np.asarray(ids, dtype=np.int64).tolist()
+    full = tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
     stream = DecodeStream(skip_special_tokens=False)
     pieces: list[str] = []
     spans = np.zeros((len(ids), 2), dtype=np.int64)
     at = 0
-    for i, token in enumerate(np.asarray(ids, dtype=np.int64).tolist()):
-        piece = stream.step(backend, token)
-        spans[i, 0] = at
-        if piece:
-            pieces.append(piece)
-            at += len(piece)
-        spans[i, 1] = at
-    return "".join(pieces), spans
+    try:
+        for i, token in enumerate(ids):
+            piece = stream.step(backend, token)
+            spans[i, 0] = at
+            if piece:
+                pieces.append(piece)
+                at += len(piece)
+            spans[i, 1] = at
+    except Exception:  # noqa: BLE001 - the stream's "Invalid prefix": decode prefixes instead
+        return full, _prefix_spans(tokenizer, ids, full)
+    text = "".join(pieces)
+    if text != full and full.startswith(text) and ids:  # held back at the end
+        spans[-1, 1] = len(full)
+        return full, spans
+    return text, spans
+
+
+def _prefix_spans(tokenizer: Any, ids: list[int], full: str) -> np.ndarray:
+    """Spans from decoding every prefix (quadratic: only where DecodeStream gives up): id i
+    starts at the longest decoded prefix before it that is a prefix of the whole text, and
+    ends where the next one starts (the last one at the end of the text)."""
+    starts = np.zeros(len(ids), dtype=np.int64)
+    at = 0
+    for i in range(1, len(ids)):
+        prefix = tokenizer.decode(
+            ids[:i], skip_special_tokens=False, clean_up_tokenization_spaces=False
+        )
+        if full.startswith(prefix):
+            at = max(at, len(prefix))
+        starts[i] = at
+    ends = np.append(starts[1:], len(full))
+    return np.stack([starts, ends], axis=1)
 
 
 def encoded_spans(tokenizer: Any, text: str) -> tuple[np.ndarray, np.ndarray]:

@@ -307,6 +307,10 @@ class TeacherRenderer:
         for j, turn in enumerate(turns):
             t_ids, t_spans = encoded_spans(self.teacher, turn.text)
             a = align(len(turn.text), turn.student_spans, t_spans) if turn.text else None
+            # ids that decode to no text at all (bytes a vocabulary cannot spell) have nothing
+            # to align with: they join the end-of-turn chunk, or a chunk with no teacher side
+            # (no reward) when the turn was cut
+            silent = len(turn.student_spans) if a is None else 0
             start = len(ids)
             ids.extend(t_ids.tolist())
             after = pieces[j + 1] if self.has_template else ""
@@ -319,12 +323,12 @@ class TeacherRenderer:
                 s_chunks.append(a.student_chunk_S + n_chunks)
                 t_chunks.append(a.teacher_chunk_T + n_chunks)
                 one_to_one.append(a.one_to_one_C)
-            if turn.ended:
+            if turn.ended or silent:
                 end_chunk = n_chunks + n_text
-                s_chunks.append(np.array([end_chunk], dtype=np.int64))
+                s_chunks.append(np.full(silent + int(turn.ended), end_chunk, dtype=np.int64))
                 t_chunks.append(np.full(len(end_ids), end_chunk, dtype=np.int64))
-                one_to_one.append(np.array([len(end_ids) == 1]))
-            n_chunks += n_text + int(turn.ended)
+                one_to_one.append(np.array([len(end_ids) == 1 and silent + turn.ended == 1]))
+            n_chunks += n_text + int(turn.ended or silent > 0)
             if j + 1 < len(turns):
                 rest = self._encode(after)[len(end_ids) :] if turn.ended else self._encode(after)
                 ids.extend(rest)
@@ -413,9 +417,8 @@ def attach_view(rollout: Rollout, view: TeacherView, scores: Any, vocab: VocabMa
     tq_C = np.bincount(view.teacher_chunk_U, np.asarray(scores.token_logprobs, np.float64), n)
     sp_C = np.bincount(chunk_T, student_T, n)
     size_C = np.maximum(np.bincount(chunk_T, minlength=n), 1)
-    rollout.teacher_token_logp_T = (student_T + ((tq_C - sp_C) / size_C)[chunk_T]).astype(
-        np.float32
-    )
+    gap_C = np.where(np.bincount(view.teacher_chunk_U, minlength=n) > 0, tq_C - sp_C, 0.0)
+    rollout.teacher_token_logp_T = (student_T + (gap_C / size_C)[chunk_T]).astype(np.float32)
     rows = view.teacher_row_of()
     has = rows >= 0
     T = len(chunk_T)
