@@ -13,7 +13,6 @@ Nothing is downloaded from the HF hub.
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -65,9 +64,6 @@ def gemma3_tokenizer() -> Any:
     (opd.modeling.gguf.gguf_tokenizer_dir; it loads in seconds after that)."""
     from transformers import AutoTokenizer
 
-    path = gemma3_gguf_path()
-    if importlib.util.find_spec("opd.modeling.gguf") is None:  # no cached conversion: ~20 s
-        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     from opd.modeling.gguf import gguf_tokenizer_dir
 
-    return AutoTokenizer.from_pretrained(str(gguf_tokenizer_dir(path)))
+    return AutoTokenizer.from_pretrained(str(gguf_tokenizer_dir(gemma3_gguf_path())))
