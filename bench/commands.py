@@ -1,6 +1,6 @@
-"""The benchmark commands `opd bench`, `opd bench-train`, `opd bench-load` and `opd bench-spans`,
-built on demand from their configs (the `opd` CLI loads this module only to run or describe one
-of them)."""
+"""The benchmark commands `opd bench`, `opd bench-train`, `opd bench-load`, `opd bench-spans` and
+`opd bench-xtok`, built on demand from their configs (the `opd` CLI loads this module only to run
+or describe one of them)."""
 
 from __future__ import annotations
 
@@ -50,6 +50,18 @@ def bench_spans_command() -> Any:
         run_bench_spans_command,
         doc="Benchmark scored spans: multi-turn episodes scored on their assistant turns only "
         "vs from the first assistant token on; scored positions, bytes, wall time, ratios.",
+    )
+
+
+def bench_xtok_command() -> Any:
+    from opd.bench.cross_tokenizer import BenchXtokConfig
+
+    return config_command(
+        BenchXtokConfig,
+        run_bench_xtok_command,
+        doc="Benchmark cross-tokenizer scoring: the same rollouts on the same teacher, natively "
+        "and through the cross-tokenizer path (and on a teacher of another tokenizer); "
+        "alignment time, score time, request bytes, ratios.",
     )
 
 
@@ -129,6 +141,17 @@ def run_bench_spans_command(cfg: Any) -> None:
     report = run_bench_spans(cfg, log=lambda msg: console.print(f"[dim]{msg}[/dim]"))
     # one column per case: fourteen measures side by side do not fit a terminal
     console.print(_transposed(f"opd bench-spans: {report['model']}", COLUMNS, table_rows(report)))
+    console.print(f"results: {report['path']}")
+
+
+def run_bench_xtok_command(cfg: Any) -> None:
+    from rich.console import Console
+
+    from opd.bench.cross_tokenizer import COLUMNS, run_bench_xtok, table_rows
+
+    console = Console()
+    report = run_bench_xtok(cfg, log=lambda msg: console.print(f"[dim]{msg}[/dim]"))
+    console.print(_transposed(f"opd bench-xtok: {report['student']}", COLUMNS, table_rows(report)))
     console.print(f"results: {report['path']}")
 
 

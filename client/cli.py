@@ -14,6 +14,7 @@
     opd bench-train         # student side: rollout engines, OPD steps, student-math memory
     opd bench-load          # the service at 2x and 10x its capacity: 429s, latency, lost
     opd bench-spans         # what multi-turn scoring costs: scored spans vs one scored tail
+    opd bench-xtok          # what cross-tokenizer scoring costs: aligned vs native path
 
 Why lazy: `opd --help` lists the commands from this table alone, and `opd train --help` imports
 only TrainConfig (opd.client.configs), so neither loads torch, transformers or vLLM, which take
@@ -110,6 +111,11 @@ COMMANDS: dict[str, Entry] = {
     "bench-spans": Entry(
         "opd.bench.commands:bench_spans_command",
         "Multi-turn scoring: assistant-turn spans vs one tail; positions, bytes, time.",
+        BENCH,
+    ),
+    "bench-xtok": Entry(
+        "opd.bench.commands:bench_xtok_command",
+        "Cross-tokenizer scoring: aligned vs native path; alignment time, bytes, ratios.",
         BENCH,
     ),
 }
