@@ -103,6 +103,16 @@ def test_the_tokenizer_route_rebuilds_the_teachers_tokenizer(
     assert (tmp_path / "tokenizers" / files.tokenizer_fingerprint[:32] / "tokenizer.json").is_file()
 
 
+def test_the_tokenizer_route_needs_the_api_key(strict_server):
+    import httpx
+
+    from tests.support.keys import TEST_API_KEY
+
+    assert httpx.get(strict_server + "/v1/tokenizer").status_code == 401
+    with TeacherClient(strict_server, api_key=TEST_API_KEY) as client:
+        assert client.tokenizer().tokenizer_fingerprint == client.connect().tokenizer_fingerprint
+
+
 def test_a_teacher_of_another_tokenizer_is_refused_unless_the_run_crosses(
     gpt2_server, tiny_student_dir, tmp_path
 ):
