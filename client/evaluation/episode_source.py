@@ -12,13 +12,19 @@ it gives one (correct = full reward, 1.0), else by the verifier on that last tur
 
 `TeacherEngine` lets a teacher play: the RolloutEngine interface over POST /v1/generate with
 token-id prompts, so the teacher continues the exact ids of the episode so far, turn after
-turn, as the student does. It needs the student's tokenizer (the episode's ids are rendered
-with it), so the teacher must share it; callers check the fingerprint.
+turn, as the student does. The ids must be in the teacher's tokenizer: `teacher_player` says
+how a teacher plays, with the student's tokenizer and episode setup when it shares the
+student's tokenizer, else (with --cross-tokenizer auto or always) with its own tokenizer
+(GET /v1/tokenizer) and its own chat template, turn by turn (opd.client.episodes.render).
+An episode played that way is the teacher's ids; what reads it (grading here, the cold
+start's re-rendering for the student in opd.client.recipes.coldstart_episodes) decodes it with
+the player's tokenizer.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -28,6 +34,7 @@ from opd.modeling.eos import cut_at_eos
 from opd.shared.schemas import GenerateOptions
 
 if TYPE_CHECKING:
+    from opd.client.configs.groups import EpisodeGroup
     from opd.client.teacher import TeacherClient
     from opd.client.train.engines import RolloutEngine, Sample
     from opd.client.train.episodes import Episode, EpisodeSetup
@@ -84,6 +91,54 @@ class TeacherEngine:
 
     def close(self) -> None:
         return None
+
+
+@dataclass(frozen=True)
+class EpisodePlayer:
+    """The tokenizer and episode setup (renderers over that tokenizer) a model plays
+    episodes with; `cross`: a teacher playing in its own tokenizer, not the student's."""
+
+    tokenizer: Any
+    setup: EpisodeSetup
+    cross: bool = False
+
+
+def teacher_player(
+    client: TeacherClient,
+    name: str,
+    same_tokenizer: bool,
+    mode: str,
+    group: EpisodeGroup,
+    student: EpisodePlayer,
+) -> EpisodePlayer:
+    """How teacher `name` plays episodes under --cross-tokenizer `mode`: a teacher of the
+    student's tokenizer as the student does (`student`; "always" still takes the path below);
+    one of another tokenizer in its own tokenizer and chat template (auto, always), refused
+    with off. Its template must render turn by turn (TurnRenderer): checked here, so the
+    error names the teacher before any episode runs."""
+    from opd.client.episodes import RenderError
+    from opd.client.train.cross_tokenizer import teacher_tokenizer
+    from opd.client.train.episodes import EpisodeSetup
+
+    if same_tokenizer and mode != "always":
+        return student
+    if mode == "off":
+        raise ValueError(
+            f"teacher {name}: its tokenizer differs from the student's, and episodes are "
+            "token-in, token-out; pass --cross-tokenizer auto to have it play its episodes in "
+            "its own tokenizer and chat template"
+        )
+    tokenizer = teacher_tokenizer(client.tokenizer())
+    setup = EpisodeSetup.of(group, tokenizer)
+    assert setup is not None
+    try:
+        setup.renderers(setup.make_env())  # built now (and kept): a template error surfaces
+    except RenderError as exc:
+        raise ValueError(
+            f"teacher {name}: its chat template cannot play episodes turn by turn in its own "
+            f"tokenizer (--cross-tokenizer): {exc}"
+        ) from exc
+    return EpisodePlayer(tokenizer, setup, cross=True)
 
 
 class EpisodeSource:

@@ -117,7 +117,7 @@ def run_coldstart(config: ColdstartConfig, log: Callable[[str], None] = print) -
         single = sft_idx
         if config.episodes.env is not None:
             rows = _teacher_episodes(
-                config, teacher, tokenizer, same_tokenizer, data_rows, sft_idx, log
+                config, teacher, info.name, tokenizer, same_tokenizer, data_rows, sft_idx, log
             )
             single = []  # every SFT prompt was played as an episode
         # Prompts whose rendering + max_tokens cannot fit the teacher's context are not sent
@@ -247,31 +247,38 @@ def run_coldstart(config: ColdstartConfig, log: Callable[[str], None] = print) -
 def _teacher_episodes(
     config: ColdstartConfig,
     teacher: Any,
+    name: str,
     tokenizer: Any,
     same_tokenizer: bool,
     data_rows: list[dict[str, Any]],
     sft_idx: list[int],
     log: Callable[[str], None],
 ) -> list[dict[str, Any]]:
-    """--env: the teacher plays the environment on every SFT row (coldstart_episodes)."""
+    """--env: the teacher plays the environment on every SFT row (coldstart_episodes): in the
+    student's tokenizer when it shares it, else (--cross-tokenizer auto) in its own, each
+    episode then re-rendered for the student from its text."""
+    from opd.client.evaluation.episode_source import EpisodePlayer, teacher_player
     from opd.client.recipes.coldstart_episodes import teacher_episode_rows
     from opd.client.train.episodes import EpisodeSetup
 
-    if not same_tokenizer:
-        raise ValueError(
-            "env: teacher episodes continue the student's token ids turn by turn, so the "
-            "teacher must share the student's tokenizer (this one does not)"
-        )
     setup = EpisodeSetup.of(config.episodes, tokenizer)
     assert setup is not None
+    student = EpisodePlayer(tokenizer, setup)
+    mode = config.connection.cross_tokenizer
+    player = teacher_player(teacher, name, same_tokenizer, mode, config.episodes, student)
+    if player.cross:
+        log(
+            f"teacher {name} plays its episodes in its own tokenizer ({len(player.tokenizer):,} "
+            "ids) and chat template; each is re-rendered for the student from its text"
+        )
     return teacher_episode_rows(
         teacher,
-        setup,
+        player,
+        student,
         data_rows,
         sft_idx,
         config.sampling.options(),
         config.seed,
-        tokenizer,
         Path(config.out_dir) / "teacher_responses.jsonl",
         log,
     )
@@ -327,6 +334,8 @@ def _opd_command(config: ColdstartConfig, student: Path, out: Path) -> str:
         args += ["--teacher-url", url]
     args += ["--prompts", str(out / "opd_prompts.jsonl"), "--run-dir", str(out / "opd")]
     args += ["--seed", str(config.seed), "--dtype", runtime.dtype, "--device", runtime.device]
+    if config.connection.cross_tokenizer != "off":  # the OPD stage meets the same teacher
+        args += ["--cross-tokenizer", config.connection.cross_tokenizer]
     for key, value in {**config.opd.model_dump(), **_episode_flags(config)}.items():
         if isinstance(value, list):
             for item in value:
@@ -372,6 +381,7 @@ def opd_stage_config(config: ColdstartConfig, student: Path, out: Path) -> Any:
         "teacher_url": config.teacher_url,
         "teacher.api_key": config.connection.api_key,
         "allow_tokenizer_mismatch": config.connection.allow_tokenizer_mismatch,
+        "cross_tokenizer": config.connection.cross_tokenizer,
         "teacher_wait_s": config.connection.wait_s,
         "prompts": str(out / "opd_prompts.jsonl"),
         "run_dir": str(out / "opd"),

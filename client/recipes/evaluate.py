@@ -123,12 +123,14 @@ def run_eval(config: EvalConfig, log=print) -> dict[str, Any]:  # noqa: ANN001
 
 
 class _Episodes:
-    """--env: every source plays the environment on the items' data rows; episodes are
-    rendered with the first student's tokenizer (each teacher's must match it)."""
+    """--env: every source plays the environment on the items' data rows; students with the
+    first student's tokenizer, a teacher of that tokenizer too, one of another tokenizer in its
+    own tokenizer and chat template (--cross-tokenizer auto; episode_source.teacher_player)."""
 
     def __init__(self, config: EvalConfig, items: list[Any]) -> None:
         from transformers import AutoTokenizer
 
+        from opd.client.evaluation.episode_source import EpisodePlayer
         from opd.client.evaluation.sources import resolve_model_dir
         from opd.client.train.episodes import EpisodeSetup
         from opd.client.train.prompts import load_rows
@@ -136,27 +138,40 @@ class _Episodes:
 
         rows, _ = load_rows(config.data)
         self.rows = [rows[it.index] for it in items]
-        self.tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(config.students[0]))
-        self.fingerprint = fingerprint_hf_tokenizer(self.tokenizer)
-        setup = EpisodeSetup.of(config.episodes, self.tokenizer)
+        self.config = config
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(config.students[0]))
+        self.fingerprint = fingerprint_hf_tokenizer(tokenizer)
+        setup = EpisodeSetup.of(config.episodes, tokenizer)
         assert setup is not None
-        self.setup = setup
+        self.student = EpisodePlayer(tokenizer, setup)
 
     def source(self, inner: Any, label: str) -> Any:
-        from opd.client.evaluation.episode_source import EpisodeSource, TeacherEngine
+        from opd.client.evaluation.episode_source import (
+            EpisodeSource,
+            TeacherEngine,
+            teacher_player,
+        )
         from opd.client.evaluation.sources import EngineSource
 
         if isinstance(inner, EngineSource):
-            return EpisodeSource(inner.engine, inner.tokenizer, self.setup, label, [inner])
-        info = inner.client.connect()
-        if info.tokenizer_fingerprint != self.fingerprint:
-            inner.close()
-            raise ValueError(
-                f"teacher {label}: its tokenizer differs from the student's, and episodes are "
-                "token-in, token-out in the student's tokenizer"
+            setup = self.student.setup
+            return EpisodeSource(inner.engine, inner.tokenizer, setup, label, [inner])
+        try:
+            info = inner.client.connect()
+            player = teacher_player(
+                inner.client,
+                label,
+                info.tokenizer_fingerprint == self.fingerprint,
+                self.config.connection.cross_tokenizer,
+                self.config.episodes,
+                self.student,
             )
+        except Exception:
+            inner.close()
+            raise
+        # the teacher's episodes are its ids: decoded and parsed with the tokenizer it played in
         return EpisodeSource(
-            TeacherEngine(inner.client), self.tokenizer, self.setup, label, [inner]
+            TeacherEngine(inner.client), player.tokenizer, player.setup, label, [inner]
         )
 
 
