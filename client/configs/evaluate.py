@@ -64,6 +64,6 @@ class EvalConfig(Group):
         if self.episodes.env is not None and not self.students:
             raise ValueError(
                 "env: episodes are rendered with a student's tokenizer; give a --student "
-                "(teachers must share it)"
+                "(a teacher of another tokenizer plays in its own with --cross-tokenizer auto)"
             )
         return self

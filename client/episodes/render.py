@@ -54,7 +54,9 @@ class TurnRenderer:
         self.has_tool_format = bool(self.tool_schemas) and self._renders_tools()
         base_text = self._render(self._base(), add_generation_prompt=False)
         end_text, end_at = self._end_token_after_assistant(base_text)
-        self.end_of_turn_ids: set[int] = {int(tokenizer.convert_tokens_to_ids(end_text))}
+        self.end_of_turn_id = int(tokenizer.convert_tokens_to_ids(end_text))
+        """The token the template writes after an assistant message (ChatML: <|im_end|>)."""
+        self.end_of_turn_ids: set[int] = {self.end_of_turn_id}
         eos = getattr(tokenizer, "eos_token_id", None)
         if eos is not None:
             self.end_of_turn_ids.add(int(eos))

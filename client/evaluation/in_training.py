@@ -171,11 +171,28 @@ class TrainingEval:
             if saved.get("key") == key:
                 return float(saved["accuracy"])
         source: Any = TeacherSource.connect(urls, api_key)
-        if self.episodes is not None:
-            from opd.client.evaluation.episode_source import EpisodeSource, TeacherEngine
+        if self.episodes is not None:  # the teacher plays in its own tokenizer where it has one
+            from opd.client.evaluation.episode_source import (
+                EpisodePlayer,
+                EpisodeSource,
+                TeacherEngine,
+                teacher_player,
+            )
+            from opd.shared.fingerprint import fingerprint_hf_tokenizer
 
+            same = source.client.connect().tokenizer_fingerprint == fingerprint_hf_tokenizer(
+                self.tokenizer
+            )
+            player = teacher_player(
+                source.client,
+                "teacher",
+                same,
+                self.config.teacher.cross_tokenizer,
+                self.config.episodes,
+                EpisodePlayer(self.tokenizer, self.episodes),
+            )
             engine = TeacherEngine(source.client)
-            source = EpisodeSource(engine, self.tokenizer, self.episodes, "teacher", [source])
+            source = EpisodeSource(engine, player.tokenizer, player.setup, "teacher", [source])
         try:
             result = evaluate(self.items, source, self.verifier, self.params, prompts=self.rows)
         except Exception as exc:

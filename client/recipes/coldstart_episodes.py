@@ -129,7 +129,7 @@ def rerender_episode(ep: Episode, source: TurnRenderer, target: TurnRenderer) ->
     spans = ep.spans.tolist()
     if len(info.context_messages) < len(spans) - 1:
         raise ValueError("the episode keeps no environment messages (its text) to re-render")
-    end_id = _end_of_turn_id(target)
+    end_id = target.end_of_turn_id
     ids = list(target.opening_ids(_opening_messages(source, info.opening)))
     prompt_len = len(ids)
     out_spans = []
@@ -165,12 +165,6 @@ def _turn_ended(ep: Episode, j: int, source: TurnRenderer) -> bool:
         return False
     last = int(ep.token_ids[b - 1])
     return last in source.end_of_turn_ids or last in set(source.tokenizer.all_special_ids)
-
-
-def _end_of_turn_id(renderer: TurnRenderer) -> int:
-    """The end-of-turn token the renderer's template writes after an assistant message: the
-    last id of its base conversation's cut, which observation_ids continues after."""
-    return int(renderer._base_cut(())[-1])
 
 
 def _opening_messages(renderer: TurnRenderer, text_opening: list[dict]) -> list[dict]:

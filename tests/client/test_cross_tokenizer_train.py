@@ -302,6 +302,11 @@ def test_episodes_across_tokenizers_are_rendered_by_the_teachers_template(
         prompts="task:addition:train",
         cross_tokenizer="auto",
         max_steps=1,
+        # the teacher's accuracy on the eval set: episodes it plays in its own tokenizer
+        eval_set="task:addition:eval",
+        eval_every=1,
+        eval_limit=2,
+        eval_verifier="numeric",
     )
     config = train_config(turn_taking_student_dir, gpt2_server, tmp_path / "ep", **flags)
     teacher_tok = AutoTokenizer.from_pretrained(gpt2_teacher_dir)
@@ -312,6 +317,9 @@ def test_episodes_across_tokenizers_are_rendered_by_the_teachers_template(
         messages = conversations(trainer.prompts)
         history = trainer.run()
     assert np.isfinite(history[0]["train/loss"]) and "kl/sampled@turn1" in history[0]
+    assert "eval/teacher_accuracy" in history[0]
+    teacher_lines = (tmp_path / "ep" / "eval" / "teacher.jsonl").read_text().splitlines()
+    assert teacher_lines  # the teacher played the eval episodes (in GPT-2's tokenizer)
     assert any(len(r.scored_spans) >= 2 for r in rollouts)
     for r in rollouts:
         view = renderer.view(r, messages(r))
