@@ -1,7 +1,8 @@
 """The replication's models: tiny Llama transformers trained from scratch on the task.
 
 Each model is a `ModelSpec`: a scratchpad style, whether its data is restricted (see task.py),
-a size and a training budget. Training is plain next-token SFT on the scratchpads with
+a size, a training budget and a tokenization (vocab.py: the shared one, or the two-digit one
+of the cross-tokenizer teacher). Training is plain next-token SFT on the scratchpads with
 opd's own SFT loop (`opd.client.recipes.sft`), and each model is saved as a standard HF folder
 (weights, config, tokenizer, generation config), so `opd serve` serves it and `opd train`
 trains it like any other model.
@@ -26,7 +27,7 @@ from transformers import (
 )
 
 from experiments.replication import task
-from experiments.replication.vocab import EOS, PAD, build_tokenizer
+from experiments.replication.vocab import Tokenization, build_tokenizer
 from opd.client.recipes.sft import Example, SFTConfig, sft
 from opd.shared.chat import chat_prompt_ids
 
@@ -54,10 +55,14 @@ class ModelSpec:
     # The seed of the training data (None: `seed`). Two models with the same data seed, style,
     # restriction and budget see the very same examples, whatever their size and init.
     data_seed: int | None = None
+    # The tokenizer the model is trained and saved with (vocab.py). The examples are the same
+    # texts whatever it is: only their token ids differ.
+    tokenization: Tokenization = "shared"
 
 
 # Bumped whenever task.py, vocab.py or the training recipe below change what a spec produces,
-# so that models saved by an older version are retrained, not reused.
+# so that models saved by an older version are retrained, not reused. (A new spec field whose
+# default keeps what every older spec produced, like `tokenization`, does not bump it.)
 RECIPE_VERSION = 2
 
 
@@ -128,8 +133,8 @@ def train_model(
     log: Callable[[str], None] = print,
 ) -> Path:
     """SFT a fresh model of `spec` on its own data (never a pair in `exclude`); save to out."""
-    tokenizer = build_tokenizer()
-    pad, eos = tokenizer.convert_tokens_to_ids(PAD), tokenizer.convert_tokens_to_ids(EOS)
+    tokenizer = build_tokenizer(spec.tokenization)
+    pad, eos = int(tokenizer.pad_token_id), int(tokenizer.eos_token_id)
     model = build_model(spec, len(tokenizer), pad, eos)
     examples = training_examples(spec, tokenizer, exclude)
     config = SFTConfig(

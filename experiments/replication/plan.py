@@ -12,6 +12,9 @@ from dataclasses import dataclass, replace
 from experiments.replication.models import ModelSpec
 
 STUDENT, TEACHER_X, TEACHER_Y, SAME_PIPELINE = "student", "teacher-x", "teacher-y", "same-pipeline"
+# Teacher-x again, on another tokenization of the same text (vocab.py's "two-digit"): the
+# teacher of the cross-tokenizer run (`opd train --cross-tokenizer auto`).
+TEACHER_X_OTHER = "teacher-x-other-tokenizer"
 # Every OPD run of the experiment, by the label its folder, metrics and tables use.
 OPD_RUNS = (
     "opd-from-x",
@@ -20,6 +23,7 @@ OPD_RUNS = (
     "opd-from-self",
     "reverse",
     "coldstart+opd-from-y",
+    "opd-from-x-other-tokenizer",  # the student from TEACHER_X_OTHER, across tokenizers
 )
 
 
@@ -51,7 +55,7 @@ class Plan:
 
 
 def _models(seed: int, steps: int, hidden: int, layers: int, rare: int) -> tuple[ModelSpec, ...]:
-    """The four models of the experiment (the tables' rows), at the given size and budget."""
+    """The five models of the experiment (the tables' rows), at the given size and budget."""
     return (
         ModelSpec(
             STUDENT, "the student: style x, few examples of the restricted facts",
@@ -73,6 +77,11 @@ def _models(seed: int, steps: int, hidden: int, layers: int, rare: int) -> tuple
             # (7B vs 1.5B); one pass left this one weaker than the student (0.66 vs 0.75).
             "x", True, hidden + hidden // 3, layers + 1, 2 * steps, seed + 4, rare_facts=rare,
             epochs=2, data_seed=seed + 1,
+        ),
+        ModelSpec(
+            TEACHER_X_OTHER, "teacher-x on another tokenizer: two-digit tokens, its own template",
+            # teacher-x's recipe, seed and data (the same texts), only the tokenization differs
+            "x", False, hidden, layers, steps, seed + 2, tokenization="two-digit",
         ),
     )  # fmt: skip
 

@@ -1,4 +1,4 @@
-"""`opd replicate`: build the task and the models, then run the five experiments with opd's own
+"""`opd replicate`: build the task and the models, then run the six experiments with opd's own
 probe, train, coldstart and eval, and write one table per finding.
 
 Every stage is a call of the same function the matching `opd` command runs (run_probe,
@@ -26,6 +26,7 @@ from experiments.replication.plan import (
     SAME_PIPELINE,
     STUDENT,
     TEACHER_X,
+    TEACHER_X_OTHER,
     TEACHER_Y,
     Plan,
     full_plan,
@@ -146,9 +147,11 @@ def _models(
     return dirs
 
 
-def _train(plan: Plan, student: Path, url: str, run_dir: Path, data: dict, seed: int) -> Path:
+def _train(
+    plan: Plan, student: Path, url: str, run_dir: Path, data: dict, seed: int, **flags: Any
+) -> Path:
     """One OPD run with the plan's shared budget, evaluated in training every eval_every
-    steps; returns the final student's folder."""
+    steps (`flags`: more `opd train` settings); returns the final student's folder."""
     return train_opd(
         plan,
         student,
@@ -161,7 +164,23 @@ def _train(plan: Plan, student: Path, url: str, run_dir: Path, data: dict, seed:
         eval_verifier="numeric",
         eval_max_new_tokens=plan.max_new_tokens,
         depth_bucket=plan.depth_bucket,
+        **flags,
     )
+
+
+def _serve(names: list[str], models: dict[str, Path], out: Path, stack: ExitStack) -> dict:
+    """An `opd serve` process per model, each stopped when `stack` closes; their URLs by name.
+    One after another: started side by side on 2 cores they took longer (5 tiny models: 41-45 s
+    against 33-36 s), each start being mostly the server's own imports."""
+    from opd.client.teacher.launch import LocalTeacher
+
+    urls = {}
+    for name in names:
+        server = LocalTeacher(str(models[name]), log_path=out / f"serve-{name}.log",
+                              env={"OPD_DTYPE": "float32", "OPD_LOG_LEVEL": "warning"})  # fmt: skip
+        urls[name] = server.start()
+        stack.callback(server.stop)
+    return urls
 
 
 def _probe(
@@ -259,7 +278,6 @@ def run_replicate(config: ReplicateConfig, log: Callable[[str], None] = print) -
     several (config.seeds) are seeds.run_seeds, which calls this once per seed."""
     from experiments.replication.tables import write_tables
     from opd.client.report.build import build_report
-    from opd.client.teacher.launch import LocalTeacher
 
     if config.seeds is not None:
         raise ValueError("run_replicate runs one seed; --seeds is seeds.run_seeds")
@@ -274,14 +292,8 @@ def run_replicate(config: ReplicateConfig, log: Callable[[str], None] = print) -
     runs = out / "runs"
     results: dict[str, Any] = {"version": REPLICATE_VERSION, "tiny": config.tiny, "seed": seed}
     with ExitStack() as stack:
-        urls = {}
-        servers = {name: LocalTeacher(str(models[name]), log_path=out / f"serve-{name}.log",
-                                      env={"OPD_DTYPE": "float32", "OPD_LOG_LEVEL": "warning"})
-                   for name in (STUDENT, TEACHER_X, TEACHER_Y, SAME_PIPELINE)}  # fmt: skip
         t0 = time.perf_counter()
-        for name, server in servers.items():
-            urls[name] = server.start()
-            stack.callback(server.stop)
+        urls = _serve([spec.name for spec in plan.models], models, out, stack)
         timing["serve_s"] = round(time.perf_counter() - t0, 1)
         t0 = time.perf_counter()
         log("probe: the student's rollouts scored by every teacher (and by itself)")
@@ -317,6 +329,16 @@ def run_replicate(config: ReplicateConfig, log: Callable[[str], None] = print) -
             out / "probe-after", seed,
         )  # fmt: skip
         timing["probe_after_s"] = round(time.perf_counter() - t0, 1)
+        # Last, so every stage before runs exactly as it did before this run was added.
+        label = "opd-from-x-other-tokenizer"
+        log(f"opd train {label}: {STUDENT} <- {TEACHER_X_OTHER} across tokenizers, "
+            f"{plan.opd_steps} steps")  # fmt: skip
+        t0 = time.perf_counter()
+        finals[label] = _train(
+            plan, models[STUDENT], urls[TEACHER_X_OTHER], runs / label, data, seed,
+            cross_tokenizer="auto",
+        )  # fmt: skip
+        timing[f"{label}_s"] = round(time.perf_counter() - t0, 1)
     log("opd eval: every model on the held-out questions")
     t0 = time.perf_counter()
     results["accuracy"] = _evaluate(plan, {**models, **finals}, data, out / "eval", seed)

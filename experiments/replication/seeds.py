@@ -227,7 +227,7 @@ def judge(finding: Finding, by_seed: Mapping[int, dict]) -> dict[str, Any]:
 
 def seed_tables(by_seed: Mapping[int, dict], reused: Mapping[int, bool]) -> tuple[str, dict]:
     """replication.md over the seeds, and its results.json: the verdicts side by side, the
-    models' accuracies and the five tables with every figure's spread."""
+    models' accuracies and the six tables with every figure's spread."""
     seeds = list(by_seed)
     judged = {finding.name: judge(finding, by_seed) for finding in FINDINGS}
     tiny = any(r.get("tiny") for r in by_seed.values())

@@ -44,9 +44,20 @@ def depth_probe(advantages: dict[int, tuple[float, float, float]]) -> dict:
     }
 
 
-def _run(steps: int = 10) -> list[dict]:
+def _run(steps: int = 10, xtok: bool = False) -> list[dict]:
+    cross = {
+        "xtok/one_to_one_frac": 0.8,
+        "xtok/student_tokens_per_chunk": 1.2,
+        "time/align_s": 0.01,
+    }
     return [
-        {"step": s, "overlap/ratio": 0.5 + 0.01 * s, "reward/seq_mean@depth0-7": -0.1}
+        {
+            "step": s,
+            "overlap/ratio": 0.5 + 0.01 * s,
+            "reward/seq_mean@depth0-7": -0.1,
+            "time/step_s": 0.5,
+            **(cross if xtok else {}),
+        }
         for s in range(1, steps + 1)
     ]
 
@@ -65,6 +76,8 @@ def made_to_reproduce() -> dict:
         "reverse": 0.80,
         "coldstart-sft": 0.40,
         "coldstart+opd-from-y": 0.60,
+        "teacher-x-other-tokenizer": 1.00,
+        "opd-from-x-other-tokenizer": 0.93,
     }
     return {
         "tiny": False,
@@ -82,11 +95,17 @@ def made_to_reproduce() -> dict:
             ),
         },
         "probe_after": {"depth_probe": depth_probe({0: (0.01, 0.0, 0.03), 16: (0.0, 0.0, 0.0)})},
-        "runs": {label: _run() for label in OPD_RUNS},
+        "runs": {label: _run(xtok=label == "opd-from-x-other-tokenizer") for label in OPD_RUNS},
         "plan": {
             "models": [
                 {"name": n, "role": n, "style": "x"}
-                for n in ("student", "teacher-x", "teacher-y", "same-pipeline")
+                for n in (
+                    "student",
+                    "teacher-x",
+                    "teacher-y",
+                    "same-pipeline",
+                    "teacher-x-other-tokenizer",
+                )
             ]
         },
         "timing": {"total_s": 1.0, "models_s": 1.0},

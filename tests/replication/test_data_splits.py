@@ -4,13 +4,21 @@ on any of them, and the same-pipeline teacher trains on the student's very examp
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
 from experiments.replication import task
 from experiments.replication.models import _examples, training_examples
-from experiments.replication.plan import SAME_PIPELINE, STUDENT, full_plan, tiny_plan
+from experiments.replication.plan import (
+    SAME_PIPELINE,
+    STUDENT,
+    TEACHER_X,
+    TEACHER_X_OTHER,
+    full_plan,
+    tiny_plan,
+)
 from experiments.replication.run import _data
 from experiments.replication.vocab import build_tokenizer
 
@@ -57,6 +65,25 @@ def test_the_same_pipeline_teacher_sees_exactly_the_students_examples():
     assert [(e.prompt_ids, e.response_ids) for e in mine] == [
         (e.prompt_ids, e.response_ids) for e in theirs
     ]
+
+
+def test_the_other_tokenizer_teacher_is_teacher_x_on_other_tokens():
+    specs = {spec.name: spec for spec in full_plan(0).models}
+    x, other = specs[TEACHER_X], specs[TEACHER_X_OTHER]
+    assert other.tokenization == "two-digit" and x.tokenization == "shared"
+    assert replace(other, name=x.name, role=x.role, tokenization="shared") == x
+    held_out = {(a, b) for a in range(task.LOW, 200) for b in range(task.LOW, task.HIGH + 1)}
+    shared, two = build_tokenizer(), build_tokenizer("two-digit")
+    mine = training_examples(replace(x, steps=8), shared, held_out)
+    theirs = training_examples(replace(other, steps=8), two, held_out)
+    # The very same texts (its own template around the prompt), in other ids.
+    assert [shared.decode(e.response_ids) for e in mine] == [
+        two.decode(e.response_ids).replace("[end]", "<eos>") for e in theirs
+    ]
+    assert [shared.decode(e.prompt_ids)[3:-3] for e in mine] == [
+        two.decode(e.prompt_ids)[6:-5] for e in theirs
+    ]
+    assert mine[0].response_ids != theirs[0].response_ids
 
 
 def test_sample_pairs_refuses_what_it_cannot_draw():

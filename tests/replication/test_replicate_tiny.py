@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from experiments.replication.plan import OPD_RUNS, tiny_plan
+from experiments.replication.plan import OPD_RUNS, TEACHER_X_OTHER, tiny_plan
 from experiments.replication.tables import FINDINGS, INCONCLUSIVE, NOT, PARTLY, REPRODUCES
 
 VERDICTS = (REPRODUCES, PARTLY, NOT, INCONCLUSIVE)
+MODELS = tuple(spec.name for spec in tiny_plan(0).models)
 
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -63,7 +64,12 @@ def test_every_run_and_model_left_its_numbers(replicated):
         assert any(k.startswith("overlap/ratio@depth") for k in steps[-1])
         assert "eval/accuracy" in steps[-1]
         assert (replicated / "runs" / label / "report" / "report.html").exists()
-    for label in (*OPD_RUNS, "student", "teacher-x", "teacher-y", "same-pipeline", "coldstart-sft"):
+    # Across tokenizers: the alignment's shape and cost were logged every step.
+    for m in results["runs"]["opd-from-x-other-tokenizer"]:
+        assert 0.0 < m["xtok/one_to_one_frac"] < 1.0  # some chunks are "12" against "1" "2"
+        assert m["xtok/student_tokens_per_chunk"] > 1.0 and m["time/align_s"] >= 0.0
+    assert not any("xtok/one_to_one_frac" in m for m in results["runs"]["opd-from-x"])
+    for label in (*OPD_RUNS, *MODELS, "coldstart-sft"):
         entry = results["accuracy"][label]
         assert 0.0 <= entry["accuracy"] <= 1.0 and len(entry["ci"]) == 2
     names = {t["name"] for t in results["probe_before"]["teachers"]}
@@ -76,19 +82,21 @@ def test_every_run_and_model_left_its_numbers(replicated):
     assert results["probe_after"]["depth_probe"]["by_prefix"]
 
 
-def test_the_models_share_one_tokenizer_and_load_as_hf_folders(replicated):
+def test_the_models_share_one_tokenizer_but_one_and_load_as_hf_folders(replicated):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from opd.shared.fingerprint import fingerprint_hf_tokenizer
 
-    prints = set()
-    for name in ("student", "teacher-x", "teacher-y", "same-pipeline"):
+    prints = {}
+    for name in MODELS:
         folder = replicated / "models" / name
         AutoModelForCausalLM.from_pretrained(folder)
-        prints.add(fingerprint_hf_tokenizer(AutoTokenizer.from_pretrained(folder)))
+        assert (folder / "tokenizer.json").is_file()
+        prints[name] = fingerprint_hf_tokenizer(AutoTokenizer.from_pretrained(folder))
         card = json.loads((folder / "opd_replication_model.json").read_text())
         assert card["name"] == name and card["parameters"] > 0
-    assert len(prints) == 1
+    other = prints.pop(TEACHER_X_OTHER)
+    assert len(set(prints.values())) == 1 and other not in prints.values()
 
 
 def test_seeds_reuse_finished_runs_and_tabulate_their_spread(replicated, tmp_path):

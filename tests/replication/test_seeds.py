@@ -125,6 +125,23 @@ def test_verdicts_over_seeds_read_every_seed_and_the_spread():
     assert summary["verdicts"]["no_new_knowledge"] == INCONCLUSIVE
 
 
+def test_the_cross_tokenizer_rule_over_seeds_reads_the_shortfalls_range():
+    made = made_to_reproduce()  # opd-from-x at 0.95
+    # Every seed within the margin (0.05), but the shortfall ranges over 0.04 with a mean of
+    # 0.02: 0.03 left to the margin is not beyond the spread, so only partly.
+    runs = {s: with_accuracies(made, opd_from_x_other_tokenizer=0.95 - d)
+            for s, d in ((0, 0.0), (1, 0.04), (2, 0.02))}  # fmt: skip
+    text, summary = seed_tables(runs, {})
+    assert set(summary["per_seed"]["1"]["verdicts"].values()) == {REPRODUCES}
+    assert summary["verdicts"]["cross_tokenizer"] == PARTLY
+    check = summary["comparisons"]["cross_tokenizer"][1]
+    assert check["difference"] == pytest.approx(0.03) and check["spread"] == pytest.approx(0.04)
+    assert "| teacher-x-other-tokenizer | two-digit |" in _section(text, 6)
+    # The same shortfall in every seed: beyond the spread.
+    same = {s: with_accuracies(made, opd_from_x_other_tokenizer=0.93) for s in (0, 1, 2)}
+    assert seed_tables(same, {})[1]["verdicts"]["cross_tokenizer"] == REPRODUCES
+
+
 def test_the_rule_over_seeds():
     R, P, N, I = REPRODUCES, PARTLY, NOT, INCONCLUSIVE  # noqa: E741
     assert across_seeds([R, R, R], beyond=True) == R

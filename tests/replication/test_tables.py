@@ -15,8 +15,10 @@ from experiments.replication.tables import (
     NOT,
     PARTLY,
     REPRODUCES,
+    XTOK_MARGIN,
     _window,
     compatible_vs_incompatible,
+    cross_tokenizer,
     depth,
     no_new_knowledge,
     rescue,
@@ -36,7 +38,7 @@ def test_every_finding_reproduces_on_a_run_made_to(results, tmp_path):
     verdicts = write_tables(results, tmp_path / "replication.md")
     assert set(verdicts.values()) == {REPRODUCES}, verdicts
     text = (tmp_path / "replication.md").read_text()
-    assert text.count(f"Here: **{REPRODUCES}**") == 5
+    assert text.count(f"Here: **{REPRODUCES}**") == 6
 
 
 def test_compatible_vs_incompatible_needs_teacher_x_to_clearly_work(results):
@@ -99,6 +101,25 @@ def test_depth_needs_an_advantage_to_fall_from(results):
     none = copy.deepcopy(results)
     none["probe_before"]["depth_probe"] = depth_probe({0: (0.02, -0.05, 0.09), 16: (0.0, 0.0, 0.0)})
     assert depth(none)[1] == INCONCLUSIVE
+
+
+def test_cross_tokenizer_needs_a_gain_within_the_margin_of_teacher_xs(results):
+    text, verdict = cross_tokenizer(results)
+    assert verdict == REPRODUCES  # 0.93 vs 0.95: 0.02 short
+    row = "| teacher-x-other-tokenizer | two-digit | 1.000 | 0.800 | 1.200 | 0.0100 | 0.50 |"
+    assert row in text
+    assert "| teacher-x | shared | 1.000 | native | native | native | 0.50 |" in text
+
+    def across(acc: float) -> str:
+        return cross_tokenizer(with_accuracies(results, opd_from_x_other_tokenizer=acc))[1]
+
+    # Inside the margin it reproduces; beyond it, a clear gain is only "partly".
+    assert across(0.95 - XTOK_MARGIN + 0.01) == REPRODUCES
+    assert across(0.95 - XTOK_MARGIN - 0.01) == PARTLY
+    assert across(0.72) == NOT  # no clear gain across tokenizers
+    assert across(0.99) == REPRODUCES  # better than teacher-x: the claim is "not worse"
+    # Teacher-x did not move the student: nothing to be about as good as.
+    assert cross_tokenizer(with_accuracies(results, opd_from_x=0.72))[1] == INCONCLUSIVE
 
 
 def test_windows_are_cut_by_step_so_a_sparse_metric_is_not_the_same_early_and_late():

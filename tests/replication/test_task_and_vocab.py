@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from experiments.replication import task
-from experiments.replication.vocab import save_tokenizer
+from experiments.replication.vocab import build_tokenizer, save_tokenizer
 from opd.client.evaluation.verifiers import load_verifier
 from opd.shared.chat import chat_prompt_ids
 from opd.shared.fingerprint import fingerprint_hf_tokenizer
@@ -74,3 +74,33 @@ def test_the_tokenizer_round_trips_and_renders_the_chat_turns(tmp_path):
     assert tokenizer.eos_token == "<eos>" and tokenizer.pad_token == "<pad>"
     again = AutoTokenizer.from_pretrained(tmp_path)
     assert fingerprint_hf_tokenizer(again) == fingerprint_hf_tokenizer(tokenizer)
+
+
+def test_the_two_digit_tokenizer_cuts_the_same_texts_elsewhere_and_round_trips(tmp_path):
+    from transformers import AutoTokenizer
+
+    save_tokenizer(tmp_path, "two-digit")
+    assert (tmp_path / "tokenizer.json").is_file()
+    other = AutoTokenizer.from_pretrained(tmp_path)
+    shared = build_tokenizer()
+    text = task.scratchpad(347, 285, "x")
+    ids = other(text, add_special_tokens=False)["input_ids"]
+    # Two digits in a row are one token, taken from the left: 12, 13, and 632 as 63 2.
+    tokens = other.convert_ids_to_tokens(ids)
+    assert tokens[:5] == ["7", "+", "5", "=", "12"] and tokens[-2:] == ["63", "2"]
+    assert "13" in tokens and len(ids) < len(text)
+    # Every text of the task round-trips: both styles, prompts, and the rendered turns.
+    rng = np.random.default_rng(3)
+    for a, b in task.sample_pairs(500, rng) + [(999, 999), (100, 100), (505, 495)]:
+        for piece in (task.prompt(a, b), *(task.scratchpad(a, b, s) for s in task.STYLES)):
+            piece_ids = other(piece, add_special_tokens=False)["input_ids"]
+            assert other.decode(piece_ids) == piece
+            assert other.unk_token_id not in piece_ids
+    # Its own specials and template; no id means what it means in the shared tokenizer.
+    prompt = chat_prompt_ids(other, "347+285")
+    assert other.decode(prompt) == "[user]347+285[bot]"
+    assert other.eos_token == "[end]" and other.pad_token == "[pad]"
+    assert set(other.get_vocab()).isdisjoint({"<q>", "<a>", "<eos>", "<pad>"})
+    same_ids = [t for t, i in other.get_vocab().items() if shared.get_vocab().get(t) == i]
+    assert same_ids == []
+    assert fingerprint_hf_tokenizer(other) != fingerprint_hf_tokenizer(shared)
