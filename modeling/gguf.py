@@ -88,6 +88,17 @@ def is_converted(path: str | Path) -> bool:
     return (Path(path) / DONE_MARKER).is_file()
 
 
+def converted_name(path: str | Path) -> str | None:
+    """The name a converted folder's model is served under: its GGUF file's stem (the marker
+    records the file), not the cache folder's name with its content key; None for any other
+    folder."""
+    marker = Path(path) / DONE_MARKER
+    if not marker.is_file():
+        return None
+    source = marker.read_text().strip()
+    return Path(source).stem if source else None
+
+
 def model_folder(path: str, cache_dir: Path | None = None) -> str:
     """A model path as a folder transformers and vLLM load: a `.gguf` file's converted copy
     (once, cached), any other path as it is. Every command that takes a model path calls it."""

@@ -93,6 +93,7 @@ def describe_model(
     context is the smallest of the config's, OPD_MAX_MODEL_LEN and the engine's (`engine_len`,
     vLLM), and the limits served are the configured ones clamped to it."""
     from opd.modeling.embedded import EMBEDDED_NAME, is_embedded_copy
+    from opd.modeling.gguf import converted_name
 
     context = int(getattr(cfg, "max_position_embeddings", 0) or 2048)
     for cap in (settings.max_model_len, engine_len):
@@ -103,6 +104,8 @@ def describe_model(
         name = Path(path).name
     if is_embedded_copy(path):
         name = EMBEDDED_NAME
+    elif converted_name(path):  # a GGUF's copy: its file's name, not the cache folder's
+        name = str(converted_name(path))
     return ModelInfo(
         name=str(name),
         revision=model_revision(path, cfg),

@@ -136,3 +136,13 @@ def test_gguf_paths_load_the_cached_copy(smollm2_dir: Path) -> None:
 def test_a_missing_gguf_is_named(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="nowhere.gguf"):
         gguf_model_dir(tmp_path / "nowhere.gguf", tmp_path)
+
+
+def test_a_converted_copy_is_served_under_its_files_name(
+    gemma_gguf: Path, gemma_tokenizer_dir: Path, smollm2_dir: Path
+) -> None:
+    from opd.modeling.gguf import converted_name
+
+    assert converted_name(gemma_tokenizer_dir) == gemma_gguf.stem
+    assert converted_name(gemma_tokenizer_dir.parent) is None  # not a converted folder
+    assert converted_name(smollm2_dir) == Path(str(locate_gguf())).stem
