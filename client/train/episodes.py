@@ -98,9 +98,11 @@ class _Live:
     span_turns: list[int] = field(default_factory=list)
     teacher_spans: list[tuple[int, int]] = field(default_factory=list)
     roles: list[list[str]] = field(default_factory=list)
-    # the conversation as text, for a teacher of another tokenizer: the opening messages and,
+    # the conversation as text, for a teacher of another tokenizer: the opening messages (as
+    # the environment gave them, and with the tool instructions in the system message) and,
     # after each assistant turn, the environment's messages
     opening: list[dict] = field(default_factory=list)
+    opening_text: list[dict] = field(default_factory=list)
     messages: list[list[dict]] = field(default_factory=list)
     logps: list[np.ndarray | None] = field(default_factory=list)
     ended: str | None = None
@@ -141,6 +143,7 @@ class _Live:
                 span_turns=list(self.span_turns) if self.teacher_spans else None,
                 teacher_spans=list(self.teacher_spans),
                 opening=self.opening,
+                opening_text=self.opening_text,
                 context_messages=self.messages,
             ),
             engine_logp_T=logps,
@@ -203,7 +206,8 @@ def _open(
     renderer = renderers(env)
     ids = list(renderer.opening_ids(opening))
     live = _Live(number, env, renderer, ids, len(ids), seed)
-    live.opening = renderer.text_opening(opening)
+    live.opening = [dict(m) for m in opening]
+    live.opening_text = renderer.text_opening(opening)
     return live
 
 

@@ -122,10 +122,13 @@ class EpisodeInfo:
     turn_correct: list[bool] = field(default_factory=list)
     span_turns: list[int] | None = None
     teacher_spans: list[tuple[int, int]] = field(default_factory=list)
-    # The conversation as text, for a teacher of another tokenizer to render with its own
-    # template: the opening messages (tool instructions in the system message) and the
-    # environment's messages after each assistant turn. Not saved with the rollouts.
+    # The conversation as text, for another tokenizer's template (a cross-tokenizer teacher,
+    # or coldstart re-rendering a teacher's episode for the student): the opening messages as
+    # the environment gave them, the same with the tool instructions in the system message
+    # (TurnRenderer.text_opening: what another template is given), and the environment's
+    # messages after each assistant turn. Not saved with the rollouts.
     opening: list[dict] = field(default_factory=list)
+    opening_text: list[dict] = field(default_factory=list)
     context_messages: list[list[dict]] = field(default_factory=list)
 
     @property
@@ -138,7 +141,7 @@ class EpisodeInfo:
         none after the last (opd.client.train.cross_tokenizer fills the turns in)."""
         if self.teacher_spans:
             raise ValueError("a re-anchored episode cannot be rendered for another tokenizer")
-        out = [dict(m) for m in self.opening]
+        out = [dict(m) for m in self.opening_text]
         for j, after in enumerate(self.context_messages[:turns]):
             out.append({"role": "assistant"})
             if j + 1 < turns:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -167,62 +166,12 @@ def test_opd_eval_refuses_an_episode_teacher_of_another_tokenizer_without_the_fl
 # ---- opd coldstart --env ------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def turn_taking_gpt2_server(tmp_path_factory):
-    """A GPT-2-tokenizer teacher whose turns end: conftest's gpt2_teacher_dir (tiny random Llama,
-    GPT2_CHAT_TEMPLATE) with the end-of-turn trick of its turn_taking_student_dir (a last-layer
-    MLP bias dominating the final hidden state, the LM head giving <|endoftext|> about 1/4 of
-    the mass there). The plain GPT-2 teacher never ends a turn, and a cold start keeps no
-    episode a limit cut."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from opd.client.teacher.launch import LocalTeacher
-
-    out = tmp_path_factory.mktemp("gpt2-turn-taking")
-    gpt2_tokenizer().save_pretrained(out)
-    tokenizer = AutoTokenizer.from_pretrained(out)
-    tokenizer.chat_template = GPT2_CHAT_TEMPLATE
-    hidden = 64
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        tie_word_embeddings=False,
-        mlp_bias=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    torch.manual_seed(3)
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():
-        direction = torch.randn(hidden)
-        direction /= direction.norm()
-        for layer in model.model.layers:
-            for proj in (layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
-                proj.bias.zero_()
-        model.model.layers[-1].mlp.down_proj.bias.copy_(direction * 50.0)
-        target = math.log(len(tokenizer) / 3)
-        model.lm_head.weight[tokenizer.eos_token_id] = direction * target / math.sqrt(hidden)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    log = tmp_path_factory.mktemp("logs") / "gpt2-turn-taking.log"
-    teacher = LocalTeacher(str(out), env={"OPD_LOG_LEVEL": "warning"}, log_path=log)
-    teacher.start()
-    yield teacher.url, out
-    teacher.stop()
-
-
 COLDSTART_TOKENS = 12
 COLDSTART_FLAGS = dict(prompts="task:addition:train", env="followup", env_arg=["turns=2"])
 
 
 def test_opd_coldstart_rerenders_a_cross_teachers_episodes_for_the_student(
-    turn_taking_gpt2_server, tiny_student_dir, tmp_path
+    gpt2_turn_taking_server, gpt2_turn_taking_dir, tiny_student_dir, tmp_path
 ):
     from transformers import AutoTokenizer
 
@@ -234,7 +183,7 @@ def test_opd_coldstart_rerenders_a_cross_teachers_episodes_for_the_student(
     from opd.shared.config_cli import from_flags
     from opd.shared.schemas import GenerateRequest
 
-    url, teacher_dir = turn_taking_gpt2_server
+    url, teacher_dir = gpt2_turn_taking_server, gpt2_turn_taking_dir
     out = tmp_path / "cs"
     args = [
         "coldstart", "--student", str(tiny_student_dir), "--teacher-url", url,
