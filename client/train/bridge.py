@@ -119,7 +119,7 @@ class TeacherBridge:
                 attach_scores(rollouts, result)
             else:
                 t0 = time.perf_counter()
-                cross.attach(rollouts, views, result)
+                cross.attach(rollouts, views, result, spec.top_k)
                 self.align_s += time.perf_counter() - t0
             return rollouts
 

@@ -17,9 +17,10 @@ diagnostics and everything after the bridge read the arrays they always read
   is one token on both sides it is exactly that token's teacher log-prob. Why an even split
   and not the whole chunk reward on every token: the latter counts a chunk's reward once per
   token, so the loss would weigh text by how finely the student happens to split it.
-- where a chunk is one token on both sides (`one_to_one_T`), the two next-token
-  distributions are about the same event, and top-k numbers compare through the vocabulary
-  map (`VocabMap`: ids whose token strings are identical): the teacher's log-prob at each of
+- where a chunk is one token on both sides and the teacher's most likely token there maps to
+  a student id (`one_to_one_T`, "comparable" rows), the two next-token distributions are
+  about the same event, and top-k numbers compare through the vocabulary map (`VocabMap`: ids
+  whose token strings are identical, and the two end-of-turn tokens): the teacher's log-prob at each of
   the student's top-K ids that map (`teacher_cand_logp_TK`, NaN where a candidate does not),
   the teacher's top-k mapped to student ids (`teacher_topk_ids_Tk`, -1 where one does not;
   the log-probs stay, so an unmapped id's mass falls into the tail), and its entropy.
@@ -48,6 +49,7 @@ import numpy as np
 from opd.client.train.alignment import align, decoded_spans, encoded_spans
 from opd.client.train.rollouts import Rollout
 from opd.modeling.embedded import cache_root
+from opd.modeling.eos import eos_ids
 from opd.modeling.tokenizer_files import load_tokenizer_folder, write_tokenizer_files
 from opd.shared.chat import chat_prompt_ids
 from opd.shared.fingerprint import fingerprint_hf_tokenizer
@@ -151,7 +153,11 @@ class VocabMap:
     teacher_to_student: np.ndarray  # int64 [V_teacher]
 
     @staticmethod
-    def build(student: Any, teacher: Any) -> VocabMap:
+    def build(
+        student: Any, teacher: Any, ends: tuple[Sequence[int], int] | None = None
+    ) -> VocabMap:
+        """`ends`: the student's end-of-turn ids and the teacher's; they mean the same event
+        ("the turn ends here") whatever their strings, so they map to each other."""
         s_texts, t_texts = token_bytes(student), token_bytes(teacher)
         t_index: dict[bytes, int] = {}
         for i, text in enumerate(t_texts):
@@ -165,6 +171,11 @@ class VocabMap:
                 s2t[i] = j
                 if t2s[j] < 0:
                     t2s[j] = i
+        if ends is not None:
+            student_ends, teacher_end = ends
+            for i in student_ends:
+                s2t[int(i)] = teacher_end
+            t2s[teacher_end] = int(min(student_ends))
         return VocabMap(s2t, t2s)
 
     @property
@@ -238,6 +249,14 @@ class TeacherRenderer:
         self.student_special = set(student.all_special_ids)
         self.teacher_special = set(teacher.all_special_ids)
         self.has_template = bool(getattr(teacher, "chat_template", None))
+
+    def end_of_turn_id(self) -> int:
+        """The teacher's token for "the assistant's turn ends here": the last of the end ids
+        its template writes after an assistant message (its EOS without a template)."""
+        if not self.has_template:
+            return int(self.teacher.eos_token_id)
+        messages = [{"role": "user", "content": "Hello."}, {"role": "assistant"}]
+        return int(self._end_ids(self.segments(messages, ["Hi."])[1])[-1])
 
     # -- the student's side: turns as text ------------------------------------------------------
 
@@ -380,7 +399,9 @@ class CrossTokenizer:
     def request(
         self, rollouts: list[Rollout], options: ScoreOptions, candidates: bool
     ) -> tuple[PackedRequest, list[TeacherView]]:
+        """The teacher's request for `rollouts` (its top-1 always: `attach_view` reads it)."""
         views = [self.renderer.view(r, self.messages(r)) for r in rollouts]
+        options = options.model_copy(update={"top_k": max(options.top_k, 1)})
         cands = None
         if candidates:
             cands = [self._candidates(r, v) for r, v in zip(rollouts, views, strict=True)]
@@ -404,14 +425,29 @@ class CrossTokenizer:
         out[rows[has]] = np.maximum(mapped, 0)
         return out
 
-    def attach(self, rollouts: list[Rollout], views: list[TeacherView], result: PackedResult):
+    def attach(
+        self,
+        rollouts: list[Rollout],
+        views: list[TeacherView],
+        result: PackedResult,
+        top_k: int,
+    ) -> None:
+        """The answer onto the rollouts; `top_k`: what the caller asked for (0: the teacher's
+        top-k fields stay None, its top-1 only decides which rows compare)."""
         for rollout, view, scores in zip(rollouts, views, result.sequences(), strict=True):
-            attach_view(rollout, view, scores, self.vocab)
+            attach_view(rollout, view, scores, self.vocab, top_k)
 
 
-def attach_view(rollout: Rollout, view: TeacherView, scores: Any, vocab: VocabMap) -> None:
+def attach_view(
+    rollout: Rollout, view: TeacherView, scores: Any, vocab: VocabMap, top_k: int
+) -> None:
     """The teacher's numbers for a rollout's teacher rows, onto its student rows (the module
-    docstring says what each field holds)."""
+    docstring says what each field holds). A row compares top-k numbers only where its chunk
+    is one token on both sides *and* the teacher's most likely token there maps to a student
+    id: where the teacher would rather write a token the student cannot (a two-digit token
+    where the student writes digits), its numbers at the student's ids are about a text the
+    teacher does not mean (its "1" is a 1 followed by no digit), and the row trains on the
+    chunk's reward instead."""
     chunk_T, n = view.student_chunk_T, view.n_chunks
     student_T = np.asarray(rollout.student_token_logp_T, np.float64)
     tq_C = np.bincount(view.teacher_chunk_U, np.asarray(scores.token_logprobs, np.float64), n)
@@ -421,6 +457,8 @@ def attach_view(rollout: Rollout, view: TeacherView, scores: Any, vocab: VocabMa
     rollout.teacher_token_logp_T = (student_T + (gap_C / size_C)[chunk_T]).astype(np.float32)
     rows = view.teacher_row_of()
     has = rows >= 0
+    top1 = vocab.to_student(np.asarray(scores.top_k_ids)[rows[has], 0])
+    has[np.flatnonzero(has)[top1 < 0]] = False
     T = len(chunk_T)
     if scores.entropy is not None:
         entropy = np.full(T, np.nan, dtype=np.float32)
@@ -431,16 +469,16 @@ def attach_view(rollout: Rollout, view: TeacherView, scores: Any, vocab: VocabMa
         mapped = vocab.to_teacher(rollout.student_topk_ids_TK[has]) >= 0
         cand[has] = np.where(mapped, scores.candidate_logprobs[rows[has]], np.nan)
         rollout.teacher_cand_logp_TK = cand
-    if scores.top_k_ids is not None:
-        k = scores.top_k_ids.shape[1]
+    if top_k:
+        k = top_k
         ids = np.full((T, k), -1, dtype=np.int64)
         logp = np.full((T, k), np.nan, dtype=np.float32)
-        ids[has] = vocab.to_student(scores.top_k_ids[rows[has]])
-        logp[has] = scores.top_k_logprobs[rows[has]]
+        ids[has] = vocab.to_student(scores.top_k_ids[rows[has], :k])
+        logp[has] = scores.top_k_logprobs[rows[has], :k]
         rollout.teacher_topk_ids_Tk = ids
         rollout.teacher_topk_logp_Tk = logp
     rollout.chunk_T = chunk_T
-    rollout.one_to_one_T = view.one_to_one_C[chunk_T]
+    rollout.one_to_one_T = has
 
 
 # ---- connecting -------------------------------------------------------------------------------
@@ -464,10 +502,13 @@ _VOCAB_MAPS: dict[tuple[str, str], VocabMap] = {}
 
 
 def vocab_map(student: Any, teacher: Any) -> VocabMap:
-    """The pair's VocabMap, built once per process (replicas and resumes share it)."""
+    """The pair's VocabMap, built once per process (replicas and resumes share it), with the
+    student's end-of-turn ids (its EOS ids) mapped to the teacher's end-of-turn token."""
     key = (fingerprint_hf_tokenizer(student), fingerprint_hf_tokenizer(teacher))
     if key not in _VOCAB_MAPS:
-        _VOCAB_MAPS[key] = VocabMap.build(student, teacher)
+        student_ends = sorted(eos_ids(student, None))
+        teacher_end = TeacherRenderer(student, teacher).end_of_turn_id()
+        _VOCAB_MAPS[key] = VocabMap.build(student, teacher, (student_ends, teacher_end))
     return _VOCAB_MAPS[key]
 
 

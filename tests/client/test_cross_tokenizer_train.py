@@ -174,10 +174,10 @@ def test_chunk_log_probs_equal_a_float64_recompute_on_the_teachers_tokenization(
     scored, _ = _score(gpt2_server, rollouts, tok, "auto")
     ref_model = ReferenceModel(gpt2_teacher_dir)
     bridge_views = []
-    from opd.client.train.cross_tokenizer import TeacherRenderer, VocabMap
+    from opd.client.train.cross_tokenizer import TeacherRenderer, vocab_map
 
     renderer = TeacherRenderer(tok, teacher_tok)
-    vocab = VocabMap.build(tok, teacher_tok)
+    vocab = vocab_map(tok, teacher_tok)
     for r, prompt, text in zip(scored, PROMPTS, texts, strict=True):
         view = renderer.view(r, single_prompt_messages(prompt))
         bridge_views.append(view)
@@ -199,9 +199,14 @@ def test_chunk_log_probs_equal_a_float64_recompute_on_the_teachers_tokenization(
         got_C = np.bincount(r.chunk_T, r.teacher_token_logp_T.astype(np.float64), chunks)
         np.testing.assert_allclose(got_C, want_C, atol=2e-4, rtol=0)
         # one-to-one rows: the teacher's entropy, top-k and candidates at its own position
+        # comparable rows: a chunk of one token on both sides whose teacher top-1 maps
         rows = view.teacher_row_of()
-        one = rows >= 0
-        assert one.any() and not one.all()
+        one = r.one_to_one_T
+        assert one.any() and not one.all() and (rows[one] >= 0).all()
+        top1 = ref.logprobs_TV.argmax(-1)  # where the teacher's top choice has no student id
+        dropped = (rows >= 0) & ~one
+        assert (vocab.to_student(top1[rows[dropped]]) < 0).all()
+        assert (vocab.to_student(top1[rows[one]]) >= 0).all()
         np.testing.assert_allclose(r.teacher_entropy_T[one], ref.entropy()[rows[one]], atol=2e-4)
         assert np.isnan(r.teacher_entropy_T[~one]).all()
         ref_top = ref.top_values(SPEC.top_k)[rows[one]]
@@ -377,3 +382,19 @@ def test_probe_ranks_a_teacher_of_another_tokenizer_beside_one_of_the_students(
     for m in (crossed, native):
         assert np.isfinite(m["kl/sampled"]) and np.isfinite(m["overlap/ratio"])
     assert "horizon" in by_name["gpt2"]
+
+
+def test_the_end_of_a_turn_maps_across_tokenizers(gpt2_teacher_dir, tiny_student_dir):
+    """The student's end-of-turn token and the teacher's mean the same event whatever their
+    strings (ChatML's <|im_end|>, GPT-2's <|endoftext|> here): they map to each other, so a
+    student candidate "stop here" gets the teacher's number for stopping there."""
+    from transformers import AutoTokenizer
+
+    from opd.client.train.cross_tokenizer import vocab_map
+
+    student = AutoTokenizer.from_pretrained(tiny_student_dir)
+    teacher = AutoTokenizer.from_pretrained(gpt2_teacher_dir)
+    vocab = vocab_map(student, teacher)
+    assert student.eos_token == "<|im_end|>" and teacher.eos_token == "<|endoftext|>"
+    assert vocab.to_teacher(np.array([student.eos_token_id])).tolist() == [teacher.eos_token_id]
+    assert vocab.to_student(np.array([teacher.eos_token_id])).tolist() == [student.eos_token_id]
