@@ -20,10 +20,10 @@ diagnostics and everything after the bridge read the arrays they always read
 - where a chunk is one token on both sides and the teacher's most likely token there maps to
   a student id (`one_to_one_T`, "comparable" rows), the two next-token distributions are
   about the same event, and top-k numbers compare through the vocabulary map (`VocabMap`: ids
-  whose token strings are identical, and the two end-of-turn tokens): the teacher's log-prob at each of
-  the student's top-K ids that map (`teacher_cand_logp_TK`, NaN where a candidate does not),
-  the teacher's top-k mapped to student ids (`teacher_topk_ids_Tk`, -1 where one does not;
-  the log-probs stay, so an unmapped id's mass falls into the tail), and its entropy.
+  whose token strings are identical, and the two end-of-turn tokens): the teacher's log-prob
+  at each of the student's top-K ids that map (`teacher_cand_logp_TK`, NaN where a candidate
+  does not), the teacher's top-k mapped to student ids (`teacher_topk_ids_Tk`, -1 where one
+  does not; the log-probs stay, so an unmapped id's mass falls into the tail), its entropy.
 - elsewhere those top-k fields are NaN / -1: there is no next-token distribution of the
   teacher over the student's vocabulary there. The top-k objectives train those rows on the
   chunk's sampled-token reward instead (opd.client.train.objectives), like GOLD's hybrid.

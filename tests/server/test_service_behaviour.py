@@ -116,7 +116,8 @@ def test_model_info_metrics_and_openapi(tiny_server):
     assert info["vocab_size"] == 49152 and info["backend"] == "hf"
     assert info["max_model_len"] == 1024
     assert info["limits"]["max_tokens_per_sequence"] == 1024  # clamped to the context
-    assert info["protocol_version"] == "1.4"  # 1.1 generate, 1.2 token_rank, 1.3 spans, 1.4 tokenizer
+    # 1.1 generate, 1.2 token_rank, 1.3 spans, 1.4 GET /v1/tokenizer
+    assert info["protocol_version"] == "1.4"
     assert re.fullmatch(r"[0-9a-f]{64}", info["tokenizer_fingerprint"])
     assert info["revision"].startswith("sha256:")
     assert httpx.post(tiny_server + "/v1/score", json=_body(12)).status_code == 200
