@@ -55,6 +55,15 @@ def _lse(xs: list[float]) -> float:
     return m + math.log(sum(math.exp(x - m) for x in xs))
 
 
+def _kept(t: int, ids: torch.Tensor, valid: torch.Tensor, p: torch.Tensor, q_k: torch.Tensor):
+    """Row t's student and teacher log-probs at its valid ids (the reference drops the rest);
+    None when none is valid."""
+    keep = [i for i in range(ids.shape[1]) if valid[t, i]]
+    if not keep:
+        return None
+    return [p[t, ids[t, i]].item() for i in keep], [q_k[t, i].item() for i in keep]
+
+
 def _grad_is_finite(loss: torch.Tensor, x: torch.Tensor) -> None:
     (g,) = torch.autograd.grad(loss.sum(), x)
     assert torch.isfinite(g).all()
@@ -68,12 +77,11 @@ def test_teacher_topk_drops_unmapped_ids_into_the_tail(tail):
     q_k = q.gather(1, ids)
     got = obj.teacher_topk_forward_kl(p, ids, q_k, tail=tail, valid_Nk=valid)
     for t in range(N):
-        keep = [i for i in range(k) if valid[t, i]]
-        if not keep:
+        row = _kept(t, ids, valid, p, q_k)
+        if row is None:
             assert got[t].item() == 0.0
             continue
-        lp = [p[t, ids[t, i]].item() for i in keep]
-        lq = [q_k[t, i].item() for i in keep]
+        lp, lq = row
         want = _kl(lq, lp) + (math.exp(_tail(lq)) * (_tail(lq) - _tail(lp)) if tail else 0.0)
         assert got[t].item() == pytest.approx(want, abs=1e-9)
     _grad_is_finite(got, p)
@@ -88,12 +96,11 @@ def test_jsd_on_the_mapped_support(tail, beta):
     q_k = q.gather(1, ids)
     got = obj.teacher_topk_jsd(p, ids, q_k, beta=beta, tail=tail, valid_Nk=valid)
     for t in range(N):
-        keep = [i for i in range(k) if valid[t, i]]
-        if not keep:
+        row = _kept(t, ids, valid, p, q_k)
+        if row is None:
             assert got[t].item() == 0.0
             continue
-        lp = [p[t, ids[t, i]].item() for i in keep]
-        lq = [q_k[t, i].item() for i in keep]
+        lp, lq = row
         if tail:
             lp, lq = lp + [_tail(lp)], lq + [_tail(lq)]
         else:

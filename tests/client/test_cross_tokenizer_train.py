@@ -36,6 +36,7 @@ from opd.client.train.student_math import StudentModule
 from opd.client.train.trainer import Trainer
 from opd.shared.chat import chat_prompt_ids
 from opd.shared.fingerprint import fingerprint_hf_tokenizer
+from tests.support.metrics import assert_same_metrics
 from tests.support.reference import ReferenceModel
 from tests.support.train_config import train_config
 
@@ -45,7 +46,6 @@ PROMPTS = ["What is 2 + 3?", "Name a colour.", "Say hello in French."]
 ANSWERS = ["2 + 3 = 5.", "Blue, like the sky!", "Bonjour, comment allez-vous ?"]
 SPEC = ScoreSpec(top_k=8, candidates=True, entropy=True)
 K = 8
-_TIMING = ("time/", "throughput/")
 
 
 def _rollouts(student_dir, texts=ANSWERS):
@@ -258,12 +258,8 @@ def test_opd_train_across_tokenizers_resumes_exactly(gpt2_server, tiny_student_d
         assert t.step == 2
         t.run()
     resumed = read_metrics(part / "metrics.jsonl")
-    assert len(full) == len(resumed) == 4
-    for a, b in zip(full, resumed, strict=True):
-        for key, value in a.items():
-            if key.startswith(_TIMING) or value is None:
-                continue
-            assert b[key] == pytest.approx(value, rel=1e-5, abs=1e-6), (a["step"], key)
+    assert len(full) == 4
+    assert_same_metrics(full, resumed)
 
 
 def test_a_routed_run_mixes_a_native_and_a_cross_tokenizer_teacher(
