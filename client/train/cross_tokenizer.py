@@ -483,9 +483,6 @@ def attach_view(
 
 # ---- connecting -------------------------------------------------------------------------------
 
-CROSS_MODES = ("off", "auto", "always")
-
-
 @dataclass(frozen=True)
 class CrossSetup:
     """How a command meets teachers of other tokenizers: `mode` off (a teacher of another
