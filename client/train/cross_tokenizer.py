@@ -41,6 +41,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -229,7 +230,8 @@ class TeacherView:
     def n_chunks(self) -> int:
         return len(self.one_to_one_C)
 
-    def teacher_row_of(self) -> np.ndarray:
+    @cached_property
+    def teacher_rows_T(self) -> np.ndarray:
         """For each student row in a one-to-one chunk, its teacher row; -1 elsewhere."""
         rows = np.full(len(self.student_chunk_T), -1, dtype=np.int64)
         first_u = np.full(self.n_chunks, -1, dtype=np.int64)
@@ -256,7 +258,7 @@ class TeacherRenderer:
         if not self.has_template:
             return int(self.teacher.eos_token_id)
         messages = [{"role": "user", "content": "Hello."}, {"role": "assistant"}]
-        return int(self._end_ids(self.segments(messages, ["Hi."])[1])[-1])
+        return int(self._end_ids(self._encode(self.segments(messages, ["Hi."])[1]))[-1])
 
     # -- the student's side: turns as text ------------------------------------------------------
 
@@ -277,13 +279,13 @@ class TeacherRenderer:
     def _encode(self, text: str) -> list[int]:
         return list(self.teacher(text, add_special_tokens=False)["input_ids"])
 
-    def _end_ids(self, after: str) -> list[int]:
-        """The teacher's end-of-turn tokens: its template's text after an assistant message, up
-        to and including the first special token (its EOS when there is none)."""
-        ids = self._encode(after)
-        for i, token in enumerate(ids):
+    def _end_ids(self, after_ids: list[int]) -> list[int]:
+        """The teacher's end-of-turn tokens: the ids its template writes after an assistant
+        message (`after_ids`), up to and including the first special token (its EOS when
+        there is none)."""
+        for i, token in enumerate(after_ids):
             if token in self.teacher_special:
-                return ids[: i + 1]
+                return after_ids[: i + 1]
         return [int(self.teacher.eos_token_id)]
 
     def segments(self, messages: list[dict], texts: Sequence[str]) -> list[str]:
@@ -332,8 +334,8 @@ class TeacherRenderer:
             silent = len(turn.student_spans) if a is None else 0
             start = len(ids)
             ids.extend(t_ids.tolist())
-            after = pieces[j + 1] if self.has_template else ""
-            end_ids = self._end_ids(after) if turn.ended else []
+            after_ids = self._encode(pieces[j + 1]) if self.has_template else []
+            end_ids = self._end_ids(after_ids) if turn.ended else []
             ids.extend(end_ids)
             if len(ids) > start:
                 spans.append((start, len(ids)))
@@ -348,9 +350,8 @@ class TeacherRenderer:
                 t_chunks.append(np.full(len(end_ids), end_chunk, dtype=np.int64))
                 one_to_one.append(np.array([len(end_ids) == 1 and silent + turn.ended == 1]))
             n_chunks += n_text + int(turn.ended or silent > 0)
-            if j + 1 < len(turns):
-                rest = self._encode(after)[len(end_ids) :] if turn.ended else self._encode(after)
-                ids.extend(rest)
+            if j + 1 < len(turns):  # the template's text up to the next turn: context
+                ids.extend(after_ids[len(end_ids) :])
         return TeacherView(
             np.asarray(ids, dtype=np.int64),
             np.asarray(spans, dtype=np.int64).reshape(-1, 2),
@@ -419,7 +420,7 @@ class CrossTokenizer:
         one-to-one chunks (0 as a filler elsewhere and for ids that do not map)."""
         k = rollout.student_topk_ids_TK.shape[1]
         out = np.zeros((len(view.teacher_chunk_U), k), dtype=np.int64)
-        rows = view.teacher_row_of()
+        rows = view.teacher_rows_T
         has = rows >= 0
         mapped = self.vocab.to_teacher(rollout.student_topk_ids_TK[has])
         out[rows[has]] = np.maximum(mapped, 0)
@@ -455,7 +456,7 @@ def attach_view(
     size_C = np.maximum(np.bincount(chunk_T, minlength=n), 1)
     gap_C = np.where(np.bincount(view.teacher_chunk_U, minlength=n) > 0, tq_C - sp_C, 0.0)
     rollout.teacher_token_logp_T = (student_T + (gap_C / size_C)[chunk_T]).astype(np.float32)
-    rows = view.teacher_row_of()
+    rows = view.teacher_rows_T
     has = rows >= 0
     top1 = vocab.to_student(np.asarray(scores.top_k_ids)[rows[has], 0])
     has[np.flatnonzero(has)[top1 < 0]] = False

@@ -200,7 +200,7 @@ def test_chunk_log_probs_equal_a_float64_recompute_on_the_teachers_tokenization(
         np.testing.assert_allclose(got_C, want_C, atol=2e-4, rtol=0)
         # one-to-one rows: the teacher's entropy, top-k and candidates at its own position
         # comparable rows: a chunk of one token on both sides whose teacher top-1 maps
-        rows = view.teacher_row_of()
+        rows = view.teacher_rows_T
         one = r.one_to_one_T
         assert one.any() and not one.all() and (rows[one] >= 0).all()
         top1 = ref.logprobs_TV.argmax(-1)  # where the teacher's top choice has no student id
