@@ -123,6 +123,13 @@ class TrainConfig(Group):
 
     student_top_k: int = Field(default=16, ge=1, description="K: candidate ids per position")
     teacher_top_k: int = Field(default=16, ge=1, description="teacher top-k for diagnostics")
+    candidates: Literal["sampler", "trainer"] = Field(
+        default="sampler",
+        description="where a step's candidate ids (the student's top-K the teacher scores) "
+        "come from: the rollout engine, with one student forward per step (the loss pass "
+        "records the rest), or a statistics pass of the trainer's before scoring (two forwards; "
+        "always so with a teacher of another tokenizer)",
+    )
     diagnostics: bool = Field(
         default=True,
         description="the method's diagnostics every step; off: the teacher is asked only for "

@@ -45,7 +45,13 @@ from opd.client.episodes import Environment, EpisodeError, TurnRenderer, load_en
 from opd.client.train.engines import RolloutEngine
 from opd.client.train.horizon import UNBOUNDED, Horizon
 from opd.client.train.reanchor import Reanchoring, teacher_writes
-from opd.client.train.rollouts import EpisodeInfo, Rollout, SamplingParams, StepSampler
+from opd.client.train.rollouts import (
+    EpisodeInfo,
+    Rollout,
+    SamplingParams,
+    StepSampler,
+    sampler_candidates,
+)
 from opd.client.train.student_math import position_stats
 from opd.shared.packed import positions_of_spans
 
@@ -75,6 +81,8 @@ class Episode:
     spans: np.ndarray  # int64 [S, 2], one per assistant turn
     info: EpisodeInfo
     engine_logp_T: np.ndarray | None  # over the trained positions, None if not reported
+    # the engine's top-K ids at the trained positions (SamplingParams.top_ids), else None
+    topk_ids_TK: np.ndarray | None = None
 
     @property
     def truncated(self) -> bool:
@@ -105,6 +113,7 @@ class _Live:
     opening_text: list[dict] = field(default_factory=list)
     messages: list[list[dict]] = field(default_factory=list)
     logps: list[np.ndarray | None] = field(default_factory=list)
+    top_ids: list[np.ndarray | None] = field(default_factory=list)
     ended: str | None = None
     reward: float | None = None
 
@@ -131,6 +140,9 @@ class _Live:
 
     def finished(self) -> Episode:
         logps = None if any(x is None for x in self.logps) else np.concatenate(self.logps)
+        top = None
+        if self.top_ids and all(x is not None for x in self.top_ids):
+            top = np.concatenate(self.top_ids)  # type: ignore[arg-type]
         return Episode(
             token_ids=np.asarray(self.ids, dtype=np.int64),
             prompt_len=self.prompt_len,
@@ -147,6 +159,7 @@ class _Live:
                 context_messages=self.messages,
             ),
             engine_logp_T=logps,
+            topk_ids_TK=top,
         )
 
 
@@ -284,6 +297,7 @@ def _replay(
         e.spans.append((a, b))
         e.span_turns.append(j)
         e.logps.append(None)
+        e.top_ids.append(None)
         message = e.renderer.parse(ids[a:b].tolist(), truncated=False)
         obs = _call(e.env, "step", number, j + 1, lambda m=message: e.env.step(m))
         more = e.renderer.observation_ids(obs.messages)
@@ -307,11 +321,12 @@ def _take_turn(
     the environment's answer (or end it)."""
     budget = limits.max_episode_tokens - (len(e.ids) - e.prompt_len)
     ids = np.asarray(sample.completion_ids, dtype=np.int64)
-    logp = sample.engine_logp_T
+    logp, top = sample.engine_logp_T, sample.topk_ids_TK
     cut = len(ids) > budget
     if cut:
         ids = ids[:budget]
         logp = None if logp is None else logp[:budget]
+        top = None if top is None else top[:budget]
     start = len(e.ids)
     e.ids.extend(int(t) for t in ids)
     if by_teacher:
@@ -320,6 +335,7 @@ def _take_turn(
         e.spans.append((start, len(e.ids)))
         e.span_turns.append(turn)
         e.logps.append(logp)
+        e.top_ids.append(top)
     truncated = cut or bool(sample.truncated)
     message = e.renderer.parse(ids.tolist(), truncated=truncated)
     # A cut turn is still shown to the environment (it may grade it, e.g. as wrong), but
@@ -353,12 +369,20 @@ def episode_rollouts(
     student: StudentModule,
     sampled: Sequence[tuple[tuple[int, dict], list[Episode]]],
     top_k: int,
+    statistics: bool = True,
 ) -> list[Rollout]:
     """Rollouts of finished episodes, with the student's numbers at every trained position
-    from one teacher-forced pass (opd.client.train.student_math.position_stats)."""
+    from one teacher-forced pass (opd.client.train.student_math.position_stats), or without
+    `statistics` the engine's top-K ids only (rollouts.sampler_candidates)."""
     entries = [(index, ep) for (index, _), group in sampled for ep in group]
     positions = [positions_of_spans(ep.spans) for _, ep in entries]
-    stats = position_stats(student, [ep.token_ids for _, ep in entries], positions, top_k)
+    if statistics:
+        stats = position_stats(student, [ep.token_ids for _, ep in entries], positions, top_k)
+    else:
+        stats = [
+            sampler_candidates(ep.topk_ids_TK, len(p), top_k)
+            for (_, ep), p in zip(entries, positions, strict=True)
+        ]
     return [
         Rollout(
             index,
@@ -389,8 +413,9 @@ class EpisodeSampler(StepSampler):
         setup: EpisodeSetup,
         horizon: Horizon = UNBOUNDED,
         reanchor: Reanchoring | None = None,
+        statistics: bool = True,
     ) -> None:
-        super().__init__(engine, student, rows, params, top_k, horizon)
+        super().__init__(engine, student, rows, params, top_k, horizon, statistics)
         self.setup, self.reanchor = setup, reanchor
 
     def _sample_all(self) -> list[Any]:
@@ -398,7 +423,7 @@ class EpisodeSampler(StepSampler):
         return self.setup.run(self.engine, rows, self.params, self.seeds, self.reanchor)
 
     def _rollouts(self, sampled: list[tuple[tuple[int, Any], Any]]) -> list[Rollout]:
-        return episode_rollouts(self.student, sampled, self.top_k)
+        return episode_rollouts(self.student, sampled, self.top_k, self.statistics)
 
 
 @dataclass(frozen=True)

@@ -67,11 +67,12 @@ def cut_sample(sample: Sample, horizon: Horizon) -> Sample:
     """A single completion's first `horizon.tokens` ids (a completion is one turn)."""
     if horizon.tokens is None or len(sample.completion_ids) <= horizon.tokens:
         return sample
-    logp = sample.engine_logp_T
+    logp, top = sample.engine_logp_T, sample.topk_ids_TK
     return replace(
         sample,
         completion_ids=sample.completion_ids[: horizon.tokens],
         engine_logp_T=None if logp is None else logp[: horizon.tokens],
+        topk_ids_TK=None if top is None else top[: horizon.tokens],
     )
 
 
@@ -104,12 +105,13 @@ def cut_episode(episode: Episode, horizon: Horizon) -> Episode:
     if end == len(episode.token_ids):
         return episode  # nothing past the horizon
     n_kept = sum(b - a for a, b in spans)
-    logp = episode.engine_logp_T
+    logp, top = episode.engine_logp_T, episode.topk_ids_TK
     return replace(
         episode,
         token_ids=episode.token_ids[:end],
         spans=np.asarray(spans, dtype=np.int64).reshape(-1, 2),
         engine_logp_T=None if logp is None else logp[:n_kept],
+        topk_ids_TK=None if top is None else top[:n_kept],
         info=replace(info, span_turns=span_turns, teacher_spans=teacher),
     )
 

@@ -36,10 +36,13 @@ class Rollout:
     token_ids: np.ndarray  # prompt + completion, int64 [P + T]
     prompt_len: int
     truncated: bool  # hit max_new_tokens without EOS
-    student_token_logp_T: np.ndarray
+    # The student's numbers (opd.client.train.positions). student_topk_ids_TK are the
+    # candidate ids the teacher scores; the other three are None between sampling and the
+    # loss pass of a one-forward step (they are filled from the loss pass: docs/training.md).
+    student_token_logp_T: np.ndarray | None
     student_topk_ids_TK: np.ndarray
-    student_topk_logp_TK: np.ndarray
-    student_entropy_T: np.ndarray
+    student_topk_logp_TK: np.ndarray | None
+    student_entropy_T: np.ndarray | None
     # from the teacher service; None until scored, or when the request did not ask for it
     teacher_token_logp_T: np.ndarray | None = None
     teacher_cand_logp_TK: np.ndarray | None = None
@@ -158,9 +161,14 @@ class SamplingParams:
     options: GenerateOptions
     eos_token_ids: tuple[int, ...]  # any of them ends a completion (opd.modeling.eos)
     pad_token_id: int
+    # K > 0: the engine also returns its top-K ids at every sampled position (Sample.topk_ids_TK)
+    top_ids: int = 0
 
     def with_n(self, n: int) -> SamplingParams:
         return replace(self, options=self.options.model_copy(update={"n": n}))
+
+    def with_top_ids(self, k: int) -> SamplingParams:
+        return replace(self, top_ids=k)
 
     @classmethod
     def for_tokenizer(
@@ -193,18 +201,44 @@ def with_statistics(
     student: StudentModule,
     sampled: Sequence[tuple[tuple[int, list[int]], list[Sample]]],
     top_k: int,
+    statistics: bool = True,
 ) -> list[Rollout]:
     """Rollouts of sampled completions, with the student's numbers at every position from one
-    teacher-forced pass of the student (opd.client.train.student_math.position_stats)."""
+    teacher-forced pass of the student (opd.client.train.student_math.position_stats); with
+    `statistics` False, only the engine's top-K ids as candidates (sampler_candidates)."""
     entries = [
         (index, np.asarray(ids, np.int64), s) for (index, ids), group in sampled for s in group
     ]
     seqs = [np.concatenate([ids, s.completion_ids]) for _, ids, s in entries]
-    stats = position_stats(student, seqs, [len(ids) for _, ids, _ in entries], top_k)
+    if statistics:
+        stats = position_stats(student, seqs, [len(ids) for _, ids, _ in entries], top_k)
+    else:
+        stats = [
+            sampler_candidates(s.topk_ids_TK, len(s.completion_ids), top_k) for *_, s in entries
+        ]
     return [
         Rollout(index, seq, len(ids), s.truncated, **st, engine_token_logp_T=s.engine_logp_T)
         for (index, ids, s), seq, st in zip(entries, seqs, stats, strict=True)
     ]
+
+
+def sampler_candidates(top_ids_TK: np.ndarray | None, length: int, top_k: int) -> dict:
+    """A rollout's student fields before its loss pass (the one-forward step): the engine's
+    top-K ids as the candidates the teacher scores, the rest to be filled by the loss pass."""
+    if top_ids_TK is None:
+        if length:
+            raise RuntimeError("the rollout engine returned no top-K ids (SamplingParams.top_ids)")
+        top_ids_TK = np.zeros((0, top_k), dtype=np.int64)
+    if top_ids_TK.shape != (length, top_k):
+        raise RuntimeError(
+            f"engine top-K ids of shape {top_ids_TK.shape}, expected {(length, top_k)}"
+        )
+    return {
+        "student_token_logp_T": None,
+        "student_topk_ids_TK": np.asarray(top_ids_TK, dtype=np.int64),
+        "student_topk_logp_TK": None,
+        "student_entropy_T": None,
+    }
 
 
 def last_turn_text(tokenizer: Any, token_ids: np.ndarray, spans: np.ndarray) -> str:
@@ -221,6 +255,8 @@ class StepSampler:
     forward runs on chunk c + 1. Chunks must come in the order of `prompts`.
 
     engine_s / stats_s: seconds in the engine and in the statistics pass (the step's split).
+    With `statistics` False (the one-forward training step) there is no statistics pass: the
+    engine returns its top-K ids as the candidates, and the loss pass fills in the rest.
     Samples are cut to `horizon` (opd.client.train.horizon) before the statistics pass, so
     nothing past it is scored or trained; `counts` holds the positions before and after.
     Seeds are drawn at construction, one per prompt, from torch's global RNG. Subclasses
@@ -235,9 +271,12 @@ class StepSampler:
         params: SamplingParams,
         top_k: int,
         horizon: Horizon = UNBOUNDED,
+        statistics: bool = True,
     ) -> None:
-        self.engine, self.student, self.params, self.top_k = engine, student, params, top_k
-        self.horizon = horizon
+        self.engine, self.student, self.top_k = engine, student, top_k
+        # without the statistics pass the engine hands out the candidate ids
+        self.params = params if statistics else params.with_top_ids(top_k)
+        self.horizon, self.statistics = horizon, statistics
         self.counts = HorizonCounts()  # positions sampled and kept within the horizon
         self.prompts = list(prompts)
         self.seeds = draw_seeds(len(self.prompts))
@@ -264,7 +303,7 @@ class StepSampler:
         return self.engine.sample([ids for _, ids in self.prompts], self.params, self.seeds)
 
     def _rollouts(self, sampled: list[tuple[tuple[int, Any], Any]]) -> list[Rollout]:
-        return with_statistics(self.student, sampled, self.top_k)
+        return with_statistics(self.student, sampled, self.top_k, self.statistics)
 
 
 def chunk_sampler(

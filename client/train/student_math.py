@@ -21,11 +21,18 @@ vocabulary therefore work on a bounded number of positions at a time:
 `StudentModule` is an nn.Module whose forward is every pass over the student (loss, statistics,
 generation), so DistributedDataParallel and FSDP2 wrap it like any model: their hooks see each
 pass as one forward.
+
+The one-forward step (docs/training.md): a training step need not run the statistics pass at
+all. The engine hands out the candidate ids, and the loss pass, which computes every row's
+full-vocabulary log-probs anyway, records the student's numbers there (`RowNumbers`: log p of
+the sampled token and at the candidates, the trainer's own top-K, entropy) and uses them as the
+rollout-time values p_old, which on-policy they are: the weights have not moved since sampling.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -137,6 +144,53 @@ def _token_groups(lengths: Sequence[int], budget: int) -> list[list[int]]:
     return groups
 
 
+@dataclass
+class RowNumbers:
+    """The student's numbers at every row of a loss pass (no gradient; positions.py names):
+    log p of the sampled token, log p at the batch's candidate ids, the trainer's own top-K
+    ids and log-probs, and the full-vocabulary entropy. What the one-forward step records in
+    place of a statistics pass."""
+
+    token_logp_N: torch.Tensor
+    cand_logp_NK: torch.Tensor
+    topk_ids_NK: torch.Tensor
+    topk_logp_NK: torch.Tensor
+    entropy_N: torch.Tensor
+
+    @classmethod
+    def of(cls, logp_RV: torch.Tensor, rows: TokenBatch) -> RowNumbers:
+        logp_RV = logp_RV.detach()
+        top = logp_RV.topk(rows.student_topk_ids_NK.shape[1], dim=-1)
+        return cls(
+            logp_RV.gather(1, rows.target_N[:, None])[:, 0],
+            logp_RV.gather(1, rows.student_topk_ids_NK),
+            top.indices,
+            top.values,
+            -(logp_RV.exp() * logp_RV).sum(-1),
+        )
+
+    def as_tuple(self) -> tuple[torch.Tensor, ...]:
+        return (
+            self.token_logp_N,
+            self.cand_logp_NK,
+            self.topk_ids_NK,
+            self.topk_logp_NK,
+            self.entropy_N,
+        )
+
+
+def on_policy(rows: TokenBatch, numbers: RowNumbers) -> TokenBatch:
+    """Rows whose rollout-time student values were not recorded (the one-forward step) get the
+    current ones: the loss pass runs the weights that sampled, so p_old = p (rho = 1)."""
+    if rows.student_token_logp_N is not None and rows.student_topk_logp_NK is not None:
+        return rows
+    return replace(
+        rows,
+        student_token_logp_N=numbers.token_logp_N,
+        student_topk_logp_NK=numbers.cand_logp_NK,
+    )
+
+
 def head_log_softmax(
     h_RH: torch.Tensor,
     weight_VH: torch.Tensor,
@@ -158,6 +212,7 @@ class StudentModule(torch.nn.Module):
     """The student as one module whose forward is every pass the trainer makes over it.
 
         student("loss", batch)            per-token loss [N] of the objective, head in chunks
+        student("loss", batch, True)      (loss [N], RowNumbers): the one-forward step
         student("stats", ids, mask, ...)  rollout-time statistics (no gradient; position_stats)
         student("generate", ids, ...)     transformers' generate (the hf rollout engine)
 
@@ -183,7 +238,7 @@ class StudentModule(torch.nn.Module):
 
     def forward(self, op: str, *args, **kwargs):  # noqa: ANN002, ANN003, ANN201
         if op == "loss":
-            return self._loss(*args)
+            return self._loss(*args, **kwargs)
         if op == "stats":
             return self._stats(*args)
         if op == "generate":
@@ -206,15 +261,23 @@ class StudentModule(torch.nn.Module):
             head_spec(self.model), h_NH, targets_N, top_k=top_k, entropy=True, chunk_tokens=chunk
         )
 
-    def _loss(self, batch: TokenBatch) -> torch.Tensor:
+    def _loss(
+        self, batch: TokenBatch, record: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, RowNumbers]:
+        """The objective's per-row loss; with `record` also the student's numbers at each row
+        (RowNumbers), which fill in rollout-time values the batch lacks (on_policy)."""
         if self.objective is None:
             raise ValueError("objective: the loss needs an objective")
-        batch = obj.prepare_batch(self.objective, batch)
+        unrecorded = batch.student_token_logp_N is None
+        if unrecorded and not record:
+            raise ValueError("loss: a batch without rollout-time student values needs record")
+        if not unrecorded:
+            batch = obj.prepare_batch(self.objective, batch)
         hidden = final_hidden(self.model, batch.ids_BL, batch.mask_BL)
         rows = completion_rows(batch.positions, hidden.shape[1], hidden.device)
         h_NH = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
         head = self.model.get_output_embeddings()
-        loss_N = chunked_head_loss(
+        out = chunked_head_loss(
             h_NH,
             head.weight,
             getattr(head, "bias", None),
@@ -223,13 +286,19 @@ class StudentModule(torch.nn.Module):
             self.chunk_tokens,
             self.scale,
             self.softcap,
+            record=record,
         )
-        if batch.target_positions is None:
-            return loss_N
+        loss_N, numbers = out if record else (out, None)
+        if batch.target_positions is not None:
+            loss_N = torch.cat([loss_N, self._target_nll(hidden, batch)])
+        return (loss_N, numbers) if record else loss_N
+
+    def _target_nll(self, hidden: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
+        head = self.model.get_output_embeddings()
         # off-policy target rows (re-anchoring): -log p of the teacher's ids, same forward
         targets = completion_rows(batch.target_positions, hidden.shape[1], hidden.device)
         h_MH = hidden.reshape(-1, hidden.shape[-1]).index_select(0, targets)
-        nll_M = chunked_nll(
+        return chunked_nll(
             h_MH,
             head.weight,
             getattr(head, "bias", None),
@@ -238,7 +307,6 @@ class StudentModule(torch.nn.Module):
             self.scale,
             self.softcap,
         )
-        return torch.cat([loss_N, nll_M])
 
 
 def chunked_head_loss(
@@ -250,16 +318,62 @@ def chunked_head_loss(
     chunk_tokens: int,
     scale: float | None = None,
     softcap: float | None = None,
-) -> torch.Tensor:
+    *,
+    record: bool = False,
+) -> Any:
     """Per-token loss [N] from the completion rows' final hidden states: LM head, log_softmax
     and objective on `chunk_tokens` rows at a time (0: all at once), each chunk under
-    non-reentrant activation checkpointing. `batch` must be prepared (prepare_batch)."""
+    non-reentrant activation checkpointing. `batch` must be prepared (prepare_batch).
+
+    record: returns (loss [N], RowNumbers), the student's numbers read from the same log-probs;
+    rows without rollout-time values get them from there (on_policy). The sampled objective
+    is computed after the head then, from every row's log p of its token: a discounted return
+    needs the rewards of the rows after it, which later chunks hold."""
+    if record and objective.name == "sampled":
+        return _sampled_after_head(
+            h_NH, weight_VH, bias_V, batch, objective, chunk_tokens, scale, softcap
+        )
 
     def chunk_loss(h_RH: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, rows: TokenBatch):
         logp_RV = head_log_softmax(h_RH, w, b, scale, softcap)
-        return obj.per_token_loss(objective, logp_RV, rows)
+        if not record:
+            return obj.per_token_loss(objective, logp_RV, rows)
+        numbers = RowNumbers.of(logp_RV, rows)
+        return obj.per_token_loss(objective, logp_RV, on_policy(rows, numbers)), *numbers.as_tuple()
 
-    return _in_chunks(chunk_loss, h_NH, weight_VH, bias_V, batch, batch.rows, chunk_tokens)
+    out = _in_chunks(chunk_loss, h_NH, weight_VH, bias_V, batch, batch.rows, chunk_tokens)
+    return (out[0], RowNumbers(*out[1:])) if record else out
+
+
+def _sampled_after_head(
+    h_NH: torch.Tensor,
+    weight_VH: torch.Tensor,
+    bias_V: torch.Tensor | None,
+    batch: TokenBatch,
+    objective: obj.ObjectiveConfig,
+    chunk_tokens: int,
+    scale: float | None,
+    softcap: float | None,
+) -> tuple[torch.Tensor, RowNumbers]:
+    """The sampled objective with the student's numbers recorded: the head gives every row's
+    log p of its token (with gradient) and the numbers, then the objective runs on [N]."""
+
+    def chunk_logp(h_RH: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, rows: TokenBatch):
+        logp_RV = head_log_softmax(h_RH, w, b, scale, softcap)
+        numbers = RowNumbers.of(logp_RV, rows)
+        return logp_RV.gather(1, rows.target_N[:, None])[:, 0], *numbers.as_tuple()
+
+    out = _in_chunks(chunk_logp, h_NH, weight_VH, bias_V, batch, batch.rows, chunk_tokens)
+    logp_N, numbers = out[0], RowNumbers(*out[1:])
+    batch = obj.prepare_batch(objective, on_policy(batch, numbers))
+    loss_N = obj.sampled_token_loss(
+        logp_N,
+        batch.student_token_logp_N,
+        batch.teacher_token_logp_N,
+        advantages_N=batch.advantages_N,
+        clip_eps=objective.clip_eps,
+    )
+    return loss_N, numbers
 
 
 def chunked_nll(
@@ -310,4 +424,6 @@ def _in_chunks(
         )
         for a in range(0, n, step)
     ]
+    if isinstance(parts[0], tuple):  # several outputs per chunk: each concatenated
+        return tuple(torch.cat(column) for column in zip(*parts, strict=True))
     return torch.cat(parts)

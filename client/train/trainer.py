@@ -36,6 +36,7 @@ import json
 import logging
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -88,7 +89,7 @@ from opd.client.train.rollout_store import RolloutWriter, decode_pieces
 from opd.client.train.rollouts import Rollout, SamplingParams, StepSampler, chunked
 from opd.client.train.routing import training_prompts, training_rows
 from opd.client.train.student import chat_prompt_ids
-from opd.client.train.student_math import StudentModule
+from opd.client.train.student_math import RowNumbers, StudentModule
 from opd.client.train.teacher_metrics import per_teacher_metrics
 from opd.shared.config_cli import replayable
 
@@ -194,6 +195,18 @@ class Trainer:
                 "teacher, which a teacher of another tokenizer cannot read; use one of the "
                 "student's tokenizer or --reanchor-prob 0"
             )
+        # One student forward per step (docs/training.md): the engine hands out the candidate
+        # ids and the loss pass records the student's numbers. A teacher of another tokenizer
+        # splits each chunk's reward by the student's token log-probs when its answer comes
+        # back, before any loss pass, so those runs keep the statistics pass.
+        cross = any(t.bridge.cross for t in self.teachers.teachers)
+        self.one_forward = config.candidates == "sampler" and not cross
+        if config.candidates == "sampler" and cross:
+            self.notices.append(
+                "candidates: a teacher of another tokenizer needs the student's numbers before "
+                "scoring; this run keeps the statistics pass (two student forwards per step)"
+            )
+            logger.info("%s", self.notices[-1])
         self.teacher_info = self.teachers.teachers[0].info
         self.teacher_names = [t.name for t in self.teachers.teachers]
         self.teacher_weights = config.teacher.weights()
@@ -250,15 +263,17 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         step_started = time.perf_counter()
         rollouts, metrics = self.collect()
-        # Flattened once: the loss's micro-batches are slices of it, the diagnostics read it.
+        self.engine.sleep()  # GPU: the engine's memory is the trainer's while it updates
+        t0 = time.perf_counter()
+        # The loss's micro-batches are slices of the flattened rollouts; in the one-forward
+        # step their student numbers are filled in by the first epoch's loss pass.
+        metrics.update(self.update(rollouts, PositionStats.from_rollouts(rollouts)))
+        metrics["time/train_s"] = time.perf_counter() - t0
+        # Flattened once more, complete: what the diagnostics and the horizon read.
         self.stats = PositionStats.from_rollouts(rollouts)
         if self.horizon.adaptive is not None:  # the next step's horizon, from all ranks' sums
             sums, counts = self.horizon.step_sums(self.stats)
             self.horizon.observe(all_sum_array(sums, self.dist), all_sum_array(counts, self.dist))
-        self.engine.sleep()  # GPU: the engine's memory is the trainer's while it updates
-        t0 = time.perf_counter()
-        metrics.update(self.update(rollouts, self.stats))
-        metrics["time/train_s"] = time.perf_counter() - t0
         metrics["time/sync_s"] = self.sync_engine()
         metrics.update(engine_agreement(rollouts))
         metrics.update(episode_metrics(rollouts))
@@ -303,7 +318,12 @@ class Trainer:
         indices = self.order.take(self.config.data.prompts_per_step * world)[rank::world]
         horizon = self.horizon.horizon
         rollouts, metrics = self._collect(
-            indices, self.sampling, self.spec, horizon, self._reanchoring(indices)
+            indices,
+            self.sampling,
+            self.spec,
+            horizon,
+            self._reanchoring(indices),
+            statistics=not self.one_forward,
         )
         if self.horizon.active:
             metrics.update(self._last_counts.metrics(horizon))
@@ -316,18 +336,32 @@ class Trainer:
         spec: ScoreSpec,
         horizon: Horizon = UNBOUNDED,
         reanchor: Reanchoring | None = None,
+        *,
+        statistics: bool = True,
     ) -> tuple[list[Rollout], dict[str, float]]:
         """All `indices` sampled in one engine call, cut to `horizon`; statistics and scoring
-        overlapped. Episodes are re-anchored by the teacher with `reanchor`."""
+        overlapped. Episodes are re-anchored by the teacher with `reanchor`. Without
+        `statistics` the engine's top-K ids are the candidates and the loss pass records the
+        rest (the one-forward step)."""
         top_k = self.config.student_top_k
         if self.episodes is not None:
             rows = [(i, self.prompts[i]) for i in indices]
             sampler: StepSampler = EpisodeSampler(
-                self.engine, self.student, rows, params, top_k, self.episodes, horizon, reanchor
+                self.engine,
+                self.student,
+                rows,
+                params,
+                top_k,
+                self.episodes,
+                horizon,
+                reanchor,
+                statistics,
             )
         else:
             prompts = [(i, self.prompt_ids(i)) for i in indices]
-            sampler = StepSampler(self.engine, self.student, prompts, params, top_k, horizon)
+            sampler = StepSampler(
+                self.engine, self.student, prompts, params, top_k, horizon, statistics
+            )
         self._last_counts = sampler.counts
         owners = self.owners
         route = None if owners is None else (lambda r: owners[r.prompt_index])
@@ -398,12 +432,22 @@ class Trainer:
             for i in range(0, len(rollouts), c.micro_batch_size)
         ]
         losses, norms = [], []
+        # the one-forward step: the first epoch's loss pass records the student's numbers
+        record = stats.student_token_logp_N is None
+        own: list[np.ndarray] = []  # the trainer's own top-K ids per rollout, from that pass
+        out: dict[str, float] = {}
         for _ in range(c.ppo_epochs):
             self.optimizer.zero_grad(set_to_none=True)
             loss_sum = 0.0
             for i, batch in enumerate(micro):
                 with self._grad_sync(last=i == len(micro) - 1):
-                    loss = self.train_model("loss", batch)
+                    if record:
+                        loss, numbers = self.train_model("loss", batch, True)
+                        start = i * c.micro_batch_size
+                        mine = rollouts[start : start + len(batch.positions)]
+                        micro[i] = fill_student_numbers(mine, batch, numbers, own)
+                    else:
+                        loss = self.train_model("loss", batch)
                     weights = self._token_weights(rollouts, i * c.micro_batch_size, batch)
                     if weights is not None:
                         loss = loss * weights
@@ -416,7 +460,10 @@ class Trainer:
             self.scheduler.step()
             losses.append(all_sum(loss_sum, self.dist))
             norms.append(fsdp.grad_norm_value(norm))
-        return {
+            if record:
+                out.update(candidate_agreement(rollouts, own))
+                record = False
+        return out | {
             "train/loss": losses[0],
             "train/loss_last_epoch": losses[-1],
             "train/grad_norm": norms[0],
@@ -578,6 +625,50 @@ def step_diagnostics(stats: PositionStats, config: TrainConfig) -> dict[str, flo
     if config.diagnostics:
         return compute_diagnostics(stats, depth_bucket=config.depth_bucket)
     return {"kl/sampled": sampled_kl(stats), "tokens/count": float(stats.n_positions)}
+
+
+def fill_student_numbers(
+    rollouts: list[Rollout], batch: TokenBatch, numbers: RowNumbers, own: list[np.ndarray]
+) -> TokenBatch:
+    """The one-forward step, after a micro-batch's first loss pass: each of its rollouts gets
+    the student's numbers that pass read (its rollout-time values: the weights had not moved
+    since sampling), `own` each rollout's top-K ids by the trainer's forward, and the returned
+    batch holds them as p_old for the later ppo epochs."""
+    assert batch.seq_offsets is not None
+    offsets = batch.seq_offsets.cpu().numpy()
+    token, cand, entropy = (
+        t.detach().cpu().numpy()
+        for t in (numbers.token_logp_N, numbers.cand_logp_NK, numbers.entropy_N)
+    )
+    top = numbers.topk_ids_NK.cpu().numpy().astype(np.int64)
+    for j, r in enumerate(rollouts):
+        a, b = int(offsets[j]), int(offsets[j + 1])
+        r.student_token_logp_T, r.student_topk_logp_TK = token[a:b], cand[a:b]
+        r.student_entropy_T = entropy[a:b]
+        own.append(top[a:b])
+    return replace(
+        batch,
+        student_token_logp_N=numbers.token_logp_N.detach(),
+        student_topk_logp_NK=numbers.cand_logp_NK.detach(),
+    )
+
+
+def candidate_agreement(rollouts: list[Rollout], own: list[np.ndarray]) -> dict[str, float]:
+    """How the engine's candidate ids compare with the trainer's own top-K at the same
+    positions (the one-forward step): the share of positions whose two sets differ, and of
+    candidate ids outside the trainer's top-K. The objectives read exact log-probs at the ids
+    sent either way; a difference is the engine's numerics at near-ties (docs/training.md)."""
+    if not own:
+        return {}
+    cand_NK = np.concatenate([r.student_topk_ids_TK for r in rollouts])
+    own_NK = np.concatenate(own)
+    if not len(cand_NK):
+        return {}
+    inside_NK = (cand_NK[:, :, None] == own_NK[:, None, :]).any(-1)
+    return {
+        "student/candidates_differ_frac": float((~inside_NK).any(1).mean()),
+        "student/candidates_outside_frac": float((~inside_NK).mean()),
+    }
 
 
 def engine_agreement(rollouts: list[Rollout]) -> dict[str, float]:

@@ -4,12 +4,13 @@ left padding continue exactly as they would alone, and seeds make sampling repro
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig
 
 from opd.client.train.engines import make_engine
 from opd.client.train.rollouts import SamplingParams, make_rollouts
-from opd.client.train.student_math import StudentModule
+from opd.client.train.student_math import StudentModule, position_stats
 from opd.shared.schemas import GenerateOptions
 
 PROMPTS = [[1, 504, 3458, 30, 504], [1, 42], [1, 900, 901, 902, 903, 904, 905, 906, 17]]
@@ -66,3 +67,27 @@ def test_seeds_make_rollouts_reproducible(tiny_model_dir):
     for r in first:
         assert r.student_topk_ids_TK.shape == (r.completion_len, 4)
         assert r.engine_token_logp_T is None  # hf samples the trainer's module itself
+
+
+def test_the_engine_hands_out_the_students_own_top_k(tiny_model_dir):
+    """SamplingParams.top_ids: the hf engine's top-K ids at every sampled position are the
+    trainer's own top-K there (a teacher-forced forward, position_stats), and at temperature
+    0 its top-1 is the token it chose."""
+    model = _model(tiny_model_dir)
+    student = StudentModule(model)
+    engine = make_engine("hf", student)
+    for temperature, n in ((1.0, 2), (0.0, 1)):
+        options = GenerateOptions(n=n, temperature=temperature, max_tokens=8)
+        params = SamplingParams(options, (2,), 2).with_top_ids(4)
+        groups = engine.sample(PROMPTS, params, [1, 2, 3])
+        samples = [(p, s) for p, group in zip(PROMPTS, groups, strict=True) for s in group]
+        seqs = [np.concatenate([np.asarray(p), s.completion_ids]) for p, s in samples]
+        stats = position_stats(student, seqs, [len(p) for p, _ in samples], top_k=4)
+        same = []
+        for (_, s), st in zip(samples, stats, strict=True):
+            assert s.topk_ids_TK.shape == (len(s.completion_ids), 4)
+            if temperature == 0:
+                np.testing.assert_array_equal(s.topk_ids_TK[:, 0], s.completion_ids)
+            own = np.sort(st["student_topk_ids_TK"], axis=1)
+            same.extend((np.sort(s.topk_ids_TK, axis=1) == own).all(axis=1))
+        assert np.mean(same) >= 0.9, np.mean(same)  # only float near-ties may swap

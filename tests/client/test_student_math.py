@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -103,3 +105,110 @@ def test_chunked_loss_and_gradients_equal_the_unchunked(tiny_model_dir, objectiv
         assert grads.keys() == ref_grads.keys()
         for name, g in grads.items():
             torch.testing.assert_close(g, ref_grads[name], rtol=1e-9, atol=1e-11)
+
+
+ONE_FORWARD_OBJECTIVES = [
+    ObjectiveConfig(name="sampled"),
+    ObjectiveConfig(name="sampled", discount=0.9),
+    ObjectiveConfig(name="sampled", clip_eps=0.2),
+    ObjectiveConfig(name="student-topk"),
+    ObjectiveConfig(name="student-topk", topk_variant="renormalized"),
+    ObjectiveConfig(name="teacher-topk"),
+    ObjectiveConfig(name="jsd", jsd_beta=0.3),
+    ObjectiveConfig(name="overlap-topk", clip_eps=0.2),
+]
+
+
+@pytest.mark.parametrize(
+    "objective", ONE_FORWARD_OBJECTIVES, ids=lambda o: f"{o.name}-{o.topk_variant}-{o.discount}"
+)
+def test_one_forward_equals_the_statistics_pass_then_the_loss(tiny_model_dir, objective):
+    """The one-forward step (candidate ids from the sampler, the student's numbers recorded by
+    the loss pass) against the two-forward step (a statistics pass, then the loss), with the
+    same candidate ids: same per-row loss, same gradients, the recorded numbers equal to the
+    statistics pass's, the same diagnostics, and a later epoch's batch equal to the
+    two-forward one (float64)."""
+    from opd.client.train.diagnostics import compute_diagnostics
+    from opd.client.train.trainer import fill_student_numbers
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64)
+    rollouts, stats = _batch(model, np.random.default_rng(2))
+    # the statistics pass's numbers, independently in float64 (whole logits, one sequence at a
+    # time), so the comparison is not limited by the float32 the pass stores
+    token, cand, entropy = _float64_student_numbers(model, rollouts, stats.student_topk_ids_NK)
+    stats = replace(
+        stats, student_token_logp_N=token, student_topk_logp_NK=cand, student_entropy_N=entropy
+    )
+    module = StudentModule(model, objective, chunk_tokens=7)  # chunks cut sequences apart
+    cpu = torch.device("cpu")
+
+    def backward(loss: torch.Tensor) -> dict[str, torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        (loss * torch.linspace(0.5, 1.5, loss.shape[0], dtype=loss.dtype)).sum().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    two = TokenBatch.build(rollouts, stats, cpu)
+    two = replace(
+        two,
+        student_token_logp_N=torch.from_numpy(token),
+        student_topk_logp_NK=torch.from_numpy(cand),
+    )
+    loss_two = module("loss", two)
+    grads_two = backward(loss_two)
+
+    # the same rollouts as the sampler leaves them: candidate ids only
+    fresh = [
+        replace(r, student_token_logp_T=None, student_topk_logp_TK=None, student_entropy_T=None)
+        for r in rollouts
+    ]
+    one = TokenBatch.build(fresh, PositionStats.from_rollouts(fresh), cpu)
+    assert one.student_token_logp_N is None and one.student_topk_logp_NK is None
+    loss_one, numbers = module("loss", one, True)
+    grads_one = backward(loss_one)
+
+    torch.testing.assert_close(loss_one, loss_two, rtol=1e-9, atol=1e-12)
+    assert grads_one.keys() == grads_two.keys() and grads_two
+    for name, g in grads_one.items():
+        torch.testing.assert_close(g, grads_two[name], rtol=1e-8, atol=1e-11)
+
+    np.testing.assert_allclose(numbers.token_logp_N.numpy(), token, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(numbers.cand_logp_NK.numpy(), cand, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(numbers.entropy_N.numpy(), entropy, rtol=1e-10, atol=1e-12)
+    # the candidates were the trainer's own top-K here, so its own top-K is the same
+    np.testing.assert_array_equal(numbers.topk_ids_NK.numpy(), stats.student_topk_ids_NK)
+
+    own: list[np.ndarray] = []
+    later = fill_student_numbers(fresh, one, numbers, own)
+    assert [len(o) for o in own] == [r.completion_len for r in rollouts]
+    filled = PositionStats.from_rollouts(fresh)
+    got, want = compute_diagnostics(filled), compute_diagnostics(stats)
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, rel=1e-9, abs=1e-12, nan_ok=True), key
+    # a later ppo epoch reads the recorded values as p_old: the two-forward loss again
+    torch.testing.assert_close(module("loss", later), loss_two, rtol=1e-9, atol=1e-12)
+
+
+def _float64_student_numbers(model, rollouts: list[Rollout], cand_NK: np.ndarray):
+    """log p of each sampled token, at the candidate ids, and the entropy, from the model's
+    whole float64 logits."""
+    rows = []
+    with torch.no_grad():
+        for r in rollouts:
+            logits = model(torch.from_numpy(r.token_ids)[None]).logits[0].double()
+            rows.append(torch.log_softmax(logits, -1)[r.prompt_len - 1 : -1])
+    logp_NV = torch.cat(rows)
+    target = torch.from_numpy(np.concatenate([r.completion for r in rollouts]))
+    token = logp_NV.gather(1, target[:, None])[:, 0]
+    cand = logp_NV.gather(1, torch.from_numpy(cand_NK.astype(np.int64)))
+    entropy = -(logp_NV.exp() * logp_NV).sum(-1)
+    return token.numpy(), cand.numpy(), entropy.numpy()
+
+
+def test_a_batch_without_student_numbers_needs_the_recording_pass(tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    rollouts, _ = _batch(model, np.random.default_rng(3))
+    fresh = [replace(r, student_token_logp_T=None, student_topk_logp_TK=None) for r in rollouts]
+    batch = TokenBatch.build(fresh, PositionStats.from_rollouts(fresh), torch.device("cpu"))
+    with pytest.raises(ValueError, match="needs record"):
+        StudentModule(model, ObjectiveConfig(name="sampled"))("loss", batch)

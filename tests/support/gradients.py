@@ -17,7 +17,8 @@ def hidden_row_grad(trainer, batch) -> tuple[torch.Tensor, torch.Tensor]:
 
     handle = trainer.model.get_decoder().norm.register_forward_hook(keep)
     try:
-        loss = trainer.student("loss", batch)
+        # recording: a batch fresh from collect() holds no student numbers (one-forward step)
+        loss, _ = trainer.student("loss", batch, True)
         loss.sum().backward()
     finally:
         handle.remove()

@@ -26,12 +26,15 @@ ENGINES: tuple[str, ...] = ("hf", "vllm")
 @dataclass
 class Sample:
     """One sampled completion: its ids (through the first EOS, which is kept), whether it hit
-    max_new_tokens without EOS, and the engine's own log-probs of the ids (None when the
-    engine does not report them)."""
+    max_new_tokens without EOS, the engine's own log-probs of the ids (None when the engine
+    does not report them) and, when the sampling params ask for `top_ids`, the engine's top-K
+    ids at every sampled position, highest first (the candidate ids the teacher scores in the
+    one-forward step: docs/training.md)."""
 
     completion_ids: np.ndarray  # int64 [T]
     truncated: bool
     engine_logp_T: np.ndarray | None = None
+    topk_ids_TK: np.ndarray | None = None  # int64 [T, K]
 
     @classmethod
     def of(cls, generated: Generated) -> Sample:

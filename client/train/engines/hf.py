@@ -10,6 +10,9 @@ Sampling uses an explicit GenerationConfig (temperature, top-p, no top-k cut, ma
 transformers would otherwise fill options left unset from the checkpoint's
 generation_config.json (repetition penalty, min_p, min_new_tokens...), which would change the
 policy away from the distribution the student's statistics and losses assume.
+
+With `top_ids`, a hook on the LM head keeps the top-K ids of the raw logits at every sampled
+position (the step's candidate ids: the one-forward step, docs/training.md).
 """
 
 from __future__ import annotations
@@ -84,6 +87,12 @@ class HFEngine:
             mask[i, width - len(p) :] = 1
         model = self.model
         saved, model.generation_config = model.generation_config, GenerationConfig()
+        steps: list[torch.Tensor] = []
+        hook = None
+        if params.top_ids:
+            hook = model.get_output_embeddings().register_forward_hook(
+                _record_top_ids(steps, params.top_ids)
+            )
         try:
             rows = self.student(
                 "generate",
@@ -93,11 +102,24 @@ class HFEngine:
             )
         finally:
             model.generation_config = saved
+            if hook is not None:
+                hook.remove()
         completions = rows[:, width:].cpu().numpy()
+        top = torch.stack(steps, 1).cpu().numpy() if steps else None  # [B * n, steps, K]
+        if top is not None and top.shape[1] != completions.shape[1]:
+            raise RuntimeError(
+                f"hf engine: {top.shape[1]} LM-head calls for {completions.shape[1]} tokens"
+            )
         grouped = []
+        n = params.options.n
         for i in range(len(prompts)):
-            mine = completions[i * params.options.n : (i + 1) * params.options.n]
-            grouped.append([Sample.of(cut_at_eos(row, params.eos_token_ids)) for row in mine])
+            group = []
+            for j in range(i * n, (i + 1) * n):
+                sample = Sample.of(cut_at_eos(completions[j], params.eos_token_ids))
+                if top is not None:
+                    sample.topk_ids_TK = top[j, : len(sample.completion_ids)].astype(np.int64)
+                group.append(sample)
+            grouped.append(group)
         return grouped
 
     def sync_weights(self, state: Mapping[str, torch.Tensor]) -> float:
@@ -111,3 +133,15 @@ class HFEngine:
 
     def close(self) -> None:
         return None
+
+
+def _record_top_ids(steps: list[torch.Tensor], k: int):
+    """A forward hook on the LM head keeping the top-k ids of each call's last row: generate
+    calls the head once per new token (the prefill's last row predicts the first), on the raw
+    logits, before temperature and top-p (which keep their order), so these are the
+    student's own top-k at every sampled position."""
+
+    def hook(_module: torch.nn.Module, _inputs: object, out: torch.Tensor) -> None:
+        steps.append(out[:, -1, :].topk(k, dim=-1).indices)
+
+    return hook

@@ -23,7 +23,8 @@ Sampling: every prompt of a call in one `generate` with n samples each, temperat
 top-k, max tokens, one seed per prompt, stop at the tokenizer's EOS (kept in the output). The
 engine also returns its log-prob of each sampled token ("raw" log-probs, before temperature:
 the same quantity as the trainer's student_token_logp), which the trainer compares with its own
-to check the engine samples the current weights (metric rollout/engine_logp_abs_diff).
+to check the engine samples the current weights (metric rollout/engine_logp_abs_diff), and
+with `top_ids` its top-K ids at every sampled position (the step's candidate ids).
 """
 
 from __future__ import annotations
@@ -118,7 +119,7 @@ class VLLMEngine:
                 top_k=0,
                 max_tokens=params.options.max_tokens,
                 seed=seed,
-                logprobs=0,
+                logprobs=params.top_ids,  # 0: the sampled token's only
                 stop_token_ids=list(params.eos_token_ids),
                 detokenize=False,
             )
@@ -132,13 +133,15 @@ class VLLMEngine:
             group = []
             for c in out.outputs:
                 ids = np.asarray(c.token_ids, dtype=np.int64)
-                logp = None
+                logp = top = None
                 if c.logprobs is not None:
                     logp = np.array(
                         [lp[int(t)].logprob for lp, t in zip(c.logprobs, ids, strict=True)],
                         dtype=np.float32,
                     )
-                group.append(Sample(ids, c.finish_reason == "length", logp))
+                    if params.top_ids:
+                        top = _top_ids(c.logprobs, params.top_ids)
+                group.append(Sample(ids, c.finish_reason == "length", logp, top))
             result.append(group)
         return result
 
@@ -176,6 +179,18 @@ class VLLMEngine:
             if shutdown is not None and hasattr(shutdown, "shutdown"):
                 shutdown.shutdown()
             del llm
+
+
+def _top_ids(logprobs: list, k: int) -> np.ndarray:
+    """int64 [T, k]: each position's top-k ids by vLLM's rank (1 = most likely); the sampled
+    token's entry, added when it ranks below k, is left out."""
+    out = np.empty((len(logprobs), k), dtype=np.int64)
+    for t, entries in enumerate(logprobs):
+        ranked = sorted((lp.rank, int(tok)) for tok, lp in entries.items() if lp.rank <= k)
+        if len(ranked) != k:
+            raise RuntimeError(f"vLLM returned {len(ranked)} top ids at position {t}, expected {k}")
+        out[t] = [tok for _, tok in ranked]
+    return out
 
 
 def _packed_linear_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
