@@ -71,6 +71,11 @@ class OptimGroup(Group):
     fsdp: bool = Field(
         default=False, description="under torchrun: shard the student with FSDP2, not DDP"
     )
+    share_prompts: bool = Field(
+        default=True,
+        description="the n rollouts of a prompt run it through the student's decoder once "
+        "(its KV cache repeated); off under --fsdp",
+    )
 
 
 # Rollouts: 4 per prompt at the model's own distribution (temperature 1).

@@ -77,6 +77,7 @@ def build_student(
     train: bool = False,
     objective: Any = None,
     head_chunk_tokens: int | None = None,
+    share_prompts: bool = True,
     gradient_checkpointing: bool = False,
     device: str | torch.device | None = None,
     seed: int = 0,
@@ -99,7 +100,7 @@ def build_student(
     kwargs: dict[str, Any] = {}
     if head_chunk_tokens is not None:
         kwargs["chunk_tokens"] = head_chunk_tokens
-    module = StudentModule(model, objective, **kwargs)
+    module = StudentModule(model, objective, share_prompts=share_prompts, **kwargs)
     if before_engine is not None:
         before_engine(module)
     engine = make_engine(

@@ -44,6 +44,7 @@ from opd.client.train import objectives as obj
 from opd.client.train.positions import TokenBatch, pad_right
 from opd.modeling.head import head_spec, logit_transforms
 from opd.modeling.scoring import ScoredRows, score_hidden
+from opd.modeling.shared_prefix import CacheNotShareable, prefix_groups, shared_prefix_hidden
 
 # Completion rows per LM-head chunk: 512 x 49,152 float32 logits are 100 MB.
 DEFAULT_CHUNK_TOKENS = 512
@@ -53,6 +54,37 @@ def final_hidden(model: torch.nn.Module, ids_BL: torch.Tensor, mask_BL: torch.Te
     """Hidden states after the decoder's final norm [B, L, H]: what the LM head multiplies."""
     out = model.get_decoder()(input_ids=ids_BL, attention_mask=mask_BL, use_cache=False)
     return out.last_hidden_state
+
+
+def shared_final_hidden(
+    model: torch.nn.Module, ids_BL: torch.Tensor, mask_BL: torch.Tensor, contexts: Sequence[int]
+) -> torch.Tensor:
+    """final_hidden, with the rows that share their first `contexts[b]` ids (the n rollouts
+    of one prompt: context = the first trained position) running those ids once
+    (opd.modeling.shared_prefix). Raises CacheNotShareable for a model whose cache cannot be
+    repeated."""
+    host = ids_BL.cpu().numpy()
+    lengths = mask_BL.sum(1).cpu().numpy()
+    groups = prefix_groups([host[b, :c].tobytes() if c else None for b, c in enumerate(contexts)])
+    if all(len(g) == 1 for g in groups):
+        return final_hidden(model, ids_BL, mask_BL)
+    decoder, width = model.get_decoder(), ids_BL.shape[1]
+    parts: list[torch.Tensor] = []
+    order: list[int] = []
+    singles = [g[0] for g in groups if len(g) == 1]
+    if singles:
+        index = torch.tensor(singles, device=ids_BL.device)
+        parts.append(final_hidden(model, ids_BL[index], mask_BL[index]))
+        order += singles
+    for g in (g for g in groups if len(g) > 1):
+        context = contexts[g[0]]
+        tails = [host[b, context : lengths[b]] for b in g]
+        head, rest = shared_prefix_hidden(decoder, host[g[0], :context], tails, ids_BL.device)
+        rows = torch.cat([head.expand(len(g), *head.shape), rest], dim=1)
+        parts.append(F.pad(rows, (0, 0, 0, width - rows.shape[1])))
+        order += g
+    inverse = torch.from_numpy(np.argsort(np.asarray(order))).to(ids_BL.device)
+    return torch.cat(parts).index_select(0, inverse)
 
 
 def completion_rows(
@@ -221,7 +253,8 @@ class StudentModule(torch.nn.Module):
     (each decoder layer is its own unit), and those are gathered only while the root's forward
     runs, so a pass that went around it (the decoder or the head called directly) would meet
     sharded parameters. chunk_tokens 0 runs the head on all rows at once (the reference the
-    chunked path is tested against, and the old memory profile).
+    chunked path is tested against, and the old memory profile). share_prompts: the n rollouts
+    of a prompt run it through the decoder once, in the loss and the statistics passes alike.
     """
 
     def __init__(
@@ -229,12 +262,27 @@ class StudentModule(torch.nn.Module):
         model: torch.nn.Module,
         objective: obj.ObjectiveConfig | None = None,
         chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+        share_prompts: bool = True,
     ) -> None:
         super().__init__()
         self.model = model
         self.objective = objective
         self.chunk_tokens = chunk_tokens
+        self.share_prompts = share_prompts
         self.scale, self.softcap = logit_transforms(model.config)
+
+    def _hidden(
+        self, ids_BL: torch.Tensor, mask_BL: torch.Tensor, positions: Sequence[np.ndarray]
+    ) -> torch.Tensor:
+        """The decoder's final hidden states; with share_prompts, the rollouts of one prompt
+        run it once (shared_final_hidden), until a model's cache turns out not repeatable."""
+        if self.share_prompts:
+            contexts = [int(p[0]) if len(p) else 0 for p in positions]  # 0: shares nothing
+            try:
+                return shared_final_hidden(self.model, ids_BL, mask_BL, contexts)
+            except CacheNotShareable:
+                self.share_prompts = False  # e.g. a hybrid model's recurrent state
+        return final_hidden(self.model, ids_BL, mask_BL)
 
     def forward(self, op: str, *args, **kwargs):  # noqa: ANN002, ANN003, ANN201
         if op == "loss":
@@ -253,7 +301,7 @@ class StudentModule(torch.nn.Module):
         targets_N: torch.Tensor,
         top_k: int,
     ) -> ScoredRows:
-        hidden = final_hidden(self.model, ids_BL, mask_BL)
+        hidden = self._hidden(ids_BL, mask_BL, positions)
         rows = completion_rows(positions, hidden.shape[1], hidden.device)
         h_NH = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
         chunk = self.chunk_tokens if self.chunk_tokens > 0 else max(1, int(h_NH.shape[0]))
@@ -273,7 +321,7 @@ class StudentModule(torch.nn.Module):
             raise ValueError("loss: a batch without rollout-time student values needs record")
         if not unrecorded:
             batch = obj.prepare_batch(self.objective, batch)
-        hidden = final_hidden(self.model, batch.ids_BL, batch.mask_BL)
+        hidden = self._hidden(batch.ids_BL, batch.mask_BL, batch.positions)
         rows = completion_rows(batch.positions, hidden.shape[1], hidden.device)
         h_NH = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
         head = self.model.get_output_embeddings()

@@ -114,6 +114,8 @@ class Trainer:
             train=True,
             objective=self.objective,
             head_chunk_tokens=config.optim.head_chunk_tokens,
+            # FSDP2 gathers a layer per call; two decoder calls in one pass are not tested there
+            share_prompts=config.optim.share_prompts and not config.optim.fsdp,
             gradient_checkpointing=config.optim.gradient_checkpointing,
             device=device_for(config.student.device, self.dist),
             seed=config.seed + self.dist.rank,

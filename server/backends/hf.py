@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,7 @@ from opd.modeling.cpu_gemm import choose_gemm, route_linears
 from opd.modeling.eos import Generated
 from opd.modeling.head import head_spec
 from opd.modeling.scoring import HeadSpec, ScoredRows, score_items
+from opd.modeling.shared_prefix import CacheNotShareable, prefix_groups, shared_prefix_hidden
 from opd.server.allocator import retain_freed_memory
 from opd.server.backends.base import ScoreItem
 from opd.server.generation import HFGenerator
@@ -118,23 +118,6 @@ def describe_model(
     )
 
 
-class CacheNotShareable(RuntimeError):
-    """The model's KV cache cannot be repeated across a batch (e.g. linear-attention layers)."""
-
-
-_REPEATABLE_LAYERS = ("DynamicLayer", "DynamicSlidingWindowLayer")
-
-
-def _repeatable(cache: object) -> bool:
-    """Only plain attention KV layers repeat correctly; recurrent / conv state does not."""
-    layers = getattr(cache, "layers", None)
-    return (
-        layers is not None
-        and hasattr(cache, "batch_repeat_interleave")
-        and all(type(layer).__name__ in _REPEATABLE_LAYERS for layer in layers)
-    )
-
-
 def shared_context_groups(
     items: list[ScoreItem], min_prefix: int
 ) -> tuple[list[list[int]], list[int]]:
@@ -142,14 +125,14 @@ def shared_context_groups(
     tokens long, two or more items), and the indices of all other items. 0 turns sharing off.
     score_from is an item's first scored position, with scored spans too: context between or
     after its spans runs in the per-item part of the pass, like the completion does."""
-    by_context: dict[bytes, list[int]] = defaultdict(list)
-    for i, it in enumerate(items):
-        if min_prefix and it.score_from >= min_prefix:
-            key = np.asarray(it.token_ids[: it.score_from], dtype=np.int64).tobytes()
-            by_context[key].append(i)
-    groups = [members for members in by_context.values() if len(members) >= 2]
-    grouped = {i for members in groups for i in members}
-    return groups, [i for i in range(len(items)) if i not in grouped]
+    keys = [
+        np.asarray(it.token_ids[: it.score_from], dtype=np.int64).tobytes()
+        if min_prefix and it.score_from >= min_prefix
+        else None
+        for it in items
+    ]
+    units = prefix_groups(keys)
+    return [u for u in units if len(u) > 1], [u[0] for u in units if len(u) == 1]
 
 
 def has_stateful_rope(config: object) -> bool:
@@ -279,30 +262,19 @@ class HFBackend:
         """Hidden states [n_tokens, H] of items that share their context x_0..x_{s-1}.
 
         OPD sends n rollouts of one prompt together: the prompt goes through the decoder once,
-        its KV cache is repeated n times, and only the completions run after it. Same positions,
-        same masks, so the same numbers (tests/server/test_prefix_sharing.py); the decoder work
-        drops from n (P + C) to P + n C tokens. vLLM skips its prefix cache for prompt_logprobs.
+        its KV cache is repeated n times, and only the completions run after it
+        (opd.modeling.shared_prefix). Same positions, same masks, so the same numbers
+        (tests/server/test_prefix_sharing.py); the decoder work drops from n (P + C) to P + n C
+        tokens. vLLM skips its prefix cache for prompt_logprobs.
         """
         assert self.decoder is not None
         context = items[0].score_from
-        prompt = torch.from_numpy(items[0].token_ids[:context].astype(np.int64))[None]
-        first = self.decoder(input_ids=prompt.to(self.device), use_cache=True)
-        cache = first.past_key_values
-        if not _repeatable(cache):
-            raise CacheNotShareable(type(cache).__name__)
-        cache.batch_repeat_interleave(len(items))
-        longest = max(it.n_tokens - context for it in items)
-        ids = torch.zeros((len(items), longest), dtype=torch.long)
-        mask = torch.ones((len(items), context + longest), dtype=torch.long)
-        for b, it in enumerate(items):
-            tail = it.token_ids[context:]
-            ids[b, : len(tail)] = torch.from_numpy(tail.astype(np.int64))
-            mask[b, context + len(tail) :] = 0
-        kwargs: dict[str, object] = {"input_ids": ids.to(self.device), "past_key_values": cache}
-        if not bool(mask.all()):
-            kwargs["attention_mask"] = mask.to(self.device)
-        rest = self.decoder(**kwargs, use_cache=True).last_hidden_state
-        head = first.last_hidden_state[0]
+        head, rest = shared_prefix_hidden(
+            self.decoder,
+            items[0].token_ids[:context],
+            [it.token_ids[context:] for it in items],
+            self.device,
+        )
         return [torch.cat([head, rest[b, : it.n_tokens - context]]) for b, it in enumerate(items)]
 
     def score_pack(self, items: list[ScoreItem]) -> list[ScoredRows]:

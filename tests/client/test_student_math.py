@@ -212,3 +212,52 @@ def test_a_batch_without_student_numbers_needs_the_recording_pass(tiny_model_dir
     batch = TokenBatch.build(fresh, PositionStats.from_rollouts(fresh), torch.device("cpu"))
     with pytest.raises(ValueError, match="needs record"):
         StudentModule(model, ObjectiveConfig(name="sampled"))("loss", batch)
+
+
+@pytest.mark.parametrize(
+    "objective",
+    [ObjectiveConfig(name="student-topk"), ObjectiveConfig(name="sampled", discount=0.9)],
+    ids=lambda o: o.name,
+)
+def test_rollouts_of_one_prompt_share_its_pass(tiny_model_dir, objective):
+    """share_prompts: the n rollouts of a prompt run it through the decoder once (its KV cache
+    repeated); the loss, its gradients and the statistics equal the unshared pass (float64)."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64)
+    rng = np.random.default_rng(4)
+    vocab = model.config.vocab_size
+    prompts = [rng.integers(0, vocab, p).astype(np.int64) for p in (6, 3)]
+    # 3 rollouts of the first prompt, 2 of the second, one alone; ragged completions
+    plan = [(0, 5), (0, 9), (0, 1), (1, 7), (1, 4)]
+    seqs = [np.concatenate([prompts[i], rng.integers(0, vocab, t)]) for i, t in plan]
+    seqs.append(rng.integers(0, vocab, 11).astype(np.int64))
+    lens = [len(prompts[i]) for i, _ in plan] + [4]
+    # one batch (the same rollout-time values) for both passes
+    stats = position_stats(StudentModule(model, share_prompts=False), seqs, lens, top_k=K)
+    rollouts = [
+        Rollout(i, s, p, False, **st, teacher_token_logp_T=st["student_token_logp_T"] - 0.3,
+                teacher_cand_logp_TK=st["student_topk_logp_TK"] - 0.2)
+        for i, (s, p, st) in enumerate(zip(seqs, lens, stats, strict=True))
+    ]  # fmt: skip
+    batch = TokenBatch.build(rollouts, PositionStats.from_rollouts(rollouts), torch.device("cpu"))
+    results = {}
+    for share in (False, True):
+        module = StudentModule(model, objective, chunk_tokens=5, share_prompts=share)
+        stats = position_stats(module, seqs, lens, top_k=K)
+        model.zero_grad(set_to_none=True)
+        loss = module("loss", batch)
+        (loss * torch.linspace(0.5, 1.5, loss.shape[0], dtype=loss.dtype)).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results[share] = (stats, loss.detach(), grads)
+        assert module.share_prompts == share  # the tiny Llama's cache repeats: nothing fell back
+    (stats0, loss0, grads0), (stats1, loss1, grads1) = results[False], results[True]
+    for a, b in zip(stats0, stats1, strict=True):
+        for key in a:
+            np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    torch.testing.assert_close(loss1, loss0, rtol=1e-9, atol=1e-12)
+    assert grads1.keys() == grads0.keys()
+    # Gradients into the prompt: float32 rounding. LlamaRMSNorm computes in float32 even in a
+    # float64 model, and the n copies' gradients are summed before its backward when shared
+    # (the repeated cache), after it when not (the embedding); every other row is exact.
+    for name, g in grads1.items():
+        scale = float(grads0[name].abs().max())
+        assert float((g - grads0[name]).abs().max()) <= 1e-5 * scale, name

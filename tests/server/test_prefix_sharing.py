@@ -113,7 +113,9 @@ def test_models_whose_cache_cannot_be_repeated_fall_back_to_plain_packs(
     shared = hf.HFBackend(settings)
     shared.load()
     expected = shared.score_pack(items)  # the repeatable (Llama) cache: sharing used
-    monkeypatch.setattr(hf, "_repeatable", lambda cache: False)
+    from opd.modeling import shared_prefix
+
+    monkeypatch.setattr(shared_prefix, "repeatable", lambda cache: False)
     fallback = hf.HFBackend(settings)
     fallback.load()
     got = fallback.score_pack(items)
@@ -127,10 +129,10 @@ def test_a_real_llama_cache_is_repeatable(tiny_model_dir):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from opd.server.backends.hf import _repeatable
+    from opd.modeling.shared_prefix import repeatable
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     with torch.no_grad():
         cache = model(torch.tensor([[1, 2, 3]]), use_cache=True).past_key_values
-    assert _repeatable(cache)
-    assert not _repeatable(object())
+    assert repeatable(cache)
+    assert not repeatable(object())
