@@ -29,19 +29,24 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from opd.bench.contenders import WorkerContender
 
-Flavour = Literal["hf-single", "hf-batched", "vllm"]
+Flavour = Literal["hf-single", "hf-batched", "vllm", "hf-two-pass", "vllm-two-pass"]
 ALL_FLAVOURS: tuple[str, ...] = typing.get_args(Flavour)
 _WORKER = "opd.bench.train_worker"
 
 
 def flavour_config(name: str, n: int, chunk: int) -> dict[str, Any]:
-    """Engine, sequences per hf generate call and LM-head chunk of a flavour."""
+    """Engine, sequences per hf generate call, LM-head chunk, and the step's student passes
+    of a flavour. The `-two-pass` flavours are the step before one-forward (a statistics pass
+    for the candidates, then the loss; every rollout runs its prompt): the baseline of
+    docs/benchmarks.md's step table. hf-single is also two-pass (the path it stands for)."""
+    one = {"candidates": "sampler", "share_prompts": True}
+    two = {"candidates": "trainer", "share_prompts": False}
     if name == "hf-single":  # one prompt's n samples per generate call, full logits
-        return {"engine": "hf", "hf_max_sequences": n, "head_chunk_tokens": 0}
-    if name == "hf-batched":
-        return {"engine": "hf", "hf_max_sequences": 64, "head_chunk_tokens": chunk}
-    if name == "vllm":
-        return {"engine": "vllm", "hf_max_sequences": 64, "head_chunk_tokens": chunk}
+        return {"engine": "hf", "hf_max_sequences": n, "head_chunk_tokens": 0, **two}
+    if name in ALL_FLAVOURS:
+        engine = "vllm" if name.startswith("vllm") else "hf"
+        step = two if name.endswith("-two-pass") else one
+        return {"engine": engine, "hf_max_sequences": 64, "head_chunk_tokens": chunk, **step}
     raise ValueError(f"flavour must be one of {ALL_FLAVOURS}, got {name!r}")
 
 
@@ -70,6 +75,12 @@ class BenchTrainConfig(BaseModel):
     step_n: int = Field(default=4, ge=1, description="step test: rollouts per prompt")
     step_tokens: int = Field(default=64, ge=1, description="step test: max new tokens")
     objective: str = Field(default="student-topk", description="step test: the objective")
+    teacher_threads: int | None = Field(
+        default=None,
+        ge=1,
+        description="step test: the teacher's torch threads (the quickstart gives it 1); "
+        "default: the server's",
+    )
     math_tokens: int = Field(default=4096, ge=1, description="memory test: completion positions")
     head_chunk_tokens: int = Field(default=512, ge=1, description="chunk of the batched flavours")
     device: str = Field(default="cpu", description="cpu or cuda (the student, its engine)")
@@ -180,7 +191,8 @@ def run_bench_train(cfg: BenchTrainConfig, log=print) -> dict[str, Any]:  # noqa
         from opd.client.teacher.launch import LocalTeacher
 
         log(f"steps: {cfg.step_prompts} prompts x {cfg.step_n}, <= {cfg.step_tokens} tokens")
-        teacher = LocalTeacher(cfg.teacher, log_path=logs / "teacher.log")
+        threads = {"OPD_TORCH_THREADS": str(cfg.teacher_threads)} if cfg.teacher_threads else {}
+        teacher = LocalTeacher(cfg.teacher, log_path=logs / "teacher.log", env=threads or None)
         teacher.start()
         try:
             base = {
@@ -195,7 +207,16 @@ def run_bench_train(cfg: BenchTrainConfig, log=print) -> dict[str, Any]:  # noqa
             rows = measure("step", base, cfg.step_n)
         finally:
             teacher.stop()
-        keys = ("step_s", "engine_s", "stats_s", "score_wait_s", "train_s", "sync_s", "tokens")
+        keys = (
+            "step_s",
+            "engine_s",
+            "stats_s",
+            "score_s",
+            "score_wait_s",
+            "train_s",
+            "sync_s",
+            "tokens",
+        )
         report["steps"] = {
             name: {**{k: _median(rs, k) for k in keys}, "rounds": rs} for name, rs in rows.items()
         }
@@ -237,14 +258,18 @@ def ratios(report: dict[str, Any]) -> dict[str, float]:
                 v["with_stats_tokens_per_s"] / base["with_stats_tokens_per_s"]
             )
     steps = report.get("steps", {})
-    base = steps.get("hf-single")
     for name, v in steps.items():
-        if base and name != "hf-single":
+        # each one-pass flavour against its engine's two-pass step, and all against hf-single
+        baselines = [f"{name}-two-pass", "hf-single"]
+        for base_name in baselines:
+            base = steps.get(base_name)
+            if base is None or base_name == name:
+                continue
             # step time per completion token: steps sample different lengths
             mine = v["step_s"] / max(v["tokens"], 1)
             theirs = base["step_s"] / max(base["tokens"], 1)
-            out[f"step speed-up per token {name} vs hf-single"] = theirs / mine
-            out[f"step speed-up {name} vs hf-single"] = base["step_s"] / v["step_s"]
+            out[f"step speed-up per token {name} vs {base_name}"] = theirs / mine
+            out[f"step speed-up {name} vs {base_name}"] = base["step_s"] / v["step_s"]
     mem = report.get("memory")
     if mem:
         out["loss peak memory chunked / full"] = (
@@ -271,15 +296,15 @@ def markdown_table(report: dict[str, Any]) -> str:
         lines.append("")
     if report.get("steps"):
         lines += [
-            "| flavour | step s | engine s | statistics s | teacher wait s | update s | "
-            "sync s | tokens |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|",
+            "| flavour | step s | engine s | statistics s | teacher s | teacher wait s | "
+            "update s | sync s | tokens |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for name, v in report["steps"].items():
             lines.append(
-                f"| {name} | {v['step_s']:.1f} | {v['engine_s']:.1f} | {v['stats_s']:.1f} | "
-                f"{v['score_wait_s']:.1f} | {v['train_s']:.1f} | {v['sync_s']:.2f} | "
-                f"{v['tokens']:.0f} |"
+                f"| {name} | {v['step_s']:.2f} | {v['engine_s']:.2f} | {v['stats_s']:.2f} | "
+                f"{v.get('score_s', float('nan')):.2f} | {v['score_wait_s']:.2f} | "
+                f"{v['train_s']:.2f} | {v['sync_s']:.2f} | {v['tokens']:.0f} |"
             )
         lines.append("")
     if report.get("memory"):

@@ -99,6 +99,8 @@ class Step:
                 hf_max_sequences=int(cfg["hf_max_sequences"]),
                 head_chunk_tokens=int(cfg["head_chunk_tokens"]),
                 micro_batch_size=int(cfg["micro_batch_size"]),
+                candidates=cfg.get("candidates", "sampler"),
+                share_prompts=bool(cfg.get("share_prompts", True)),
                 checkpoint_every=10_000,
                 logger=["jsonl"],
                 device=cfg.get("device", "cpu"),
@@ -108,7 +110,7 @@ class Step:
     def round(self) -> dict[str, Any]:
         metrics = self.trainer.train_step()
         self.trainer.step += 1
-        keys = ("step_s", "engine_s", "stats_s", "score_wait_s", "train_s", "sync_s")
+        keys = ("step_s", "engine_s", "stats_s", "score_s", "score_wait_s", "train_s", "sync_s")
         out = {k: float(metrics.get(f"time/{k}", 0.0)) for k in keys}
         out["tokens"] = int(metrics["rollout/completion_tokens"])
         out["engine_logp_abs_diff_max"] = metrics.get("rollout/engine_logp_abs_diff_max")

@@ -128,6 +128,7 @@ def collect(
     keep_going: bool = False,
     on_chunk: Callable[[int], None] | None = None,
     route: Callable[[Rollout], str] | None = None,
+    while_scoring: Callable[[list[Rollout]], None] | None = None,
 ) -> Collected:
     """Sample each chunk of prompt indices, send it to every teacher, then wait for all scores.
     With `route`, each rollout goes to the one teacher `route` names instead (multi-teacher
@@ -135,17 +136,22 @@ def collect(
 
     timings: time/generate_s (student sampling), time/score_s (teacher request time, summed
     over teachers), time/score_wait_s (what the student waited for after its last chunk),
-    time/collect_s (the whole call)."""
+    time/collect_s (the whole call). while_scoring(rollouts): called with every sampled
+    rollout once all are submitted, before waiting for the scores: work that needs the
+    tokens but not the teacher's numbers (the trainer's first decoder forward) overlaps the
+    scoring; its time is time/while_scoring_s."""
     started = time.perf_counter()
     busy_before = sum(t.bridge.busy_s for t in teachers)
     align_before = sum(t.bridge.align_s for t in teachers)
     pending: dict[str, list[Future]] = {t.name: [] for t in teachers}
     owners: list[str] = []
+    sampled: list[Rollout] = []
     generate_s = 0.0
     for done, chunk in enumerate(chunks, 1):
         t0 = time.perf_counter()
         rollouts = sample(chunk)
         generate_s += time.perf_counter() - t0
+        sampled.extend(rollouts)
         chunk_owners = [route(r) for r in rollouts] if route is not None else []
         owners.extend(chunk_owners)
         for i, teacher in enumerate(teachers):
@@ -157,6 +163,10 @@ def collect(
                 pending[teacher.name].append(teacher.bridge.submit(mine, spec))
         if on_chunk is not None:
             on_chunk(done)
+    t0 = time.perf_counter()
+    if while_scoring is not None:
+        while_scoring(sampled)
+    while_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     scored: dict[str, list[Rollout]] = {}
     errors: dict[str, str] = {}
@@ -182,6 +192,7 @@ def collect(
             "time/generate_s": generate_s,
             "time/score_s": sum(t.bridge.busy_s for t in teachers) - busy_before,
             "time/score_wait_s": wait_s,
+            "time/while_scoring_s": while_s,
             "time/collect_s": time.perf_counter() - started,
             # teachers of another tokenizer: rendering, aligning and translating back
             "time/align_s": sum(t.bridge.align_s for t in teachers) - align_before,

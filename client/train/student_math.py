@@ -245,6 +245,8 @@ class StudentModule(torch.nn.Module):
 
         student("loss", batch)            per-token loss [N] of the objective, head in chunks
         student("loss", batch, True)      (loss [N], RowNumbers): the one-forward step
+        student("hidden", ids, mask, pos) the decoder's part of the loss pass, run early
+                                          (while the teacher scores) and handed to "loss"
         student("stats", ids, mask, ...)  rollout-time statistics (no gradient; position_stats)
         student("generate", ids, ...)     transformers' generate (the hf rollout engine)
 
@@ -287,6 +289,8 @@ class StudentModule(torch.nn.Module):
     def forward(self, op: str, *args, **kwargs):  # noqa: ANN002, ANN003, ANN201
         if op == "loss":
             return self._loss(*args, **kwargs)
+        if op == "hidden":
+            return self._hidden(*args)
         if op == "stats":
             return self._stats(*args)
         if op == "generate":
@@ -310,10 +314,12 @@ class StudentModule(torch.nn.Module):
         )
 
     def _loss(
-        self, batch: TokenBatch, record: bool = False
+        self, batch: TokenBatch, record: bool = False, hidden: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, RowNumbers]:
         """The objective's per-row loss; with `record` also the student's numbers at each row
-        (RowNumbers), which fill in rollout-time values the batch lacks (on_policy)."""
+        (RowNumbers), which fill in rollout-time values the batch lacks (on_policy). `hidden`:
+        the decoder's output for batch.ids_BL, computed earlier by op "hidden" (with its
+        graph), so only the head, the objective and the backward are left."""
         if self.objective is None:
             raise ValueError("objective: the loss needs an objective")
         unrecorded = batch.student_token_logp_N is None
@@ -321,7 +327,8 @@ class StudentModule(torch.nn.Module):
             raise ValueError("loss: a batch without rollout-time student values needs record")
         if not unrecorded:
             batch = obj.prepare_batch(self.objective, batch)
-        hidden = self._hidden(batch.ids_BL, batch.mask_BL, batch.positions)
+        if hidden is None:
+            hidden = self._hidden(batch.ids_BL, batch.mask_BL, batch.positions)
         rows = completion_rows(batch.positions, hidden.shape[1], hidden.device)
         h_NH = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
         head = self.model.get_output_embeddings()

@@ -76,7 +76,7 @@ from opd.client.train.metric_log import (
     NullLogger,
 )
 from opd.client.train.pipeline import collect
-from opd.client.train.positions import PositionStats, TokenBatch
+from opd.client.train.positions import PositionStats, TokenBatch, pad_right
 from opd.client.train.prompts import PromptOrder
 from opd.client.train.reanchor import (
     Reanchoring,
@@ -203,6 +203,10 @@ class Trainer:
         # back, before any loss pass, so those runs keep the statistics pass.
         cross = any(t.bridge.cross for t in self.teachers.teachers)
         self.one_forward = config.candidates == "sampler" and not cross
+        # The first micro-batch's decoder forward runs while the teacher scores (it needs only
+        # the tokens). Single process only: DDP and FSDP expect one forward per backward.
+        self.overlap_forward = self.one_forward and not self.dist.enabled
+        self._early: tuple[torch.Tensor, torch.Tensor] | None = None
         if config.candidates == "sampler" and cross:
             self.notices.append(
                 "candidates: a teacher of another tokenizer needs the student's numbers before "
@@ -367,13 +371,32 @@ class Trainer:
         self._last_counts = sampler.counts
         owners = self.owners
         route = None if owners is None else (lambda r: owners[r.prompt_index])
-        got = collect(self.teachers.teachers, chunked(indices), sampler, spec, route=route)
+        self._early = None
+        early = self._early_forward if not statistics and self.overlap_forward else None
+        got = collect(
+            self.teachers.teachers,
+            chunked(indices),
+            sampler,
+            spec,
+            route=route,
+            while_scoring=early,
+        )
         timings = dict(got.timings)
         timings["time/engine_s"] = sampler.engine_s
         timings["time/stats_s"] = sampler.stats_s
         if got.routed is not None:
             return got.routed, timings
         return got.scored[self.teachers.teachers[0].name], timings
+
+    def _early_forward(self, rollouts: list[Rollout]) -> None:
+        """While the teacher scores: the first micro-batch's decoder forward (with its graph),
+        which needs the tokens but not the teacher's numbers; update() takes it from there."""
+        first = rollouts[: self.config.optim.micro_batch_size]
+        ids_BL, mask_BL = pad_right([r.token_ids for r in first])
+        device = next(self.model.parameters()).device
+        ids, mask = torch.from_numpy(ids_BL).to(device), torch.from_numpy(mask_BL).to(device)
+        hidden = self.student("hidden", ids, mask, [r.positions for r in first])
+        self._early = (ids, hidden)
 
     def _teacher_writers(self) -> dict[str | None, TimedWriter]:
         """Re-anchoring: each teacher as a rollout engine over its /v1/generate, by name."""
@@ -444,7 +467,8 @@ class Trainer:
             for i, batch in enumerate(micro):
                 with self._grad_sync(last=i == len(micro) - 1):
                     if record:
-                        loss, numbers = self.train_model("loss", batch, True)
+                        hidden = self._take_early(batch) if i == 0 else None
+                        loss, numbers = self.train_model("loss", batch, True, hidden)
                         start = i * c.micro_batch_size
                         mine = rollouts[start : start + len(batch.positions)]
                         micro[i] = fill_student_numbers(mine, batch, numbers, own)
@@ -471,6 +495,13 @@ class Trainer:
             "train/grad_norm": norms[0],
             "train/lr": self.scheduler.get_last_lr()[0],
         }
+
+    def _take_early(self, batch: TokenBatch) -> torch.Tensor | None:
+        """The early decoder forward (_early_forward), if it ran on exactly these ids."""
+        early, self._early = self._early, None
+        if early is None or not torch.equal(early[0], batch.ids_BL):
+            return None
+        return early[1]
 
     def _token_weights(
         self, rollouts: list[Rollout], start: int, batch: TokenBatch

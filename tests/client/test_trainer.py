@@ -286,3 +286,46 @@ def test_without_diagnostics_the_request_carries_only_what_the_objective_needs(
     assert stats.teacher_entropy_N is None and stats.teacher_token_logp_N is not None
     for metrics in history:
         assert math.isfinite(metrics["kl/sampled"]) and "overlap/ratio" not in metrics
+
+
+def test_the_one_forward_step_matches_the_two_pass_step(tiny_server, tiny_student_dir, tmp_path):
+    """The default step (the engine's top-K as candidates, the student's numbers recorded by
+    the loss pass, prompts shared, the first decoder forward run while the teacher scores)
+    against the step before it (a statistics pass, then the loss; --candidates trainer
+    --no-share-prompts): the same samples (same seeds) give the same losses, gradient norms
+    and diagnostics, to float32 noise."""
+    runs = {}
+    for name, extra in (
+        ("one", {}),
+        ("two", {"candidates": "trainer", "share_prompts": False}),
+    ):
+        config = train_config(
+            tiny_student_dir, tiny_server, tmp_path / name, objective="student-topk",
+            max_steps=2, ppo_epochs=2, **extra,
+        )  # fmt: skip
+        with Trainer(config) as trainer:
+            used = _counting_early(trainer)
+            runs[name] = (trainer.run(), used)
+    (one, used_one), (two, used_two) = runs["one"], runs["two"]
+    assert len(used_one) == 2 and all(h is not None for h in used_one)  # overlapped each step
+    assert used_two == []  # the two-pass step has its numbers before the loss
+    for a, b in zip(one, two, strict=True):
+        assert a["student/candidates_differ_frac"] == 0.0  # hf's top-K is the trainer's here
+        assert a["time/while_scoring_s"] > 0 and b["time/stats_s"] > 0
+        keys = [k for k in b if not k.startswith(_TIMING) and k in a]
+        assert "train/loss" in keys and "overlap/ratio" in keys and "kl/student_topk" in keys
+        for key in keys:
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5, nan_ok=True), key
+
+
+def _counting_early(trainer: Trainer) -> list:
+    """Every early decoder forward update() took (None: none had run on those ids)."""
+    used: list = []
+    take = trainer._take_early
+
+    def counted(batch):  # noqa: ANN001, ANN202
+        used.append(take(batch))
+        return used[-1]
+
+    trainer._take_early = counted
+    return used
