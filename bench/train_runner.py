@@ -29,7 +29,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from opd.bench.contenders import WorkerContender
 
-Flavour = Literal["hf-single", "hf-batched", "vllm", "hf-two-pass", "vllm-two-pass"]
+Flavour = Literal[
+    "hf-single", "hf-batched", "vllm", "hf-two-pass", "vllm-two-pass", "vllm-no-overlap"
+]
 ALL_FLAVOURS: tuple[str, ...] = typing.get_args(Flavour)
 _WORKER = "opd.bench.train_worker"
 
@@ -39,13 +41,15 @@ def flavour_config(name: str, n: int, chunk: int) -> dict[str, Any]:
     of a flavour. The `-two-pass` flavours are the step before one-forward (a statistics pass
     for the candidates, then the loss; every rollout runs its prompt): the baseline of
     docs/benchmarks.md's step table. hf-single is also two-pass (the path it stands for)."""
-    one = {"candidates": "sampler", "share_prompts": True}
-    two = {"candidates": "trainer", "share_prompts": False}
+    one = {"candidates": "sampler", "share_prompts": True, "overlap_forward": True}
+    two = {"candidates": "trainer", "share_prompts": False, "overlap_forward": False}
     if name == "hf-single":  # one prompt's n samples per generate call, full logits
         return {"engine": "hf", "hf_max_sequences": n, "head_chunk_tokens": 0, **two}
     if name in ALL_FLAVOURS:
         engine = "vllm" if name.startswith("vllm") else "hf"
         step = two if name.endswith("-two-pass") else one
+        if name.endswith("-no-overlap"):  # one forward, none of it while the teacher scores
+            step = {**one, "overlap_forward": False}
         return {"engine": engine, "hf_max_sequences": 64, "head_chunk_tokens": chunk, **step}
     raise ValueError(f"flavour must be one of {ALL_FLAVOURS}, got {name!r}")
 
@@ -260,7 +264,8 @@ def ratios(report: dict[str, Any]) -> dict[str, float]:
     steps = report.get("steps", {})
     for name, v in steps.items():
         # each one-pass flavour against its engine's two-pass step, and all against hf-single
-        baselines = [f"{name}-two-pass", "hf-single"]
+        engine = name.split("-")[0]
+        baselines = [f"{engine}-two-pass", "hf-single"]
         for base_name in baselines:
             base = steps.get(base_name)
             if base is None or base_name == name:

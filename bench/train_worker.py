@@ -101,6 +101,7 @@ class Step:
                 micro_batch_size=int(cfg["micro_batch_size"]),
                 candidates=cfg.get("candidates", "sampler"),
                 share_prompts=bool(cfg.get("share_prompts", True)),
+                overlap_forward=bool(cfg.get("overlap_forward", True)),
                 checkpoint_every=10_000,
                 logger=["jsonl"],
                 device=cfg.get("device", "cpu"),

@@ -71,10 +71,29 @@ class OptimGroup(Group):
     fsdp: bool = Field(
         default=False, description="under torchrun: shard the student with FSDP2, not DDP"
     )
+    overlap_forward: bool = Field(
+        default=True,
+        description="the first micro-batch's decoder forward runs while the teacher scores "
+        "(single process); off where the teacher shares the student's cores",
+    )
     share_prompts: bool = Field(
         default=True,
         description="the n rollouts of a prompt run it through the student's decoder once "
         "(its KV cache repeated); off under --fsdp",
+    )
+
+
+class LoraGroup(Group):
+    """LoRA: train low-rank adapters in place of the student's weights (peft)."""
+
+    rank: int = Field(default=0, ge=0, description="adapter rank; 0 trains every weight")
+    alpha: float = Field(default=32.0, gt=0, description="adapter scale numerator (alpha / rank)")
+    dropout: float = Field(default=0.0, ge=0, lt=1, description="dropout on the adapter input")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["all-linear"],
+        min_length=1,
+        description="module names to adapt (repeatable); all-linear: every linear layer but "
+        "the LM head",
     )
 
 
@@ -98,6 +117,7 @@ class TrainConfig(Group):
             "episodes": "",
             "horizon": "horizon_",
             "reanchor": "reanchor_",
+            "lora": "lora_",
         },
         rename={
             "horizon.rule": "horizon",
@@ -125,6 +145,7 @@ class TrainConfig(Group):
     episodes: EpisodeGroup = Field(default_factory=EpisodeGroup)
     horizon: HorizonGroup = Field(default_factory=HorizonGroup)
     reanchor: ReanchorGroup = Field(default_factory=ReanchorGroup)
+    lora: LoraGroup = Field(default_factory=LoraGroup)
 
     student_top_k: int = Field(default=16, ge=1, description="K: candidate ids per position")
     teacher_top_k: int = Field(default=16, ge=1, description="teacher top-k for diagnostics")
@@ -160,6 +181,13 @@ class TrainConfig(Group):
         description="metric loggers (repeatable): jsonl (always on: resume and reports read "
         "it), tensorboard, wandb, mlflow, trackio",
     )
+
+    @model_validator(mode="after")
+    def _lora_alone(self) -> TrainConfig:
+        """FSDP shards whole weights; adapters beside sharded frozen weights are not tested."""
+        if self.lora.rank and self.optim.fsdp:
+            raise ValueError("lora_rank: LoRA students train without --fsdp (use DDP)")
+        return self
 
     @model_validator(mode="after")
     def _reanchor_needs_episodes(self) -> TrainConfig:

@@ -1,6 +1,7 @@
 """Checkpoints without pickle: safetensors for tensors, JSON for everything else.
 
-A checkpoint folder `step_<N>/` holds the student (save_pretrained, safetensors), the tokenizer,
+A checkpoint folder `step_<N>/` holds the student (save_pretrained, safetensors; a LoRA
+student's with its adapters merged, and the adapters in `adapter/`, a PEFT folder), the tokenizer,
 optimizer.safetensors + optimizer.json (AdamW moments and param groups), rng.safetensors (the
 torch RNG state of every rank) and state.json (step, data position, scheduler, Python and NumPy
 RNG states, config).
@@ -100,11 +101,14 @@ def save_checkpoint(
     rng_states: dict[str, torch.Tensor] | None = None,
     model_state: dict[str, torch.Tensor] | None = None,
     optimizer_state: dict[str, Any] | None = None,
+    adapter: Any = None,
 ) -> Path:
     """Write atomically and durably: into `<folder>.tmp`, fsync, then rename into place.
     model_state / optimizer_state replace the live objects' own state dicts (FSDP: the
-    gathered full states). On failure the temporary folder is removed and
-    CheckpointWriteError raised; the checkpoints already on disk are untouched."""
+    gathered full states; a LoRA student: the merged weights). adapter: a LoRA student's
+    PeftModel, whose adapters go to `adapter/` as a standard PEFT folder. On failure the
+    temporary folder is removed and CheckpointWriteError raised; the checkpoints already on
+    disk are untouched."""
     parent = folder.parent
     parent.mkdir(parents=True, exist_ok=True)
     remove_leftovers(parent)  # a killed writer's, which would otherwise fill the disk
@@ -123,6 +127,10 @@ def save_checkpoint(
             model_state=model_state,
             optimizer_state=optimizer_state,
         )
+        if adapter is not None:
+            from opd.client.train.lora import ADAPTER_FOLDER, save_adapter
+
+            save_adapter(adapter, tmp / ADAPTER_FOLDER)
         _fsync_tree(tmp)
         replaced = _move_into_place(tmp, folder)
     except Exception as exc:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -47,6 +48,8 @@ class Student:
     module: StudentModule
     engine: RolloutEngine
     model_dir: str
+    # A LoRA student (opd.client.train.lora): the PeftModel around `model`; None otherwise
+    peft: Any = None
     _closed: bool = field(default=False, repr=False)
 
     def sampling(self, group: SamplingGroup) -> SamplingParams:
@@ -82,13 +85,17 @@ def build_student(
     device: str | torch.device | None = None,
     seed: int = 0,
     before_engine: Callable[[StudentModule], None] | None = None,
+    lora: Any = None,
+    adapter: Path | None = None,
 ) -> Student:
     """Load the student from `model_dir` as `runtime` says, wrap it, and start its engine.
 
     train: the model stays in training mode (the trainer); otherwise it is put in eval mode.
     device: overrides runtime.device (a torchrun rank's own device).
     before_engine: called with the module before the engine starts (the trainer shards it
-    with FSDP there, so the engine sees the module it will train)."""
+    with FSDP there, so the engine sees the module it will train).
+    lora: a LoraGroup with rank > 0 makes a LoRA student (opd.client.train.lora): fresh
+    adapters, or those saved in `adapter` (resume), injected before anything wraps the model."""
     model_dir = model_folder(model_dir)  # a .gguf: its converted folder, for the engine too
     model, tokenizer = load_student(
         model_dir,
@@ -96,6 +103,11 @@ def build_student(
         device if device is not None else runtime.device,
         gradient_checkpointing,
     )
+    peft = None
+    if lora is not None and lora.rank:
+        from opd.client.train.lora import apply_lora
+
+        peft = apply_lora(model, lora, adapter)
     model.train(train)
     kwargs: dict[str, Any] = {}
     if head_chunk_tokens is not None:
@@ -112,8 +124,9 @@ def build_student(
         gpu_memory_utilization=runtime.vllm_gpu_memory_utilization,
         sleep=runtime.vllm_sleep,
         seed=seed,
+        lora_rank=lora.rank if peft is not None else 0,
     )
-    return Student(model, tokenizer, module, engine, model_dir)
+    return Student(model, tokenizer, module, engine, model_dir, peft)
 
 
 def connect(

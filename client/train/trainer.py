@@ -71,6 +71,7 @@ from opd.client.train.episodes import EpisodeSampler, EpisodeSetup, episode_metr
 from opd.client.train.factory import build_student, connect
 from opd.client.train.horizon import UNBOUNDED, Horizon, HorizonControl
 from opd.client.train.loggers import build_loggers
+from opd.client.train.lora import ADAPTER_FOLDER, merged_state, trainable_parameters
 from opd.client.train.metric_log import (
     MetricLogger,
     NullLogger,
@@ -107,7 +108,14 @@ class Trainer:
         np.random.seed(config.seed + self.dist.rank)
         self.objective = config.objective
         self.resume_from = self._resume_folder()
-        student_path = str(self.resume_from / "model") if self.resume_from else config.student.model
+        lora = config.lora if config.lora.rank else None
+        # A LoRA student resumes as its base model plus the checkpoint's adapters (exact); a
+        # full one from the checkpoint's model.
+        student_path = (
+            str(self.resume_from / "model")
+            if self.resume_from and lora is None
+            else config.student.model
+        )
         self.built = build_student(
             student_path,
             config.student,
@@ -120,8 +128,11 @@ class Trainer:
             device=device_for(config.student.device, self.dist),
             seed=config.seed + self.dist.rank,
             before_engine=self._shard if config.optim.fsdp else None,
+            lora=lora,
+            adapter=self.resume_from / ADAPTER_FOLDER if self.resume_from and lora else None,
         )
         self.model, self.tokenizer = self.built.model, self.built.tokenizer
+        self.peft = self.built.peft
         # Every pass over the student goes through this module's forward (student_math).
         self.student, self.engine = self.built.module, self.built.engine
         # The module that takes gradients: DDP-wrapped under torchrun, sharded in place with
@@ -147,7 +158,7 @@ class Trainer:
         self.train_size = len(self.prompts) - holdout
         self.order = PromptOrder(self.train_size, config.seed, config.data.shuffle)
         self.optimizer = torch.optim.AdamW(
-            self.model.parameters(),
+            trainable_parameters(self.model),  # a LoRA student's: its adapters only
             lr=config.optim.lr,
             betas=config.optim.adam_betas,
             weight_decay=config.optim.weight_decay,
@@ -205,7 +216,9 @@ class Trainer:
         self.one_forward = config.candidates == "sampler" and not cross
         # The first micro-batch's decoder forward runs while the teacher scores (it needs only
         # the tokens). Single process only: DDP and FSDP expect one forward per backward.
-        self.overlap_forward = self.one_forward and not self.dist.enabled
+        self.overlap_forward = (
+            config.optim.overlap_forward and self.one_forward and not self.dist.enabled
+        )
         self._early: tuple[torch.Tensor, torch.Tensor] | None = None
         if config.candidates == "sampler" and cross:
             self.notices.append(
@@ -229,6 +242,8 @@ class Trainer:
             if config.save_rollouts and self.dist.is_main
             else None
         )
+        if self.peft is not None and self.resume_from is not None:
+            self.sync_engine()  # the engine loaded the base model; the adapters are trained
 
     def _shard(self, module: StudentModule) -> None:
         """--fsdp: shard the student in place across the torchrun ranks (before its engine)."""
@@ -427,6 +442,10 @@ class Trainer:
         (a no-op for the hf engine, which samples the trainer's module itself)."""
         if not self.engine.holds_weights:
             return 0.0
+        if self.peft is not None:  # the adapters alone where the engine takes them
+            if getattr(self.engine, "lora_rank", 0):
+                return self.engine.sync_adapter(self.peft)
+            return self.engine.sync_weights(merged_state(self.model))
         fsdp_on = self.config.optim.fsdp
         state = fsdp.full_model_state(self.student) if fsdp_on else self.model.state_dict()
         return self.engine.sync_weights(state)
@@ -564,6 +583,8 @@ class Trainer:
         model_state = (
             fsdp.full_model_state(self.student, cpu_offload=True)
             if self.config.optim.fsdp
+            else merged_state(self.model)  # a LoRA student's model/: plain, adapters merged
+            if self.peft is not None
             else None
         )
         if not self.dist.is_main:
@@ -585,6 +606,7 @@ class Trainer:
             rng_states=rng_states,
             model_state=model_state,
             optimizer_state=optimizer_state,
+            adapter=self.peft,
         )
         prune_checkpoints(self.run_dir / "checkpoints", self.config.keep_checkpoints)
         barrier(self.dist)

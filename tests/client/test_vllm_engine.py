@@ -6,7 +6,8 @@
   until `sync_weights`, and after it agrees again (log-probs and greedy output), on a copy with
   an LM head untied from the embeddings;
 - `opd train --rollout-engine vllm` end to end (one process playing multi-turn episodes of the
-  follow-up environment, and 2 FSDP ranks under torchrun on single completions): the logged
+  follow-up environment with a LoRA student, whose adapters alone are synced through vLLM's
+  LoRA support, and 2 FSDP ranks under torchrun on single completions): the logged
   agreement metric stays at float noise on every step (each step samples the weights the
   previous step produced), and the saved rollouts hold exactly the numbers the step used; an
   episode's engine log-probs cover exactly its trained turns.
@@ -68,6 +69,8 @@ def test_opd_train_with_the_vllm_engine(turn_taking_student_dir, tiny_server, tm
         "--objective", "student-topk", "--checkpoint-every", "100", "--logger", "jsonl",
         "--env", "followup", "--env-arg", "turns=3", "--max-turns", "3",
         "--prompts", "task:addition:train",
+        # a LoRA student: vLLM samples the base weights plus the adapters synced each step
+        "--lora-rank", "4",
     ]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_env(), cwd=ROOT)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

@@ -52,8 +52,10 @@ def make_engine(
     gpu_memory_utilization: float = 0.3,
     sleep: bool = True,
     seed: int = 0,
+    lora_rank: int = 0,
 ) -> RolloutEngine:
-    """The engine `name` for the student (vllm loads its own copy from `model_dir`)."""
+    """The engine `name` for the student (vllm loads its own copy from `model_dir`; with
+    lora_rank, it samples the base model plus the student's adapters, synced alone)."""
     if name == "hf":
         from opd.client.train.engines.hf import HFEngine
 
@@ -70,5 +72,6 @@ def make_engine(
             gpu_memory_utilization=gpu_memory_utilization,
             sleep=sleep,
             seed=seed,
+            lora_rank=lora_rank,
         )
     raise ValueError(f"rollout_engine: must be one of {ENGINES}, got {name!r}")

@@ -15,6 +15,10 @@ re-runs the layer's `process_weights_after_loading` so the packed copy is rebuil
 values. On GPU there is no repacking and the load is in place. Prefix caches are dropped after
 a sync (cached KV of the old weights must not be reused).
 
+A LoRA student (`lora_rank`): the engine runs vLLM's LoRA support over the base weights it
+loaded, and a sync hands it the adapters only (`sync_adapter`: a PEFT folder in memory, loaded
+under a new adapter id), megabytes instead of the whole model.
+
 GPU memory: `gpu_memory_utilization` is the engine's share of the device (weights + KV cache);
 with `sleep` (GPU only), the engine frees its KV cache and offloads its weights while the
 trainer updates (vLLM sleep mode level 1) and wakes before the next sample.
@@ -31,9 +35,12 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -59,6 +66,7 @@ class VLLMEngine:
         gpu_memory_utilization: float = 0.3,
         sleep: bool = True,
         seed: int = 0,
+        lora_rank: int = 0,
     ) -> None:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in this process
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache on CPU
@@ -83,6 +91,8 @@ class VLLMEngine:
             # prompts x 4 seeded samples crashed with chunked prefill; 242 x 4 pass without).
             extra["enable_chunked_prefill"] = False
             extra["max_num_batched_tokens"] = max(max_model_len, 8192)
+        if lora_rank:  # a LoRA student: the base weights stay, its adapters are synced alone
+            extra.update(enable_lora=True, max_loras=1, max_lora_rank=_lora_slot(lora_rank))
         self.llm = LLM(
             model=model_dir,
             dtype=dtype,
@@ -99,6 +109,9 @@ class VLLMEngine:
         torch.set_num_threads(threads)
         self.sleeping = False
         self.can_sleep = self.on_gpu and sleep
+        self.lora_rank = lora_rank
+        self.adapter: Any = None  # the LoRARequest sampled with, after the first sync
+        self._adapter_dir = tempfile.mkdtemp(prefix="opd-adapter-", dir=_fast_tmp())
 
     def _engine_model(self) -> torch.nn.Module:
         executor = self.llm.llm_engine.model_executor
@@ -126,7 +139,10 @@ class VLLMEngine:
             for seed in seeds
         ]
         outputs = self.llm.generate(
-            [TokensPrompt(prompt_token_ids=list(p)) for p in prompts], requests, use_tqdm=False
+            [TokensPrompt(prompt_token_ids=list(p)) for p in prompts],
+            requests,
+            use_tqdm=False,
+            lora_request=self.adapter,
         )
         result = []
         for out in outputs:
@@ -160,6 +176,26 @@ class VLLMEngine:
         self.llm.reset_prefix_cache()
         return time.perf_counter() - started
 
+    def sync_adapter(self, peft_model: Any) -> float:
+        """A LoRA student: hand the engine its current adapters (a PEFT folder on tmpfs where
+        there is one, loaded under a new id, the previous one dropped); the base weights stay
+        as loaded. Returns seconds spent."""
+        from vllm.lora.request import LoRARequest
+
+        started = time.perf_counter()
+        self.wake()
+        number = 1 if self.adapter is None else self.adapter.lora_int_id + 1
+        folder = Path(self._adapter_dir) / f"step-{number}"
+        peft_model.save_pretrained(str(folder), safe_serialization=True)
+        request = LoRARequest(f"opd-{number}", number, str(folder))
+        engine = self.llm.llm_engine
+        engine.add_lora(request)  # loaded now, not at the next sample
+        if self.adapter is not None:
+            engine.remove_lora(self.adapter.lora_int_id)
+            shutil.rmtree(self.adapter.lora_path, ignore_errors=True)
+        self.adapter = request
+        return time.perf_counter() - started
+
     def sleep(self) -> None:
         if self.can_sleep and not self.sleeping:
             self.llm.sleep(level=1)
@@ -171,6 +207,8 @@ class VLLMEngine:
             self.sleeping = False
 
     def close(self) -> None:
+        if getattr(self, "_adapter_dir", None):
+            shutil.rmtree(self._adapter_dir, ignore_errors=True)
         llm = getattr(self, "llm", None)
         self.llm = None
         if llm is not None:
@@ -179,6 +217,23 @@ class VLLMEngine:
             if shutdown is not None and hasattr(shutdown, "shutdown"):
                 shutdown.shutdown()
             del llm
+
+
+# The adapter ranks vLLM can reserve room for (its LoRAConfig.max_lora_rank choices).
+_LORA_SLOTS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def _lora_slot(rank: int) -> int:
+    """The smallest adapter rank vLLM accepts that holds `rank`."""
+    for slot in _LORA_SLOTS:
+        if slot >= rank:
+            return slot
+    raise ValueError(f"lora_rank: the vllm engine holds adapters up to {_LORA_SLOTS[-1]}")
+
+
+def _fast_tmp() -> str | None:
+    """/dev/shm (memory) for the per-step adapter folders where it exists."""
+    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
 
 
 def _top_ids(logprobs: list, k: int) -> np.ndarray:
