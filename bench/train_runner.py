@@ -30,8 +30,15 @@ from pydantic import BaseModel, ConfigDict, Field
 from opd.bench.contenders import WorkerContender
 
 Flavour = Literal[
-    "hf-single", "hf-batched", "vllm", "hf-two-pass", "vllm-two-pass", "vllm-no-overlap"
+    "hf-single",
+    "hf-batched",
+    "vllm",
+    "hf-two-pass",
+    "vllm-two-pass",
+    "vllm-no-overlap",
+    "vllm-lora",
 ]
+LORA_RANK = 16  # the vllm-lora flavour's adapters (alpha 2 x rank)
 ALL_FLAVOURS: tuple[str, ...] = typing.get_args(Flavour)
 _WORKER = "opd.bench.train_worker"
 
@@ -50,6 +57,8 @@ def flavour_config(name: str, n: int, chunk: int) -> dict[str, Any]:
         step = two if name.endswith("-two-pass") else one
         if name.endswith("-no-overlap"):  # one forward, none of it while the teacher scores
             step = {**one, "overlap_forward": False}
+        if name.endswith("-lora"):  # a LoRA student, its adapters synced alone
+            step = {**one, "lora_rank": LORA_RANK}
         return {"engine": engine, "hf_max_sequences": 64, "head_chunk_tokens": chunk, **step}
     raise ValueError(f"flavour must be one of {ALL_FLAVOURS}, got {name!r}")
 
@@ -91,6 +100,24 @@ class BenchTrainConfig(BaseModel):
     skip: tuple[Literal["rollouts", "steps", "memory"], ...] = Field(
         default=(), description="parts to skip (repeatable)"
     )
+    peer: Literal["trl"] | None = Field(
+        default=None,
+        description="also run the whole loop against a peer trainer (trl: TRL's "
+        "ServerDistillationTrainer) on the step test's shape: opd.bench.peer",
+    )
+    peer_steps: int = Field(default=24, ge=2, description="peer loop: optimizer steps")
+    peer_lr: float = Field(default=1e-5, gt=0, description="peer loop: learning rate")
+    peer_lora_rank: int = Field(
+        default=16,
+        ge=0,
+        description="peer loop: also an opd LoRA student of this rank (at 10x the learning "
+        "rate); 0: none",
+    )
+    peer_engine: Literal["vllm", "hf"] = Field(
+        default="vllm", description="peer loop: opd's rollout engine (its fastest here: vllm)"
+    )
+    heldout_prompts: int = Field(default=8, ge=1, description="peer loop: held-out prompts")
+    heldout_n: int = Field(default=4, ge=1, description="peer loop: samples per held-out prompt")
     out_dir: str = Field(default="bench-results", description="where JSON + markdown results go")
 
 
@@ -220,10 +247,26 @@ def run_bench_train(cfg: BenchTrainConfig, log=print) -> dict[str, Any]:  # noqa
             "train_s",
             "sync_s",
             "tokens",
+            "optimizer_bytes",
         )
         report["steps"] = {
             name: {**{k: _median(rs, k) for k in keys}, "rounds": rs} for name, rs in rows.items()
         }
+
+    if cfg.peer is not None:
+        from opd.bench.peer import run_peer
+        from opd.client.teacher.launch import LocalTeacher
+        from opd.modeling.embedded import embedded_model_dir
+
+        log(f"peer loop against {cfg.peer}: {cfg.peer_steps} steps")
+        threads = {"OPD_TORCH_THREADS": str(cfg.teacher_threads)} if cfg.teacher_threads else {}
+        teacher = LocalTeacher(cfg.teacher, log_path=logs / "peer-teacher.log", env=threads or None)
+        teacher.start()
+        try:
+            teacher_dir = cfg.teacher or str(embedded_model_dir())
+            report["peer"] = run_peer(cfg, student, teacher.url, teacher_dir, logs, log)
+        finally:
+            teacher.stop()
 
     if "memory" not in cfg.skip:
         log(f"memory: student math on {cfg.math_tokens} completion positions")
@@ -243,6 +286,10 @@ def run_bench_train(cfg: BenchTrainConfig, log=print) -> dict[str, Any]:  # noqa
             worker.close()
 
     report["ratios"] = ratios(report)
+    if "peer" in report:
+        from opd.bench.peer import peer_ratios
+
+        report["ratios"].update(peer_ratios(report["peer"]))
     path = out_dir / f"bench-train-{stamp}.json"
     path.write_text(json.dumps(report, indent=2))
     (out_dir / f"bench-train-{stamp}.md").write_text(markdown_table(report))
@@ -302,14 +349,16 @@ def markdown_table(report: dict[str, Any]) -> str:
     if report.get("steps"):
         lines += [
             "| flavour | step s | engine s | statistics s | teacher s | teacher wait s | "
-            "update s | sync s | tokens |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "update s | sync s | tokens | optimizer MB |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
+        nan = float("nan")
         for name, v in report["steps"].items():
             lines.append(
                 f"| {name} | {v['step_s']:.2f} | {v['engine_s']:.2f} | {v['stats_s']:.2f} | "
-                f"{v.get('score_s', float('nan')):.2f} | {v['score_wait_s']:.2f} | "
-                f"{v['train_s']:.2f} | {v['sync_s']:.2f} | {v['tokens']:.0f} |"
+                f"{v.get('score_s', nan):.2f} | {v['score_wait_s']:.2f} | "
+                f"{v['train_s']:.2f} | {v['sync_s']:.2f} | {v['tokens']:.0f} | "
+                f"{v.get('optimizer_bytes', nan) / 1e6:.1f} |"
             )
         lines.append("")
     if report.get("memory"):
@@ -325,6 +374,10 @@ def markdown_table(report: dict[str, Any]) -> str:
             f"{m['stats_chunked_peak_bytes'] / 1e6:.0f} |",
             "",
         ]
+    if report.get("peer"):
+        from opd.bench.peer import peer_table
+
+        lines += peer_table(report["peer"])
     for name, value in report.get("ratios", {}).items():
         lines.append(f"- {name}: {value:.2f}")
     return "\n".join(lines) + "\n"

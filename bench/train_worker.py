@@ -102,6 +102,8 @@ class Step:
                 candidates=cfg.get("candidates", "sampler"),
                 share_prompts=bool(cfg.get("share_prompts", True)),
                 overlap_forward=bool(cfg.get("overlap_forward", True)),
+                lora_rank=int(cfg.get("lora_rank", 0)),
+                lora_alpha=2.0 * int(cfg.get("lora_rank", 0) or 1),
                 checkpoint_every=10_000,
                 logger=["jsonl"],
                 device=cfg.get("device", "cpu"),
@@ -114,6 +116,13 @@ class Step:
         keys = ("step_s", "engine_s", "stats_s", "score_s", "score_wait_s", "train_s", "sync_s")
         out = {k: float(metrics.get(f"time/{k}", 0.0)) for k in keys}
         out["tokens"] = int(metrics["rollout/completion_tokens"])
+        # AdamW's moments: what a LoRA student saves (its adapters' only)
+        out["optimizer_bytes"] = sum(
+            t.numel() * t.element_size()
+            for state in self.trainer.optimizer.state.values()
+            for t in state.values()
+            if torch.is_tensor(t)
+        )
         out["engine_logp_abs_diff_max"] = metrics.get("rollout/engine_logp_abs_diff_max")
         return out
 

@@ -45,3 +45,29 @@ def test_opd_bench_train_tiny_configuration(smol4_dir, tmp_path):
     mem = report["memory"]
     assert mem["tokens"] == 256 and mem["vocab"] == 49152
     assert all(mem[f"{k}_peak_bytes"] > 0 for k in ("loss_full", "stats_full"))
+
+
+def test_opd_bench_train_against_trl_tiny_configuration(smol4_dir, tmp_path):
+    """`--peer trl`: opd train (sampled, student-topk, a LoRA student) and TRL's
+    ServerDistillationTrainer train the same student on one teacher; every final student
+    gets the same held-out KL; the table and the ratios come out."""
+    out_dir = tmp_path / "results"
+    cmd = [
+        sys.executable, "-m", "opd.client.cli", "bench-train",
+        "--student", str(smol4_dir), "--skip", "rollouts", "--skip", "steps",
+        "--skip", "memory", "--peer", "trl", "--peer-steps", "2", "--peer-engine", "hf",
+        "--peer-lora-rank", "4", "--step-prompts", "2", "--step-n", "2", "--step-tokens", "6",
+        "--heldout-prompts", "2", "--heldout-n", "1", "--out-dir", str(out_dir),
+    ]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (path,) = out_dir.glob("bench-train-*.json")
+    peer = json.loads(path.read_text())["peer"]
+    table = peer["table"]
+    assert set(table) == {"opd sampled", "opd student-topk", "opd sampled lora-4", "trl"}
+    for name, row in table.items():
+        assert row["tokens_per_s"] > 0 and row["peak_rss_bytes"] > 0, name
+        assert 0 < row["limit_fraction"] < 1, name
+        assert row["heldout_kl"] == row["heldout_kl"], name  # a number, not nan
+    assert len(peer["runs"]["trl"]["steps"]) == 2
+    assert "held-out KL" in (out_dir / path.name.replace(".json", ".md")).read_text()
