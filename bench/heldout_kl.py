@@ -41,24 +41,6 @@ import numpy as np
 REQUIRED = ("student", "teacher_url", "prompts", "n", "max_new_tokens", "seed")
 
 
-def _eos_ids(tokenizer: Any, model: Any) -> list[int]:
-    """Every id that ends a completion: the tokenizer's EOS and the model's declared ones (as
-    TRL does; for SmolLM2 both are <|im_end|>)."""
-    ids = model.generation_config.eos_token_id
-    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.insert(0, tokenizer.eos_token_id)
-    return [int(i) for i in ids]
-
-
-def cut_at_eos(ids: list[int], eos: list[int]) -> list[int]:
-    """The completion up to and including its first EOS (what follows is padding)."""
-    for j, t in enumerate(ids):
-        if t in eos:
-            return ids[: j + 1]
-    return ids
-
-
 def sample_completions(
     model: Any,
     tokenizer: Any,
@@ -96,7 +78,9 @@ def sample_completions(
             attention_mask=torch.ones_like(ids),
             generation_config=config,
         )
-    return [cut_at_eos(row[len(prompt_ids) :].tolist(), eos) for row in out.cpu()]
+    from opd.modeling.eos import cut_at_eos
+
+    return [cut_at_eos(row[len(prompt_ids) :], eos).token_ids for row in out.cpu().numpy()]
 
 
 def student_logprobs(
@@ -153,7 +137,12 @@ def heldout_kl(cfg: dict[str, Any]) -> dict[str, Any]:
     tokenizer = AutoTokenizer.from_pretrained(cfg["student"])
     model = AutoModelForCausalLM.from_pretrained(cfg["student"], dtype=torch.float32)
     model = model.to(device).eval()
-    eos = _eos_ids(tokenizer, model)
+    from opd.modeling.eos import eos_ids
+
+    # the tokenizer's EOS first: generate pads with the first id when there is no pad token
+    eos = sorted(
+        eos_ids(tokenizer, model.generation_config), key=lambda i: i != tokenizer.eos_token_id
+    )
     n, max_new, seed = int(cfg["n"]), int(cfg["max_new_tokens"]), int(cfg["seed"])
     # The teacher refuses to connect when its tokenizer is not the student's: a KL between
     # two vocabularies would be meaningless.

@@ -3,8 +3,13 @@
 Contenders, each in its own process, one after the other, against ONE `opd serve` teacher:
 - `opd sampled`: `opd train --objective sampled` (the per-token reverse KL the peer's server
   trainer also estimates), on its fastest rollout path here (the in-process vLLM engine);
+- `opd sampled, no diagnostics`: the same, the teacher asked only for what the peer asks for
+  (the sampled tokens' log-probs; the default run also asks for top-16, candidates, entropy);
 - `opd student-topk`: the same budget with the paper's default objective, which the peer's
   server trainer cannot run (it "cannot score arbitrary student-selected tokens");
+- `opd sampled lora-R`: a LoRA student of rank R (`--peer-lora-rank`) at 10x the learning
+  rate, its adapters merged into the engine's weights each step (`--lora-sync merged`: on CPU
+  vLLM's LoRA kernels make sampling about 3x slower, docs/training.md);
 - `trl`: TRL's `ServerDistillationTrainer`, as installed (opd.bench.peer_trl says exactly
   how it is configured and why its rollouts use transformers' generate on CPU).
 
@@ -74,7 +79,11 @@ def run_opd(
         "--logger", "jsonl", "--run-dir", str(run_dir),
     ]  # fmt: skip
     if shape.get("lora_rank"):
-        cmd += ["--lora-rank", str(shape["lora_rank"]), "--lora-alpha", str(2 * shape["lora_rank"])]
+        rank = str(shape["lora_rank"])
+        cmd += ["--lora-rank", rank, "--lora-alpha", str(2 * int(rank))]
+        cmd += ["--lora-sync", shape.get("lora_sync", "adapters")]
+    if shape.get("diagnostics") is False:
+        cmd.append("--no-diagnostics")
     _, peak = _wait(cmd, log, {"VLLM_CPU_KVCACHE_SPACE": "1"})
     rows = read_metrics(run_dir / "metrics.jsonl")
     steps = [
@@ -90,7 +99,9 @@ def run_opd(
         for m in rows
     ]
     return {
-        "runner": f"opd train --objective {objective}"
+        "runner": "opd train --objective "
+        + objective
+        + "".join(f" {flag}" for flag in cmd if flag in ("--no-diagnostics",))
         + (f" --lora-rank {shape['lora_rank']}" if shape.get("lora_rank") else ""),
         "rollout_path": f"opd {shape['engine']} engine",
         "steps": steps,
@@ -204,14 +215,16 @@ def run_peer(
     runs: list[tuple[str, str, dict[str, Any]]] = [
         (f"opd {objective}", objective, shape) for objective in OPD_OBJECTIVES
     ]
+    # the teacher asked for what TRL asks for: the sampled tokens' log-probs only
+    runs.append(("opd sampled, no diagnostics", "sampled", {**shape, "diagnostics": False}))
     if cfg.peer_lora_rank:  # adapters learn at a higher rate than full weights: 10x
         rank = cfg.peer_lora_rank
-        lora = {**shape, "lr": 10 * shape["lr"], "lora_rank": rank}
+        lora = {**shape, "lr": 10 * shape["lr"], "lora_rank": rank, "lora_sync": "merged"}
         runs.append((f"opd sampled lora-{rank}", "sampled", lora))
     results: dict[str, dict[str, Any]] = {}
     for name, objective, run_shape in runs:
         log(f"peer loop: {name}, {cfg.peer_steps} steps")
-        slug = name.replace(" ", "-")
+        slug = name.replace(",", "").replace(" ", "-")
         results[name] = run_opd(
             objective, student, teacher_url, prompts_file, run_shape,
             logs / f"peer-{slug}", logs / f"peer-{slug}.log",

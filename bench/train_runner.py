@@ -36,9 +36,13 @@ Flavour = Literal[
     "hf-two-pass",
     "vllm-two-pass",
     "vllm-no-overlap",
+    "vllm-no-share",
     "vllm-lora",
+    "vllm-lora-merged",
 ]
 LORA_RANK = 16  # the vllm-lora flavour's adapters (alpha 2 x rank)
+# run when no --flavour is given: the engines, and today's step against the step before it
+DEFAULT_FLAVOURS = ("hf-single", "hf-batched", "vllm", "vllm-two-pass")
 ALL_FLAVOURS: tuple[str, ...] = typing.get_args(Flavour)
 _WORKER = "opd.bench.train_worker"
 
@@ -57,8 +61,11 @@ def flavour_config(name: str, n: int, chunk: int) -> dict[str, Any]:
         step = two if name.endswith("-two-pass") else one
         if name.endswith("-no-overlap"):  # one forward, none of it while the teacher scores
             step = {**one, "overlap_forward": False}
-        if name.endswith("-lora"):  # a LoRA student, its adapters synced alone
-            step = {**one, "lora_rank": LORA_RANK}
+        if name.endswith("-no-share"):  # one forward, every rollout runs its prompt
+            step = {**one, "share_prompts": False}
+        if "-lora" in name:  # a LoRA student, its adapters synced alone or merged
+            sync = "merged" if name.endswith("-merged") else "adapters"
+            step = {**one, "lora_rank": LORA_RANK, "lora_sync": sync}
         return {"engine": engine, "hf_max_sequences": 64, "head_chunk_tokens": chunk, **step}
     raise ValueError(f"flavour must be one of {ALL_FLAVOURS}, got {name!r}")
 
@@ -75,9 +82,10 @@ class BenchTrainConfig(BaseModel):
         default=None, description="teacher folder served for the step test; default: embedded"
     )
     flavours: tuple[Flavour, ...] = Field(
-        default=ALL_FLAVOURS,
+        default=DEFAULT_FLAVOURS,
         min_length=1,
-        description=f"flavours to run (repeatable), of: {', '.join(ALL_FLAVOURS)}",
+        description=f"flavours to run (repeatable), of: {', '.join(ALL_FLAVOURS)}; default: "
+        f"{', '.join(DEFAULT_FLAVOURS)}",
         json_schema_extra={"cli_name": "flavour"},
     )
     rounds: int = Field(default=3, ge=1, description="measured rounds per flavour")

@@ -104,6 +104,7 @@ class Step:
                 overlap_forward=bool(cfg.get("overlap_forward", True)),
                 lora_rank=int(cfg.get("lora_rank", 0)),
                 lora_alpha=2.0 * int(cfg.get("lora_rank", 0) or 1),
+                lora_sync=cfg.get("lora_sync", "adapters"),
                 checkpoint_every=10_000,
                 logger=["jsonl"],
                 device=cfg.get("device", "cpu"),

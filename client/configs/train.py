@@ -95,6 +95,12 @@ class LoraGroup(Group):
         description="module names to adapt (repeatable); all-linear: every linear layer but "
         "the LM head",
     )
+    sync: Literal["adapters", "merged"] = Field(
+        default="adapters",
+        description="how the vllm engine gets a step's student: the adapters alone (vLLM's "
+        "LoRA support) or the weights with the adapters merged (plain sampling; faster on "
+        "CPU, where vLLM's LoRA kernels are slow: docs/training.md)",
+    )
 
 
 # Rollouts: 4 per prompt at the model's own distribution (temperature 1).

@@ -121,11 +121,11 @@ def run_quickstart() -> None:
         return sum(m.get(key, 0.0) for m in history)
 
     console.print(
-        f"time: sampling ({config.student.rollout_engine}) {total('time/engine_s'):.0f}s, student "
-        f"statistics {total('time/stats_s'):.0f}s, teacher scoring {total('time/score_s'):.0f}s "
-        f"of which the student waited {total('time/score_wait_s'):.0f}s, update "
-        f"{total('time/train_s'):.0f}s, weight sync {total('time/sync_s'):.0f}s; "
-        f"total {time.perf_counter() - started:.0f}s"
+        f"time: sampling ({config.student.rollout_engine}) {total('time/engine_s'):.0f}s, "
+        f"teacher scoring {total('time/score_s'):.0f}s (beside it the student's first forward "
+        f"{total('time/while_scoring_s'):.0f}s, then it waited "
+        f"{total('time/score_wait_s'):.0f}s), update {total('time/train_s'):.0f}s, weight sync "
+        f"{total('time/sync_s'):.0f}s; total {time.perf_counter() - started:.0f}s"
     )
     (run_dir / "quickstart.json").write_text(
         json.dumps({"before": before, "after": after}, indent=1, allow_nan=True)

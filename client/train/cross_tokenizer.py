@@ -484,6 +484,7 @@ def attach_view(
 
 # ---- connecting -------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class CrossSetup:
     """How a command meets teachers of other tokenizers: `mode` off (a teacher of another

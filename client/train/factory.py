@@ -124,7 +124,7 @@ def build_student(
         gpu_memory_utilization=runtime.vllm_gpu_memory_utilization,
         sleep=runtime.vllm_sleep,
         seed=seed,
-        lora_rank=lora.rank if peft is not None else 0,
+        lora_rank=lora.rank if peft is not None and lora.sync == "adapters" else 0,
     )
     return Student(model, tokenizer, module, engine, model_dir, peft)
 

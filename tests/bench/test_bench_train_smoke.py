@@ -64,7 +64,10 @@ def test_opd_bench_train_against_trl_tiny_configuration(smol4_dir, tmp_path):
     (path,) = out_dir.glob("bench-train-*.json")
     peer = json.loads(path.read_text())["peer"]
     table = peer["table"]
-    assert set(table) == {"opd sampled", "opd student-topk", "opd sampled lora-4", "trl"}
+    assert set(table) == {
+        "opd sampled", "opd student-topk", "opd sampled, no diagnostics", "opd sampled lora-4",
+        "trl",
+    }  # fmt: skip
     for name, row in table.items():
         assert row["tokens_per_s"] > 0 and row["peak_rss_bytes"] > 0, name
         assert 0 < row["limit_fraction"] < 1, name

@@ -51,6 +51,8 @@ def test_engine_samples_the_trainers_current_weights(smol6_dir):
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert r["greedy_equal_before"] and r["greedy_equal_after_sync"]
     assert r["gap_before"][1] < 1e-3 and r["gap_after_sync"][1] < 1e-3  # max |diff|, nats
+    # a LoRA student's merged weights (--lora-sync merged) through the same sync
+    assert r["gap_lora_stale"][0] > 1e-3 and r["gap_lora_merged"][1] < 1e-3
     assert r["gap_stale"][0] > 0.05  # mean |diff|: without the sync the check does see it
     assert r["same_seeds_same_samples"] and r["other_seeds_other_samples"]
     assert r["n_per_prompt"] == [3, 3, 3, 3]

@@ -98,6 +98,19 @@ def main(model_dir: str) -> None:
     out["sync_s"] = vllm.sync_weights(model.state_dict())
     out["gap_after_sync"] = logp_gap()
     out["greedy_equal_after_sync"] = greedy_ids(vllm) == greedy_ids(hf)
+    # A LoRA student synced merged (--lora-sync merged): adapters that moved, then the merged
+    # weights under the base names through the same sync
+    from opd.client.configs.train import LoraGroup
+    from opd.client.train.lora import apply_lora, merged_state
+
+    apply_lora(model, LoraGroup(rank=4, alpha=8.0))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    out["gap_lora_stale"] = logp_gap()
+    vllm.sync_weights(merged_state(model))
+    out["gap_lora_merged"] = logp_gap()
     vllm.close()
     print(json.dumps(out))
 
