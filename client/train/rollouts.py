@@ -6,11 +6,13 @@ completion length, K = student top-k, k = teacher top-k); arrays are per rollout
 A rollout engine (opd.client.train.engines: `hf` or `vllm`) samples the completion ids, all
 prompts of a call in one batch, at temperature / top-p with no top-k cut, so a model's own
 generation defaults never change the policy. A completion ends at the first EOS, which is kept
-and scored: whether to stop is a decision the teacher should judge too. After sampling, one
-teacher-forced forward pass of the trainer's weights records the student's log-probs of its
-sampled tokens, its top-K ids with their full-vocabulary log-probs, and its entropy
-(opd.client.train.student_math): these are the rollout-time ("old") values the objectives and
-diagnostics use, whatever engine sampled.
+and scored: whether to stop is a decision the teacher should judge too. The rollout-time
+("old") values the objectives and diagnostics use (log p of the sampled tokens, the top-K
+candidate ids with their full-vocabulary log-probs, the entropy) always come from the
+trainer's own weights (opd.client.train.student_math), whatever engine sampled: in training
+the engine's top-K ids are the candidates and the loss pass records the numbers (the
+one-forward step, `statistics=False`); elsewhere (probe, evaluation, `--candidates trainer`)
+one teacher-forced pass records them all right after sampling.
 """
 
 from __future__ import annotations

@@ -6,20 +6,23 @@
 One step:
   1. take `prompts_per_step` prompts (seeded per-epoch order, position saved in checkpoints);
   2. the rollout engine (opd.client.train.engines: hf or vllm) samples `n_rollouts` completions
-     of every prompt in one batched call; the trainer's own forward then records the student's
-     rollout-time statistics chunk by chunk (opd.client.train.student_math), and each finished
-     chunk goes to the teacher at once (opd.client.train.pipeline), so teacher scoring overlaps
-     with the next chunk's statistics; the request asks for what the objective needs
-     (objectives.REGISTRY) and, with diagnostics on, what they read;
+     of every prompt in one batched call and hands out its top-K ids as the candidates; the
+     chunks go to the teacher (opd.client.train.pipeline) while the first micro-batch's decoder
+     forward runs; the request asks for what the objective needs (objectives.REGISTRY) and,
+     with diagnostics on, what they read (with --candidates trainer, or a teacher of another
+     tokenizer, a statistics pass of the trainer's records the student's numbers first, chunk
+     by chunk, overlapped with the scoring);
      with --horizon (opd.client.train.horizon) the samples are cut to the step's horizon before
      the statistics, so nothing past it is scored or trained; with --reanchor-prob
      (opd.client.train.reanchor) the teacher writes some of an episode's turns;
   3. wait for the remaining scores (`time/score_wait_s` is what the student really waited);
   4. `ppo_epochs` optimizer steps over the batch, each accumulating gradients over micro-batches
-     of `micro_batch_size` sequences (LM head and objective in chunks); token-mean loss over all
+     of `micro_batch_size` sequences (LM head and objective in chunks; the first epoch's pass
+     records the student's rollout-time numbers, RowNumbers); token-mean loss over all
      completion tokens of the step; under torchrun DDP or, with --fsdp, FSDP2
      (opd.client.train.fsdp);
-  5. the engine gets the new weights (vllm: in memory; hf samples the trainer's module itself);
+  5. the engine gets the new weights (vllm: in memory, a LoRA student's adapters alone; hf
+     samples the trainer's module itself);
   6. diagnostics (opd.client.train.diagnostics) from the same arrays (flattened once into
      opd.client.train.positions.PositionStats); saved rollouts; one log call; checkpoint.
 With --eval-set, the student's accuracy on held-out questions is measured before step 1, every
