@@ -78,6 +78,7 @@ def run_opd(
         "--checkpoint-every", str(shape["steps"]), "--keep-checkpoints", "1",
         "--logger", "jsonl", "--run-dir", str(run_dir),
     ]  # fmt: skip
+    shared = len(cmd)  # the flags after these tell the contenders apart
     if shape.get("lora_rank"):
         rank = str(shape["lora_rank"])
         cmd += ["--lora-rank", rank, "--lora-alpha", str(2 * int(rank))]
@@ -99,10 +100,7 @@ def run_opd(
         for m in rows
     ]
     return {
-        "runner": "opd train --objective "
-        + objective
-        + "".join(f" {flag}" for flag in cmd if flag in ("--no-diagnostics",))
-        + (f" --lora-rank {shape['lora_rank']}" if shape.get("lora_rank") else ""),
+        "runner": " ".join(["opd train --objective", objective, *cmd[shared:]]),
         "rollout_path": f"opd {shape['engine']} engine",
         "steps": steps,
         "peak_rss_bytes": peak,

@@ -180,35 +180,26 @@ def _token_groups(lengths: Sequence[int], budget: int) -> list[list[int]]:
 class RowNumbers:
     """The student's numbers at every row of a loss pass (no gradient; positions.py names):
     log p of the sampled token, log p at the batch's candidate ids, the trainer's own top-K
-    ids and log-probs, and the full-vocabulary entropy. What the one-forward step records in
-    place of a statistics pass."""
+    ids (what the candidates are compared with) and the full-vocabulary entropy. What the
+    one-forward step records in place of a statistics pass."""
 
     token_logp_N: torch.Tensor
     cand_logp_NK: torch.Tensor
     topk_ids_NK: torch.Tensor
-    topk_logp_NK: torch.Tensor
     entropy_N: torch.Tensor
 
     @classmethod
     def of(cls, logp_RV: torch.Tensor, rows: TokenBatch) -> RowNumbers:
         logp_RV = logp_RV.detach()
-        top = logp_RV.topk(rows.student_topk_ids_NK.shape[1], dim=-1)
         return cls(
             logp_RV.gather(1, rows.target_N[:, None])[:, 0],
             logp_RV.gather(1, rows.student_topk_ids_NK),
-            top.indices,
-            top.values,
+            logp_RV.topk(rows.student_topk_ids_NK.shape[1], dim=-1).indices,
             -(logp_RV.exp() * logp_RV).sum(-1),
         )
 
     def as_tuple(self) -> tuple[torch.Tensor, ...]:
-        return (
-            self.token_logp_N,
-            self.cand_logp_NK,
-            self.topk_ids_NK,
-            self.topk_logp_NK,
-            self.entropy_N,
-        )
+        return (self.token_logp_N, self.cand_logp_NK, self.topk_ids_NK, self.entropy_N)
 
 
 def on_policy(rows: TokenBatch, numbers: RowNumbers) -> TokenBatch:
@@ -385,9 +376,25 @@ def chunked_head_loss(
     is computed after the head then, from every row's log p of its token: a discounted return
     needs the rewards of the rows after it, which later chunks hold."""
     if record and objective.name == "sampled":
-        return _sampled_after_head(
-            h_NH, weight_VH, bias_V, batch, objective, chunk_tokens, scale, softcap
+        # every row's log p of its token (with gradient) and the numbers, then the objective
+        def chunk_logp(
+            h_RH: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, rows: TokenBatch
+        ):
+            logp_RV = head_log_softmax(h_RH, w, b, scale, softcap)
+            numbers = RowNumbers.of(logp_RV, rows)
+            return logp_RV.gather(1, rows.target_N[:, None])[:, 0], *numbers.as_tuple()
+
+        out = _in_chunks(chunk_logp, h_NH, weight_VH, bias_V, batch, batch.rows, chunk_tokens)
+        numbers = RowNumbers(*out[1:])
+        batch = obj.prepare_batch(objective, on_policy(batch, numbers))
+        loss_N = obj.sampled_token_loss(
+            out[0],
+            batch.student_token_logp_N,
+            batch.teacher_token_logp_N,
+            advantages_N=batch.advantages_N,
+            clip_eps=objective.clip_eps,
         )
+        return loss_N, numbers
 
     def chunk_loss(h_RH: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, rows: TokenBatch):
         logp_RV = head_log_softmax(h_RH, w, b, scale, softcap)
@@ -398,37 +405,6 @@ def chunked_head_loss(
 
     out = _in_chunks(chunk_loss, h_NH, weight_VH, bias_V, batch, batch.rows, chunk_tokens)
     return (out[0], RowNumbers(*out[1:])) if record else out
-
-
-def _sampled_after_head(
-    h_NH: torch.Tensor,
-    weight_VH: torch.Tensor,
-    bias_V: torch.Tensor | None,
-    batch: TokenBatch,
-    objective: obj.ObjectiveConfig,
-    chunk_tokens: int,
-    scale: float | None,
-    softcap: float | None,
-) -> tuple[torch.Tensor, RowNumbers]:
-    """The sampled objective with the student's numbers recorded: the head gives every row's
-    log p of its token (with gradient) and the numbers, then the objective runs on [N]."""
-
-    def chunk_logp(h_RH: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, rows: TokenBatch):
-        logp_RV = head_log_softmax(h_RH, w, b, scale, softcap)
-        numbers = RowNumbers.of(logp_RV, rows)
-        return logp_RV.gather(1, rows.target_N[:, None])[:, 0], *numbers.as_tuple()
-
-    out = _in_chunks(chunk_logp, h_NH, weight_VH, bias_V, batch, batch.rows, chunk_tokens)
-    logp_N, numbers = out[0], RowNumbers(*out[1:])
-    batch = obj.prepare_batch(objective, on_policy(batch, numbers))
-    loss_N = obj.sampled_token_loss(
-        logp_N,
-        batch.student_token_logp_N,
-        batch.teacher_token_logp_N,
-        advantages_N=batch.advantages_N,
-        clip_eps=objective.clip_eps,
-    )
-    return loss_N, numbers
 
 
 def chunked_nll(

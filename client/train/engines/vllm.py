@@ -111,7 +111,9 @@ class VLLMEngine:
         self.can_sleep = self.on_gpu and sleep
         self.lora_rank = lora_rank
         self.adapter: Any = None  # the LoRARequest sampled with, after the first sync
-        self._adapter_dir = tempfile.mkdtemp(prefix="opd-adapter-", dir=_fast_tmp())
+        self._adapter_dir = (
+            tempfile.mkdtemp(prefix="opd-adapter-", dir=_fast_tmp()) if lora_rank else None
+        )
 
     def _engine_model(self) -> torch.nn.Module:
         executor = self.llm.llm_engine.model_executor
@@ -185,6 +187,7 @@ class VLLMEngine:
         started = time.perf_counter()
         self.wake()
         number = 1 if self.adapter is None else self.adapter.lora_int_id + 1
+        assert self._adapter_dir is not None, "sync_adapter: the engine was built without LoRA"
         folder = Path(self._adapter_dir) / f"step-{number}"
         peft_model.save_pretrained(str(folder), safe_serialization=True)
         request = LoRARequest(f"opd-{number}", number, str(folder))
