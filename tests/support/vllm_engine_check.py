@@ -116,4 +116,13 @@ def main(model_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(untied_copy(sys.argv[1]) if "--untie" in sys.argv else sys.argv[1])
+    if "--untie" in sys.argv:
+        import shutil
+
+        copy = untied_copy(sys.argv[1])
+        try:
+            main(copy)
+        finally:
+            shutil.rmtree(copy, ignore_errors=True)  # a 300 MB model per run otherwise
+    else:
+        main(sys.argv[1])
