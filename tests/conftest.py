@@ -336,3 +336,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         fixtures = set(getattr(item, "fixturenames", ()))
         if fixtures & _HEAVY_FIXTURES or _module_spawns_processes(Path(item.fspath)):
             item.add_marker(pytest.mark.heavy)
+
+
+# Defined after _HEAVY_FIXTURES on purpose: it runs for every test and marks none heavy.
+@pytest.fixture(autouse=True)
+def _no_run_log_left_behind() -> Iterator[None]:
+    """A command run in-process (opd probe, opd train, ...) attaches its run-log handlers to the
+    root logger for the rest of the process, as its CLI wants; here the process is pytest's,
+    and a passing test's folder, log file included, is removed at its end. The handlers go
+    with it, so that a later test's log line is not written to a file that no longer exists."""
+    import logging
+
+    yield
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if getattr(handler, "opd_run_log", False):
+            root.removeHandler(handler)
+            handler.close()

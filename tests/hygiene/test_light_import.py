@@ -31,3 +31,10 @@ def test_the_cli_answers_help_without_heavy_libraries():
     )
     heavy = ("torch", "transformers", "vllm", "fastapi", "matplotlib")
     assert heavy_modules_loaded(code, heavy) == []
+
+
+def test_the_verl_replica_side_imports_without_heavy_libraries():
+    """opd.client.verl's settings, layout and server (the Ray actor behind verl's replica) use
+    only the torch-free client: they import no torch, transformers, verl or Ray."""
+    code = "from opd.client.verl import layout, server, settings\n"
+    assert heavy_modules_loaded(code, (*HEAVY, "verl", "ray")) == []

@@ -164,11 +164,26 @@ def _teacher_run(args: dict) -> dict:
             refused = None
         except Exception as exc:  # noqa: BLE001 - Ray wraps the replica's ValueError
             refused = str(exc)
+        try:  # a multimodal call: opd's replica scores token ids only
+            await client.generate(
+                uuid.uuid4().hex,
+                prompt_ids=args["sequences"][0],
+                sampling_params={"max_tokens": 1, "prompt_logprobs": 0},
+                image_data=["an image"],
+            )
+            refused_media = None
+        except Exception as exc:  # noqa: BLE001
+            refused_media = str(exc)
         # and the replica answers the next call
         again, _ = await teachers.compute_teacher_logprobs_single(
             sequence_ids=args["sequences"][0], routing_key=keys[0]
         )
-        return {"rows": rows, "refused": refused, "again": again.tolist()}
+        return {
+            "rows": rows,
+            "refused": refused,
+            "refused_media": refused_media,
+            "again": again.tolist(),
+        }
 
     out = asyncio.run(run())
     out["addresses"] = manager.server_addresses
