@@ -107,10 +107,16 @@ def teacher(args: dict) -> dict:
     MultiTeacherModelManager launches the replicas the config names (opd's, through verl's
     registry), AsyncTeacherLLMServerManager routes each sequence by its key and returns what
     the agent loop pads into the batch."""
+    import ray
     import verl  # noqa: F401
 
     _ray()
-    return {"runs": [_teacher_run(run) for run in args["runs"]]}
+    try:
+        return {"runs": [_teacher_run(run) for run in args["runs"]]}
+    finally:
+        # the replicas' actors go now, their connections to the teachers with them (a server
+        # being stopped waits for open connections to close)
+        ray.shutdown()
 
 
 def _teacher_run(args: dict) -> dict:
