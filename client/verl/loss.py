@@ -136,14 +136,9 @@ def student_topk_outputs(
             mask_T[p - 1 : e - 1] = True
     teacher_TK = teacher_TK.to(logits_TV.device)
     mask_T = mask_T.to(logits_TV.device)
-    loss_T = student_topk_loss(
-        logp_TV,
-        cand_TK,
-        logp_TV.detach().gather(-1, cand_TK),
-        teacher_TK,
-        variant="renormalized",
-    )
-    student_mass_T = logp_TV.detach().gather(-1, cand_TK).exp().sum(-1)
+    cand_logp_TK = logp_TV.detach().gather(-1, cand_TK)  # "old" = now: the loss is on policy
+    loss_T = student_topk_loss(logp_TV, cand_TK, cand_logp_TK, teacher_TK, variant="renormalized")
+    student_mass_T = cand_logp_TK.exp().sum(-1)
     teacher_mass_T = teacher_TK.exp().sum(-1)
     zero = torch.zeros((), device=logits_TV.device)
     return {
