@@ -207,15 +207,13 @@ def test_student_topk_reverse_kl_through_verls_loss(configs, tiny_server, tiny_m
     for prompt, seq in zip(prompts, sequences, strict=True):
         rows = np.arange(start + len(prompt) - 1, start + len(seq) - 1)  # predict the response
         teacher = ref.reference(np.array(seq), len(prompt)).at(cand[rows])
-        served = TeacherClient(tiny_server).score(
-            ScoreRequest(
-                sequences=[
-                    SequenceIn(
-                        token_ids=seq, score_from=len(prompt), candidate_ids=cand[rows].tolist()
-                    )
-                ]
-            )
+        request = ScoreRequest(
+            sequences=[
+                SequenceIn(token_ids=seq, score_from=len(prompt), candidate_ids=cand[rows].tolist())
+            ]
         )
+        with TeacherClient(tiny_server) as client:
+            served = client.score(request)
         np.testing.assert_allclose(served.sequence(0).candidate_logprobs, teacher, atol=ATOL)
         s = np.take_along_axis(logp[rows], cand[rows], axis=1)
         log_pbar = s - np.log(np.exp(s).sum(-1, keepdims=True))
