@@ -56,9 +56,13 @@ test-deps:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q chromium; }
 
+# Two pytest-xdist workers: one test at a time leaves a core idle about a third of the time
+# (measured here: 26.8 min against 32.9 min, the same 1470 tests). Whole files go to a worker;
+# tests/conftest.py keeps the long files together on one of them (TEST_WORKERS=0: one process).
+TEST_WORKERS ?= 2
 test: install verl-env test-deps
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # The fast tier: every test that needs no model file, server or other process (tests/conftest.py
 # marks the rest "heavy"), for the inner loop; `make test` runs them all.

