@@ -356,6 +356,7 @@ def _file_unit(nodeid: str) -> str:
     return "long-files" if path in _LONG_FILES else path
 
 
+@pytest.hookimpl(optionalhook=True)  # pytest without xdist still loads this conftest
 def pytest_xdist_make_scheduler(config: pytest.Config, log):  # noqa: ANN201 (xdist's types)
     """`--dist loadfile` with the long files as one unit (above); other modes as xdist has them."""
     if config.getvalue("dist") != "loadfile":
